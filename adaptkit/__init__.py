@@ -1,0 +1,43 @@
+"""adaptkit: load, merge, convert, fuse, inject and inspect adapter checkpoints (LoRA, DoRA, LoHa, LoKr, IA3).
+
+The public API is re-exported here; see ``docs/`` for guides.
+"""
+
+from __future__ import annotations
+
+from .converters import load, save
+from .errors import (
+    AdaptkitError,
+    ConfigError,
+    FormatError,
+    NonFiniteError,
+    OutputExistsError,
+    ShapeMismatchError,
+    SourceNotFoundError,
+    UnsupportedError,
+)
+from .graph import Adapter
+from .kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IA3",
+    "KINDS",
+    "Adapter",
+    "AdaptkitError",
+    "ConfigError",
+    "FormatError",
+    "Full",
+    "LoHa",
+    "LoKr",
+    "LoRA",
+    "NonFiniteError",
+    "OutputExistsError",
+    "ShapeMismatchError",
+    "SourceNotFoundError",
+    "UnsupportedError",
+    "__version__",
+    "load",
+    "save",
+]

@@ -1,0 +1,139 @@
+"""Pieces every adapter kind shares: tensor bookkeeping, orientation and apply-by-delta.
+
+Conventions used by all kinds:
+
+* ``shape`` is the shape of the adapted module's ``weight`` as torch stores it (``nn.Linear``:
+  ``(out, in)``; ``nn.ConvNd``: ``(out, in/groups, *kernel)``; ``nn.Embedding``: ``(num, dim)``;
+  transformers ``Conv1D``: ``(in, out)``).
+* The *math orientation* is ``(out_features, in_features, *kernel)``: the matrix that multiplies the
+  input. It differs from ``shape`` only when ``fan_in_fan_out`` is true (``Conv1D`` and embeddings,
+  exactly as PEFT's ``transpose(..., fan_in_fan_out)``).
+* ``delta()`` returns float32 in the module orientation, the value PEFT's ``get_delta_weight`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .dora import dora_apply
+
+MODULE_TYPES = ("linear", "conv", "embedding")
+
+
+def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
+    """Return the named tensors of a layer dataclass (fields holding a tensor, ``None`` skipped)."""
+    out = {}
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if isinstance(value, torch.Tensor):
+            out[f.name] = value
+    return out
+
+
+def layer_dtype(layer: Any) -> torch.dtype:
+    """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
+    tensors = tensor_fields(layer)
+    biggest = max(tensors.values(), key=lambda t: t.numel())
+    return biggest.dtype
+
+
+def layer_numel(layer: Any) -> int:
+    """Number of stored elements of a layer."""
+    return sum(t.numel() for t in tensor_fields(layer).values())
+
+
+def layer_nbytes(layer: Any) -> int:
+    """Number of stored bytes of a layer."""
+    return sum(t.numel() * t.element_size() for t in tensor_fields(layer).values())
+
+
+def layer_is_finite(layer: Any) -> bool:
+    """True when every tensor of the layer is free of NaN and Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in tensor_fields(layer).values() if t.is_floating_point())
+
+
+def cast_layer(layer: Any, dtype: torch.dtype) -> Any:
+    """Return a copy of the layer with every floating tensor cast to ``dtype``."""
+    changes = {k: v.to(dtype) for k, v in tensor_fields(layer).items() if v.is_floating_point()}
+    return dataclasses.replace(layer, **changes)
+
+
+def math_shape(shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The math orientation ``(out, in, *k)`` of a module weight shape."""
+    if fan_in_fan_out:
+        if len(shape) != 2:
+            raise ValueError("fan_in_fan_out applies to 2-D weights only")
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def to_module(delta_math: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Turn a math-oriented tensor into the module orientation."""
+    return delta_math.T if fan_in_fan_out else delta_math
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32 (no copy when it already is)."""
+    return t.to(torch.float32)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+
+class DeltaMixin:
+    """``delta``/``apply``/``unapply`` for kinds that build a delta (LoRA, LoHa, LoKr, Full).
+
+    The class provides ``delta_math()`` and ``fan_in_fan_out``; ``magnitude``/``magnitude_axis`` (DoRA)
+    and ``delta_bias()`` are optional. Without a magnitude the kind is additive: ``W + delta``.
+    """
+
+    @property
+    def additive(self) -> bool:
+        """False when a DoRA magnitude is present (the effect then depends on the base weight)."""
+        return getattr(self, "magnitude", None) is None
+
+    def delta(self) -> torch.Tensor:
+        """Float32 delta in the module orientation (PEFT's ``get_delta_weight``)."""
+        d = self.delta_math()
+        return d.T if self.fan_in_fan_out else d
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Change of the module bias, float32, or ``None``."""
+        return None
+
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the fused ``(weight, bias)`` in float32 for a module weight of ``self.shape``."""
+        dm = self.delta_math()
+        w = weight.to(torch.float32)
+        w_math = (w.T if self.fan_in_fan_out else w).reshape(dm.shape)
+        magnitude = getattr(self, "magnitude", None)
+        if magnitude is None:
+            fused = w_math + dm
+        else:
+            fused = dora_apply(w_math, dm, magnitude, self.magnitude_axis)
+        fused = (fused.T if self.fan_in_fan_out else fused).reshape(weight.shape)
+        new_b = None if bias is None else bias.to(torch.float32)
+        db = self.delta_bias()
+        if db is not None:
+            if new_b is None:
+                raise ValueError("this adapter changes the bias but the base module has none")
+            new_b = new_b + db.reshape(new_b.shape)
+        return fused, new_b
+
+    def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of :meth:`apply` for additive layers: subtract the delta again."""
+        if not self.additive:
+            raise ValueError("DoRA cannot be unfused without the original base weight")
+        new_w = weight.to(torch.float32) - self.delta().reshape(weight.shape)
+        new_b = None if bias is None else bias.to(torch.float32)
+        db = self.delta_bias()
+        if db is not None and new_b is not None:
+            new_b = new_b - db.reshape(new_b.shape)
+        return new_w, new_b

@@ -1,0 +1,311 @@
+"""Where checkpoints come from and go to: hub ids, directories, files; safe reading; atomic writing.
+
+A *source* is one of:
+
+* a hub id ``org/name``, ``org/name@revision``, ``org/name:subfolder``, ``org/name@revision:subfolder``,
+  resolved through ``huggingface_hub.snapshot_download`` (so ``HF_HOME``, ``HF_HUB_CACHE``,
+  ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured exactly as in every HF library);
+* a local directory (optionally ``dir:subfolder``);
+* a local file (``.safetensors``, or a legacy ``.bin`` loaded with ``weights_only=True`` only).
+
+Pickled checkpoints are never executed: ``torch.load(..., weights_only=True)`` refuses any pickle that
+would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError, OutputExistsError, SourceNotFoundError
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
+
+#: dtypes of the safetensors format and their sizes in bytes
+ST_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source resolved to local files.
+
+    Args:
+        path: the local directory or file.
+        spec: the source as the user gave it.
+        repo_id: the hub repo for hub sources, else ``None``.
+        revision: the requested revision (hub), else ``None``.
+        commit: the commit hash of the snapshot (hub), else ``None``.
+        subfolder: the subfolder inside the repo or directory, else ``None``.
+    """
+
+    path: Path
+    spec: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    subfolder: str | None = None
+
+    @property
+    def provenance(self) -> str:
+        """``repo@commit:sub`` for hub sources, the absolute path otherwise."""
+        if self.repo_id is None:
+            return str(self.path)
+        text = f"{self.repo_id}@{self.commit or self.revision or 'main'}"
+        return f"{text}:{self.subfolder}" if self.subfolder else text
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None, str | None] | None:
+    """Split ``org/name[@revision][:subfolder]`` into its parts, or ``None`` when it is not a hub id."""
+    m = _HUB_ID.match(spec)
+    if not m:
+        return None
+    return m.group("repo"), m.group("rev"), m.group("sub")
+
+
+def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) -> Resolved:
+    """Resolve a source to local files.
+
+    Args:
+        spec: hub id, directory, ``directory:subfolder`` or file.
+        allow_patterns: for hub ids, the file patterns to download (relative to the subfolder);
+            ``None`` downloads the whole snapshot.
+
+    Returns:
+        A :class:`Resolved` whose ``path`` exists locally.
+
+    Raises:
+        SourceNotFoundError: the path does not exist, or the hub repo, revision or subfolder cannot be
+            found (offline: not in the local cache).
+    """
+    text = os.fspath(spec)
+    local = Path(text).expanduser()
+    if local.exists():
+        return Resolved(path=local, spec=text)
+    if ":" in text:
+        base, sub = text.rsplit(":", 1)
+        if Path(base).expanduser().is_dir():
+            target = Path(base).expanduser() / sub
+            if not target.exists():
+                raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {base}; list the directory to see its adapters")
+            return Resolved(path=target, spec=text, subfolder=sub)
+    parts = parse_hub_id(text)
+    if parts is None or text.startswith((".", "/", "~")):
+        raise SourceNotFoundError(
+            f"'{text}' is neither an existing file or directory nor a hub id of the form org/name[@revision][:subfolder]"
+        )
+    return _resolve_hub(text, *parts, allow_patterns=allow_patterns)
+
+
+def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_patterns: list[str] | None) -> Resolved:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = None
+    if allow_patterns is not None:
+        patterns = [f"{sub}/{p}" if sub else p for p in allow_patterns]
+    elif sub:
+        patterns = [f"{sub}/*", f"{sub}/**"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    try:
+        root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
+    except RevisionNotFoundError as e:
+        raise SourceNotFoundError(f"revision '{rev}' of {repo} was not found; check the branch, tag or commit") from e
+    except RepositoryNotFoundError as e:
+        raise SourceNotFoundError(
+            f"hub repo '{repo}' was not found or is private; check the id, or set HF_TOKEN for a private repo"
+        ) from e
+    except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError) as e:
+        where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise SourceNotFoundError(
+            f"'{spec}' could not be found {where}; download it once with network access or check the id and revision"
+        ) from e
+    except HFValidationError as e:
+        raise SourceNotFoundError(f"'{spec}' is not a valid hub id: {e}") from e
+    except OSError as e:  # network problems surface as OSError subclasses
+        raise SourceNotFoundError(f"'{spec}' could not be downloaded ({type(e).__name__}: {e}); check the network or set HF_HUB_OFFLINE=1 to use the cache") from e
+    path = root / sub if sub else root
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
+    return Resolved(path=path, spec=spec, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Read and validate a safetensors header without loading tensors.
+
+    Returns:
+        ``(header, data_start)``: the parsed JSON header (with ``__metadata__`` if present) and the byte
+        offset where tensor data begins.
+
+    Raises:
+        FormatError: the file is truncated, the header is not JSON, or offsets/shapes/sizes disagree.
+    """
+    size = path.stat().st_size
+    fix = "re-download or re-export the file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path.name} is not a safetensors file (only {size} bytes); {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise FormatError(f"{path.name} is truncated or corrupt: its header claims {n} bytes but the file has {size}; {fix}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path.name} has a corrupt safetensors header ({e.__class__.__name__}); {fix}") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path.name} has a corrupt safetensors header (not a JSON object); {fix}")
+    data_len = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = ST_DTYPE_SIZES[dtype]
+            for s in shape:
+                nbytes *= int(s)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path.name}: tensor '{name}' has an invalid header entry; {fix}") from e
+        if end - begin != nbytes or begin < 0:
+            raise FormatError(
+                f"{path.name}: header of tensor '{name}' lies about its size ({dtype} {shape} needs {nbytes} bytes, "
+                f"offsets give {end - begin}); {fix}"
+            )
+        end_max = max(end_max, end)
+    if end_max > data_len:
+        raise FormatError(f"{path.name} is truncated: tensors need {end_max} bytes of data, the file has {data_len}; {fix}")
+    return header, 8 + n
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a safetensors file, after validating its header.
+
+    Raises:
+        FormatError: the file is truncated or corrupt.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header, _ = read_safetensors_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{path.name} could not be read as safetensors ({e}); re-download or re-export the file") from e
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a legacy ``.bin`` state dict with ``torch.load(weights_only=True)``; never executes pickled code.
+
+    Raises:
+        FormatError: the pickle holds anything but tensors (it would run code) or is corrupt.
+    """
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        raise FormatError(
+            f"refusing to load {path.name}: it is not a plain tensor pickle (it may try to run code); "
+            "convert it to safetensors with a tool you trust, or get the .safetensors file"
+        ) from e
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FormatError(f"{path.name} does not hold a flat state dict of tensors; get the .safetensors file")
+    return dict(obj)
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` or legacy ``.bin``/``.pt``/``.pth`` file."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
+        return read_pickle_weights(path), {}
+    raise FormatError(f"{path.name}: unknown weight file type '{path.suffix}'; expected .safetensors (or a legacy .bin)")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing output path unless ``overwrite``; return it as a ``Path``."""
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place when the block succeeds.
+
+    On any exception (or a kill) nothing appears at ``path``: the temporary is removed on exceptions and
+    is a hidden ``.<name>.adaptkit-tmp-*`` sibling otherwise. An existing ``path`` is replaced only with
+    ``overwrite``.
+
+    Args:
+        path: final output path.
+        overwrite: replace an existing output.
+        directory: the output is a directory (else a single file).
+    """
+    out = check_output(path, overwrite)
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.adaptkit-tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise OutputExistsError(f"output {out} appeared while writing; choose another path or pass overwrite=True")
+            old = parent / f".{out.name}.adaptkit-old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (made contiguous, storage not shared) and string metadata to ``path``."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    save_file(clean, str(path), metadata=meta or None)
+
+
+def _shares_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
