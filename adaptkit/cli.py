@@ -137,5 +137,15 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, as_json: 
     render_table(table, as_json=as_json, as_csv=as_csv, header=header)
 
 
+@main.command()
+@click.option("--out", "-o", default="adaptkit-demo", show_default=True, help="Directory for the demo's outputs.")
+@handle_errors
+def demo(out: str) -> None:
+    """Run the main path end to end on the bundled example adapters."""
+    from .demo import run_demo
+
+    run_demo(out, echo=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

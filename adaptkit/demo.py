@@ -1,0 +1,125 @@
+"""``adaptkit demo``: the main path, end to end, on example adapters shipped inside the package.
+
+The examples in ``adaptkit/data/examples`` were made with the real peft package on a tiny llama
+(``scripts/make_examples.py``). The demo runs each step of :data:`STEPS` in order, prints what it did and
+writes its outputs under one directory (``./adaptkit-demo`` by default). Each step is a small function
+``step(ctx) -> None``; adding a capability to the demo means adding one entry to ``STEPS``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError
+
+MARKER = ".adaptkit-demo"
+
+
+def examples_dir() -> Path:
+    """Directory of the bundled example adapters."""
+    return Path(str(resources.files("adaptkit") / "data" / "examples"))
+
+
+def example(name: str) -> Path:
+    """Path of one bundled example (``lora_math``, ``lora_code``, ``dora_style``, ...)."""
+    path = examples_dir() / name
+    if not path.exists():
+        known = sorted(p.name for p in examples_dir().iterdir())
+        raise FileNotFoundError(f"no bundled example '{name}'; known: {known}")
+    return path
+
+
+def build_example_base(out: Path) -> Path:
+    """Write the tiny llama the examples belong to (seeded random weights) as a safetensors model dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = json.loads((examples_dir() / "base_config.json").read_text())
+    torch.manual_seed(spec["seed"])
+    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@dataclass
+class DemoContext:
+    """What steps share: the output directory, a printer, and results of earlier steps."""
+
+    out: Path
+    echo: Callable[[str], None]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, title: str) -> None:
+        """Print a step heading."""
+        self.echo("")
+        self.echo(f"== {title}")
+
+
+def _step_info(ctx: DemoContext) -> None:
+    from .converters import load
+    from .status import checkpoint_status, checkpoint_summary
+
+    ctx.section("info: what is inside the bundled example 'lora_code'")
+    adapter = load(example("lora_code"))
+    summary = checkpoint_summary(adapter)
+    for key in ("format", "kinds", "num_layers", "ranks", "alphas", "dtype", "parameters"):
+        ctx.echo(f"  {key:<11} {summary[key]}")
+    table = checkpoint_status(adapter)[["module", "kind", "shape", "rank", "alpha", "scale", "delta_norm"]]
+    ctx.echo(table.head(6).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    ctx.results["lora_code"] = adapter
+
+
+def _step_save(ctx: DemoContext) -> None:
+    from .converters import load, save
+
+    ctx.section("save: write it back in PEFT format")
+    adapter = ctx.results.get("lora_code") or load(example("lora_code"))
+    out = save(adapter, ctx.out / "lora_code_peft", format="peft")
+    again = load(out)
+    same = all(
+        (again.layers[p].delta() - adapter.layers[p].delta()).abs().max().item() == 0.0 for p in adapter.layers
+    )
+    ctx.echo(f"  wrote {out} ({len(again)} layers, identical deltas: {same})")
+
+
+#: the demo, in order: (name, step)
+STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
+    ("info", _step_info),
+    ("save", _step_save),
+]
+
+
+def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = print) -> DemoContext:
+    """Run every demo step, writing outputs under ``out``.
+
+    Args:
+        out: output directory. A previous demo output (it holds a ``.adaptkit-demo`` marker) is replaced;
+            any other existing path is refused.
+        echo: where to print progress.
+
+    Returns:
+        The context with each step's results.
+
+    Raises:
+        OutputExistsError: ``out`` exists and is not an earlier demo output.
+    """
+    out = Path(out)
+    if out.exists():
+        if not (out / MARKER).exists():
+            raise OutputExistsError(f"{out} exists and is not an adaptkit demo output; pass another --out directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by adaptkit demo; safe to delete\n")
+    ctx = DemoContext(out=out, echo=echo)
+    echo(f"adaptkit demo: bundled examples in {examples_dir()}, outputs in {out}/")
+    for _, step in STEPS:
+        step(ctx)
+    echo("")
+    echo(f"done: outputs are in {out}/")
+    return ctx
