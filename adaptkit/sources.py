@@ -224,8 +224,12 @@ def read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the pickle holds anything but tensors (it would run code) or is corrupt.
     """
+    import warnings
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
         raise FormatError(
             f"refusing to load {path.name}: it is not a plain tensor pickle (it may try to run code); "

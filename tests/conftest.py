@@ -55,3 +55,53 @@ def tiny_llama():
 def input_ids():
     torch.manual_seed(1234)
     return torch.randint(0, 64, (2, 9))
+
+
+def make_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], refs: tuple[str, ...] = ("main",),
+                   commit: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+    """Lay out a local Hugging Face cache holding ``repo_id`` at ``commit``, as huggingface_hub does.
+
+    ``files`` maps a path inside the repo to a local file or directory to copy there. Each name in ``refs``
+    (branches/tags) points at the commit. Returns the commit hash.
+    """
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for rel, src in files.items():
+        dest = snap / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy(src, dest)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A fresh local HF cache, with huggingface_hub pointed at it and offline (the real code path)."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    """Run ``adaptkit ARGS`` in a subprocess; returns the CompletedProcess (text mode)."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "adaptkit.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)

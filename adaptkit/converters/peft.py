@@ -313,7 +313,8 @@ def _base_config(adapter: Adapter, ptype: str) -> dict[str, Any]:
         cfg.update(adapter.config)  # keep every field we do not interpret
     cfg.update({"peft_type": ptype, "base_model_name_or_path": adapter.base_model, "inference_mode": True})
     for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
-        cfg[key] = None  # targets are written as exact paths; these would filter them again
+        if key in cfg:
+            cfg[key] = None  # targets are written as exact paths; these would filter them again
     cfg.setdefault("task_type", None)
     cfg.setdefault("revision", None)
     cfg.setdefault("modules_to_save", None)

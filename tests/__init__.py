@@ -1,0 +1,1 @@
+"""adaptkit test suite."""

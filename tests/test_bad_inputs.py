@@ -1,0 +1,200 @@
+"""Bad inputs: each gives one clear error (exit code 1 in the CLI) and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+import adaptkit as ak
+
+from .conftest import make_peft_adapter, run_cli
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    return make_peft_adapter(tmp_path / "adapter", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False), seed=3)
+
+
+def _cli_fails(path, *extra, match):
+    res = run_cli("info", str(path), *extra)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_leftovers(directory):
+    assert not [p for p in directory.rglob("*") if "adaptkit-tmp" in p.name or "adaptkit-old" in p.name]
+
+
+def test_truncated_safetensors(adapter_dir, tmp_path):
+    f = adapter_dir / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ak.FormatError, match="truncated"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="truncated")
+    f.write_bytes(data[:5])
+    with pytest.raises(ak.FormatError, match="not a safetensors file"):
+        ak.load(adapter_dir)
+
+
+def test_header_lies_about_sizes(adapter_dir):
+    f = adapter_dir / "adapter_model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [s * 2 for s in header[key]["shape"]]
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(ak.FormatError, match="lies about its size"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="lies about its size")
+
+
+def test_corrupt_header_json(adapter_dir):
+    f = adapter_dir / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[10:20] = b"\xff" * 10
+    f.write_bytes(bytes(data))
+    with pytest.raises(ak.FormatError, match="corrupt"):
+        ak.load(adapter_dir)
+
+
+def test_missing_config(adapter_dir):
+    (adapter_dir / "adapter_config.json").unlink()
+    with pytest.raises(ak.ConfigError, match="adapter_config.json is missing"):
+        ak.load(adapter_dir / "adapter_model.safetensors")
+    _cli_fails(adapter_dir / "adapter_model.safetensors", match="adapter_config.json is missing")
+
+
+def test_unknown_peft_type(adapter_dir):
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["peft_type"] = "FANCY_NEW_METHOD"
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ak.ConfigError, match="unknown peft_type 'FANCY_NEW_METHOD'"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="FANCY_NEW_METHOD")
+
+
+def test_a_b_rank_mismatch(adapter_dir):
+    f = adapter_dir / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = next(k for k in t if k.endswith("lora_B.weight"))
+    t[key] = t[key][:, :3].contiguous()
+    save_file(t, str(f))
+    with pytest.raises(ak.ShapeMismatchError, match="rank"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="rank")
+
+
+def test_config_contradicts_tensors(adapter_dir):
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ak.ConfigError, match="r=16"):
+        ak.load(adapter_dir)
+    cfg["r"] = 4
+    cfg["use_dora"] = True
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ak.ConfigError, match="use_dora"):
+        ak.load(adapter_dir)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_bin_never_runs_code(adapter_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    payload = dict(tensors)
+    payload["evil"] = _Evil(marker)
+    with open(adapter_dir / "adapter_model.bin", "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(ak.FormatError, match="refusing to load adapter_model.bin"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="refusing to load")
+    assert not marker.exists()
+
+
+def test_output_exists_is_refused_and_untouched(adapter_dir, tmp_path):
+    a = ak.load(adapter_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ak.OutputExistsError, match="already exists"):
+        ak.save(a, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    _no_leftovers(tmp_path)
+    ak.save(a, out, overwrite=True)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "keep.txt").exists()
+    _no_leftovers(tmp_path)
+    res = run_cli("demo", "--out", str(adapter_dir))
+    assert res.returncode == 1 and "not an adaptkit demo output" in res.stderr
+    assert (adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_failed_write_leaves_nothing(adapter_dir, tmp_path):
+    a = ak.load(adapter_dir)
+    full = ak.Full(diff=torch.zeros(2, 2), shape=(2, 2))
+    bad = a.replace(layers={**a.layers, "x": full})
+    with pytest.raises(ak.UnsupportedError):
+        ak.save(bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_nan_is_reported(adapter_dir):
+    f = adapter_dir / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key][0, 0] = float("nan")
+    save_file(t, str(f))
+    a = ak.load(adapter_dir)
+    assert not a.is_finite()
+    res = run_cli("info", str(adapter_dir), "--json")
+    payload = json.loads(res.stdout)
+    assert payload["finite"] is False
+    assert sum(not row["finite"] for row in payload["layers"]) == 1
+
+
+def test_unknown_keys_are_carried_through(adapter_dir, tmp_path):
+    f = adapter_dir / "adapter_model.safetensors"
+    t = load_file(str(f))
+    t["base_model.model.some.custom.tensor"] = torch.arange(3.0)
+    save_file(t, str(f), metadata={"format": "pt", "note": "kept"})
+    a = ak.load(adapter_dir)
+    assert torch.equal(a.extras["some.custom.tensor"], torch.arange(3.0))
+    out = ak.save(a, tmp_path / "out")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as g:
+        assert g.metadata()["note"] == "kept"
+        assert torch.equal(g.get_tensor("base_model.model.some.custom.tensor"), torch.arange(3.0))
+
+
+def test_missing_source_and_bad_format_name(tmp_path):
+    with pytest.raises(ak.SourceNotFoundError):
+        ak.load(tmp_path / "nope")
+    with pytest.raises(ak.ConfigError, match="unknown format 'bogus'"):
+        ak.load(tmp_path, format="bogus")
+    with pytest.raises(ak.FormatError, match="not a recognised adapter"):
+        ak.load(tmp_path)
