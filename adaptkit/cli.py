@@ -113,6 +113,12 @@ def main() -> None:
 
     SOURCE arguments are hub ids (org/name[@revision][:subfolder]), directories or files.
     """
+    if not _debug():  # third-party warnings are noise on a command line; adaptkit's own stay visible
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"adaptkit(\..*)?")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command()
