@@ -1,0 +1,46 @@
+"""`adaptkit info`, `--version` and `adaptkit demo` as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import adaptkit as ak
+from adaptkit.demo import example
+
+from .conftest import run_cli
+
+
+def test_version():
+    res = run_cli("--version")
+    assert res.returncode == 0 and ak.__version__ in res.stdout
+
+
+def test_info_text_json_csv():
+    path = example("lora_code")
+    text = run_cli("info", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "format" in text.stdout and "peft" in text.stdout and "4: 6, 8: 2" in text.stdout
+    assert "model.layers.0.mlp.down_proj" in text.stdout
+    payload = json.loads(run_cli("info", str(path), "--json").stdout)
+    assert payload["num_layers"] == 8 and payload["ranks"] == {"4": 6, "8": 2}
+    assert payload["base_model"] == "adaptkit-examples/tiny-llama"
+    a = ak.load(path)
+    for row in payload["layers"]:
+        layer = a.layers[row["module"]]
+        assert row["rank"] == layer.rank and row["scale"] == layer.scale
+        dense = float(layer.delta().norm())
+        assert abs(row["delta_norm"] - dense) <= 1e-4 * dense
+    rows = list(csv.DictReader(io.StringIO(run_cli("info", str(path), "--csv").stdout)))
+    assert len(rows) == 8 and set(rows[0]) >= {"module", "kind", "shape", "rank", "alpha", "scale", "delta_norm"}
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert res.returncode == 0, res.stderr
+    assert "done" in res.stdout
+    saved = ak.load(tmp_path / "demo" / "lora_code_peft")
+    assert len(saved) == 8
+    again = run_cli("demo", "--out", str(tmp_path / "demo"))  # re-running replaces its own output
+    assert again.returncode == 0, again.stderr
