@@ -44,7 +44,6 @@ def main() -> None:
     for name, (seed, cfg) in ADAPTERS.items():
         target = OUT / name
         shutil.rmtree(target, ignore_errors=True)
-        cfg.base_model_name_or_path = BASE_ID
         torch.manual_seed(seed)
         model = get_peft_model(build_base(), cfg)
         with torch.no_grad():  # make the example look trained: small, non-trivial B factors
@@ -52,6 +51,10 @@ def main() -> None:
                 if "lora_B" in n:
                     p.mul_(0.0).add_(torch.randn_like(p) * 0.05)
         model.save_pretrained(str(target))
+        cfg_path = target / "adapter_config.json"  # peft writes the model's (empty) name; name the base
+        written = json.loads(cfg_path.read_text())
+        written["base_model_name_or_path"] = BASE_ID
+        cfg_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
         print("wrote", target)
 
 
