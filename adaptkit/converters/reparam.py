@@ -1,0 +1,222 @@
+"""PiSSA / OLoRA / CorDA -> plain LoRA against the ORIGINAL base weights.
+
+PiSSA, OLoRA and CorDA initialise a LoRA ``B0 A0`` from the base weight and subtract it from the base:
+``W_res = W - s * B0 A0``. After training to ``B A`` the model computes ``W_res + s * B A``, which equals
+``W + s * (B A - B0 A0)``. So the change against the original base is the rank-``2r`` LoRA
+
+    ``ΔW = s * [B | -B0] @ [A ; A0]``
+
+which is exactly what PEFT writes with ``save_pretrained(path_initial_model_for_weight_conversion=...)``:
+``r`` and ``lora_alpha`` doubled (``alpha * sqrt(2)`` with rsLoRA, so the scale is unchanged), rank and
+alpha patterns doubled and ``init_lora_weights: true``. Here it is a pure function on two checkpoints
+(no model, no base weights needed). With ``rank=R`` the rank-``2r`` delta is compressed to rank ``R``
+by an exact low-rank SVD (QR of the stacked factors + SVD of the small ``2r x 2r`` core; never builds
+``out x in``), and the fraction of the delta's energy (squared Frobenius norm) that is kept is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..graph import Adapter
+from ..kinds import LoRA
+
+#: the ``init_lora_weights`` values whose training mutates the base weights
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
+def _as_adapter(source: Adapter | str | os.PathLike, role: str) -> Adapter:
+    if isinstance(source, Adapter):
+        return source
+    from . import load
+
+    return load(source)
+
+
+def _check_pair(trained: Adapter, initial: Adapter) -> None:
+    only_t = sorted(set(trained.layers) - set(initial.layers))
+    only_i = sorted(set(initial.layers) - set(trained.layers))
+    if only_t or only_i:
+        example = f"{only_t[0]} only in the trained adapter" if only_t else f"{only_i[0]} only in the initial adapter"
+        raise ConfigError(
+            f"the initial and trained adapters target different modules ({len(only_t) + len(only_i)} differ, e.g. "
+            f"{example}); pass the initial adapter saved by the same run before training"
+        )
+    for path, layer in trained.layers.items():
+        init = initial.layers[path]
+        for which, l in (("trained", layer), ("initial", init)):
+            if not isinstance(l, LoRA):
+                raise UnsupportedError(
+                    f"{path} of the {which} adapter is a {l.kind} layer; PiSSA/OLoRA/CorDA conversion needs LoRA layers"
+                )
+            if l.magnitude is not None:
+                raise UnsupportedError(
+                    f"{path} of the {which} adapter uses DoRA; its magnitude depends on the mutated base, so it "
+                    "cannot be converted to a LoRA of the original base exactly"
+                )
+            if l.mid is not None:
+                raise UnsupportedError(f"{path} of the {which} adapter has a Tucker core; PEFT PiSSA/OLoRA have none")
+        if layer.rank != init.rank:
+            raise ShapeMismatchError(
+                f"{path} has rank {layer.rank} in the trained adapter but {init.rank} in the initial one; "
+                "pass the initial adapter saved by the same run before training"
+            )
+        if tuple(layer.shape) != tuple(init.shape) or layer.down.shape != init.down.shape:
+            raise ShapeMismatchError(
+                f"{path} adapts a weight of shape {tuple(layer.shape)} in the trained adapter but "
+                f"{tuple(init.shape)} in the initial one; the adapters belong to different models"
+            )
+        if layer.fan_in_fan_out != init.fan_in_fan_out or layer.module_type != init.module_type:
+            raise ShapeMismatchError(f"{path} is a different kind of module in the two adapters; they do not belong together")
+    same = all(
+        torch.equal(trained.layers[p].down, initial.layers[p].down) and torch.equal(trained.layers[p].up, initial.layers[p].up)
+        for p in trained.layers
+    )
+    if same:
+        raise ConfigError(
+            "the trained and initial adapters hold identical factors, so the change is zero; pass the adapter "
+            "saved BEFORE training as initial and the trained one as trained"
+        )
+
+
+def _check_rslora_patterns(trained: Adapter) -> None:
+    cfg = trained.config
+    layers = trained.layers.values()
+    rslora = bool(cfg.get("use_rslora")) or any(getattr(l, "rslora", False) for l in layers)
+    patterns = bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern"))
+    uneven = len({(l.rank, l.alpha) for l in layers}) > 1
+    if rslora and (patterns or uneven):
+        raise UnsupportedError(
+            "cannot convert an rsLoRA adapter with rank_pattern/alpha_pattern: PEFT refuses this too, because "
+            "keeping the scale alpha/sqrt(r) at rank 2r needs alpha*sqrt(2) while PEFT doubles pattern alphas; "
+            "retrain without use_rslora or without rank/alpha patterns"
+        )
+
+
+def _doubled(layer: LoRA, init: LoRA) -> LoRA:
+    """The exact rank-2r LoRA ``s * [B | -(s0/s) B0] @ [A ; A0]`` (PEFT's conversion, ratio 1 when scales agree)."""
+    ratio = init.scale / layer.scale
+    dtype = layer.up.dtype
+    down = torch.cat([layer.down, init.down.to(layer.down.dtype)], dim=0)
+    neg_up0 = -(init.up.to(torch.float32) * ratio) if ratio != 1.0 else -init.up
+    up = torch.cat([layer.up, neg_up0.to(dtype)], dim=1)
+    alpha = layer.alpha * (math.sqrt(2.0) if layer.rslora else 2.0)
+    bias = None
+    if layer.bias is not None or init.bias is not None:
+        b = torch.zeros(layer.up.shape[0]) if layer.bias is None else layer.bias.to(torch.float32)
+        b0 = torch.zeros_like(b) if init.bias is None else init.bias.to(torch.float32)
+        bias = (b - ratio * b0).to(dtype)
+    return LoRA(down=down, up=up, alpha=_num(alpha), shape=tuple(layer.shape), module_type=layer.module_type,
+                fan_in_fan_out=layer.fan_in_fan_out, rslora=layer.rslora, bias=bias)
+
+
+def _num(x: float) -> float:
+    return float(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
+
+
+def lowrank_svd(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact truncated SVD of ``up @ down`` without forming it.
+
+    Private stand-in for ``adaptkit.merging.lowrank`` (issue "Merging"): QR of ``up`` and of ``down.T``,
+    SVD of the small core ``Ru @ Rv.T``.
+
+    Args:
+        up: ``(m, k)`` float32.
+        down: ``(k, n)`` float32.
+        rank: number of singular triplets to keep (at most ``min(m, n, k)``).
+
+    Returns:
+        ``(new_up, new_down, S)``: ``new_up @ new_down`` is the best rank-``rank`` approximation of
+        ``up @ down`` (singular values split evenly between the factors), and ``S`` holds ALL singular
+        values of ``up @ down`` (length ``min(m, n, k)``), for energy reports.
+    """
+    qu, ru = torch.linalg.qr(up.double())
+    qv, rv = torch.linalg.qr(down.double().T)
+    p, s, qh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    new_up = (qu @ p[:, :keep]) * root
+    new_down = root[:, None] * (qh[:keep] @ qv.T)
+    return new_up.float(), new_down.float(), s.float()
+
+
+def _compressed(layer: LoRA, rank: int) -> tuple[LoRA, dict[str, Any]]:
+    u, v = layer.factors()  # scale folded into u
+    new_up, new_down, s = lowrank_svd(u, v, rank)
+    keep = new_down.shape[0]
+    energy = float((s[:keep] ** 2).sum() / (s**2).sum()) if float((s**2).sum()) > 0 else 1.0
+    # keep the layer's LoRA scale convention: store factors / scale, with alpha giving the same scale at rank keep
+    scale = layer.scale
+    alpha = scale * (math.sqrt(keep) if layer.rslora else keep)
+    up = (new_up / scale).reshape(layer.up.shape[0], keep, *layer.up.shape[2:])
+    down = new_down.reshape(keep, *layer.down.shape[1:])
+    dtype = layer.up.dtype
+    new = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=_num(alpha), shape=tuple(layer.shape),
+               module_type=layer.module_type, fan_in_fan_out=layer.fan_in_fan_out, rslora=layer.rslora, bias=layer.bias)
+    row = {"rank_exact": layer.rank, "rank": keep, "retained_energy": energy,
+           "sigma_max": float(s[0]) if s.numel() else 0.0, "sigma_next": float(s[keep]) if s.numel() > keep else 0.0}
+    return new, row
+
+
+def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str | os.PathLike, rank: int | None = None,
+                  return_report: bool = False) -> Adapter | tuple[Adapter, Any]:
+    """Convert a trained PiSSA / OLoRA / CorDA adapter into a plain LoRA for the ORIGINAL base model.
+
+    Args:
+        trained: the trained adapter (``Adapter``, directory, file or hub id).
+        initial: the same adapter as saved right after initialisation, before training (``Adapter``,
+            directory or hub id). PEFT's docs save it with ``init_lora_weights=True``.
+        rank: ``None`` for the exact conversion at rank ``2r`` (what PEFT writes); an int ``R`` to
+            compress each layer to rank ``R`` by an exact low-rank SVD (the best rank-``R`` approximation).
+        return_report: also return a per-layer DataFrame (rank, retained energy = kept fraction of
+            ``‖ΔW‖_F²``; 1.0 for the exact conversion).
+
+    Returns:
+        The converted adapter (``init_lora_weights: true``, ``r``/``lora_alpha``/patterns as PEFT writes
+        them), or ``(adapter, report)`` with ``return_report=True``.
+
+    Raises:
+        ConfigError: the adapters target different modules, or are identical (the trained adapter was passed
+            as initial), or ``rank`` < 1.
+        ShapeMismatchError: a layer has different ranks or shapes in the two adapters.
+        UnsupportedError: rsLoRA with rank/alpha patterns (PEFT refuses it too), DoRA, non-LoRA layers.
+    """
+    import pandas as pd
+
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer or None (exact), got {rank!r}")
+    t = _as_adapter(trained, "trained")
+    i = _as_adapter(initial, "initial")
+    _check_pair(t, i)
+    _check_rslora_patterns(t)
+    layers: dict[str, LoRA] = {}
+    rows = []
+    for path in sorted(t.layers):
+        exact = _doubled(t.layers[path], i.layers[path])  # type: ignore[arg-type]
+        if rank is None:
+            layers[path] = exact
+            rows.append({"module": path, "rank_exact": exact.rank, "rank": exact.rank, "retained_energy": 1.0})
+        else:
+            layers[path], row = _compressed(exact, rank)
+            rows.append({"module": path, **row})
+    config = dict(t.config)
+    init_name = str(config.get("init_lora_weights", "")).lower()
+    config["init_lora_weights"] = True
+    for key in ("corda_config", "eva_config"):
+        if config.get(key) is not None:
+            config[key] = None
+    metadata = dict(t.metadata)
+    out = t.replace(layers=layers, config=config, metadata=metadata)
+    if not return_report:
+        return out
+    report = pd.DataFrame(rows)
+    report.attrs["converted_from"] = init_name or None
+    return out, report
+
+
+__all__ = ["MUTATING_INITS", "lowrank_svd", "pissa_to_lora"]
