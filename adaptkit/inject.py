@@ -1,0 +1,382 @@
+"""Runtime injection of adapters into live torch modules, and switching between them.
+
+``inject(model, adapter, name="default")`` wraps every module the adapter targets in an
+:class:`~adaptkit.wrappers.AdaptedModule` (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``,
+transformers ``Conv1D``). The adapter is an :class:`~adaptkit.graph.Adapter`, a source string
+(hub id / directory / file, read with :func:`adaptkit.load`), or a raw state dict (PEFT, kohya or
+diffusers naming; see :mod:`adaptkit.state_dict`). ``model`` may also be a diffusers pipeline: module
+paths then start with the component name (``unet.``, ``text_encoder.``).
+
+The functions that manage injected adapters mirror the method names of transformers'
+``PeftAdapterMixin``: :func:`set_adapter`, :func:`enable_adapters`, :func:`disable_adapters`,
+:func:`active_adapters`, plus :func:`merge_adapters` / :func:`unmerge_adapters` (exact: the original
+weight is kept while merged), :func:`remove_adapter` and :func:`adapter_state_dict` (an
+:class:`Adapter` that any writer saves).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ShapeMismatchError, UnsupportedError
+from .graph import Adapter
+from .kinds import tensor_fields
+from .wrappers import AdaptedModule, base_kind
+
+#: attribute on the root module: adapter name -> the injected Adapter's non-layer fields
+_REGISTRY_ATTR = "_adaptkit_adapters"
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lycoris_",
+                   "lora_")
+
+
+# ----------------------------------------------------------------------------------------- traversal
+
+
+def is_pipeline(obj: Any) -> bool:
+    """True for a diffusers-style pipeline: not a module, but has a ``components`` dict of modules."""
+    return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "components", None), Mapping)
+
+
+def roots(obj: Any) -> list[tuple[str, nn.Module]]:
+    """``(prefix, module)`` pairs to walk: ``[("", obj)]`` for a module, one per component for a pipeline."""
+    if isinstance(obj, nn.Module):
+        return [("", obj)]
+    if is_pipeline(obj):
+        return [(f"{k}.", m) for k, m in obj.components.items() if isinstance(m, nn.Module)]
+    raise TypeError(f"expected a torch module or a diffusers pipeline, got {type(obj).__name__}")
+
+
+def named_modules(obj: Any) -> Iterator[tuple[str, nn.Module]]:
+    """Every named submodule of a module or of all components of a pipeline (component-prefixed)."""
+    for prefix, root in roots(obj):
+        for name, module in root.named_modules():
+            full = prefix + name if name else prefix.rstrip(".")
+            if full:
+                yield full, module
+
+
+def adapted_modules(obj: Any) -> list[tuple[str, AdaptedModule]]:
+    """``(path, wrapper)`` for every module adaptkit adapted, in model order."""
+    return [(n, m) for n, m in named_modules(obj) if isinstance(m, AdaptedModule)]
+
+
+def _registry(obj: Any) -> dict[str, Adapter]:
+    reg = obj.__dict__.get(_REGISTRY_ATTR)
+    if reg is None:
+        reg = {}
+        object.__setattr__(obj, _REGISTRY_ATTR, reg)
+    return reg
+
+
+def _set_submodule(obj: Any, path: str, new: nn.Module) -> None:
+    for prefix, root in roots(obj):
+        if prefix and not path.startswith(prefix):
+            continue
+        rel = path[len(prefix):]
+        parent_path, _, child = rel.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, child, new)
+        return
+    raise ConfigError(f"cannot replace {path}: it is not inside the model")
+
+
+# ----------------------------------------------------------------------------------------- resolution
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def resolve_paths(paths: list[str], modules: Mapping[str, nn.Module]) -> tuple[dict[str, str], list[str]]:
+    """Map adapter module paths to model module paths.
+
+    A path matches a module of the same name; else the one module whose name ends with ``"." + path``
+    (or whose name ``path`` ends with); else, for flattened kohya names (``lora_unet_down_blocks_0_...``),
+    the one module whose underscore-flattened name the kohya name ends with.
+
+    Returns:
+        ``({adapter path: model path}, [unmatched adapter paths])``.
+    """
+    resolved: dict[str, str] = {}
+    unmatched: list[str] = []
+    names = list(modules)
+    flat: dict[str, list[str]] | None = None
+    for p in paths:
+        if p in modules:
+            resolved[p] = p
+            continue
+        cands = [n for n in names if n.endswith("." + p) or p.endswith("." + n)]
+        if not cands and "." not in p:
+            if flat is None:
+                flat = {}
+                for n in names:
+                    flat.setdefault(_flat(n), []).append(n)
+            stripped = next((p[len(k):] for k in _KOHYA_PREFIXES if p.startswith(k)), p)
+            cands = [n for f, ns in flat.items() for n in ns
+                     if f == stripped or p.endswith("_" + f) or f.endswith("_" + stripped)]
+        cands = [c for c in dict.fromkeys(cands) if base_kind(modules[c]) is not None or isinstance(modules[c], AdaptedModule)]
+        if len(cands) == 1:
+            resolved[p] = cands[0]
+        else:
+            unmatched.append(p)
+    return resolved, unmatched
+
+
+def _to_adapter(adapter: Any, config: Mapping[str, Any] | None) -> Adapter:
+    if isinstance(adapter, Adapter):
+        return adapter
+    if isinstance(adapter, (str, os.PathLike)):
+        from .converters import load
+
+        return load(adapter)
+    if isinstance(adapter, Mapping):
+        from .state_dict import from_state_dict
+
+        return from_state_dict(adapter, config)
+    raise TypeError(f"adapter must be an Adapter, a source (hub id, directory, file) or a state dict, "
+                    f"got {type(adapter).__name__}")
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name {name!r} is not valid; use a non-empty name without dots")
+
+
+def _list(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------- inject
+
+
+def inject(module: Any, adapter: Any, name: str = "default", active: bool = True, replace: bool = False,
+           *, config: Mapping[str, Any] | None = None, trainable: bool = False) -> list[str]:
+    """Inject an adapter into a live model (in place).
+
+    Args:
+        module: a torch module (e.g. a transformers model) or a diffusers pipeline.
+        adapter: an :class:`Adapter`, a source (hub id, directory, file) or a raw state dict in PEFT,
+            kohya or diffusers naming (kind and ranks inferred from names and shapes).
+        name: adapter name; several named adapters can live in one model.
+        active: make this the (only) active adapter, as :func:`set_adapter` does; otherwise it is added
+            inactive and the active adapters stay as they are.
+        replace: replace an adapter of the same name (otherwise that is an error).
+        config: for a raw PEFT state dict, its ``adapter_config.json`` dict (alpha, patterns, rsLoRA ...).
+        trainable: give the adapter's parameters ``requires_grad=True``.
+
+    Returns:
+        The model paths of the adapted modules.
+
+    Raises:
+        ConfigError: adapter paths that match no module of the model (all are listed), or the name exists.
+        ShapeMismatchError: layers that do not fit their module (all are listed with both shapes).
+        UnsupportedError: a targeted module is of a type adaptkit cannot adapt.
+
+    Example:
+        >>> ak.inject(model, "org/my-lora", name="style")
+        >>> ak.inject(model, state_dict, name="sd", active=False)
+    """
+    _check_name(name)
+    ad = _to_adapter(adapter, config)
+    existing = {n for _, w in adapted_modules(module) for n in w.adapter_params}
+    if name in existing and not replace:
+        raise ConfigError(f"an adapter named '{name}' is already injected; pass replace=True or another name")
+    if not ad.layers:
+        raise ConfigError("the adapter has no layers; there is nothing to inject")
+    modules = dict(named_modules(module))
+    resolved, unmatched = resolve_paths(list(ad.layers), modules)
+    if unmatched:
+        raise ConfigError(
+            f"{len(unmatched)} adapter module(s) match no module of the model: {_list(sorted(unmatched))}; "
+            "check that the adapter belongs to this model (or pass the right submodule)"
+        )
+    targets: dict[str, list[str]] = {}
+    for p, m in resolved.items():
+        targets.setdefault(m, []).append(p)
+    dup = sorted(m for m, ps in targets.items() if len(ps) > 1)
+    if dup:
+        raise ConfigError(f"several adapter paths resolve to the same module: {_list(dup)}; pass full module paths")
+    bad_type, bad_shape = [], []
+    from .wrappers import fit_layer
+
+    for p, m in resolved.items():
+        target = modules[m]
+        base = target.base_layer if isinstance(target, AdaptedModule) else target
+        if base_kind(base) is None:
+            bad_type.append(f"{m} ({type(base).__name__})")
+            continue
+        try:
+            fit_layer(ad.layers[p], base)
+        except (ShapeMismatchError, UnsupportedError) as e:
+            bad_shape.append(f"{m}: {e}")
+    if bad_type:
+        raise UnsupportedError(f"adaptkit cannot adapt {len(bad_type)} targeted module(s): {_list(bad_type)}; "
+                               "it adapts Linear, Conv1d/2d/3d, Embedding and transformers Conv1D")
+    if bad_shape:
+        raise ShapeMismatchError(f"{len(bad_shape)} layer(s) do not fit their module: {'; '.join(bad_shape[:6])}"
+                                 f"{' ...' if len(bad_shape) > 6 else ''}; is this adapter for this model?")
+    if ad.extras:
+        warnings.warn(f"the adapter carries {len(ad.extras)} extra tensor(s) (e.g. modules_to_save: "
+                      f"{next(iter(ad.extras))}) that inject does not apply", UserWarning, stacklevel=2)
+    if name in existing:
+        remove_adapter(module, name)
+    current = active_adapters(module)
+    for p, m in resolved.items():
+        target = modules[m]
+        if not isinstance(target, AdaptedModule):
+            wrapper = AdaptedModule(target)
+            wrapper.set_active(current)
+            _set_submodule(module, m, wrapper)
+            target = wrapper
+        target.add(name, ad.layers[p], trainable=trainable)
+    _registry(module)[name] = ad.replace(layers={}, extras={})
+    if active:
+        set_adapter(module, name)
+    return sorted(targets)
+
+
+# ----------------------------------------------------------------------------------------- managing
+
+
+def _require(module: Any) -> list[tuple[str, AdaptedModule]]:
+    wrappers = adapted_modules(module)
+    if not wrappers:
+        raise ConfigError("no adaptkit adapter is injected in this model; call ak.inject(model, adapter) first")
+    return wrappers
+
+
+def _available(wrappers: list[tuple[str, AdaptedModule]]) -> list[str]:
+    return sorted({n for _, w in wrappers for n in w.adapter_params})
+
+
+def _names(module: Any, names: str | list[str] | None, wrappers: list[tuple[str, AdaptedModule]]) -> list[str]:
+    if names is None:
+        return active_adapters(module)
+    names = [names] if isinstance(names, str) else list(names)
+    available = _available(wrappers)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ConfigError(f"no adapter named {', '.join(map(repr, missing))}; injected adapters: {available}")
+    return names
+
+
+def set_adapter(module: Any, adapter_name: str | list[str]) -> None:
+    """Make ``adapter_name`` (a name or a list of names) the active adapters; all others become inactive.
+
+    Layers with merged adapters are unmerged first (as PEFT does). Mirrors
+    ``PeftAdapterMixin.set_adapter``.
+    """
+    wrappers = _require(module)
+    names = _names(module, adapter_name, wrappers)
+    for _, w in wrappers:
+        if w.merged:
+            w.unmerge()
+        w.set_active(names)
+
+
+def enable_adapters(module: Any) -> None:
+    """Enable the adapters of every adapted layer (undoes :func:`disable_adapters`)."""
+    for _, w in _require(module):
+        w.set_disabled(False)
+
+
+def disable_adapters(module: Any) -> None:
+    """Disable all adapters: the model computes its base output.
+
+    Merged layers compute with the kept original weight; they stay merged (PEFT unmerges them on the
+    next forward instead).
+    """
+    for _, w in _require(module):
+        w.set_disabled(True)
+
+
+def active_adapters(module: Any) -> list[str]:
+    """The active adapter names (those of the first adapted layer; ``[]`` when nothing is injected)."""
+    wrappers = adapted_modules(module)
+    return wrappers[0][1].active_adapters if wrappers else []
+
+
+def merge_adapters(module: Any, adapter_names: str | list[str] | None = None) -> None:
+    """Merge adapters (default: the active ones) into the base weights, in place.
+
+    A copy of each merged layer's original weight (and bias) is kept until it is unmerged, so
+    :func:`unmerge_adapters` restores the base weights bit-exactly.
+    """
+    wrappers = _require(module)
+    names = _names(module, adapter_names, wrappers)
+    for _, w in wrappers:
+        w.merge(names)
+
+
+def unmerge_adapters(module: Any, adapter_names: str | list[str] | None = None) -> None:
+    """Unmerge adapters (default: all merged ones): restore the kept original weights exactly."""
+    wrappers = _require(module)
+    names = None if adapter_names is None else _names(module, adapter_names, wrappers)
+    for _, w in wrappers:
+        w.unmerge(names)
+
+
+def remove_adapter(module: Any, adapter_name: str) -> None:
+    """Delete an adapter from the model (unmerging it first); layers left without adapters are unwrapped."""
+    wrappers = _require(module)
+    _names(module, adapter_name, wrappers)
+    for path, w in wrappers:
+        if adapter_name not in w.adapter_params:
+            w.set_active([n for n in w.active_adapters if n != adapter_name])
+            continue
+        w.remove(adapter_name)
+        if not w.adapter_params:
+            w.unmerge()
+            _set_submodule(module, path, w.base_layer)
+    _registry(module).pop(adapter_name, None)
+
+
+def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
+    """The injected adapter ``adapter_name`` (default: the first active one) as an :class:`Adapter`.
+
+    Module paths are the model's own; tensors are detached copies in their stored dtype. Any writer
+    saves it: ``ak.save(ak.adapter_state_dict(model, "style"), "out/", format="peft")``.
+    """
+    wrappers = _require(module)
+    if adapter_name is None:
+        act = active_adapters(module)
+        if not act:
+            raise ConfigError("no adapter is active; pass adapter_name")
+        adapter_name = act[0]
+    _names(module, adapter_name, wrappers)
+    layers = {}
+    for path, w in wrappers:
+        if adapter_name in w.adapter_params:
+            with torch.no_grad():
+                layer = w.layer(adapter_name)
+                layers[path] = _detach(layer)
+    template = _registry(module).get(adapter_name) or Adapter(layers={})
+    return template.replace(layers=layers, name=adapter_name)
+
+
+def _detach(layer: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(layer, **{k: v.detach().clone().cpu() for k, v in tensor_fields(layer).items()})
+
+
+__all__ = [
+    "active_adapters",
+    "adapted_modules",
+    "adapter_state_dict",
+    "disable_adapters",
+    "enable_adapters",
+    "inject",
+    "merge_adapters",
+    "named_modules",
+    "remove_adapter",
+    "resolve_paths",
+    "set_adapter",
+    "unmerge_adapters",
+]
