@@ -18,6 +18,7 @@ from .errors import (
 )
 from .graph import Adapter
 from .kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
+from .merging import merge
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,6 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "load",
+    "merge",
     "save",
 ]

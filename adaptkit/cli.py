@@ -153,5 +153,42 @@ def demo(out: str) -> None:
     run_demo(out, echo=click.echo)
 
 
+#: merge method names for help texts (the table itself is adaptkit.merging.METHODS; a test keeps them equal)
+MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
+                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="Output directory (PEFT, diffusers) or file (kohya).")
+@click.option("--weights", default=None, help="Comma-separated weights, one per source (default 1 each); negative subtracts.")
+@click.option("--method", default="task_arithmetic", show_default=True, help="One of: " + ", ".join(MERGE_METHODS) + ".")
+@click.option("--density", type=float, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*).")
+@click.option("--rank", type=int, default=None, help="Output rank (svd, *_svd, task_arithmetic).")
+@click.option("--majority-sign", default="total", show_default=True, help="TIES sign election: total or frequency.")
+@click.option("--seed", type=int, default=None, help="Seed for the DARE methods' random drop.")
+@click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@handle_errors
+def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, density: float | None,
+          rank: int | None, majority_sign: str, seed: int | None, fmt: str, overwrite: bool) -> None:
+    """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods."""
+    from .errors import ConfigError
+    from .merging import merge_to
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(x) for x in weights.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--weights must be comma-separated numbers like 1,0.5 (got '{weights}')") from None
+    merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=parsed, method=method,
+                      density=density, rank=rank, majority_sign=majority_sign, seed=seed)
+    ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
+    rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    click.echo(f"merged {len(sources)} adapters with {method} into {out} ({fmt}): {len(merged)} layers, "
+               f"kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -104,7 +104,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         "rank": out_rank,
         "majority_sign": majority_sign if used.consensus else None,
         "seed": seed if used.random else None,
-        "sources": [{"source": a.source, "format": a.format, "name": a.name, "base_model": a.base_model}
+        "sources": [{"source": _source_text(a.source), "format": a.format, "name": a.name, "base_model": a.base_model}
                     for a in loaded],
     }
     first = loaded[0]
@@ -148,6 +148,13 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
 
 
 # ----------------------------------------------------------------------------------------- checks
+
+
+def _source_text(source: str | None) -> str | None:
+    """Local sources as absolute paths; hub sources (``repo@commit``) and ``None`` unchanged."""
+    if source is not None and os.path.exists(source):
+        return str(Path(source).resolve())
+    return source
 
 
 def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
