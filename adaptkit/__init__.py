@@ -17,8 +17,20 @@ from .errors import (
     UnsupportedError,
 )
 from .graph import Adapter
+from .inject import (
+    active_adapters,
+    adapter_state_dict,
+    disable_adapters,
+    enable_adapters,
+    inject,
+    merge_adapters,
+    remove_adapter,
+    set_adapter,
+    unmerge_adapters,
+)
 from .kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
 from .merging import merge
+from .status import layer_status, model_status
 
 __version__ = "0.1.0"
 
@@ -39,6 +51,17 @@ __all__ = [
     "SourceNotFoundError",
     "UnsupportedError",
     "__version__",
+    "active_adapters",
+    "adapter_state_dict",
+    "disable_adapters",
+    "enable_adapters",
+    "inject",
+    "layer_status",
+    "merge_adapters",
+    "model_status",
+    "remove_adapter",
+    "set_adapter",
+    "unmerge_adapters",
     "load",
     "merge",
     "save",

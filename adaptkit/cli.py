@@ -190,5 +190,21 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
                f"kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
 
 
+@main.command()
+@click.argument("source")
+@click.option("--format", "fmt", default=None, help="Source format (peft, kohya/lycoris, diffusers); detected if omitted.")
+@output_options
+@handle_errors
+def status(source: str, fmt: str | None, as_json: bool, as_csv: bool) -> None:
+    """Per-layer status of a checkpoint: kind, shape, rank, alpha, scale, dtype, ||dW||, finite."""
+    from .converters import load
+    from .status import layer_status
+
+    table = layer_status(load(source, format=fmt))
+    if not (as_json or as_csv):
+        table = table.drop(columns=["tensors"])
+    render_table(table, as_json=as_json, as_csv=as_csv)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
