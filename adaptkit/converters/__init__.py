@@ -19,13 +19,14 @@ from typing import Any
 from ..errors import ConfigError, FormatError
 from ..graph import Adapter
 from ..sources import resolve
-from . import peft
+from . import kohya, peft
 
 FORMATS: dict[str, ModuleType] = {
     "peft": peft,
+    "kohya": kohya,
 }
 #: other names users type for a format
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {"lycoris": "kohya"}
 
 
 def format_module(name: str) -> ModuleType:

@@ -421,6 +421,11 @@ def _write_ia3(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> Non
                 "fan_in_fan_out": any(l.fan_in_fan_out for l in layers.values())})
     cfg.setdefault("init_ia3_weights", True)
     for path, l in layers.items():
+        if not (l.on_input or l.scale_bias):
+            raise UnsupportedError(
+                f"{path}: this IA3 layer leaves the module bias unscaled (LyCORIS) but PEFT's IA3 scales it; "
+                "write format='kohya' or fuse it"
+            )
         v = l.vector
         if l.module_type == "conv":
             v = v.reshape(1, -1, 1, 1)

@@ -26,6 +26,7 @@ class IA3:
         shape: module weight shape when known, else ``None`` (a vector alone does not fix it).
         module_type: ``"linear"`` or ``"conv"``.
         fan_in_fan_out: module weight is the transpose of the math orientation (``Conv1D``).
+        scale_bias: output scaling also scales the module's bias (PEFT); LyCORIS leaves the bias as it is.
     """
 
     vector: torch.Tensor
@@ -33,6 +34,7 @@ class IA3:
     shape: tuple[int, ...] | None = None
     module_type: str = "linear"
     fan_in_fan_out: bool = False
+    scale_bias: bool = True
 
     kind: ClassVar[str] = "ia3"
     additive: ClassVar[bool] = False
@@ -73,7 +75,7 @@ class IA3:
         out = w_math * f32(self.vector).view(view)
         out = out.T if self.fan_in_fan_out else out
         new_b = None if bias is None else f32(bias)
-        if new_b is not None and not self.on_input:
+        if new_b is not None and not self.on_input and self.scale_bias:
             new_b = new_b * f32(self.vector)
         return out, new_b
 
