@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -316,6 +317,11 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
 #: ``'a->b'`` dispatch: a left-hand name found here is a reparametrisation handler taking
 #: ``(source, out, *, dst_format, rank, kind, base, overwrite, **options)``; any other left-hand side is a format
 CONVERTERS: dict[str, Callable[..., ConversionResult]] = {}
+
+# PiSSA / OLoRA / CorDA -> LoRA (``--initial INITIAL``), see adaptkit.converters.reparam
+from .converters.reparam import convert_reparam  # noqa: E402
+
+CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pissa", "olora", "corda")})
 
 
 def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | os.PathLike, *,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,47 +120,49 @@ def _num(x: float) -> float:
     return float(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
 
-def lowrank_svd(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact truncated SVD of ``up @ down`` without forming it.
+def _private_lowrank_svd(ups: list[torch.Tensor], downs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fallback for ``adaptkit.merging.lowrank.lowrank_svd`` (same contract: ``(B = U S, A = Vh)``, rank <= sum r_i).
 
-    Private stand-in for ``adaptkit.merging.lowrank`` (issue "Merging"): QR of ``up`` and of ``down.T``,
-    SVD of the small core ``Ru @ Rv.T``.
-
-    Args:
-        up: ``(m, k)`` float32.
-        down: ``(k, n)`` float32.
-        rank: number of singular triplets to keep (at most ``min(m, n, k)``).
-
-    Returns:
-        ``(new_up, new_down, S)``: ``new_up @ new_down`` is the best rank-``rank`` approximation of
-        ``up @ down`` (singular values split evenly between the factors), and ``S`` holds ALL singular
-        values of ``up @ down`` (length ``min(m, n, k)``), for energy reports.
+    QR of the stacked factors and SVD of the small core; never forms ``up @ down``. To be unified with
+    issue "Merging" once its module is committed.
     """
-    qu, ru = torch.linalg.qr(up.double())
-    qv, rv = torch.linalg.qr(down.double().T)
-    p, s, qh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
-    keep = min(rank, s.numel())
-    root = s[:keep].sqrt()
-    new_up = (qu @ p[:, :keep]) * root
-    new_down = root[:, None] * (qh[:keep] @ qv.T)
-    return new_up.float(), new_down.float(), s.float()
+    u, v = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    qu, ru = torch.linalg.qr(u)
+    qv, rv = torch.linalg.qr(v.T)
+    x, s, yh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
+    return (qu @ x[:, :rank]) * s[:rank], yh[:rank] @ qv.T
+
+
+def _lowrank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from ..merging.lowrank import lowrank_svd
+    except ImportError:  # the merging package is optional for this conversion
+        lowrank_svd = _private_lowrank_svd
+    return lowrank_svd([up], [down], rank)
 
 
 def _compressed(layer: LoRA, rank: int) -> tuple[LoRA, dict[str, Any]]:
-    u, v = layer.factors()  # scale folded into u
-    new_up, new_down, s = lowrank_svd(u, v, rank)
-    keep = new_down.shape[0]
-    energy = float((s[:keep] ** 2).sum() / (s**2).sum()) if float((s**2).sum()) > 0 else 1.0
+    u, v = layer.factors()  # float32, scale folded into u
+    keep = min(rank, layer.rank, u.shape[0], v.shape[1])
+    b, a = _lowrank(u, v, keep)
+    b, a = b[:, :keep], a[:keep]
+    # ||U V||_F^2 = trace((U^T U)(V V^T)), computed at rank 2r; B = U_svd S so ||B||_F^2 is the kept energy
+    total = float(torch.trace((u.double().T @ u.double()) @ (v.double() @ v.double().T)))
+    sig = b.double().norm(dim=0)
+    kept = float((sig**2).sum())
+    energy = min(kept / total, 1.0) if total > 0 else 1.0
+    root = sig.clamp_min(1e-30).sqrt().float()
+    b, a = b / root, a * root[:, None]  # split the singular values evenly between the factors
     # keep the layer's LoRA scale convention: store factors / scale, with alpha giving the same scale at rank keep
     scale = layer.scale
     alpha = scale * (math.sqrt(keep) if layer.rslora else keep)
-    up = (new_up / scale).reshape(layer.up.shape[0], keep, *layer.up.shape[2:])
-    down = new_down.reshape(keep, *layer.down.shape[1:])
+    up = (b / scale).reshape(layer.up.shape[0], keep, *layer.up.shape[2:])
+    down = a.reshape(keep, *layer.down.shape[1:])
     dtype = layer.up.dtype
     new = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=_num(alpha), shape=tuple(layer.shape),
                module_type=layer.module_type, fan_in_fan_out=layer.fan_in_fan_out, rslora=layer.rslora, bias=layer.bias)
     row = {"rank_exact": layer.rank, "rank": keep, "retained_energy": energy,
-           "sigma_max": float(s[0]) if s.numel() else 0.0, "sigma_next": float(s[keep]) if s.numel() > keep else 0.0}
+           "relative_error": math.sqrt(max(0.0, 1.0 - energy))}
     return new, row
 
 
@@ -200,7 +203,8 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
         exact = _doubled(t.layers[path], i.layers[path])  # type: ignore[arg-type]
         if rank is None:
             layers[path] = exact
-            rows.append({"module": path, "rank_exact": exact.rank, "rank": exact.rank, "retained_energy": 1.0})
+            rows.append({"module": path, "rank_exact": exact.rank, "rank": exact.rank, "retained_energy": 1.0,
+                         "relative_error": 0.0})
         else:
             layers[path], row = _compressed(exact, rank)
             rows.append({"module": path, **row})
@@ -219,4 +223,32 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
     return out, report
 
 
-__all__ = ["MUTATING_INITS", "lowrank_svd", "pissa_to_lora"]
+def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method: str, dst_format: str = "lora",
+                    rank: int | None = None, kind: str | None = None, base: Any = None, overwrite: bool = False,
+                    initial: Adapter | str | os.PathLike | None = None, **_: Any) -> Any:
+    """``adaptkit convert 'pissa->lora' TRAINED OUT --initial INITIAL`` (also ``olora``, ``corda``).
+
+    The handler registered in :data:`adaptkit.convert.CONVERTERS`; writes a PEFT LoRA directory.
+
+    Returns:
+        :class:`adaptkit.convert.ConversionResult` with the per-layer report.
+
+    Raises:
+        ConfigError: no ``initial``, a target other than ``lora``/``peft``, or ``kind`` other than ``lora``.
+    """
+    from ..convert import ConversionResult
+    from . import save
+
+    if dst_format not in ("lora", "peft"):
+        raise ConfigError(f"'{method}->{dst_format}' is not a conversion; use '{method}->lora' (written as a PEFT LoRA)")
+    if kind not in (None, "lora"):
+        raise ConfigError(f"'{method}->lora' produces LoRA layers; drop --kind {kind}")
+    if initial is None:
+        raise ConfigError(f"'{method}->lora' needs --initial INITIAL: the adapter saved right after initialisation, before training")
+    adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True)
+    written = save(adapter, out, format="peft", overwrite=overwrite)
+    lossless = bool((report["retained_energy"] >= 1.0 - 1e-9).all())
+    return ConversionResult(Path(written), method, "peft", report, lossless)
+
+
+__all__ = ["MUTATING_INITS", "convert_reparam", "pissa_to_lora"]
