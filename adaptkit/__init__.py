@@ -6,6 +6,8 @@ The public API is re-exported here; see ``docs/`` for guides.
 from __future__ import annotations
 
 from .converters import load, save
+from .converters.loftq import loftq
+from .converters.reparam import pissa_to_lora
 from .errors import (
     AdaptkitError,
     ConfigError,
@@ -63,6 +65,8 @@ __all__ = [
     "set_adapter",
     "unmerge_adapters",
     "load",
+    "loftq",
     "merge",
+    "pissa_to_lora",
     "save",
 ]

@@ -1,0 +1,365 @@
+"""LoftQ initialisation from a base checkpoint, streamed tensor by tensor (no model, no bitsandbytes, no GPU).
+
+For each targeted linear weight ``W`` (math orientation ``(out, in)``), LoftQ picks LoRA factors so that the
+quantised base plus the LoRA is close to ``W``:
+
+1. ``Q = deq(quant(W'))`` with ``W' = W`` (NF4 block-64 or int8, see :mod:`adaptkit.converters.quant`);
+2. ``L R`` = the rank-``r`` truncated SVD of the residual ``W - Q`` (PEFT's ``_low_rank_decomposition``);
+3. for ``iters > 1``: ``W' = W - L R`` and repeat (the alternating LoftQ algorithm). The base to quantise
+   is then no longer ``W``: like PEFT's ``loftq_init``, the dequantised ``Q`` of the last round is written
+   as the new base weight (re-quantising it gives the same codes).
+
+Unlike PEFT (whose LoftQ ignores the LoRA scaling), the scale ``s = alpha / r`` is compensated:
+``B = L / sqrt(s)``, ``A = R / sqrt(s)``, so ``s * B @ A = L R`` for any ``alpha``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError
+from ..graph import Adapter
+from ..kinds import LoRA
+from ..sources import atomic_output, read_safetensors_header, resolve
+from .patterns import matches_targets
+from .quant import dequantize, quantize
+
+#: module names that hold embeddings or the output layer: never "all-linear" targets (PEFT skips the output layer)
+NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+              "embed_positions", "lm_head", "embed_out", "output_layer")
+_BASE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+
+
+@dataclass(frozen=True, eq=False)
+class LoftQResult:
+    """What :func:`loftq` returns.
+
+    Args:
+        adapter: the LoRA adapter (float32 factors; ``init_lora_weights: true``).
+        report: one row per targeted layer: quantisation error before (QLoRA: ``‖W - deq(Q(W))‖_F``) and after
+            (``‖W - deq(Q(W')) - s·B·A‖_F``), both also relative to ``‖W‖_F``, and the reduction.
+        out: the directory written (adapter at its root, adjusted base in ``base/`` when ``iters > 1``), or ``None``.
+        base_out: the adjusted base directory, or ``None`` (``iters == 1``: quantise the original base).
+    """
+
+    adapter: Adapter
+    report: Any
+    out: Path | None = None
+    base_out: Path | None = None
+
+    @property
+    def mean_reduction(self) -> float:
+        """Mean over layers of ``1 - after / before``."""
+        return float(self.report["reduction"].mean()) if len(self.report) else 0.0
+
+
+def low_rank_decomposition(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` with ``L @ R`` the rank-``rank`` truncated SVD of ``weight``, singular values split as sqrt.
+
+    The same computation as PEFT's ``peft.utils.loftq_utils._low_rank_decomposition``.
+    """
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternating LoftQ on one float32 ``(out, in)`` weight (PEFT's ``loftq_init`` without bitsandbytes).
+
+    Returns:
+        ``(L, R, base_deq, plain_deq)``: unscaled factors (``L @ R`` approximates ``W - base_deq``), the
+        dequantised base to use (``deq(Q(W'))``) and the plain QLoRA ``deq(Q(W))`` for the report.
+    """
+    w = weight.to(torch.float32)
+    res = w
+    plain = None
+    for i in range(iters):
+        deq = dequantize(quantize(res, bits))
+        if plain is None:
+            plain = deq
+        left, right = low_rank_decomposition(w - deq, rank)
+        if i + 1 == iters:
+            break
+        res = w - left @ right
+    return left, right, deq, plain  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- base shards
+
+
+def base_files(base: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """Resolve a base model (hub id, directory or ``.safetensors`` file) to ``(directory, weight files)``.
+
+    Raises:
+        SourceNotFoundError: nothing at ``base``. FormatError: it holds no safetensors weights.
+    """
+    path = resolve(base, allow_patterns=_BASE_PATTERNS).path
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FormatError(f"{path.name} is not a .safetensors file; LoftQ streams safetensors base weights only")
+        return path.parent, [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SourceNotFoundError(f"shard {missing[0]} listed in {index.name} is missing; re-download the model")
+        return path, files
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if not files:
+        raise FormatError(f"{path} holds no .safetensors weights; LoftQ needs the base model's safetensors files")
+    return path, files
+
+
+def _is_candidate(name: str, info: dict) -> bool:
+    if not name.endswith(".weight") or len(info["shape"]) != 2 or info["dtype"] not in ("F32", "F16", "BF16"):
+        return False
+    return name[: -len(".weight")].rsplit(".", 1)[-1] not in NOT_LINEAR
+
+
+def _targets(target: str | Iterable[str] | None) -> str | list[str] | None:
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if target == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in target.split(",") if t.strip()]
+    return list(target)
+
+
+def _plan(files: list[Path], targets: str | list[str] | None, layout: Adapter | None) -> dict[str, set[str]]:
+    """file -> tensor names to process; checks every target matched."""
+    plan: dict[str, set[str]] = {}
+    seen: list[str] = []
+    for f in files:
+        header, _ = read_safetensors_header(f)
+        for name, info in header.items():
+            if name == "__metadata__" or not _is_candidate(name, info):
+                continue
+            module = name[: -len(".weight")]
+            seen.append(module)
+            if layout is not None:
+                hit = module in layout.layers
+            elif targets == "all-linear":
+                hit = True
+            else:
+                hit = matches_targets(targets, module)
+            if hit:
+                plan.setdefault(str(f), set()).add(name)
+    found = {n[: -len(".weight")] for names in plan.values() for n in names}
+    if layout is not None:
+        missing = sorted(set(layout.layers) - found)
+        if missing:
+            raise ConfigError(
+                f"the adapter's layer {missing[0]} has no linear weight in the base ({len(missing)} missing); "
+                "pass the base model the adapter was made for"
+            )
+    if not found:
+        example = ", ".join(sorted({m.rsplit('.', 1)[-1] for m in seen})[:8]) or "none"
+        raise ConfigError(f"no linear weight of the base matches target modules {targets!r}; its linear modules "
+                          f"end in: {example}")
+    return plan
+
+
+def _write_shard(src: Path, dest: Path, replaced: dict[str, torch.Tensor]) -> None:
+    """Write ``src`` to ``dest`` with some tensors replaced (same dtype/shape); others copied as raw bytes."""
+    header, start = read_safetensors_header(src)
+    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    new_header: dict[str, Any] = {}
+    if "__metadata__" in header:
+        new_header["__metadata__"] = header["__metadata__"]
+    offset = 0
+    for name, info in items:
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        new_header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(new_header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        fout.write(len(raw).to_bytes(8, "little"))
+        fout.write(raw)
+        for name, info in items:
+            if name in replaced:
+                t = replaced[name].contiguous().reshape(-1)
+                fout.write(t.view(torch.uint8).numpy().tobytes())
+            else:
+                fin.seek(start + info["data_offsets"][0])
+                left = info["data_offsets"][1] - info["data_offsets"][0]
+                while left:
+                    chunk = fin.read(min(left, 64 << 20))
+                    if not chunk:
+                        raise FormatError(f"{src.name} is truncated; re-download the base model")
+                    fout.write(chunk)
+                    left -= len(chunk)
+
+
+_ST_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stream(files: list[Path], plan: dict[str, set[str]]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        names = plan.get(str(f), set())
+        if not names:
+            continue
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            for name in sorted(names):
+                yield f, name, handle.get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------------------ loftq
+
+
+def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None = None, bits: int = 4, iters: int = 1,
+          rank: int = 16, alpha: float | None = None, adapter: Adapter | str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None, overwrite: bool = False) -> LoftQResult:
+    """LoftQ initialisation of a LoRA for a base checkpoint, streamed over its safetensors shards.
+
+    Args:
+        base: base model: hub id, directory (single file or sharded with ``model.safetensors.index.json``) or
+            ``.safetensors`` file.
+        target: module names (a list, or a comma-separated string; PEFT's suffix rule) or ``"all-linear"``
+            (every 2-D linear weight except embeddings and the output layer), or an :class:`Adapter` (same as
+            ``adapter``).
+        bits: 4 (NF4, block 64) or 8 (int8, row-wise).
+        iters: LoftQ alternating iterations; ``> 1`` also changes the base weights to quantise (needs ``out``).
+        rank: LoRA rank (ignored for layers an ``adapter`` gives).
+        alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scale 1). The scale is compensated either way.
+        adapter: an existing LoRA adapter (``Adapter``, dir or hub id) whose targets, per-layer ranks and
+            alphas (and config fields) to use; its factors are replaced.
+        out: directory to write: the PEFT adapter at its root and, for ``iters > 1``, the adjusted base in
+            ``out/base`` (same shards and files as the input, targeted weights replaced).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        A :class:`LoftQResult` with the adapter and the per-layer error report.
+
+    Raises:
+        ConfigError: bad bits/iters/rank, no target matched, ``iters > 1`` without ``out``.
+        NonFiniteError: a targeted base weight holds NaN or Inf.
+        SourceNotFoundError / FormatError: the base cannot be found or read.
+    """
+    import pandas as pd
+
+    if bits not in (4, 8):
+        raise ConfigError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"iters must be a positive integer, got {iters!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"alpha must be positive, got {alpha!r}")
+    if iters > 1 and out is None:
+        raise ConfigError("iters > 1 changes the base weights to quantise; pass out=DIR to write them with the adapter")
+    if isinstance(target, Adapter):
+        if adapter is not None:
+            raise ConfigError("pass the existing adapter once, as target or as adapter=, not both")
+        adapter, target = target, None
+    layout = None
+    if adapter is not None:
+        from . import load
+
+        layout = adapter if isinstance(adapter, Adapter) else load(adapter)
+        bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
+        if bad:
+            raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")
+        if target is not None:
+            raise ConfigError("pass either target modules or an existing adapter to take them from, not both")
+    targets = _targets(target)
+    if layout is None and not targets:
+        raise ConfigError("no target modules: pass target=['q_proj', 'v_proj'], target='all-linear' or adapter=...")
+    directory, files = base_files(base)
+    plan = _plan(files, targets, layout)
+    if out is not None:
+        with atomic_output(out, overwrite=overwrite) as tmp:
+            result = _run(files, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None)
+            if iters > 1:
+                for extra in directory.iterdir():
+                    if extra.is_file() and extra.suffix != ".safetensors":
+                        shutil.copy2(extra, tmp / "base" / extra.name)
+            from . import peft as peft_format
+
+            peft_format.write(result[0], tmp / "adapter")
+            for f in (tmp / "adapter").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "adapter").rmdir()
+        out_path = Path(out)
+        return LoftQResult(adapter=result[0], report=pd.DataFrame(result[1]), out=out_path,
+                           base_out=out_path / "base" if iters > 1 else None)
+    adapter_out, rows = _run(files, plan, bits, iters, rank, alpha, layout, str(base), None)
+    return LoftQResult(adapter=adapter_out, report=pd.DataFrame(rows))
+
+
+def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, rank: int, alpha: float | None,
+         layout: Adapter | None, base_spec: str, base_out: Path | None) -> tuple[Adapter, list[dict]]:
+    layers: dict[str, LoRA] = {}
+    rows: list[dict] = []
+    replaced: dict[str, torch.Tensor] = {}
+    current: Path | None = None
+    if base_out is not None:
+        base_out.mkdir(parents=True)
+
+    def flush(upto: Path | None) -> None:
+        # write every shard before `upto` (all of them when None), replacing the weights computed for it
+        for f in files:
+            if f == upto:
+                return
+            dest = base_out / f.name  # type: ignore[operator]
+            if not dest.exists():
+                _write_shard(f, dest, replaced)
+                replaced.clear()
+
+    for f, name, tensor in _stream(files, plan):
+        if base_out is not None and f != current:
+            flush(f)
+            current = f
+        module = name[: -len(".weight")]
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"base weight {name} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")
+        if layout is not None:
+            given: LoRA = layout.layers[module]  # type: ignore[assignment]
+            r, a, rs = given.rank, given.alpha, given.rslora
+        else:
+            r, a, rs = rank, float(rank if alpha is None else alpha), False
+        if r > min(tensor.shape):
+            raise ConfigError(f"rank {r} exceeds the smaller dimension of {module} {tuple(tensor.shape)}; lower the rank")
+        w = tensor.to(torch.float32)
+        left, right, deq, plain = loftq_layer(w, bits, r, iters)
+        scale = a / (r**0.5 if rs else r)
+        root = scale**0.5
+        layers[module] = LoRA(down=(right / root).contiguous(), up=(left / root).contiguous(), alpha=a,
+                              shape=tuple(tensor.shape), rslora=rs)
+        before = float((w - plain).norm())
+        after = float((w - deq - left @ right).norm())
+        norm = float(w.norm()) or 1.0
+        rows.append({"module": module, "shape": "x".join(map(str, tensor.shape)), "rank": r, "scale": scale,
+                     "error_qlora": before, "error_loftq": after, "rel_qlora": before / norm, "rel_loftq": after / norm,
+                     "reduction": 1.0 - after / before if before > 0 else 0.0})
+        if base_out is not None:
+            replaced[name] = deq.to(tensor.dtype)
+    if base_out is not None:
+        flush(None)
+    rows.sort(key=lambda row: row["module"])
+    config: dict[str, Any] = dict(layout.config) if layout is not None and layout.format == "peft" else {"peft_type": "LORA"}
+    config["init_lora_weights"] = True
+    config["base_model_name_or_path"] = base_spec if base_out is None else None
+    metadata = {"format": "pt", "adaptkit.loftq": json.dumps({"bits": bits, "iters": iters})}
+    adapter = Adapter(layers=layers, base_model=config["base_model_name_or_path"], metadata=metadata, config=config,
+                      format="peft", source=None)
+    return adapter, rows
+
+
+__all__ = ["NOT_LINEAR", "LoftQResult", "base_files", "loftq", "loftq_layer", "low_rank_decomposition"]
