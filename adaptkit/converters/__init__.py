@@ -19,11 +19,12 @@ from typing import Any
 from ..errors import ConfigError, FormatError
 from ..graph import Adapter
 from ..sources import resolve
-from . import kohya, peft
+from . import diffusers, kohya, peft
 
 FORMATS: dict[str, ModuleType] = {
     "peft": peft,
     "kohya": kohya,
+    "diffusers": diffusers,
 }
 #: other names users type for a format
 ALIASES: dict[str, str] = {"lycoris": "kohya"}
