@@ -221,9 +221,7 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     if bad_shape:
         raise ShapeMismatchError(f"{len(bad_shape)} layer(s) do not fit their module: {'; '.join(bad_shape[:6])}"
                                  f"{' ...' if len(bad_shape) > 6 else ''}; is this adapter for this model?")
-    if ad.extras:
-        warnings.warn(f"the adapter carries {len(ad.extras)} extra tensor(s) (e.g. modules_to_save: "
-                      f"{next(iter(ad.extras))}) that inject does not apply", UserWarning, stacklevel=2)
+    _warn_extras(ad, resolved, modules)
     if name in existing:
         remove_adapter(module, name)
     current = active_adapters(module)
@@ -239,6 +237,25 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     if active:
         set_adapter(module, name)
     return sorted(targets)
+
+
+def _warn_extras(ad: Adapter, resolved: Mapping[str, str], modules: Mapping[str, nn.Module]) -> None:
+    """Warn about extra tensors inject does not apply (saved base weights equal to the model's are fine)."""
+    ignored = []
+    for key, tensor in ad.extras.items():
+        path, _, leaf = key.rpartition(".base_layer.")
+        target = modules.get(resolved.get(path, path))
+        if leaf and target is not None:
+            base = target.base_layer if isinstance(target, AdaptedModule) else target
+            current = getattr(base, leaf, None)
+            if isinstance(current, torch.Tensor) and current.shape == tensor.shape and torch.equal(
+                    current.detach().cpu(), tensor.to(current.dtype)):
+                continue  # PEFT's save_embedding_layers copy of the very weights the model has
+        ignored.append(key)
+    if ignored:
+        warnings.warn(f"inject does not apply {len(ignored)} extra tensor(s) of the adapter (modules_to_save or "
+                      f"saved base weights, e.g. {ignored[0]}); load them into the model yourself if needed",
+                      UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------- managing
