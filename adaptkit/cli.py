@@ -206,5 +206,30 @@ def status(source: str, fmt: str | None, as_json: bool, as_csv: bool) -> None:
     render_table(table, as_json=as_json, as_csv=as_csv)
 
 
+@main.command()
+@click.argument("base")
+@click.option("--out", "-o", required=True, help="Output directory: the adapter, plus base/ (adjusted weights) when --iters > 1.")
+@click.option("--target-modules", "-t", default=None, help="Comma-separated module names (q_proj,v_proj) or all-linear.")
+@click.option("--rank", "-r", default=16, show_default=True, type=int, help="LoRA rank.")
+@click.option("--alpha", default=None, type=float, help="LoRA alpha (default: the rank); the scale is compensated.")
+@click.option("--bits", default="4", show_default=True, type=click.Choice(["4", "8"]), help="4: NF4 (block 64), 8: int8.")
+@click.option("--iters", default=1, show_default=True, type=int, help="Alternating LoftQ iterations.")
+@click.option("--adapter", "existing", default=None, help="Existing LoRA adapter to take targets, ranks and alphas from.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@output_options
+@handle_errors
+def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: float | None, bits: str, iters: int,
+          existing: str | None, overwrite: bool, as_json: bool, as_csv: bool) -> None:
+    """LoftQ-initialise a LoRA for BASE so that quantised base + LoRA approximates the original weights."""
+    from .converters.loftq import loftq as run_loftq
+
+    result = run_loftq(base, target_modules, bits=int(bits), iters=iters, rank=rank, alpha=alpha, adapter=existing,
+                       out=out, overwrite=overwrite)
+    header = {"out": str(result.out), "adjusted base": str(result.base_out) if result.base_out else "- (quantise BASE)",
+              "quantisation": "nf4 (block 64)" if bits == "4" else "int8 (row-wise)", "layers": len(result.report),
+              "mean error reduction": f"{result.mean_reduction:.1%}"}
+    render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
