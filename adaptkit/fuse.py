@@ -1,0 +1,384 @@
+"""Fuse adapters into base weights, unfuse them again, and extract a LoRA from two models; all streaming.
+
+A base model is never instantiated: :mod:`adaptkit.shards` reads its safetensors headers, plans every
+output file in advance, and streams tensor by tensor. Tensors no adapter touches are copied as raw bytes
+(in the kernel, no decoding); a touched tensor is read, computed in float32
+(``W + sum_i w_i * dW_i``; DoRA and IA3 through their ``apply``), checked to be finite and written back
+in the base dtype (or ``dtype``). Peak memory is a few tensors per worker, independent of the model size.
+Outputs are written to a hidden temporary directory beside ``out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, ShapeMismatchError, UnsupportedError
+from .graph import Adapter
+from .kinds.base import math_shape
+from .shards import (
+    FLOAT_ST,
+    OutFile,
+    TensorInfo,
+    Transform,
+    WeightSet,
+    is_weight_like,
+    match_paths,
+    open_base,
+    parse_dtype,
+    plan_group_files,
+    write_index,
+    write_out_file,
+)
+from .sources import atomic_output, check_output
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from ``5000000``, ``"500MB"``, ``"5GB"`` (powers of 10) or ``"4GiB"`` (powers of 2)."""
+    if size is None or isinstance(size, int):
+        return size
+    m = _SIZE.match(str(size))
+    if not m:
+        raise ConfigError(f"cannot read shard size '{size}'; write it as bytes or like 500MB, 5GB, 4GiB")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(m.group(1)) * base**power)
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """What :func:`fuse` / :func:`unfuse` did (or, with ``dry_run``, would do).
+
+    Args:
+        out: the output path, or ``None`` for a dry run.
+        plan: one row per tensor that changes: ``tensor``, ``file``, ``shape``, ``dtype``, ``out_dtype``,
+            ``action``, ``adapters``, ``kinds``.
+        tensors: number of tensors in the base.
+        touched: number of tensors that change.
+        bytes: bytes of tensor data written (or to write).
+        seconds: wall time.
+        skipped: base files not copied (weights in other formats, unused variants).
+    """
+
+    out: Path | None
+    plan: Any
+    tensors: int
+    touched: int
+    bytes: int
+    seconds: float
+    skipped: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers as a dict (for a CLI header)."""
+        gib = self.bytes / 2**30
+        return {"output": str(self.out) if self.out else "(dry run: nothing written)", "tensors": self.tensors,
+                "touched": self.touched, "size": f"{gib:.3f} GiB", "seconds": round(self.seconds, 2),
+                "throughput": f"{gib / self.seconds:.2f} GiB/s" if self.seconds > 0 and self.out else "-",
+                "skipped files": ", ".join(self.skipped) or "-"}
+
+
+def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike]) -> list[Adapter]:
+    from .converters import load
+
+    if isinstance(adapters, (Adapter, str, os.PathLike)):
+        adapters = [adapters]
+    out = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    if not out:
+        raise ConfigError("no adapters given; pass at least one adapter to fuse")
+    return out
+
+
+def _label(adapter: Adapter, i: int) -> str:
+    if adapter.source:
+        return Path(str(adapter.source).rstrip("/")).name or f"adapter{i}"
+    return f"adapter{i}"
+
+
+def _check_fit(path: str, layer: Any, info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_ST:
+        raise UnsupportedError(f"base tensor '{info.key}' is {info.dtype}, not floating point; fuse into an unquantized base")
+    shape = getattr(layer, "shape", None)
+    if shape is not None and math.prod(shape) != math.prod(info.shape):
+        raise ShapeMismatchError(
+            f"adapter layer {path} expects a weight of shape {tuple(shape)} but base tensor '{info.key}' has "
+            f"{info.shape}; the adapter was made for another model"
+        )
+    if layer.kind == "ia3":
+        ms = math_shape(info.shape, layer.fan_in_fan_out) if len(info.shape) == 2 or not layer.fan_in_fan_out else info.shape
+        axis = 1 if layer.on_input else 0
+        if len(ms) <= axis or ms[axis] != layer.vector.numel():
+            raise ShapeMismatchError(
+                f"IA3 layer {path} has {layer.vector.numel()} entries but base tensor '{info.key}' has shape {info.shape}; "
+                "the adapter was made for another model"
+            )
+
+
+def _weight_transform(ops: list[tuple[Any, float]]) -> Transform:
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        for layer, weight in ops:
+            if layer.kind == "extra":
+                w = layer.value.to(torch.float32).reshape(w.shape).clone()
+            elif layer.additive:
+                w.add_(layer.delta().reshape(w.shape), alpha=weight)
+            else:
+                new, _ = layer.apply(w)
+                w = new if weight == 1.0 else w + weight * (new - w)
+        return w
+
+    return transform
+
+
+def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
+    def transform(b: torch.Tensor) -> torch.Tensor:
+        for layer, weight in ops:
+            if layer.kind == "extra":
+                b = layer.value.to(torch.float32).reshape(b.shape).clone()
+            elif layer.kind == "ia3":
+                b = b + weight * (b * layer.vector.to(torch.float32) - b)
+            else:
+                b = b + weight * layer.delta_bias().reshape(b.shape)
+        return b
+
+    return transform
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """A full replacement tensor carried by an adapter (PEFT ``modules_to_save``)."""
+
+    value: torch.Tensor
+    kind: str = "extra"
+    additive: bool = False
+
+
+def _changes_bias(layer: Any) -> bool:
+    if layer.kind == "ia3":
+        return not layer.on_input
+    return layer.delta_bias() is not None
+
+
+def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool):
+    """Map every adapter layer to base tensors; return ``(transforms, rows)``."""
+    weight_ops: dict[str, list[tuple[Any, float]]] = {}
+    bias_ops: dict[str, list[tuple[Any, float]]] = {}
+    names: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}
+    for i, (adapter, w) in enumerate(zip(adapters, weights)):
+        label = _label(adapter, i)
+        if unfuse:
+            bad = sorted(p for p, layer in adapter.layers.items() if not layer.additive)
+            if bad:
+                kind = "IA3 rescales" if adapter.layers[bad[0]].kind == "ia3" else "DoRA re-normalises"
+                raise UnsupportedError(
+                    f"cannot unfuse {label}: {kind} the weight ({len(bad)} layers, e.g. {bad[0]}), so it cannot be "
+                    "subtracted again; keep the unfused base instead"
+                )
+            if adapter.extras:
+                raise UnsupportedError(
+                    f"cannot unfuse {label}: it replaces whole tensors ({sorted(adapter.extras)[0]}, modules_to_save); "
+                    "keep the unfused base instead"
+                )
+        sign = -1.0 if unfuse else 1.0
+        matches = match_paths(adapter.layers, ws.tensors)
+        for path, m in matches.items():
+            layer = adapter.layers[path]
+            info = ws.tensors[m.weight]
+            _check_fit(path, layer, info)
+            weight_ops.setdefault(m.weight, []).append((layer, sign * w))
+            names.setdefault(m.weight, []).append(label)
+            kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if getattr(layer, "magnitude", None) is not None else ""))
+            if _changes_bias(layer):
+                if m.bias is None:
+                    if layer.kind == "ia3":
+                        continue
+                    raise UnsupportedError(f"adapter layer {path} changes the bias but base weight '{m.weight}' has no bias; "
+                                           "this adapter does not belong to this base")
+                bias_ops.setdefault(m.bias, []).append((layer, sign * w))
+                names.setdefault(m.bias, []).append(label)
+                kinds.setdefault(m.bias, []).append(layer.kind + " bias")
+        if adapter.extras:
+            # PEFT saves full embedding weights as `<module>.base_layer.weight` and modules_to_save as `<module>.weight`
+            extra_paths = {k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer"): k
+                           for k in adapter.extras}
+            extra_matches = match_paths(extra_paths, ws.tensors)
+            for mod, m in extra_matches.items():
+                key = extra_paths[mod]
+                target = m.weight if key.endswith(".weight") or not key.endswith(".bias") else m.bias
+                if target is None:
+                    raise ConfigError(f"extra tensor {key} of {label} has no counterpart in the base; it cannot be fused")
+                value = adapter.extras[key]
+                if math.prod(value.shape) != math.prod(ws.tensors[target].shape):
+                    raise ShapeMismatchError(f"extra tensor {key} of {label} has shape {tuple(value.shape)} but base "
+                                             f"'{target}' has {ws.tensors[target].shape}")
+                weight_ops.setdefault(target, []).insert(0, (_Extra(value), 1.0))
+                names.setdefault(target, []).append(label)
+                kinds.setdefault(target, []).append("replace")
+    transforms: dict[str, Transform] = {k: _weight_transform(v) for k, v in weight_ops.items()}
+    transforms.update({k: _bias_transform(v) for k, v in bias_ops.items()})
+    return transforms, names, kinds
+
+
+def _plan_frame(ws: WeightSet, transforms: dict, names: dict, kinds: dict, out_dtype: str | None, unfuse: bool):
+    import pandas as pd
+
+    rows = []
+    for key in sorted(transforms, key=lambda k: (str(ws.tensors[k].file), ws.tensors[k].begin)):
+        info = ws.tensors[key]
+        rows.append({"tensor": key, "file": info.file.name, "shape": "x".join(map(str, info.shape)), "dtype": info.dtype,
+                     "out_dtype": out_dtype or info.dtype, "action": "unfuse" if unfuse else "fuse",
+                     "adapters": ", ".join(dict.fromkeys(names[key])), "kinds": ", ".join(dict.fromkeys(kinds[key]))})
+    return pd.DataFrame(rows, columns=["tensor", "file", "shape", "dtype", "out_dtype", "action", "adapters", "kinds"])
+
+
+def _copy_side_files(ws: WeightSet, dest: Path) -> None:
+    skip = ws.weight_files()
+    for path in sorted(ws.root.rglob("*")):
+        rel = path.relative_to(ws.root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.resolve() in skip or is_weight_like(path):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse) -> FuseResult:
+    start = time.perf_counter()
+    ads = _as_adapters(adapters)
+    if weights is None:
+        weights = [1.0] * len(ads)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(ads):
+        raise ConfigError(f"{len(weights)} weights for {len(ads)} adapters; give one weight per adapter")
+    out_dtype = parse_dtype(dtype)
+    size = parse_size(shard_size)
+    if out is not None and not dry_run:
+        check_output(out, overwrite)
+    ws = open_base(base)
+    transforms, names, kinds = _plan(ws, ads, weights, unfuse)
+    plan = _plan_frame(ws, transforms, names, kinds, out_dtype, unfuse)
+    groups = [(g, plan_group_files(g, ws, out_dtype, transforms, size)) for g in ws.groups]
+    files = [f for _, fs in groups for f in fs]
+    total = sum(f.data_bytes for f in files)
+    if dry_run or out is None:
+        return FuseResult(None, plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
+    single = ws.is_file and Path(out).suffix == ".safetensors"
+    with atomic_output(out, overwrite=overwrite, directory=not single) as tmp:
+        targets = [(f, tmp if single else tmp / f.rel_path) for f in files]
+        for _, path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        _write_all(targets, total, progress, workers)
+        if not single:
+            for group, fs in groups:
+                write_index(group, fs, tmp)
+            if not ws.is_file:
+                _copy_side_files(ws, tmp)
+    return FuseResult(Path(out), plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
+
+
+def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None) -> None:
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else not progress
+    n = workers or min(len(targets), os.cpu_count() or 1, 8)
+    overall = tqdm(total=total, unit="B", unit_scale=True, desc="fuse", disable=disable)
+    slots = list(range(1, n + 1))
+
+    def work(item: tuple[OutFile, Path]) -> None:
+        plan, path = item
+        slot = slots.pop() if slots else n + 1
+        bar = tqdm(total=len(plan.entries), desc=Path(plan.rel_path).name, unit="tensor", position=slot, leave=False,
+                   disable=disable)
+
+        def tick(entry: Any) -> None:
+            bar.update(1)
+            overall.update(entry.nbytes)
+
+        try:
+            write_out_file(plan, path, on_tensor=tick)
+        finally:
+            bar.close()
+            slots.append(slot)
+
+    order = sorted(targets, key=lambda t: -t[0].data_bytes)
+    try:
+        if n <= 1:
+            for item in order:
+                work(item)
+        else:
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                futures = [pool.submit(work, item) for item in order]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    finally:
+        overall.close()
+
+
+def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
+         dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
+         dry_run: bool = False, progress: bool | None = None, workers: int | None = None) -> FuseResult:
+    """Fuse adapters into a base model's weights, streaming tensor by tensor.
+
+    Args:
+        base: hub id (``org/name[@rev][:sub]``), directory of safetensors shards (with
+            ``model.safetensors.index.json``), a diffusers pipeline directory, or one ``.safetensors`` file.
+        adapters: one or more adapters (:class:`~adaptkit.graph.Adapter` or sources for :func:`adaptkit.load`).
+        out: output directory (a ``.safetensors`` path when ``base`` is one file), written atomically.
+        weights: one multiplier per adapter (default 1.0): ``W + sum_i w_i * dW_i``; for DoRA/IA3 layers
+            ``W + w_i * (apply_i(W) - W)``.
+        dtype: output dtype (``"bf16"``, ``"fp16"``, ``"fp32"``); default: each tensor keeps its dtype.
+        shard_size: re-shard the output at this size (bytes or ``"5GB"``); default: the base's shards.
+        overwrite: replace an existing output.
+        dry_run: only plan; nothing is written (``FuseResult.plan`` lists what would change).
+        progress: show progress bars (``None``: only on a terminal).
+        workers: output files written in parallel (default: one per core, at most 8).
+
+    Returns:
+        A :class:`FuseResult`.
+
+    Raises:
+        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size.
+        ShapeMismatchError: an adapter layer does not fit its weight.
+        NonFiniteError: a fused tensor is not finite (nothing is written).
+        FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
+    """
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse=False)
+
+
+def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
+           dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
+           dry_run: bool = False, progress: bool | None = None, workers: int | None = None) -> FuseResult:
+    """Subtract fused additive adapters again: ``W - sum_i w_i * dW_i`` (the inverse of :func:`fuse`).
+
+    Takes the same arguments as :func:`fuse`, with ``base`` the fused model. Fuse then unfuse returns the
+    base within the rounding of its dtype.
+
+    Raises:
+        UnsupportedError: an adapter has DoRA or IA3 layers (they rescale the weight and cannot be
+            subtracted) or replaces whole tensors; plus everything :func:`fuse` raises.
+    """
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse=True)
+
+
+from .extract import extract  # noqa: E402  (re-exported next to fuse/unfuse)
+
+__all__ = ["FuseResult", "extract", "fuse", "parse_size", "unfuse"]
