@@ -1,0 +1,316 @@
+"""Merging: primitives against peft's merge_utils, exact low-rank SVD, properties, other kinds, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_peft_adapter, make_tiny_llama
+
+import adaptkit as ak
+from adaptkit.cli import MERGE_METHODS, main
+from adaptkit.merging import METHODS, PROVENANCE_KEY, merge
+from adaptkit.merging.lowrank import dense_svd, lowrank_svd
+from adaptkit.merging.methods import combine
+from adaptkit.merging.primitives import disjoint_merge, magnitude_prune, majority_sign_mask, random_prune
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def deltas(adapter: ak.Adapter) -> dict[str, torch.Tensor]:
+    return {p: layer.delta() for p, layer in adapter.layers.items()}
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Three LoRA adapters: ranks 4/8/8, alphas 8/16/4, different targets, the second rsLoRA."""
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("loras")
+    cfgs = [LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False),
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False),
+            LoraConfig(r=8, lora_alpha=4, target_modules=ALL, init_lora_weights=False)]
+    return [make_peft_adapter(root / f"l{i}", c, seed=20 + i) for i, c in enumerate(cfgs)]
+
+
+@pytest.fixture(scope="module")
+def adapters(loras):
+    return [ak.load(d) for d in loras]
+
+
+# ------------------------------------------------------------------------------------------ primitives
+
+
+def test_primitives_equal_peft_merge_utils():
+    from peft.utils import merge_utils as mu
+
+    torch.manual_seed(0)
+    ts = [torch.randn(24, 40) for _ in range(3)]
+    weights = torch.tensor([1.0, -0.4, 0.6])
+    for density in (0.0, 0.1, 0.37, 1.0):
+        for t in ts:
+            assert torch.equal(magnitude_prune(t, density), mu.prune(t, density, "magnitude"))
+    stacked = torch.stack(ts)
+    for method in ("total", "frequency"):
+        assert torch.equal(majority_sign_mask(stacked, method), mu.calculate_majority_sign_mask(stacked, method))
+    mask = mu.calculate_majority_sign_mask(stacked)
+    assert torch.equal(disjoint_merge(stacked, mask), mu.disjoint_merge(stacked, mask))
+    for name, ref in (("ties", mu.ties), ("magnitude_prune", mu.magnitude_prune)):
+        got = combine(ts, weights, METHODS[name], density=0.3)
+        assert torch.equal(got, ref(ts, weights, 0.3))
+    torch.testing.assert_close(combine(ts, weights, METHODS["linear"]), mu.task_arithmetic(ts, weights))
+
+
+def test_magnitude_prune_ties_keep_exactly_k():
+    t = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 2.0, 0.0, 1.0])  # many equal magnitudes at the threshold
+    out = magnitude_prune(t, 0.5)
+    assert int((out != 0).sum()) == 4 and out[5] == 2.0
+
+
+def test_random_prune_density_rescale_and_generator():
+    t = torch.randn(400, 300)
+    g = torch.Generator().manual_seed(5)
+    out = random_prune(t, 0.2, rescale=True, generator=g)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.2) < 0.01
+    torch.testing.assert_close(out[kept], t[kept] / 0.2)
+    again = random_prune(t, 0.2, rescale=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, again)
+
+
+# ------------------------------------------------------------------------------------------ low rank
+
+
+def test_lowrank_svd_equals_dense_truncated_svd():
+    torch.manual_seed(1)
+    ups = [torch.randn(60, r) for r in (3, 5, 2)]
+    downs = [torch.randn(r, 90) for r in (3, 5, 2)]
+    dense = sum(u @ v for u, v in zip(ups, downs))
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    for rank in (4, 10, 15):  # 15 > the sum's rank 10: zero-padded, still exact
+        b, a = lowrank_svd(ups, downs, rank)
+        assert b.shape == (60, rank) and a.shape == (rank, 90)
+        k = min(rank, 10)
+        assert rel(b @ a, (u[:, :k] * s[:k]) @ vh[:k]) < 1e-5
+
+
+def test_lowrank_svd_never_builds_the_full_matrix():
+    m = n = 300_000  # m x n float32 would need 360 GB
+    ups, downs = [torch.randn(m, 4), torch.randn(m, 2)], [torch.randn(4, n), torch.randn(2, n)]
+    b, a = lowrank_svd(ups, downs, 6)
+    rows, cols = torch.randint(0, m, (50,)), torch.randint(0, n, (50,))
+    exact = (ups[0][rows] @ downs[0][:, cols] + ups[1][rows] @ downs[1][:, cols])
+    torch.testing.assert_close(b[rows] @ a[:, cols], exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (40, 30)])
+def test_dense_svd_matches_torch_svd(shape):
+    torch.manual_seed(2)
+    m, n = shape
+    spectrum = torch.logspace(1, -3, min(m, n))
+    q1, _ = torch.linalg.qr(torch.randn(m, min(m, n)))
+    q2, _ = torch.linalg.qr(torch.randn(n, min(m, n)))
+    d = (q1 * spectrum) @ q2.T + 1e-3 * torch.randn(m, n)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    for rank in (1, 7, 20):
+        b, a = dense_svd(d, rank)
+        assert rel(b @ a, (u[:, :rank] * s[:rank]) @ vh[:rank]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+
+def test_task_arithmetic_is_the_exact_weighted_sum(adapters):
+    weights = [0.7, -1.3, 0.4]
+    expected: dict[str, torch.Tensor] = {}
+    for a, w in zip(adapters, weights):
+        for p, d in deltas(a).items():
+            expected[p] = expected.get(p, 0) + w * d
+    exact = merge(adapters, weights)  # concatenated factors
+    big = merge(adapters, weights, rank=20)  # exact low-rank SVD, rank 20 = the sum's rank
+    for m in (exact, big):
+        assert set(m.layers) == set(expected)
+        for p in expected:
+            assert rel(m.layers[p].delta(), expected[p]) < 1e-5, p
+    assert exact.layers["model.layers.0.self_attn.q_proj"].rank == 20
+    assert exact.layers["model.layers.0.self_attn.k_proj"].rank == 12
+
+
+def test_density_one_ties_on_one_adapter_is_identity(adapters):
+    a = adapters[2]
+    for m in (merge([a], method="ties", density=1.0), merge([a, a], [1.0, 1.0], method="ties_svd", density=1.0, rank=8)):
+        for p, d in deltas(a).items():
+            assert rel(m.layers[p].delta(), d) < 1e-5
+
+
+@pytest.mark.parametrize("method,kw", [("task_arithmetic", {}), ("svd", {"rank": 4}), ("linear", {}), ("cat", {})])
+def test_weights_one_zero_give_the_first_adapter(adapters, method, kw):
+    first, second = adapters[0], adapters[2]
+    if method == "linear":  # factor-wise methods need equal ranks
+        second = merge([adapters[2]], rank=4)  # task_arithmetic compresses one adapter
+    m = merge([first, second], [1.0, 0.0], method=method, **kw)
+    for p, d in deltas(first).items():
+        assert rel(m.layers[p].delta(), d) < 1e-5, p
+
+
+def test_cat_then_full_rank_svd_is_lossless(adapters):
+    cat = merge(adapters, [1.0, 0.5, -2.0], method="cat")
+    full = max(layer.rank for layer in cat.layers.values())
+    back = merge([cat], method="task_arithmetic", rank=full)
+    for p, d in deltas(cat).items():
+        assert rel(back.layers[p].delta(), d) < 1e-5
+
+
+def test_dtype_kept_and_computed_in_float32(adapters, tmp_path):
+    bf = [a.to(torch.bfloat16) for a in adapters]
+    m = merge(bf, [1.0, 0.5, 0.5], method="svd", rank=6)
+    ref = merge([a.to(torch.float32) for a in bf], [1.0, 0.5, 0.5], method="svd", rank=6)
+    assert m.dtype == torch.bfloat16
+    for p in ref.layers:
+        assert rel(m.layers[p].delta(), ref.layers[p].delta()) < 1e-2
+
+
+def test_provenance_recorded_and_written(loras, tmp_path):
+    m = merge(loras, [1.0, -1.0, 0.5], method="dare_ties_svd", density=0.5, rank=4, seed=7)
+    out = ak.save(m, tmp_path / "m")
+    prov = json.loads(ak.load(out).metadata[PROVENANCE_KEY])
+    assert prov["method"] == "dare_ties_svd" and prov["seed"] == 7 and prov["rank"] == 4 and prov["density"] == 0.5
+    assert prov["weights"] == [1.0, -1.0, 0.5] and prov["majority_sign"] == "total"
+    assert [s["source"] for s in prov["sources"]] == [str(p.resolve()) for p in loras]
+
+
+def test_progress_bar(adapters, capsys):
+    merge(adapters, method="svd", progress=True)
+    assert "merge (svd)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ other kinds
+
+
+def test_loha_lokr_merge_into_lora_of_requested_rank(tmp_path, adapters):
+    from peft import LoHaConfig, LoKrConfig
+
+    loha = ak.load(make_peft_adapter(tmp_path / "loha", LoHaConfig(r=4, alpha=8, target_modules=ALL, init_weights=False), seed=3))
+    lokr = ak.load(make_peft_adapter(tmp_path / "lokr", LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                    init_weights=False), seed=4))
+    inputs, weights = [loha, lokr, adapters[0]], [1.0, -0.5, 0.8]
+    m = merge(inputs, weights, method="svd", rank=5)
+    assert m.kinds == {"lora"} and {layer.rank for layer in m.layers.values()} == {5}
+    for p, layer in m.layers.items():
+        total = sum(w * a.layers[p].delta() for a, w in zip(inputs, weights) if p in a.layers)
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        assert rel(layer.delta(), (u[:, :5] * s[:5]) @ vh[:5]) < 1e-4, p
+    full = merge(inputs, weights, method="task_arithmetic", rank=32)  # rank 32 = min dim of q/k/v/o: exact
+    p = "model.layers.1.self_attn.q_proj"
+    assert rel(full.layers[p].delta(), sum(w * a.layers[p].delta() for a, w in zip(inputs, weights))) < 1e-5
+    assert merge([loha, adapters[0]], method="ties_svd", density=0.5, rank=4).kinds == {"lora"}
+    with pytest.raises(ak.ConfigError, match="rank"):
+        merge([loha, lokr])
+    with pytest.raises(ak.UnsupportedError, match="ties_svd"):
+        merge([loha, lokr], method="ties", density=0.5)
+
+
+def test_ia3_linear_merge_matches_peft(tmp_path, input_ids):
+    from peft import IA3Config, PeftModel
+
+    dirs = [make_peft_adapter(tmp_path / f"ia{i}", IA3Config(target_modules=t, feedforward_modules=["down_proj"],
+                                                             init_ia3_weights=False), seed=i)
+            for i, t in enumerate((["k_proj", "v_proj", "down_proj"], ["v_proj", "down_proj"]))]
+    pm = PeftModel.from_pretrained(make_tiny_llama(0), str(dirs[0]), adapter_name="a0")
+    pm.load_adapter(str(dirs[1]), adapter_name="a1")
+    pm.add_weighted_adapter(["a0", "a1"], [0.6, 0.7], "m")
+    ref = {n.removeprefix("base_model.model."): mod.ia3_l["m"].detach().flatten()
+           for n, mod in pm.named_modules() if hasattr(mod, "ia3_l") and "m" in mod.ia3_l}
+    m = merge(dirs, [0.6, 0.7], method="linear")
+    assert m.kinds == {"ia3"} and set(m.layers) == set(ref)
+    for p in ref:
+        torch.testing.assert_close(m.layers[p].vector, ref[p])
+    with pytest.raises(ak.UnsupportedError, match="linear"):
+        merge(dirs, method="svd")
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_refusals(tmp_path, adapters, loras):
+    from peft import IA3Config, LoraConfig
+
+    dora = ak.load(make_peft_adapter(tmp_path / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                                   init_lora_weights=False)))
+    with pytest.raises(ak.UnsupportedError, match="DoRA"):
+        merge([adapters[0], dora])
+    ia3 = ak.load(make_peft_adapter(tmp_path / "ia3", IA3Config(target_modules=["k_proj"], feedforward_modules=[])))
+    with pytest.raises(ak.UnsupportedError, match="IA3"):
+        merge([adapters[0], ia3], method="linear")
+    with pytest.raises(ak.ConfigError, match="org/model-a.*org/model-b"):
+        merge([adapters[0].replace(base_model="org/model-a"), adapters[2].replace(base_model="org/model-b")])
+    wide = make_peft_adapter(tmp_path / "wide", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                             model=make_tiny_llama(0, hidden_size=48))
+    with pytest.raises(ak.ShapeMismatchError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        merge([loras[0], wide])
+    with pytest.raises(ak.ConfigError, match=r"equal ranks.*\[4, 8\]"):
+        merge(adapters, method="linear")
+    with pytest.raises(ak.ConfigError, match="needs density"):
+        merge(adapters, method="ties_svd")
+    with pytest.raises(ak.ConfigError, match="density does not apply"):
+        merge(adapters, method="svd", density=0.5)
+    with pytest.raises(ak.ConfigError, match="rank does not apply"):
+        merge(adapters, method="cat", rank=4)
+    with pytest.raises(ak.ConfigError, match="3 weights for 2"):
+        merge(adapters[:2], [1, 2, 3])
+    with pytest.raises(ak.ConfigError, match="unknown merge method"):
+        merge(adapters, method="average")
+    with pytest.raises(ak.ConfigError, match="majority_sign"):
+        merge(adapters, method="ties_svd", density=0.5, majority_sign="mean")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_methods_listed_match_the_table():
+    assert set(MERGE_METHODS) == set(METHODS)
+
+
+def test_cli_merge_writes_what_the_library_computes(loras, tmp_path):
+    out = tmp_path / "out"
+    args = [*map(str, loras), "-o", str(out), "--weights", "1,-0.5,0.25", "--method", "ties_svd",
+            "--density", "0.4", "--rank", "6"]
+    res = CliRunner().invoke(main, ["merge", *args])
+    assert res.exit_code == 0, res.output
+    assert "ties_svd" in res.output and "rank 6" in res.output
+    expected = merge(loras, [1, -0.5, 0.25], method="ties_svd", density=0.4, rank=6)
+    got = ak.load(out)
+    for p, layer in expected.layers.items():
+        torch.testing.assert_close(got.layers[p].delta(), layer.delta())
+    again = CliRunner().invoke(main, ["merge", *args])  # exists: refused
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert CliRunner().invoke(main, ["merge", *args, "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "average"], "unknown merge method"),
+    (["--method", "ties"], "needs density"),
+    (["--weights", "1,2,3"], "3 weights for 2 adapters"),
+    (["--weights", "1,x"], "comma-separated numbers"),
+    (["--method", "linear"], "equal ranks"),
+    (["--format", "onnx"], "unknown format"),
+])
+def test_cli_bad_inputs_one_line_exit_1_nothing_written(loras, tmp_path, extra, message):
+    out = tmp_path / "never"
+    res = CliRunner().invoke(main, ["merge", str(loras[0]), str(loras[1]), "-o", str(out), *extra])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_cli_missing_source(tmp_path):
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
