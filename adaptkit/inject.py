@@ -128,7 +128,16 @@ def resolve_paths(paths: list[str], modules: Mapping[str, nn.Module]) -> tuple[d
     return resolved, unmatched
 
 
-def _to_adapter(adapter: Any, config: Mapping[str, Any] | None) -> Adapter:
+def _inventory(obj: Any) -> Any:
+    """What format readers get as ``base``: the module itself, or ``{component: {path: shape}}`` for a pipeline."""
+    if isinstance(obj, nn.Module):
+        return obj
+    return {prefix.rstrip("."): {n: tuple(m.weight.shape) for n, m in root.named_modules()
+                                 if isinstance(getattr(m, "weight", None), torch.Tensor)}
+            for prefix, root in roots(obj)}
+
+
+def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any) -> Adapter:
     if isinstance(adapter, Adapter):
         return adapter
     if isinstance(adapter, (str, os.PathLike)):
@@ -138,7 +147,7 @@ def _to_adapter(adapter: Any, config: Mapping[str, Any] | None) -> Adapter:
     if isinstance(adapter, Mapping):
         from .state_dict import from_state_dict
 
-        return from_state_dict(adapter, config)
+        return from_state_dict(adapter, config, base=_inventory(module))
     raise TypeError(f"adapter must be an Adapter, a source (hub id, directory, file) or a state dict, "
                     f"got {type(adapter).__name__}")
 
@@ -183,7 +192,7 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
         >>> ak.inject(model, state_dict, name="sd", active=False)
     """
     _check_name(name)
-    ad = _to_adapter(adapter, config)
+    ad = _to_adapter(adapter, config, module)
     existing = {n for _, w in adapted_modules(module) for n in w.adapter_params}
     if name in existing and not replace:
         raise ConfigError(f"an adapter named '{name}' is already injected; pass replace=True or another name")

@@ -145,12 +145,15 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
     return Adapter(layers=layers, config=cfg if config is not None else {}, format="peft", source="state_dict")
 
 
-def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> Adapter:
+def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
+                    base: Any = None) -> Adapter:
     """Turn a raw adapter state dict in PEFT, kohya/LyCORIS or diffusers naming into an :class:`Adapter`.
 
     Args:
         state_dict: tensor name -> tensor.
         config: optional PEFT ``adapter_config.json`` dict for PEFT-named dicts.
+        base: the model the dict is for (an ``nn.Module`` or ``{component: {path: shape}}``); formats with
+            flattened names (kohya) resolve them against it.
 
     Returns:
         The adapter (module paths as named in the dict; :func:`adaptkit.inject` resolves them).
@@ -176,7 +179,7 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))
         for name, module in others.items():
             if module.detect(path):
-                adapter = module.read(path, source="state_dict")
+                adapter = module.read(path, source="state_dict", **({} if base is None else {"base": base}))
                 return adapter.replace(source="state_dict")
     sample = ", ".join(sorted(state_dict)[:5])
     raise FormatError(
