@@ -231,5 +231,32 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 
+@main.command()
+@click.argument("args", nargs=-1, required=True)
+@click.option("--from", "src_format", default=None, help="Source format or reparametrisation (pissa, olora, corda).")
+@click.option("--to", "dst_format", default=None, help="Target format (peft, kohya/lycoris, diffusers) or lora.")
+@click.option("--rank", "-r", default=None, type=int, help="Allow a lossy conversion to LoRA of this rank (loss reported).")
+@click.option("--kind", default=None, help="Convert every layer to this kind (lora).")
+@click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names.")
+@click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@output_options
+@handle_errors
+def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | None, rank: int | None, kind: str | None,
+            base: str | None, initial: str | None, overwrite: bool, as_json: bool, as_csv: bool) -> None:
+    """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO."""
+    from .convert import convert_checkpoint
+
+    if len(args) not in (2, 3):
+        raise click.UsageError("expected 'FROM->TO' SOURCE OUT, or SOURCE OUT with --to")
+    spec, source, out = args if len(args) == 3 else (None, *args)
+    options = {"initial": initial} if initial is not None else {}
+    result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
+                                base=base, overwrite=overwrite, **options)
+    header = {"out": str(result.out), "from": result.source_format, "to": result.target_format,
+              "lossless": result.lossless}
+    render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
