@@ -1,0 +1,188 @@
+"""Streaming fuse/unfuse against real peft: merge_and_unload tensors (within one bf16 ulp), logits, unfuse, dtypes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel
+from safetensors.torch import load_file
+
+import adaptkit as ak
+
+from .conftest import make_peft_adapter, make_tiny_llama
+
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                               init_lora_weights=False),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "down_proj"], use_dora=True,
+                               init_lora_weights=False),
+    "rslora": lambda: LoraConfig(r=8, lora_alpha=4, target_modules=["k_proj", "o_proj", "lm_head"], use_rslora=True,
+                                 init_lora_weights=False),
+    "ia3": lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False),
+    "loha": lambda: LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "up_proj"], init_weights=False),
+    "lokr": lambda: LoKrConfig(r=4, alpha=6, target_modules=["q_proj", "up_proj"], init_weights=False),
+}
+
+
+def save_base(path: Path, dtype=torch.bfloat16, shard="10KB", seed: int = 0) -> Path:
+    """A tiny llama saved in several safetensors shards."""
+    make_tiny_llama(seed).to(dtype).save_pretrained(str(path), max_shard_size=shard)
+    return path
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in a directory."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each value of ``x`` (float32)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = save_base(tmp_path_factory.mktemp("base") / "llama")
+    assert len(list(path.glob("*.safetensors"))) >= 3
+    return path
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    torch.manual_seed(1234)
+    return torch.randint(0, 64, (2, 9))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fuse_equals_peft_merge_and_logits(tmp_path, base_dir, input_ids, name):
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = make_peft_adapter(tmp_path / "adapter", CONFIGS[name](), seed=7)
+    result = ak.fuse(base_dir, adapter_dir, tmp_path / "fused", progress=False)
+    assert result.touched == len(result.plan) > 0
+
+    # reference: peft on the same bf16 weights upcast to float32 (exact), merged and unloaded
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                           str(adapter_dir)).eval()
+    with torch.no_grad():
+        ref_logits = peft_model(input_ids).logits
+    reference = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    base, fused = load_dir(base_dir), load_dir(tmp_path / "fused")
+    assert sorted(fused) == sorted(base)
+    touched = set(result.plan["tensor"])
+    for key, tensor in fused.items():
+        assert tensor.dtype == torch.bfloat16, key
+        if key not in touched:
+            assert torch.equal(tensor, base[key]), f"{key} must be copied unchanged"
+            continue
+        ref = reference[key]
+        assert not torch.equal(tensor, base[key]), f"{key}: the adapter must change it"
+        err = (tensor.float() - ref).abs()
+        assert bool((err <= bf16_ulp(ref)).all()), f"{key}: {(err / bf16_ulp(ref)).max():.2f} ulp from peft"
+
+    # side files and the index are kept; the fused model loads and reproduces the unfused peft model's logits
+    assert json.loads((tmp_path / "fused" / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
+    assert (tmp_path / "fused" / "generation_config.json").is_file()
+    index = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits, base_logits = model(input_ids).logits, plain(input_ids).logits
+    effect = (ref_logits - base_logits).abs().max()
+    assert effect > 5e-3
+    assert (logits - ref_logits).abs().max() < 0.02 * effect  # only the bf16 rounding of the fused weights
+
+
+def test_fuse_then_unfuse_returns_base(tmp_path, base_dir):
+    adapter_dir = make_peft_adapter(tmp_path / "a", CONFIGS["lora"](), seed=3)
+    adapter = ak.load(adapter_dir).replace(extras={})
+    ak.fuse(base_dir, adapter, tmp_path / "fused", progress=False)
+    ak.unfuse(tmp_path / "fused", adapter, tmp_path / "back", progress=False)
+    base, fused, back = load_dir(base_dir), load_dir(tmp_path / "fused"), load_dir(tmp_path / "back")
+    changed = 0
+    for key, b in base.items():
+        bound = 2 * bf16_ulp(torch.maximum(b.float().abs(), fused[key].float().abs()))
+        assert bool(((back[key].float() - b.float()).abs() <= bound).all()), key
+        changed += not torch.equal(fused[key], b)
+    assert changed == 7
+
+
+def test_fuse_unfuse_float32_is_exact_to_rounding(tmp_path):
+    base_dir = save_base(tmp_path / "base", dtype=torch.float32, shard="20KB")
+    adapter = ak.load(make_peft_adapter(tmp_path / "a", CONFIGS["loha"](), seed=3))
+    ak.fuse(base_dir, [adapter, adapter], tmp_path / "fused", weights=[0.5, 0.25], progress=False)
+    fused = load_dir(tmp_path / "fused")
+    base = load_dir(base_dir)
+    key = "model.layers.1.mlp.up_proj.weight"
+    expected = base[key] + 0.75 * adapter.layers["model.layers.1.mlp.up_proj"].delta()
+    torch.testing.assert_close(fused[key], expected, atol=1e-6, rtol=1e-6)
+    ak.unfuse(tmp_path / "fused", [adapter, adapter], tmp_path / "back", weights=[0.5, 0.25], progress=False)
+    for k, v in load_dir(tmp_path / "back").items():
+        torch.testing.assert_close(v, base[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_unfuse_refuses_non_additive(tmp_path, base_dir, name):
+    adapter_dir = make_peft_adapter(tmp_path / "a", CONFIGS[name](), seed=3)
+    with pytest.raises(ak.UnsupportedError, match="cannot be subtracted"):
+        ak.unfuse(base_dir, adapter_dir, tmp_path / "back", progress=False)
+    assert not (tmp_path / "back").exists()
+
+
+def test_dtype_reshard_and_single_file(tmp_path, base_dir, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = make_peft_adapter(tmp_path / "a", CONFIGS["rslora"](), seed=5)
+    ak.fuse(base_dir, adapter_dir, tmp_path / "bf16", progress=False)
+    result = ak.fuse(base_dir, adapter_dir, tmp_path / "fp32", dtype="fp32", shard_size="16KB", progress=False)
+    files = sorted((tmp_path / "fp32").glob("*.safetensors"))
+    assert len(files) >= 4 and all(f.stat().st_size < 17_000 for f in files)
+    fp32 = load_dir(tmp_path / "fp32")
+    assert all(t.dtype == torch.float32 for t in fp32.values())
+    bf16 = load_dir(tmp_path / "bf16")
+    for key, t in bf16.items():  # untouched tensors are exact casts; touched ones round to the bf16 result
+        assert torch.equal(fp32[key].to(torch.bfloat16), t), key
+    index = json.loads((tmp_path / "fp32" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == result.bytes == sum(t.numel() * 4 for t in fp32.values())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
+
+    # one file in, one file out
+    single = tmp_path / "single.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(load_dir(base_dir), str(single), metadata={"format": "pt"})
+    ak.fuse(single, adapter_dir, tmp_path / "out.safetensors", progress=False)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(out[k], bf16[k]) for k in bf16)
+
+
+def test_dry_run_and_prefix_matching(tmp_path, base_dir):
+    adapter = ak.load(make_peft_adapter(tmp_path / "a", CONFIGS["loha"](), seed=5))
+    # the adapter was made on the bare LlamaModel (paths without transformers' `model.` prefix)
+    bare = adapter.replace(layers={k.removeprefix("model."): v for k, v in adapter.layers.items()})
+    result = ak.fuse(base_dir, bare, tmp_path / "out", dry_run=True)
+    assert result.out is None and not (tmp_path / "out").exists()
+    assert sorted(result.plan["tensor"]) == sorted(k + ".weight" for k in adapter.layers)
+    assert set(result.plan["kinds"]) == {"loha"}
+    ak.fuse(base_dir, bare, tmp_path / "bare", progress=False)
+    ak.fuse(base_dir, adapter, tmp_path / "full", progress=False)
+    a, b = load_dir(tmp_path / "bare"), load_dir(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_result_is_refused(tmp_path, base_dir):
+    adapter = ak.load(make_peft_adapter(tmp_path / "a", CONFIGS["lora"](), seed=5)).replace(extras={})
+    with pytest.raises(ak.NonFiniteError, match="NaN/Inf"):
+        ak.fuse(base_dir, adapter, tmp_path / "out", weights=[1e38], progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
