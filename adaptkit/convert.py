@@ -100,7 +100,8 @@ def _svd_lora(layer: Any, rank: int | None) -> tuple[LoRA, float, float, str]:
     if mtype not in ("linear", "conv", "embedding"):
         mtype = "conv" if conv else "linear"
     new = LoRA(down=down_t.to(dtype).contiguous(), up=up_t.to(dtype).contiguous(), alpha=float(r), shape=tuple(layer.shape),
-               module_type=mtype, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
+               module_type=mtype, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+               bias=getattr(layer, "diff_b", None))  # a full layer's bias difference becomes the LoRA bias (scale 1)
     return new, energy, error, method
 
 
@@ -118,8 +119,6 @@ def lora_obstacle(layer: Any) -> str | None:
         return "its DoRA magnitude depends on the base weight (fuse it instead)"
     if isinstance(layer, Full) and (layer.module_type == "norm" or len(layer.shape) < 2):
         return "a norm-layer difference has no low-rank form"
-    if isinstance(layer, Full) and layer.diff_b is not None:
-        return "its bias difference has no LoRA form"
     return None
 
 

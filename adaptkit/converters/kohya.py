@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, ShapeMismatchError, UnsupportedError
+from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import IA3, Full, LoHa, LoKr, LoRA
 from ..sources import atomic_output, read_safetensors, read_safetensors_header, write_safetensors
@@ -373,13 +373,17 @@ def layer_tensors(layer: Any) -> dict[str, torch.Tensor]:
 
 
 def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
+    inventory = str(adapter.config.get("inventory", "sdxl")) if adapter.format == NAME else "sdxl"
     if naming is not None:
-        return {"unet": naming}
+        if naming not in ("ldm", "diffusers"):
+            raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
+        return {"unet": naming, "inventory": inventory}
     cfg = dict(adapter.config.get("kohya_naming") or {}) if adapter.format == NAME else {}
-    if not cfg:
+    cfg["inventory"] = inventory
+    if "unet" not in cfg:
         version = str(adapter.metadata.get("ss_base_model_version", "")) + str(adapter.metadata.get("modelspec.architecture", ""))
         if "sdxl" in version.lower() or "stable-diffusion-xl" in version.lower():
-            cfg = {"unet": "ldm"}
+            cfg["unet"] = "ldm"
     return cfg
 
 
@@ -391,15 +395,15 @@ def module_name(path: str, components: set[str], naming: dict[str, str]) -> str:
         if comp == "text_encoder" and "text_encoder_2" in components:
             prefix = "lora_te1_"
         if naming.get(comp) == "ldm":
-            alias = _ldm_alias(comp, rest)
+            alias = _ldm_alias(comp, rest, naming.get("inventory", "sdxl"))
             if alias is not None:
                 rest = alias
         return prefix + _names.flatten(rest)
     return "lycoris_" + _names.flatten(path)
 
 
-def _ldm_alias(component: str, path: str) -> str | None:
-    for name in _names.shipped_available():
+def _ldm_alias(component: str, path: str, inventory: str) -> str | None:
+    for name in [inventory] if inventory in _names.shipped_available() else []:
         inv = _names.shipped(name)
         alias = inv.alias_of(component, path)
         if alias is not None:

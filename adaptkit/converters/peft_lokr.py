@@ -16,10 +16,12 @@ from ..kinds import LoKr
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """PEFT's/LyCORIS's split of ``dimension`` into ``(m, n)``, ``m <= n``, ``m`` close to ``factor``."""
+    """PEFT's split of ``dimension`` into ``(m, n)``, ``m`` close to ``factor``.
+
+    Unlike LyCORIS's, PEFT's does not swap ``(factor, dimension // factor)`` when ``factor`` is the larger.
+    """
     if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
+        return factor, dimension // factor
     if factor == -1:
         factor = dimension
     m, n = 1, dimension
@@ -75,7 +77,7 @@ def choose_layout(layers: Mapping[str, LoKr], preferred_factor: int = -1) -> tup
     """
     factors = [preferred_factor, -1]
     for layer in layers.values():
-        factors += [layer.w1_shape[0], layer.w1_shape[1]]
+        factors += [layer.w1_shape[0], layer.w1_shape[1], layer.w2_shape[0], layer.w2_shape[1]]
     tried = []
     for factor in dict.fromkeys(f for f in factors if f == -1 or f > 0):
         for both in (False, True):
