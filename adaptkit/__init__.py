@@ -5,6 +5,7 @@ The public API is re-exported here; see ``docs/`` for guides.
 
 from __future__ import annotations
 
+from .convert import convert
 from .converters import load, save
 from .converters.loftq import loftq
 from .converters.reparam import pissa_to_lora
@@ -53,6 +54,7 @@ __all__ = [
     "SourceNotFoundError",
     "UnsupportedError",
     "__version__",
+    "convert",
     "active_adapters",
     "adapter_state_dict",
     "disable_adapters",
