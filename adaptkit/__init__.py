@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedError,
 )
 from .graph import Adapter
+from .fuse import extract, fuse, unfuse
 from .inject import (
     active_adapters,
     adapter_state_dict,
@@ -66,6 +67,9 @@ __all__ = [
     "remove_adapter",
     "set_adapter",
     "unmerge_adapters",
+    "extract",
+    "fuse",
+    "unfuse",
     "load",
     "loftq",
     "merge",

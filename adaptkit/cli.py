@@ -258,5 +258,89 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 
+def _fuse_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``fuse`` and ``unfuse``."""
+    for opt in reversed([
+        click.argument("base"), click.argument("adapters", nargs=-1, required=True),
+        click.option("--out", "-o", default=None, help="Output directory (or .safetensors file for a one-file base)."),
+        click.option("--weights", default=None, help="Comma-separated weights, one per adapter (default 1 each)."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Output dtype (default: the base's)."),
+        click.option("--shard-size", default=None, help="Re-shard the output (e.g. 5GB); default: the base's shards."),
+        click.option("--workers", type=int, default=None, help="Files written in parallel (default: one per core)."),
+        click.option("--dry-run", is_flag=True, help="List the tensors that would change; write nothing."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
+    ]):
+        fn = opt(fn)
+    return output_options(fn)
+
+
+def _run_fuse(func: Callable[..., Any], base: str, adapters: tuple[str, ...], out: str | None, weights: str | None,
+              dry_run: bool, as_json: bool, as_csv: bool, **kwargs: Any) -> None:
+    from .errors import ConfigError
+
+    if out is None and not dry_run:
+        raise ConfigError("no output given; pass --out DIR (or --dry-run to only list what would change)")
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(x) for x in weights.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--weights must be comma-separated numbers like 1,0.5 (got '{weights}')") from None
+    result = func(base, list(adapters), out, weights=parsed, dry_run=dry_run, **kwargs)
+    render_table(result.plan, as_json=as_json, as_csv=as_csv, header=result.summary())
+
+
+@main.command()
+@_fuse_options
+@handle_errors
+def fuse(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None, dry_run: bool, as_json: bool,
+         as_csv: bool, **kwargs: Any) -> None:
+    """Fuse ADAPTER... into BASE's weights (hub id, dir of safetensors shards, or file), streaming shard by shard."""
+    from .fuse import fuse as run
+
+    _run_fuse(run, base, adapters, out, weights, dry_run, as_json, as_csv, **kwargs)
+
+
+@main.command()
+@_fuse_options
+@handle_errors
+def unfuse(base: str, adapters: tuple[str, ...], out: str | None, weights: str | None, dry_run: bool, as_json: bool,
+           as_csv: bool, **kwargs: Any) -> None:
+    """Subtract fused additive ADAPTER... from BASE again (DoRA and IA3 cannot be unfused)."""
+    from .fuse import unfuse as run
+
+    _run_fuse(run, base, adapters, out, weights, dry_run, as_json, as_csv, **kwargs)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--out", "-o", required=True, help="Output directory for the PEFT LoRA adapter.")
+@click.option("--rank", "-r", type=int, default=None, help="LoRA rank (the maximum with --energy).")
+@click.option("--energy", type=float, default=None, help="Per-layer rank keeping this fraction of ||tuned-base||^2 (e.g. 0.9).")
+@click.option("--embeddings", type=click.Choice(["skip", "lora", "save"]), default="skip", show_default=True,
+              help="Changed embeddings: drop, embedding LoRA, or store whole (modules_to_save).")
+@click.option("--norms", type=click.Choice(["skip", "save"]), default="skip", show_default=True,
+              help="Changed norms and lone biases: drop, or store whole (modules_to_save).")
+@click.option("--method", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="SVD: exact, randomized, or auto (exact for small matrices).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@output_options
+@handle_errors
+def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, embeddings: str, norms: str,
+            method: str, overwrite: bool, progress: bool | None, as_json: bool, as_csv: bool) -> None:
+    """Extract a LoRA from TUNED - BASE (per-layer truncated SVD) and print the retained energy per layer."""
+    from .extraction import extract as run, total_retained
+
+    adapter, report = run(base, tuned, rank=rank, energy=energy, out=out, embeddings=embeddings, norms=norms,
+                          method=method, overwrite=overwrite, progress=progress, return_report=True)
+    ranks = sorted({layer.rank for layer in adapter.layers.values()})
+    header = {"out": out, "layers": len(adapter), "ranks": f"{ranks[0]}..{ranks[-1]}" if len(ranks) > 1 else ranks[0],
+              "energy retained": f"{total_retained(report):.4%}"}
+    render_table(report, as_json=as_json, as_csv=as_csv, header=header)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

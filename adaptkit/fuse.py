@@ -379,6 +379,6 @@ def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None
     return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse=True)
 
 
-from .extract import extract  # noqa: E402  (re-exported next to fuse/unfuse)
+from .extraction import extract  # noqa: E402  (re-exported next to fuse/unfuse)
 
 __all__ = ["FuseResult", "extract", "fuse", "parse_size", "unfuse"]
