@@ -304,7 +304,7 @@ class AdaptedModule(nn.Module):
         if self._disabled:
             if self._merged:  # the original weight, without unmerging
                 weight, bias = self._original
-                return self._op(x, weight, bias)
+                return self._op(x, weight.to(x.device), None if bias is None else bias.to(x.device))
             return base(x, *args, **kwargs)
         pending = [self.layer(n) for n in self._active if n in self.adapter_params and n not in self._merged]
         if not pending:

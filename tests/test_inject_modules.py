@@ -217,3 +217,36 @@ def test_injecting_next_to_peft_layers_is_refused(lora_src):
     peft_model = get_peft_model(make_tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ak.UnsupportedError, match="cannot adapt"):
         ak.inject(peft_model.base_model.model, lora_src)
+
+
+def test_pipeline_with_diffusers_named_state_dict(tmp_path):
+    """A diffusers-style dict (``unet.<path>.lora_A.weight``) injected into a pipeline's component."""
+    from diffusers import DiffusionPipeline
+
+    from .test_status_live import _tiny_unet
+
+    class TinyPipeline(DiffusionPipeline):
+        def __init__(self, unet):
+            super().__init__()
+            self.register_modules(unet=unet)
+
+    src = make_peft_adapter(tmp_path / "u", LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "conv1"],
+                                                       init_lora_weights=False), seed=4, model=_tiny_unet())
+    ref = PeftModel.from_pretrained(_tiny_unet(), str(src)).eval()
+    sd = {"unet." + k.removeprefix("base_model.model."): v
+          for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    pipe = TinyPipeline(_tiny_unet().eval())
+    with pytest.warns(UserWarning, match="alpha = rank"):
+        paths = ak.inject(pipe, sd, name="style")
+    assert paths and all(p.startswith("unet.") for p in paths)
+    torch.manual_seed(0)
+    args = (torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 2, 8))
+    with torch.no_grad():
+        ours, theirs = pipe.unet(*args).sample, ref(*args).sample
+        base = _tiny_unet()(*args).sample
+    assert (theirs - base).abs().max() > 1e-4
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert ak.model_status(pipe).iloc[0]["peft_types"] == {"style": "LORA"}
+    ak.remove_adapter(pipe, "style")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(*args).sample, base, atol=0, rtol=0)
