@@ -5,6 +5,8 @@ The public API is re-exported here; see ``docs/`` for guides.
 
 from __future__ import annotations
 
+from .analysis import analyze
+from .comparison import compare
 from .convert import convert
 from .converters import load, save
 from .converters.loftq import loftq
@@ -57,6 +59,8 @@ __all__ = [
     "__version__",
     "convert",
     "active_adapters",
+    "analyze",
+    "compare",
     "adapter_state_dict",
     "disable_adapters",
     "enable_adapters",
