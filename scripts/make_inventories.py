@@ -167,7 +167,13 @@ def sai_sd3(depth: int = 24) -> dict[str, list[int]]:
 
 
 def write(name: str, components: dict, aliases: dict | None = None) -> None:
+    from adaptkit.converters.names import text_model_aliases
+
     modules = {c: m for c, (m, _) in components.items()}
+    aliases = dict(aliases or {})
+    for comp, mods in modules.items():
+        if comp.startswith("text_encoder") and (extra := text_model_aliases(mods)):
+            aliases[comp] = extra
     biases = {c: sorted(b) for c, (_, b) in components.items() if b is not None}
     data = {"name": name, "modules": modules, "aliases": aliases or {}, "biases": biases}
     OUT.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
     for (comp, flat), layer in layers.items():
         mod_path, alias = resolution.paths[(comp, flat)]
         if alias is not None:
-            naming[comp] = "ldm"
+            naming[comp] = _alias_rule(mod_path, alias)
         inv = resolution.inventory
         inv_comp = comp if comp in inv.modules else next(iter(inv.modules))
         layer = refine_shape(layer, inv.shape(inv_comp, mod_path))
@@ -130,6 +130,15 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
     config = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
     return Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
                    config=config, extras=extras, format=NAME, source=source or str(path))
+
+
+def _alias_rule(path: str, alias: str) -> str:
+    """How a source named a module when it used an alias: ``text_model`` / ``bare`` (CLIP) or ``ldm``."""
+    if alias == "text_model." + path:
+        return "text_model"
+    if path == "text_model." + alias:
+        return "bare"
+    return "ldm"
 
 
 def _prefix_of(key: str) -> str:
@@ -394,10 +403,15 @@ def module_name(path: str, components: set[str], naming: dict[str, str]) -> str:
         prefix = _names.WRITE_PREFIXES[comp]
         if comp == "text_encoder" and "text_encoder_2" in components:
             prefix = "lora_te1_"
-        if naming.get(comp) == "ldm":
+        rule = naming.get(comp)
+        if rule == "ldm":
             alias = _ldm_alias(comp, rest, naming.get("inventory", "sdxl"))
             if alias is not None:
                 rest = alias
+        elif rule == "text_model" and not rest.startswith("text_model."):
+            rest = "text_model." + rest
+        elif rule == "bare" and rest.startswith("text_model."):
+            rest = rest[len("text_model."):]
         return prefix + _names.flatten(rest)
     return "lycoris_" + _names.flatten(path)
 

@@ -174,6 +174,17 @@ def modules_of(model: Any) -> Listing:
     return out, biases
 
 
+def text_model_aliases(modules: Iterable[str]) -> dict[str, str]:
+    """Aliases between CLIP text encoders' two namings: ``text_model.encoder...`` (transformers 4 and most
+    checkpoints, hence kohya's ``lora_te_text_model_...``) and ``encoder...`` (transformers 5 modules)."""
+    paths = list(modules)
+    if any(p.startswith("text_model.") for p in paths):
+        return {p[len("text_model."):]: p for p in paths if p.startswith("text_model.")}
+    if "final_layer_norm" in paths and any(p.startswith("encoder.layers.") for p in paths):
+        return {"text_model." + p: p for p in paths}
+    return {}
+
+
 def _from_safetensors(files: Iterable[Path]) -> Listing:
     from ..sources import read_safetensors_header
 
@@ -240,7 +251,8 @@ def inventory_from_base(base: Any) -> Inventory:
         return Inventory(name="mapping", modules={c: {p: tuple(s) for p, s in m.items()} for c, m in base.items()})
     if hasattr(base, "named_modules"):
         mods, biases = modules_of(base)
-        return Inventory(name=type(base).__name__, modules={"": mods}, biases={"": frozenset(biases)})
+        return Inventory(name=type(base).__name__, modules={"": mods}, biases={"": frozenset(biases)},
+                         aliases={"": text_model_aliases(mods)})
     from ..sources import resolve
 
     resolved = resolve(str(base), allow_patterns=["*.json", "*/*.json"])
@@ -257,12 +269,13 @@ def inventory_from_base(base: Any) -> Inventory:
         listings[""] = _component_modules(path)
     modules = {c: m for c, (m, _) in listings.items()}
     biases = {c: frozenset(b) for c, (_, b) in listings.items()}
+    aliases = {c: a for c, m in modules.items() if (a := text_model_aliases(m))}
     if not any(modules.values()):
         raise ConfigError(
             f"base {base} holds neither *.safetensors weights nor a config.json to list its modules; "
             "pass a model directory or hub id"
         )
-    return Inventory(name=str(base), modules=modules, biases=biases)
+    return Inventory(name=str(base), modules=modules, biases=biases, aliases=aliases)
 
 
 # ------------------------------------------------------------------------------------------- resolving
