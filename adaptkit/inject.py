@@ -233,6 +233,7 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     _warn_extras(ad, resolved, modules)
     if name in existing:
         remove_adapter(module, name)
+        modules = dict(named_modules(module))  # removal may have unwrapped modules
     current = active_adapters(module)
     for p, m in resolved.items():
         target = modules[m]

@@ -250,3 +250,12 @@ def test_pipeline_with_diffusers_named_state_dict(tmp_path):
     ak.remove_adapter(pipe, "style")
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(*args).sample, base, atol=0, rtol=0)
+    # the same adapter as a kohya dict (lora_unet_* names, alpha keys), into the pipeline and into the bare unet
+    adapter = ak.load(src)
+    adapter = adapter.replace(layers={"unet." + k: v for k, v in adapter.layers.items()})
+    kohya = load_file(str(ak.save(adapter, tmp_path / "k.safetensors", format="kohya")))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    for target in (pipe, pipe.unet):
+        ak.inject(target, kohya, name="k", replace=True)
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.unet(*args).sample, theirs, atol=ATOL, rtol=0)
