@@ -315,9 +315,15 @@ class AdaptedModule(nn.Module):
             if isinstance(layer, IA3) and layer.on_input:
                 x_in = x_in * _view(layer.vector, x_in, channel_dim)
         result = base(x_in, *args, **kwargs)
+        bias = getattr(base, "bias", None)
         for layer in pending:
             if isinstance(layer, IA3) and not layer.on_input:
-                result = result * _view(layer.vector, result, channel_dim)
+                scale = _view(layer.vector, result, channel_dim)
+                if bias is None or getattr(layer, "scale_bias", True):
+                    result = result * scale
+                else:  # LyCORIS IA3 scales W only: keep the bias as it is
+                    b = _view(bias, result, channel_dim)
+                    result = (result - b) * scale + b
         for layer in pending:
             if not isinstance(layer, IA3):
                 result = result + self._contribution(layer, x).to(result.dtype)

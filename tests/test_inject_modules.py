@@ -259,3 +259,44 @@ def test_pipeline_with_diffusers_named_state_dict(tmp_path):
         ak.inject(target, kohya, name="k", replace=True)
         with torch.no_grad():
             torch.testing.assert_close(pipe.unet(*args).sample, theirs, atol=ATOL, rtol=0)
+
+
+def test_kinds_peft_cannot_hold_match_their_fused_weights():
+    """Full diffs, LoRA with a Tucker core (LyCORIS LoCon), IA3 that leaves the bias alone (LyCORIS): the
+    unmerged forward equals the base op with the kind's own ``apply(W, b)``."""
+    import torch.nn.functional as F
+
+    from adaptkit.kinds import IA3, Full, LoRA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(5, 4, 3, padding=1), nn.Linear(4, 3))
+    layers = {
+        "0": Full(diff=torch.randn(5, 6), diff_b=torch.randn(5), shape=(5, 6)),
+        "1": LoRA(down=torch.randn(2, 5, 1, 1), up=torch.randn(4, 2, 1, 1), mid=torch.randn(2, 2, 3, 3), alpha=3.0,
+                  shape=(4, 5, 3, 3), module_type="conv"),
+        "2": IA3(vector=torch.rand(3) + 0.5, scale_bias=False),
+    }
+    x = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        expected = []
+        h = x
+        fused = [layers["0"].apply(model[0].weight, model[0].bias), layers["1"].apply(model[1].weight, model[1].bias),
+                 layers["2"].apply(model[2].weight, model[2].bias)]
+        h = F.linear(h, *fused[0])
+        h = F.conv2d(h.reshape(2, 7, 5, 1).permute(0, 2, 1, 3).expand(2, 5, 7, 3).contiguous(), *fused[1], padding=1)
+        expected = F.linear(h.mean(dim=(2, 3)), *fused[2])
+        assert torch.equal(fused[2][1], model[2].bias)  # the bias is not scaled
+
+        def run(m):
+            h = m[0](x)
+            h = m[1](h.reshape(2, 7, 5, 1).permute(0, 2, 1, 3).expand(2, 5, 7, 3).contiguous())
+            return m[2](h.mean(dim=(2, 3)))
+
+        base = run(model)
+        ak.inject(model, ak.Adapter(layers=layers))
+        unmerged = run(model)
+        ak.merge_adapters(model)
+        merged = run(model)
+    assert (unmerged - base).abs().max() > 1e-2
+    torch.testing.assert_close(unmerged, expected, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(merged, expected, atol=ATOL, rtol=1e-5)
