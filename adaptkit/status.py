@@ -3,6 +3,10 @@
 For a checkpoint (an :class:`~adaptkit.graph.Adapter` or a source) every row describes one layer: kind,
 shapes, rank, alpha, scale, dtype, ``||dW||_F`` and whether its tensors are finite. ``||dW||_F`` of a
 LoRA layer is computed from the ``r x r`` Gram matrices of its factors, never from the dense ``m x n``.
+
+For a live model, :func:`layer_status` / :func:`model_status` give PEFT's ``TunerLayerStatus`` /
+``TunerModelStatus`` fields for layers adapted by adaptkit or by peft (duck-typed, so peft need not be
+imported), with PEFT's "irregular" rules.
 """
 
 from __future__ import annotations
