@@ -126,11 +126,28 @@ def _check_fit(path: str, layer: Any, info: TensorInfo) -> None:
             )
 
 
-def _weight_transform(ops: list[tuple[Any, float]]) -> Transform:
-    def transform(w: torch.Tensor) -> torch.Tensor:
-        for layer, weight in ops:
+class _WeightOps:
+    """The float32 transform of one base weight: every adapter op on it, in order.
+
+    ``rows`` is set when each op acts on rows independently (LoRA without DoRA, IA3): the writer then
+    streams the tensor in row blocks and never holds it whole in float32.
+    """
+
+    def __init__(self, ops: list[tuple[Any, float]]) -> None:
+        self.ops = ops
+        if all((l.kind == "lora" and l.additive) or (l.kind == "ia3" and not l.fan_in_fan_out) for l, _ in ops):
+            self.rows = self._rows
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        for layer, weight in self.ops:
             if layer.kind == "extra":
                 w = layer.value.to(torch.float32).reshape(w.shape).clone()
+            elif layer.kind == "lora" and layer.additive and w.ndim >= 2:
+                u, v = layer.factors()  # low-rank update in place: no m x n delta is built
+                if layer.fan_in_fan_out:
+                    w.addmm_(v.T, u.T, alpha=weight)
+                else:
+                    w.view(u.shape[0], -1).addmm_(u, v, alpha=weight)
             elif layer.additive:
                 w.add_(layer.delta().reshape(w.shape), alpha=weight)
             else:
@@ -138,7 +155,21 @@ def _weight_transform(ops: list[tuple[Any, float]]) -> Transform:
                 w = new if weight == 1.0 else w + weight * (new - w)
         return w
 
-    return transform
+    def _rows(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Apply the ops to rows ``r0:r1`` of the weight (``w`` holds just those rows)."""
+        for layer, weight in self.ops:
+            if layer.kind == "lora":
+                u, v = layer.factors()
+                if layer.fan_in_fan_out:
+                    w.addmm_(v.T[r0:r1], u.T, alpha=weight)
+                else:
+                    w.view(r1 - r0, -1).addmm_(u[r0:r1], v, alpha=weight)
+            else:  # IA3: W * (1 + weight * (l - 1)) along the output (rows) or input (dim 1) axis
+                scale = 1.0 + weight * (layer.vector.to(torch.float32) - 1.0)
+                view = [1] * w.ndim
+                view[1 if layer.on_input else 0] = -1
+                w.mul_((scale if layer.on_input else scale[r0:r1]).view(view))
+        return w
 
 
 def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
@@ -226,7 +257,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                 weight_ops.setdefault(target, []).insert(0, (_Extra(value), 1.0))
                 names.setdefault(target, []).append(label)
                 kinds.setdefault(target, []).append("replace")
-    transforms: dict[str, Transform] = {k: _weight_transform(v) for k, v in weight_ops.items()}
+    transforms: dict[str, Transform] = {k: _WeightOps(v) for k, v in weight_ops.items()}
     transforms.update({k: _bias_transform(v) for k, v in bias_ops.items()})
     return transforms, names, kinds
 

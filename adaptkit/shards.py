@@ -44,7 +44,7 @@ BASE_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoke
 #: weight files of other formats, never copied next to fused weights (they would hold the unfused model)
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 STANDARD_STEMS = ("model", "diffusion_pytorch_model")
-_CHUNK = 64 << 20  # bytes per piece when a dtype cast or a fallback copy streams a tensor
+_CHUNK = 32 << 20  # bytes per piece when a cast, a row-wise transform or a fallback copy streams a tensor
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
@@ -466,17 +466,15 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
                 continue
             if e.transform is None:
                 pos = _cast_stream(src, out, e, pos)
+            elif getattr(e.transform, "rows", None) is not None and len(e.src.shape) >= 1 and e.nbytes > 0:
+                pos = _transform_rows(src, out, e, pos)
             else:
                 w = read_tensor(src, e.src).to(torch.float32)
                 new = e.transform(w).reshape(e.src.shape)
                 del w
-                result = new.to(ST_TO_TORCH[e.dtype])
+                # one pass: amax propagates NaN and Inf, and catches values the output dtype cannot hold
+                result = _checked_cast(new, e)
                 del new
-                if not bool(torch.isfinite(result).all()):
-                    raise NonFiniteError(
-                        f"fused tensor '{e.src.key}' has NaN/Inf values in {e.dtype}; lower the adapter weights or "
-                        "write a wider dtype (--dtype fp32)"
-                    )
                 data = _tensor_bytes(result)
                 _pwrite_all(out, data, pos)
                 pos += len(data)
@@ -488,6 +486,38 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
         os.close(out)
         for fd in fds.values():
             os.close(fd)
+
+
+def _checked_cast(new: torch.Tensor, e: OutEntry) -> torch.Tensor:
+    """Cast a float32 result to the entry's dtype after checking it is finite and fits (one ``aminmax`` pass)."""
+    out_dtype = ST_TO_TORCH[e.dtype]
+    if new.numel():
+        lo, hi = torch.aminmax(new)
+        peak = max(-float(lo), float(hi))  # NaN propagates through aminmax and max
+        if not math.isfinite(peak) or peak > torch.finfo(out_dtype).max:
+            raise NonFiniteError(
+                f"fused tensor '{e.src.key}' has NaN/Inf values in {e.dtype}; lower the adapter weights or "
+                "write a wider dtype (--dtype fp32)"
+            )
+    return new.to(out_dtype)
+
+
+def _transform_rows(src: int, out: int, e: OutEntry, pos: int) -> int:
+    """Transform a row-separable tensor in blocks of rows (at most ``_CHUNK`` bytes of float32 at a time)."""
+    shape = e.src.shape
+    rows = shape[0]
+    row_elems = math.prod(shape[1:])
+    item = ST_DTYPE_SIZES[e.src.dtype]
+    step = max(1, _CHUNK // max(1, 4 * row_elems))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        piece = TensorInfo(e.src.name, e.src.key, e.src.dtype, (r1 - r0, *shape[1:]), e.src.file,
+                           e.src.begin + r0 * row_elems * item, (r1 - r0) * row_elems * item)
+        w = read_tensor(src, piece).to(torch.float32)
+        data = _tensor_bytes(_checked_cast(e.transform.rows(w, r0, r1), e))
+        _pwrite_all(out, data, pos)
+        pos += len(data)
+    return pos
 
 
 def _cast_stream(src: int, out: int, e: OutEntry, pos: int) -> int:
