@@ -233,6 +233,9 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
                 packed[f"{comp}.{k}"] = sorted(v) if isinstance(v, set) else v
     metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_KEY}
     metadata["format"] = "pt"
+    if adapter.format == "kohya":
+        naming = {**dict(adapter.config.get("kohya_naming") or {}), "inventory": adapter.config.get("inventory")}
+        metadata["adaptkit.kohya_naming"] = json.dumps(naming, sort_keys=True)
     metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     if adapter.extras:
         raise UnsupportedError(

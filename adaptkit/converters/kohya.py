@@ -15,6 +15,7 @@ Flattened names are resolved to module paths with :mod:`adaptkit.converters.name
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -58,6 +59,8 @@ TENSORS: dict[str, tuple[str, str]] = {
     "alpha": ("", "alpha"),
     "dora_scale": ("", "dora_scale"),
 }
+#: metadata entry other formats write so that a kohya file converted there and back keeps its names
+NAMING_KEY = "adaptkit.kohya_naming"
 #: keys that are not adapter layers but belong in kohya files (pivotal-tuning embeddings), carried through
 EXTRA_PREFIXES = ("bundle_emb.", "emb_params")
 
@@ -118,8 +121,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
     naming: dict[str, str] = {}
     for (comp, flat), layer in layers.items():
         mod_path, alias = resolution.paths[(comp, flat)]
-        if alias is not None:
-            naming[comp] = _alias_rule(mod_path, alias)
+        naming[comp] = _alias_rule(mod_path, alias) if alias is not None else naming.get(comp, "direct")
         inv = resolution.inventory
         inv_comp = comp if comp in inv.modules else next(iter(inv.modules))
         layer = refine_shape(layer, inv.shape(inv_comp, mod_path))
@@ -387,8 +389,17 @@ def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
         if naming not in ("ldm", "diffusers"):
             raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
         return {"unet": naming, "inventory": inventory}
-    cfg = dict(adapter.config.get("kohya_naming") or {}) if adapter.format == NAME else {}
+    if adapter.format == NAME:
+        cfg = dict(adapter.config.get("kohya_naming") or {})
+    else:  # a kohya file converted to another format and back records its naming in the metadata
+        try:
+            cfg = dict(json.loads(adapter.metadata.get(NAMING_KEY, "{}")))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            cfg = {}
+        inventory = str(cfg.get("inventory", inventory))
     cfg["inventory"] = inventory
+    for comp in ("text_encoder", "text_encoder_2"):
+        cfg.setdefault(comp, "text_model")  # kohya trainers name CLIP modules text_model_encoder_...
     if "unet" not in cfg:
         version = str(adapter.metadata.get("ss_base_model_version", "")) + str(adapter.metadata.get("modelspec.architecture", ""))
         if "sdxl" in version.lower() or "stable-diffusion-xl" in version.lower():
@@ -408,7 +419,7 @@ def module_name(path: str, components: set[str], naming: dict[str, str]) -> str:
             alias = _ldm_alias(comp, rest, naming.get("inventory", "sdxl"))
             if alias is not None:
                 rest = alias
-        elif rule == "text_model" and not rest.startswith("text_model."):
+        elif rule == "text_model" and rest.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
             rest = "text_model." + rest
         elif rule == "bare" and rest.startswith("text_model."):
             rest = rest[len("text_model."):]
@@ -464,7 +475,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
             f"(e.g. {foreign[0]}, modules_to_save or saved embeddings): write format='peft' to keep them"
         )
     tensors.update(adapter.extras)
-    metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in ("lora_adapter_metadata", NAMING_KEY)}
     with atomic_output(out_path, overwrite=overwrite, directory=False) as tmp:
         write_safetensors(tensors, tmp, metadata)
     return out_path

@@ -1,0 +1,148 @@
+"""Module-name resolution: shipped inventories (SDXL LDM vs diffusers names, SD 1.x, SD3, Flux), ``--base``
+from a directory (safetensors headers) or a config (meta device), and what is reported when names do not fit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptkit.converters import load, names, save
+from adaptkit.errors import ConfigError, ShapeMismatchError
+
+
+def lora_file(path, entries: dict[str, tuple[int, int]], rank: int = 2, metadata=None, seed=0):
+    """A kohya LoRA file with ``{kohya module name: (out, in)}`` and random factors."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (out, inp) in entries.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, inp, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=g)
+        sd[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def test_ldm_aliases_agree_with_diffusers_converter():
+    """Every LDM alias maps to the module diffusers' own LDM->diffusers checkpoint converter maps it to."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import make_inventories as mi
+
+    for name, cfg in (("sd15", mi.SD15_UNET), ("sdxl", mi.SDXL_UNET)):
+        aliases = names.shipped(name).aliases["unet"]
+        ckpt = {}
+        for i, ldm in enumerate(sorted(aliases)):
+            ckpt[f"{LDM_UNET_KEY}{ldm}.weight"] = torch.tensor([float(i)])
+            ckpt[f"{LDM_UNET_KEY}{ldm}.bias"] = torch.tensor([float(i)])
+        with torch.device("meta"):
+            config = dict(UNet2DConditionModel(**cfg).config)
+        converted = convert_ldm_unet_checkpoint(ckpt, config)
+        for i, ldm in enumerate(sorted(aliases)):
+            assert converted[aliases[ldm] + ".weight"].item() == i, (name, ldm)
+
+
+SDXL_LDM = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
+    "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k": (1280, 2048),
+    "lora_unet_output_blocks_0_1_proj_out": (1280, 1280),
+    "lora_unet_input_blocks_1_0_emb_layers_1": (320, 1280),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+    "lora_te2_text_model_encoder_layers_31_mlp_fc1": (5120, 1280),
+}
+SDXL_DIFFUSERS = {
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (640, 640),
+    "lora_unet_mid_block_attentions_0_transformer_blocks_9_attn2_to_k": (1280, 2048),
+    "lora_unet_up_blocks_0_attentions_0_proj_out": (1280, 1280),
+    "lora_unet_down_blocks_0_resnets_0_time_emb_proj": (320, 1280),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+    "lora_te2_text_model_encoder_layers_31_mlp_fc1": (5120, 1280),
+}
+
+
+def test_sdxl_ldm_and_diffusers_names_resolve_to_the_same_modules(tmp_path):
+    a = load(lora_file(tmp_path / "ldm.safetensors", SDXL_LDM, metadata={"ss_base_model_version": "sdxl_base_v1-0"}))
+    b = load(lora_file(tmp_path / "dif.safetensors", SDXL_DIFFUSERS))
+    assert set(a.layers) == set(b.layers)
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in a.layers
+    assert a.config["inventory"] == "sdxl" and a.config["kohya_naming"]["unet"] == "ldm"
+    for p in a.layers:
+        torch.testing.assert_close(a[p].delta(), b[p].delta())
+    # each file is written back with its own naming, tensors exact
+    for src, adapter in (("ldm", a), ("dif", b)):
+        out = save(adapter, tmp_path / f"{src}-out.safetensors", format="kohya")
+        orig, again = load_file(str(tmp_path / f"{src}.safetensors")), load_file(str(out))
+        assert set(orig) == set(again) and all(torch.equal(orig[k], again[k]) for k in orig)
+    # and via diffusers: the SDXL metadata brings the LDM names back
+    d = save(a, tmp_path / "diffusers", format="diffusers")
+    back = save(load(d), tmp_path / "back.safetensors", format="kohya")
+    assert set(load_file(str(back))) == set(load_file(str(tmp_path / "ldm.safetensors")))
+
+
+def test_sd15_sd3_flux_names(tmp_path):
+    sd15 = load(lora_file(tmp_path / "a.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+        "lora_te_text_model_encoder_layers_11_mlp_fc2": (768, 3072)}))
+    assert sd15.config["inventory"] == "sd15"
+    flux = load(lora_file(tmp_path / "b.safetensors", {
+        "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_37_linear2": (3072, 15360),
+        "lora_te1_text_model_encoder_layers_0_self_attn_k_proj": (768, 768)}))
+    assert flux.config["inventory"] == "flux" and "unet.single_blocks.37.linear2" in flux.layers
+    flux_d = load(lora_file(tmp_path / "c.safetensors", {
+        "lora_transformer_single_transformer_blocks_0_attn_to_q": (3072, 3072),
+        "lora_transformer_transformer_blocks_18_ff_context_net_2": (3072, 12288)}))
+    assert "transformer.transformer_blocks.18.ff_context.net.2" in flux_d.layers
+    sd3 = load(lora_file(tmp_path / "d.safetensors", {
+        "lora_unet_joint_blocks_23_context_block_attn_qkv": (4608, 1536),
+        "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0": (10240, 4096)}))
+    assert sd3.config["inventory"] == "sd3"
+
+
+def test_unresolvable_names_are_listed(tmp_path):
+    entries = dict(SDXL_DIFFUSERS)
+    entries["lora_unet_down_blocks_9_attentions_0_proj_in"] = (640, 640)
+    with pytest.raises(ConfigError, match="lora_unet_down_blocks_9_attentions_0_proj_in"):
+        load(lora_file(tmp_path / "x.safetensors", entries))
+    # right names, wrong shapes: no shipped inventory fits
+    with pytest.raises(ConfigError, match="base"):
+        load(lora_file(tmp_path / "y.safetensors", {"lora_unet_down_blocks_1_attentions_0_proj_in": (7, 7)}))
+
+
+def test_base_from_safetensors_headers_and_from_config(tmp_path, tiny_llama):
+    model = tiny_llama(0)
+    model.save_pretrained(str(tmp_path / "weights"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text((tmp_path / "weights" / "config.json").read_text())
+    f = lora_file(tmp_path / "l.safetensors", {"lycoris_model_layers_1_self_attn_q_proj": (32, 32),
+                                               "lycoris_model_layers_0_mlp_down_proj": (32, 48)})
+    with pytest.raises(ConfigError, match="base"):
+        load(f)
+    a = load(f, base=str(tmp_path / "weights"))
+    b = load(f, base=str(tmp_path / "config"))  # meta-device build: no weights read
+    assert set(a.layers) == set(b.layers) == {"model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+    bad = lora_file(tmp_path / "bad.safetensors", {"lycoris_model_layers_0_mlp_down_proj": (48, 32)})
+    with pytest.raises(ShapeMismatchError, match="down_proj"):
+        load(bad, base=str(tmp_path / "weights"))
+
+
+def test_text_model_names_round_trip(tmp_path):
+    """Real kohya files name CLIP modules ``text_model_encoder_...``; they resolve and are written back alike."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=16))
+    te.save_pretrained(str(tmp_path / "base" / "text_encoder"))
+    (tmp_path / "base" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    f = lora_file(tmp_path / "k.safetensors", {"lora_te_text_model_encoder_layers_1_mlp_fc1": (24, 16)})
+    a = load(f, base=str(tmp_path / "base"))
+    assert len(a.layers) == 1 and next(iter(a.layers)).startswith("text_encoder.")
+    out = save(a, tmp_path / "o.safetensors", format="kohya")
+    assert set(load_file(str(out))) == set(load_file(str(f)))
