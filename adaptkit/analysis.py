@@ -168,8 +168,8 @@ class SpectrumStats:
 
 
 def energy_rank(s: np.ndarray, fraction: float) -> int:
-    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * sum(s**2)`` (0 for an all-zero spectrum)."""
-    energy = np.asarray(s, dtype=np.float64) ** 2
+    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * sum(s**2)``, ``s`` sorted descending (0 if all zero)."""
+    energy = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
     total = energy.sum()
     if total <= 0:
         return 0

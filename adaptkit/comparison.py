@@ -42,7 +42,7 @@ from .kinds import layer_is_finite
 from .kinds.base import math_shape
 
 DEFAULT_DENSITY = 0.2
-MAX_ENTRIES = 1 << 21
+MAX_ENTRIES = 1 << 20
 
 LAYER_COLUMNS = ("module", "a", "b", "kind_a", "kind_b", "norm_a", "norm_b", "cosine", "sign_conflict",
                  "topk_overlap", "topk_shared", "sampled", "note")
@@ -88,19 +88,25 @@ def sign_conflict(a: torch.Tensor, b: torch.Tensor, density: float = DEFAULT_DEN
 # ------------------------------------------------------------------------------------ one layer, one pair
 
 
-def _entries(layer: Any, factors: tuple[torch.Tensor, torch.Tensor] | None, idx: torch.Tensor | None,
-             n_cols: int, chunk: int = 1 << 16) -> torch.Tensor:
-    """Entries of the flattened delta: all of them (``idx`` None) or those at flat positions ``idx``."""
+def _entries(layer: Any, factors: tuple[torch.Tensor, torch.Tensor] | None,
+             where: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, chunk: int = 1 << 17) -> torch.Tensor:
+    """Entries of the flattened delta: all of them (``where`` None) or at ``where = (flat, rows, cols)``.
+
+    Factored layers compute only the requested entries, ``sum_k U[i, k] V[k, j]``, in float32 (enough to rank
+    magnitudes and read signs).
+    """
     if factors is None:
         d = flat_delta(layer).flatten()
-        return d if idx is None else d[idx]
+        return d if where is None else d[where[0]]
     u, v = factors
-    if idx is None:
+    if where is None:
         return (u @ v).flatten()
-    out = torch.empty(idx.numel(), dtype=u.dtype)
-    for start in range(0, idx.numel(), chunk):
-        part = idx[start:start + chunk]
-        out[start:start + chunk] = (u[part // n_cols] * v[:, part % n_cols].T).sum(dim=1)
+    _, rows, cols = where
+    u32, vt32 = u.float(), v.T.float().contiguous()  # (m, R), (n, R): row gathers are contiguous
+    out = torch.empty(rows.numel(), dtype=torch.float32)
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start:start + chunk], cols[start:start + chunk]
+        out[start:start + chunk] = (u32[r] * vt32[c]).sum(dim=1)
     return out
 
 
@@ -154,12 +160,13 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
     row.update(norm_a=na, norm_b=nb)
     if na > 0 and nb > 0:
         row["cosine"] = max(-1.0, min(1.0, inner / (na * nb)))
-    idx = None
+    where = None
     if m * n > max_entries:
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, m * n, (max_entries,), generator=gen)
+        flat = torch.randint(0, m * n, (max_entries,), generator=gen)
+        where = (flat, flat // n, flat % n)
         row["sampled"] = True
-    ea, eb = _entries(la, fa, idx, n), _entries(lb, fb, idx, n)
+    ea, eb = _entries(la, fa, where), _entries(lb, fb, where)
     conflict, overlap, shared = sign_conflict(ea, eb, density)
     row.update(sign_conflict=conflict, topk_overlap=overlap, topk_shared=shared)
     if getattr(la, "magnitude", None) is not None or getattr(lb, "magnitude", None) is not None:
