@@ -38,7 +38,7 @@ h1{font-size:1.5em;margin-bottom:4px} h2{font-size:1.2em;margin-top:28px;border-
 table{border-collapse:collapse;font-size:12px;margin:8px 0} th,td{padding:3px 8px;border-bottom:1px solid #eee;
 text-align:right} th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 16px} dt{font-weight:600} dd{margin:0}
-.suggest{background:#eef6ee;border-left:4px solid #4a4;padding:8px 12px} .notes{color:#555;font-size:13px}
+.wide{overflow-x:auto} .suggest{background:#eef6ee;border-left:4px solid #4a4;padding:8px 12px} .notes{color:#555;font-size:13px}
 """
 
 
@@ -224,7 +224,7 @@ def _table(df: pd.DataFrame) -> str:
     def fmt(x: Any) -> str:
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
-    return df.to_html(index=False, border=0, float_format=fmt, na_rep="", escape=True)
+    return '<div class="wide">' + df.to_html(index=False, border=0, float_format=fmt, na_rep="", escape=True) + "</div>"
 
 
 def _page(title: str, subtitle: str, body: list[str]) -> str:

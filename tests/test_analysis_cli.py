@@ -1,0 +1,132 @@
+"""``adaptkit analyze`` / ``adaptkit compare`` and the HTML report (matplotlib and Chromium tests skip without them)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import adaptkit as ak
+from adaptkit.cli import main
+from adaptkit.demo import example
+
+MATH, CODE, DORA = (str(example(n)) for n in ("lora_math", "lora_code", "dora_style"))
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_analyze_json_csv_and_text():
+    res = run("analyze", MATH, "--json")
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["adapter"] == "lora_math" and payload["layers"] and len(payload["layers"]) == 8
+    table = ak.analyze(MATH).set_index("module")
+    for row in payload["layers"]:
+        assert row["fro_norm"] == pytest.approx(table.loc[row["module"], "fro_norm"])
+        assert row["rank"] == 8 and row["method"] == "lowrank"
+    res = run("analyze", MATH, "--csv")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("module,kind,shape,depth,rank")
+    assert len(res.stdout.splitlines()) == 9
+    res = run("analyze", MATH)
+    assert res.exit_code == 0 and "effective_rank" in res.stdout and "top_layer" in res.stdout
+
+
+def test_compare_json_and_text():
+    res = run("compare", MATH, CODE, DORA, "--json", "--density", "0.3")
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["adapters"] == ["lora_math", "lora_code", "dora_style"] and payload["density"] == 0.3
+    assert len(payload["pairs"]) == 3 and payload["suggestion"]["method"] in {"ties", "linear", "task_arithmetic", "cat"}
+    first = payload["layers"][0]
+    assert set(first) >= {"module", "a", "b", "cosine", "sign_conflict", "topk_overlap"} and -1 <= first["cosine"] <= 1
+    res = run("compare", MATH, CODE)
+    assert res.exit_code == 0 and "suggested merge method:" in res.stdout and "target_jaccard" in res.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = run("compare", MATH)
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+        "error: compare needs at least two adapters, got 1; pass two or more sources"]
+    res = run("analyze", str(tmp_path / "missing"))
+    assert res.exit_code == 1 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+    res = run("compare", MATH, CODE, "--density", "1.5")
+    assert res.exit_code == 1 and "density must be in (0, 1]" in res.stderr
+
+
+def test_report_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "r.html"
+    res = run("analyze", MATH, "--report", str(out))
+    assert res.exit_code == 1 and "pip install 'adaptkit[plot]'" in res.stderr and not out.exists()
+    with pytest.raises(ak.UnsupportedError, match=r"adaptkit\[plot\]"):
+        ak.comparison.compare_adapters([MATH, CODE], report=out)
+
+
+def _pngs(text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
+
+
+def test_reports_are_self_contained(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "analysis.html"
+    res = run("analyze", MATH, "--report", str(out))
+    assert res.exit_code == 0 and "report written" in res.stderr
+    text = out.read_text()
+    pngs = _pngs(text)
+    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 5000 for p in pngs)
+    assert not re.search(r'(src|href)="(https?:)?//', text) and "<script" not in text
+    assert "model.layers.1.self_attn.o_proj" in text
+    cmp_out = tmp_path / "compare.html"
+    res = run("compare", MATH, CODE, DORA, "--report", str(cmp_out), "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["adapters"]  # stdout stays pure JSON
+    text = cmp_out.read_text()
+    assert len(_pngs(text)) == 1 + 3 + 1  # pair heat maps, one per-layer heat map per pair, energy overlay
+    assert "Suggested merge" in text and not re.search(r'(src|href)="(https?:)?//', text)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _screenshot(html_path, png_path, profile) -> None:
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--hide-scrollbars", "--window-size=1280,2000", f"--screenshot={png_path}", html_path.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert png_path.exists(), "Chromium wrote no screenshot"
+
+
+def _coloured_fraction(png_path) -> float:
+    """Share of pixels that are clearly coloured (plots are; text, tables and page background are grey)."""
+    from matplotlib.image import imread
+
+    rgb = imread(str(png_path))[..., :3]
+    return float(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25).mean())
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    pytest.importorskip("matplotlib")
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from adaptkit.analysis import analyze_adapter
+    from adaptkit.report import analysis_html
+
+    report = tmp_path / "report.html"
+    result = analyze_adapter(MATH, report=report)
+    _screenshot(report, tmp_path / "shot.png", tmp_path / "profile1")
+    # control: the same page without its images must show (almost) no colour
+    plain = tmp_path / "plain.html"
+    plain.write_text(re.sub(r'<img [^>]*>', "", analysis_html(result)))
+    _screenshot(plain, tmp_path / "plain.png", tmp_path / "profile2")
+    with_plots, without = _coloured_fraction(tmp_path / "shot.png"), _coloured_fraction(tmp_path / "plain.png")
+    assert without < 0.002, without
+    assert with_plots > 0.004, f"the screenshot shows no plots ({with_plots:.4f} of pixels coloured)"
+    assert with_plots > 10 * without
