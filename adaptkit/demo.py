@@ -88,10 +88,23 @@ def _step_save(ctx: DemoContext) -> None:
     ctx.echo(f"  wrote {out} ({len(again)} layers, identical deltas: {same})")
 
 
+def _step_convert(ctx: DemoContext) -> None:
+    from .convert import convert_checkpoint
+
+    ctx.section("convert: a LyCORIS LoHa file (flattened kohya names) -> PEFT, names resolved on the base")
+    base = ctx.out / "base"
+    if not base.exists():
+        build_example_base(base)
+    result = convert_checkpoint("lycoris->peft", example("lycoris_loha.safetensors"), ctx.out / "lycoris_peft",
+                                base=str(base))
+    ctx.echo(f"  wrote {result.out}: {len(result.report)} LoHa layers, lossless: {result.lossless}")
+
+
 #: the demo, in order: (name, step)
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("info", _step_info),
     ("save", _step_save),
+    ("convert", _step_convert),
 ]
 
 
