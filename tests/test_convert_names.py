@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptkit.converters import load, names, save
-from adaptkit.errors import ConfigError, ShapeMismatchError
+from adaptkit.errors import ConfigError, ShapeMismatchError, UnsupportedError
 
 
 def lora_file(path, entries: dict[str, tuple[int, int]], rank: int = 2, metadata=None, seed=0):
@@ -146,3 +146,24 @@ def test_text_model_names_round_trip(tmp_path):
     assert len(a.layers) == 1 and next(iter(a.layers)).startswith("text_encoder.")
     out = save(a, tmp_path / "o.safetensors", format="kohya")
     assert set(load_file(str(out))) == set(load_file(str(f)))
+
+
+def test_original_flux_names_are_not_written_as_diffusers(tmp_path):
+    flux = load(lora_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, rank=1))
+    with pytest.raises(UnsupportedError, match="kohya"):
+        save(flux, tmp_path / "d", format="diffusers")
+    assert not (tmp_path / "d").exists()
+    save(flux, tmp_path / "k.safetensors", format="kohya")
+    assert set(load_file(str(tmp_path / "k.safetensors"))) == set(load_file(str(tmp_path / "f.safetensors")))
+
+
+def test_bundled_lycoris_example(tmp_path):
+    from adaptkit.convert import convert_checkpoint
+    from adaptkit.demo import build_example_base, example
+
+    path = example("lycoris_loha.safetensors")
+    assert path.stat().st_size < 200_000
+    base = build_example_base(tmp_path / "base")
+    result = convert_checkpoint("lycoris->peft", path, tmp_path / "peft", base=str(base))
+    assert result.lossless and len(result.report) == 14
+    assert load(tmp_path / "peft").kinds == {"loha"}

@@ -34,6 +34,9 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
 ALLOW_PATTERNS = [WEIGHT_NAME, LEGACY_WEIGHT_NAME]
 METADATA_KEY = "lora_adapter_metadata"
+#: first path parts of a diffusers UNet2DConditionModel's modules
+UNET_ROOTS = ("conv_in", "time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "down_blocks.",
+              "mid_block.", "up_blocks.", "conv_norm_out", "conv_out", "time_proj")
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
 
 #: old attention-processor projection name -> module name under the attention block
@@ -216,6 +219,11 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
             raise UnsupportedError(
                 f"{p} names no pipeline component (unet., transformer., text_encoder. ...); diffusers files are "
                 "for pipelines: write format='peft' for a single model"
+            )
+        if comp == "unet" and not rel.startswith(UNET_ROOTS):
+            raise UnsupportedError(
+                f"{p} is not a diffusers UNet module (original Flux/SD3 or LDM names?); diffusers would not load it: "
+                "write format='kohya'"
             )
         by_comp[comp][rel] = layer
     fields = _config_fields()
