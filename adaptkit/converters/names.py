@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -88,9 +88,13 @@ class Inventory:
             return None
         return path in self.biases[component]
 
-    @property
+    @cached_property
     def _flat(self) -> dict[str, dict[str, list[tuple[str, str | None]]]]:
         return _flat_index(self)
+
+    @cached_property
+    def _reverse(self) -> dict[str, dict[str, str]]:
+        return {c: {p: a for a, p in al.items()} for c, al in self.aliases.items()}
 
     def lookup(self, component: str, flat: str) -> list[tuple[str, str | None]]:
         """Candidates ``(module path, alias used or None)`` whose flattened name is ``flat``."""
@@ -102,36 +106,23 @@ class Inventory:
 
     def alias_of(self, component: str, path: str) -> str | None:
         """The alternative (LDM) name of a module path, if the inventory has one."""
-        return _reverse_aliases(self).get(component, {}).get(path)
-
-
-_FLAT_CACHE: dict[int, dict] = {}
-_REV_CACHE: dict[int, dict] = {}
+        return self._reverse.get(component, {}).get(path)
 
 
 def _flat_index(inv: Inventory) -> dict[str, dict[str, list[tuple[str, str | None]]]]:
-    key = id(inv)
-    if key not in _FLAT_CACHE:
-        index: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
-        for comp, mods in inv.modules.items():
-            d = index.setdefault(comp, {})
-            for path in mods:
-                d.setdefault(flatten(path), []).append((path, None))
-        for comp, aliases in inv.aliases.items():
-            d = index.setdefault(comp, {})
-            for alias, path in aliases.items():
-                entry = d.setdefault(flatten(alias), [])
-                if all(p != path for p, _ in entry):
-                    entry.append((path, alias))
-        _FLAT_CACHE[key] = index
-    return _FLAT_CACHE[key]
-
-
-def _reverse_aliases(inv: Inventory) -> dict[str, dict[str, str]]:
-    key = id(inv)
-    if key not in _REV_CACHE:
-        _REV_CACHE[key] = {c: {p: a for a, p in al.items()} for c, al in inv.aliases.items()}
-    return _REV_CACHE[key]
+    """component -> flattened name -> candidate ``(module path, alias or None)``."""
+    index: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
+    for comp, mods in inv.modules.items():
+        d = index.setdefault(comp, {})
+        for path in mods:
+            d.setdefault(flatten(path), []).append((path, None))
+    for comp, aliases in inv.aliases.items():
+        d = index.setdefault(comp, {})
+        for alias, path in aliases.items():
+            entry = d.setdefault(flatten(alias), [])
+            if all(p != path for p, _ in entry):
+                entry.append((path, alias))
+    return index
 
 
 # ------------------------------------------------------------------------------------------ inventories
