@@ -167,3 +167,34 @@ def test_bundled_lycoris_example(tmp_path):
     result = convert_checkpoint("lycoris->peft", path, tmp_path / "peft", base=str(base))
     assert result.lossless and len(result.report) == 14
     assert load(tmp_path / "peft").kinds == {"loha"}
+
+
+def test_base_as_hub_id_reads_configs_only(tmp_path, hub_cache):
+    """A hub pipeline given as --base: only the config files are needed (models built on the meta device)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from .conftest import make_hub_cache
+
+    repo = tmp_path / "repo"
+    (repo / "unet").mkdir(parents=True)
+    (repo / "text_encoder").mkdir()
+    unet_cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=2,
+                    norm_num_groups=4)
+    with torch.device("meta"):
+        UNet2DConditionModel(**unet_cfg).save_config(str(repo / "unet"))
+    te_cfg = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16)
+    te_cfg.architectures = ["CLIPTextModel"]
+    te_cfg.save_pretrained(str(repo / "text_encoder"))
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    make_hub_cache(hub_cache, "tiny/sd-pipe", {"model_index.json": repo / "model_index.json", "unet": repo / "unet",
+                                               "text_encoder": repo / "text_encoder"})
+    f = lora_file(tmp_path / "k.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (8, 16),
+        "lora_te_text_model_encoder_layers_1_self_attn_out_proj": (16, 16)}, rank=1)
+    a = load(f, base="tiny/sd-pipe")
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in a.layers
+    assert any(p.startswith("text_encoder.") and p.endswith("layers.1.self_attn.out_proj") for p in a.layers)

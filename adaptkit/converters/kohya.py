@@ -255,7 +255,8 @@ def build_layer(parts: dict[str, torch.Tensor]) -> Any:
             raise FormatError("the IA3 weight is missing; the checkpoint is incomplete")
         w = p["weight"]
         on_input = bool(int(p["on_input"].reshape(-1)[0])) if "on_input" in p else False
-        return IA3(vector=(w.float() + 1).to(w.dtype).flatten(), on_input=on_input,
+        # float32 keeps l = weight + 1 exact (in fp16 the + 1 would round), so writing back is exact too
+        return IA3(vector=(w.float() + 1).flatten(), on_input=on_input,
                    module_type="conv" if w.ndim > 1 else "linear")
     raise FormatError(f"unknown layer kind {kind}")  # pragma: no cover
 
