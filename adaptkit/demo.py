@@ -88,6 +88,16 @@ def _step_save(ctx: DemoContext) -> None:
     ctx.echo(f"  wrote {out} ({len(again)} layers, identical deltas: {same})")
 
 
+def _step_fuse(ctx: DemoContext) -> None:
+    from .fuse import fuse
+
+    ctx.section("fuse: bake 'lora_code' into a generated tiny base, streaming tensor by tensor")
+    base = build_example_base(ctx.out / "base")
+    result = fuse(base, example("lora_code"), ctx.out / "fused", progress=False)
+    ctx.echo(f"  wrote {result.out}: {result.touched} of {result.tensors} tensors fused in float32, "
+             "the rest copied as raw bytes; config files copied")
+
+
 def _step_convert(ctx: DemoContext) -> None:
     from .convert import convert_checkpoint
 
@@ -104,6 +114,7 @@ def _step_convert(ctx: DemoContext) -> None:
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("info", _step_info),
     ("save", _step_save),
+    ("fuse", _step_fuse),
     ("convert", _step_convert),
 ]
 

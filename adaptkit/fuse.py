@@ -135,6 +135,7 @@ class _WeightOps:
 
     def __init__(self, ops: list[tuple[Any, float]]) -> None:
         self.ops = ops
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if all((l.kind == "lora" and l.additive) or (l.kind == "ia3" and not l.fan_in_fan_out) for l, _ in ops):
             self.rows = self._rows
 
@@ -155,11 +156,17 @@ class _WeightOps:
                 w = new if weight == 1.0 else w + weight * (new - w)
         return w
 
+    def release(self) -> None:
+        """Drop the cached factors once the tensor is written."""
+        self._factors.clear()
+
     def _rows(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Apply the ops to rows ``r0:r1`` of the weight (``w`` holds just those rows)."""
-        for layer, weight in self.ops:
+        for i, (layer, weight) in enumerate(self.ops):
             if layer.kind == "lora":
-                u, v = layer.factors()
+                if i not in self._factors:  # computed once per tensor, reused for every block of rows
+                    self._factors[i] = layer.factors()
+                u, v = self._factors[i]
                 if layer.fan_in_fan_out:
                     w.addmm_(v.T[r0:r1], u.T, alpha=weight)
                 else:

@@ -439,6 +439,7 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
         FormatError: a source file is truncated.
     """
     copier = _Copier()
+    scratch = _Scratch()
     fds: dict[Path, int] = {}
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -467,7 +468,7 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
             if e.transform is None:
                 pos = _cast_stream(src, out, e, pos)
             elif getattr(e.transform, "rows", None) is not None and len(e.src.shape) >= 1 and e.nbytes > 0:
-                pos = _transform_rows(src, out, e, pos)
+                pos = _transform_rows(src, out, e, pos, scratch)
             else:
                 w = read_tensor(src, e.src).to(torch.float32)
                 new = e.transform(w).reshape(e.src.shape)
@@ -488,21 +489,53 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
             os.close(fd)
 
 
-def _checked_cast(new: torch.Tensor, e: OutEntry) -> torch.Tensor:
-    """Cast a float32 result to the entry's dtype after checking it is finite and fits (one ``aminmax`` pass)."""
-    out_dtype = ST_TO_TORCH[e.dtype]
+def _check_finite(new: torch.Tensor, e: OutEntry) -> None:
+    """Refuse a float32 result with NaN/Inf or values the output dtype cannot hold (one ``aminmax`` pass)."""
     if new.numel():
         lo, hi = torch.aminmax(new)
         peak = max(-float(lo), float(hi))  # NaN propagates through aminmax and max
-        if not math.isfinite(peak) or peak > torch.finfo(out_dtype).max:
+        if not math.isfinite(peak) or peak > torch.finfo(ST_TO_TORCH[e.dtype]).max:
             raise NonFiniteError(
                 f"fused tensor '{e.src.key}' has NaN/Inf values in {e.dtype}; lower the adapter weights or "
                 "write a wider dtype (--dtype fp32)"
             )
-    return new.to(out_dtype)
 
 
-def _transform_rows(src: int, out: int, e: OutEntry, pos: int) -> int:
+def _checked_cast(new: torch.Tensor, e: OutEntry) -> torch.Tensor:
+    """Cast a float32 result to the entry's dtype after :func:`_check_finite`."""
+    _check_finite(new, e)
+    return new.to(ST_TO_TORCH[e.dtype])
+
+
+class _Scratch:
+    """Buffers one writer reuses for every streamed block (fresh pages would be faulted in each time)."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray(0)
+        self.f32 = torch.empty(0)
+
+    def read(self, fd: int, info: TensorInfo) -> torch.Tensor:
+        """``info``'s data read into the reused byte buffer, as a tensor view of its dtype and shape."""
+        if len(self.raw) < info.nbytes:
+            self.raw = bytearray(info.nbytes)
+        view = memoryview(self.raw)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:info.nbytes]], info.begin + done)
+            if n <= 0:
+                raise FormatError(f"{info.file.name} ended while reading tensor '{info.name}'; the file is truncated, re-download it")
+            done += n
+        count = info.nbytes // ST_DTYPE_SIZES[info.dtype]
+        return torch.frombuffer(self.raw, dtype=info.torch_dtype, count=count).reshape(info.shape)
+
+    def float32(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` converted into the reused float32 buffer."""
+        if self.f32.numel() < t.numel():
+            self.f32 = torch.empty(t.numel(), dtype=torch.float32)
+        return self.f32[: t.numel()].view(t.shape).copy_(t)
+
+
+def _transform_rows(src: int, out: int, e: OutEntry, pos: int, scratch: _Scratch) -> int:
     """Transform a row-separable tensor in blocks of rows (at most ``_CHUNK`` bytes of float32 at a time)."""
     shape = e.src.shape
     rows = shape[0]
@@ -513,10 +546,19 @@ def _transform_rows(src: int, out: int, e: OutEntry, pos: int) -> int:
         r1 = min(rows, r0 + step)
         piece = TensorInfo(e.src.name, e.src.key, e.src.dtype, (r1 - r0, *shape[1:]), e.src.file,
                            e.src.begin + r0 * row_elems * item, (r1 - r0) * row_elems * item)
-        w = read_tensor(src, piece).to(torch.float32)
-        data = _tensor_bytes(_checked_cast(e.transform.rows(w, r0, r1), e))
+        raw = scratch.read(src, piece)
+        w = e.transform.rows(scratch.float32(raw), r0, r1)
+        _check_finite(w, e)
+        if e.dtype == e.src.dtype:  # cast back into the read buffer: no new memory
+            result = raw.copy_(w)
+        else:
+            result = w.to(ST_TO_TORCH[e.dtype])
+        data = _tensor_bytes(result)
         _pwrite_all(out, data, pos)
         pos += len(data)
+    release = getattr(e.transform, "release", None)
+    if release is not None:
+        release()
     return pos
 
 
