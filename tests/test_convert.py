@@ -142,6 +142,11 @@ def test_cli_convert_bad_inputs(tmp_path, lyco):
         assert r.exit_code == 1, (args, r.output)
         assert needle in r.output and r.output.count("\n") == 1, r.output
         assert not (tmp_path / "o").exists()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"lycoris_blocks_0_down_proj.lora_down.weight": torch.ones(2, 9),
+               "lycoris_blocks_0_down_proj.lora_up.weight": torch.ones(12, 2)}, str(wrong))
+    r = runner.invoke(main, ["convert", "lycoris->peft", str(wrong), str(tmp_path / "o"), "--base", str(base)])
+    assert r.exit_code == 1 and "shape" in r.output and not (tmp_path / "o").exists()
     unknown = tmp_path / "unknown.safetensors"
     save_file({"some_model.weight": torch.ones(2)}, str(unknown))
     r = runner.invoke(main, ["convert", "kohya->peft", str(unknown), str(tmp_path / "o")])
