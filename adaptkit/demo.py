@@ -88,6 +88,24 @@ def _step_save(ctx: DemoContext) -> None:
     ctx.echo(f"  wrote {out} ({len(again)} layers, identical deltas: {same})")
 
 
+def _step_merge(ctx: DemoContext) -> None:
+    from .converters import load, save
+    from .merging import merge
+
+    ctx.section("merge: 'lora_math' + 0.5 x 'lora_code' (ranks 8 and 4), TIES on the deltas, SVD to rank 8")
+    adapters = [load(example("lora_math")), load(example("lora_code"))]
+    merged = merge(adapters, weights=[1.0, 0.5], method="ties_svd", density=0.5, rank=8, progress=False)
+    out = save(merged, ctx.out / "merged_ties_svd", format="peft")
+    exact = merge(adapters, weights=[1.0, 0.5], progress=False)  # task_arithmetic: the exact weighted sum
+
+    def weighted_sum(path: str) -> Any:
+        return sum(w * a.layers[path].delta() for a, w in zip(adapters, (1.0, 0.5)) if path in a.layers)
+
+    err = max(((exact.layers[p].delta() - weighted_sum(p)).norm() / weighted_sum(p).norm()).item() for p in exact.layers)
+    ctx.echo(f"  wrote {out}: {len(merged)} layers, rank 8, no base model needed; "
+             f"task_arithmetic (exact, rank up to 12) max relative error {err:.1e}")
+
+
 def _step_fuse(ctx: DemoContext) -> None:
     from .fuse import fuse
 
@@ -114,6 +132,7 @@ def _step_convert(ctx: DemoContext) -> None:
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("info", _step_info),
     ("save", _step_save),
+    ("merge", _step_merge),
     ("fuse", _step_fuse),
     ("convert", _step_convert),
 ]

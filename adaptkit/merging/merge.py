@@ -349,8 +349,8 @@ def _merge_layer(path: str, items: list[tuple[int, Any, float]], opts: _Options)
                                    "pass a rank, or use 'svd'")
         ups, downs = [], []
         for layer, w in zip(layers, weights):
-            v = layer.factors()[1]  # PEFT's cat puts weight * scale on A, B stays as stored
-            ups.append(f32(layer.up).reshape(layer.up.shape[0], layer.rank))
+            v = _down2d(layer)  # PEFT's cat puts weight * scale on A, B stays as stored
+            ups.append(_up2d(layer))
             downs.append(v * (w * layer.scale))
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
     elif m.operand == "lowrank":  # svd / task arithmetic with a rank
@@ -375,6 +375,16 @@ def _kinds(layers: list[Any]) -> str:
     return "/".join(sorted({layer.kind for layer in layers}))
 
 
+def _up2d(layer: LoRA) -> torch.Tensor:
+    """``B`` as stored (unscaled), float32, ``(out, r)``."""
+    return f32(layer.up).reshape(layer.up.shape[0], layer.rank)
+
+
+def _down2d(layer: LoRA) -> torch.Tensor:
+    """``A`` float32 ``(r, in * k)``, a Tucker core folded in."""
+    return f32(layer.down).reshape(layer.rank, -1) if layer.mid is None else layer.factors()[1]
+
+
 def _delta2d(layer: Any) -> torch.Tensor:
     d = layer.delta_math()
     return d.reshape(d.shape[0], -1)
@@ -395,8 +405,8 @@ def _factorwise(path: str, layers: list[LoRA], weights: list[float], opts: _Opti
         root = math.sqrt(abs(ws))
         wa.append(root if ws >= 0 else -root)  # the sign goes on A only
         wb.append(root)
-        downs.append(layer.factors()[1])
-        ups.append(f32(layer.up).reshape(layer.up.shape[0], layer.rank))
+        downs.append(_down2d(layer))
+        ups.append(_up2d(layer))
     down = combine(downs, torch.tensor(wa), opts.method, opts.density, opts.majority_sign, gen)
     up = combine(ups, torch.tensor(wb), opts.method, opts.density, opts.majority_sign, gen)
     return up, down
