@@ -119,6 +119,8 @@ def lora_obstacle(layer: Any) -> str | None:
         return "its DoRA magnitude depends on the base weight (fuse it instead)"
     if isinstance(layer, Full) and (layer.module_type == "norm" or len(layer.shape) < 2):
         return "a norm-layer difference has no low-rank form"
+    if isinstance(layer, Full) and layer.module_type == "embedding":
+        return "an embedding difference is not converted to an embedding LoRA"
     return None
 
 
@@ -151,6 +153,9 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     if rank is not None and int(rank) < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank}")
     todo = list(adapter.layers) if layers is None else list(layers)
+    unknown = [p for p in todo if p not in adapter.layers]
+    if unknown:
+        raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
     blocked = {p: lora_obstacle(adapter.layers[p]) for p in todo}
     blocked = {p: why for p, why in blocked.items() if why}
     if blocked:
@@ -278,6 +283,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
 
     dst = format_module(dst_format).NAME
     adapter = load(source, format=src_format, base=base)
+    source_format = adapter.format or (src_format or "?")
     todo = plan(adapter, dst)
     lossy_ok = rank is not None or kind == "lora"
     if kind is not None and kind != "lora":
@@ -310,7 +316,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
     written = save(adapter, out, format=dst, overwrite=overwrite)
     lossless = bool((report["method"] != "svd").all())
-    return ConversionResult(Path(written), adapter.format or (src_format or "?"), dst, report, lossless)
+    return ConversionResult(Path(written), source_format, dst, report, lossless)
 
 
 #: ``'a->b'`` dispatch: a left-hand name found here is a reparametrisation handler taking
