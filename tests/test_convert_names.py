@@ -198,3 +198,20 @@ def test_base_as_hub_id_reads_configs_only(tmp_path, hub_cache):
     a = load(f, base="tiny/sd-pipe")
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in a.layers
     assert any(p.startswith("text_encoder.") and p.endswith("layers.1.self_attn.out_proj") for p in a.layers)
+
+
+def test_base_as_single_file_ldm_checkpoint(tmp_path):
+    """An original SDXL single-file checkpoint as --base: LDM and diffusers kohya names both resolve (header only)."""
+    inv = names.shipped("sdxl")
+    keep = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.0.attentions.0.proj_out"]
+    ldm_of = {p: a for a, p in inv.aliases["unet"].items()}
+    header = {f"model.diffusion_model.{ldm_of[p]}.weight": torch.zeros(4, 4) for p in keep}
+    header["conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(4, 4)
+    header["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(12, 4)
+    save_file(header, str(tmp_path / "sd_xl_base.safetensors"))
+    a = load(lora_file(tmp_path / "a.safetensors", {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (4, 4),
+        "lora_unet_up_blocks_0_attentions_0_proj_out": (4, 4),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (4, 4)}, rank=1), base=str(tmp_path / "sd_xl_base.safetensors"))
+    assert set(a.layers) >= {f"unet.{p}" for p in keep}
+    assert any(p.startswith("text_encoder.") for p in a.layers)

@@ -74,7 +74,12 @@ def _module_name(key: str) -> tuple[str, str]:
 
 
 def detect(path: Path) -> bool:
-    """True for a ``.safetensors`` file whose keys use kohya/LyCORIS prefixes."""
+    """True for a ``.safetensors`` file (or a directory holding just one) whose keys use kohya/LyCORIS prefixes."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1 or any(path.glob("*.json")):
+            return False
+        path = files[0]
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
     header, _ = read_safetensors_header(path)

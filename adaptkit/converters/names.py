@@ -249,8 +249,14 @@ def inventory_from_base(base: Any) -> Inventory:
     resolved = resolve(str(base), allow_patterns=["*.json", "*/*.json"])
     path = resolved.path
     listings: dict[str, Listing] = {}
-    if path.is_file():
-        listings[""] = _from_safetensors([path]) if path.suffix == ".safetensors" else _from_config(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        listing = _from_safetensors([path])
+        single = single_file_inventory(str(base), *listing)
+        if single is not None:
+            return single
+        listings[""] = listing
+    elif path.is_file():
+        listings[""] = _from_config(path)
     elif (path / "model_index.json").is_file():
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             listing = _component_modules(sub)
@@ -267,6 +273,48 @@ def inventory_from_base(base: Any) -> Inventory:
             "pass a model directory or hub id"
         )
     return Inventory(name=str(base), modules=modules, biases=biases, aliases=aliases)
+
+
+#: key prefixes of original (LDM / "single file") Stable Diffusion checkpoints -> pipeline component
+SINGLE_FILE_PREFIXES = {
+    "model.diffusion_model.": "unet",
+    "cond_stage_model.transformer.": "text_encoder",
+    "conditioner.embedders.0.transformer.": "text_encoder",
+}
+
+
+def single_file_inventory(name: str, modules: Mapping[str, tuple[int, ...]], biases: set[str]) -> Inventory | None:
+    """An inventory for an original single-file SD 1.x / SDXL checkpoint (``model.diffusion_model.*`` keys).
+
+    UNet modules are renamed to diffusers paths through the shipped LDM alias table that covers the most
+    of them (their LDM names stay as aliases); CLIP-L text encoder modules keep their HF names. SDXL's
+    second text encoder is stored in open_clip's layout there, so ``lora_te2_`` names need a diffusers base.
+    Returns ``None`` for any other file.
+    """
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    part_biases: dict[str, set[str]] = {}
+    for path, shape in modules.items():
+        for prefix, comp in SINGLE_FILE_PREFIXES.items():
+            if path.startswith(prefix):
+                rel = path[len(prefix):]
+                parts.setdefault(comp, {})[rel] = shape
+                if path in biases:
+                    part_biases.setdefault(comp, set()).add(rel)
+                break
+    if "unet" not in parts:
+        return None
+    ldm = parts["unet"]
+    table = max((shipped(n).aliases.get("unet", {}) for n in ("sdxl", "sd15") if n in shipped_available()),
+                key=lambda t: sum(p in t for p in ldm), default={})
+    unet = {table.get(p, p): s for p, s in ldm.items()}
+    aliases: dict[str, dict[str, str]] = {"unet": {p: table[p] for p in ldm if p in table}}
+    out_biases = {"unet": frozenset(table.get(p, p) for p in part_biases.get("unet", ()))}
+    modules_out: dict[str, Mapping[str, tuple[int, ...]]] = {"unet": unet}
+    if "text_encoder" in parts:
+        modules_out["text_encoder"] = parts["text_encoder"]
+        aliases["text_encoder"] = text_model_aliases(parts["text_encoder"])
+        out_biases["text_encoder"] = frozenset(part_biases.get("text_encoder", ()))
+    return Inventory(name=name, modules=modules_out, aliases=aliases, biases=out_biases)
 
 
 # ------------------------------------------------------------------------------------------- resolving
