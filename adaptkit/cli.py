@@ -269,6 +269,7 @@ def _fuse_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=int, default=None, help="Files written in parallel (default: one per core)."),
         click.option("--dry-run", is_flag=True, help="List the tensors that would change; write nothing."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--fsync", is_flag=True, help="Flush files to disk before the rename (power-loss safe; slower)."),
         click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
     ]):
         fn = opt(fn)

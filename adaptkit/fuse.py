@@ -294,7 +294,7 @@ def _copy_side_files(ws: WeightSet, dest: Path) -> None:
         shutil.copyfile(path, target)
 
 
-def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse) -> FuseResult:
+def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
     ads = _as_adapters(adapters)
     if weights is None:
@@ -319,7 +319,7 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
         targets = [(f, tmp if single else tmp / f.rel_path) for f in files]
         for _, path in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
-        _write_all(targets, total, progress, workers)
+        _write_all(targets, total, progress, workers, fsync)
         if not single:
             for group, fs in groups:
                 write_index(group, fs, tmp)
@@ -328,7 +328,8 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
     return FuseResult(Path(out), plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
 
 
-def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None) -> None:
+def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None,
+               fsync: bool) -> None:
     from tqdm.auto import tqdm
 
     disable = None if progress is None else not progress
@@ -347,7 +348,7 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
             overall.update(entry.nbytes)
 
         try:
-            write_out_file(plan, path, on_tensor=tick)
+            write_out_file(plan, path, on_tensor=tick, fsync=fsync)
         finally:
             bar.close()
             slots.append(slot)
@@ -373,7 +374,8 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
 
 def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
          dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
-         dry_run: bool = False, progress: bool | None = None, workers: int | None = None) -> FuseResult:
+         dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False
+         ) -> FuseResult:
     """Fuse adapters into a base model's weights, streaming tensor by tensor.
 
     Args:
@@ -389,6 +391,8 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         dry_run: only plan; nothing is written (``FuseResult.plan`` lists what would change).
         progress: show progress bars (``None``: only on a terminal).
         workers: output files written in parallel (default: one per core, at most 8).
+        fsync: flush every output file to the disk before the rename (survives a power loss, not only a
+            killed process; slower: the write-back is waited for).
 
     Returns:
         A :class:`FuseResult`.
@@ -399,12 +403,13 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         NonFiniteError: a fused tensor is not finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """
-    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse=False)
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=False)
 
 
 def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
            dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
-           dry_run: bool = False, progress: bool | None = None, workers: int | None = None) -> FuseResult:
+           dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False
+         ) -> FuseResult:
     """Subtract fused additive adapters again: ``W - sum_i w_i * dW_i`` (the inverse of :func:`fuse`).
 
     Takes the same arguments as :func:`fuse`, with ``base`` the fused model. Fuse then unfuse returns the
@@ -414,7 +419,7 @@ def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None
         UnsupportedError: an adapter has DoRA or IA3 layers (they rescale the weight and cannot be
             subtracted) or replaces whole tensors; plus everything :func:`fuse` raises.
     """
-    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, unfuse=True)
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=True)
 
 
 from .extraction import extract  # noqa: E402  (re-exported next to fuse/unfuse)

@@ -429,10 +429,13 @@ class _Copier:
             dst_off += n
 
 
-def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], None] | None = None) -> None:
+def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], None] | None = None,
+                   fsync: bool = False) -> None:
     """Write one planned file: header, then each tensor copied raw, cast, or transformed in float32.
 
-    Transformed tensors are checked to be finite after casting to the output dtype.
+    Transformed tensors are checked to be finite (and to fit the output dtype) before they are written.
+    With ``fsync`` the file is flushed to the disk before returning (durable across a power loss; without
+    it the data may still be in the page cache, as after ``cp``).
 
     Raises:
         NonFiniteError: a transformed tensor has NaN/Inf (or overflows the output dtype).
@@ -482,7 +485,8 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
             if on_tensor:
                 on_tensor(e)
             i += 1
-        os.fsync(out)
+        if fsync:
+            os.fsync(out)
     finally:
         os.close(out)
         for fd in fds.values():

@@ -6,7 +6,8 @@ saved in several safetensors shards, plus a LoRA (r=16 on every linear layer). T
 in separate subprocesses (fresh interpreters, so the peak RSS of each is its own):
 
 * ``copy``: ``shutil.copyfile`` of the weight files (the disk-speed baseline);
-* ``adaptkit``: ``adaptkit.fuse(base, adapter, out)``;
+* ``adaptkit``: ``adaptkit.fuse(base, adapter, out)`` (and once more with ``fsync=True``, which waits for
+  the write-back to the disk; the copy and peft do not);
 * ``peft``: ``AutoModelForCausalLM.from_pretrained`` (bf16) + ``PeftModel.from_pretrained`` +
   ``merge_and_unload`` + ``save_pretrained`` with the same shard size.
 
@@ -53,6 +54,12 @@ JOBS = {
         import adaptkit
         after_import = rss_mb(); t = time.perf_counter()
         adaptkit.fuse(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+        wall = time.perf_counter() - t
+    """,
+    "adaptkit_fsync": """
+        import adaptkit
+        after_import = rss_mb(); t = time.perf_counter()
+        adaptkit.fuse(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, fsync=True)
         wall = time.perf_counter() - t
     """,
     "peft": """
@@ -186,13 +193,13 @@ def main() -> None:
             n_layers = build_adapter(adapter, base)
             shards = len(list(base.glob("*.safetensors")))
             res = {}
-            for job in ("copy", "adaptkit", "peft"):
+            for job in ("copy", "adaptkit", "adaptkit_fsync", "peft"):
                 runs = []
-                for _ in range(1 if job == "peft" else args.repeat):
+                for _ in range(1 if job in ("peft", "adaptkit_fsync") else args.repeat):
                     out = root / f"out-{job}-{n}"
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(run_child(job, base, adapter, out))
-                    if job == "copy":
+                    if job in ("copy", "adaptkit_fsync"):
                         shutil.rmtree(out)
                 res[job] = {"wall": min(r["wall"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs),
                             "work_mb": max(r["work_mb"] for r in runs)}
@@ -203,7 +210,7 @@ def main() -> None:
             row = {
                 "blocks": n, "model_GiB": round(gib, 3), "shards": shards, "lora_layers": n_layers,
                 "copy_s": round(res["copy"]["wall"], 2), "adaptkit_s": round(res["adaptkit"]["wall"], 2),
-                "peft_s": round(res["peft"]["wall"], 2),
+                "peft_s": round(res["peft"]["wall"], 2), "adaptkit_fsync_s": round(res["adaptkit_fsync"]["wall"], 2),
                 "adaptkit_peak_MB": round(res["adaptkit"]["peak_mb"]), "peft_peak_MB": round(res["peft"]["peak_mb"]),
                 "adaptkit_work_MB": round(res["adaptkit"]["work_mb"]), "peft_work_MB": round(res["peft"]["work_mb"]),
                 "wall_ratio": round(res["adaptkit"]["wall"] / res["peft"]["wall"], 3),

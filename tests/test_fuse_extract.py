@@ -115,8 +115,8 @@ def test_kill_9_during_fuse_leaves_no_output(tmp_path, f32_setup):
         import sys, time, adaptkit
         F = sys.modules["adaptkit.fuse"]
         original = F.write_out_file
-        def slow(plan, path, on_tensor=None):
-            original(plan, path, on_tensor)
+        def slow(plan, path, **kwargs):
+            original(plan, path, **kwargs)
             open({str(marker)!r}, "w").close()
             time.sleep(120)
         F.write_out_file = slow
@@ -217,3 +217,40 @@ def test_cli_subprocess_error(tmp_path):
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
     _ = os
+
+
+def test_fuse_from_hub_id(tmp_path, hub_cache, f32_setup):
+    from .conftest import make_hub_cache
+
+    base, adapter_dir, fused = f32_setup
+    make_hub_cache(hub_cache, "org/tiny-llama", {p.name: p for p in base.iterdir()})
+    result = ak.fuse("org/tiny-llama", adapter_dir, tmp_path / "o", progress=False)
+    assert result.touched == 8
+    want = load_dir(fused)
+    assert all(torch.equal(v, want[k]) for k, v in load_dir(tmp_path / "o").items())
+
+
+def test_pipeline_components(tmp_path):
+    """A diffusers-style pipeline: one weight folder per component, adapter paths carry the component."""
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "Test", "unet": ["x", "y"]}))
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text("{}")
+    make_tiny_llama(0).save_pretrained(str(pipe / "text_encoder"))
+    make_tiny_llama(1).save_pretrained(str(pipe / "unet"), max_shard_size="20KB")
+    adapter = ak.load(make_peft_adapter(tmp_path / "a", LoraConfig(**LORA), seed=2))
+    with pytest.raises(ak.ConfigError, match="several base weights"):  # which component? refused, not guessed
+        ak.fuse(pipe, adapter, tmp_path / "o", progress=False)
+    unet_only = adapter.replace(layers={"unet." + k: v for k, v in adapter.layers.items()})
+    result = ak.fuse(pipe, unet_only, tmp_path / "o", progress=False)
+    assert result.touched == 8 and all(t.startswith("unet.") for t in result.plan["tensor"])
+    assert (tmp_path / "o" / "scheduler" / "scheduler_config.json").is_file()
+    assert (tmp_path / "o" / "model_index.json").is_file()
+    assert (tmp_path / "o" / "unet" / "model.safetensors.index.json").is_file()
+    text = load_dir(tmp_path / "o" / "text_encoder")
+    assert all(torch.equal(v, load_dir(pipe / "text_encoder")[k]) for k, v in text.items())
+    unet, unet_base = load_dir(tmp_path / "o" / "unet"), load_dir(pipe / "unet")
+    key = "model.layers.1.mlp.up_proj.weight"
+    expected = unet_base[key] + adapter.layers["model.layers.1.mlp.up_proj"].delta()
+    torch.testing.assert_close(unet[key], expected, atol=1e-6, rtol=1e-6)
