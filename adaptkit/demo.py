@@ -128,6 +128,33 @@ def _step_convert(ctx: DemoContext) -> None:
     ctx.echo(f"  wrote {result.out}: {len(result.report)} LoHa layers, lossless: {result.lossless}")
 
 
+def _step_analyze(ctx: DemoContext) -> None:
+    from .analysis import analyze_adapter
+    from .comparison import compare_adapters
+
+    ctx.section("analyze: spectra of 'lora_math' (low-rank, dW never built); how the bundled adapters interfere")
+    try:
+        import matplotlib  # noqa: F401
+
+        plots = True
+    except ImportError:
+        plots = False
+    report = ctx.out / "analysis_report.html" if plots else None
+    result = analyze_adapter(example("lora_math"), report=report)
+    cols = ["module", "rank", "fro_norm", "spectral_norm", "effective_rank", "rank_90", "energy_share"]
+    ctx.echo(result.table[cols].head(4).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    names = ("lora_math", "lora_code", "dora_style")
+    compare_report = ctx.out / "compare_report.html" if plots else None
+    cmp = compare_adapters([example(n) for n in names], report=compare_report)
+    ctx.echo(cmp.pairs[["a", "b", "shared_layers", "cosine", "sign_conflict"]].to_string(
+        index=False, float_format=lambda x: f"{x:.3g}"))
+    ctx.echo(f"  suggested merge method: {cmp.method}")
+    if plots:
+        ctx.echo(f"  wrote {report} and {compare_report} (open them in a browser)")
+    else:
+        ctx.echo("  no HTML reports: matplotlib is not installed (pip install 'adaptkit[plot]')")
+
+
 #: the demo, in order: (name, step)
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("info", _step_info),
@@ -135,6 +162,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("merge", _step_merge),
     ("fuse", _step_fuse),
     ("convert", _step_convert),
+    ("analyze", _step_analyze),
 ]
 
 
