@@ -312,7 +312,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         table = pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
         cosine, conflict, overlap = _pooled(table) if rows else (math.nan, math.nan, math.nan)
         union = len(set(a.layers) | set(b.layers))
-        all_ia3 = bool(rows) and all(r["kind_a"] == "ia3" for r in rows)
+        all_ia3 = bool(rows) and all(r["kind_a"] == r["kind_b"] == "ia3" for r in rows)
         method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3)
         pair_rows.append({"a": names_[i], "b": names_[j], "shared_layers": len(shared),
                           "only_a": len(set(a.layers) - set(b.layers)), "only_b": len(set(b.layers) - set(a.layers)),
@@ -322,7 +322,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     layers["topk_shared"] = layers["topk_shared"].astype(object).where(layers["topk_shared"].notna(), None)
     pairs = pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS))
     cosine, conflict, _ = _pooled(layers) if len(layers) else (math.nan, math.nan, math.nan)
-    all_ia3 = bool(len(layers)) and bool((layers["kind_a"] == "ia3").all())
+    all_ia3 = bool(len(layers)) and bool(((layers["kind_a"] == "ia3") & (layers["kind_b"] == "ia3")).all())
     method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3)
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)
     if report is not None:
