@@ -230,3 +230,40 @@ def test_tiny_kohya_names_need_the_base(tmp_path):
     with pytest.raises(ConfigError, match="base"):
         load(tmp_path / "k.safetensors")
     assert not list(tmp_path.glob("out*"))
+
+
+class _Pipe(torch.nn.Module):
+    """The two adapted components under their pipeline names, so PEFT paths ``unet.``/``text_encoder.`` fit."""
+
+    def __init__(self, unet, te):
+        super().__init__()
+        self.unet, self.text_encoder = unet, te
+
+
+@pytest.mark.parametrize("algo,kwargs", [("lora", {"conv_dim": 2, "conv_alpha": 1}),
+                                         ("lora", {"conv_dim": 2, "conv_alpha": 1, "use_tucker": True}),
+                                         ("loha", {}), ("lokr", {})])
+def test_kohya_names_to_peft_match_lycoris(tmp_path, algo, kwargs):
+    """Real ``lora_unet_``/``lora_te_`` files from lycoris.kohya -> PEFT: same outputs as LyCORIS (rtol 1e-4)."""
+    from peft import PeftModel
+
+    from adaptkit.convert import convert_checkpoint, plan
+
+    unet, te = tiny_unet(), tiny_te()
+    base = _save_base(tmp_path / "base", unet, te)
+    applied_unet, applied_te = copy.deepcopy(unet), copy.deepcopy(te)
+    net = kohya_network(tmp_path, applied_te, applied_unet, 4, 2, algo=algo, **kwargs)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    f = tmp_path / "kohya.safetensors"
+    net.save_weights(str(f), torch.float32, None)
+    want = outputs(applied_unet, applied_te)
+    assert not plan(load(f, base=str(base)), "peft")  # PEFT can store every layer as it is
+    result = convert_checkpoint("kohya->peft", f, tmp_path / "peft", base=str(base))
+    assert result.lossless
+    model = PeftModel.from_pretrained(_Pipe(unet, te), str(tmp_path / "peft")).eval()
+    inner = model.base_model.model
+    for got, exp in zip(outputs(inner.unet, inner.text_encoder), want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
