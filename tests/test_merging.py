@@ -14,7 +14,7 @@ from adaptkit.cli import MERGE_METHODS, main
 from adaptkit.merging import METHODS, PROVENANCE_KEY, merge
 from adaptkit.merging.lowrank import dense_svd, lowrank_svd
 from adaptkit.merging.methods import combine
-from adaptkit.merging.primitives import disjoint_merge, magnitude_prune, majority_sign_mask, random_prune
+from adaptkit.merging.primitives import agrees, disjoint_mean, magnitude_prune, majority_sign, random_prune
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,13 +58,16 @@ def test_primitives_equal_peft_merge_utils():
             assert torch.equal(magnitude_prune(t, density), mu.prune(t, density, "magnitude"))
     stacked = torch.stack(ts)
     for method in ("total", "frequency"):
-        assert torch.equal(majority_sign_mask(stacked, method), mu.calculate_majority_sign_mask(stacked, method))
-    mask = mu.calculate_majority_sign_mask(stacked)
-    assert torch.equal(disjoint_merge(stacked, mask), mu.disjoint_merge(stacked, mask))
-    for name, ref in (("ties", mu.ties), ("magnitude_prune", mu.magnitude_prune)):
-        got = combine(ts, weights, METHODS[name], density=0.3)
-        assert torch.equal(got, ref(ts, weights, 0.3))
-    torch.testing.assert_close(combine(ts, weights, METHODS["linear"]), mu.task_arithmetic(ts, weights))
+        positive = majority_sign(ts, method)
+        mask = torch.stack([agrees(t, positive) for t in ts])
+        assert torch.equal(mask, mu.calculate_majority_sign_mask(stacked, method))
+        weighted = mu.reshape_weight_task_tensors(stacked, weights) * stacked
+        assert torch.equal(disjoint_mean(ts, weights, positive), mu.disjoint_merge(weighted, mask))
+        got = combine(list(ts), weights, METHODS["ties"], density=0.3, majority_sign_method=method)
+        assert torch.equal(got, mu.ties(ts, weights, 0.3, method))
+    got = combine(list(ts), weights, METHODS["magnitude_prune"], density=0.3)
+    assert torch.equal(got, mu.magnitude_prune(ts, weights, 0.3))
+    torch.testing.assert_close(combine(list(ts), weights, METHODS["linear"]), mu.task_arithmetic(ts, weights))
 
 
 def test_magnitude_prune_ties_keep_exactly_k():

@@ -196,3 +196,25 @@ def test_dare_keeps_density_and_rescales_like_peft(equal_rank):
             kept += int(nz.sum())
             total += nz.numel()
         assert abs(kept / total - density) < 0.03, f"{name} kept {kept / total:.3f}"
+
+
+@pytest.mark.parametrize("method", ["svd", "ties", "ties_svd", "cat"])
+def test_conv1d_fan_in_fan_out_matches_peft(tmp_path, method):
+    """GPT-2's Conv1D stores the weight transposed (fan_in_fan_out): orientation must match peft's."""
+    from peft import LoraConfig, PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
+
+    cfg = dict(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+    dirs = [make_peft_adapter(tmp_path / f"g{i}", LoraConfig(lora_alpha=4 * (i + 1), **cfg), seed=i, model=gpt2())
+            for i in range(2)]
+    pm = PeftModel.from_pretrained(gpt2(), str(dirs[0]), adapter_name="a0")
+    pm.load_adapter(str(dirs[1]), adapter_name="a1")
+    peft_kw, ak_kw = _kw(method, density=0.5, rank=3)
+    pm.add_weighted_adapter(["a0", "a1"], [1.0, -0.7], "m", combination_type=method, **peft_kw)
+    ref = {n.removeprefix("base_model.model."): mod.get_delta_weight("m").detach()
+           for n, mod in pm.named_modules() if hasattr(mod, "lora_A") and "m" in mod.lora_A}
+    assert_same(ak.merge(dirs, [1.0, -0.7], method=method, **ak_kw), ref)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .primitives import SIGN_METHODS, disjoint_merge, majority_sign_mask, prune, weigh, weighted_sum
+from .primitives import disjoint_mean, majority_sign, prune, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -107,15 +107,19 @@ def get_method(name: str) -> Method:
 
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
-            majority_sign: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+            majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
     """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
 
+    Equal to ``peft.utils.merge_utils`` (``ties``, ``dare_*``, ``magnitude_prune``, ``task_arithmetic``) but
+    streams over the inputs instead of stacking them (see :mod:`.primitives`).
+
     Args:
-        tensors: one tensor per input (float32).
+        tensors: one tensor per input (float32). The list is consumed: its entries are replaced by their
+            pruned versions so that the originals can be freed.
         weights: one weight per input (1-D float tensor).
         method: the method whose ``sparsify`` and ``consensus`` parts apply.
         density: keep fraction for sparsification.
-        majority_sign: ``"total"`` or ``"frequency"`` (TIES).
+        majority_sign_method: ``"total"`` or ``"frequency"`` (TIES).
         generator: random generator for DARE.
 
     Returns:
@@ -125,14 +129,12 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
         rescale = method.sparsify == "random"
-        tensors = [prune(t, density, method.sparsify, rescale=rescale, generator=generator) for t in tensors]
-    stacked = torch.stack(tensors, dim=0)
-    if method.consensus:
-        if majority_sign not in SIGN_METHODS:
-            raise ConfigError(f"unknown majority_sign '{majority_sign}'; use one of {', '.join(SIGN_METHODS)}")
-        mask = majority_sign_mask(stacked, majority_sign)
-        return disjoint_merge(weigh(stacked, weights), mask)
-    return weighted_sum(stacked, weights)
+        for i, t in enumerate(tensors):
+            tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator)
+    w = [weights[i].to(tensors[i].dtype) for i in range(len(tensors))]
+    if not method.consensus:
+        return weighted_sum(tensors, w)
+    return disjoint_mean(tensors, w, majority_sign(tensors, majority_sign_method))
 
 
 __all__ = ["METHODS", "PEFT_METHODS", "Method", "combine", "get_method"]

@@ -6,10 +6,13 @@ These are the element-wise building blocks of TIES, DARE and magnitude pruning, 
 explicit :class:`torch.Generator` (so a seed makes a merge reproducible without touching torch's global
 RNG), and magnitude pruning finds its threshold with ``kthvalue`` (3x faster than ``topk`` on large
 tensors), falling back to ``topk`` when ties at the threshold would keep more than ``k`` entries.
-All functions are pure: they never modify their inputs.
+The sign election and the disjoint mean stream over a list of tensors instead of stacking them, so k
+dense deltas cost about k + 3 matrices of memory. All functions are pure: they never modify their inputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -40,7 +43,7 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     if int(keep.sum()) != k:  # ties at the threshold: pick exactly k as PEFT's topk does
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat, k=k, largest=True).indices] = True
-    return tensor * keep.reshape(tensor.shape).to(tensor.dtype)
+    return tensor.masked_fill(~keep.reshape(tensor.shape), 0)
 
 
 def random_prune(tensor: torch.Tensor, density: float, rescale: bool = True,
@@ -79,56 +82,55 @@ def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = Fal
     raise ConfigError(f"unknown pruning method '{method}'; use 'magnitude' or 'random'")
 
 
-def majority_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
-    """Boolean mask of the entries whose sign agrees with the elected sign (TIES "elect").
+def majority_sign(tensors: Sequence[torch.Tensor], method: str = "total") -> torch.Tensor:
+    """Elect a sign per entry (TIES "elect"): True where the elected sign is ``+``.
 
     Args:
-        stacked: task tensors stacked on dim 0.
+        tensors: same-shaped task tensors.
         method: ``"total"``: the sign of the sum; ``"frequency"``: the sign held by more tensors.
             Zero elects ``+``.
 
     Returns:
-        A bool tensor shaped like ``stacked``.
+        A bool tensor of the tensors' shape.
     """
-    sign = stacked.sign()
-    if method == "total":
-        magnitude = stacked.sum(dim=0)
-    elif method == "frequency":
-        magnitude = sign.sum(dim=0)
-    else:
+    if method not in SIGN_METHODS:
         raise ConfigError(f"unknown majority_sign '{method}'; use one of {', '.join(SIGN_METHODS)}")
-    elected = torch.where(magnitude >= 0, 1.0, -1.0).to(sign.dtype)
-    return sign == elected
+    votes = sum(t if method == "total" else t.sign() for t in tensors)
+    return votes >= 0
 
 
-def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of the entries that ``mask`` keeps (TIES "disjoint merge"); 0 where none are kept."""
-    total = (weighted * mask).sum(dim=0)
-    count = mask.sum(dim=0)
+def agrees(tensor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the entries whose sign equals the elected one (zeros never agree)."""
+    return torch.where(positive, tensor > 0, tensor < 0)
+
+
+def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
+                  positive: torch.Tensor) -> torch.Tensor:
+    """Mean of the weighted entries that agree with the elected sign (TIES "disjoint merge"); 0 where none do."""
+    total = torch.zeros_like(tensors[0])
+    count = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights):
+        agree = agrees(t, positive)
+        total += (t * w) * agree
+        count += agree
     return total / torch.clamp(count, min=1.0)
 
 
-def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i weights[i] * stacked[i]``."""
-    return (stacked * _view(weights, stacked)).sum(dim=0)
-
-
-def _view(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    return weights.to(stacked.dtype).reshape(weights.shape + (1,) * (stacked.dim() - weights.dim()))
-
-
-def weigh(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``stacked[i] * weights[i]`` for each ``i`` (broadcast over the remaining dims)."""
-    return stacked * _view(weights, stacked)
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]) -> torch.Tensor:
+    """``sum_i weights[i] * tensors[i]``, accumulated in order."""
+    total = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        total += t * w
+    return total
 
 
 __all__ = [
     "SIGN_METHODS",
-    "disjoint_merge",
+    "agrees",
+    "disjoint_mean",
     "magnitude_prune",
-    "majority_sign_mask",
+    "majority_sign",
     "prune",
     "random_prune",
-    "weigh",
     "weighted_sum",
 ]
