@@ -215,3 +215,10 @@ def test_base_as_single_file_ldm_checkpoint(tmp_path):
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (4, 4)}, rank=1), base=str(tmp_path / "sd_xl_base.safetensors"))
     assert set(a.layers) >= {f"unet.{p}" for p in keep}
     assert any(p.startswith("text_encoder.") for p in a.layers)
+
+
+def test_linear_factors_for_a_1x1_conv_take_the_base_shape(tmp_path):
+    """SD 1.x ``proj_in`` is a 1x1 conv; a LoRA stored with 2-D factors is reshaped to the module's layout."""
+    a = load(lora_file(tmp_path / "a.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in": (320, 320)}))
+    layer = a["unet.down_blocks.0.attentions.0.proj_in"]
+    assert layer.shape == (320, 320, 1, 1) and layer.down.shape == (2, 320, 1, 1) and layer.module_type == "conv"

@@ -303,6 +303,13 @@ def refine_shape(layer: Any, shape: tuple[int, ...]) -> Any:
         return layer
     if isinstance(layer, IA3):
         return dataclasses.replace(layer, shape=tuple(shape), module_type="conv" if len(shape) > 2 else "linear")
+    if (isinstance(layer, LoRA) and layer.mid is None and tuple(layer.shape) != tuple(shape)
+            and math.prod(layer.shape) == math.prod(shape) and all(k == 1 for k in (*layer.shape[2:], *shape[2:]))):
+        # a 1x1 conv stored as linear factors or the other way round: reshape the factors to the base module
+        extra = [1] * (len(shape) - 2)
+        return dataclasses.replace(layer, down=layer.down.reshape(layer.rank, shape[1], *extra),
+                                   up=layer.up.reshape(shape[0], layer.rank, *extra), shape=tuple(shape),
+                                   module_type="conv" if len(shape) > 2 else "linear")
     if isinstance(layer, (LoHa, LoKr)) and tuple(layer.shape) != tuple(shape) and math.prod(layer.shape) == math.prod(shape):
         return dataclasses.replace(layer, shape=tuple(shape), module_type="conv" if len(shape) > 2 else "linear")
     return layer
