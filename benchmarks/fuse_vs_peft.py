@@ -16,7 +16,7 @@ Wall time is measured inside each child around the work only (imports excluded);
 files are in the page cache for every run (they were just written), so this measures the tools, not the
 disk. One touched tensor of both outputs is compared (within one bf16 ulp) as a sanity check.
 
-Usage: ``python benchmarks/fuse_vs_peft.py [--layers 4 8] [--workdir DIR] [--repeat 2]``
+Usage: ``python benchmarks/fuse_vs_peft.py [--layers 8 16] [--targets qv all-linear] [--workdir DIR] [--repeat 2]``
 """
 
 from __future__ import annotations
@@ -120,8 +120,11 @@ def build_model(path: Path, layers: int, seed: int = 0) -> int:
     return total
 
 
-def build_adapter(path: Path, base: Path, rank: int = 16, seed: int = 1) -> int:
-    """A PEFT LoRA (r=16, every linear layer of every block, float32 factors); returns its layer count."""
+TARGETS = {"qv": ("q_proj", "v_proj"), "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+
+
+def build_adapter(path: Path, base: Path, targets: tuple[str, ...], rank: int = 16, seed: int = 1) -> int:
+    """A PEFT LoRA (r=16 on ``targets`` in every block, float32 factors); returns its layer count."""
     import torch
 
     import adaptkit as ak
@@ -131,7 +134,7 @@ def build_adapter(path: Path, base: Path, rank: int = 16, seed: int = 1) -> int:
     gen = torch.Generator().manual_seed(seed)
     layers = {}
     for key, info in ws.tensors.items():
-        if ".layers." in key and key.endswith("_proj.weight"):
+        if ".layers." in key and key.removesuffix(".weight").rsplit(".", 1)[-1] in targets:
             out, inp = info.shape
             layers[key.removesuffix(".weight")] = ak.LoRA(
                 down=torch.randn(rank, inp, generator=gen) / inp**0.5, up=torch.randn(out, rank, generator=gen) * 0.01,
@@ -177,9 +180,11 @@ def check_same(a: Path, b: Path, key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8], help="model sizes, as numbers of blocks")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16], help="model sizes, as numbers of blocks")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of copy/adaptkit per size (best is kept)")
+    parser.add_argument("--targets", nargs="+", default=["qv", "all-linear"], choices=sorted(TARGETS),
+                        help="LoRA target sets to benchmark")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fuse-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -190,39 +195,47 @@ def main() -> None:
             for p in (base, adapter):
                 shutil.rmtree(p, ignore_errors=True)
             nbytes = build_model(base, n)
-            n_layers = build_adapter(adapter, base)
             shards = len(list(base.glob("*.safetensors")))
-            res = {}
-            for job in ("copy", "adaptkit", "adaptkit_fsync", "peft"):
-                runs = []
-                for _ in range(1 if job in ("peft", "adaptkit_fsync") else args.repeat):
-                    out = root / f"out-{job}-{n}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    runs.append(run_child(job, base, adapter, out))
-                    if job in ("copy", "adaptkit_fsync"):
-                        shutil.rmtree(out)
-                res[job] = {"wall": min(r["wall"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs),
-                            "work_mb": max(r["work_mb"] for r in runs)}
-            ulps = check_same(root / f"out-adaptkit-{n}", root / f"out-peft-{n}", "model.layers.0.mlp.down_proj.weight")
-            for job in ("adaptkit", "peft"):
-                shutil.rmtree(root / f"out-{job}-{n}", ignore_errors=True)
-            gib = nbytes / 2**30
-            row = {
-                "blocks": n, "model_GiB": round(gib, 3), "shards": shards, "lora_layers": n_layers,
-                "copy_s": round(res["copy"]["wall"], 2), "adaptkit_s": round(res["adaptkit"]["wall"], 2),
-                "peft_s": round(res["peft"]["wall"], 2), "adaptkit_fsync_s": round(res["adaptkit_fsync"]["wall"], 2),
-                "adaptkit_peak_MB": round(res["adaptkit"]["peak_mb"]), "peft_peak_MB": round(res["peft"]["peak_mb"]),
-                "adaptkit_work_MB": round(res["adaptkit"]["work_mb"]), "peft_work_MB": round(res["peft"]["work_mb"]),
-                "wall_ratio": round(res["adaptkit"]["wall"] / res["peft"]["wall"], 3),
-                "rss_ratio": round(res["adaptkit"]["peak_mb"] / res["peft"]["peak_mb"], 3),
-                "work_rss_ratio": round(res["adaptkit"]["work_mb"] / max(res["peft"]["work_mb"], 1e-9), 3),
-                "peft_peak_over_model": round(res["peft"]["peak_mb"] * 2**20 / nbytes, 2),
-                "adaptkit_GiB_s": round(gib / res["adaptkit"]["wall"], 2), "copy_GiB_s": round(gib / res["copy"]["wall"], 2),
-                "throughput_vs_copy": round(res["copy"]["wall"] / res["adaptkit"]["wall"], 3),
-                "max_ulps_vs_peft": round(ulps, 3),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            copy = None
+            for target in args.targets:
+                shutil.rmtree(adapter, ignore_errors=True)
+                n_layers = build_adapter(adapter, base, TARGETS[target])
+                res = {}
+                for job in ("copy", "adaptkit", "adaptkit_fsync", "peft"):
+                    if job == "copy" and copy is not None:
+                        res[job] = copy
+                        continue
+                    runs = []
+                    for _ in range(1 if job in ("peft", "adaptkit_fsync") else args.repeat):
+                        out = root / f"out-{job}-{n}"
+                        shutil.rmtree(out, ignore_errors=True)
+                        runs.append(run_child(job, base, adapter, out))
+                        if job in ("copy", "adaptkit_fsync"):
+                            shutil.rmtree(out)
+                    res[job] = {"wall": min(r["wall"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs),
+                                "work_mb": max(r["work_mb"] for r in runs)}
+                copy = res["copy"]
+                key = f"model.layers.0.self_attn.q_proj.weight"
+                ulps = check_same(root / f"out-adaptkit-{n}", root / f"out-peft-{n}", key)
+                for job in ("adaptkit", "peft"):
+                    shutil.rmtree(root / f"out-{job}-{n}", ignore_errors=True)
+                gib = nbytes / 2**30
+                row = {
+                    "blocks": n, "lora": target, "model_GiB": round(gib, 3), "shards": shards, "lora_layers": n_layers,
+                    "copy_s": round(res["copy"]["wall"], 2), "adaptkit_s": round(res["adaptkit"]["wall"], 2),
+                    "adaptkit_fsync_s": round(res["adaptkit_fsync"]["wall"], 2), "peft_s": round(res["peft"]["wall"], 2),
+                    "adaptkit_peak_MB": round(res["adaptkit"]["peak_mb"]), "peft_peak_MB": round(res["peft"]["peak_mb"]),
+                    "adaptkit_work_MB": round(res["adaptkit"]["work_mb"]), "peft_work_MB": round(res["peft"]["work_mb"]),
+                    "wall_ratio": round(res["adaptkit"]["wall"] / res["peft"]["wall"], 3),
+                    "rss_ratio": round(res["adaptkit"]["peak_mb"] / res["peft"]["peak_mb"], 3),
+                    "work_rss_ratio": round(res["adaptkit"]["work_mb"] / max(res["peft"]["work_mb"], 1e-9), 3),
+                    "peft_peak_over_model": round(res["peft"]["peak_mb"] * 2**20 / nbytes, 2),
+                    "adaptkit_GiB_s": round(gib / res["adaptkit"]["wall"], 2), "copy_GiB_s": round(gib / res["copy"]["wall"], 2),
+                    "throughput_vs_copy": round(res["copy"]["wall"] / res["adaptkit"]["wall"], 3),
+                    "max_ulps_vs_peft": round(ulps, 3),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             shutil.rmtree(base)
             shutil.rmtree(adapter)
     finally:

@@ -186,6 +186,10 @@ def test_non_finite_result_is_refused(tmp_path, base_dir):
         ak.fuse(base_dir, adapter, tmp_path / "out", weights=[1e38], progress=False)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
+    # finite in float32 but beyond float16's range: refused as well
+    with pytest.raises(ak.NonFiniteError, match="F16"):
+        ak.fuse(base_dir, adapter, tmp_path / "out", weights=[1e7], dtype="fp16", progress=False)
+    ak.fuse(base_dir, adapter, tmp_path / "ok", weights=[1e7], dtype="fp32", progress=False)
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "rslora"])
