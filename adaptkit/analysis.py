@@ -303,22 +303,25 @@ def adapter_name(adapter: Adapter, fallback: str = "adapter") -> str:
     return fallback
 
 
-def as_adapter(adapter_or_source: Adapter | str | os.PathLike, format: str | None = None) -> Adapter:
+def as_adapter(adapter_or_source: Adapter | str | os.PathLike, format: str | None = None,
+               base: str | None = None) -> Adapter:
     """Return an :class:`Adapter` as is, or load a source (hub id, directory, file) with :func:`adaptkit.load`."""
     if isinstance(adapter_or_source, Adapter):
         return adapter_or_source
     from .converters import load
 
-    return load(adapter_or_source, format=format)
+    return load(adapter_or_source, format=format, base=base)
 
 
 def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
-                    name: str | None = None, report: str | os.PathLike | None = None) -> AdapterAnalysis:
+                    base: str | None = None, name: str | None = None,
+                    report: str | os.PathLike | None = None) -> AdapterAnalysis:
     """Analyse every layer of an adapter and keep the spectra; optionally write the HTML report.
 
     Args:
         adapter_or_source: an :class:`Adapter`, or a hub id / directory / file to load.
         format: source format when loading (detected when ``None``).
+        base: base model (hub id or directory) for formats whose module names need resolving (kohya).
         name: display name (default: :func:`adapter_name`).
         report: write a self-contained HTML report to this path (replaced if it exists); needs matplotlib.
 
@@ -332,7 +335,7 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
         from .report import require_matplotlib
 
         require_matplotlib()
-    adapter = as_adapter(adapter_or_source, format)
+    adapter = as_adapter(adapter_or_source, format, base)
     rows, spectra = [], {}
     for path in sorted(adapter.layers, key=natural_key):
         row, s = analyze_layer(path, adapter.layers[path])
@@ -353,7 +356,8 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
     return result
 
 
-def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None) -> pd.DataFrame:
+def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
+            base: str | None = None) -> pd.DataFrame:
     """Per-layer analysis of an adapter's weight updates, one row per layer.
 
     Computed in the low-rank space for LoRA (and LoHa): QR of the factors and an SVD of the ``r x r`` core,
@@ -362,6 +366,7 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
     Args:
         adapter_or_source: an :class:`Adapter`, or a hub id / directory / file to load.
         format: source format when loading (detected when ``None``).
+        base: base model (hub id or directory) for formats whose module names need resolving (kohya).
 
     Returns:
         A DataFrame with columns :data:`COLUMNS`: ``module``, ``kind``, ``shape`` (module weight shape),
@@ -377,7 +382,7 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
         >>> import adaptkit as ak
         >>> ak.analyze("path/to/adapter").sort_values("energy_share", ascending=False).head()
     """
-    return analyze_adapter(adapter_or_source, format=format).table
+    return analyze_adapter(adapter_or_source, format=format, base=base).table
 
 
 def natural_key(path: str) -> list[Any]:

@@ -349,14 +349,15 @@ _REPORT_HELP = "Also write a self-contained HTML report with plots here (needs: 
 @main.command()
 @click.argument("source")
 @click.option("--format", "fmt", default=None, help="Source format (peft, kohya/lycoris, diffusers); detected if omitted.")
+@click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names (kohya files).")
 @click.option("--report", default=None, help=_REPORT_HELP)
 @output_options
 @handle_errors
-def analyze(source: str, fmt: str | None, report: str | None, as_json: bool, as_csv: bool) -> None:
+def analyze(source: str, fmt: str | None, base: str | None, report: str | None, as_json: bool, as_csv: bool) -> None:
     """Per-layer analysis: ||dW||, spectral norm, stable/effective rank, 90/99% energy rank, energy share, sparsity."""
     from .analysis import analyze_adapter
 
-    result = analyze_adapter(source, format=fmt, report=report)
+    result = analyze_adapter(source, format=fmt, base=base, report=report)
     render_table(result.table, as_json=as_json, as_csv=as_csv, header=None if as_csv else result.summary())
     if report:
         click.echo(f"report written to {report}", err=True)
@@ -367,15 +368,16 @@ def analyze(source: str, fmt: str | None, report: str | None, as_json: bool, as_
 @click.option("--density", type=float, default=0.2, show_default=True,
               help="Fraction of largest entries kept per adapter for the TIES sign-conflict rate.")
 @click.option("--format", "fmt", default=None, help="Source format (peft, kohya/lycoris, diffusers); detected if omitted.")
+@click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names (kohya files).")
 @click.option("--report", default=None, help=_REPORT_HELP)
 @output_options
 @handle_errors
-def compare(sources: tuple[str, ...], density: float, fmt: str | None, report: str | None, as_json: bool,
-            as_csv: bool) -> None:
+def compare(sources: tuple[str, ...], density: float, fmt: str | None, base: str | None, report: str | None,
+            as_json: bool, as_csv: bool) -> None:
     """Compare adapters: cosine similarity and sign conflicts per layer and pair, shared targets, merge suggestion."""
     from .comparison import compare_adapters
 
-    result = compare_adapters(list(sources), density=density, format=fmt, report=report)
+    result = compare_adapters(list(sources), density=density, format=fmt, base=base, report=report)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=_json_default))
     elif as_csv:

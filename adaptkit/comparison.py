@@ -252,10 +252,10 @@ def _pooled(rows: pd.DataFrame) -> tuple[float, float, float]:
 
 
 def _named(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapter | str | os.PathLike],
-           names: Sequence[str] | None, format: str | None) -> tuple[list[str], list[Adapter]]:
+           names: Sequence[str] | None, format: str | None, base: str | None) -> tuple[list[str], list[Adapter]]:
     if isinstance(adapters, Mapping):
         names, adapters = list(adapters.keys()), list(adapters.values())
-    loaded = [as_adapter(a, format) for a in adapters]
+    loaded = [as_adapter(a, format, base) for a in adapters]
     if len(loaded) < 2:
         raise ConfigError(f"compare needs at least two adapters, got {len(loaded)}; pass two or more sources")
     if names is not None and len(names) != len(loaded):
@@ -270,7 +270,7 @@ def _named(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapte
 def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapter | str | os.PathLike], *,
                      names: Sequence[str] | None = None, density: float = DEFAULT_DENSITY,
                      max_entries: int = MAX_ENTRIES, seed: int = 0, format: str | None = None,
-                     report: str | os.PathLike | None = None) -> Comparison:
+                     base: str | None = None, report: str | os.PathLike | None = None) -> Comparison:
     """Compare two or more adapters layer by layer and pair by pair; optionally write the HTML report.
 
     Args:
@@ -280,6 +280,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         max_entries: above this many entries per layer, sign statistics use this many sampled positions.
         seed: seed of that sampling.
         format: source format when loading (detected when ``None``).
+        base: base model (hub id or directory) for formats whose module names need resolving (kohya).
         report: write a self-contained HTML report (similarity heat maps, energy by depth) to this path;
             needs matplotlib.
 
@@ -298,7 +299,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         from .report import require_matplotlib
 
         require_matplotlib()
-    names_, loaded = _named(adapters, names, format)
+    names_, loaded = _named(adapters, names, format, base)
     layer_rows, pair_rows = [], []
     for (i, a), (j, b) in combinations(enumerate(loaded), 2):
         shared = sorted(set(a.layers) & set(b.layers), key=natural_key)
@@ -335,7 +336,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
 
 def compare(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapter | str | os.PathLike], *,
             density: float = DEFAULT_DENSITY, max_entries: int = MAX_ENTRIES, seed: int = 0,
-            format: str | None = None) -> pd.DataFrame:
+            format: str | None = None, base: str | None = None) -> pd.DataFrame:
     """Per module and pair: cosine similarity of ``dW``, TIES sign-conflict rate and top-k overlap.
 
     Args:
@@ -344,6 +345,7 @@ def compare(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapt
         max_entries: above this many entries per layer, sign statistics use sampled positions.
         seed: seed of that sampling.
         format: source format when loading.
+        base: base model for formats whose module names need resolving (kohya).
 
     Returns:
         The per-layer DataFrame (:data:`LAYER_COLUMNS`). ``df.attrs`` holds ``"pairs"`` (records of the per-pair summary
@@ -355,7 +357,8 @@ def compare(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapt
         >>> df = ak.compare(["org/math-lora", "org/code-lora"])
         >>> df.attrs["suggestion"], df.attrs["reason"]
     """
-    result = compare_adapters(adapters, density=density, max_entries=max_entries, seed=seed, format=format)
+    result = compare_adapters(adapters, density=density, max_entries=max_entries, seed=seed, format=format,
+                              base=base)
     table = result.layers.copy()
     table.attrs.update(pairs=result.pairs.to_dict(orient="records"), suggestion=result.method, reason=result.reason)
     return table

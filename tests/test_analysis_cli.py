@@ -130,3 +130,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert without < 0.002, without
     assert with_plots > 0.004, f"the screenshot shows no plots ({with_plots:.4f} of pixels coloured)"
     assert with_plots > 10 * without
+
+
+def test_analyze_kohya_file_with_base(tmp_path):
+    import numpy as np
+
+    from adaptkit.demo import build_example_base
+
+    base = build_example_base(tmp_path / "base")
+    src = str(example("lycoris_loha.safetensors"))
+    res = run("analyze", src, "--base", str(base), "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["layers"]
+    adapter = ak.load(src, base=str(base))
+    assert len(rows) == len(adapter) == 14
+    for row in rows:  # LoHa at rank 4: the Hadamard product reaches rank up to 16, seen without building dW
+        d = adapter.layers[row["module"]].delta().double().numpy()
+        s = np.linalg.svd(d, compute_uv=False)
+        assert row["method"] == "lowrank" and row["spectral_norm"] == pytest.approx(s[0], rel=1e-5)
+        assert row["rank_99"] == int(np.argmax(np.cumsum(s**2) / (s**2).sum() >= 0.99) + 1) > 4
+    assert run("analyze", src).exit_code == 1  # names need the base: one-line error, exit 1
