@@ -44,7 +44,7 @@ BASE_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoke
 #: weight files of other formats, never copied next to fused weights (they would hold the unfused model)
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 STANDARD_STEMS = ("model", "diffusion_pytorch_model")
-_CHUNK = 32 << 20  # bytes per piece when a cast, a row-wise transform or a fallback copy streams a tensor
+_CHUNK = 16 << 20  # bytes per piece when a cast, a row-wise transform or a fallback copy streams a tensor
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
