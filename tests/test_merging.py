@@ -76,6 +76,24 @@ def test_magnitude_prune_ties_keep_exactly_k():
     assert int((out != 0).sum()) == 4 and out[5] == 2.0
 
 
+@pytest.mark.parametrize("values", ["normal", "few_levels"])
+def test_magnitude_prune_large_tensor_selects_exactly(values):
+    """Tensors over 1M entries take the bracketed selection path: same result as peft's topk pruning."""
+    from peft.utils import merge_utils as mu
+
+    torch.manual_seed(4)
+    t = torch.randn(1200, 1000) if values == "normal" else torch.randint(-3, 4, (1200, 1000)).float()
+    for density in (0.003, 0.2, 0.75):
+        got = magnitude_prune(t, density)
+        kept = got != 0
+        assert int(kept.sum()) == min(int(density * t.numel()), int((t != 0).sum()))
+        if values == "normal":  # no ties: the very same entries as peft
+            assert torch.equal(got, mu.prune(t, density, "magnitude"))
+        else:  # ties at the threshold: same kept magnitudes
+            ref = mu.prune(t, density, "magnitude")
+            assert torch.equal(got.abs().flatten().sort().values, ref.abs().flatten().sort().values)
+
+
 def test_random_prune_density_rescale_and_generator():
     t = torch.randn(400, 300)
     g = torch.Generator().manual_seed(5)

@@ -112,7 +112,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         layers=layers,
         base_model=base,
         metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)},
-        config=dict(first.config),
+        config=_output_config(first.config),
         extras=_merge_extras(loaded),
         format=first.format,
         source=None,
@@ -148,6 +148,14 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
 
 
 # ----------------------------------------------------------------------------------------- checks
+
+
+def _output_config(config: Any) -> dict[str, Any]:
+    """The first adapter's config fields, minus initialisations that would rewrite the base on load."""
+    out = dict(config)
+    if out.get("init_lora_weights") not in (None, True, False, "gaussian"):  # pissa, olora, corda, loftq ...
+        out["init_lora_weights"] = True
+    return out
 
 
 def _source_text(source: str | None) -> str | None:

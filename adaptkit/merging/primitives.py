@@ -38,12 +38,34 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(tensor)
     flat = tensor.abs().reshape(-1)
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    keep = flat >= threshold
-    if int(keep.sum()) != k:  # ties at the threshold: pick exactly k as PEFT's topk does
+    keep = flat >= _kth_largest(flat, k)
+    if int(torch.count_nonzero(keep)) != k:  # ties at the threshold: pick exactly k as PEFT's topk does
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat, k=k, largest=True).indices] = True
     return tensor.masked_fill(~keep.reshape(tensor.shape), 0)
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of a 1-D tensor (exact).
+
+    Large tensors first bracket the answer with quantiles of a strided sample, then select inside the
+    bracket only; when the bracket misses (checked by counting) it selects over everything.
+    """
+    n = flat.numel()
+    if n < 1 << 20:
+        return torch.kthvalue(flat, n - k + 1).values
+    sample = flat[:: n // 16384].sort().values
+    m = sample.numel()
+    pos = (n - k) / n * (m - 1)  # where the answer sits in the sorted sample
+    margin = 8 * (m * (k / n) * (1 - k / n)) ** 0.5 + 16
+    lo = sample[max(int(pos - margin), 0)]
+    hi = sample[min(int(pos + margin) + 1, m - 1)]
+    above = int(torch.count_nonzero(flat > hi))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    need = k - above  # rank of the answer among the bracketed values, from the top
+    if 1 <= need <= inside.numel():
+        return torch.kthvalue(inside, inside.numel() - need + 1).values
+    return torch.kthvalue(flat, n - k + 1).values
 
 
 def random_prune(tensor: torch.Tensor, density: float, rescale: bool = True,
@@ -101,19 +123,19 @@ def majority_sign(tensors: Sequence[torch.Tensor], method: str = "total") -> tor
 
 def agrees(tensor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """Bool mask of the entries whose sign equals the elected one (zeros never agree)."""
-    return torch.where(positive, tensor > 0, tensor < 0)
+    return ((tensor > 0) == positive) & (tensor != 0)
 
 
 def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
                   positive: torch.Tensor) -> torch.Tensor:
     """Mean of the weighted entries that agree with the elected sign (TIES "disjoint merge"); 0 where none do."""
     total = torch.zeros_like(tensors[0])
-    count = torch.zeros_like(tensors[0])
+    count = torch.zeros(tensors[0].shape, dtype=torch.int16)
     for t, w in zip(tensors, weights):
         agree = agrees(t, positive)
-        total += (t * w) * agree
+        total += (t * w).masked_fill_(~agree, 0.0)
         count += agree
-    return total / torch.clamp(count, min=1.0)
+    return total / count.clamp_(min=1)
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]) -> torch.Tensor:
