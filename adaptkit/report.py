@@ -151,9 +151,9 @@ def _heat(ax: Any, matrix: np.ndarray, labels_y: Sequence[str], labels_x: Sequen
     if matrix.size <= 400:
         for (r, c), v in np.ndenumerate(matrix):
             if not math.isnan(v):
-                strong = abs((v - vmin) / (vmax - vmin) - 0.5) > 0.3  # dark cell at either end of the scale
-                ax.text(c, r, format(v, fmt), ha="center", va="center", fontsize=8,
-                        color="white" if strong else "black")
+                red, green, blue, _ = im.cmap(im.norm(v))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
+                ax.text(c, r, format(v, fmt), ha="center", va="center", fontsize=8, color="white" if dark else "black")
     return im
 
 
