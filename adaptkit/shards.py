@@ -372,18 +372,22 @@ def plan_group_files(group: WeightGroup, ws: WeightSet, dtype: str | None, trans
     return [OutFile(f"{rel}{group.stem}-{i + 1:05d}-of-{n:05d}.safetensors", tuple(s), meta) for i, s in enumerate(shards)]
 
 
+def _pread_into(fd: int, buf: bytearray, info: TensorInfo) -> None:
+    view = memoryview(buf)
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:info.nbytes]], info.begin + done)
+        if n <= 0:
+            raise FormatError(f"{info.file.name} ended while reading tensor '{info.name}'; the file is truncated, re-download it")
+        done += n
+
+
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes with ``pread`` into a fresh tensor of its dtype and shape."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     buf = bytearray(info.nbytes)
-    view = memoryview(buf)
-    done = 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.begin + done)
-        if n <= 0:
-            raise FormatError(f"{info.file.name} ended while reading tensor '{info.name}'; the file is truncated, re-download it")
-        done += n
+    _pread_into(fd, buf, info)
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
 
 
@@ -526,13 +530,7 @@ class _Scratch:
         """``info``'s data read into the reused byte buffer, as a tensor view of its dtype and shape."""
         if len(self.raw) < info.nbytes:
             self.raw = bytearray(info.nbytes)
-        view = memoryview(self.raw)
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:info.nbytes]], info.begin + done)
-            if n <= 0:
-                raise FormatError(f"{info.file.name} ended while reading tensor '{info.name}'; the file is truncated, re-download it")
-            done += n
+        _pread_into(fd, self.raw, info)
         count = info.nbytes // ST_DTYPE_SIZES[info.dtype]
         return torch.frombuffer(self.raw, dtype=info.torch_dtype, count=count).reshape(info.shape)
 
