@@ -354,10 +354,6 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
             slots.append(slot)
 
     order = sorted(targets, key=lambda t: -t[0].data_bytes)
-    threads = torch.get_num_threads()
-    # the workers are the parallelism: torch ops inside them use a share of the cores each (measured 1.5-2x
-    # faster on 2 cores than every worker's ops competing for all cores); restored afterwards
-    torch.set_num_threads(max(1, threads // max(1, min(n, len(order)))))
     try:
         if n <= 1:
             for item in order:
@@ -373,7 +369,6 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
                         fut.cancel()
                     raise
     finally:
-        torch.set_num_threads(threads)
         overall.close()
 
 
