@@ -209,7 +209,12 @@ def _changes_bias(layer: Any) -> bool:
 
 
 def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool):
-    """Map every adapter layer to base tensors; return ``(transforms, rows)``."""
+    """Map every adapter layer (and whole tensor it carries) to base tensors.
+
+    Returns:
+        ``(transforms, names, kinds)``: base key -> float32 transform, and the adapter labels and kinds
+        touching each key (for the plan table).
+    """
     weight_ops: dict[str, list[tuple[Any, float]]] = {}
     bias_ops: dict[str, list[tuple[Any, float]]] = {}
     names: dict[str, list[str]] = {}
@@ -249,12 +254,11 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                 kinds.setdefault(m.bias, []).append(layer.kind + " bias")
         if adapter.extras:
             # PEFT saves full embedding weights as `<module>.base_layer.weight` and modules_to_save as `<module>.weight`
-            extra_paths = {k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer"): k
-                           for k in adapter.extras}
-            extra_matches = match_paths(extra_paths, ws.tensors)
-            for mod, m in extra_matches.items():
-                key = extra_paths[mod]
-                target = m.weight if key.endswith(".weight") or not key.endswith(".bias") else m.bias
+            modules = {k: k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer") for k in adapter.extras}
+            extra_matches = match_paths(sorted(set(modules.values())), ws.tensors)
+            for key, mod in modules.items():
+                m = extra_matches[mod]
+                target = m.bias if key.endswith(".bias") else m.weight
                 if target is None:
                     raise ConfigError(f"extra tensor {key} of {label} has no counterpart in the base; it cannot be fused")
                 value = adapter.extras[key]

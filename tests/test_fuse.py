@@ -207,3 +207,24 @@ def test_row_streaming_equals_whole_tensor(tmp_path, base_dir, monkeypatch, name
     whole, rows = load_dir(tmp_path / "whole"), load_dir(tmp_path / "rows")
     for k in whole:  # same math; blocked matmuls may round differently by at most one bf16 ulp
         assert bool(((whole[k].float() - rows[k].float()).abs() <= bf16_ulp(whole[k].float())).all()), k
+
+
+def test_modules_to_save_replace_the_base_tensor(tmp_path, base_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    adapter = ak.load(make_peft_adapter(tmp_path / "a", cfg, seed=4))
+    assert sorted(adapter.extras) == ["lm_head.weight"]
+    trained = adapter.replace(extras={"lm_head.weight": adapter.extras["lm_head.weight"] + 0.25})  # "trained" copy
+    ak.save(trained, tmp_path / "trained")
+    result = ak.fuse(base_dir, tmp_path / "trained", tmp_path / "fused", progress=False)
+    assert "replace" in set(result.plan["kinds"])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                           str(tmp_path / "trained"))
+    reference = peft_model.merge_and_unload().state_dict()
+    fused = load_dir(tmp_path / "fused")
+    for key in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        ref = reference[key]
+        assert bool(((fused[key].float() - ref).abs() <= bf16_ulp(ref)).all()), key
+    with pytest.raises(ak.UnsupportedError, match="replaces whole tensors"):
+        ak.unfuse(tmp_path / "fused", tmp_path / "trained", tmp_path / "back", progress=False)
