@@ -84,8 +84,9 @@ class FuseResult:
     def summary(self) -> dict[str, Any]:
         """The headline numbers as a dict (for a CLI header)."""
         gib = self.bytes / 2**30
+        size = f"{gib:.3f} GiB" if gib >= 1 else f"{self.bytes / 2**20:.1f} MiB"
         return {"output": str(self.out) if self.out else "(dry run: nothing written)", "tensors": self.tensors,
-                "touched": self.touched, "size": f"{gib:.3f} GiB", "seconds": round(self.seconds, 2),
+                "touched": self.touched, "size": size, "seconds": round(self.seconds, 2),
                 "throughput": f"{gib / self.seconds:.2f} GiB/s" if self.seconds > 0 and self.out else "-",
                 "skipped files": ", ".join(self.skipped) or "-"}
 
@@ -229,6 +230,8 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                     f"cannot unfuse {label}: {kind} the weight ({len(bad)} layers, e.g. {bad[0]}), so it cannot be "
                     "subtracted again; keep the unfused base instead"
                 )
+            # a saved `<module>.base_layer.weight` is the base the delta was added to: subtracting the delta restores it
+            adapter = adapter.replace(extras={k: v for k, v in adapter.extras.items() if ".base_layer." not in k})
             if adapter.extras:
                 raise UnsupportedError(
                     f"cannot unfuse {label}: it replaces whole tensors ({sorted(adapter.extras)[0]}, modules_to_save); "
