@@ -26,20 +26,8 @@ import torch
 from .errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .graph import Adapter
 from .kinds.base import math_shape
-from .shards import (
-    FLOAT_ST,
-    OutFile,
-    TensorInfo,
-    Transform,
-    WeightSet,
-    is_weight_like,
-    match_paths,
-    open_base,
-    parse_dtype,
-    plan_group_files,
-    write_index,
-    write_out_file,
-)
+from .shard_writer import OutFile, Transform, plan_group_files, write_index, write_out_file
+from .shards import FLOAT_ST, TensorInfo, WeightSet, is_weight_like, match_paths, open_base, parse_dtype
 from .sources import atomic_output, check_output
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

@@ -196,14 +196,14 @@ def test_non_finite_result_is_refused(tmp_path, base_dir):
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "rslora"])
 def test_row_streaming_equals_whole_tensor(tmp_path, base_dir, monkeypatch, name):
-    from adaptkit import shards
+    from adaptkit import shard_writer
 
     adapter = ak.load(make_peft_adapter(tmp_path / "a", CONFIGS[name](), seed=9)).replace(extras={})
     ak.fuse(base_dir, adapter, tmp_path / "whole", progress=False)
-    monkeypatch.setattr(shards, "_CHUNK", 200)  # a few rows per block: every touched tensor is streamed in pieces
+    monkeypatch.setattr(shard_writer, "_ROW_CHUNK", 200)  # a few rows per block: every touched tensor is streamed in pieces
     calls = []
-    original = shards._transform_rows
-    monkeypatch.setattr(shards, "_transform_rows", lambda *a: calls.append(a[2].src.key) or original(*a))
+    original = shard_writer._transform_rows
+    monkeypatch.setattr(shard_writer, "_transform_rows", lambda *a: calls.append(a[2].src.key) or original(*a))
     ak.fuse(base_dir, adapter, tmp_path / "rows", progress=False, workers=1)
     assert len(calls) == len([k for k in adapter.layers])  # every weight went through the row path
     whole, rows = load_dir(tmp_path / "whole"), load_dir(tmp_path / "rows")
