@@ -15,11 +15,13 @@ would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatEr
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -265,8 +267,10 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     """Yield a temporary path beside ``path``; rename it into place when the block succeeds.
 
     On any exception (or a kill) nothing appears at ``path``: the temporary is removed on exceptions and
-    is a hidden ``.<name>.adaptkit-tmp-*`` sibling otherwise. An existing ``path`` is replaced only with
-    ``overwrite``.
+    is a hidden ``.<name>.adaptkit-tmp-<pid>@<host>-*`` sibling otherwise; the next write to the same
+    ``path`` removes such leftovers of processes of this host that no longer run (a ``kill -9`` during a
+    fuse would otherwise leave a model-sized hidden directory). An existing ``path`` is replaced only
+    with ``overwrite``.
 
     Args:
         path: final output path.
@@ -276,7 +280,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     out = check_output(path, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.adaptkit-tmp-"
+    _remove_stale_temporaries(parent, out.name)
+    prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     else:
@@ -300,6 +305,33 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+_TEMP_OWNER = re.compile(r"\.adaptkit-tmp-(\d+)@([A-Za-z0-9]+)-")
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Remove ``.<name>.adaptkit-tmp-*`` leftovers whose writer (a process of this host) is gone."""
+    host = _host()
+    for stale in parent.glob(f".{glob.escape(name)}.adaptkit-tmp-*"):
+        m = _TEMP_OWNER.search(stale.name)
+        if not m or m.group(2) != host or _pid_alive(int(m.group(1))):
+            continue  # another host's, a running writer's, or not ours to judge
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel
 
 import adaptkit as ak
 from adaptkit.cli import main
+from adaptkit.sources import _host
 
 from .conftest import make_peft_adapter, make_tiny_llama
 from .test_fuse import load_dir, save_base
@@ -138,6 +139,11 @@ def test_kill_9_during_fuse_leaves_no_output(tmp_path, f32_setup):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+    # the next fuse to the same path removes the dead writer's hidden leftover and writes the output
+    alive = tmp_path / f".out.adaptkit-tmp-{os.getpid()}@{_host()}-live"  # a running writer's: kept
+    alive.mkdir()
+    ak.fuse(base, adapter_dir, out, progress=False)
+    assert out.is_dir() and not partial[0].exists() and alive.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
