@@ -66,7 +66,7 @@ def peft_merge(dirs, weights, method, seed=None, **kw):
     pm.set_adapter("m")
     deltas = {}
     for name, mod in pm.named_modules():
-        if hasattr(mod, "lora_A") and "m" in mod.lora_A:
+        if hasattr(mod, "lora_A") and ("m" in mod.lora_A or "m" in mod.lora_embedding_A):
             deltas[name.removeprefix("base_model.model.")] = mod.get_delta_weight("m").detach()
     return pm, deltas
 
@@ -218,3 +218,21 @@ def test_conv1d_fan_in_fan_out_matches_peft(tmp_path, method):
     ref = {n.removeprefix("base_model.model."): mod.get_delta_weight("m").detach()
            for n, mod in pm.named_modules() if hasattr(mod, "lora_A") and "m" in mod.lora_A}
     assert_same(ak.merge(dirs, [1.0, -0.7], method=method, **ak_kw), ref)
+
+
+@pytest.mark.parametrize("method", ["svd", "ties"])
+def test_embedding_targets_with_saved_base_embeddings_match_peft(tmp_path, method):
+    """peft saves the base embedding weights of adapters on embed_tokens: identical copies merge (kept once)."""
+    cfgs = [_lora(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+            _lora(r=4, lora_alpha=16, target_modules=["embed_tokens", "lm_head"])]
+    dirs = [make_peft_adapter(tmp_path / f"e{i}", c, seed=30 + i) for i, c in enumerate(cfgs)]
+    assert "model.embed_tokens.base_layer.weight" in ak.load(dirs[1]).extras
+    peft_kw, ak_kw = _kw(method, density=0.5)
+    _, ref = peft_merge(dirs, [0.7, -0.5], method, **peft_kw)
+    merged = ak.merge(dirs, [0.7, -0.5], method=method, **ak_kw)
+    assert_same(merged, ref)
+    assert set(merged.extras) == {"model.embed_tokens.base_layer.weight", "lm_head.base_layer.weight"}
+    changed = ak.load(dirs[1])
+    changed = changed.replace(extras={k: v + 1 for k, v in changed.extras.items()})
+    with pytest.raises(ak.UnsupportedError, match="different values"):
+        ak.merge([ak.load(dirs[0]), changed], method=method, **ak_kw)

@@ -241,10 +241,13 @@ def _merge_extras(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
     owner: dict[str, int] = {}
     for i, a in enumerate(adapters):
         for key, t in a.extras.items():
+            seen = extras.get(key)
+            if seen is not None and seen.dtype == t.dtype and seen.shape == t.shape and torch.equal(seen, t):
+                continue  # the same tensor in both (e.g. peft's saved base embedding weights): keep one copy
             if key in extras:
                 raise UnsupportedError(
-                    f"adapters {owner[key] + 1} and {i + 1} both carry '{key}' (modules_to_save or saved weights), which "
-                    "cannot be merged; remove it from all but one adapter"
+                    f"adapters {owner[key] + 1} and {i + 1} both carry '{key}' (modules_to_save or saved weights) with "
+                    "different values, which cannot be merged; remove it from all but one adapter"
                 )
             extras[key], owner[key] = t, i
     return extras
