@@ -143,7 +143,7 @@ def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any) -> 
     if isinstance(adapter, (str, os.PathLike)):
         from .converters import load
 
-        return load(adapter)
+        return load(adapter, base=_inventory(module))  # kohya's flattened names resolve against the model
     if isinstance(adapter, Mapping):
         from .state_dict import from_state_dict
 

@@ -300,3 +300,25 @@ def test_kinds_peft_cannot_hold_match_their_fused_weights():
     assert (unmerged - base).abs().max() > 1e-2
     torch.testing.assert_close(unmerged, expected, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(merged, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["full", "locon-tucker", "loha-dora", "lokr-tucker", "dora-in"])
+def test_lycoris_file_injected_by_path_matches_lycoris(tmp_path, case):
+    """A LyCORIS file given as a path (flattened names resolved on the live model): the real lycoris-applied
+    output, unmerged and merged. Covers Full, which peft cannot hold."""
+    import copy
+    import logging
+
+    pytest.importorskip("lycoris")
+    from .test_kohya_lycoris import CASES, make_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    path, base, applied, x = make_lycoris(tmp_path, **CASES[case])
+    ours = copy.deepcopy(base)
+    ak.inject(ours, str(path))
+    with torch.no_grad():
+        want = applied(x)
+        assert (want - base(x)).abs().max() > 1e-3
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
+        ak.merge_adapters(ours)
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
