@@ -193,14 +193,15 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
 @main.command()
 @click.argument("source")
 @click.option("--format", "fmt", default=None, help="Source format (peft, kohya/lycoris, diffusers); detected if omitted.")
+@click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names.")
 @output_options
 @handle_errors
-def status(source: str, fmt: str | None, as_json: bool, as_csv: bool) -> None:
+def status(source: str, fmt: str | None, base: str | None, as_json: bool, as_csv: bool) -> None:
     """Per-layer status of a checkpoint: kind, shape, rank, alpha, scale, dtype, ||dW||, finite."""
     from .converters import load
     from .status import layer_status
 
-    table = layer_status(load(source, format=fmt))
+    table = layer_status(load(source, format=fmt, base=base))
     if not (as_json or as_csv):
         table = table.drop(columns=["tensors"])
     render_table(table, as_json=as_json, as_csv=as_csv)

@@ -193,3 +193,44 @@ def test_cli_status(tmp_path):
     assert as_csv.output.splitlines()[0].startswith("module,kind,shape,tensors,rank,alpha,scale")
     missing = runner.invoke(main, ["status", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.startswith("error:")
+
+
+def test_cli_status_kohya_needs_base(tmp_path):
+    """A LyCORIS file for a model with no shipped inventory: a one-line error naming --base, then --base works."""
+    pytest.importorskip("lycoris")
+    from safetensors.torch import save_file
+
+    from .test_kohya_lycoris import make_lycoris
+
+    path, base, _, _ = make_lycoris(tmp_path, algo="full")
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    runner = CliRunner()
+    r = runner.invoke(main, ["status", str(path)])
+    assert r.exit_code == 1 and r.output.startswith("error:") and "--base" in r.output
+    r = runner.invoke(main, ["status", str(path), "--base", str(tmp_path / "base"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert {row["module"] for row in rows} == {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    assert {row["kind"] for row in rows} == {"full"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_checkpoint_delta_norm_matches_peft_delta_weight(tmp_path, kind):
+    """``delta_norm`` of the static table equals ``||get_delta_weight()||_F`` of peft's own layers (rtol 1e-5)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    cfg = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], use_rslora=True,
+                              init_lora_weights=False),
+           "loha": LoHaConfig(r=3, alpha=5, target_modules=["q_proj"], init_weights=False),
+           "lokr": LoKrConfig(r=2, alpha=5, target_modules=["q_proj"], init_weights=False)}[kind]
+    src = make_peft_adapter(tmp_path / kind, cfg, seed=4)
+    ref = PeftModel.from_pretrained(make_tiny_llama(0), str(src))
+    table = ak.layer_status(str(src)).set_index("module")
+    checked = 0
+    for name, module in ref.base_model.model.named_modules():
+        if hasattr(module, "get_delta_weight") and name in table.index:
+            want = float(module.get_delta_weight("default").norm())
+            assert table.loc[name, "delta_norm"] == pytest.approx(want, rel=1e-5), name
+            checked += 1
+    assert checked == len(table) > 0
