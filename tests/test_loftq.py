@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adaptkit as ak
-from adaptkit.converters.loftq import loftq
+from adaptkit.converters.loftq import loftq, loftq_layer
 from adaptkit.converters.quant import NF4_CODE, dequantize, fake_quantize, quantize, quantize_int8, quantize_nf4
 
 from .conftest import make_peft_adapter, make_tiny_llama, run_cli
@@ -65,9 +65,16 @@ def test_int8_rowwise():
     w = torch.randn(40, 24) * torch.linspace(0.1, 3, 40)[:, None]
     q = quantize_int8(w)
     assert q.codes.dtype == torch.int8 and q.absmax.shape == (40,)
-    err = (w - dequantize(q)).abs()
-    step = w.abs().amax(1, keepdim=True) / 127
-    assert bool((err <= step / 2 + 1e-6).all())
+    # bitsandbytes' Int8Params: cast to float16, then its int8_vectorwise_quant / _dequant (default torch backend)
+    h = w.to(torch.float16)
+    row_stats = h.abs().max(dim=1).values.float()
+    codes = torch.round(h * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    assert torch.equal(q.codes, codes) and torch.equal(q.absmax, row_stats)
+    torch.testing.assert_close(dequantize(q), codes * row_stats.view(-1, 1) * 7.874015718698502e-3, atol=0, rtol=0)
+    err = (h.float() - dequantize(q)).abs()
+    assert bool((err <= row_stats[:, None] / 127 / 2 + 1e-6).all())
+    with pytest.raises(ak.NonFiniteError, match="float16"):
+        quantize_int8(torch.full((2, 2), 1e5))
     with pytest.raises(ak.ConfigError, match="bits must be 4"):
         quantize(w, 3)
 
@@ -107,6 +114,31 @@ def test_every_layer_improves_and_matches_peft_svd_step(base_dir):
     print(f"\nLoftQ NF4 rank 8 on {len(report)} layers: mean error reduction {result.mean_reduction:.1%} "
           f"(relative error {report['rel_qlora'].mean():.4f} -> {report['rel_loftq'].mean():.4f})")
     assert result.mean_reduction > 0.1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_alternating_matches_peft_loftq_init_loop(bits):
+    """peft's ``loftq_init`` loop (needs bitsandbytes + CUDA), run with adaptkit's quantiser in place of bnb's."""
+    torch.manual_seed(2)
+    w = 0.02 * torch.randn(80, 64) + 0.01 * torch.randn(80, 4) @ torch.randn(4, 64)
+    errors = []
+    for iters in (1, 2, 5):
+        res = w.clone()  # peft/utils/loftq_utils.py loftq_init, verbatim but for the quantiser
+        for i in range(iters):
+            dequantized_weight = fake_quantize(res, bits)
+            res = w - dequantized_weight
+            out = _low_rank_decomposition(res, reduced_rank=8)
+            L, R = out["L"], out["R"]
+            if i + 1 == iters:
+                break
+            res = w - torch.mm(L, R)
+        left, right, deq, plain = loftq_layer(w, bits, 8, iters)
+        torch.testing.assert_close(deq, dequantized_weight, atol=0, rtol=0)
+        torch.testing.assert_close(left, L, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(right, R, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(plain, fake_quantize(w, bits), atol=0, rtol=0)
+        errors.append(float((w - deq - left @ right).norm()))
+    assert errors[0] > errors[1] > errors[2]
 
 
 def test_scale_is_compensated_and_int8(base_dir):

@@ -6,7 +6,8 @@
   ``NF4_CODE[index] * absmax``. The 16 levels are hard-coded from bitsandbytes' ``get_4bit_type("nf4")``
   (``bitsandbytes/functional.py``; the same table is in its CUDA kernel ``dDequantizeNF4``). Ties between two
   levels go to the lower one, as bitsandbytes' kernel (``x > midpoint`` goes up) does.
-* **int8** (``load_in_8bit``, ``Int8Params``): row-wise ("vector-wise") absmax, ``round(x * 127 / absmax)``,
+* **int8** (``load_in_8bit``, ``Int8Params``): the weight is first cast to float16 (``Int8Params._quantize`` does
+  this; its CUDA kernel takes ``half`` only), then row-wise ("vector-wise") absmax, ``round(x * 127 / absmax)``,
   dequantised as ``q * absmax / 127`` (bitsandbytes' ``int8_vectorwise_quant`` / ``int8_vectorwise_dequant``).
 
 The residual ``W - dequantize(quantize(W))`` is therefore the one a QLoRA user sees.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 
 #: bitsandbytes' NF4 code book (``bitsandbytes.functional.get_4bit_type("nf4")``), index 0..15
 NF4_CODE = torch.tensor([
@@ -74,8 +75,16 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> Quanti
 
 
 def quantize_int8(weight: torch.Tensor) -> Quantized:
-    """Row-wise absmax int8 quantisation, as bitsandbytes' ``Int8Params`` (``int8_vectorwise_quant``)."""
-    w = weight.detach().to(torch.float32)
+    """Row-wise absmax int8 quantisation, as bitsandbytes' ``Int8Params`` (float16 cast, ``int8_vectorwise_quant``).
+
+    Raises:
+        NonFiniteError: a value is beyond float16's range (bitsandbytes would quantise ``inf``).
+    """
+    w = weight.detach().to(torch.float16)
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError("int8 quantisation casts the weight to float16 as bitsandbytes does, and a value is beyond "
+                             "float16's range (|x| > 65504) or not finite; use bits=4 for this weight")
+    w = w.to(torch.float32)
     rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
     absmax = rows.abs().amax(dim=1)
     scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
