@@ -174,7 +174,7 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
           rank: int | None, majority_sign: str, seed: int | None, fmt: str, overwrite: bool) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods."""
     from .errors import ConfigError
-    from .merging import merge_to
+    from .merging import PROVENANCE_KEY, merge_to
 
     parsed = None
     if weights is not None:
@@ -186,8 +186,10 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
                       density=density, rank=rank, majority_sign=majority_sign, seed=seed)
     ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
-    click.echo(f"merged {len(sources)} adapters with {method} into {out} ({fmt}): {len(merged)} layers, "
-               f"kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
+    applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")
+    how = method if applied is None else f"{method} (applied as {applied}, as PEFT does for one adapter)"
+    click.echo(f"merged {len(sources)} adapter{'s' * (len(sources) != 1)} with {how} into {out} ({fmt}): "
+               f"{len(merged)} layers, kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
 
 
 @main.command()

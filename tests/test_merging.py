@@ -331,6 +331,13 @@ def test_cli_bad_inputs_one_line_exit_1_nothing_written(loras, tmp_path, extra, 
     assert not out.exists() and not list(tmp_path.glob(".never*"))
 
 
+def test_cli_single_source_says_peft_applies_linear(loras, tmp_path):
+    res = CliRunner().invoke(main, ["merge", str(loras[2]), "-o", str(tmp_path / "one"), "--method", "svd",
+                                    "--rank", "3"])
+    assert res.exit_code == 0, res.output
+    assert "merged 1 adapter with svd (applied as linear" in res.output and "rank 8" in res.output
+
+
 def test_cli_missing_source(tmp_path):
     res = CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1

@@ -186,8 +186,9 @@ def _check_options(m: Method, density: float | None, rank: int | None, majority_
         raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
     if rank is not None:
         if not m.takes_rank:
+            own = "its rank is the sum of the inputs' ranks" if m.output == "concat" else "it keeps the inputs' rank"
             raise ConfigError(
-                f"method '{m.name}' keeps the inputs' rank, so rank does not apply; use 'svd', a '*_svd' method "
+                f"method '{m.name}' chooses no rank ({own}), so rank does not apply; use 'svd', a '*_svd' method "
                 "or 'task_arithmetic' to choose the rank"
             )
         if isinstance(rank, bool) or int(rank) != rank or rank < 1:
