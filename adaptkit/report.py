@@ -66,7 +66,12 @@ def _png(fig: Any) -> str:
 
 
 def _module_type(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
+    """The module's type name: its last component, with the name before trailing indices (``to_out.0``)."""
+    parts = path.split(".")
+    i = len(parts) - 1
+    while i > 0 and parts[i].isdigit():
+        i -= 1
+    return ".".join(parts[i:])
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -82,16 +87,16 @@ def plot_depth_profile(analysis: AdapterAnalysis) -> str:
         t["depth"] = range(len(t))
     t["type"] = t["module"].map(_module_type)
     for name, g in t.groupby("type", sort=True):
-        g = g.sort_values("depth")
-        x = g["depth"].astype(float)
-        ax_e.plot(x, g["energy_share"] * 100, marker="o", label=name)
-        ax_r.plot(x, g["effective_rank"], marker="o", label=name)
+        # several modules of one type in one block (UNet down/mid/up blocks, attn1/attn2): sum / mean per block
+        g = g.groupby(g["depth"].astype(float)).agg(energy=("energy_share", "sum"), erank=("effective_rank", "mean"))
+        ax_e.plot(g.index, g["energy"] * 100, marker="o", label=name)
+        ax_r.plot(g.index, g["erank"], marker="o", label=name)
     ranks = t["rank"].dropna()
     if len(ranks):
         ax_r.axhline(float(ranks.max()), color="#999", linestyle="--", linewidth=1, label="nominal rank")
     xlabel = "depth (block index)" if has_depth else "layer (order)"
-    ax_e.set(title="energy per layer: share of total ||dW||_F^2", xlabel=xlabel, ylabel="% of adapter energy")
-    ax_r.set(title="effective rank (exp entropy of s_i / sum s)", xlabel=xlabel, ylabel="effective rank")
+    ax_e.set(title="energy per block and module type (sum)", xlabel=xlabel, ylabel="% of adapter ||dW||_F^2")
+    ax_r.set(title="effective rank per block and module type (mean)", xlabel=xlabel, ylabel="effective rank")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_e, ax_r):

@@ -130,6 +130,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert without < 0.002, without
     assert with_plots > 0.004, f"the screenshot shows no plots ({with_plots:.4f} of pixels coloured)"
     assert with_plots > 10 * without
+    # the comparison report: similarity heat maps and the energy overlay
+    from adaptkit.comparison import compare_adapters
+    from adaptkit.report import compare_html
+
+    cmp_report = tmp_path / "compare.html"
+    comparison = compare_adapters([MATH, CODE, DORA], report=cmp_report)
+    _screenshot(cmp_report, tmp_path / "cmp.png", tmp_path / "profile3")
+    (tmp_path / "cmp_plain.html").write_text(re.sub(r'<img [^>]*>', "", compare_html(comparison)))
+    _screenshot(tmp_path / "cmp_plain.html", tmp_path / "cmp_plain.png", tmp_path / "profile4")
+    with_plots, without = _coloured_fraction(tmp_path / "cmp.png"), _coloured_fraction(tmp_path / "cmp_plain.png")
+    assert with_plots > 0.02 and with_plots > 10 * without, (with_plots, without)
+
+
+def test_module_type_labels_keep_the_name_before_indices():
+    from adaptkit.report import _module_type
+
+    assert _module_type("model.layers.3.self_attn.q_proj") == "q_proj"
+    assert _module_type("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0") == "to_out.0"
 
 
 def test_analyze_kohya_file_with_base(tmp_path):
