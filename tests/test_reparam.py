@@ -7,6 +7,7 @@ the factors as training would, and saves (a) the trained adapter and (b) peft's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -196,6 +197,20 @@ def test_different_ranks(pair, tmp_path):
                                                                init_lora_weights=False))
     with pytest.raises(ak.ShapeMismatchError, match="rank 4 in the trained adapter but 2 in the initial"):
         pissa_to_lora(pair / "trained", other)
+
+
+def test_non_finite_factors(pair, tmp_path):
+    trained = ak.load(pair / "trained")
+    path = sorted(trained.layers)[0]
+    layer = trained.layers[path]
+    down = layer.down.clone()
+    down[0, 0] = float("nan")
+    bad = trained.replace(layers={**trained.layers, path: dataclasses.replace(layer, down=down)})
+    with pytest.raises(ak.NonFiniteError, match=f"{path} of the trained adapter holds NaN"):
+        pissa_to_lora(bad, pair / "init")
+    ak.save(bad, tmp_path / "bad")
+    res = run_cli("convert", "pissa->lora", str(tmp_path / "bad"), str(tmp_path / "out"), "--initial", str(pair / "init"))
+    assert res.returncode == 1 and "holds NaN" in res.stderr and not (tmp_path / "out").exists()
 
 
 def test_not_lora_and_bad_rank(pair, tmp_path):

@@ -280,7 +280,8 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
             raise ConfigError("pass either target modules or an existing adapter to take them from, not both")
     targets = _targets(target)
     if layout is None and not targets:
-        raise ConfigError("no target modules: pass target=['q_proj', 'v_proj'], target='all-linear' or adapter=...")
+        raise ConfigError("no target modules: pass target=['q_proj', 'v_proj'] or 'all-linear' (CLI: --target-modules), "
+                          "or an existing adapter (adapter=..., CLI: --adapter)")
     directory, files = base_files(base)
     plan = _plan(files, targets, layout)
     if out is not None:

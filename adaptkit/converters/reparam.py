@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import LoRA
 
@@ -74,6 +74,9 @@ def _check_pair(trained: Adapter, initial: Adapter) -> None:
             )
         if layer.fan_in_fan_out != init.fan_in_fan_out or layer.module_type != init.module_type:
             raise ShapeMismatchError(f"{path} is a different kind of module in the two adapters; they do not belong together")
+        for which, l in (("trained", layer), ("initial", init)):
+            if not all(bool(torch.isfinite(t).all()) for t in (l.down, l.up, l.bias) if t is not None):
+                raise NonFiniteError(f"{path} of the {which} adapter holds NaN or Inf; fix or re-save that checkpoint")
     same = all(
         torch.equal(trained.layers[p].down, initial.layers[p].down) and torch.equal(trained.layers[p].up, initial.layers[p].up)
         for p in trained.layers
@@ -188,6 +191,7 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
             as initial), or ``rank`` < 1.
         ShapeMismatchError: a layer has different ranks or shapes in the two adapters.
         UnsupportedError: rsLoRA with rank/alpha patterns (PEFT refuses it too), DoRA, non-LoRA layers.
+        NonFiniteError: a factor of either adapter holds NaN or Inf (nothing is written).
     """
     import pandas as pd
 
