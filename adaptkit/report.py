@@ -102,7 +102,7 @@ def plot_depth_profile(analysis: AdapterAnalysis) -> str:
     for ax in (ax_e, ax_r):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = ax_r.get_legend_handles_labels()
+    _, labels = ax_r.get_legend_handles_labels()
     if len(labels) <= 12:
         ax_r.legend(fontsize=8)
     return _png(fig)
@@ -285,9 +285,9 @@ def compare_html(comparison: Comparison, analyses: Sequence[AdapterAnalysis] = (
     if analyses:
         body += ["<h2>Energy by depth</h2>", plot_energy_overlay(analyses)]
     body += ["<h2>Pairs</h2>",
-             "<p class=\"notes\">target_jaccard = shared modules / modules either adapter changes; cosine pooled over "
-             "shared layers; sign_conflict = share of positions in both adapters' top-k (k = density &middot; entries) "
-             "with opposite signs (0.5 = unrelated).</p>",
+             ("<p class=\"notes\">target_jaccard = shared modules / modules either adapter changes; cosine pooled over "
+              "shared layers; sign_conflict = share of positions in both adapters' top-k (k = density &middot; entries) "
+              "with opposite signs (0.5 = unrelated).</p>"),
              _table(comparison.pairs), "<h2>Layers</h2>", _table(comparison.layers)]
     return _page("adaptkit comparison: " + ", ".join(comparison.names), f"density {comparison.density:g}", body)
 
