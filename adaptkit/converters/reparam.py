@@ -123,24 +123,9 @@ def _num(x: float) -> float:
     return float(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
 
-def _private_lowrank_svd(ups: list[torch.Tensor], downs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fallback for ``adaptkit.merging.lowrank.lowrank_svd`` (same contract: ``(B = U S, A = Vh)``, rank <= sum r_i).
-
-    QR of the stacked factors and SVD of the small core; never forms ``up @ down``. To be unified with
-    issue "Merging" once its module is committed.
-    """
-    u, v = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-    qu, ru = torch.linalg.qr(u)
-    qv, rv = torch.linalg.qr(v.T)
-    x, s, yh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
-    return (qu @ x[:, :rank]) * s[:rank], yh[:rank] @ qv.T
-
-
 def _lowrank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from ..merging.lowrank import lowrank_svd
-    except ImportError:  # the merging package is optional for this conversion
-        lowrank_svd = _private_lowrank_svd
+    from ..merging.lowrank import lowrank_svd
+
     return lowrank_svd([up], [down], rank)
 
 
