@@ -168,10 +168,11 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--majority-sign", default="total", show_default=True, help="TIES sign election: total or frequency.")
 @click.option("--seed", type=int, default=None, help="Seed for the DARE methods' random drop.")
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
+@click.option("--base", default=None, help="Base model (hub id or dir) to resolve kohya/LyCORIS module names.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @handle_errors
 def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, density: float | None,
-          rank: int | None, majority_sign: str, seed: int | None, fmt: str, overwrite: bool) -> None:
+          rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, overwrite: bool) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods."""
     from .errors import ConfigError
     from .merging import PROVENANCE_KEY, merge_to
@@ -183,7 +184,7 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
         except ValueError:
             raise ConfigError(f"--weights must be comma-separated numbers like 1,0.5 (got '{weights}')") from None
     merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=parsed, method=method,
-                      density=density, rank=rank, majority_sign=majority_sign, seed=seed)
+                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base)
     ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")

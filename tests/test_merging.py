@@ -338,6 +338,24 @@ def test_cli_single_source_says_peft_applies_linear(loras, tmp_path):
     assert "merged 1 adapter with svd (applied as linear" in res.output and "rank 8" in res.output
 
 
+def test_cli_merge_lycoris_file_with_base(tmp_path):
+    """A LyCORIS LoHa file of an LLM needs --base to resolve its flattened names; merged with a PEFT LoRA."""
+    from adaptkit.demo import build_example_base, example
+
+    srcs = [str(example("lora_math")), str(example("lycoris_loha.safetensors"))]
+    res = CliRunner().invoke(main, ["merge", *srcs, "-o", str(tmp_path / "no_base"), "--rank", "4"])
+    assert res.exit_code == 1 and "--base" in res.output and not (tmp_path / "no_base").exists()
+    base = build_example_base(tmp_path / "base")
+    res = CliRunner().invoke(main, ["merge", *srcs, "-o", str(tmp_path / "m"), "--rank", "4", "--base", str(base)])
+    assert res.exit_code == 0, res.output
+    loha = ak.load(srcs[1], base=str(base))
+    expected = merge([ak.load(srcs[0]), loha], rank=4)
+    got = ak.load(tmp_path / "m")
+    assert set(got.layers) == set(expected.layers) == set(loha.layers)
+    for p, layer in expected.layers.items():
+        torch.testing.assert_close(got.layers[p].delta(), layer.delta())
+
+
 def test_cli_missing_source(tmp_path):
     res = CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1

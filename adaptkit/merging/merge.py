@@ -43,7 +43,8 @@ class _Options:
 
 def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[float] | None = None,
           method: str = "task_arithmetic", density: float | None = None, rank: int | None = None,
-          majority_sign: str = "total", seed: int | None = None, progress: bool | None = None) -> Adapter:
+          majority_sign: str = "total", seed: int | None = None, progress: bool | None = None,
+          base: str | os.PathLike | None = None) -> Adapter:
     """Merge adapters into one, with PEFT's ``add_weighted_adapter`` numbers for PEFT's method names.
 
     Args:
@@ -61,6 +62,8 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
             ``(seed, layer path)``, so results do not depend on layer order. ``None`` draws a seed from
             torch's global RNG (recorded in the provenance).
         progress: show a progress bar (``None``: only on a terminal).
+        base: base model (hub id or directory) used to resolve module names when loading sources whose
+            names need it (kohya/LyCORIS files of models without a shipped inventory, e.g. LLMs).
 
     Returns:
         The merged adapter (LoRA layers, or IA3 for IA3 inputs), not yet written; save it with
@@ -75,7 +78,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     """
     from ..converters import load
 
-    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]
     if not loaded:
         raise ConfigError("merge needs at least one adapter")
     w = _check_weights(weights, len(loaded))
