@@ -182,7 +182,8 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
     """Suggest a merge method (a PEFT ``combination_type`` / adaptkit method) from pooled comparison figures.
 
     Rules, in order: no shared modules -> ``cat`` (nothing can interfere; the exact sum is a concatenation);
-    IA3 only -> ``linear`` (PEFT merges IA3 vectors by weighted average); sign conflict >=
+    IA3 only -> ``linear`` (PEFT merges IA3 vectors by weighted average); no shared module comparable
+    (shapes or kinds differ: different base models?) -> ``none``; sign conflict >=
     :data:`CONFLICT_HIGH` -> ``ties`` (sign election; ``dare_ties`` also fits); cosine >= :data:`COSINE_ALIGNED`
     -> ``linear`` (aligned updates: averaging keeps the common direction at the same rank); otherwise
     ``task_arithmetic`` (low interference: the exact sum keeps both).
@@ -194,6 +195,9 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
         return "cat", "the adapters share no target module, so they cannot interfere: concatenate (cat) for the exact sum"
     if all_ia3:
         return "linear", "IA3 multipliers merge by weighted average (PEFT's only IA3 combination)"
+    if math.isnan(cosine) and math.isnan(conflict):
+        return "none", ("no shared module could be compared (shapes or kinds differ, or updates are zero or "
+                        "non-finite; see the layer notes): check that the adapters belong to the same base model")
     figures = f"cosine {cosine:.2f}, sign conflict {conflict:.0%} of shared top-{density:.0%} entries"
     if not math.isnan(conflict) and conflict >= CONFLICT_HIGH:
         return "ties", (f"{figures}: strong sign interference (0.5 = unrelated), so elect signs with ties "

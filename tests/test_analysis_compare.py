@@ -148,3 +148,11 @@ def test_compare_attrs_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="density"):
         ak.compare([pa, pa], density=0)
     assert sign_conflict(torch.zeros(10), torch.ones(10))[2] == 0  # an all-zero update keeps nothing
+    g = torch.Generator().manual_seed(0)
+    wide = ak.Adapter(layers={"m.0.q": LoRA(down=torch.randn(2, 10, generator=g), up=torch.randn(6, 2, generator=g),
+                                            alpha=2, shape=(6, 10))})
+    narrow = ak.Adapter(layers={"m.0.q": LoRA(down=torch.randn(2, 8, generator=g), up=torch.randn(6, 2, generator=g),
+                                              alpha=2, shape=(6, 8))})
+    other_base = compare_adapters({"wide": wide, "narrow": narrow})  # same module name, different base models
+    assert "not comparable: shapes" in other_base.layers["note"].iloc[0]
+    assert other_base.method == "none" and "same base model" in other_base.reason
