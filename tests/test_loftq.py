@@ -186,6 +186,17 @@ def test_iterations_write_adjusted_base_loadable_by_peft(base_dir, tmp_path):
     assert cfg["init_lora_weights"] is True and cfg["r"] == 8
 
 
+def test_adjusted_base_copies_config_not_other_weights(base_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    (base / "pytorch_model.bin").write_bytes(b"stale weights")
+    (base / "tokenizer.json").write_text("{}")
+    result = loftq(base, "q_proj", rank=2, iters=2, out=tmp_path / "out")
+    names = {f.name for f in result.base_out.iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= names
+    assert "pytorch_model.bin" not in names
+
+
 def test_existing_adapter_layout(base_dir, tmp_path):
     src = make_peft_adapter(tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
                                                           rank_pattern={"up_proj": 6}),

@@ -36,6 +36,8 @@ from .quant import dequantize, quantize
 NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
               "embed_positions", "lm_head", "embed_out", "output_layer")
 _BASE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+#: files copied next to the adjusted base (``iters > 1``); ``.bin``/``.pt``/``.gguf`` copies would be stale weights
+_COPIED_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".py", ".jinja")
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,8 +290,8 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         with atomic_output(out, overwrite=overwrite) as tmp:
             result = _run(files, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None)
             if iters > 1:
-                for extra in directory.iterdir():
-                    if extra.is_file() and extra.suffix != ".safetensors":
+                for extra in directory.iterdir():  # config, tokenizer, remote code; not other weight formats
+                    if extra.is_file() and extra.suffix in _COPIED_SUFFIXES and not extra.name.startswith("adapter_"):
                         shutil.copy2(extra, tmp / "base" / extra.name)
             from . import peft as peft_format
 
