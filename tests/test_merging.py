@@ -165,7 +165,11 @@ def test_task_arithmetic_is_the_exact_weighted_sum(adapters):
 
 def test_density_one_ties_on_one_adapter_is_identity(adapters):
     a = adapters[2]
-    for m in (merge([a], method="ties", density=1.0), merge([a, a], [1.0, 1.0], method="ties_svd", density=1.0, rank=8)):
+    # one adapter is merged 'linear' (PEFT's rule), so TIES itself runs on the element-wise parts and on [a, a]
+    t = torch.randn(30, 20)
+    assert torch.equal(combine([t.clone()], torch.tensor([1.0]), METHODS["ties"], density=1.0), t)
+    for m in (merge([a], method="ties", density=1.0), merge([a, a], [1.0, 1.0], method="ties", density=1.0),
+              merge([a, a], [1.0, 1.0], method="ties_svd", density=1.0, rank=8)):
         for p, d in deltas(a).items():
             assert rel(m.layers[p].delta(), d) < 1e-5
 
