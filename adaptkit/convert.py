@@ -307,6 +307,13 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         )
     if todo:
         adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True)
+        # the converted layers may now mix LoRA with kinds the target holds only alone (PEFT LoKr + LoRA): convert those too
+        more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
+        if more:
+            adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True)
+            rows = {r["path"]: r for r in report.to_dict("records")} | {
+                r["path"]: r for r in extra.to_dict("records") if r["path"] in more}
+            report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
     else:
         report = report_frame([LayerConversion(p, l.kind, l.kind, getattr(l, "rank", None), "kept")
                                for p, l in adapter.layers.items()])

@@ -34,7 +34,9 @@ def make_file(path: Path, size_gb: float) -> tuple[int, int]:
     for comp, mods in inv.modules.items():
         for p, shape in mods.items():
             if len(shape) in (2, 4) and min(shape[:2]) >= 64 and "embed" not in p:
-                name = ldm.get(comp, {}).get(p, p) if comp == "unet" else ldm.get(comp, {}).get(p, p)
+                # sd-scripts names the UNet in LDM form and both CLIP encoders text_model_encoder_...
+                bare_clip = comp != "unet" and p.startswith(("encoder.", "embeddings.", "final_layer_norm"))
+                name = ldm["unet"].get(p, p) if comp == "unet" else "text_model." + p if bare_clip else p
                 targets.append((prefix[comp] + name.replace(".", "_"), tuple(shape)))
     per_rank = sum(s[0] + math.prod(s[1:]) for _, s in targets) * 2  # fp16 bytes per unit of rank
     rank = max(1, round(size_gb * 1e9 / per_rank))

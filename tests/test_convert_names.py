@@ -87,6 +87,19 @@ def test_sdxl_ldm_and_diffusers_names_resolve_to_the_same_modules(tmp_path):
     assert set(load_file(str(back))) == set(load_file(str(tmp_path / "ldm.safetensors")))
 
 
+def test_naming_survives_peft_and_convert(tmp_path):
+    """LDM UNet names without SDXL metadata: kohya -> PEFT -> kohya and ak.convert -> kohya keep the names."""
+    import adaptkit as ak
+
+    src = lora_file(tmp_path / "ldm.safetensors", SDXL_LDM)
+    a = load(src)
+    assert a.config["kohya_naming"]["unet"] == "ldm"
+    back = save(load(save(a, tmp_path / "peft", format="peft")), tmp_path / "back.safetensors", format="kohya")
+    assert set(load_file(str(back))) == set(load_file(str(src)))
+    again = save(ak.convert(a, kind="lora", rank=1), tmp_path / "again.safetensors", format="kohya")
+    assert set(load_file(str(again))) == set(load_file(str(src)))
+
+
 def test_sd15_sd3_flux_names(tmp_path):
     sd15 = load(lora_file(tmp_path / "a.safetensors", {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),

@@ -164,6 +164,21 @@ def test_lycoris_to_peft_through_exact_svd(tmp_path, case):
         torch.testing.assert_close(peft_model(x), applied(x), rtol=1e-4, atol=1e-5)
 
 
+def test_rank_converts_the_rest_when_kinds_would_mix(tmp_path):
+    """LoKr PEFT can store on some layers only: --rank turns all of them into LoRA (one PEFT kind), same outputs."""
+    from peft import PeftModel
+
+    from adaptkit.convert import convert_checkpoint, plan
+
+    path, base, applied, x = make_lycoris(tmp_path, **CASES["lokr-both-split-f4"])
+    assert 0 < len(plan(load(path, base=base), "peft")) < 6  # some layers only
+    result = convert_checkpoint("lycoris->peft", path, tmp_path / "peft", base=base, rank=8)
+    assert len(result.report) == 6 and set(result.report["kind"]) == {"lora"} and set(result.report["source_kind"]) == {"lokr"}
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), applied(x), rtol=1e-4, atol=1e-5)
+
+
 def test_ia3_to_peft_and_back(tmp_path):
     """IA3 on bias-free modules: ia3_l = weight + 1, same outputs; with a bias LyCORIS and PEFT differ: refused."""
     from peft import PeftModel

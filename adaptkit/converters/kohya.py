@@ -6,7 +6,9 @@ Keys are ``<prefix><flattened module path>.<tensor>`` with the prefixes of
 ``lora_down``/``lora_up``/``lora_mid`` (``.weight``) + ``alpha``; LoHa ``hada_*``; LoKr ``lokr_*``; DoRA
 ``dora_scale`` (per output ``(out, 1, ...)`` or per input ``(1, in, ...)``); IA3 ``weight`` + ``on_input``
 (stored as ``l - 1``); full ``diff``/``diff_b``; norms ``w_norm``/``b_norm``. A missing ``alpha`` means
-alpha = rank; a LoKr whose factors are both full has scale 1. ``ss_*`` / ``modelspec.*`` metadata is kept.
+alpha = rank; a LoKr whose factors are both full has scale 1. ``ss_*`` / ``modelspec.*`` metadata is kept;
+reading adds an ``adaptkit.kohya_naming`` entry (how the file named its modules) that other formats carry
+along, so that writing kohya again after a trip through PEFT or diffusers gives the same names.
 
 Flattened names are resolved to module paths with :mod:`adaptkit.converters.names`; the canonical path is
 ``<component>.<module path>`` (``unet.down_blocks.0...``) or the bare path for ``lycoris_`` files.
@@ -135,6 +137,8 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         out[f"{comp}.{mod_path}" if comp else mod_path] = layer
     prefixes = sorted({_prefix_of(k) for k in tensors if _names.split_prefix(k)})
     config = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
+    # recorded in the metadata too, so that a trip through PEFT, diffusers or ak.convert writes the same names back
+    metadata = {**metadata, NAMING_KEY: json.dumps({**naming, "inventory": resolution.inventory.name}, sort_keys=True)}
     return Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
                    config=config, extras=extras, format=NAME, source=source or str(path))
 
