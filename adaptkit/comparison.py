@@ -178,7 +178,7 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
 
 
 def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: float = DEFAULT_DENSITY,
-                  all_ia3: bool = False) -> tuple[str, str]:
+                  all_ia3: bool = False, factorwise: bool = True) -> tuple[str, str]:
     """Suggest a merge method (a PEFT ``combination_type`` / adaptkit method) from pooled comparison figures.
 
     Rules, in order: no shared modules -> ``cat`` (nothing can interfere; the exact sum is a concatenation);
@@ -186,7 +186,9 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
     (shapes or kinds differ: different base models?) -> ``none``; sign conflict >=
     :data:`CONFLICT_HIGH` -> ``ties`` (sign election; ``dare_ties`` also fits); cosine >= :data:`COSINE_ALIGNED`
     -> ``linear`` (aligned updates: averaging keeps the common direction at the same rank); otherwise
-    ``task_arithmetic`` (low interference: the exact sum keeps both).
+    ``task_arithmetic`` (low interference: the exact sum keeps both). Without ``factorwise`` (the shared
+    layers are not all LoRA of one rank per layer, as PEFT's factor-wise ``ties`` and ``linear`` need),
+    ``ties`` becomes ``ties_svd`` and ``linear`` becomes ``svd``: the same idea on the dense deltas.
 
     Returns:
         ``(method, reason)``, the reason one sentence with the figures.
@@ -199,13 +201,21 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
         return "none", ("no shared module could be compared (shapes or kinds differ, or updates are zero or "
                         "non-finite; see the layer notes): check that the adapters belong to the same base model")
     figures = f"cosine {cosine:.2f}, sign conflict {conflict:.0%} of shared top-{density:.0%} entries"
+    ties, dare, linear = ("ties", "dare_ties", "linear") if factorwise else ("ties_svd", "dare_ties_svd", "svd")
+    why = "" if factorwise else " (ranks or kinds differ per layer, so on the dense deltas)"
     if not math.isnan(conflict) and conflict >= CONFLICT_HIGH:
-        return "ties", (f"{figures}: strong sign interference (0.5 = unrelated), so elect signs with ties "
-                        f"(or dare_ties) at density {density:g}")
+        return ties, (f"{figures}: strong sign interference (0.5 = unrelated), so elect signs with {ties} "
+                      f"(or {dare}) at density {density:g}{why}")
     if not math.isnan(cosine) and cosine >= COSINE_ALIGNED:
-        return "linear", f"{figures}: the updates are aligned, so a weighted average (linear) keeps their common direction"
+        return linear, (f"{figures}: the updates are aligned, so a weighted average ({linear}) keeps their common "
+                        f"direction{why}")
     return "task_arithmetic", (f"{figures}: little interference, so the exact weighted sum (task_arithmetic) keeps "
                                "both; compress with svd if the rank matters")
+
+
+def _factorwise(a: Any, b: Any) -> bool:
+    """Whether PEFT's factor-wise methods (``ties``, ``linear``, ...) can merge these two layers: LoRA, equal rank."""
+    return a.kind == b.kind == "lora" and a.rank == b.rank
 
 
 # ------------------------------------------------------------------------------------ adapters
@@ -305,6 +315,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         require_matplotlib()
     names_, loaded = _named(adapters, names, format, base)
     layer_rows, pair_rows = [], []
+    factorwise = True
     for (i, a), (j, b) in combinations(enumerate(loaded), 2):
         shared = sorted(set(a.layers) & set(b.layers), key=natural_key)
         rows = []
@@ -318,7 +329,9 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         cosine, conflict, overlap = _pooled(table) if rows else (math.nan, math.nan, math.nan)
         union = len(set(a.layers) | set(b.layers))
         all_ia3 = bool(rows) and all(r["kind_a"] == r["kind_b"] == "ia3" for r in rows)
-        method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3)
+        pair_factorwise = all(_factorwise(a.layers[p], b.layers[p]) for p in shared)
+        factorwise = factorwise and pair_factorwise
+        method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3, pair_factorwise)
         pair_rows.append({"a": names_[i], "b": names_[j], "shared_layers": len(shared),
                           "only_a": len(set(a.layers) - set(b.layers)), "only_b": len(set(b.layers) - set(a.layers)),
                           "target_jaccard": len(shared) / union if union else math.nan, "cosine": cosine,
@@ -328,7 +341,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     pairs = pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS))
     cosine, conflict, _ = _pooled(layers) if len(layers) else (math.nan, math.nan, math.nan)
     all_ia3 = bool(len(layers)) and bool(((layers["kind_a"] == "ia3") & (layers["kind_b"] == "ia3")).all())
-    method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3)
+    method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3, factorwise)
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)
     if report is not None:
         from .report import write_compare_report

@@ -156,3 +156,25 @@ def test_compare_attrs_and_errors(tmp_path):
     other_base = compare_adapters({"wide": wide, "narrow": narrow})  # same module name, different base models
     assert "not comparable: shapes" in other_base.layers["note"].iloc[0]
     assert other_base.method == "none" and "same base model" in other_base.reason
+
+
+def test_suggestion_is_a_method_that_merges_these_adapters(tmp_path):
+    """Factor-wise ties/linear need one rank per layer: for rank 4 vs rank 8 the dense-delta variants are named."""
+    pa, _ = peft_adapter(tmp_path, _lora(["q_proj", "v_proj"]), seed=1, name="r4")
+    pb, _ = peft_adapter(tmp_path, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False), seed=2, name="r8")
+    a, b = ak.load(pa), ak.load(pb)
+    neg = a.replace(layers={k: dataclasses.replace(v, up=-v.up) for k, v in a.layers.items()})
+    conflicting = compare_adapters({"a": a, "neg": neg, "b": b})  # a vs neg: every sign conflicts
+    suggested = {(r.a, r.b): r.suggested_method for r in conflicting.pairs.itertuples()}
+    assert suggested[("a", "neg")] == "ties"  # same ranks: PEFT's factor-wise TIES
+    assert suggested[("a", "b")] in {"ties_svd", "svd", "task_arithmetic"}  # ranks 4 and 8: never ties/linear
+    assert conflicting.method == "ties_svd"  # strong conflict overall, mixed ranks
+    mixed = compare_adapters({"a": a, "b": b})
+    assert mixed.method in {"ties_svd", "svd", "task_arithmetic"} and mixed.method != "ties"
+    with pytest.raises(ak.AdaptkitError, match="equal ranks"):
+        ak.merge([a, b], method="ties", density=0.5)
+    merged = ak.merge([a, b], method=mixed.method, density=0.5, rank=4)  # the suggestion works
+    assert set(merged.layers) == set(a.layers)
+    aligned = compare_adapters({"b": b, "b_again": b.replace(layers=dict(b.layers)), "a": a})
+    assert aligned.pairs.iloc[0]["suggested_method"] == "linear"  # identical rank-8 adapters: factor-wise is fine
