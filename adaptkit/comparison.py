@@ -178,10 +178,11 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
 
 
 def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: float = DEFAULT_DENSITY,
-                  all_ia3: bool = False, factorwise: bool = True) -> tuple[str, str]:
+                  all_ia3: bool = False, factorwise: bool = True, dora: bool = False) -> tuple[str, str]:
     """Suggest a merge method (a PEFT ``combination_type`` / adaptkit method) from pooled comparison figures.
 
-    Rules, in order: no shared modules -> ``cat`` (nothing can interfere; the exact sum is a concatenation);
+    Rules, in order: a DoRA adapter (``dora``) -> ``none`` (merging DoRA is undefined without the base weight);
+    no shared modules -> ``cat`` (nothing can interfere; the exact sum is a concatenation);
     IA3 only -> ``linear`` (PEFT merges IA3 vectors by weighted average); no shared module comparable
     (shapes or kinds differ: different base models?) -> ``none``; sign conflict >=
     :data:`CONFLICT_HIGH` -> ``ties`` (sign election; ``dare_ties`` also fits); cosine >= :data:`COSINE_ALIGNED`
@@ -193,6 +194,9 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
     Returns:
         ``(method, reason)``, the reason one sentence with the figures.
     """
+    if dora:
+        return "none", ("a DoRA adapter re-normalises the base weight, so no merge method is defined without it: "
+                        "fuse the adapters into the base model instead (adaptkit fuse)")
     if shared_layers == 0:
         return "cat", "the adapters share no target module, so they cannot interfere: concatenate (cat) for the exact sum"
     if all_ia3:
@@ -216,6 +220,10 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
 def _factorwise(a: Any, b: Any) -> bool:
     """Whether PEFT's factor-wise methods (``ties``, ``linear``, ...) can merge these two layers: LoRA, equal rank."""
     return a.kind == b.kind == "lora" and a.rank == b.rank
+
+
+def _is_dora(adapter: Adapter) -> bool:
+    return any(getattr(layer, "magnitude", None) is not None for layer in adapter.layers.values())
 
 
 # ------------------------------------------------------------------------------------ adapters
@@ -331,7 +339,8 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         all_ia3 = bool(rows) and all(r["kind_a"] == r["kind_b"] == "ia3" for r in rows)
         pair_factorwise = all(_factorwise(a.layers[p], b.layers[p]) for p in shared)
         factorwise = factorwise and pair_factorwise
-        method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3, pair_factorwise)
+        method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3, pair_factorwise,
+                                  _is_dora(a) or _is_dora(b))
         pair_rows.append({"a": names_[i], "b": names_[j], "shared_layers": len(shared),
                           "only_a": len(set(a.layers) - set(b.layers)), "only_b": len(set(b.layers) - set(a.layers)),
                           "target_jaccard": len(shared) / union if union else math.nan, "cosine": cosine,
@@ -341,7 +350,8 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     pairs = pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS))
     cosine, conflict, _ = _pooled(layers) if len(layers) else (math.nan, math.nan, math.nan)
     all_ia3 = bool(len(layers)) and bool(((layers["kind_a"] == "ia3") & (layers["kind_b"] == "ia3")).all())
-    method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3, factorwise)
+    method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3, factorwise,
+                                   any(_is_dora(a) for a in loaded))
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)
     if report is not None:
         from .report import write_compare_report

@@ -44,7 +44,9 @@ def test_compare_json_and_text():
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert payload["adapters"] == ["lora_math", "lora_code", "dora_style"] and payload["density"] == 0.3
-    assert len(payload["pairs"]) == 3 and payload["suggestion"]["method"] in {"ties", "linear", "task_arithmetic", "cat"}
+    assert len(payload["pairs"]) == 3 and payload["suggestion"]["method"] == "none"  # dora_style: DoRA cannot merge
+    assert "DoRA" in payload["suggestion"]["reason"]
+    assert [p["suggested_method"] for p in payload["pairs"]] == ["ties_svd", "none", "none"]  # ranks 8 and 4
     first = payload["layers"][0]
     assert set(first) >= {"module", "a", "b", "cosine", "sign_conflict", "topk_overlap"} and -1 <= first["cosine"] <= 1
     res = run("compare", MATH, CODE)
