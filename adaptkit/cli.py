@@ -235,7 +235,7 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # so that a spec '->peft' is an argument
 @click.argument("args", nargs=-1, required=True)
 @click.option("--from", "src_format", default=None, help="Source format or reparametrisation (pissa, olora, corda).")
 @click.option("--to", "dst_format", default=None, help="Target format (peft, kohya/lycoris, diffusers) or lora.")
@@ -251,6 +251,9 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
     """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO."""
     from .convert import convert_checkpoint
 
+    unknown = [a for a in args if a.startswith("-") and "->" not in a]
+    if unknown:
+        raise click.UsageError(f"no such option: {unknown[0]}")
     if len(args) not in (2, 3):
         raise click.UsageError("expected 'FROM->TO' SOURCE OUT, or SOURCE OUT with --to")
     spec, source, out = args if len(args) == 3 else (None, *args)

@@ -127,6 +127,12 @@ def test_cli_convert_lossless_and_lossy(tmp_path, lyco):
     args = ["convert", "lycoris->peft", str(src), str(tmp_path / "peft"), "--base", str(base)]
     assert runner.invoke(main, args).exit_code == 1
     assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0
+    # a spec with the source format left out ('->peft', auto-detected) is an argument, not an option
+    r = runner.invoke(main, ["convert", "->peft", str(src), str(tmp_path / "auto"), "--base", str(base)])
+    assert r.exit_code == 0, r.output
+    assert ak.load(tmp_path / "auto").kinds == {"loha"}
+    r = runner.invoke(main, ["convert", "->peft", str(src), str(tmp_path / "typo"), "--rnak", "2"])
+    assert r.exit_code == 2 and "no such option: --rnak" in r.output and not (tmp_path / "typo").exists()
 
 
 def test_cli_convert_bad_inputs(tmp_path, lyco):
