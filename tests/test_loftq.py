@@ -206,6 +206,10 @@ def test_existing_adapter_layout(base_dir, tmp_path):
     assert ranks == {p: (6 if p.endswith("up_proj") else 4) for p in ak.load(src).layers}
     assert all(l.alpha == 8 for l in result.adapter.layers.values())
     assert (result.report["reduction"] > 0).all()
+    dora = make_peft_adapter(tmp_path / "d", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True),
+                             model=make_tiny_llama(0, hidden_size=64, intermediate_size=96))
+    with pytest.raises(ak.UnsupportedError, match="is DoRA .* magnitude"):  # would silently drop the magnitude
+        loftq(base_dir, adapter=dora)
 
 
 def test_bad_inputs(base_dir, tmp_path):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError
+from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import LoRA
 from ..sources import atomic_output, read_safetensors_header, resolve
@@ -278,6 +278,12 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
         if bad:
             raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")
+        dora = sorted(p for p, l in layout.layers.items() if l.magnitude is not None)
+        if dora:
+            raise UnsupportedError(
+                f"the given adapter is DoRA ({dora[0]} has a magnitude vector); LoftQ initialises plain LoRA factors, "
+                "so a DoRA layout would silently lose its magnitude: pass a LoRA adapter or --target-modules"
+            )
         if target is not None:
             raise ConfigError("pass either target modules or an existing adapter to take them from, not both")
     targets = _targets(target)
