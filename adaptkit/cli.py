@@ -45,6 +45,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(1)
+        except BrokenPipeError:  # the reader went away (`adaptkit info X | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as e:  # an unexpected failure: still one line, the type tells what broke
             if _debug():
                 raise

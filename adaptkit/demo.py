@@ -189,8 +189,12 @@ def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = pr
     (out / MARKER).write_text("written by adaptkit demo; safe to delete\n")
     ctx = DemoContext(out=out, echo=echo)
     echo(f"adaptkit demo: bundled examples in {examples_dir()}, outputs in {out}/")
-    for _, step in STEPS:
-        step(ctx)
+    try:
+        for _, step in STEPS:
+            step(ctx)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no partial demo output is left behind
+        raise
     echo("")
     echo(f"done: outputs are in {out}/")
     return ctx

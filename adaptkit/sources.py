@@ -288,6 +288,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
         os.close(fd)
         tmp = Path(name)
+    _default_permissions(tmp)
     try:
         yield tmp
         if out.exists():
@@ -305,6 +306,13 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _default_permissions(path: Path) -> None:
+    """Give a temporary the mode a plain mkdir/open would (mkdtemp/mkstemp make it private to the owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _host() -> str:

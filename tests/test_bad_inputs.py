@@ -198,3 +198,26 @@ def test_missing_source_and_bad_format_name(tmp_path):
         ak.load(tmp_path, format="bogus")
     with pytest.raises(ak.FormatError, match="not a recognised adapter"):
         ak.load(tmp_path)
+
+
+def test_peft_dir_without_config_or_with_subfolder_adapters_only(adapter_dir, tmp_path):
+    (adapter_dir / "adapter_config.json").unlink()
+    with pytest.raises(ak.ConfigError, match="adapter_config.json is missing"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="adapter_config.json is missing")
+    from peft import get_peft_model
+
+    from .conftest import make_tiny_llama
+
+    pm = get_peft_model(make_tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    pm.save_pretrained(str(tmp_path / "only_other"), selected_adapters=["other"])
+    line = _cli_fails(tmp_path / "only_other", match="subfolders ['other']")
+    assert f"{tmp_path / 'only_other'}:other" in line
+
+
+def test_outputs_get_ordinary_permissions(adapter_dir, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    out = ak.save(ak.load(adapter_dir), tmp_path / "out")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700

@@ -47,3 +47,29 @@ def test_demo_runs_end_to_end(tmp_path):
         assert "data:image/png;base64," in (tmp_path / "demo" / report).read_text()
     again = run_cli("demo", "--out", str(tmp_path / "demo"))  # re-running replaces its own output
     assert again.returncode == 0, again.stderr
+
+
+def test_failed_demo_leaves_nothing(tmp_path, monkeypatch):
+    import pytest
+
+    from adaptkit import demo
+
+    def broken(ctx):
+        raise ak.FormatError("a step failed")
+
+    monkeypatch.setattr(demo, "STEPS", [demo.STEPS[0], ("broken", broken)])
+    with pytest.raises(ak.FormatError):
+        demo.run_demo(tmp_path / "demo", echo=lambda _: None)
+    assert not (tmp_path / "demo").exists()
+
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "adaptkit.cli", "info", str(example("lora_code"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before adaptkit prints anything (`adaptkit info X | head`)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and stderr == "", stderr

@@ -253,4 +253,88 @@ def test_peft_format_detect(tmp_path):
     src = make_peft_adapter(tmp_path / "src", CONFIGS["ia3"](), seed=2)
     assert peft_format.detect(src)
     assert peft_format.detect(src / "adapter_model.safetensors")
-    assert not peft_format.detect(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert not peft_format.detect(tmp_path / "empty")
+    with pytest.raises(ak.FormatError, match="load one as"):  # a folder of adapter folders says which to pick
+        ak.load(tmp_path)
+
+
+class _ConvNet(torch.nn.Module):
+    """Conv2d (3x3, 32->48), Conv1d and Linear: big enough for PEFT to build LoKr's Tucker ``lokr_t2``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(32, 48, 3, padding=1)
+        self.c1d = torch.nn.Conv1d(48, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x)))).mean(2)
+        return self.head(self.c1d(h).mean(2))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
+
+
+MODEL_CASES = {  # name -> (model factory, peft config, tensor suffix that must be present)
+    "loha_tucker_conv": (_ConvNet, lambda: LoHaConfig(r=2, alpha=4, target_modules=["c1", "c2", "c1d"],
+                                                      use_effective_conv2d=True, init_weights=False), "hada_t1"),
+    "lokr_tucker_conv": (_ConvNet, lambda: LoKrConfig(r=2, alpha=4, target_modules=["c2", "head"], rank_pattern={"head": 3},
+                                                      use_effective_conv2d=True, decompose_both=True, decompose_factor=4,
+                                                      init_weights=False), "lokr_t2"),
+    "ia3_conv": (_ConvNet, lambda: IA3Config(target_modules=["c1", "c2", "head"], feedforward_modules=["c2"],
+                                             init_ia3_weights=False), "ia3_l"),
+    "gpt2_conv1d_dora": (_gpt2, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], fan_in_fan_out=True,
+                                                   use_dora=True, init_lora_weights=False), "lora_magnitude_vector"),
+    "gpt2_conv1d_ia3": (_gpt2, lambda: IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                                 fan_in_fan_out=True, init_ia3_weights=False), "ia3_l"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CASES))
+def test_roundtrip_conv_tucker_and_conv1d_models(tmp_path, name):
+    """Tucker LoHa/LoKr, IA3 on convs and GPT-2's Conv1D: exact tensors, identical outputs, deltas as peft's."""
+    factory, make_config, suffix = MODEL_CASES[name]
+    torch.manual_seed(0)
+    base = factory()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(5)
+    pm = get_peft_model(base, make_config()).eval()
+    pm.save_pretrained(str(tmp_path / "src"))
+    x = torch.randn(2, 3, 6, 6) if factory is _ConvNet else torch.randint(0, 64, (2, 7))
+
+    def run(model):
+        with torch.no_grad():
+            out = model(x)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    original = load_file(str(tmp_path / "src" / "adapter_model.safetensors"))
+    assert any(k.endswith(suffix) for k in original), sorted(original)
+    adapter = ak.load(tmp_path / "src")
+    out = ak.save(adapter, tmp_path / "out")
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(written) == sorted(original)
+    assert all(torch.equal(original[k], written[k]) for k in original)
+    fresh = factory()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(run(PeftModel.from_pretrained(fresh.eval(), str(out))), run(pm), atol=1e-6, rtol=0)
+    checked = 0
+    for module_name, module in pm.named_modules():
+        path = module_name.removeprefix("base_model.model.")
+        if not isinstance(module, BaseTunerLayer) or path not in adapter.layers:
+            continue
+        layer, weight = adapter.layers[path], module.get_base_layer().weight.detach()
+        with torch.no_grad():
+            module.merge()
+            merged = module.get_base_layer().weight.detach().clone()
+            module.unmerge()
+        torch.testing.assert_close(layer.apply(weight)[0], merged, atol=1e-5, rtol=1e-5)
+        if layer.additive:
+            torch.testing.assert_close(layer.delta().reshape(weight.shape), module.get_delta_weight("default"),
+                                       atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked == len(adapter.layers)

@@ -50,7 +50,7 @@ def detect(path: Path) -> str:
             return name
     raise FormatError(
         f"{path} is not a recognised adapter checkpoint (looked for: {', '.join(FORMATS)}); "
-        "pass format=... if you know what it is"
+        "pass format=... (--format on the command line) if you know what it is"
     )
 
 

@@ -62,9 +62,17 @@ KIND_TO_TYPE = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
 
 
 def detect(path: Path) -> bool:
-    """True for a directory holding ``adapter_config.json`` or a file whose keys start with ``base_model.model.``."""
+    """True for a directory holding ``adapter_config.json`` or a file whose keys start with ``base_model.model.``.
+
+    A directory with PEFT weights but no config, or with adapters only in subfolders, is PEFT too, so that
+    :func:`read` can say what is missing (the config, or which ``dir:subfolder`` to load).
+    """
     if path.is_dir():
-        return (path / CONFIG_NAME).is_file()
+        if (path / CONFIG_NAME).is_file() or (path / WEIGHT_NAMES[1]).is_file():
+            return True
+        if (path / WEIGHT_NAMES[0]).is_file():
+            return detect(path / WEIGHT_NAMES[0])
+        return not any(path.glob("*.safetensors")) and any(path.glob(f"*/{CONFIG_NAME}"))
     if path.name == CONFIG_NAME:
         return True
     if path.suffix == ".safetensors":
