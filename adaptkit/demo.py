@@ -146,9 +146,9 @@ def _step_analyze(ctx: DemoContext) -> None:
     names = ("lora_math", "lora_code", "dora_style")
     compare_report = ctx.out / "compare_report.html" if plots else None
     cmp = compare_adapters([example(n) for n in names], report=compare_report)
-    ctx.echo(cmp.pairs[["a", "b", "shared_layers", "cosine", "sign_conflict"]].to_string(
+    ctx.echo(cmp.pairs[["a", "b", "shared_layers", "cosine", "sign_conflict", "suggested_method"]].to_string(
         index=False, float_format=lambda x: f"{x:.3g}"))
-    ctx.echo(f"  suggested merge method: {cmp.method}")
+    ctx.echo(f"  suggested merge method for all three: {cmp.method} ({cmp.reason})")
     if plots:
         ctx.echo(f"  wrote {report} and {compare_report} (open them in a browser)")
     else:

@@ -42,7 +42,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "done" in res.stdout
     saved = ak.load(tmp_path / "demo" / "lora_code_peft")
     assert len(saved) == 8
-    assert "== analyze" in res.stdout and "suggested merge method: ties" in res.stdout  # the demo ends with analysis
+    assert "== analyze" in res.stdout and "suggested merge method for all three: none" in res.stdout  # ends with analysis
+    assert "lora_math  lora_code" in res.stdout and "ties_svd" in res.stdout  # ranks 8 vs 4: the dense-delta TIES
     for report in ("analysis_report.html", "compare_report.html"):  # matplotlib is a test extra
         assert "data:image/png;base64," in (tmp_path / "demo" / report).read_text()
     again = run_cli("demo", "--out", str(tmp_path / "demo"))  # re-running replaces its own output
