@@ -176,8 +176,10 @@ def test_dry_run_and_prefix_matching(tmp_path, base_dir):
     assert result.out is None and not (tmp_path / "out").exists()
     assert sorted(result.plan["tensor"]) == sorted(k + ".weight" for k in adapter.layers)
     assert set(result.plan["kinds"]) == {"loha"}
-    ak.fuse(base_dir, bare, tmp_path / "bare", progress=False)
-    ak.fuse(base_dir, adapter, tmp_path / "full", progress=False)
+    threads = torch.get_num_threads()
+    ak.fuse(base_dir, bare, tmp_path / "bare", progress=False, workers=1)  # the workers run one torch thread each...
+    ak.fuse(base_dir, adapter, tmp_path / "full", progress=False, workers=2)
+    assert torch.get_num_threads() == threads  # ...and the caller's setting is restored
     a, b = load_dir(tmp_path / "bare"), load_dir(tmp_path / "full")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
