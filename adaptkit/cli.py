@@ -109,7 +109,51 @@ def _pandas_display():
                              "display.max_colwidth", 80)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineError(click.ClickException):
+    """A click error re-raised to print as one ``error: ...`` line with exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _one_line(e: click.ClickException) -> _OneLineError:
+    """Rewrite click's 3-line usage error block as ``<what is wrong> (see 'adaptkit CMD --help')``."""
+    if isinstance(e, click.exceptions.NoSuchOption):
+        msg = e.message.rstrip(".") + (f"; did you mean {' or '.join(e.possibilities)}?" if e.possibilities else "")
+    else:
+        msg = e.format_message().rstrip(".")
+    msg = " ".join(msg.split())
+    if msg[:1].isupper() and msg[1:2].islower():  # "Missing argument 'SOURCE'" -> "missing argument 'SOURCE'"
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        msg += f" (see '{ctx.command_path} --help')"
+    return _OneLineError(msg)
+
+
+class _Group(click.Group):
+    """The ``adaptkit`` group: click's usage errors become one ``error: ...`` line with exit code 1 (DESIGN.md)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:  # `adaptkit` alone: click's help
+            raise
+        except click.ClickException as e:
+            raise _one_line(e) from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.NoArgsIsHelpError, _OneLineError):
+            raise
+        except click.ClickException as e:
+            raise _one_line(e) from e
+
+
+@click.group("adaptkit", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="adaptkit")
 def main() -> None:
     """adaptkit: adapter checkpoints (LoRA, DoRA, LoHa, LoKr, IA3) across PEFT, kohya/LyCORIS and diffusers.
