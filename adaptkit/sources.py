@@ -2,9 +2,12 @@
 
 A *source* is one of:
 
-* a hub id ``org/name``, ``org/name@revision``, ``org/name:subfolder``, ``org/name@revision:subfolder``,
-  resolved through ``huggingface_hub.snapshot_download`` (so ``HF_HOME``, ``HF_HUB_CACHE``,
-  ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured exactly as in every HF library);
+* a hub id ``org/name``, ``org/name@revision``, ``org/name:subfolder``, ``org/name@revision:subfolder``
+  (the subfolder may name one file), resolved through ``huggingface_hub`` (so ``HF_HOME``, ``HF_HUB_CACHE``,
+  ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured exactly as in every HF library):
+  :func:`resolve` downloads by patterns with ``snapshot_download``; :func:`resolve_selected` lists the repo
+  first and downloads exactly the files a caller picks (adapters use it, so a repo that also holds model
+  shards costs only the adapter's files);
 * a local directory (optionally ``dir:subfolder``);
 * a local file (``.safetensors``, or a legacy ``.bin`` loaded with ``weights_only=True`` only).
 
@@ -24,9 +27,9 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -94,6 +97,67 @@ def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) ->
             found (offline: not in the local cache).
     """
     text = os.fspath(spec)
+    local = _resolve_local(text)
+    if local is not None:
+        return local
+    return _resolve_hub(text, *_hub_parts(text), allow_patterns=allow_patterns)
+
+
+#: ``select(files, subfolder, repo_spec) -> (repo paths to download, repo path to read or None for the root)``
+HubSelect = Callable[[list[str], str | None, str], tuple[list[str], str | None]]
+
+
+def resolve_selected(spec: str | os.PathLike, select: HubSelect, allow_patterns: list[str] | None = None) -> Resolved:
+    """Resolve a source like :func:`resolve`, downloading from the hub only the files ``select`` picks.
+
+    Online, the repo's files are listed first (``HfApi().list_repo_files`` at the requested revision, so
+    ``HF_TOKEN`` and ``HF_ENDPOINT`` apply), then ``select`` chooses from the names and exactly those
+    files are fetched with ``hf_hub_download``. Offline (``HF_HUB_OFFLINE=1``), or when the hub cannot be
+    reached, this is :func:`resolve` with ``allow_patterns``: the local cache snapshot is read.
+
+    Args:
+        spec: hub id, directory, ``directory:subfolder`` or file (local sources resolve as in :func:`resolve`).
+        select: called as ``select(files, subfolder, repo_spec)`` with every file path of the repo,
+            the subfolder (``None`` for the root; it may name a file) and the source without its
+            subfolder (for messages). Returns the repo paths to download and the repo path the result
+            should point at (``None``: the repo root). It raises to refuse (e.g. an ambiguous repo).
+        allow_patterns: the patterns used offline, as in :func:`resolve`.
+
+    Returns:
+        A :class:`Resolved` whose ``path`` exists locally.
+
+    Raises:
+        SourceNotFoundError: as :func:`resolve`, or whatever ``select`` raises.
+    """
+    text = os.fspath(spec)
+    local = _resolve_local(text)
+    if local is not None:
+        return local
+    repo, rev, sub = _hub_parts(text)
+    if hub_offline():
+        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns)
+    files, unreachable = _list_hub_files(text, repo, rev)
+    if sub:
+        sub = sub.strip("/") or None
+    if files is None:
+        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
+    if sub and sub not in files and not any(f.startswith(f"{sub}/") for f in files):
+        raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
+    wanted, target = select(files, sub, text.rsplit(":", 1)[0] if sub else text)
+    root = _download_hub_files(text, repo, rev, wanted)
+    path = root / target if target else root
+    return Resolved(path=path, spec=text, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (``HF_HUB_OFFLINE=1``), as it decides itself."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _resolve_local(text: str) -> Resolved | None:
+    """An existing file or directory, or ``dir:subfolder``; ``None`` when the source is not local."""
     local = Path(text).expanduser()
     if local.exists():
         return Resolved(path=local, spec=text)
@@ -104,47 +168,104 @@ def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) ->
             if not target.exists():
                 raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {base}; list the directory to see its adapters")
             return Resolved(path=target, spec=text, subfolder=sub)
+    return None
+
+
+def _hub_parts(text: str) -> tuple[str, str | None, str | None]:
     parts = parse_hub_id(text)
     if parts is None or text.startswith((".", "/", "~")):
         raise SourceNotFoundError(
             f"'{text}' is neither an existing file or directory nor a hub id of the form org/name[@revision][:subfolder]"
         )
-    return _resolve_hub(text, *parts, allow_patterns=allow_patterns)
+    return parts
 
 
-def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_patterns: list[str] | None) -> Resolved:
-    from huggingface_hub import snapshot_download
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises for missing repos/files, bad ids and network failures."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+
+    return (HFValidationError, EntryNotFoundError, OSError, *HfHubHTTPError.__bases__)
+
+
+def _hub_error(spec: str, repo: str, rev: str | None, e: BaseException, where: str) -> SourceNotFoundError:
+    """The one-line :class:`SourceNotFoundError` for a huggingface_hub exception."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HFValidationError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    if isinstance(e, RevisionNotFoundError):
+        return SourceNotFoundError(f"revision '{rev}' of {repo} was not found; check the branch, tag or commit")
+    if isinstance(e, RepositoryNotFoundError):
+        return SourceNotFoundError(
+            f"hub repo '{repo}' was not found or is private; check the id, or set HF_TOKEN for a private repo"
+        )
+    if isinstance(e, (EntryNotFoundError, FileNotFoundError)):
+        return SourceNotFoundError(
+            f"'{spec}' could not be found {where}; download it once with network access or check the id and revision"
+        )
+    if isinstance(e, HFValidationError):
+        return SourceNotFoundError(f"'{spec}' is not a valid hub id: {e}")
+    # network problems surface as OSError / HTTP error subclasses
+    return SourceNotFoundError(
+        f"'{spec}' could not be downloaded ({type(e).__name__}: {e}); check the network or set HF_HUB_OFFLINE=1 to use the cache"
+    )
+
+
+def _list_hub_files(spec: str, repo: str, rev: str | None) -> tuple[list[str] | None, str | None]:
+    """``(files, None)``: every file path of the repo at ``rev``; ``(None, reason)`` when the hub is unreachable."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return list(HfApi().list_repo_files(repo, revision=rev)), None
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
+        raise _hub_error(spec, repo, rev, e, "on the hub") from e
+    except _hub_errors() as e:  # no network, hub down, ...: fall back to the cache as huggingface_hub does
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _download_hub_files(spec: str, repo: str, rev: str | None, files: list[str]) -> Path:
+    """Download exactly ``files`` (repo paths) with ``hf_hub_download``; return the snapshot directory."""
+    from huggingface_hub import hf_hub_download
+
+    root: Path | None = None
+    revision = rev
+    for name in files:
+        try:
+            local = Path(hf_hub_download(repo, name, revision=revision))
+        except _hub_errors() as e:
+            raise _hub_error(spec, repo, rev, e, "on the hub") from e
+        if root is None:
+            root = local.parents[len(PurePosixPath(name).parts) - 1]
+            revision = root.name  # the rest from the same commit, even if the branch moves meanwhile
+    if root is None:
+        raise SourceNotFoundError(f"nothing to download for '{spec}'; name the file or subfolder to load")
+    return root
+
+
+def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_patterns: list[str] | None,
+                 unreachable: str | None = None) -> Resolved:
+    """``snapshot_download`` with patterns; only the local cache when the hub was found ``unreachable``."""
+    from huggingface_hub import snapshot_download
 
     patterns = None
     if allow_patterns is not None:
         patterns = [f"{sub}/{p}" if sub else p for p in allow_patterns]
     elif sub:
         patterns = [f"{sub}/*", f"{sub}/**"]
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if unreachable:
+        where = f"in the local cache (the hub could not be reached: {unreachable})"
+    elif hub_offline() or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        where = "in the local cache (HF_HUB_OFFLINE is set)"
+    else:
+        where = "on the hub"
     try:
-        root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
-    except RevisionNotFoundError as e:
-        raise SourceNotFoundError(f"revision '{rev}' of {repo} was not found; check the branch, tag or commit") from e
-    except RepositoryNotFoundError as e:
-        raise SourceNotFoundError(
-            f"hub repo '{repo}' was not found or is private; check the id, or set HF_TOKEN for a private repo"
-        ) from e
-    except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError) as e:
-        where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
-        raise SourceNotFoundError(
-            f"'{spec}' could not be found {where}; download it once with network access or check the id and revision"
-        ) from e
-    except HFValidationError as e:
-        raise SourceNotFoundError(f"'{spec}' is not a valid hub id: {e}") from e
-    except OSError as e:  # network problems surface as OSError subclasses
-        raise SourceNotFoundError(f"'{spec}' could not be downloaded ({type(e).__name__}: {e}); check the network or set HF_HUB_OFFLINE=1 to use the cache") from e
+        root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, local_files_only=bool(unreachable)))
+    except _hub_errors() as e:
+        raise _hub_error(spec, repo, rev, e, where) from e
     path = root / sub if sub else root
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")

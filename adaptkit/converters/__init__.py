@@ -1,7 +1,8 @@
 """Checkpoint formats. Each format module has the same surface:
 
 * ``NAME``: the format's name;
-* ``ALLOW_PATTERNS``: the files a hub download needs;
+* ``ALLOW_PATTERNS``: the files it needs, as patterns (used offline; online :func:`load` lists the repo
+  and downloads exactly one adapter's files, see ``_select_hub_files``);
 * ``detect(path) -> bool``: whether a local file or directory is in this format;
 * ``read(path, *, source=None, **options) -> Adapter``;
 * ``write(adapter, path, *, overwrite=False, **options) -> Path``.
@@ -11,14 +12,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError, SourceNotFoundError
 from ..graph import Adapter
-from ..sources import resolve
+from ..sources import resolve_selected
 from . import diffusers, kohya, peft
 
 FORMATS: dict[str, ModuleType] = {
@@ -63,12 +66,82 @@ def _allow_patterns(fmt: str | None) -> list[str] | None:
     return patterns
 
 
+#: full-model weights that sit beside adapters in some repos: never a kohya candidate
+_MODEL_WEIGHTS = re.compile(
+    r"^(?:(?:model|pytorch_model|diffusion_pytorch_model|consolidated)(?:\.fp16|\.bf16)?|.+-\d{5}-of-\d{5})\.safetensors$"
+)
+_LOOKED_FOR = {
+    "peft": f"{peft.CONFIG_NAME} + {peft.WEIGHT_NAMES[0]}",
+    "diffusers": diffusers.WEIGHT_NAME,
+    "kohya": "one kohya/LyCORIS .safetensors file",
+}
+
+
+def _select_hub_files(fmt: str | None, files: list[str], sub: str | None, repo_spec: str) -> tuple[list[str], str | None]:
+    """Pick the files of the one adapter at ``sub`` of a hub repo from the repo's file names.
+
+    PEFT (``adapter_config.json`` + weights) first, then diffusers (``pytorch_lora_weights.safetensors``),
+    then a single kohya/LyCORIS ``.safetensors`` at the top of the (sub)folder; ``fmt`` restricts the
+    choice to one format. A ``sub`` that names a file selects that file (plus its PEFT config or weights).
+
+    Returns:
+        ``(repo paths to download, repo path to read)``, as :func:`adaptkit.sources.resolve_selected` wants.
+
+    Raises:
+        SourceNotFoundError: no adapter of the format there, or several kohya candidates (the message
+            lists them and says how to name one).
+    """
+    names = set(files)
+    peft_names = (peft.CONFIG_NAME, *peft.WEIGHT_NAMES)
+    if sub and sub in names:  # one file of the repo
+        folder, _, base = sub.rpartition("/")
+        if base in peft_names:  # a PEFT file needs its config (or weights) beside it
+            prefix = f"{folder}/" if folder else ""
+            weights = next((prefix + n for n in peft.WEIGHT_NAMES if prefix + n in names), None)
+            wanted = [prefix + n for n in (peft.CONFIG_NAME,) if prefix + n in names]
+            wanted += [sub] if base in peft.WEIGHT_NAMES else [weights] if weights else []
+            return wanted, sub
+        return [sub], sub
+    prefix = f"{sub}/" if sub else ""
+    top = sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+    want = format_module(fmt).NAME if fmt else None
+    peft_weights = next((n for n in peft.WEIGHT_NAMES if n in top), None)
+    if want in (None, "peft") and peft_weights:
+        chosen = [n for n in (peft.CONFIG_NAME,) if n in top] + [peft_weights]
+        return [prefix + n for n in chosen], sub
+    diffusers_weights = next((n for n in (diffusers.WEIGHT_NAME, diffusers.LEGACY_WEIGHT_NAME) if n in top), None)
+    if want in (None, "diffusers") and diffusers_weights:
+        return [prefix + diffusers_weights], prefix + diffusers_weights
+    models = [n for n in top if n.endswith(".safetensors") and _MODEL_WEIGHTS.match(n)]
+    if want in (None, "kohya"):
+        candidates = [n for n in top if n.endswith(".safetensors") and n not in models]
+        if len(candidates) == 1:
+            return [prefix + candidates[0]], prefix + candidates[0]
+        if candidates:
+            raise SourceNotFoundError(
+                f"{repo_spec}{':' + sub if sub else ''} holds {len(candidates)} candidate adapter files "
+                f"({', '.join(candidates)}); name the one to load, e.g. '{repo_spec}:{prefix}{candidates[0]}'"
+            )
+    where = f"{repo_spec}:{sub}" if sub else repo_spec
+    looked = _LOOKED_FOR[want] if want else "; ".join(_LOOKED_FOR.values())
+    subs = sorted({f[len(prefix):].split("/")[0] for f in files
+                   if f.startswith(prefix) and f[len(prefix):].count("/") == 1 and f.endswith(f"/{peft.CONFIG_NAME}")})
+    if subs:
+        hint = f"it holds adapters in subfolders {subs}: load one as '{repo_spec}:{prefix}{subs[0]}'"
+    elif models:
+        hint = f"it holds only model weights ({', '.join(models[:3])}); name the file as '{repo_spec}:{prefix}<file>' if it is an adapter"
+    else:
+        hint = f"name the adapter's file or subfolder as '{repo_spec}:<path>'"
+    raise SourceNotFoundError(f"no adapter found in {where} (looked for {looked}); {hint}")
+
+
 def load(source: str | os.PathLike, format: str | None = None, base: str | None = None, **options: Any) -> Adapter:
     """Load an adapter checkpoint into an :class:`~adaptkit.graph.Adapter`.
 
     Args:
-        source: hub id (``org/name[@revision][:subfolder]``), directory (``dir`` or ``dir:subfolder``)
-            or file.
+        source: hub id (``org/name[@revision][:subfolder]``, the subfolder may name one file), directory
+            (``dir`` or ``dir:subfolder``) or file. From the hub only the files of this one adapter are
+            downloaded: the repo is listed first and the format chosen from the file names.
         format: ``"peft"``, ``"kohya"``/``"lycoris"`` or ``"diffusers"``; detected when ``None``.
         base: base model (hub id or directory) used by formats whose module names need resolving.
         **options: passed to the format's reader.
@@ -77,9 +150,12 @@ def load(source: str | os.PathLike, format: str | None = None, base: str | None 
         The adapter, with ``source`` set to its provenance (hub commit or absolute path).
 
     Raises:
-        SourceNotFoundError: the source does not exist. FormatError / ConfigError: it cannot be read.
+        SourceNotFoundError: the source does not exist, holds no adapter, or holds several kohya
+            candidates (name one as ``org/name:file.safetensors``). FormatError / ConfigError: it cannot
+            be read.
     """
-    resolved = resolve(source, allow_patterns=_allow_patterns(format))
+    select = functools.partial(_select_hub_files, format)
+    resolved = resolve_selected(source, select, allow_patterns=_allow_patterns(format))
     name = format_module(format).NAME if format else detect(resolved.path)
     if base is not None:
         options["base"] = base
