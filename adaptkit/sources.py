@@ -182,7 +182,11 @@ def _hub_parts(text: str) -> tuple[str, str | None, str | None]:
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
     """What huggingface_hub raises for missing repos/files, bad ids and network failures."""
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+    )
 
     return (HFValidationError, EntryNotFoundError, OSError, *HfHubHTTPError.__bases__)
 
@@ -217,7 +221,11 @@ def _hub_error(spec: str, repo: str, rev: str | None, e: BaseException, where: s
 def _list_hub_files(spec: str, repo: str, rev: str | None) -> tuple[list[str] | None, str | None]:
     """``(files, None)``: every file path of the repo at ``rev``; ``(None, reason)`` when the hub is unreachable."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return list(HfApi().list_repo_files(repo, revision=rev)), None

@@ -27,7 +27,7 @@ class FakeHub:
 
     def __init__(self, monkeypatch, cache: Path, repo_id: str, files: dict[str, Path]):
         import huggingface_hub
-        import huggingface_hub.constants as constants
+        from huggingface_hub import constants
         from huggingface_hub.utils import filter_repo_objects
 
         self.cache, self.repo_id, self.files = cache, repo_id, files
