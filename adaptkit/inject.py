@@ -9,9 +9,10 @@ paths then start with the component name (``unet.``, ``text_encoder.``).
 
 The functions that manage injected adapters mirror the method names of transformers'
 ``PeftAdapterMixin``: :func:`set_adapter`, :func:`enable_adapters`, :func:`disable_adapters`,
-:func:`active_adapters`, plus :func:`merge_adapters` / :func:`unmerge_adapters` (exact: the original
-weight is kept while merged), :func:`remove_adapter` and :func:`adapter_state_dict` (an
-:class:`Adapter` that any writer saves).
+:func:`active_adapters`, :func:`delete_adapter`, :func:`get_adapter_state_dict` (PEFT-named tensors)
+and :func:`load_adapter` (:func:`inject` with ``adapter_name``), plus :func:`merge_adapters` /
+:func:`unmerge_adapters` (exact: the original weight is kept while merged), :func:`remove_adapter` and
+:func:`adapter_state_dict` (an :class:`Adapter` that any writer saves).
 """
 
 from __future__ import annotations
@@ -387,6 +388,90 @@ def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
     return template.replace(layers=layers, name=adapter_name)
 
 
+def get_adapter_state_dict(module: Any, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The injected adapter's tensors with PEFT names, as transformers' ``get_adapter_state_dict`` returns them.
+
+    Keys are ``<module path>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector``,
+    ``.hada_w1_a``, ``.ia3_l`` ... without the adapter name and without PEFT's ``base_model.model.``
+    prefix; tensors are written by the PEFT converter (:func:`adaptkit.converters.peft.to_state_dict`),
+    so they are what ``ak.save(..., format="peft")`` stores. As in peft, an adapter on ``embed_tokens`` or
+    ``lm_head`` also returns the base weights of the adapted input/output embeddings
+    (``model.embed_tokens.base_layer.weight``). Mirrors ``PeftAdapterMixin.get_adapter_state_dict``.
+
+    Args:
+        module: the model the adapter was injected into.
+        adapter_name: the adapter (default: the first active one).
+
+    Returns:
+        ``{name: tensor}``, detached CPU copies in their stored dtype.
+
+    Raises:
+        ConfigError: nothing is injected, no adapter is active, or no adapter has that name.
+        UnsupportedError: PEFT cannot name the adapter's layers (mixed kinds, Full layers ...).
+
+    Example:
+        >>> ak.load_adapter(model, "org/my-lora")
+        >>> sorted(ak.get_adapter_state_dict(model))[:2]
+        ['model.layers.0.self_attn.q_proj.lora_A.weight', 'model.layers.0.self_attn.q_proj.lora_B.weight']
+    """
+    from .converters.peft import to_state_dict
+
+    ad = adapter_state_dict(module, adapter_name)
+    tensors, _ = to_state_dict(ad, prefix="")
+    tensors.update(_embedding_copies(module, ad))
+    return tensors
+
+
+#: peft.utils.constants.EMBEDDING_LAYER_NAMES
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_copies(module: Any, ad: Adapter) -> dict[str, torch.Tensor]:
+    """PEFT's ``save_embedding_layers="auto"``: an adapter on ``embed_tokens``/``lm_head`` comes with copies of
+    the adapted input/output embeddings' base weights (``<path>.base_layer.weight``), as peft saves them."""
+    if not any(p.rpartition(".")[2] in _EMBEDDING_NAMES for p in ad.layers) or not hasattr(module, "get_input_embeddings"):
+        return {}
+    paths = {id(m): n for n, m in named_modules(module)}
+    out = {}
+    for emb in (module.get_input_embeddings(), module.get_output_embeddings()):
+        if isinstance(emb, AdaptedModule) and isinstance(emb.base_layer, nn.Linear | nn.Embedding) and id(emb) in paths:
+            for key, t in emb.base_layer.state_dict().items():
+                out[f"{paths[id(emb)]}.base_layer.{key}"] = t.detach().clone().cpu()
+    return out
+
+
+def delete_adapter(module: Any, adapter_names: str | list[str]) -> None:
+    """Delete one adapter or several from the model, each as :func:`remove_adapter` does.
+
+    Every name is checked before anything is deleted. Mirrors ``PeftAdapterMixin.delete_adapter``.
+
+    Args:
+        module: the model the adapters were injected into.
+        adapter_names: an adapter name or a list of names.
+
+    Raises:
+        ConfigError: nothing is injected, or a name is not injected (all missing names are listed).
+    """
+    names = _names(module, adapter_names, _require(module))
+    for name in dict.fromkeys(names):
+        remove_adapter(module, name)
+
+
+def load_adapter(module: Any, source: Any, adapter_name: str = "default", active: bool = True,
+                 replace: bool = False, *, config: Mapping[str, Any] | None = None,
+                 trainable: bool = False) -> list[str]:
+    """:func:`inject` under transformers' name: ``load_adapter(model, source, adapter_name="style")``.
+
+    Mirrors ``PeftAdapterMixin.load_adapter``'s ``adapter_name`` argument; the other arguments are
+    :func:`inject`'s (``source`` is an :class:`Adapter`, a hub id, directory or file, or a raw state dict).
+
+    Returns:
+        The model paths of the adapted modules.
+    """
+    return inject(module, source, name=adapter_name, active=active, replace=replace, config=config,
+                  trainable=trainable)
+
+
 def _detach(layer: Any) -> Any:
     import dataclasses
 
@@ -397,9 +482,12 @@ __all__ = [
     "active_adapters",
     "adapted_modules",
     "adapter_state_dict",
+    "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "get_adapter_state_dict",
     "inject",
+    "load_adapter",
     "merge_adapters",
     "named_modules",
     "remove_adapter",

@@ -177,3 +177,64 @@ def test_trainable_adapter_gets_gradients(tmp_path, input_ids):
     wrapper = model.model.layers[0].self_attn.q_proj
     assert wrapper.adapter_params["default"]["down"].grad is not None
     assert wrapper.base_layer.weight.grad is not None  # base weights keep their own requires_grad
+
+
+def _transformers_adapter_state_dict(src, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``model.load_adapter(src)`` then ``model.get_adapter_state_dict()`` on a tiny llama, as transformers does.
+
+    transformers 5 refuses these methods with a peft older than its ``MIN_PEFT_VERSION``; with such a
+    peft the calls transformers 4.57's methods are made of are run instead: ``inject_adapter_in_model``,
+    ``set_peft_model_state_dict`` with the ``base_model.model.`` prefix removed, and
+    ``get_peft_model_state_dict(model, adapter_name=...)``.
+    """
+    import peft
+    from packaging.version import Version
+    from transformers.integrations import peft as hf_peft
+
+    model = make_tiny_llama(0)
+    if Version(peft.__version__) >= Version(getattr(hf_peft, "MIN_PEFT_VERSION", "0")):
+        model.load_adapter(str(src), adapter_name=adapter_name)
+        return model.get_adapter_state_dict(adapter_name)
+    from peft import PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(src))
+    inject_adapter_in_model(config, model, adapter_name)
+    saved = load_file(str(src / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, {k.removeprefix("base_model.model."): v for k, v in saved.items()},
+                                       adapter_name=adapter_name)
+    assert not result.unexpected_keys
+    model.peft_config = {adapter_name: config}
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+@pytest.mark.parametrize("name", ["lora_patterns", "lora_embedding", "dora", "rslora", "loha", "lokr", "ia3"])
+def test_get_adapter_state_dict_matches_transformers(tmp_path, name):
+    src = make_peft_adapter(tmp_path / name, LLAMA_CONFIGS[name](), seed=7)
+    want = _transformers_adapter_state_dict(src, "style")
+    ours = make_tiny_llama(0)
+    ak.load_adapter(ours, src, adapter_name="style")
+    got = ak.get_adapter_state_dict(ours)
+    assert list(got) and not any(k.startswith("base_model.") or ".style." in k for k in got)
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor.detach().cpu()), key
+
+
+def test_delete_adapter_checks_every_name_then_removes_each(tmp_path, input_ids):
+    a = make_peft_adapter(tmp_path / "a", LLAMA_CONFIGS["lora_patterns"](), seed=1)
+    b = make_peft_adapter(tmp_path / "b", LLAMA_CONFIGS["ia3"](), seed=2)
+    model = make_tiny_llama(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ak.load_adapter(model, a, adapter_name="a") == ak.inject(make_tiny_llama(0), a, name="a")
+    ak.load_adapter(model, b, adapter_name="b", active=False)
+    assert ak.active_adapters(model) == ["a"]
+    with pytest.raises(ak.ConfigError, match="'nope'"):
+        ak.delete_adapter(model, ["b", "nope"])
+    assert {n for _, w in adapted_modules(model) for n in w.adapter_params} == {"a", "b"}  # nothing deleted
+    ak.delete_adapter(model, "a")
+    assert sorted(p for p, _ in adapted_modules(model)) == sorted(ak.load(b).layers)
+    ak.delete_adapter(model, ["b"])
+    assert not adapted_modules(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(before[k], after[k]) for k in before)

@@ -172,10 +172,13 @@ def test_multiple_adapters_in_subfolders(tmp_path):
     pm = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     pm.add_adapter("other", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
     pm.save_pretrained(str(tmp_path / "multi"))
-    assert len(ak.load(tmp_path / "multi")) == 2
+    default = ak.load(tmp_path / "multi")
+    assert len(default) == 2 and default.name == "default"
     other = ak.load(f"{tmp_path / 'multi'}:other")
     assert {layer.rank for layer in other.layers.values()} == {4}
     assert all(p.endswith("v_proj") for p in other.layers)
+    assert other.name == "other"  # PEFT saved adapter "other" in the subfolder named after it
+    assert ak.load(tmp_path / "multi" / "other").name == "default"  # a plain path names no adapter, as in PEFT
 
 
 def test_legacy_bin_loads_with_weights_only(tmp_path):
@@ -194,6 +197,7 @@ def test_hub_ids_resolve_from_local_cache(tmp_path, hub_cache):
         a = ak.load(spec)
         assert len(a) == 4, spec
         assert a.source.startswith(f"org/adapter@{commit}")
+        assert a.name == ("sub" if spec.endswith(":sub") else "default"), spec
     with pytest.raises(ak.SourceNotFoundError, match="could not be found"):
         ak.load("org/missing")
     with pytest.raises(ak.SourceNotFoundError):

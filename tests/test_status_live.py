@@ -234,3 +234,36 @@ def test_checkpoint_delta_norm_matches_peft_delta_weight(tmp_path, kind):
             assert table.loc[name, "delta_norm"] == pytest.approx(want, rel=1e-5), name
             checked += 1
     assert checked == len(table) > 0
+
+
+def test_checkpoint_dora_delta_norm_is_the_lora_part_and_ia3_has_no_shape(tmp_path):
+    """DoRA: ``delta_norm`` is ``||scale * B @ A||_F`` (peft's ``get_delta_weight``), not ``||W' - W||_F`` of the
+    re-normalised merge; IA3 from a PEFT file has no weight shape (``?``) and no delta (NaN)."""
+    from peft import IA3Config
+
+    torch.manual_seed(4)
+    trained = get_peft_model(make_tiny_llama(0), LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj"],
+                                                            use_dora=True, init_lora_weights=False))
+    with torch.no_grad():  # as after training: magnitudes no longer equal ||W + dW|| per row
+        for name, param in trained.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.1)
+    trained.save_pretrained(str(tmp_path / "dora"))
+    src = tmp_path / "dora"
+    ref = PeftModel.from_pretrained(make_tiny_llama(0), str(src))
+    table = ak.layer_status(str(src)).set_index("module")
+    assert table["dora"].all()
+    for name, row in table.iterrows():
+        module = ref.base_model.model.get_submodule(name)
+        lora_part = float(module.get_delta_weight("default").norm())
+        before = module.get_base_layer().weight.detach().clone()
+        with torch.no_grad():
+            module.merge()
+            renormalised = float((module.get_base_layer().weight - before).norm())
+            module.unmerge()
+        assert row["delta_norm"] == pytest.approx(lora_part, rel=1e-5), name
+        assert abs(renormalised - lora_part) > 1e-3 * lora_part, "DoRA's merged change must differ for this to test"
+    ia3 = make_peft_adapter(tmp_path / "ia3", IA3Config(target_modules=["k_proj", "down_proj"],
+                                                         feedforward_modules=["down_proj"], init_ia3_weights=False))
+    rows = ak.layer_status(str(ia3))
+    assert len(rows) == 4 and (rows["shape"] == "?").all() and rows["delta_norm"].isna().all()

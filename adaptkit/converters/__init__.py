@@ -159,7 +159,7 @@ def load(source: str | os.PathLike, format: str | None = None, base: str | None 
     name = format_module(format).NAME if format else detect(resolved.path)
     if base is not None:
         options["base"] = base
-    return FORMATS[name].read(resolved.path, source=resolved.provenance, **options)
+    return FORMATS[name].read(resolved.path, source=resolved.provenance, subfolder=resolved.subfolder, **options)
 
 
 def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, **options: Any) -> Path:

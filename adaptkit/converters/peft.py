@@ -134,12 +134,14 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
+def read(path: Path, *, source: str | None = None, subfolder: str | None = None, **_: Any) -> Adapter:
     """Read a PEFT adapter directory (or its weight file) into an :class:`Adapter`.
 
     Args:
         path: the adapter directory, its ``adapter_config.json`` or its weight file.
         source: provenance string to record.
+        subfolder: the subfolder the source named (``dir:other``); PEFT saves a non-default adapter in a
+            subfolder named after it, so its last part (``other``) becomes the adapter's ``name``.
 
     Raises:
         ConfigError: missing or unknown config, ranks that contradict the config.
@@ -182,7 +184,14 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
         extras=extras,
         format=NAME,
         source=source or str(path),
+        name=_subfolder_name(subfolder),
     )
+
+
+def _subfolder_name(subfolder: str | None) -> str:
+    """PEFT's adapter name for an adapter saved in ``subfolder`` (``"default"`` when there is none)."""
+    last = (subfolder or "").replace("\\", "/").rstrip("/").rpartition("/")[2]
+    return last if last and "." not in last else "default"
 
 
 def _need(parts: dict, names: tuple[str, ...], module: str) -> None:
@@ -329,7 +338,7 @@ def _base_config(adapter: Adapter, ptype: str) -> dict[str, Any]:
     return cfg
 
 
-def _write_lora(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> None:
+def _write_lora(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     layers: dict[str, LoRA] = dict(adapter.layers)  # type: ignore[arg-type]
     dora = {p for p, l in layers.items() if l.magnitude is not None}
     if dora and len(dora) != len(layers):
@@ -363,7 +372,7 @@ def _write_lora(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> No
     if len(fans) > 1:
         raise UnsupportedError("PEFT has one fan_in_fan_out per adapter; this adapter mixes Conv1D and Linear layers")
     for path, layer in layers.items():
-        key = PREFIX + path
+        key = prefix + path
         if layer.mid is not None:
             # fold the Tucker core into A: exact, same rank
             _, v = layer.factors()
@@ -385,7 +394,7 @@ def _write_lora(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> No
             out[key + ".lora_magnitude_vector"] = m
 
 
-def _write_loha(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> None:
+def _write_loha(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     layers: dict[str, LoHa] = dict(adapter.layers)  # type: ignore[arg-type]
     _refuse_magnitude(layers)
     r, rank_pattern = build_pattern({p: l.rank for p, l in layers.items()})
@@ -395,14 +404,14 @@ def _write_loha(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> No
                 "target_modules": sorted(layers)})
     cfg.setdefault("init_weights", True)
     for path, l in layers.items():
-        key = PREFIX + path
+        key = prefix + path
         for name, t in (("hada_w1_a", l.w1a), ("hada_w1_b", l.w1b), ("hada_w2_a", l.w2a), ("hada_w2_b", l.w2b),
                         ("hada_t1", l.t1), ("hada_t2", l.t2)):
             if t is not None:
                 out[f"{key}.{name}"] = t
 
 
-def _write_lokr(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> None:
+def _write_lokr(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     layers: dict[str, LoKr] = dict(adapter.layers)  # type: ignore[arg-type]
     _refuse_magnitude(layers)
     factor, decompose_both, ranks = peft_lokr.choose_layout(layers, cfg.get("decompose_factor", -1))
@@ -414,7 +423,7 @@ def _write_lokr(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> No
                 "target_modules": sorted(layers)})
     cfg.setdefault("init_weights", True)
     for path, l in layers.items():
-        key = PREFIX + path
+        key = prefix + path
         for name in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2"):
             t = getattr(l, name)
             if t is not None:
@@ -422,7 +431,7 @@ def _write_lokr(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> No
                 out[f"{key}.lokr_{suffix}"] = t
 
 
-def _write_ia3(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> None:
+def _write_ia3(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     layers: dict[str, IA3] = dict(adapter.layers)  # type: ignore[arg-type]
     cfg.update({"target_modules": sorted(layers),
                 "feedforward_modules": sorted(p for p, l in layers.items() if l.on_input),
@@ -439,7 +448,7 @@ def _write_ia3(adapter: Adapter, cfg: dict, out: dict[str, torch.Tensor]) -> Non
             v = v.reshape(1, -1, 1, 1)
         else:
             v = v.reshape(1, -1) if l.on_input else v.reshape(-1, 1)
-        out[f"{PREFIX}{path}.ia3_l"] = v
+        out[f"{prefix}{path}.ia3_l"] = v
 
 
 def _refuse_magnitude(layers: dict) -> None:
@@ -451,6 +460,32 @@ def _refuse_magnitude(layers: dict) -> None:
 
 
 _WRITERS = {"LORA": _write_lora, "LOHA": _write_loha, "LOKR": _write_lokr, "IA3": _write_ia3}
+
+
+def to_state_dict(adapter: Adapter, prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The PEFT tensors and ``adapter_config.json`` dict of an adapter, as :func:`write` saves them.
+
+    Args:
+        adapter: the adapter (one kind: LoRA, LoHa, LoKr or IA3).
+        prefix: prepended to every tensor name; PEFT files use ``"base_model.model."``, transformers'
+            ``get_adapter_state_dict`` uses ``""`` (names relative to the model itself).
+
+    Returns:
+        ``(tensors, config)``: tensors named ``<prefix><module path>.lora_A.weight`` (no adapter name),
+        extras included; the config as a JSON-ready dict.
+
+    Raises:
+        UnsupportedError: as :func:`write`.
+    """
+    if not adapter.layers:
+        raise UnsupportedError("the adapter has no layers; there is nothing to write")
+    ptype = _peft_type(adapter)
+    cfg = _base_config(adapter, ptype)
+    tensors: dict[str, torch.Tensor] = {}
+    _WRITERS[ptype](adapter, cfg, tensors, prefix)
+    for key, t in adapter.extras.items():
+        tensors[prefix + key.removeprefix(PREFIX)] = t
+    return tensors, cfg
 
 
 def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: Any) -> Path:
@@ -468,14 +503,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
         UnsupportedError: the adapter mixes kinds, holds Full layers, DoRA on some layers only, or LoKr
             shapes PEFT's factorisation cannot express. The message says what to do instead.
     """
-    if not adapter.layers:
-        raise UnsupportedError("the adapter has no layers; there is nothing to write")
-    ptype = _peft_type(adapter)
-    cfg = _base_config(adapter, ptype)
-    tensors: dict[str, torch.Tensor] = {}
-    _WRITERS[ptype](adapter, cfg, tensors)
-    for key, t in adapter.extras.items():
-        tensors[key if key.startswith(PREFIX) else PREFIX + key] = t
+    tensors, cfg = to_state_dict(adapter)
     metadata = dict(adapter.metadata)
     metadata.setdefault("format", "pt")
     with atomic_output(path, overwrite=overwrite) as tmp:
@@ -490,4 +518,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["ALLOW_PATTERNS", "NAME", "detect", "read", "read_config", "write"]
+__all__ = ["ALLOW_PATTERNS", "NAME", "detect", "read", "read_config", "to_state_dict", "write"]
