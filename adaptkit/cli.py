@@ -216,10 +216,13 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--seed", type=int, default=None, help="Seed for the DARE methods' random drop.")
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
 @click.option("--base", default=None, help="Base model (hub id or dir) to resolve kohya/LyCORIS module names.")
+@click.option("--component", default=None, help="kohya output: the component of bare module paths (unet, transformer, "
+              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @handle_errors
 def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, density: float | None,
-          rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, overwrite: bool) -> None:
+          rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, component: str | None,
+          overwrite: bool) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods."""
     from .errors import ConfigError
     from .merging import PROVENANCE_KEY, merge_to
@@ -231,7 +234,8 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
         except ValueError:
             raise ConfigError(f"--weights must be comma-separated numbers like 1,0.5 (got '{weights}')") from None
     merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=parsed, method=method,
-                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base)
+                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base,
+                      component=component)
     ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")
@@ -290,11 +294,14 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
 @click.option("--kind", default=None, help="Convert every layer to this kind (lora).")
 @click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names.")
 @click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
+@click.option("--component", default=None, help="kohya output: the component of bare module paths (unet, transformer, "
+              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @output_options
 @handle_errors
 def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | None, rank: int | None, kind: str | None,
-            base: str | None, initial: str | None, overwrite: bool, as_json: bool, as_csv: bool) -> None:
+            base: str | None, initial: str | None, component: str | None, overwrite: bool, as_json: bool,
+            as_csv: bool) -> None:
     """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO."""
     from .convert import convert_checkpoint
 
@@ -306,7 +313,7 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
     spec, source, out = args if len(args) == 3 else (None, *args)
     options = {"initial": initial} if initial is not None else {}
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
-                                base=base, overwrite=overwrite, **options)
+                                base=base, overwrite=overwrite, component=component, **options)
     header = {"out": str(result.out), "from": result.source_format, "to": result.target_format,
               "lossless": result.lossless}
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)

@@ -277,11 +277,12 @@ def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str 
 
 def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str,
                     rank: int | None = None, kind: str | None = None, base: Any = None,
-                    overwrite: bool = False) -> ConversionResult:
+                    overwrite: bool = False, component: str | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
-    from .converters import format_module, load, save
+    from .converters import check_write_options, format_module, load, save
 
     dst = format_module(dst_format).NAME
+    check_write_options(dst, component=component)
     adapter = load(source, format=src_format, base=base)
     source_format = adapter.format or (src_format or "?")
     todo = plan(adapter, dst)
@@ -321,7 +322,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if leftover:
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
-    written = save(adapter, out, format=dst, overwrite=overwrite)
+    written = save(adapter, out, format=dst, overwrite=overwrite, component=component)
     lossless = bool((report["method"] != "svd").all())
     return ConversionResult(Path(written), source_format, dst, report, lossless)
 
@@ -339,7 +340,7 @@ CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pi
 def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | os.PathLike, *,
                        src_format: str | None = None, dst_format: str | None = None, rank: int | None = None,
                        kind: str | None = None, base: Any = None, overwrite: bool = False,
-                       **options: Any) -> ConversionResult:
+                       component: str | None = None, **options: Any) -> ConversionResult:
     """``adaptkit convert``: read a checkpoint, convert what the target cannot hold, write it.
 
     Args:
@@ -349,6 +350,8 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         rank: allow a lossy conversion of what the target cannot express, to LoRA of this rank.
         kind: ``"lora"`` converts every layer to LoRA (full numerical rank unless ``rank``).
         base: base model for name resolution (kohya files). overwrite: replace ``out``.
+        component: kohya output of an adapter made on a bare model: the pipeline component its module paths
+            belong to (``unet`` -> ``lora_unet_``, see :func:`adaptkit.converters.kohya.write`).
 
     Returns:
         A :class:`ConversionResult` with the per-layer report (retained energy, relative error).
@@ -359,10 +362,14 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
     """
     left, right = parse_spec(spec, src_format, dst_format)
     if left in CONVERTERS:
+        if component is not None:  # these write PEFT
+            from .converters import check_write_options
+
+            check_write_options("peft", component=component)
         return CONVERTERS[left](source, out, dst_format=right, rank=rank, kind=kind, base=base,
                                 overwrite=overwrite, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
-                           overwrite=overwrite)
+                           overwrite=overwrite, component=component)
 
 
 __all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",

@@ -170,6 +170,7 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
         path: output directory (PEFT, diffusers) or file (kohya ``.safetensors``).
         format: ``"peft"``, ``"kohya"``/``"lycoris"`` or ``"diffusers"``.
         overwrite: replace an existing output.
+        **options: writer options; kohya's ``naming`` and ``component`` (see :func:`adaptkit.converters.kohya.write`).
 
     Returns:
         The path written.
@@ -177,8 +178,24 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
         UnsupportedError: the format cannot express the adapter (the message says what to do).
+        ConfigError: a kohya-only option (``naming``, ``component``) given for another format.
     """
-    return format_module(format).write(adapter, path, overwrite=overwrite, **options)
+    module = format_module(format)
+    check_write_options(module.NAME, **options)
+    return module.write(adapter, path, overwrite=overwrite, **options)
 
 
-__all__ = ["ALIASES", "FORMATS", "detect", "format_module", "load", "save"]
+def check_write_options(format: str, **options: Any) -> None:
+    """Refuse writer options the format does not have, before any work is done.
+
+    Raises:
+        ConfigError: ``naming`` / ``component`` (kohya only) for another format, or an unknown ``component``.
+    """
+    name = format_module(format).NAME
+    extra = [k for k in ("naming", "component") if options.get(k) is not None]
+    if extra and name != kohya.NAME:
+        raise ConfigError(f"{extra[0]} (--{extra[0]}) applies to kohya output only, not {name}; drop it or write kohya")
+    kohya.check_component(options.get("component"))
+
+
+__all__ = ["ALIASES", "FORMATS", "check_write_options", "detect", "format_module", "load", "save"]

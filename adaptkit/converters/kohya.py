@@ -11,7 +11,9 @@ reading adds an ``adaptkit.kohya_naming`` entry (how the file named its modules)
 along, so that writing kohya again after a trip through PEFT or diffusers gives the same names.
 
 Flattened names are resolved to module paths with :mod:`adaptkit.converters.names`; the canonical path is
-``<component>.<module path>`` (``unet.down_blocks.0...``) or the bare path for ``lycoris_`` files.
+``<component>.<module path>`` (``unet.down_blocks.0...``) or the bare path for ``lycoris_`` files. Writing puts
+bare paths (an adapter made on a UNet alone) under a component, given as ``component=`` or recognised from the
+paths (:func:`adaptkit.converters.names.bare_component`), so that kohya tools see ``lora_unet_`` names.
 """
 
 from __future__ import annotations
@@ -453,7 +455,41 @@ def _ldm_alias(component: str, path: str, inventory: str) -> str | None:
     return None
 
 
-def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming: str | None = None, **_: Any) -> Path:
+#: ``component=`` values: pipeline components, or ``"lycoris"`` to keep bare paths as ``lycoris_`` names
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "lycoris")
+
+
+def check_component(component: str | None) -> str | None:
+    """Validate a ``component=`` writer option (``None``: detect it from the module paths).
+
+    Raises:
+        ConfigError: not one of :data:`COMPONENTS`.
+    """
+    if component is not None and component not in COMPONENTS:
+        raise ConfigError(f"unknown kohya component {component!r}; use one of {', '.join(COMPONENTS)}")
+    return component
+
+
+def _has_component(path: str) -> bool:
+    comp, _, rest = path.partition(".")
+    return bool(comp and rest and comp in _names.WRITE_PREFIXES)
+
+
+def bare_target(adapter: Adapter, component: str | None, naming: dict[str, str]) -> str | None:
+    """The component that the adapter's paths without one are written under (``None``: ``lycoris_`` names).
+
+    An explicit ``component`` wins; else a kohya source that named them ``lycoris_`` keeps that, and otherwise
+    the component is detected from the paths (:func:`adaptkit.converters.names.bare_component`).
+    """
+    if check_component(component) is not None:
+        return None if component == "lycoris" else component
+    if "" in naming:  # read from (or through) a file with lycoris_ names: keep them
+        return None
+    return _names.bare_component(p for p in adapter.layers if not _has_component(p))
+
+
+def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming: str | None = None,
+          component: str | None = None, **_: Any) -> Path:
     """Write an adapter as one kohya/LyCORIS ``.safetensors`` file.
 
     Args:
@@ -462,21 +498,29 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
         overwrite: replace an existing file.
         naming: ``"ldm"`` writes SDXL UNet names as ``input_blocks_...`` (sd-scripts), ``"diffusers"``
             as ``down_blocks_...``; by default the source's naming is kept.
+        component: the pipeline component (``"unet"``, ``"transformer"``, ``"text_encoder"``, ``"text_encoder_2"``,
+            ``"text_encoder_3"``) of an adapter made on a bare model, whose paths have none
+            (``down_blocks.0...``): they are written as ``lora_unet_...``, ``lora_transformer_...``,
+            ``lora_te_...``. By default a bare UNet, SD3/Flux transformer or CLIP text encoder is recognised from
+            its module paths and anything else is written as ``lycoris_...``, which ``"lycoris"`` forces.
 
     Raises:
         UnsupportedError: a layer kohya cannot store. FormatError: two paths flatten to the same name.
+        ConfigError: an unknown ``component``.
     """
     if not adapter.layers:
         raise UnsupportedError("the adapter has no layers; there is nothing to write")
     out_path = Path(path)
     if out_path.suffix != ".safetensors":
         out_path = out_path / "adapter.safetensors" if out_path.is_dir() else out_path.with_suffix(".safetensors")
-    components = {p.partition(".")[0] for p in adapter.layers}
     names = _naming(adapter, naming)
+    target = bare_target(adapter, component, names)
+    paths = {p: p if target is None or _has_component(p) else f"{target}.{p}" for p in adapter.layers}
+    components = {p.partition(".")[0] for p in paths.values()}
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
     for p, layer in adapter.layers.items():
-        name = module_name(p, components, names)
+        name = module_name(paths[p], components, names)
         if name in seen:
             raise FormatError(f"{p} and {seen[name]} flatten to the same kohya name {name}; write format='peft'")
         seen[name] = p
@@ -498,5 +542,5 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
     return out_path
 
 
-__all__ = ["ALLOW_PATTERNS", "NAME", "TENSORS", "build_layer", "detect", "group_tensors", "layer_tensors",
-           "module_name", "read", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "NAME", "TENSORS", "bare_target", "build_layer", "check_component", "detect",
+           "group_tensors", "layer_tensors", "module_name", "read", "write"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -52,10 +53,43 @@ WRITE_PREFIXES: dict[str, str] = {
 #: shipped inventories, tried in this order when no base is given
 SHIPPED = ("sd15", "sdxl", "sd3", "flux")
 
+#: component -> (top-level modules of that model made alone, the ones one of an adapter's paths must be in):
+#: tells which component an adapter made on a bare model (PEFT on a ``UNet2DConditionModel``) belongs to
+BARE_MODELS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "unet": (frozenset({"conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
+                        "encoder_hid_proj", "down_blocks", "up_blocks", "mid_block", "conv_norm_out", "conv_out"}),
+             frozenset({"down_blocks", "up_blocks", "mid_block", "conv_in", "time_embedding"})),
+    "transformer": (frozenset({"pos_embed", "time_text_embed", "context_embedder", "x_embedder", "transformer_blocks",
+                               "single_transformer_blocks", "norm_out", "proj_out"}),  # SD3 and Flux
+                    frozenset({"transformer_blocks", "single_transformer_blocks"})),
+}
+#: module paths of a CLIP text encoder made alone (``text_model.`` in transformers 4 and with a projection)
+_CLIP_PATH = re.compile(r"text_model\.|text_projection$|embeddings\.|final_layer_norm$"
+                        r"|encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|layer_norm[12])$")
+
 
 def flatten(path: str) -> str:
     """kohya's flattening of a dotted module path."""
     return path.replace(".", "_")
+
+
+def bare_component(paths: Iterable[str]) -> str | None:
+    """The pipeline component a set of module paths without one obviously belongs to, else ``None``.
+
+    ``unet`` for a diffusers UNet's paths (``down_blocks.0...``), ``transformer`` for an SD3/Flux transformer's
+    (``transformer_blocks.0...``), ``text_encoder`` for a CLIP text encoder's (``text_model.encoder...`` or
+    ``encoder.layers.0.self_attn.q_proj``); every path has to fit the same model.
+    """
+    paths = list(paths)
+    if not paths:
+        return None
+    tops = {p.partition(".")[0] for p in paths}
+    for component, (allowed, marks) in BARE_MODELS.items():
+        if tops <= allowed and tops & marks:
+            return component
+    if all(_CLIP_PATH.match(p) for p in paths) and any(p.startswith(("text_model.", "encoder.")) for p in paths):
+        return "text_encoder"
+    return None
 
 
 def split_prefix(name: str) -> tuple[str, str, str] | None:
@@ -433,6 +467,7 @@ __all__ = [
     "SHIPPED",
     "WRITE_PREFIXES",
     "Inventory",
+    "bare_component",
     "Resolution",
     "flatten",
     "inventory_from_base",

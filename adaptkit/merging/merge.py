@@ -124,7 +124,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
 
 
 def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathLike, format: str = "peft",
-             overwrite: bool = False, **options: Any) -> Adapter:
+             overwrite: bool = False, component: str | None = None, **options: Any) -> Adapter:
     """Load sources, merge them and write the result atomically (what ``adaptkit merge`` runs).
 
     Args:
@@ -132,6 +132,8 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
         out: output path (directory for PEFT/diffusers, file for kohya).
         format: output format.
         overwrite: replace an existing output.
+        component: kohya output only: the pipeline component of bare module paths (see
+            :func:`adaptkit.converters.kohya.write`).
         **options: :func:`merge` arguments (``weights``, ``method``, ``density``, ``rank`` ...).
 
     Returns:
@@ -140,13 +142,13 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
     """
-    from ..converters import format_module, save
+    from ..converters import check_write_options, save
     from ..sources import check_output
 
     check_output(out, overwrite)
-    format_module(format)
+    check_write_options(format, component=component)
     merged = merge(sources, **options)
-    path = save(merged, out, format=format, overwrite=overwrite)
+    path = save(merged, out, format=format, overwrite=overwrite, component=component)
     return merged.replace(source=str(Path(path).resolve()))
 
 
