@@ -24,7 +24,7 @@ from adaptkit.errors import ConfigError
 from .conftest import make_peft_adapter, make_tiny_llama
 
 pytest.importorskip("diffusers")
-from .test_diffusers_format import tiny_pipe, tiny_te, tiny_unet  # noqa: E402
+from .test_diffusers_format import tiny_pipe, tiny_te, tiny_unet
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
@@ -94,7 +94,7 @@ def test_bare_unet_peft_adapter_gets_lora_unet_names(tmp_path, how):
         r = CliRunner().invoke(main, ["convert", "peft->kohya", str(tmp_path / "peft"), str(out), "--component", "unet"])
         assert r.exit_code == 0, r.output
     keys = load_file(str(out))
-    assert keys and all(k.startswith("lora_unet_down_blocks_") or k.startswith(("lora_unet_up_blocks_", "lora_unet_mid_block_"))
+    assert keys and all(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_"))
                         for k in keys)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     want = unet_out(peft_model)
@@ -126,7 +126,9 @@ def test_bare_clip_text_encoder_gets_lora_te_names(tmp_path, component, prefix):
 
 def test_bare_flux_transformer_gets_lora_transformer_names(tmp_path):
     from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
 
     torch.manual_seed(0)
     flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
@@ -182,7 +184,7 @@ def test_other_bare_models_and_lycoris_sources_keep_lycoris_names(tmp_path):
     unet = tiny_unet()
     peft_on(unet, tmp_path / "peft", UNET_TARGETS)
     f = ak.save(ak.load(tmp_path / "peft"), tmp_path / "forced.safetensors", format="kohya", component="lycoris")
-    assert all(k.startswith("lycoris_down_blocks_") or k.startswith(("lycoris_up_blocks_", "lycoris_mid_block_"))
+    assert all(k.startswith(("lycoris_down_blocks_", "lycoris_up_blocks_", "lycoris_mid_block_"))
                for k in load_file(str(f)))
 
     # a real LyCORIS network on the bare UNet names its modules lycoris_down_blocks_...: writing it again keeps them
