@@ -232,9 +232,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     for comp, layers in by_comp.items():
         cfg: dict[str, Any] = {"peft_type": "LORA"}
         out: dict[str, torch.Tensor] = {}
-        _peft._write_lora(Adapter(layers=layers), cfg, out)
-        for key, t in out.items():
-            tensors[f"{comp}.{key[len(_peft.PREFIX):]}"] = t
+        _peft._write_lora(Adapter(layers=layers), cfg, out, f"{comp}.")
+        tensors.update(out)
         cfg.setdefault("lora_dropout", 0.0)
         for k, v in cfg.items():
             if fields is None or k in fields:
