@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .depth import Position, first_index, module_positions
 from .graph import Adapter
 from .kinds import LoHa, LoKr, LoRA, layer_is_finite
 from .kinds.base import math_shape
 
 #: columns of :func:`analyze`, in order
-COLUMNS = ("module", "kind", "shape", "depth", "rank", "scale", "dora", "fro_norm", "spectral_norm", "stable_rank",
-           "effective_rank", "rank_90", "rank_99", "energy_share", "sparsity", "finite", "method", "note")
-
-_DEPTH = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+COLUMNS = ("module", "kind", "shape", "component", "depth", "rank", "scale", "dora", "fro_norm", "spectral_norm",
+           "stable_rank", "effective_rank", "rank_90", "rank_99", "energy_share", "sparsity", "finite", "method", "note")
 
 
 # ------------------------------------------------------------------------------------ low-rank algebra
@@ -213,9 +211,12 @@ def spectrum_stats(s: np.ndarray) -> SpectrumStats:
 
 
 def module_depth(path: str) -> int | None:
-    """The block index of a module path: its first all-digit component (``model.layers.3.mlp`` -> 3)."""
-    m = _DEPTH.search(path)
-    return int(m.group(1)) if m else None
+    """The block index of one module path: its first all-digit component (``model.layers.3.mlp`` -> 3).
+
+    This is the rule for LLM-style paths only; the ``depth`` column comes from
+    :func:`adaptkit.depth.module_positions`, which knows pipeline components and UNet block order.
+    """
+    return first_index(path)
 
 
 def _shape_text(shape: Any) -> str:
@@ -229,16 +230,21 @@ def _ia3_note(layer: Any) -> str:
             f"min {float(v.min()):.4g}, max {float(v.max()):.4g}, ||l-1|| {float(torch.linalg.vector_norm(v - 1)):.4g}")
 
 
-def analyze_layer(path: str, layer: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
     """One row of :func:`analyze` (``energy_share`` still unset) and the layer's spectrum (``None`` for IA3).
 
     Args:
         path: module path.
         layer: the layer.
+        position: the module's component and depth among all the adapter's paths
+            (:func:`adaptkit.depth.module_positions`); computed from this path alone when ``None``.
     """
+    if position is None:
+        position = module_positions([path])[path]
     dora = getattr(layer, "magnitude", None) is not None
     row: dict[str, Any] = {
-        "module": path, "kind": layer.kind, "shape": _shape_text(layer.shape), "depth": module_depth(path),
+        "module": path, "kind": layer.kind, "shape": _shape_text(layer.shape), "component": position.component,
+        "depth": position.depth,
         "rank": layer.rank, "scale": float(layer.scale), "dora": dora, "fro_norm": math.nan,
         "spectral_norm": math.nan, "stable_rank": math.nan, "effective_rank": math.nan, "rank_90": None,
         "rank_99": None, "energy_share": math.nan, "sparsity": math.nan, "finite": layer_is_finite(layer),
@@ -337,14 +343,16 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
         require_matplotlib()
     adapter = as_adapter(adapter_or_source, format, base)
     rows, spectra = [], {}
+    positions = module_positions(adapter.layers)
     for path in sorted(adapter.layers, key=natural_key):
-        row, s = analyze_layer(path, adapter.layers[path])
+        row, s = analyze_layer(path, adapter.layers[path], positions[path])
         rows.append(row)
         if s is not None:
             spectra[path] = s
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in ("depth", "rank", "rank_90", "rank_99"):
+    for col in ("rank", "rank_90", "rank_99"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
+    table["depth"] = pd.Series([r["depth"] for r in rows], index=table.index, dtype=object)  # ints stay ints
     energy = table["fro_norm"] ** 2
     total = float(energy.sum(skipna=True))
     table["energy_share"] = energy / total if total > 0 else math.nan
@@ -370,7 +378,9 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
 
     Returns:
         A DataFrame with columns :data:`COLUMNS`: ``module``, ``kind``, ``shape`` (module weight shape),
-        ``depth`` (block index from the path), ``rank`` (nominal), ``scale``, ``dora``, ``fro_norm``
+        ``component`` (pipeline component: ``unet``, ``text_encoder``, ...; ``""`` for a bare model), ``depth``
+        (position in block order within the component: the block index ``N`` of ``layers.N`` for LLMs and text
+        encoders, the place in the U for UNets; see :mod:`adaptkit.depth`), ``rank`` (nominal), ``scale``, ``dora``, ``fro_norm``
         (``||dW||_F``), ``spectral_norm``, ``stable_rank``, ``effective_rank`` (``exp`` of the entropy of
         ``s_i / sum s``; see :func:`spectrum_stats`), ``rank_90`` / ``rank_99`` (directions holding 90% / 99%
         of ``||dW||_F^2``), ``energy_share`` (``||dW||_F^2`` over the adapter's total), ``sparsity`` (fraction of

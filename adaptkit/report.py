@@ -4,10 +4,13 @@ One HTML file, no external resources: plots are PNGs embedded as base64 ``data:`
 HTML. Plots need matplotlib (the optional extra: ``pip install 'adaptkit[plot]'``); it is used through its
 object API (``matplotlib.figure.Figure``), so no pyplot state or GUI backend is touched.
 
-* analysis: per-layer energy and effective rank by depth, singular-value spectra and cumulative energy,
-  the per-layer table.
-* comparison: cosine and sign-conflict heat maps between adapters, per-module cosine by depth for each
-  pair, each adapter's energy by depth, the pair and layer tables and the merge suggestion.
+* analysis: per-layer energy and effective rank by depth (one row of plots per pipeline component, a UNet's
+  axis labelled by block), singular-value spectra and cumulative energy, the per-layer table.
+* comparison: cosine and sign-conflict heat maps between adapters, per-module cosine by component and depth
+  for each pair, each adapter's energy by depth (one panel per component), the pair and layer tables and the
+  merge suggestion.
+
+Depths and components come from :mod:`adaptkit.depth`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pandas as pd
 
 from .analysis import AdapterAnalysis
 from .comparison import Comparison
+from .depth import block_ticks, component_rank, module_positions
 from .errors import ConfigError, UnsupportedError
 from .sources import atomic_output
 
@@ -77,54 +81,121 @@ def _module_type(path: str) -> str:
 # ------------------------------------------------------------------------------------ plots
 
 
-def plot_depth_profile(analysis: AdapterAnalysis) -> str:
-    """Energy share and effective rank of each module type against depth (``<img>`` tag)."""
-    t = analysis.table[analysis.table["fro_norm"].notna()].copy()
-    fig = _figure(11, 3.6)
-    ax_e, ax_r = fig.subplots(1, 2)
-    has_depth = t["depth"].notna().any()
-    if not has_depth:  # no block index in the paths: plot by row order instead
-        t["depth"] = range(len(t))
-    t["type"] = t["module"].map(_module_type)
-    for name, g in t.groupby("type", sort=True):
-        # several modules of one type in one block (UNet down/mid/up blocks, attn1/attn2): sum / mean per block
-        g = g.groupby(g["depth"].astype(float)).agg(energy=("energy_share", "sum"), erank=("effective_rank", "mean"))
-        ax_e.plot(g.index, g["energy"] * 100, marker="o", label=name)
-        ax_r.plot(g.index, g["erank"], marker="o", label=name)
-    ranks = t["rank"].dropna()
-    if len(ranks):
-        ax_r.axhline(float(ranks.max()), color="#999", linestyle="--", linewidth=1, label="nominal rank")
-    xlabel = "depth (block index)" if has_depth else "layer (order)"
-    ax_e.set(title="energy per block and module type (sum)", xlabel=xlabel, ylabel="% of adapter ||dW||_F^2")
-    ax_r.set(title="effective rank per block and module type (mean)", xlabel=xlabel, ylabel="effective rank")
+def _components(table: pd.DataFrame) -> list[str]:
+    """The table's pipeline components in display order (the denoiser first, then the text encoders)."""
+    comps = table["component"].unique() if "component" in table else [""]
+    return sorted((str(c) for c in comps), key=component_rank)
+
+
+def _ticks(table: pd.DataFrame, modules: Any = None) -> dict[int, str]:
+    """UNet block labels by integer depth of ``modules`` (default: all), placed among all the table's modules."""
+    positions = module_positions(list(table["module"]))
+    return block_ticks(positions[m] for m in (table["module"] if modules is None else modules))
+
+
+def _depth_axis(ax: Any, ticks: dict[int, str]) -> str:
+    """Integer ticks, or a UNet's block names; returns the x label."""
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_e, ax_r):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _, labels = ax_r.get_legend_handles_labels()
-    if len(labels) <= 12:
-        ax_r.legend(fontsize=8)
+    if ticks:
+        ax.set_xticks(list(ticks), list(ticks.values()), rotation=30, ha="right", fontsize=8)
+        return "UNet block"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return "depth (block index)"
+
+
+def _prefix(component: str, several: bool) -> str:
+    return f"{component or 'model'}: " if several else ""
+
+
+def plot_depth_profile(analysis: AdapterAnalysis) -> str:
+    """Energy share and effective rank of each module type against depth, one row per component (``<img>`` tag)."""
+    t = analysis.table[analysis.table["fro_norm"].notna()].copy()
+    components = _components(t)
+    several = len(components) > 1
+    fig = _figure(11, 3.6 * len(components))
+    for (ax_e, ax_r), comp in zip(fig.subplots(len(components), 2, squeeze=False), components):
+        c = t[t["component"] == comp].copy()
+        has_depth = c["depth"].notna().any()
+        if not has_depth:  # no block index in the paths: plot by row order instead
+            c["depth"] = range(len(c))
+        ticks = _ticks(analysis.table, c["module"]) if has_depth else {}
+        if ticks:  # a UNet: one point per block (its layers summed / averaged), fractional depths would zig-zag
+            c["depth"] = c["depth"].map(lambda d: float(d) // 1 if _known(d) else d)
+        c["type"] = c["module"].map(_module_type)
+        colours = _colours(c["type"].nunique())
+        for colour, (name, g) in zip(colours, c.groupby("type", sort=True)):
+            # several modules of one type in one block (attn1/attn2, transformer blocks, UNet layers): sum / mean
+            g = g.groupby(g["depth"].astype(float)).agg(energy=("energy_share", "sum"), erank=("effective_rank", "mean"))
+            ax_e.plot(g.index, g["energy"] * 100, marker="o", markersize=4, color=colour, label=name)
+            ax_r.plot(g.index, g["erank"], marker="o", markersize=4, color=colour, label=name)
+        ranks = c["rank"].dropna()
+        if len(ranks):
+            ax_r.axhline(float(ranks.max()), color="#999", linestyle="--", linewidth=1, label="nominal rank")
+        xlabel = "layer (order)"
+        for ax in (ax_e, ax_r):
+            ax.grid(alpha=0.3)
+            if has_depth:
+                xlabel = _depth_axis(ax, ticks)
+            else:
+                ax.xaxis.set_major_locator(_integer_locator())
+        pre = _prefix(comp, several)
+        ax_e.set(title=f"{pre}energy per block and module type (sum)", xlabel=xlabel, ylabel="% of adapter ||dW||_F^2")
+        ax_r.set(title=f"{pre}effective rank per block and module type (mean)", xlabel=xlabel, ylabel="effective rank")
+        if several:  # the component's name makes the titles longer
+            ax_e.title.set_fontsize(10)
+            ax_r.title.set_fontsize(10)
+        _, labels = ax_r.get_legend_handles_labels()
+        if len(labels) <= 12:
+            ax_r.legend(fontsize=8)
+        elif len(labels) <= 40:  # beside the plot, where it hides no line
+            ax_r.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(labels) // 21)
     return _png(fig)
 
 
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _colours(n: int) -> list[Any]:
+    """``n`` distinguishable line colours (matplotlib's default cycle, tab20 beyond ten)."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
 def plot_spectra(analysis: AdapterAnalysis, max_lines: int = 200) -> str:
-    """Singular values of every layer (log scale) and their cumulative energy, coloured by depth."""
+    """Singular values of every layer (log scale) and their cumulative energy, coloured by depth.
+
+    With several components the colour is the depth within the layer's own component (0 = first block).
+    """
     from matplotlib import colormaps
 
     items = list(analysis.spectra.items())
     if len(items) > max_lines:  # keep an even spread of layers
         keep = np.linspace(0, len(items) - 1, max_lines).round().astype(int)
         items = [items[i] for i in sorted(set(keep))]
-    depths = analysis.table.set_index("module")["depth"].to_dict()
-    known = [d for d in depths.values() if d is not None and not (isinstance(d, float) and math.isnan(d))]
-    top = max(known) if known else 1
+    table = analysis.table.set_index("module")
+    depths = table["depth"].to_dict()
+    comps = table["component"].to_dict()
+    spans: dict[str, tuple[float, float]] = {}  # component -> (lowest depth, span)
+    for comp in set(comps.values()):
+        known = [float(d) for m, d in depths.items() if comps[m] == comp and _known(d)]
+        if known:
+            lo = min(0.0, min(known))
+            spans[comp] = (lo, max(max(known) - lo, 1.0))
+    several = len(set(comps.values())) > 1
     cmap = colormaps["viridis"]
     fig = _figure(11, 3.6)
     ax_s, ax_c = fig.subplots(1, 2)
     for path, s in items:
-        d = depths.get(path)
-        color = cmap(0.5 if d is None else float(d) / max(top, 1))
+        d, span = depths.get(path), spans.get(comps.get(path))
+        color = cmap(0.5 if not _known(d) or span is None else (float(d) - span[0]) / span[1])
         s = np.asarray(s)
         x = np.arange(1, s.size + 1)
         positive = s > max(s.max(), 1e-300) * 1e-7 if s.size else s
@@ -139,12 +210,24 @@ def plot_spectra(analysis: AdapterAnalysis, max_lines: int = 200) -> str:
              ylabel="% of ||dW||_F^2")
     for ax in (ax_s, ax_c):
         ax.grid(alpha=0.3)
-    if known:
+    if spans:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        fig.colorbar(ScalarMappable(Normalize(0, top), cmap), ax=ax_c, label="depth")
+        if several:
+            fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax_c, label="depth in component (0 = first block)")
+        else:
+            lo, span = next(iter(spans.values()))
+            bar = fig.colorbar(ScalarMappable(Normalize(lo, lo + span), cmap), ax=ax_c, label="depth")
+            ticks = _ticks(analysis.table)
+            if ticks:
+                bar.set_ticks(list(ticks), labels=list(ticks.values()))
+                bar.set_label("UNet block")
     return _png(fig)
+
+
+def _known(d: Any) -> bool:
+    return d is not None and not (isinstance(d, float) and math.isnan(d))
 
 
 def _heat(ax: Any, matrix: np.ndarray, labels_y: Sequence[str], labels_x: Sequence[str], title: str,
@@ -185,40 +268,64 @@ def plot_pair_heatmaps(comparison: Comparison) -> str:
 
 
 def plot_layer_heatmap(comparison: Comparison, a: str, b: str) -> str | None:
-    """Module type x depth heat map of per-layer cosine similarity for one pair (``None`` when empty)."""
+    """Module type x depth heat map of per-layer cosine similarity for one pair (``None`` when empty).
+
+    Columns are depths per component (UNet blocks by name); modules without a depth go to column ``-1``.
+    """
     rows = comparison.layers[(comparison.layers["a"] == a) & (comparison.layers["b"] == b)].copy()
     if rows.empty:
         return None
-    from .analysis import module_depth
+    positions = module_positions(list(rows["module"]))
+    several = len({p.component for p in positions.values()}) > 1
+    columns: dict[tuple[Any, ...], str] = {}
+
+    def column(path: str) -> tuple[Any, ...]:
+        p = positions[path]
+        depth = int(p.depth // 1) if _known(p.depth) else -1
+        key = (component_rank(p.component), depth)
+        label = p.block if p.block is not None else str(depth)
+        columns[key] = f"{_SHORT.get(p.component, p.component or 'model')} {label}" if several else label
+        return key
 
     rows["type"] = rows["module"].map(_module_type)
-    rows["depth"] = rows["module"].map(lambda p: module_depth(p) if module_depth(p) is not None else -1)
-    grid = rows.pivot_table(index="type", columns="depth", values="cosine", aggfunc="mean")
+    rows["column"] = rows["module"].map(column)
+    grid = rows.pivot_table(index="type", columns="column", values="cosine", aggfunc="mean")
+    grid = grid[sorted(grid.columns)]
     fig = _figure(11, 0.45 * len(grid.index) + 2.2)
     ax = fig.subplots(1, 1)
-    im = _heat(ax, grid.to_numpy(dtype=float), [str(i) for i in grid.index], [str(c) for c in grid.columns],
-               f"per-layer cosine similarity: {a} vs {b} (columns = depth)", -1, 1, "RdBu_r", ".2f")
+    title = f"per-layer cosine similarity: {a} vs {b} (columns = {'component and ' if several else ''}depth)"
+    im = _heat(ax, grid.to_numpy(dtype=float), [str(i) for i in grid.index], [columns[c] for c in grid.columns],
+               title, -1, 1, "RdBu_r", ".2f")
     fig.colorbar(im, ax=ax)
     return _png(fig)
 
 
-def plot_energy_overlay(analyses: Sequence[AdapterAnalysis]) -> str:
-    """Total ``||dW||_F^2`` per depth for several adapters on one axis."""
-    fig = _figure(11, 3.4)
-    ax = fig.subplots(1, 1)
-    for an in analyses:
-        t = an.table[an.table["fro_norm"].notna() & an.table["depth"].notna()]
-        if t.empty:
-            continue
-        energy = (t["fro_norm"] ** 2).groupby(t["depth"].astype(int)).sum()
-        ax.plot(energy.index, energy.to_numpy(), marker="o", label=an.name)
-    ax.set(title="energy ||dW||_F^2 per block, by adapter", xlabel="depth (block index)", ylabel="||dW||_F^2")
-    ax.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
+#: short component names for crowded axis labels
+_SHORT = {"text_encoder": "te", "text_encoder_2": "te2", "text_encoder_3": "te3", "transformer": "dit"}
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+
+def plot_energy_overlay(analyses: Sequence[AdapterAnalysis]) -> str:
+    """Total ``||dW||_F^2`` per block for several adapters, one panel per component."""
+    tables = [(an, an.table[an.table["fro_norm"].notna() & an.table["depth"].notna()]) for an in analyses]
+    components = sorted({str(c) for _, t in tables for c in t["component"]}, key=component_rank) or [""]
+    several = len(components) > 1
+    fig = _figure(11, 3.4 * len(components))
+    for ax, comp in zip(fig.subplots(len(components), 1, squeeze=False)[:, 0], components):
+        ticks: dict[int, str] = {}
+        for an, t in tables:
+            t = t[t["component"] == comp]
+            if t.empty:
+                continue
+            ticks.update(_ticks(an.table, t["module"]))
+            blocks = t["depth"].map(lambda d: int(float(d) // 1))  # UNet layers inside a block: summed
+            energy = (t["fro_norm"] ** 2).groupby(blocks).sum()
+            ax.plot(energy.index, energy.to_numpy(), marker="o", label=an.name)
+        xlabel = _depth_axis(ax, dict(sorted(ticks.items())))
+        ax.set(title=f"{_prefix(comp, several)}energy ||dW||_F^2 per block, by adapter", xlabel=xlabel,
+               ylabel="||dW||_F^2")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -33,7 +33,7 @@ def test_analyze_json_csv_and_text():
         assert row["fro_norm"] == pytest.approx(table.loc[row["module"], "fro_norm"])
         assert row["rank"] == 8 and row["method"] == "lowrank"
     res = run("analyze", MATH, "--csv")
-    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("module,kind,shape,depth,rank")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("module,kind,shape,component,depth,rank")
     assert len(res.stdout.splitlines()) == 9
     res = run("analyze", MATH)
     assert res.exit_code == 0 and "effective_rank" in res.stdout and "top_layer" in res.stdout
@@ -170,3 +170,35 @@ def test_analyze_kohya_file_with_base(tmp_path):
         assert row["method"] == "lowrank" and row["spectral_norm"] == pytest.approx(s[0], rel=1e-5)
         assert row["rank_99"] == int(np.argmax(np.cumsum(s**2) / (s**2).sum() >= 0.99) + 1) > 4
     assert run("analyze", src).exit_code == 1  # names need the base: one-line error, exit 1
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_unet_report_has_one_row_of_plots_per_component(tmp_path):
+    """A UNet + text encoder LoRA: the depth plots get a row per component, the table a component column."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("diffusers")
+    from .test_analysis import sd_lora
+
+    src, _ = sd_lora(tmp_path / "sd")
+    other, _ = sd_lora(tmp_path / "sd2", seed=1, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    report = tmp_path / "unet.html"
+    res = run("analyze", str(src), "--report", str(report), "--csv")
+    assert res.exit_code == 0, res.output
+    header, first = res.stdout.splitlines()[:2]
+    assert header.split(",")[3:5] == ["component", "depth"] and first.split(",")[3] == "text_encoder"
+    text = report.read_text()
+    profile, spectra = _pngs(text)
+    assert _png_size(profile) == (1100, 720) and _png_size(spectra) == (1100, 360)  # unet row + text_encoder row
+    assert ">unet<" in text and ">text_encoder<" in text
+    cmp_report = tmp_path / "cmp.html"
+    assert run("compare", str(src), str(other), "--report", str(cmp_report)).exit_code == 0
+    pngs = _pngs(cmp_report.read_text())
+    assert len(pngs) == 3 and _png_size(pngs[-1]) == (1100, 680)  # energy overlay: unet and text_encoder panels
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    _screenshot(report, tmp_path / "unet.png", tmp_path / "profile")
+    assert _coloured_fraction(tmp_path / "unet.png") > 0.004
