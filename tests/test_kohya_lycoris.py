@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adaptkit.converters import load, save
-from adaptkit.errors import ConfigError, FormatError, UnsupportedError
+from adaptkit.errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -272,4 +272,8 @@ def test_bad_files(tmp_path):
         load(f, base=base)
     save_file({"lycoris_blocks_0_up_proj.oft_blocks": torch.ones(2, 2)}, str(f))
     with pytest.raises(FormatError, match="oft_blocks"):
+        load(f, format="kohya", base=base)
+    save_file({"lycoris_blocks_0_up_proj.lora_down.weight": torch.ones(12),  # 1-D: no adapter layer has this
+               "lycoris_blocks_0_up_proj.lora_up.weight": torch.ones(8, 2)}, str(f))
+    with pytest.raises(ShapeMismatchError, match=r"lycoris_blocks_0_up_proj: tensors have shapes .*lora_down.weight \(12,\)"):
         load(f, format="kohya", base=base)

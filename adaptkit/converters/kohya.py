@@ -122,6 +122,12 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             layers[name] = build_layer(parts)
         except (ShapeMismatchError, FormatError) as e:
             raise type(e)(f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: {e}") from e
+        except (IndexError, RuntimeError) as e:  # a tensor with too few dimensions for its role
+            shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in sorted(parts.items()))
+            raise ShapeMismatchError(
+                f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: tensors have shapes that fit no adapter layer "
+                f"({shapes}); the file is damaged or not a kohya/LyCORIS adapter"
+            ) from e
     if not layers:
         raise FormatError(f"{path.name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
