@@ -58,10 +58,20 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _one_output_format(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """Refuse ``--json`` with ``--csv`` while parsing (before a command does any work)."""
+    if value:
+        chosen = ctx.meta.setdefault("adaptkit.output_format", param.opts[0])
+        if chosen != param.opts[0]:
+            raise click.UsageError("--json and --csv exclude each other; pass one of them")
+    return value
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--json`` and ``--csv`` to a command that prints a table."""
-    fn = click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
+    """Add ``--json`` and ``--csv`` (one at a time) to a command that prints a table."""
+    fn = click.option("--csv", "as_csv", is_flag=True, callback=_one_output_format, help="Print the table as CSV.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, callback=_one_output_format,
+                      help="Print machine-readable JSON.")(fn)
     return fn
 
 

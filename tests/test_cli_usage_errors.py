@@ -26,6 +26,7 @@ CASES = [
     (["convert", "only-one"], "error: expected 'FROM->TO' SOURCE OUT", "convert"),
     (["nosuch"], "error: no such command 'nosuch'", None),
     (["--bogus"], "error: no such option '--bogus'", None),
+    (["info", "src", "--json", "--csv"], "error: --json and --csv exclude each other", "info"),
 ]
 
 
@@ -73,3 +74,8 @@ def test_help_version_and_no_command_unchanged():
     assert res.exit_code == 0 and "adaptkit, version" in res.stdout
     res = runner.invoke(main, [])  # no command: click's help, as before
     assert "Commands:" in res.output and "error:" not in res.output
+
+
+def test_python_dash_m_adaptkit(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "adaptkit", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and "adaptkit" in res.stdout, res.stderr
