@@ -144,6 +144,58 @@ def test_dense_svd_matches_torch_svd(shape):
         assert rel(b @ a, (u[:, :rank] * s[:rank]) @ vh[:rank]) < 1e-5
 
 
+def _count_linalg(monkeypatch, shape):
+    """Count torch.linalg.qr calls (two per iteration step) and full SVDs of a matrix of ``shape``."""
+    calls = {"qr": 0, "full_svd": 0}
+    qr, svd = torch.linalg.qr, torch.linalg.svd
+
+    def counting_qr(*args, **kwargs):
+        calls["qr"] += 1
+        return qr(*args, **kwargs)
+
+    def counting_svd(a, *args, **kwargs):
+        calls["full_svd"] += tuple(a.shape) == shape
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", counting_qr)
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    return calls
+
+
+def _truncated(d, rank):
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_dense_svd_large_rank_takes_the_full_svd_directly(monkeypatch):
+    """rank 64 of a 1408x512 TIES delta (k = 144 > 512 / 4): no iteration, the direct SVD's result."""
+    gen = torch.Generator().manual_seed(3)
+    parts = [(0.02 * torch.randn(1408, 16, generator=gen)) @ torch.randn(16, 512, generator=gen) for _ in range(3)]
+    d = combine(parts, torch.ones(3), METHODS["ties_svd"], density=0.2)
+    ref = _truncated(d, 64)
+    calls = _count_linalg(monkeypatch, (1408, 512))
+    b, a = dense_svd(d, 64)
+    assert calls == {"qr": 0, "full_svd": 1}
+    assert b.shape == (1408, 64) and a.shape == (64, 512)
+    assert rel(b @ a, ref) < 1e-6
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "low rank + noise"])
+def test_dense_svd_gives_up_early_only_when_it_cannot_certify(monkeypatch, spectrum):
+    """A flat spectrum cannot be certified in 30 steps: the full SVD after a few; a clear gap converges."""
+    gen = torch.Generator().manual_seed(4)
+    d = torch.randn(600, 400, generator=gen)
+    if spectrum != "flat":
+        d = 1e-3 * d + torch.randn(600, 8, generator=gen) @ torch.randn(8, 400, generator=gen)
+    ref = _truncated(d, 8)
+    calls = _count_linalg(monkeypatch, (600, 400))
+    b, a = dense_svd(d, 8)
+    steps = (calls["qr"] - 1) // 2
+    assert steps <= 5
+    assert calls["full_svd"] == (spectrum == "flat")
+    assert rel(b @ a, ref) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 
