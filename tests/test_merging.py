@@ -196,6 +196,15 @@ def test_dense_svd_gives_up_early_only_when_it_cannot_certify(monkeypatch, spect
     assert rel(b @ a, ref) < 1e-5
 
 
+def test_dense_svd_of_an_exactly_rank_deficient_delta():
+    """Zero Ritz values (a pruned delta of rank 3) converge at once; the rate estimate must not take log(0)."""
+    d = torch.zeros(512, 512)
+    d[:3, :3] = torch.eye(3)  # singular values 1, 1, 1, 0, ...: the best rank-2 error is exactly 1
+    b, a = dense_svd(d, 2)
+    approx = b @ a
+    assert abs(float((d - approx).norm()) - 1.0) < 1e-5 and float(approx[3:].abs().max()) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 

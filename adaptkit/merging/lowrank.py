@@ -122,10 +122,12 @@ def _hopeless(ratio: float, previous_ratio: float, s: torch.Tensor, rank: int, t
     """
     kept = s[rank - 1].item()
     ritz = (s[-1].item() / kept) ** 2 if kept > 0 else float("inf")
-    rate = min(ritz, ratio / previous_ratio)
+    rate = min(ritz, ratio / previous_ratio) if previous_ratio > 0 else ritz
     if rate >= 1.0:
         return True
     target = tol if rate < 0.5 else 10 * tol
+    if rate <= 0.0 or ratio <= target:  # an exactly rank-deficient block converges at once
+        return False
     return math.log(target / ratio) / math.log(rate) > left
 
 
