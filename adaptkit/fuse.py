@@ -342,19 +342,18 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
             bar.update(1)
             overall.update(entry.nbytes)
 
-        threads = torch.get_num_threads()
         # one torch thread per worker: the row blocks are small (cache-resident), and splitting each op across
         # threads cost more in synchronisation than it gained (measured on 2 cores with other load: 10x slower
-        # with 2 threads per worker). OpenMP keeps this setting per thread; restored for the caller's thread.
+        # with 2 threads per worker). torch also keeps this as the default for new threads: restored below.
         torch.set_num_threads(1)
         try:
             write_out_file(plan, path, on_tensor=tick, fsync=fsync)
         finally:
-            torch.set_num_threads(threads)
             bar.close()
             slots.append(slot)
 
     order = sorted(targets, key=lambda t: -t[0].data_bytes)
+    threads = torch.get_num_threads()
     try:
         if n <= 1:
             for item in order:
@@ -370,6 +369,7 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
                         fut.cancel()
                     raise
     finally:
+        torch.set_num_threads(threads)  # the caller's setting, for its own thread and the threads it starts later
         overall.close()
 
 

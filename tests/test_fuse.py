@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -178,8 +179,13 @@ def test_dry_run_and_prefix_matching(tmp_path, base_dir):
     assert set(result.plan["kinds"]) == {"loha"}
     threads = torch.get_num_threads()
     ak.fuse(base_dir, bare, tmp_path / "bare", progress=False, workers=1)  # the workers run one torch thread each...
-    ak.fuse(base_dir, adapter, tmp_path / "full", progress=False, workers=2)
-    assert torch.get_num_threads() == threads  # ...and the caller's setting is restored
+    ak.fuse(base_dir, adapter, tmp_path / "full", progress=False, workers=4)
+    assert torch.get_num_threads() == threads  # ...and the caller's setting is restored, also for new threads
+    seen = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert seen == [threads]
     a, b = load_dir(tmp_path / "bare"), load_dir(tmp_path / "full")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
