@@ -23,10 +23,10 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
 import socket
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -411,13 +411,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(parent, out.name)
     prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-        os.close(fd)
-        tmp = Path(name)
-    _default_permissions(tmp)
+    tmp = _new_temporary(parent, prefix, directory)
     try:
         yield tmp
         if out.exists():
@@ -437,11 +431,24 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         raise
 
 
-def _default_permissions(path: Path) -> None:
-    """Give a temporary the mode a plain mkdir/open would (mkdtemp/mkstemp make it private to the owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+def _new_temporary(parent: Path, prefix: str, directory: bool) -> Path:
+    """Create a fresh ``prefix<random>`` directory or empty file in ``parent``.
+
+    Made with ``mkdir``/``open(O_EXCL)`` and the modes a plain ``mkdir``/``open`` use, so the kernel applies
+    the umask (``tempfile.mkdtemp``/``mkstemp`` would make the output private to the owner, and reading the
+    umask with ``os.umask`` would briefly change it for every thread of the process).
+    """
+    for _ in range(100):
+        tmp = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary beside {parent}; remove the {prefix}* entries there")
 
 
 def _host() -> str:
