@@ -100,6 +100,17 @@ def test_a_b_rank_mismatch(adapter_dir):
     _cli_fails(adapter_dir, match="rank")
 
 
+def test_one_dimensional_factor(adapter_dir):
+    f = adapter_dir / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key] = t[key].flatten().contiguous()  # no shape can be derived from a 1-D factor
+    save_file(t, str(f))
+    with pytest.raises(ak.ShapeMismatchError, match=r"tensor 'lora_A.weight' has shape \(\d+,\)"):
+        ak.load(adapter_dir)
+    _cli_fails(adapter_dir, match="at least 2 dimensions")
+
+
 def test_config_contradicts_tensors(adapter_dir):
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg["r"] = 16

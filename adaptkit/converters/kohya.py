@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import IA3, Full, LoHa, LoKr, LoRA
+from ..kinds.base import check_factor_ndims
 from ..sources import atomic_output, read_safetensors, read_safetensors_header, write_safetensors
 from . import names as _names
 
@@ -122,12 +123,6 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             layers[name] = build_layer(parts)
         except (ShapeMismatchError, FormatError) as e:
             raise type(e)(f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: {e}") from e
-        except (IndexError, RuntimeError) as e:  # a tensor with too few dimensions for its role
-            shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in sorted(parts.items()))
-            raise ShapeMismatchError(
-                f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: tensors have shapes that fit no adapter layer "
-                f"({shapes}); the file is damaged or not a kohya/LyCORIS adapter"
-            ) from e
     if not layers:
         raise FormatError(f"{path.name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
@@ -233,6 +228,7 @@ def build_layer(parts: dict[str, torch.Tensor]) -> Any:
     """Build one canonical layer from the tensors kohya/LyCORIS stores for a module."""
     kind = _kind_of(parts)
     p = {TENSORS[n][1]: t for n, t in parts.items()}
+    check_factor_ndims(p, {TENSORS[n][1]: n for n in parts})
     if kind == "lora":
         if "down" not in p or "up" not in p:
             raise FormatError("lora_down/lora_up is missing; the checkpoint is incomplete")

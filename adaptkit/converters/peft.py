@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import IA3, LoHa, LoKr, LoRA
+from ..kinds.base import check_factor_ndims
 from ..sources import atomic_output, read_weights, write_safetensors
 from . import peft_lokr
 from .patterns import build_pattern, matches_feedforward, pattern_value
@@ -168,9 +169,11 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
             )
         groups[module][part] = tensor
     builder = _READERS[ptype]
+    display = {part: suffix for suffix, (t, part) in reversed(SUFFIXES.items()) if t == ptype}
     layers = {}
     for module in sorted(groups):
         try:
+            check_factor_ndims(groups[module], display)
             layers[module] = builder(module, groups[module], cfg)
         except ShapeMismatchError as e:
             raise ShapeMismatchError(f"{module}: {e}") from e

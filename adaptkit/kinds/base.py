@@ -34,6 +34,32 @@ def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+#: the factor tensors of the kinds, by the part names the format readers use, all at least 2-D
+FACTOR_PARTS = frozenset({"down", "up", "mid", "a", "b", "emb_a", "emb_b", "w1", "w1a", "w1b", "w2", "w2a", "w2b",
+                          "t1", "t2"})
+
+
+def check_factor_ndims(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> None:
+    """Refuse a factor tensor with fewer than 2 dimensions before any shape is derived from it.
+
+    Args:
+        parts: one module's tensors by part name (``down``, ``up``, ``w1a``, ...; other parts are ignored).
+        names: part name -> the tensor's name in the file, for the message.
+
+    Raises:
+        ShapeMismatchError: naming the tensor and its shape.
+    """
+    from ..errors import ShapeMismatchError
+
+    for part, t in parts.items():
+        if part in FACTOR_PARTS and t.ndim < 2:
+            name = (names or {}).get(part, part)
+            raise ShapeMismatchError(
+                f"tensor '{name}' has shape {tuple(t.shape)}, but an adapter factor has at least 2 dimensions; "
+                "the checkpoint is damaged or not an adapter"
+            )
+
+
 def layer_dtype(layer: Any) -> torch.dtype:
     """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
     tensors = tensor_fields(layer)
