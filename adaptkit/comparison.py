@@ -222,10 +222,6 @@ def _factorwise(a: Any, b: Any) -> bool:
     return a.kind == b.kind == "lora" and a.rank == b.rank
 
 
-def _is_dora(adapter: Adapter) -> bool:
-    return any(getattr(layer, "magnitude", None) is not None for layer in adapter.layers.values())
-
-
 # ------------------------------------------------------------------------------------ adapters
 
 
@@ -340,7 +336,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         pair_factorwise = all(_factorwise(a.layers[p], b.layers[p]) for p in shared)
         factorwise = factorwise and pair_factorwise
         method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3, pair_factorwise,
-                                  _is_dora(a) or _is_dora(b))
+                                  bool(a.dora_layers() or b.dora_layers()))
         pair_rows.append({"a": names_[i], "b": names_[j], "shared_layers": len(shared),
                           "only_a": len(set(a.layers) - set(b.layers)), "only_b": len(set(b.layers) - set(a.layers)),
                           "target_jaccard": len(shared) / union if union else math.nan, "cosine": cosine,
@@ -351,7 +347,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     cosine, conflict, _ = _pooled(layers) if len(layers) else (math.nan, math.nan, math.nan)
     all_ia3 = bool(len(layers)) and bool(((layers["kind_a"] == "ia3") & (layers["kind_b"] == "ia3")).all())
     method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3, factorwise,
-                                   any(_is_dora(a) for a in loaded))
+                                   any(a.dora_layers() for a in loaded))
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)
     if report is not None:
         from .report import write_compare_report

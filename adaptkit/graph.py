@@ -66,6 +66,10 @@ class Adapter:
         """Number of layers per kind name (``{"lora": 64}``)."""
         return dict(Counter(layer.kind for layer in self.layers.values()))
 
+    def dora_layers(self) -> list[str]:
+        """Paths of the layers with a DoRA magnitude vector (sorted; empty for a non-DoRA adapter)."""
+        return sorted(p for p, layer in self.layers.items() if getattr(layer, "magnitude", None) is not None)
+
     @property
     def kinds(self) -> set[str]:
         """The set of kind names present."""

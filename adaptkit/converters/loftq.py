@@ -278,7 +278,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
         if bad:
             raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")
-        dora = sorted(p for p, l in layout.layers.items() if l.magnitude is not None)
+        dora = layout.dora_layers()
         if dora:
             raise UnsupportedError(
                 f"the given adapter is DoRA ({dora[0]} has a magnitude vector); LoftQ initialises plain LoRA factors, "

@@ -26,6 +26,7 @@ import torch
 from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import LoRA
+from ..kinds.base import layer_is_finite
 
 #: the ``init_lora_weights`` values whose training mutates the base weights
 MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
@@ -75,7 +76,7 @@ def _check_pair(trained: Adapter, initial: Adapter) -> None:
         if layer.fan_in_fan_out != init.fan_in_fan_out or layer.module_type != init.module_type:
             raise ShapeMismatchError(f"{path} is a different kind of module in the two adapters; they do not belong together")
         for which, l in (("trained", layer), ("initial", init)):
-            if not all(bool(torch.isfinite(t).all()) for t in (l.down, l.up, l.bias) if t is not None):
+            if not layer_is_finite(l):
                 raise NonFiniteError(f"{path} of the {which} adapter holds NaN or Inf; fix or re-save that checkpoint")
     same = all(
         torch.equal(trained.layers[p].down, initial.layers[p].down) and torch.equal(trained.layers[p].up, initial.layers[p].up)

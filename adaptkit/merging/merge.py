@@ -215,12 +215,12 @@ def _check_base_models(adapters: list[Adapter]) -> str | None:
 
 def _refuse_dora(adapters: list[Adapter]) -> None:
     for i, a in enumerate(adapters):
-        for path, layer in a.layers.items():
-            if getattr(layer, "magnitude", None) is not None:
-                raise UnsupportedError(
-                    f"adapter {i + 1} is DoRA ({path} has a magnitude vector), and merging DoRA is undefined without "
-                    "the base weight; fuse it into the base model instead (adaptkit fuse)"
-                )
+        dora = a.dora_layers()
+        if dora:
+            raise UnsupportedError(
+                f"adapter {i + 1} is DoRA ({dora[0]} has a magnitude vector), and merging DoRA is undefined without "
+                "the base weight; fuse it into the base model instead (adaptkit fuse)"
+            )
 
 
 def _resolve_rank(m: Method, rank: int | None, adapters: list[Adapter], all_lora: bool) -> int | None:
