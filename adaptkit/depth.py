@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .converters import names as _names
 from .converters.diffusers import COMPONENTS as _DIFFUSERS_COMPONENTS
 from .converters.names import PREFIXES
 
@@ -38,14 +39,12 @@ COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys([*_DIFFUSERS_COMPONENTS, *(c f
 COMPONENT_ORDER: tuple[str, ...] = ("", "unet", "transformer", "prior", "decoder", "text_encoder", "text_encoder_2",
                                     "text_encoder_3")
 
-#: UNet modules before the first down block (diffusers and LDM names) and after the last up block
-UNET_INPUTS = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
-               "encoder_hid_proj", "time_embed", "label_emb")
-UNET_OUTPUTS = ("conv_norm_out", "conv_act", "conv_out", "out")
+#: UNet modules before the first down block and after the last up block: diffusers names, plus LDM's
+UNET_INPUTS = (*_names.UNET_INPUTS, "time_embed", "label_emb")
+UNET_OUTPUTS = (*_names.UNET_OUTPUTS, "out")
 #: diffusion-transformer modules before the first block and after the last one
-TRANSFORMER_INPUTS = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "time_embed",
-                      "guidance_embedder", "caption_projection", "adaln_single")
-TRANSFORMER_OUTPUTS = ("norm_out", "proj_out")
+TRANSFORMER_INPUTS = _names.TRANSFORMER_INPUTS
+TRANSFORMER_OUTPUTS = _names.TRANSFORMER_OUTPUTS
 #: ``input_blocks`` / ``output_blocks`` entries per UNet level in LDM checkpoints (layers + sampler)
 LDM_DOWN_ENTRIES = 3
 LDM_UP_ENTRIES = 3

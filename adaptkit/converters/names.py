@@ -53,14 +53,21 @@ WRITE_PREFIXES: dict[str, str] = {
 #: shipped inventories, tried in this order when no base is given
 SHIPPED = ("sd15", "sdxl", "sd3", "flux")
 
+#: top-level modules of a diffusers UNet before the first down block and after the last up block
+UNET_INPUTS = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
+               "encoder_hid_proj")
+UNET_OUTPUTS = ("conv_norm_out", "conv_act", "conv_out")
+#: top-level modules of an SD3/Flux transformer before the first block and after the last one
+TRANSFORMER_INPUTS = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "time_embed",
+                      "guidance_embedder", "caption_projection", "adaln_single")
+TRANSFORMER_OUTPUTS = ("norm_out", "proj_out")
 #: component -> (top-level modules of that model made alone, the ones one of an adapter's paths must be in):
 #: tells which component an adapter made on a bare model (PEFT on a ``UNet2DConditionModel``) belongs to
 BARE_MODELS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "unet": (frozenset({"conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
-                        "encoder_hid_proj", "down_blocks", "up_blocks", "mid_block", "conv_norm_out", "conv_out"}),
+    "unet": (frozenset({*UNET_INPUTS, "down_blocks", "up_blocks", "mid_block", *UNET_OUTPUTS}),
              frozenset({"down_blocks", "up_blocks", "mid_block", "conv_in", "time_embedding"})),
-    "transformer": (frozenset({"pos_embed", "time_text_embed", "context_embedder", "x_embedder", "transformer_blocks",
-                               "single_transformer_blocks", "norm_out", "proj_out"}),  # SD3 and Flux
+    "transformer": (frozenset({*TRANSFORMER_INPUTS, "transformer_blocks", "single_transformer_blocks",
+                               *TRANSFORMER_OUTPUTS}),  # SD3 and Flux
                     frozenset({"transformer_blocks", "single_transformer_blocks"})),
 }
 #: module paths of a CLIP text encoder made alone (``text_model.`` in transformers 4 and with a projection)
