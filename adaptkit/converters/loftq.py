@@ -175,36 +175,39 @@ def _plan(files: list[Path], targets: str | list[str] | None, layout: Adapter | 
     return plan
 
 
-def _write_shard(src: Path, dest: Path, replaced: dict[str, torch.Tensor]) -> None:
-    """Write ``src`` to ``dest`` with some tensors replaced (same dtype/shape); others copied as raw bytes."""
-    header, start = read_safetensors_header(src)
-    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    new_header: dict[str, Any] = {}
-    if "__metadata__" in header:
-        new_header["__metadata__"] = header["__metadata__"]
-    offset = 0
-    for name, info in items:
-        size = info["data_offsets"][1] - info["data_offsets"][0]
-        new_header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(new_header, separators=(",", ":")).encode()
-    raw += b" " * ((-len(raw)) % 8)
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        fout.write(len(raw).to_bytes(8, "little"))
-        fout.write(raw)
-        for name, info in items:
-            if name in replaced:
-                t = replaced[name].contiguous().reshape(-1)
-                fout.write(t.view(torch.uint8).numpy().tobytes())
-            else:
-                fin.seek(start + info["data_offsets"][0])
-                left = info["data_offsets"][1] - info["data_offsets"][0]
-                while left:
-                    chunk = fin.read(min(left, 64 << 20))
-                    if not chunk:
-                        raise FormatError(f"{src.name} is truncated; re-download the base model")
-                    fout.write(chunk)
-                    left -= len(chunk)
+class _AdjustedBase:
+    """The adjusted base weights of ``iters > 1``, written while they are computed (one tensor in memory).
+
+    Each shard is first copied byte for byte (header, metadata and untouched tensors as they are); every
+    adjusted weight then overwrites its own bytes, which works because its dtype and shape do not change.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.headers: dict[Path, tuple[dict[str, Any], int]] = {}
+        out.mkdir(parents=True)
+
+    def _copy(self, src: Path) -> tuple[dict[str, Any], int]:
+        if src not in self.headers:
+            self.headers[src] = read_safetensors_header(src)  # validated: a truncated shard is refused here
+            shutil.copyfile(src, self.out / src.name)
+        return self.headers[src]
+
+    def put(self, src: Path, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (the base's dtype and shape) over weight ``name`` of shard ``src``'s copy."""
+        header, start = self._copy(src)
+        begin, end = header[name]["data_offsets"]
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if len(data) != end - begin:
+            raise FormatError(f"{name} in {src.name} holds {end - begin} bytes, not {len(data)}; re-download the base")
+        with open(self.out / src.name, "r+b") as fh:
+            fh.seek(start + begin)
+            fh.write(data)
+
+    def finish(self, files: list[Path]) -> None:
+        """Copy the shards no targeted weight lives in."""
+        for f in files:
+            self._copy(f)
 
 
 _ST_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -316,25 +319,8 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
          layout: Adapter | None, base_spec: str, base_out: Path | None) -> tuple[Adapter, list[dict]]:
     layers: dict[str, LoRA] = {}
     rows: list[dict] = []
-    replaced: dict[str, torch.Tensor] = {}
-    current: Path | None = None
-    if base_out is not None:
-        base_out.mkdir(parents=True)
-
-    def flush(upto: Path | None) -> None:
-        # write every shard before `upto` (all of them when None), replacing the weights computed for it
-        for f in files:
-            if f == upto:
-                return
-            dest = base_out / f.name  # type: ignore[operator]
-            if not dest.exists():
-                _write_shard(f, dest, replaced)
-                replaced.clear()
-
+    adjusted = _AdjustedBase(base_out) if base_out is not None else None
     for f, name, tensor in _stream(files, plan):
-        if base_out is not None and f != current:
-            flush(f)
-            current = f
         module = name[: -len(".weight")]
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"base weight {name} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")
@@ -357,10 +343,10 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
         rows.append({"module": module, "shape": "x".join(map(str, tensor.shape)), "rank": r, "scale": scale,
                      "error_qlora": before, "error_loftq": after, "rel_qlora": before / norm, "rel_loftq": after / norm,
                      "reduction": 1.0 - after / before if before > 0 else 0.0})
-        if base_out is not None:
-            replaced[name] = deq.to(tensor.dtype)
-    if base_out is not None:
-        flush(None)
+        if adjusted is not None:
+            adjusted.put(f, name, deq.to(tensor.dtype))
+    if adjusted is not None:
+        adjusted.finish(files)
     rows.sort(key=lambda row: row["module"])
     config: dict[str, Any] = dict(layout.config) if layout is not None and layout.format == "peft" else {"peft_type": "LORA"}
     config["init_lora_weights"] = True
