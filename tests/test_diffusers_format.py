@@ -112,6 +112,11 @@ def test_diffusers_saved_adapter_loads_and_writes_back(tmp_path, legacy):
     for got, exp in zip(outputs(*fused(adapter, base_unet, base_te)), want):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
     out = save(adapter, tmp_path / "out", format="diffusers")
+    written = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    te_keys = [k for k in written if k.startswith("text_encoder.")]
+    # CLIP tensor names as Hub files, transformers 4 and ComfyUI's key map spell them, whatever transformers names
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
+    assert set(load(out).layers) == set(adapter.layers)  # and read back under the adapter's own paths
     pipe2 = tiny_pipe()
     pipe2.load_lora_weights(str(out))
     for got, exp in zip(outputs(pipe2.unet, pipe2.text_encoder), want):

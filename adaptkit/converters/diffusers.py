@@ -132,6 +132,7 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
             "is it a kohya/LyCORIS or PEFT file? pass format=... accordingly"
         )
     layers = {}
+    added = set(_json_list(metadata.pop(TEXT_MODEL_KEY, None)))  # components whose text_model. adaptkit's writer added
     for module in sorted(groups):
         parts = groups[module]
         if "a" not in parts or "b" not in parts:
@@ -139,6 +140,9 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
                 continue
             raise FormatError(f"{module} lacks its lora_A/down or lora_B/up tensor; the checkpoint is incomplete")
         comp, _, rel = module.partition(".")
+        if comp in added and rel.startswith("text_model."):
+            rel = rel[len("text_model."):]
+            module = f"{comp}.{rel}"
         layers[module] = _layer(rel, parts, configs.get(comp, {}))
     if not layers:
         raise FormatError(f"{f.name} contains no LoRA tensors; is it an adapter checkpoint?")
@@ -192,6 +196,22 @@ def _config_fields() -> set[str] | None:
     return {f.name for f in dataclasses.fields(LoraConfig)}
 
 
+#: pipeline components that are CLIP text encoders, and the module paths transformers 5 gives them without
+#: the ``text_model.`` that transformers 4, the Hub's diffusers LoRA files and ComfyUI use
+_CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
+_CLIP_BARE = ("encoder.layers.", "embeddings.", "final_layer_norm")
+#: metadata entry listing the components whose tensor names the writer gave a ``text_model.`` (read strips it)
+TEXT_MODEL_KEY = "adaptkit.text_model_added"
+
+
+def _json_list(raw: str | None) -> list[str]:
+    try:
+        value = json.loads(raw) if raw else []
+    except (json.JSONDecodeError, TypeError):
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
 def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: Any) -> Path:
     """Write a LoRA adapter as a diffusers directory that ``pipe.load_lora_weights`` loads.
 
@@ -229,17 +249,27 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     fields = _config_fields()
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
+    added: list[str] = []
     for comp, layers in by_comp.items():
         cfg: dict[str, Any] = {"peft_type": "LORA"}
         out: dict[str, torch.Tensor] = {}
         _peft._write_lora(Adapter(layers=layers), cfg, out, f"{comp}.")
+        if comp in _CLIP_COMPONENTS:  # tensor names as transformers 4, Hub files and ComfyUI's key map spell them;
+            # the config keeps transformers 5's bare paths, which PEFT's suffix rule matches under both namings
+            renamed = {f"{comp}.text_model.{k[len(comp) + 1:]}" if k[len(comp) + 1:].startswith(_CLIP_BARE) else k: t
+                       for k, t in out.items()}
+            if renamed.keys() != out.keys():
+                added.append(comp)
+            out = renamed
         tensors.update(out)
         cfg.setdefault("lora_dropout", 0.0)
         for k, v in cfg.items():
             if fields is None or k in fields:
                 packed[f"{comp}.{k}"] = sorted(v) if isinstance(v, set) else v
-    metadata = {k: v for k, v in adapter.metadata.items() if k != METADATA_KEY}
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in (METADATA_KEY, TEXT_MODEL_KEY)}
     metadata["format"] = "pt"
+    if added:
+        metadata[TEXT_MODEL_KEY] = json.dumps(sorted(added))
     if adapter.format == "kohya":
         naming = {**dict(adapter.config.get("kohya_naming") or {}), "inventory": adapter.config.get("inventory")}
         metadata["adaptkit.kohya_naming"] = json.dumps(naming, sort_keys=True)
