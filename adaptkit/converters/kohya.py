@@ -431,7 +431,7 @@ def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
 def module_name(path: str, components: set[str], naming: dict[str, str]) -> str:
     """The flattened kohya module name (with prefix) of a canonical path."""
     comp, _, rest = path.partition(".")
-    if comp in _names.WRITE_PREFIXES and comp and rest:
+    if _has_component(path):
         prefix = _names.WRITE_PREFIXES[comp]
         if comp == "text_encoder" and "text_encoder_2" in components:
             prefix = "lora_te1_"
@@ -458,7 +458,7 @@ def _ldm_alias(component: str, path: str, inventory: str) -> str | None:
 
 
 #: ``component=`` values: pipeline components, or ``"lycoris"`` to keep bare paths as ``lycoris_`` names
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "lycoris")
+COMPONENTS = (*(c for c in _names.WRITE_PREFIXES if c), "lycoris")
 
 
 def check_component(component: str | None) -> str | None:
