@@ -169,14 +169,17 @@ class _WeightOps:
 
 
 def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
+    """The float32 transform of one base bias: each op's ``apply_bias`` (the bias half of its ``apply``), in order."""
+
     def transform(b: torch.Tensor) -> torch.Tensor:
         for layer, weight in ops:
             if layer.kind == "extra":
                 b = layer.value.to(torch.float32).reshape(b.shape).clone()
-            elif layer.kind == "ia3":
-                b = b + weight * (b * layer.vector.to(torch.float32) - b)
-            else:
+            elif layer.additive:  # b + w * db, as the weight gets W + w * dW
                 b = b + weight * layer.delta_bias().reshape(b.shape)
+            else:
+                new = layer.apply_bias(b)
+                b = new if weight == 1.0 else b + weight * (new - b)
         return b
 
     return transform
@@ -191,10 +194,16 @@ class _Extra:
     additive: bool = False
 
 
-def _changes_bias(layer: Any) -> bool:
-    if layer.kind == "ia3":
-        return not layer.on_input
-    return layer.delta_bias() is not None
+def _refuse_bias_free(label: str, layers: list[tuple[str, str]]) -> None:
+    """Refuse an adapter that adds biases (PEFT ``lora_bias``) to base modules without one, naming them."""
+    more = f" (+{len(layers) - 3} more)" if len(layers) > 3 else ""
+    shown = ", ".join(f"{p} (base '{w}' has no bias)" for p, w in layers[:3])
+    raise UnsupportedError(
+        f"{label} changes the bias of {len(layers)} module(s) that have none in this base: {shown}{more}; "
+        "the bias part (PEFT lora_bias=True) cannot be fused into a bias-free module (peft's merge_and_unload "
+        "refuses it too): apply the adapter at runtime instead (ak.inject, or PeftModel without merging), "
+        "or fuse a copy with the biases dropped, which changes the outputs (see docs/fuse.md)"
+    )
 
 
 def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool):
@@ -227,6 +236,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                 )
         sign = -1.0 if unfuse else 1.0
         matches = match_paths(adapter.layers, ws.tensors)
+        no_bias: list[tuple[str, str]] = []
         for path, m in matches.items():
             layer = adapter.layers[path]
             info = ws.tensors[m.weight]
@@ -234,15 +244,18 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
             weight_ops.setdefault(m.weight, []).append((layer, sign * w))
             names.setdefault(m.weight, []).append(label)
             kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if getattr(layer, "magnitude", None) is not None else ""))
-            if _changes_bias(layer):
+            if layer.changes_bias:
                 if m.bias is None:
-                    if layer.kind == "ia3":
-                        continue
-                    raise UnsupportedError(f"adapter layer {path} changes the bias but base weight '{m.weight}' has no bias; "
-                                           "this adapter does not belong to this base")
+                    try:
+                        layer.apply_bias(None)  # IA3: no bias to rescale, nothing to do
+                    except UnsupportedError:
+                        no_bias.append((path, m.weight))
+                    continue
                 bias_ops.setdefault(m.bias, []).append((layer, sign * w))
                 names.setdefault(m.bias, []).append(label)
                 kinds.setdefault(m.bias, []).append(layer.kind + " bias")
+        if no_bias:
+            _refuse_bias_free(label, no_bias)
         if adapter.extras:
             # PEFT saves full embedding weights as `<module>.base_layer.weight` and modules_to_save as `<module>.weight`
             modules = {k: k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer") for k in adapter.extras}

@@ -238,3 +238,72 @@ def test_modules_to_save_replace_the_base_tensor(tmp_path, base_dir):
         assert bool(((fused[key].float() - ref).abs() <= bf16_ulp(ref)).all()), key
     with pytest.raises(ak.UnsupportedError, match="replaces whole tensors"):
         ak.unfuse(tmp_path / "fused", tmp_path / "trained", tmp_path / "back", progress=False)
+
+
+# ------------------------------------------------------------------------------- kohya / LyCORIS files
+
+
+def lycoris_merged(tmp_path: Path, bias: bool = True, seed: int = 0, **kwargs):
+    """A LyCORIS network (lycoris-lora) on a small model, saved with its own ``save_weights``.
+
+    Returns ``(adapter file, base .safetensors, base module, LyCORIS-merged state dict, LyCORIS output, input)``:
+    the oracle is LyCORIS's ``merge_to`` and its forward with the network applied.
+    """
+    import copy
+    import logging
+
+    from safetensors.torch import save_file
+
+    lycoris = pytest.importorskip("lycoris")
+    from .test_kohya_lycoris import Small
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    torch.manual_seed(seed)
+    model = Small(bias).eval()
+    base = copy.deepcopy(model)
+    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
+    try:
+        net = lycoris.create_lycoris(model, 1.0, **kwargs)
+    finally:
+        lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm",
+                                                               "LayerNorm"]})
+    net.apply_to()
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.normal_(0, 0.2)
+    adapter_file = tmp_path / "lyco.safetensors"
+    net.save_weights(str(adapter_file), torch.float32, {})
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x)
+    net.merge_to(1.0)
+    merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_file))
+    return adapter_file, base_file, base, merged, want, x
+
+
+def output_of(base, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    m = copy.deepcopy(base)
+    m.load_state_dict(tensors)
+    with torch.no_grad():
+        return m(x)
+
+
+def test_lycoris_ia3_leaves_biases_alone_like_lycoris(tmp_path):
+    """LyCORIS's output-side IA3 scales W only (its merge and forward keep the bias): fuse keeps it too."""
+    from adaptkit.converters import load
+
+    adapter_file, base_file, base, merged, want, x = lycoris_merged(tmp_path, bias=True, algo="ia3")
+    adapter = load(adapter_file, base=base)
+    assert any(not l.on_input and not l.scale_bias for l in adapter.layers.values())
+    ak.fuse(base_file, adapter, tmp_path / "fused.safetensors", progress=False)
+    fused = load_file(str(tmp_path / "fused.safetensors"))
+    assert sorted(fused) == sorted(merged)
+    assert any(k.endswith(".bias") for k in fused)
+    for k, ref in merged.items():  # float32 base: the same products, exactly
+        torch.testing.assert_close(fused[k], ref, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(output_of(base, fused, x), want, rtol=1e-5, atol=1e-6)
