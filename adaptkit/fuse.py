@@ -302,8 +302,23 @@ def _copy_side_files(ws: WeightSet, dest: Path) -> None:
         shutil.copyfile(path, target)
 
 
+def check_workers(workers: Any) -> int | None:
+    """Validate the ``workers`` argument: ``None`` (one per core, at most 8) or a whole number of at least 1.
+
+    Raises:
+        ConfigError: naming the argument, the valid range and the value given.
+    """
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers (--workers) must be a whole number of at least 1, got {workers!r}; "
+                          "leave it out for one per core (at most 8)")
+    return workers
+
+
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
+    workers = check_workers(workers)
     ads = _as_adapters(adapters)
     if weights is None:
         weights = [1.0] * len(ads)
@@ -404,7 +419,7 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         overwrite: replace an existing output.
         dry_run: only plan; nothing is written (``FuseResult.plan`` lists what would change).
         progress: show progress bars (``None``: only on a terminal).
-        workers: output files written in parallel (default: one per core, at most 8).
+        workers: output files written in parallel, at least 1 (default: one per core, at most 8).
         fsync: flush every output file to the disk before the rename (survives a power loss, not only a
             killed process; slower: the write-back is waited for).
 
@@ -412,8 +427,9 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         A :class:`FuseResult`.
 
     Raises:
-        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size.
+        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size/workers.
         ShapeMismatchError: an adapter layer does not fit its weight.
+        UnsupportedError: an adapter changes the bias of modules that have none in the base (PEFT ``lora_bias``).
         NonFiniteError: a fused tensor is not finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """
