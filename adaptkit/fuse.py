@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ShapeMismatchError, UnsupportedError
+from .errors import AdaptkitError, ConfigError, ShapeMismatchError, UnsupportedError
 from .graph import Adapter
 from .kinds.base import math_shape
 from .shard_writer import OutFile, Transform, plan_group_files, write_index, write_out_file
@@ -79,12 +79,31 @@ class FuseResult:
                 "skipped files": ", ".join(self.skipped) or "-"}
 
 
-def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike]) -> list[Adapter]:
+def _load_against(source: str | os.PathLike, base: str | os.PathLike) -> Adapter:
+    """Load an adapter, resolving kohya/LyCORIS flattened names against the base being fused.
+
+    The base's module inventory (:func:`adaptkit.converters.names.inventory_from_base`: its safetensors
+    headers, or its configs for a hub id) decides what each flattened name means, as ``inject`` resolves
+    them against the live model. Names the base alone cannot resolve (sd-scripts' LDM UNet names
+    ``input_blocks_...`` against a diffusers UNet) are tried once more against the shipped inventories, whose
+    alias tables know them; when that fails too, the error is the one about the base.
+    """
     from .converters import load
 
+    try:
+        return load(source, base=str(base))
+    except ConfigError as against_base:
+        try:
+            return load(source)
+        except AdaptkitError:
+            raise against_base from None
+
+
+def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike],
+                 base: str | os.PathLike) -> list[Adapter]:
     if isinstance(adapters, (Adapter, str, os.PathLike)):
         adapters = [adapters]
-    out = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    out = [a if isinstance(a, Adapter) else _load_against(a, base) for a in adapters]
     if not out:
         raise ConfigError("no adapters given; pass at least one adapter to fuse")
     return out
@@ -319,7 +338,7 @@ def check_workers(workers: Any) -> int | None:
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
     workers = check_workers(workers)
-    ads = _as_adapters(adapters)
+    ads = _as_adapters(adapters, base)
     if weights is None:
         weights = [1.0] * len(ads)
     weights = [float(w) for w in weights]
@@ -410,7 +429,8 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
     Args:
         base: hub id (``org/name[@rev][:sub]``), directory of safetensors shards (with
             ``model.safetensors.index.json``), a diffusers pipeline directory, or one ``.safetensors`` file.
-        adapters: one or more adapters (:class:`~adaptkit.graph.Adapter` or sources for :func:`adaptkit.load`).
+        adapters: one or more adapters (:class:`~adaptkit.graph.Adapter` or sources for :func:`adaptkit.load`);
+            the flattened module names of kohya/LyCORIS files are resolved against ``base`` itself.
         out: output directory (a ``.safetensors`` path when ``base`` is one file), written atomically.
         weights: one multiplier per adapter (default 1.0): ``W + sum_i w_i * dW_i``; for DoRA/IA3 layers
             ``W + w_i * (apply_i(W) - W)``.
