@@ -50,6 +50,9 @@ WRITE_PREFIXES: dict[str, str] = {
     "text_encoder_3": "lora_te3_",
     "": "lycoris_",
 }
+#: metadata entry naming the pipeline component whose own namespace a PEFT adapter was written in
+#: (``component="text_encoder_2"``), so that writing kohya again picks that component's prefix
+COMPONENT_KEY = "adaptkit.component"
 #: shipped inventories, tried in this order when no base is given
 SHIPPED = ("sd15", "sdxl", "sd3", "flux")
 
@@ -78,6 +81,12 @@ _CLIP_PATH = re.compile(r"text_model\.|text_projection$|embeddings\.|final_layer
 def flatten(path: str) -> str:
     """kohya's flattening of a dotted module path."""
     return path.replace(".", "_")
+
+
+def component_of(path: str) -> str | None:
+    """The pipeline component a canonical path starts with (``unet`` for ``unet.down_blocks.0...``), else ``None``."""
+    comp, _, rest = path.partition(".")
+    return comp if comp and rest and comp in WRITE_PREFIXES else None
 
 
 def bare_component(paths: Iterable[str]) -> str | None:
@@ -358,6 +367,25 @@ def single_file_inventory(name: str, modules: Mapping[str, tuple[int, ...]], bia
     return Inventory(name=name, modules=modules_out, aliases=aliases, biases=out_biases)
 
 
+def bare_base_component(paths: Iterable[str], base: Any) -> str | None:
+    """The component ``C`` when every path is ``C.<module>`` and ``base`` is that model alone, else ``None``.
+
+    ``base`` (see :func:`inventory_from_base`) is that bare model when it is a single model, not a pipeline, and
+    each path without its ``C.`` is one of its modules: a ``lora_unet_`` file resolved against a
+    ``UNet2DConditionModel`` directory.
+    """
+    paths = list(paths)
+    comps = {component_of(p) for p in paths}
+    if len(comps) != 1 or None in comps:
+        return None
+    (comp,) = comps
+    inv = inventory_from_base(base)
+    if set(inv.modules) != {""}:
+        return None
+    modules = inv.modules[""]
+    return comp if all(p[len(comp) + 1:] in modules for p in paths) else None
+
+
 # ------------------------------------------------------------------------------------------- resolving
 
 
@@ -470,12 +498,15 @@ def _raise_unresolved(missing: list[str], ambiguous: list[str], where: str) -> N
 
 
 __all__ = [
+    "COMPONENT_KEY",
     "PREFIXES",
     "SHIPPED",
     "WRITE_PREFIXES",
     "Inventory",
     "Resolution",
+    "bare_base_component",
     "bare_component",
+    "component_of",
     "flatten",
     "inventory_from_base",
     "modules_of",
