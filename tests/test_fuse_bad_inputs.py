@@ -85,7 +85,13 @@ def test_lora_bias_into_a_bias_free_base_says_what_is_missing(tmp_path, llama_di
     assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "that have none" in r.stderr and not (tmp_path / "out").exists()
 
-    # the way out the message names: the adapter at runtime gives peft's unmerged outputs
+    # the ways out the message names: a copy without the biases fuses (the weights only) ...
+    import dataclasses
+
+    a = ak.load(adapter_dir)
+    weights_only = a.replace(layers={p: dataclasses.replace(l, bias=None) for p, l in a.layers.items()})
+    assert ak.fuse(llama_dir, weights_only, tmp_path / "w", progress=False).touched == 4
+    # ... and the adapter at runtime gives peft's unmerged outputs
     model = make_tiny_llama(0)
     ak.inject(model, adapter_dir)
     with torch.no_grad():

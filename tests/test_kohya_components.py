@@ -305,6 +305,10 @@ def test_pipeline_lora_to_peft_per_component(tmp_path):
     # its kohya names come back from the PEFT adapter alone
     back = load_file(str(ak.save(ak.load(tmp_path / "te"), tmp_path / "te.safetensors", format="kohya")))
     assert set(back) == {k for k in load_file(str(f)) if k.startswith("lora_te_")}
+    # that text-encoder-only file with the bare model as base (an nn.Module): PEFT in the model's own namespace
+    convert_checkpoint("kohya->peft", tmp_path / "te.safetensors", tmp_path / "te2", base=te)
+    got_te = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "te2")).eval()
+    torch.testing.assert_close(te_out(got_te), te_out(peft_te), rtol=1e-4, atol=1e-5)
 
     with pytest.raises(ConfigError, match="no transformer layers .*text_encoder, unet"):
         convert_checkpoint("kohya->peft", f, tmp_path / "x", base=str(pipe), component="transformer")

@@ -3,7 +3,9 @@
 Reads and writes LORA (incl. DoRA, rsLoRA, ``rank_pattern``/``alpha_pattern``, embedding LoRA,
 ``lora_B.bias``, conv), LOHA, LOKR and IA3. Tensor keys are ``base_model.model.<module path>.<suffix>``
 with the adapter name removed, exactly as ``PeftModel.save_pretrained`` writes them. Non-default
-adapters saved by PEFT live in subfolders named after the adapter: read them as ``dir:name``.
+adapters saved by PEFT live in subfolders named after the adapter: read them as ``dir:name``. A PEFT
+adapter applies to one model, so writing a pipeline adapter (``unet.…``, ``text_encoder.…``) can select one
+component, in that model's own namespace, or write one adapter per component into subfolders (``component=``).
 """
 
 from __future__ import annotations
