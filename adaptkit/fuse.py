@@ -219,8 +219,8 @@ def _refuse_bias_free(label: str, layers: list[tuple[str, str]]) -> None:
     shown = ", ".join(f"{p} (base '{w}' has no bias)" for p, w in layers[:3])
     raise UnsupportedError(
         f"{label} changes the bias of {len(layers)} module(s) that have none in this base: {shown}{more}; "
-        "the bias part (PEFT lora_bias=True, a LyCORIS diff_b) cannot be fused into a bias-free module (peft's merge_and_unload "
-        "refuses it too): apply the adapter at runtime instead (ak.inject, or PeftModel without merging), "
+        "the bias part (PEFT lora_bias=True, a LyCORIS diff_b) cannot be fused into a bias-free module "
+        "(peft's merge_and_unload refuses it too): apply the adapter at runtime instead (ak.inject, or PeftModel without merging), "
         "or fuse a copy with the biases dropped, which changes the outputs (see docs/fuse.md)"
     )
 

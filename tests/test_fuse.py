@@ -434,7 +434,8 @@ def test_sd_scripts_ldm_names_still_fuse_into_a_diffusers_pipeline(tmp_path):
 
     pipe = tmp_path / "pipe"
     (pipe / "unet").mkdir(parents=True)
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     w = torch.randn(640, 640, generator=torch.Generator().manual_seed(0))
     save_file({key: w, "conv_in.weight": torch.zeros(4, 4, 1, 1)}, str(pipe / "unet" / "diffusion_pytorch_model.safetensors"))
