@@ -227,7 +227,8 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
 @click.option("--base", default=None, help="Base model (hub id or dir) to resolve kohya/LyCORIS module names.")
 @click.option("--component", default=None, help="kohya output: the component of bare module paths (unet, transformer, "
-              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted.")
+              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted. PEFT output: only "
+              "this component's layers, in its own namespace (each: one adapter per component).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @handle_errors
 def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, density: float | None,
@@ -305,7 +306,8 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
 @click.option("--base", default=None, help="Base model (hub id or dir) to resolve module names.")
 @click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
 @click.option("--component", default=None, help="kohya output: the component of bare module paths (unet, transformer, "
-              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted.")
+              "text_encoder, text_encoder_2/_3; lycoris keeps lycoris_ names); detected if omitted. PEFT output: write "
+              "only this component's layers, in its own namespace (each: one adapter per component in OUT/<component>/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @output_options
 @handle_errors
@@ -325,7 +327,7 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
                                 base=base, overwrite=overwrite, component=component, **options)
     header = {"out": str(result.out), "from": result.source_format, "to": result.target_format,
-              "lossless": result.lossless}
+              "lossless": result.lossless, **({"note": result.note} if result.note else {})}
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 

@@ -252,13 +252,15 @@ def _lokr_reasons(layers: dict[str, LoKr]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """Outcome of :func:`convert_checkpoint`: where it was written, from/to formats, the per-layer report."""
+    """Outcome of :func:`convert_checkpoint`: where it was written, from/to formats, the per-layer report, and a
+    ``note`` on how to load the output where that needs saying (PEFT paths that keep pipeline components)."""
 
     out: Path
     source_format: str
     target_format: str
     report: Any
     lossless: bool
+    note: str | None = None
 
 
 def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str | None = None) -> tuple[str | None, str]:
@@ -281,10 +283,19 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
     from .converters import check_write_options, format_module, load, save
 
+    from .converters import names
+
     dst = format_module(dst_format).NAME
     check_write_options(dst, component=component)
     adapter = load(source, format=src_format, base=base)
     source_format = adapter.format or (src_format or "?")
+    if dst == "peft" and component is None and base is not None:
+        # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
+        component = names.bare_base_component(adapter.layers, base)
+    if dst == "peft" and component not in (None, "each"):
+        from .converters.peft import select_component
+
+        adapter = select_component(adapter, component)  # the report lists what is written
     todo = plan(adapter, dst)
     lossy_ok = rank is not None or kind == "lora"
     if kind is not None and kind != "lora":
@@ -322,9 +333,30 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if leftover:
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
-    written = save(adapter, out, format=dst, overwrite=overwrite, component=component)
+    written = save(adapter, out, format=dst, overwrite=overwrite, component=component if component == "each" else None)
     lossless = bool((report["method"] != "svd").all())
-    return ConversionResult(Path(written), source_format, dst, report, lossless)
+    note = _component_note(adapter, component, str(written)) if dst == "peft" else None
+    return ConversionResult(Path(written), source_format, dst, report, lossless, note)
+
+
+def _component_note(adapter: Adapter, component: str | None, out: str) -> str | None:
+    """How to load PEFT output whose paths keep pipeline components (``unet.``), or what ``component`` did."""
+    from .converters import names
+
+    if component == "each":
+        comps = sorted({c for p in adapter.layers if (c := names.component_of(p))})
+        return f"one PEFT adapter per component: {', '.join(f'{out}/{c}' for c in comps)}"
+    if component is not None:
+        return f"{component}'s layers in its own namespace: PeftModel.from_pretrained({component}, {out!r})"
+    comps = sorted({c for p in adapter.layers if (c := names.component_of(p))})
+    if not comps:
+        return None
+    return (f"PEFT paths keep the pipeline component prefix{'es' if len(comps) > 1 else ''} "
+            f"({', '.join(c + '.' for c in comps)}): PeftModel applies this adapter to a module holding "
+            f"{'them' if len(comps) > 1 else 'it'} as attributes; --component {comps[0]} writes {comps[0]}'s layers "
+            f"for PeftModel.from_pretrained({comps[0]}, {out!r})"
+            + (", --component each one PEFT adapter per component, --to diffusers the whole pipeline in one file"
+               if len(comps) > 1 else ""))
 
 
 #: ``'a->b'`` dispatch: a left-hand name found here is a reparametrisation handler taking
@@ -351,7 +383,11 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         kind: ``"lora"`` converts every layer to LoRA (full numerical rank unless ``rank``).
         base: base model for name resolution (kohya files). overwrite: replace ``out``.
         component: kohya output of an adapter made on a bare model: the pipeline component its module paths
-            belong to (``unet`` -> ``lora_unet_``, see :func:`adaptkit.converters.kohya.write`).
+            belong to (``unet`` -> ``lora_unet_``, see :func:`adaptkit.converters.kohya.write`). PEFT output of a
+            pipeline adapter: write only this component's layers, in its own namespace (``"each"``: one PEFT
+            adapter per component in ``out/<component>/``). Without it, PEFT output of a one-component adapter
+            uses that component's namespace when ``base`` is that model alone (a ``UNet2DConditionModel``
+            directory), and keeps the paths as they are otherwise (``ConversionResult.note`` says so).
 
     Returns:
         A :class:`ConversionResult` with the per-layer report (retained energy, relative error).
@@ -362,10 +398,9 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
     """
     left, right = parse_spec(spec, src_format, dst_format)
     if left in CONVERTERS:
-        if component is not None:  # these write PEFT
-            from .converters import check_write_options
-
-            check_write_options("peft", component=component)
+        if component is not None:  # these write the PEFT adapter of the model the source was made on
+            raise ConfigError(f"--component does not apply to '{left}->{right}': it writes a plain LoRA for the "
+                              "model the source adapter was made on; drop it")
         return CONVERTERS[left](source, out, dst_format=right, rank=rank, kind=kind, base=base,
                                 overwrite=overwrite, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,

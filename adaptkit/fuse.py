@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ShapeMismatchError, UnsupportedError
+from .errors import AdaptkitError, ConfigError, ShapeMismatchError, UnsupportedError
 from .graph import Adapter
 from .kinds.base import math_shape
 from .shard_writer import OutFile, Transform, plan_group_files, write_index, write_out_file
@@ -79,12 +79,31 @@ class FuseResult:
                 "skipped files": ", ".join(self.skipped) or "-"}
 
 
-def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike]) -> list[Adapter]:
+def _load_against(source: str | os.PathLike, base: str | os.PathLike) -> Adapter:
+    """Load an adapter, resolving kohya/LyCORIS flattened names against the base being fused.
+
+    The base's module inventory (:func:`adaptkit.converters.names.inventory_from_base`: its safetensors
+    headers, or its configs for a hub id) decides what each flattened name means, as ``inject`` resolves
+    them against the live model. Names the base alone cannot resolve (sd-scripts' LDM UNet names
+    ``input_blocks_...`` against a diffusers UNet) are tried once more against the shipped inventories, whose
+    alias tables know them; when that fails too, the error is the one about the base.
+    """
     from .converters import load
 
+    try:
+        return load(source, base=str(base))
+    except ConfigError as against_base:
+        try:
+            return load(source)
+        except AdaptkitError:
+            raise against_base from None
+
+
+def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike],
+                 base: str | os.PathLike) -> list[Adapter]:
     if isinstance(adapters, (Adapter, str, os.PathLike)):
         adapters = [adapters]
-    out = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    out = [a if isinstance(a, Adapter) else _load_against(a, base) for a in adapters]
     if not out:
         raise ConfigError("no adapters given; pass at least one adapter to fuse")
     return out
@@ -169,14 +188,17 @@ class _WeightOps:
 
 
 def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
+    """The float32 transform of one base bias: each op's ``apply_bias`` (the bias half of its ``apply``), in order."""
+
     def transform(b: torch.Tensor) -> torch.Tensor:
         for layer, weight in ops:
             if layer.kind == "extra":
                 b = layer.value.to(torch.float32).reshape(b.shape).clone()
-            elif layer.kind == "ia3":
-                b = b + weight * (b * layer.vector.to(torch.float32) - b)
-            else:
+            elif layer.additive:  # b + w * db, as the weight gets W + w * dW
                 b = b + weight * layer.delta_bias().reshape(b.shape)
+            else:
+                new = layer.apply_bias(b)
+                b = new if weight == 1.0 else b + weight * (new - b)
         return b
 
     return transform
@@ -191,10 +213,16 @@ class _Extra:
     additive: bool = False
 
 
-def _changes_bias(layer: Any) -> bool:
-    if layer.kind == "ia3":
-        return not layer.on_input
-    return layer.delta_bias() is not None
+def _refuse_bias_free(label: str, layers: list[tuple[str, str]]) -> None:
+    """Refuse an adapter that adds biases (PEFT ``lora_bias``) to base modules without one, naming them."""
+    more = f" (+{len(layers) - 3} more)" if len(layers) > 3 else ""
+    shown = ", ".join(f"{p} (base '{w}' has no bias)" for p, w in layers[:3])
+    raise UnsupportedError(
+        f"{label} changes the bias of {len(layers)} module(s) that have none in this base: {shown}{more}; "
+        "the bias part (PEFT lora_bias=True, a LyCORIS diff_b) cannot be fused into a bias-free module "
+        "(peft's merge_and_unload refuses it too): apply the adapter at runtime instead (ak.inject, or PeftModel without merging), "
+        "or fuse a copy with the biases dropped, which changes the outputs (see docs/fuse.md)"
+    )
 
 
 def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool):
@@ -227,6 +255,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                 )
         sign = -1.0 if unfuse else 1.0
         matches = match_paths(adapter.layers, ws.tensors)
+        no_bias: list[tuple[str, str]] = []
         for path, m in matches.items():
             layer = adapter.layers[path]
             info = ws.tensors[m.weight]
@@ -234,15 +263,18 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
             weight_ops.setdefault(m.weight, []).append((layer, sign * w))
             names.setdefault(m.weight, []).append(label)
             kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if getattr(layer, "magnitude", None) is not None else ""))
-            if _changes_bias(layer):
+            if layer.changes_bias:
                 if m.bias is None:
-                    if layer.kind == "ia3":
-                        continue
-                    raise UnsupportedError(f"adapter layer {path} changes the bias but base weight '{m.weight}' has no bias; "
-                                           "this adapter does not belong to this base")
+                    try:
+                        layer.apply_bias(None)  # IA3: no bias to rescale, nothing to do
+                    except UnsupportedError:
+                        no_bias.append((path, m.weight))
+                    continue
                 bias_ops.setdefault(m.bias, []).append((layer, sign * w))
                 names.setdefault(m.bias, []).append(label)
                 kinds.setdefault(m.bias, []).append(layer.kind + " bias")
+        if no_bias:
+            _refuse_bias_free(label, no_bias)
         if adapter.extras:
             # PEFT saves full embedding weights as `<module>.base_layer.weight` and modules_to_save as `<module>.weight`
             modules = {k: k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer") for k in adapter.extras}
@@ -289,9 +321,24 @@ def _copy_side_files(ws: WeightSet, dest: Path) -> None:
         shutil.copyfile(path, target)
 
 
+def check_workers(workers: Any) -> int | None:
+    """Validate the ``workers`` argument: ``None`` (one per core, at most 8) or a whole number of at least 1.
+
+    Raises:
+        ConfigError: naming the argument, the valid range and the value given.
+    """
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers (--workers) must be a whole number of at least 1, got {workers!r}; "
+                          "leave it out for one per core (at most 8)")
+    return workers
+
+
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
-    ads = _as_adapters(adapters)
+    workers = check_workers(workers)
+    ads = _as_adapters(adapters, base)
     if weights is None:
         weights = [1.0] * len(ads)
     weights = [float(w) for w in weights]
@@ -382,7 +429,8 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
     Args:
         base: hub id (``org/name[@rev][:sub]``), directory of safetensors shards (with
             ``model.safetensors.index.json``), a diffusers pipeline directory, or one ``.safetensors`` file.
-        adapters: one or more adapters (:class:`~adaptkit.graph.Adapter` or sources for :func:`adaptkit.load`).
+        adapters: one or more adapters (:class:`~adaptkit.graph.Adapter` or sources for :func:`adaptkit.load`);
+            the flattened module names of kohya/LyCORIS files are resolved against ``base`` itself.
         out: output directory (a ``.safetensors`` path when ``base`` is one file), written atomically.
         weights: one multiplier per adapter (default 1.0): ``W + sum_i w_i * dW_i``; for DoRA/IA3 layers
             ``W + w_i * (apply_i(W) - W)``.
@@ -391,7 +439,7 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         overwrite: replace an existing output.
         dry_run: only plan; nothing is written (``FuseResult.plan`` lists what would change).
         progress: show progress bars (``None``: only on a terminal).
-        workers: output files written in parallel (default: one per core, at most 8).
+        workers: output files written in parallel, at least 1 (default: one per core, at most 8).
         fsync: flush every output file to the disk before the rename (survives a power loss, not only a
             killed process; slower: the write-back is waited for).
 
@@ -399,8 +447,9 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         A :class:`FuseResult`.
 
     Raises:
-        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size.
+        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size/workers.
         ShapeMismatchError: an adapter layer does not fit its weight.
+        UnsupportedError: an adapter changes the bias of modules that have none in the base (PEFT ``lora_bias``).
         NonFiniteError: a fused tensor is not finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """

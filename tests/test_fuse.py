@@ -238,3 +238,213 @@ def test_modules_to_save_replace_the_base_tensor(tmp_path, base_dir):
         assert bool(((fused[key].float() - ref).abs() <= bf16_ulp(ref)).all()), key
     with pytest.raises(ak.UnsupportedError, match="replaces whole tensors"):
         ak.unfuse(tmp_path / "fused", tmp_path / "trained", tmp_path / "back", progress=False)
+
+
+# ------------------------------------------------------------------------------- kohya / LyCORIS files
+
+
+def lycoris_merged(tmp_path: Path, bias: bool = True, seed: int = 0, **kwargs):
+    """A LyCORIS network (lycoris-lora) on a small model, saved with its own ``save_weights``.
+
+    Returns ``(adapter file, base .safetensors, base module, LyCORIS-merged state dict, LyCORIS output, input)``:
+    the oracle is LyCORIS's ``merge_to`` and its forward with the network applied.
+    """
+    import copy
+    import logging
+
+    from safetensors.torch import save_file
+
+    lycoris = pytest.importorskip("lycoris")
+    from .test_kohya_lycoris import Small
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    torch.manual_seed(seed)
+    model = Small(bias).eval()
+    base = copy.deepcopy(model)
+    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
+    try:
+        net = lycoris.create_lycoris(model, 1.0, **kwargs)
+    finally:
+        lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm",
+                                                               "LayerNorm"]})
+    net.apply_to()
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.normal_(0, 0.2)
+    adapter_file = tmp_path / "lyco.safetensors"
+    net.save_weights(str(adapter_file), torch.float32, {})
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x)
+    net.merge_to(1.0)
+    merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_file))
+    return adapter_file, base_file, base, merged, want, x
+
+
+def output_of(base, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    m = copy.deepcopy(base)
+    m.load_state_dict(tensors)
+    with torch.no_grad():
+        return m(x)
+
+
+def test_lycoris_ia3_leaves_biases_alone_like_lycoris(tmp_path):
+    """LyCORIS's output-side IA3 scales W only (its merge and forward keep the bias): fuse keeps it too."""
+    from adaptkit.converters import load
+
+    adapter_file, base_file, base, merged, want, x = lycoris_merged(tmp_path, bias=True, algo="ia3")
+    adapter = load(adapter_file, base=base)
+    assert any(not l.on_input and not l.scale_bias for l in adapter.layers.values())
+    ak.fuse(base_file, adapter, tmp_path / "fused.safetensors", progress=False)
+    fused = load_file(str(tmp_path / "fused.safetensors"))
+    assert sorted(fused) == sorted(merged)
+    assert any(k.endswith(".bias") for k in fused)
+    for k, ref in merged.items():  # float32 base: the same products, exactly
+        torch.testing.assert_close(fused[k], ref, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(output_of(base, fused, x), want, rtol=1e-5, atol=1e-6)
+    # the file itself, its names resolved against the base file's headers (which say which modules have a bias)
+    ak.fuse(base_file, adapter_file, tmp_path / "direct.safetensors", progress=False)
+    direct = load_file(str(tmp_path / "direct.safetensors"))
+    assert all(torch.equal(direct[k], fused[k]) for k in fused)
+
+
+def test_lora_bias_fuses_into_base_biases_like_peft(tmp_path):
+    """PEFT lora_bias on a base with biases: b + scale * lora_B.bias, as merge_and_unload (within one bf16 ulp)."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_tiny_llama(0, attention_bias=True).to(torch.bfloat16).save_pretrained(str(base_dir))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False)
+    adapter_dir = make_peft_adapter(tmp_path / "a", cfg, seed=6, model=make_tiny_llama(0, attention_bias=True))
+    result = ak.fuse(base_dir, [adapter_dir, adapter_dir], tmp_path / "fused", weights=[0.75, 0.25], progress=False)
+    assert "lora bias" in set(result.plan["kinds"])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                           str(adapter_dir))
+    reference = peft_model.merge_and_unload().state_dict()
+    base, fused = load_dir(base_dir), load_dir(tmp_path / "fused")
+    changed = [k for k in fused if not torch.equal(fused[k], base[k])]
+    assert sum(k.endswith("_proj.bias") for k in changed) == 4
+    for key in fused:
+        ref = reference[key]
+        assert bool(((fused[key].float() - ref).abs() <= bf16_ulp(ref)).all()), key
+
+
+def lycoris_llama(tmp_path: Path, dtype=torch.bfloat16, seed: int = 0, **kwargs):
+    """A LyCORIS network made with lycoris-lora on a tiny llama whose base is saved as safetensors in ``dtype``.
+
+    The llama is outside the shipped inventories, so its ``lycoris_model_layers_0_...`` names resolve only
+    against the base. Returns ``(adapter file, base dir, LyCORIS-merged float32 state dict, LyCORIS logits,
+    base logits, input ids)``: the oracle is LyCORIS's forward and ``merge_to`` on the base weights in float32.
+    """
+    import logging
+
+    lycoris = pytest.importorskip("lycoris")
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    base_dir = tmp_path / "llama"
+    make_tiny_llama(seed).to(dtype).save_pretrained(str(base_dir))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear"]})
+    try:
+        net = lycoris.create_lycoris(model, 1.0, **kwargs)
+    finally:
+        lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm",
+                                                               "LayerNorm"]})
+    net.apply_to()
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.normal_(0, 0.1)
+    adapter_file = tmp_path / "llama_locon.safetensors"
+    net.save_weights(str(adapter_file), torch.float32, {})
+    with torch.no_grad():
+        want = model(ids).logits
+    net.merge_to(1.0)
+    merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return adapter_file, base_dir, merged, want, base_logits, ids
+
+
+def test_lycoris_file_of_a_model_outside_the_inventories_fuses_against_its_base(tmp_path):
+    """`adaptkit fuse base_llama llama_locon.safetensors -o out`: names resolved against the base being fused."""
+    from transformers import AutoModelForCausalLM
+
+    adapter_file, base_dir, merged, want, base_logits, ids = lycoris_llama(tmp_path, algo="lora", linear_dim=4,
+                                                                          linear_alpha=2)
+    from safetensors.torch import load_file as _load
+
+    assert next(iter(_load(str(adapter_file)))).startswith("lycoris_")
+    result = ak.fuse(base_dir, adapter_file, tmp_path / "fused", progress=False)
+    linear = [k for k in merged if k.endswith("_proj.weight") or k == "lm_head.weight"]
+    assert result.touched == len(linear) == 15  # every linear weight; the embedding and the norms stay
+    base, fused = load_dir(base_dir), load_dir(tmp_path / "fused")
+    assert sorted(fused) == sorted(merged)
+    for key, ref in merged.items():  # LyCORIS's merge on the same bf16 weights in float32, rounded once
+        assert bool(((fused[key].float() - ref).abs() <= bf16_ulp(ref)).all()), key
+        if key.endswith("norm.weight") or "embed" in key:
+            assert torch.equal(fused[key], base[key]), key
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32)(ids).logits
+    effect = (want - base_logits).abs().max()
+    assert effect > 5e-3 and (logits - want).abs().max() < 0.02 * effect  # only the bf16 rounding of the fused weights
+
+    # the command line, and unfuse (the same resolution)
+    from .conftest import run_cli
+
+    r = run_cli("fuse", str(base_dir), str(adapter_file), "-o", str(tmp_path / "cli"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    cli = load_dir(tmp_path / "cli")
+    assert all(torch.equal(cli[k], fused[k]) for k in fused)
+    ak.unfuse(tmp_path / "fused", adapter_file, tmp_path / "back", progress=False)
+    for key, b in load_dir(tmp_path / "back").items():
+        bound = 2 * bf16_ulp(torch.maximum(base[key].float().abs(), fused[key].float().abs()))
+        assert bool(((b.float() - base[key].float()).abs() <= bound).all()), key
+
+
+def test_lycoris_fuse_is_exact_in_float32_and_another_base_is_named(tmp_path):
+    adapter_file, base_dir, merged, _, _, _ = lycoris_llama(tmp_path, dtype=torch.float32, algo="lora", linear_dim=4,
+                                                            linear_alpha=2)
+    ak.fuse(base_dir, adapter_file, tmp_path / "fused", progress=False)
+    fused = load_dir(tmp_path / "fused")
+    for key, ref in merged.items():  # the same float32 products and sums as LyCORIS: bit for bit
+        assert torch.equal(fused[key], ref), key
+    # a base of another architecture: the error is about that base, and asks for no --base fuse does not have
+    other = tmp_path / "other"
+    make_tiny_llama(0, num_hidden_layers=1).save_pretrained(str(other))
+    with pytest.raises(ak.ConfigError) as e:
+        ak.fuse(other, adapter_file, tmp_path / "o", progress=False)
+    assert "--base" not in str(e.value) and "base=" not in str(e.value)
+    assert "lycoris_model_layers_1_" in str(e.value) and str(other) in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sd_scripts_ldm_names_still_fuse_into_a_diffusers_pipeline(tmp_path):
+    """sd-scripts' SDXL UNet names (input_blocks_...) are no module of a diffusers base: the shipped alias table maps them."""
+    from safetensors.torch import save_file
+
+    from .test_convert_names import lora_file
+
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    w = torch.randn(640, 640, generator=torch.Generator().manual_seed(0))
+    save_file({key: w, "conv_in.weight": torch.zeros(4, 4, 1, 1)}, str(pipe / "unet" / "diffusion_pytorch_model.safetensors"))
+    f = lora_file(tmp_path / "ldm.safetensors", {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640)},
+                  metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    result = ak.fuse(pipe, f, tmp_path / "fused", progress=False)
+    assert list(result.plan["tensor"]) == ["unet." + key]
+    lora = load_file(str(f))
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    want = w + 0.5 * lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]  # alpha 1, rank 2
+    fused = load_file(str(tmp_path / "fused" / "unet" / "diffusion_pytorch_model.safetensors"))
+    torch.testing.assert_close(fused[key], want, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ Their module paths carry no pipeline component (``down_blocks.0...``); kohya-bas
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -208,15 +209,110 @@ def test_component_option_errors(tmp_path):
     adapter = ak.load(tmp_path / "peft")
     with pytest.raises(ConfigError, match="unknown kohya component 'vae'"):
         ak.save(adapter, tmp_path / "a.safetensors", format="kohya", component="vae")
-    with pytest.raises(ConfigError, match="kohya output only"):
+    # PEFT output selects a component of a pipeline adapter; these bare paths are no component's
+    with pytest.raises(ConfigError, match="no unet layers .*name no pipeline component"):
         ak.save(adapter, tmp_path / "p", format="peft", component="unet")
-    with pytest.raises(ConfigError, match="kohya output only"):
+    with pytest.raises(ConfigError, match="belong to none"):
+        ak.save(adapter, tmp_path / "p", format="peft", component="each")
+    with pytest.raises(ConfigError, match="kohya and PEFT output only, not diffusers"):
         convert_checkpoint("peft->diffusers", tmp_path / "peft", tmp_path / "d", component="unet")
+    with pytest.raises(ConfigError, match="does not apply to 'pissa->lora'"):
+        convert_checkpoint("pissa->lora", tmp_path / "peft", tmp_path / "d", component="unet")
     runner = CliRunner()
     r = runner.invoke(main, ["merge", str(tmp_path / "peft"), "-o", str(tmp_path / "m"), "--component", "unet"])
-    assert r.exit_code == 1 and "kohya output only" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "no unet layers" in r.output and "Traceback" not in r.output
     r = runner.invoke(main, ["merge", str(tmp_path / "peft"), str(tmp_path / "peft"), "--format", "kohya",
                              "-o", str(tmp_path / "m.safetensors"), "--component", "unet"])
     assert r.exit_code == 0, r.output
     assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / "m.safetensors")))
     assert not any((tmp_path / n).exists() for n in ("a.safetensors", "p", "d", "m"))
+
+
+# ------------------------------------------------------------------- PEFT output for one bare component
+
+
+def kohya_unet_file(tmp_path, unet):
+    """A kohya ``lora_unet_`` LoRA for ``unet`` (adaptkit's kohya writer from a real PEFT LoRA); returns
+    ``(file, output of the adapter applied directly by PEFT)``."""
+    peft_model = peft_on(unet, tmp_path / "src_peft", UNET_TARGETS)
+    f = tmp_path / "unet_lora.safetensors"
+    convert_checkpoint("peft->kohya", tmp_path / "src_peft", f)
+    assert all(k.startswith("lora_unet_") for k in load_file(str(f)))
+    return f, unet_out(peft_model)
+
+
+def test_kohya_unet_lora_to_peft_for_a_bare_unet_base(tmp_path):
+    """`convert 'lycoris->peft' unet_lora.safetensors OUT --base ./unet`: PeftModel.from_pretrained(unet, OUT) works."""
+    from peft import PeftModel
+
+    unet = tiny_unet()
+    unet.save_pretrained(str(tmp_path / "unet"))  # a bare UNet2DConditionModel directory
+    f, want = kohya_unet_file(tmp_path, unet)
+    assert not torch.allclose(want, unet_out(unet), atol=1e-3)
+    r = CliRunner().invoke(main, ["convert", "lycoris->peft", str(f), str(tmp_path / "out"), "--base", str(tmp_path / "unet")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    targets = cfg["target_modules"] if isinstance(cfg["target_modules"], list) else [cfg["target_modules"]]
+    assert not any("unet" in t for t in targets)
+    assert not any("unet." in k for k in load_file(str(tmp_path / "out" / "adapter_model.safetensors")))
+    model = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "out")).eval()
+    torch.testing.assert_close(unet_out(model), want, rtol=1e-4, atol=1e-5)
+    # and the same file applied by LyCORIS's kohya loader
+    lyco_unet, _ = lycoris_kohya_applied(f, unet=unet)
+    torch.testing.assert_close(unet_out(model), unet_out(lyco_unet), rtol=1e-4, atol=1e-5)
+    # back to kohya: the lora_unet_ names again
+    back = ak.save(ak.load(tmp_path / "out"), tmp_path / "back.safetensors", format="kohya")
+    assert set(load_file(str(back))) == set(load_file(str(f)))
+
+
+def test_pipeline_lora_to_peft_per_component(tmp_path):
+    """unet + text encoder in one kohya file: --component C writes C's PEFT adapter, each writes one per component."""
+    from peft import PeftModel
+
+    from .test_diffusers_format import _save_base
+
+    unet, te = tiny_unet(), tiny_te()
+    pipe = _save_base(tmp_path / "pipe", unet, te)
+    peft_unet = peft_on(unet, tmp_path / "pu", UNET_TARGETS)
+    peft_te = peft_on(te, tmp_path / "pt", ["q_proj", "v_proj", "fc1"], r=2, alpha=4)
+    layers = {f"unet.{p}": l for p, l in ak.load(tmp_path / "pu").layers.items()}
+    layers |= {f"text_encoder.{p}": l for p, l in ak.load(tmp_path / "pt").layers.items()}
+    f = ak.save(ak.load(tmp_path / "pu").replace(layers=layers), tmp_path / "pipe_lora.safetensors", format="kohya")
+    assert {k.split("_")[1] for k in load_file(str(f))} == {"unet", "te"}
+    runner = CliRunner()
+
+    # no --component: the paths keep their components, and the output says how to get one model's adapter
+    r = runner.invoke(main, ["convert", "kohya->peft", str(f), str(tmp_path / "all"), "--base", str(pipe)])
+    assert r.exit_code == 0, r.output
+    note = r.output.split("note", 1)[1].split("\n", 1)[0]
+    assert "--component text_encoder" in note and "--component each" in note and "--to diffusers" in note, note
+    assert {p.partition(".")[0] for p in ak.load(tmp_path / "all").layers} == {"unet", "text_encoder"}
+
+    r = runner.invoke(main, ["convert", "kohya->peft", str(f), str(tmp_path / "each"), "--base", str(pipe),
+                             "--component", "each"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["text_encoder", "unet"]
+    got_unet = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "each" / "unet")).eval()
+    got_te = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "each" / "text_encoder")).eval()
+    torch.testing.assert_close(unet_out(got_unet), unet_out(peft_unet), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(te_out(got_te), te_out(peft_te), rtol=1e-4, atol=1e-5)
+    assert ak.load(f"{tmp_path / 'each'}:unet").kinds == {"lora"}
+
+    result = convert_checkpoint("kohya->peft", f, tmp_path / "te", base=str(pipe), component="text_encoder")
+    assert set(result.report["path"]) == set(ak.load(tmp_path / "pt").layers)  # the report lists what is written
+    got_te = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "te")).eval()
+    torch.testing.assert_close(te_out(got_te), te_out(peft_te), rtol=1e-4, atol=1e-5)
+    assert "text_encoder" in result.note
+    # its kohya names come back from the PEFT adapter alone
+    back = load_file(str(ak.save(ak.load(tmp_path / "te"), tmp_path / "te.safetensors", format="kohya")))
+    assert set(back) == {k for k in load_file(str(f)) if k.startswith("lora_te_")}
+    # that text-encoder-only file with the bare model as base (an nn.Module): PEFT in the model's own namespace
+    convert_checkpoint("kohya->peft", tmp_path / "te.safetensors", tmp_path / "te2", base=te)
+    got_te = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "te2")).eval()
+    torch.testing.assert_close(te_out(got_te), te_out(peft_te), rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="no transformer layers .*text_encoder, unet"):
+        convert_checkpoint("kohya->peft", f, tmp_path / "x", base=str(pipe), component="transformer")
+    with pytest.raises(ConfigError, match="unknown PEFT component 'vae'"):
+        convert_checkpoint("kohya->peft", f, tmp_path / "x", base=str(pipe), component="vae")
+    assert not (tmp_path / "x").exists()

@@ -170,7 +170,8 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
         path: output directory (PEFT, diffusers) or file (kohya ``.safetensors``).
         format: ``"peft"``, ``"kohya"``/``"lycoris"`` or ``"diffusers"``.
         overwrite: replace an existing output.
-        **options: writer options; kohya's ``naming`` and ``component`` (see :func:`adaptkit.converters.kohya.write`).
+        **options: writer options; kohya's ``naming``, and ``component`` for kohya and PEFT (see
+            :func:`adaptkit.converters.kohya.write` and :func:`adaptkit.converters.peft.write`).
 
     Returns:
         The path written.
@@ -178,7 +179,8 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
         UnsupportedError: the format cannot express the adapter (the message says what to do).
-        ConfigError: a kohya-only option (``naming``, ``component``) given for another format.
+        ConfigError: a writer option the format does not have (``naming`` other than kohya, ``component``
+            for diffusers), or an unknown ``component``.
     """
     module = format_module(format)
     check_write_options(module.NAME, **options)
@@ -189,13 +191,21 @@ def check_write_options(format: str, **options: Any) -> None:
     """Refuse writer options the format does not have, before any work is done.
 
     Raises:
-        ConfigError: ``naming`` / ``component`` (kohya only) for another format, or an unknown ``component``.
+        ConfigError: ``naming`` other than kohya, ``component`` for diffusers, or an unknown ``component``.
     """
     name = format_module(format).NAME
-    extra = [k for k in ("naming", "component") if options.get(k) is not None]
-    if extra and name != kohya.NAME:
-        raise ConfigError(f"{extra[0]} (--{extra[0]}) applies to kohya output only, not {name}; drop it or write kohya")
-    kohya.check_component(options.get("component"))
+    if options.get("naming") is not None and name != kohya.NAME:
+        raise ConfigError(f"naming (--naming) applies to kohya output only, not {name}; drop it or write kohya")
+    component = options.get("component")
+    if component is None:
+        return
+    if name == kohya.NAME:
+        kohya.check_component(component)
+    elif name == peft.NAME:
+        peft.check_component(component)
+    else:
+        raise ConfigError(f"component (--component) applies to kohya and PEFT output only, not {name}: a {name} file "
+                          "holds every pipeline component; drop it")
 
 
 __all__ = ["ALIASES", "FORMATS", "check_write_options", "detect", "format_module", "load", "save"]

@@ -473,20 +473,23 @@ def check_component(component: str | None) -> str | None:
 
 
 def _has_component(path: str) -> bool:
-    comp, _, rest = path.partition(".")
-    return bool(comp and rest and comp in _names.WRITE_PREFIXES)
+    return _names.component_of(path) is not None
 
 
 def bare_target(adapter: Adapter, component: str | None, naming: dict[str, str]) -> str | None:
     """The component that the adapter's paths without one are written under (``None``: ``lycoris_`` names).
 
-    An explicit ``component`` wins; else a kohya source that named them ``lycoris_`` keeps that, and otherwise
-    the component is detected from the paths (:func:`adaptkit.converters.names.bare_component`).
+    An explicit ``component`` wins; else a kohya source that named them ``lycoris_`` keeps that, then the
+    component a PEFT adapter written for one component recorded (:data:`~adaptkit.converters.names.COMPONENT_KEY`),
+    and otherwise the component is detected from the paths (:func:`adaptkit.converters.names.bare_component`).
     """
     if check_component(component) is not None:
         return None if component == "lycoris" else component
     if "" in naming:  # read from (or through) a file with lycoris_ names: keep them
         return None
+    recorded = adapter.metadata.get(_names.COMPONENT_KEY)
+    if recorded and recorded in _names.WRITE_PREFIXES:
+        return recorded
     return _names.bare_component(p for p in adapter.layers if not _has_component(p))
 
 
@@ -538,7 +541,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
             f"(e.g. {foreign[0]}, modules_to_save or saved embeddings): write format='peft' to keep them"
         )
     tensors.update(adapter.extras)
-    metadata = {k: v for k, v in adapter.metadata.items() if k not in ("lora_adapter_metadata", NAMING_KEY)}
+    metadata = {k: v for k, v in adapter.metadata.items()
+                if k not in ("lora_adapter_metadata", NAMING_KEY, _names.COMPONENT_KEY)}
     with atomic_output(out_path, overwrite=overwrite, directory=False) as tmp:
         write_safetensors(tensors, tmp, metadata)
     return out_path

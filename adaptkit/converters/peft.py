@@ -3,7 +3,9 @@
 Reads and writes LORA (incl. DoRA, rsLoRA, ``rank_pattern``/``alpha_pattern``, embedding LoRA,
 ``lora_B.bias``, conv), LOHA, LOKR and IA3. Tensor keys are ``base_model.model.<module path>.<suffix>``
 with the adapter name removed, exactly as ``PeftModel.save_pretrained`` writes them. Non-default
-adapters saved by PEFT live in subfolders named after the adapter: read them as ``dir:name``.
+adapters saved by PEFT live in subfolders named after the adapter: read them as ``dir:name``. A PEFT
+adapter applies to one model, so writing a pipeline adapter (``unet.…``, ``text_encoder.…``) can select one
+component, in that model's own namespace, or write one adapter per component into subfolders (``component=``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..graph import Adapter
 from ..kinds import IA3, LoHa, LoKr, LoRA
 from ..kinds.base import check_factor_ndims
 from ..sources import atomic_output, read_weights, write_safetensors
+from . import names as _names
 from . import peft_lokr
 from .patterns import build_pattern, matches_feedforward, pattern_value
 
@@ -491,13 +494,75 @@ def to_state_dict(adapter: Adapter, prefix: str = PREFIX) -> tuple[dict[str, tor
     return tensors, cfg
 
 
-def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: Any) -> Path:
+#: ``component=`` values of PEFT output: a pipeline component, or ``each`` for one adapter per component
+COMPONENTS = (*(c for c in _names.WRITE_PREFIXES if c), "each")
+
+
+def check_component(component: str | None) -> str | None:
+    """Validate a ``component=`` option of PEFT output (``None``: write every path as it is).
+
+    Raises:
+        ConfigError: not one of :data:`COMPONENTS`.
+    """
+    if component is not None and component not in COMPONENTS:
+        raise ConfigError(f"unknown PEFT component {component!r}; use one of {', '.join(COMPONENTS)}")
+    return component
+
+
+def select_component(adapter: Adapter, component: str) -> Adapter:
+    """The layers (and extra tensors) of one pipeline component, in that model's own namespace.
+
+    ``unet.down_blocks.0...`` becomes ``down_blocks.0...``, what ``PeftModel.from_pretrained(unet, ...)``
+    expects; the component is recorded in the metadata (:data:`~adaptkit.converters.names.COMPONENT_KEY`).
+
+    Raises:
+        ConfigError: the adapter has no layers of that component (the message lists the ones it has).
+    """
+    prefix = component + "."
+    layers = {p[len(prefix):]: l for p, l in adapter.layers.items() if p.startswith(prefix)}
+    if not layers:
+        have = sorted({c for p in adapter.layers if (c := _names.component_of(p))})
+        what = f"its components are {', '.join(have)}" if have else "its module paths name no pipeline component"
+        raise ConfigError(f"the adapter has no {component} layers ({what}); pass one of its components, or no "
+                          "--component to write the paths as they are")
+    extras = {k[len(prefix):]: t for k, t in adapter.extras.items() if k.startswith(prefix)}
+    return adapter.replace(layers=layers, extras=extras, metadata={**adapter.metadata, _names.COMPONENT_KEY: component})
+
+
+def split_components(adapter: Adapter, component: str | None) -> dict[str, Adapter]:
+    """The PEFT adapters to write for ``component=``, by subfolder (``""``: the output directory itself).
+
+    ``None`` writes the adapter as it is; a component writes that component's layers in its own namespace
+    (:func:`select_component`); ``"each"`` writes one such adapter per component into ``<out>/<component>/``.
+
+    Raises:
+        ConfigError: an unknown component, one the adapter does not have, or ``each`` for paths outside any
+            component.
+    """
+    if check_component(component) is None:
+        return {"": adapter}
+    if component != "each":
+        return {"": select_component(adapter, component)}
+    loose = sorted(p for p in adapter.layers if _names.component_of(p) is None)
+    if loose:
+        raise ConfigError(f"component='each' writes one PEFT adapter per pipeline component, but {len(loose)} layer(s) "
+                          f"belong to none, e.g. {loose[0]}; write without --component")
+    comps = sorted({_names.component_of(p) or "" for p in adapter.layers})
+    return {c: select_component(adapter, c) for c in comps}
+
+
+def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, component: str | None = None,
+          **_: Any) -> Path:
     """Write an adapter as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 
     Args:
         adapter: the adapter (one kind: LoRA, LoHa, LoKr or IA3).
         path: output directory (must not exist unless ``overwrite``).
         overwrite: replace an existing directory.
+        component: for an adapter of a pipeline (paths ``unet.…``, ``text_encoder.…``): ``"unet"`` (or another
+            component) writes only that component's layers, in its own namespace, for
+            ``PeftModel.from_pretrained(unet, path)``; ``"each"`` writes one such adapter per component into
+            ``path/<component>/``. ``None`` writes every path as it is.
 
     Returns:
         The output directory.
@@ -505,13 +570,20 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     Raises:
         UnsupportedError: the adapter mixes kinds, holds Full layers, DoRA on some layers only, or LoKr
             shapes PEFT's factorisation cannot express. The message says what to do instead.
+        ConfigError: a ``component`` the adapter does not have.
     """
-    tensors, cfg = to_state_dict(adapter)
-    metadata = dict(adapter.metadata)
-    metadata.setdefault("format", "pt")
+    parts = {}
+    for sub, part in split_components(adapter, component).items():
+        tensors, cfg = to_state_dict(part)
+        metadata = dict(part.metadata)
+        metadata.setdefault("format", "pt")
+        parts[sub] = (tensors, cfg, metadata)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        write_safetensors(tensors, tmp / WEIGHT_NAMES[0], metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=_json_default) + "\n")
+        for sub, (tensors, cfg, metadata) in parts.items():
+            folder = tmp / sub if sub else tmp
+            folder.mkdir(exist_ok=True)
+            write_safetensors(tensors, folder / WEIGHT_NAMES[0], metadata)
+            (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=_json_default) + "\n")
     return Path(path)
 
 
@@ -521,4 +593,5 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["ALLOW_PATTERNS", "NAME", "detect", "read", "read_config", "to_state_dict", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "NAME", "check_component", "detect", "read", "read_config",
+           "select_component", "split_components", "to_state_dict", "write"]

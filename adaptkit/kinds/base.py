@@ -145,13 +145,28 @@ class DeltaMixin:
         else:
             fused = dora_apply(w_math, dm, magnitude, self.magnitude_axis)
         fused = (fused.T if self.fan_in_fan_out else fused).reshape(weight.shape)
-        new_b = None if bias is None else bias.to(torch.float32)
+        return fused, self.apply_bias(bias)
+
+    @property
+    def changes_bias(self) -> bool:
+        """True when the layer changes the module's bias (PEFT ``lora_B.bias``, LyCORIS ``diff_b``)."""
+        return self.delta_bias() is not None
+
+    def apply_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The module bias after :meth:`apply`: ``b + delta_bias()`` in float32.
+
+        Raises:
+            UnsupportedError: the layer changes the bias and the module has none (``bias`` is ``None``).
+        """
         db = self.delta_bias()
-        if db is not None:
-            if new_b is None:
-                raise ValueError("this adapter changes the bias but the base module has none")
-            new_b = new_b + db.reshape(new_b.shape)
-        return fused, new_b
+        if bias is None:
+            if db is not None:
+                from ..errors import UnsupportedError
+
+                raise UnsupportedError("this adapter layer changes the bias but the base module has none")
+            return None
+        new_b = bias.to(torch.float32)
+        return new_b if db is None else new_b + db.reshape(new_b.shape)
 
     def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of :meth:`apply` for additive layers: subtract the delta again."""

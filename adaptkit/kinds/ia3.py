@@ -74,10 +74,21 @@ class IA3:
             )
         out = w_math * f32(self.vector).view(view)
         out = out.T if self.fan_in_fan_out else out
-        new_b = None if bias is None else f32(bias)
-        if new_b is not None and not self.on_input and self.scale_bias:
-            new_b = new_b * f32(self.vector)
-        return out, new_b
+        return out, self.apply_bias(bias)
+
+    @property
+    def changes_bias(self) -> bool:
+        """True when :meth:`apply` rescales the module's bias: output scaling with ``scale_bias`` (PEFT).
+
+        Input scaling never touches the bias, and LyCORIS's output scaling (``scale_bias=False``) leaves it too.
+        """
+        return not self.on_input and self.scale_bias
+
+    def apply_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The module bias after :meth:`apply`, in float32 (``None`` stays ``None``: there is nothing to scale)."""
+        if bias is None:
+            return None
+        return f32(bias) * f32(self.vector) if self.changes_bias else f32(bias)
 
     def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """IA3 cannot be unfused reliably (a zero multiplier loses the weight); always raises."""
