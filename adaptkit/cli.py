@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from ._version import __version__
 
 
 def _debug() -> bool:

@@ -340,7 +340,7 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _page(title: str, subtitle: str, body: list[str]) -> str:
-    from . import __version__
+    from ._version import __version__
 
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
