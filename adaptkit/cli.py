@@ -296,7 +296,32 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})  # so that a spec '->peft' is an argument
+class _SpecCommand(click.Command):
+    """``convert``: a conversion spec is an argument even when it starts with ``-`` (``'->kohya'``).
+
+    click reads ``->kohya`` as the short options ``-> -k -o -h``, and ``-h`` printed the help; so before
+    parsing, every argument that starts with ``-`` and holds ``->`` is swapped for a placeholder that click
+    takes as an argument, and put back afterwards. Options may come before, between or after the arguments.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        specs: dict[str, str] = {}
+        swapped = []
+        for arg in args:
+            if arg.startswith("-") and "->" in arg:
+                specs[key := f"\0spec{len(specs)}"] = arg
+                arg = key
+            swapped.append(arg)
+        rest = super().parse_args(ctx, swapped)
+        for name, value in ctx.params.items():
+            if isinstance(value, tuple):
+                ctx.params[name] = tuple(specs.get(v, v) if isinstance(v, str) else v for v in value)
+            elif isinstance(value, str):
+                ctx.params[name] = specs.get(value, value)
+        return rest
+
+
+@main.command(cls=_SpecCommand)
 @click.argument("args", nargs=-1, required=True)
 @click.option("--from", "src_format", default=None, help="Source format or reparametrisation (pissa, olora, corda).")
 @click.option("--to", "dst_format", default=None, help="Target format (peft, kohya/lycoris, diffusers) or lora.")
@@ -315,11 +340,13 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
     """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO."""
     from .convert import convert_checkpoint
 
-    unknown = [a for a in args if a.startswith("-") and "->" not in a]
-    if unknown:
-        raise click.UsageError(f"no such option: {unknown[0]}")
     if len(args) not in (2, 3):
         raise click.UsageError("expected 'FROM->TO' SOURCE OUT, or SOURCE OUT with --to")
+    specs = [a for a in args if "->" in a and not os.path.exists(a)]
+    if specs and len(args) == 2:
+        raise click.UsageError(f"expected 'FROM->TO' SOURCE OUT, got the spec '{specs[0]}' and one path")
+    if specs and args[0] != specs[0]:
+        raise click.UsageError(f"the spec '{specs[0]}' comes first: 'FROM->TO' SOURCE OUT")
     spec, source, out = args if len(args) == 3 else (None, *args)
     options = {"initial": initial} if initial is not None else {}
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
