@@ -446,11 +446,13 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
 
     if len(args) not in (2, 3):
         raise click.UsageError("expected 'FROM->TO' SOURCE OUT, or SOURCE OUT with --to")
-    specs = [a for a in args if "->" in a and not os.path.exists(a)]
-    if specs and len(args) == 2:
-        raise click.UsageError(f"expected 'FROM->TO' SOURCE OUT, got the spec '{specs[0]}' and one path")
-    if specs and args[0] != specs[0]:
-        raise click.UsageError(f"the spec '{specs[0]}' comes first: 'FROM->TO' SOURCE OUT")
+    def looks_like_spec(arg: str) -> bool:
+        return "->" in arg and not os.path.exists(arg)
+
+    if len(args) == 2 and looks_like_spec(args[0]):
+        raise click.UsageError(f"expected 'FROM->TO' SOURCE OUT, got the spec '{args[0]}' and one path")
+    if len(args) == 3 and not looks_like_spec(args[0]) and looks_like_spec(args[1]):
+        raise click.UsageError(f"the spec '{args[1]}' comes first: 'FROM->TO' SOURCE OUT")
     spec, source, out = args if len(args) == 3 else (None, *args)
     options = {"initial": initial} if initial is not None else {}
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
