@@ -38,6 +38,7 @@ from .depth import Position, first_index, module_positions
 from .graph import Adapter
 from .kinds import LoHa, LoKr, LoRA, layer_is_finite
 from .kinds.base import math_shape
+from .progress import bar
 
 #: columns of :func:`analyze`, in order
 COLUMNS = ("module", "kind", "shape", "component", "depth", "rank", "scale", "dora", "fro_norm", "spectral_norm",
@@ -321,7 +322,7 @@ def as_adapter(adapter_or_source: Adapter | str | os.PathLike, format: str | Non
 
 def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
                     base: str | None = None, name: str | None = None,
-                    report: str | os.PathLike | None = None) -> AdapterAnalysis:
+                    report: str | os.PathLike | None = None, progress: bool | None = None) -> AdapterAnalysis:
     """Analyse every layer of an adapter and keep the spectra; optionally write the HTML report.
 
     Args:
@@ -330,6 +331,7 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
         base: base model (hub id or directory) for formats whose module names need resolving (kohya).
         name: display name (default: :func:`adapter_name`).
         report: write a self-contained HTML report to this path (replaced if it exists); needs matplotlib.
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         An :class:`AdapterAnalysis` (``.table`` is what :func:`analyze` returns).
@@ -344,7 +346,7 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
     adapter = as_adapter(adapter_or_source, format, base)
     rows, spectra = [], {}
     positions = module_positions(adapter.layers)
-    for path in sorted(adapter.layers, key=natural_key):
+    for path in bar(sorted(adapter.layers, key=natural_key), desc="analyze", unit="layer", progress=progress):
         row, s = analyze_layer(path, adapter.layers[path], positions[path])
         rows.append(row)
         if s is not None:

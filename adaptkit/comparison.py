@@ -40,6 +40,7 @@ from .errors import ConfigError
 from .graph import Adapter
 from .kinds import layer_is_finite
 from .kinds.base import math_shape
+from .progress import bar
 
 DEFAULT_DENSITY = 0.2
 MAX_ENTRIES = 1 << 20
@@ -288,7 +289,8 @@ def _named(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapte
 def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapter | str | os.PathLike], *,
                      names: Sequence[str] | None = None, density: float = DEFAULT_DENSITY,
                      max_entries: int = MAX_ENTRIES, seed: int = 0, format: str | None = None,
-                     base: str | None = None, report: str | os.PathLike | None = None) -> Comparison:
+                     base: str | None = None, report: str | os.PathLike | None = None,
+                     progress: bool | None = None) -> Comparison:
     """Compare two or more adapters layer by layer and pair by pair; optionally write the HTML report.
 
     Args:
@@ -301,6 +303,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         base: base model (hub id or directory) for formats whose module names need resolving (kohya).
         report: write a self-contained HTML report (similarity heat maps, energy by depth) to this path;
             needs matplotlib.
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         A :class:`Comparison`.
@@ -320,6 +323,8 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     names_, loaded = _named(adapters, names, format, base)
     layer_rows, pair_rows = [], []
     factorwise = True
+    steps = sum(len(set(a.layers) & set(b.layers)) for a, b in combinations(loaded, 2))
+    meter = bar(desc="compare", total=steps, unit="layer", progress=progress)
     for (i, a), (j, b) in combinations(enumerate(loaded), 2):
         shared = sorted(set(a.layers) & set(b.layers), key=natural_key)
         rows = []
@@ -328,6 +333,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
             row = {"module": path, "a": names_[i], "b": names_[j], "kind_a": la.kind, "kind_b": lb.kind}
             row.update(compare_layers(la, lb, density=density, max_entries=max_entries, seed=seed))
             rows.append(row)
+            meter.update(1)
         layer_rows.extend(rows)
         table = pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
         cosine, conflict, overlap = _pooled(table) if rows else (math.nan, math.nan, math.nan)
@@ -341,6 +347,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
                           "only_a": len(set(a.layers) - set(b.layers)), "only_b": len(set(b.layers) - set(a.layers)),
                           "target_jaccard": len(shared) / union if union else math.nan, "cosine": cosine,
                           "sign_conflict": conflict, "topk_overlap": overlap, "suggested_method": method})
+    meter.close()
     layers = pd.DataFrame(layer_rows, columns=list(LAYER_COLUMNS))
     layers["topk_shared"] = layers["topk_shared"].astype(object).where(layers["topk_shared"].notna(), None)
     pairs = pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS))
@@ -352,7 +359,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     if report is not None:
         from .report import write_compare_report
 
-        analyses = [analyze_adapter(ad, name=nm) for nm, ad in zip(names_, loaded)]
+        analyses = [analyze_adapter(ad, name=nm, progress=progress) for nm, ad in zip(names_, loaded)]
         write_compare_report(result, analyses, report)
     return result
 

@@ -26,6 +26,7 @@ from .errors import ConfigError, UnsupportedError
 from .graph import Adapter
 from .kinds import IA3, Full, LoKr, LoRA
 from .kinds.base import math_shape
+from .progress import bar
 
 #: kinds the target formats store losslessly (before per-layer checks such as PEFT's LoKr factorisation)
 FORMAT_KINDS: dict[str, frozenset[str]] = {
@@ -125,7 +126,7 @@ def lora_obstacle(layer: Any) -> str | None:
 
 
 def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
-            return_report: bool = False) -> Adapter | tuple[Adapter, Any]:
+            return_report: bool = False, progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
     """Convert an adapter's layers to LoRA.
 
     LoRA layers are kept as they are unless ``rank`` is smaller than theirs (then truncated by an exact
@@ -139,6 +140,7 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         rank: the LoRA rank to keep, or ``None``.
         layers: convert only these paths (others are kept as they are); ``None`` converts all.
         return_report: also return the per-layer report (a DataFrame of :class:`LayerConversion`).
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         The converted adapter (``alpha == rank`` for converted layers, i.e. scale 1), and the report when asked.
@@ -166,7 +168,8 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         )
     out: dict[str, Any] = {}
     rows: list[LayerConversion] = []
-    for path, layer in adapter.layers.items():
+    for path, layer in bar(adapter.layers.items(), desc="convert", total=len(adapter.layers), unit="layer",
+                           progress=progress):
         if path not in todo or (isinstance(layer, LoRA) and layer.mid is None and (rank is None or layer.rank <= rank)):
             out[path] = layer
             rows.append(LayerConversion(path, layer.kind, layer.kind, getattr(layer, "rank", None), "kept"))
@@ -279,7 +282,8 @@ def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str 
 
 def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str,
                     rank: int | None = None, kind: str | None = None, base: Any = None,
-                    overwrite: bool = False, component: str | None = None) -> ConversionResult:
+                    overwrite: bool = False, component: str | None = None,
+                    progress: bool | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
     from .converters import check_write_options, format_module, load, save
 
@@ -318,11 +322,11 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
             "by truncated SVD (the loss is reported), or write --to kohya"
         )
     if todo:
-        adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True)
+        adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True, progress=progress)
         # the converted layers may now mix LoRA with kinds the target holds only alone (PEFT LoKr + LoRA): convert those too
         more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
         if more:
-            adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True)
+            adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True, progress=progress)
             rows = {r["path"]: r for r in report.to_dict("records")} | {
                 r["path"]: r for r in extra.to_dict("records") if r["path"] in more}
             report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
@@ -372,7 +376,8 @@ CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pi
 def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | os.PathLike, *,
                        src_format: str | None = None, dst_format: str | None = None, rank: int | None = None,
                        kind: str | None = None, base: Any = None, overwrite: bool = False,
-                       component: str | None = None, **options: Any) -> ConversionResult:
+                       component: str | None = None, progress: bool | None = None,
+                       **options: Any) -> ConversionResult:
     """``adaptkit convert``: read a checkpoint, convert what the target cannot hold, write it.
 
     Args:
@@ -388,6 +393,7 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
             adapter per component in ``out/<component>/``). Without it, PEFT output of a one-component adapter
             uses that component's namespace when ``base`` is that model alone (a ``UNet2DConditionModel``
             directory), and keeps the paths as they are otherwise (``ConversionResult.note`` says so).
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         A :class:`ConversionResult` with the per-layer report (retained energy, relative error).
@@ -402,9 +408,9 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
             raise ConfigError(f"--component does not apply to '{left}->{right}': it writes a plain LoRA for the "
                               "model the source adapter was made on; drop it")
         return CONVERTERS[left](source, out, dst_format=right, rank=rank, kind=kind, base=base,
-                                overwrite=overwrite, **options)
+                                overwrite=overwrite, progress=progress, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
-                           overwrite=overwrite, component=component)
+                           overwrite=overwrite, component=component, progress=progress)
 
 
 __all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",

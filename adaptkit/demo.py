@@ -54,6 +54,7 @@ class DemoContext:
     out: Path
     echo: Callable[[str], None]
     results: dict[str, Any] = field(default_factory=dict)
+    progress: bool | None = None
 
     def section(self, title: str) -> None:
         """Print a step heading."""
@@ -70,7 +71,8 @@ def _step_info(ctx: DemoContext) -> None:
     summary = checkpoint_summary(adapter)
     for key in ("format", "kinds", "num_layers", "ranks", "alphas", "dtype", "parameters"):
         ctx.echo(f"  {key:<11} {summary[key]}")
-    table = checkpoint_status(adapter)[["module", "kind", "shape", "rank", "alpha", "scale", "delta_norm"]]
+    columns = ["module", "kind", "shape", "rank", "alpha", "scale", "delta_norm"]
+    table = checkpoint_status(adapter, progress=ctx.progress)[columns]
     ctx.echo(table.head(6).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     ctx.results["lora_code"] = adapter
 
@@ -94,9 +96,10 @@ def _step_merge(ctx: DemoContext) -> None:
 
     ctx.section("merge: 'lora_math' + 0.5 x 'lora_code' (ranks 8 and 4), TIES on the deltas, SVD to rank 8")
     adapters = [load(example("lora_math")), load(example("lora_code"))]
-    merged = merge(adapters, weights=[1.0, 0.5], method="ties_svd", density=0.5, rank=8, progress=False)
+    merged = merge(adapters, weights=[1.0, 0.5], method="ties_svd", density=0.5, rank=8,
+                   progress=ctx.progress)
     out = save(merged, ctx.out / "merged_ties_svd", format="peft")
-    exact = merge(adapters, weights=[1.0, 0.5], progress=False)  # task_arithmetic: the exact weighted sum
+    exact = merge(adapters, weights=[1.0, 0.5], progress=ctx.progress)  # task_arithmetic: the exact weighted sum
 
     def weighted_sum(path: str) -> Any:
         return sum(w * a.layers[path].delta() for a, w in zip(adapters, (1.0, 0.5)) if path in a.layers)
@@ -111,7 +114,7 @@ def _step_fuse(ctx: DemoContext) -> None:
 
     ctx.section("fuse: bake 'lora_code' into a generated tiny base, streaming tensor by tensor")
     base = build_example_base(ctx.out / "base")
-    result = fuse(base, example("lora_code"), ctx.out / "fused", progress=False)
+    result = fuse(base, example("lora_code"), ctx.out / "fused", progress=ctx.progress)
     ctx.echo(f"  wrote {result.out}: {result.touched} of {result.tensors} tensors fused in float32, "
              "the rest copied as raw bytes; config files copied")
 
@@ -124,7 +127,7 @@ def _step_convert(ctx: DemoContext) -> None:
     if not base.exists():
         build_example_base(base)
     result = convert_checkpoint("lycoris->peft", example("lycoris_loha.safetensors"), ctx.out / "lycoris_peft",
-                                base=str(base))
+                                base=str(base), progress=ctx.progress)
     ctx.echo(f"  wrote {result.out}: {len(result.report)} LoHa layers, lossless: {result.lossless}")
 
 
@@ -140,12 +143,12 @@ def _step_analyze(ctx: DemoContext) -> None:
     except ImportError:
         plots = False
     report = ctx.out / "analysis_report.html" if plots else None
-    result = analyze_adapter(example("lora_math"), report=report)
+    result = analyze_adapter(example("lora_math"), report=report, progress=ctx.progress)
     cols = ["module", "rank", "fro_norm", "spectral_norm", "effective_rank", "rank_90", "energy_share"]
     ctx.echo(result.table[cols].head(4).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     names = ("lora_math", "lora_code", "dora_style")
     compare_report = ctx.out / "compare_report.html" if plots else None
-    cmp = compare_adapters([example(n) for n in names], report=compare_report)
+    cmp = compare_adapters([example(n) for n in names], report=compare_report, progress=ctx.progress)
     ctx.echo(cmp.pairs[["a", "b", "shared_layers", "cosine", "sign_conflict", "suggested_method"]].to_string(
         index=False, float_format=lambda x: f"{x:.3g}"))
     ctx.echo(f"  suggested merge method for all three: {cmp.method} ({cmp.reason})")
@@ -166,13 +169,15 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
 ]
 
 
-def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = print) -> DemoContext:
+def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = print,
+             progress: bool | None = None) -> DemoContext:
     """Run every demo step, writing outputs under ``out``.
 
     Args:
         out: output directory. A previous demo output (it holds a ``.adaptkit-demo`` marker) is replaced;
             any other existing path is refused.
-        echo: where to print progress.
+        echo: where to print what each step did.
+        progress: progress bars of the steps' work on stderr (``None``: only on a terminal).
 
     Returns:
         The context with each step's results.
@@ -187,7 +192,7 @@ def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = pr
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("written by adaptkit demo; safe to delete\n")
-    ctx = DemoContext(out=out, echo=echo)
+    ctx = DemoContext(out=out, echo=echo, progress=progress)
     echo(f"adaptkit demo: bundled examples in {examples_dir()}, outputs in {out}/")
     try:
         for _, step in STEPS:

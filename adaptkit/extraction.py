@@ -120,7 +120,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
         ShapeMismatchError: a tensor has different shapes in the two models.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     if rank is None and energy is None:
         raise ConfigError("give rank=R or energy=E (a fraction in (0, 1]) to choose the LoRA rank")
@@ -158,7 +158,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
         return read_tensor(fds[info.file], info)
 
     try:
-        for key in tqdm(keys, desc="extract", unit="tensor", disable=None if progress is None else not progress):
+        for key in bar(keys, desc="extract", unit="tensor", progress=progress):
             ib, it = wb.tensors[key], wt.tensors[key]
             if ib.shape != it.shape:
                 raise ShapeMismatchError(f"tensor '{key}' has shape {ib.shape} in the base but {it.shape} in the tuned model")

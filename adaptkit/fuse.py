@@ -372,21 +372,20 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
 
 def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None,
                fsync: bool) -> None:
-    from tqdm.auto import tqdm
+    from .progress import bar
 
-    disable = None if progress is None else not progress
     n = workers or min(len(targets), os.cpu_count() or 1, 8)
-    overall = tqdm(total=total, unit="B", unit_scale=True, desc="fuse", disable=disable)
+    overall = bar(desc="fuse", total=total, unit="B", unit_scale=True, progress=progress)
     slots = list(range(1, n + 1))
 
     def work(item: tuple[OutFile, Path]) -> None:
         plan, path = item
         slot = slots.pop() if slots else n + 1
-        bar = tqdm(total=len(plan.entries), desc=Path(plan.rel_path).name, unit="tensor", position=slot, leave=False,
-                   disable=disable)
+        file_bar = bar(desc=Path(plan.rel_path).name, total=len(plan.entries), unit="tensor", position=slot,
+                       progress=progress)
 
         def tick(entry: Any) -> None:
-            bar.update(1)
+            file_bar.update(1)
             overall.update(entry.nbytes)
 
         # one torch thread per worker: the row blocks are small (cache-resident), and splitting each op across
@@ -396,7 +395,7 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
         try:
             write_out_file(plan, path, on_tensor=tick, fsync=fsync)
         finally:
-            bar.close()
+            file_bar.close()
             slots.append(slot)
 
     order = sorted(targets, key=lambda t: -t[0].data_bytes)

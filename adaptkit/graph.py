@@ -9,6 +9,7 @@ first part of the path (``unet.down_blocks.0...``, ``text_encoder.text_model...`
 from __future__ import annotations
 
 import dataclasses
+import html
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ from typing import Any
 
 import torch
 
-from .kinds import Layer, cast_layer, layer_dtype, layer_is_finite, layer_nbytes, layer_numel
+from .kinds import Layer, cast_layer, layer_dtype, layer_is_finite, layer_nbytes, layer_numel, tensor_fields
+
+#: layers shown in a notebook's table; the rest are counted (an SDXL LoRA has ~800, a full LLM one thousands)
+HTML_MAX_LAYERS = 50
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +61,10 @@ class Adapter:
     def __repr__(self) -> str:
         kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.kind_counts().items()))
         return f"Adapter({len(self.layers)} layers: {kinds}; base={self.base_model!r}; format={self.format!r})"
+
+    def _repr_html_(self) -> str:
+        """What a notebook displays: a summary and the first :data:`HTML_MAX_LAYERS` layers as a table."""
+        return adapter_html(self)
 
     def replace(self, **changes: Any) -> Adapter:
         """Return a copy with some fields replaced (``layers=...``, ``metadata=...``)."""
@@ -101,3 +109,56 @@ class Adapter:
     def to(self, dtype: torch.dtype) -> Adapter:
         """A copy with every floating tensor of every layer cast to ``dtype`` (extras unchanged)."""
         return self.replace(layers={k: cast_layer(v, dtype) for k, v in self.layers.items()})
+
+
+def _size_text(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(int(s)) for s in shape) if shape is not None else "?"
+
+
+def adapter_html(adapter: Adapter, max_layers: int = HTML_MAX_LAYERS) -> str:
+    """An adapter as HTML: summary lines and a per-layer table (kind, shapes, rank, alpha, scale, dtype).
+
+    Args:
+        adapter: the adapter.
+        max_layers: table rows at most; a last row counts the layers left out.
+
+    Returns:
+        An HTML fragment; every value from the checkpoint is escaped. Nothing is computed from tensor
+        values (no norms), so it is instant for any adapter.
+    """
+    esc = html.escape
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(adapter.kind_counts().items())) or "none"
+    dtype = str(adapter.dtype).removeprefix("torch.") if adapter.dtype is not None else "-"
+    summary = [("layers", f"{len(adapter.layers)} ({kinds})"), ("format", adapter.format or "-"),
+               ("base model", adapter.base_model or "-"), ("source", adapter.source or "-"), ("dtype", dtype),
+               ("parameters", f"{adapter.numel:,}"), ("size", _size_text(adapter.nbytes)),
+               ("extras", str(len(adapter.extras)))]
+    head = "".join(f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left\">{esc(v)}</td></tr>"
+                   for k, v in summary)
+    cols = ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "tensors")
+    rows = []
+    for path, layer in list(adapter.layers.items())[:max_layers]:
+        kind = layer.kind + (" (dora)" if getattr(layer, "magnitude", None) is not None else "")
+        tensors = ", ".join(f"{k} {_shape_text(t.shape)}" for k, t in tensor_fields(layer).items())
+        values = (path, kind, _shape_text(layer.shape), "-" if layer.rank is None else str(layer.rank),
+                  "-" if layer.alpha is None else f"{float(layer.alpha):g}", f"{float(layer.scale):g}",
+                  str(layer_dtype(layer)).removeprefix("torch."), tensors)
+        rows.append("<tr>" + "".join(f"<td style=\"text-align:left\">{esc(v)}</td>" for v in values) + "</tr>")
+    hidden = len(adapter.layers) - len(rows)
+    if hidden > 0:
+        rows.append(f"<tr><td colspan=\"{len(cols)}\" style=\"text-align:left\"><i>... {hidden} more layer"
+                    f"{'s' * (hidden != 1)} (all are in <code>.layers</code>)</i></td></tr>")
+    header = "<tr>" + "".join(f"<th style=\"text-align:left\">{c}</th>" for c in cols) + "</tr>"
+    return (f"<div><b>{esc(type(adapter).__name__)}</b><table>{head}</table>"
+            f"<div style=\"max-height:480px;overflow:auto\"><table>{header}{''.join(rows)}</table></div></div>")

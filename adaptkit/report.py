@@ -42,7 +42,9 @@ h1{font-size:1.5em;margin-bottom:4px} h2{font-size:1.2em;margin-top:28px;border-
 table{border-collapse:collapse;font-size:12px;margin:8px 0} th,td{padding:3px 8px;border-bottom:1px solid #eee;
 text-align:right} th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 16px} dt{font-weight:600} dd{margin:0}
-.wide{overflow-x:auto} .suggest{background:#eef6ee;border-left:4px solid #4a4;padding:8px 12px} .notes{color:#555;font-size:13px}
+.wide{overflow:auto;max-height:85vh;border:1px solid #eee} .wide table{margin:0}
+.wide th{position:sticky;top:0;z-index:1} .wide td:first-child{overflow-wrap:anywhere;min-width:14em;max-width:32em}
+.wide td{vertical-align:top} .suggest{background:#eef6ee;border-left:4px solid #4a4;padding:8px 12px} .notes{color:#555;font-size:13px}
 """
 
 
@@ -340,7 +342,7 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _page(title: str, subtitle: str, body: list[str]) -> str:
-    from . import __version__
+    from ._version import __version__
 
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"

@@ -57,10 +57,12 @@ def _shape_text(shape: Any) -> str:
     return "x".join(str(int(s)) for s in shape) if shape is not None else "?"
 
 
-def checkpoint_rows(adapter: Adapter) -> list[CheckpointLayerRow]:
-    """Per-layer rows for an adapter, sorted by module path."""
+def checkpoint_rows(adapter: Adapter, progress: bool | None = None) -> list[CheckpointLayerRow]:
+    """Per-layer rows for an adapter, sorted by module path (a bar on a terminal: see :mod:`adaptkit.progress`)."""
+    from .progress import bar
+
     rows = []
-    for path in sorted(adapter.layers):
+    for path in bar(sorted(adapter.layers), desc="status", unit="layer", progress=progress):
         layer = adapter.layers[path]
         tensors = ", ".join(f"{k}:{_shape_text(t.shape)}" for k, t in tensor_fields(layer).items())
         rows.append(CheckpointLayerRow(
@@ -79,13 +81,14 @@ def checkpoint_rows(adapter: Adapter) -> list[CheckpointLayerRow]:
     return rows
 
 
-def checkpoint_status(adapter: Adapter) -> pd.DataFrame:
+def checkpoint_status(adapter: Adapter, progress: bool | None = None) -> pd.DataFrame:
     """The static per-layer table of a checkpoint as a DataFrame (one row per layer).
 
     Columns: module, kind, shape, tensors, rank, alpha, scale, dtype, delta_norm (``||dW||_F``; NaN for
-    IA3, which has no base-free delta), dora, finite.
+    IA3, which has no base-free delta), dora, finite. ``progress``: a bar on stderr (``None``: only on a
+    terminal).
     """
-    rows = checkpoint_rows(adapter)
+    rows = checkpoint_rows(adapter, progress)
     columns = list(CheckpointLayerRow.__dataclass_fields__)
     return pd.DataFrame([asdict(r) for r in rows], columns=columns)
 

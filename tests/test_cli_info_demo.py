@@ -6,6 +6,8 @@ import csv
 import io
 import json
 
+import pytest
+
 import adaptkit as ak
 from adaptkit.demo import example
 
@@ -74,3 +76,66 @@ def test_info_into_a_closed_pipe_is_quiet():
     proc.stdout.close()  # the reader is gone before adaptkit prints anything (`adaptkit info X | head`)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=300) == 1 and stderr == "", stderr
+
+
+# ------------------------------------------------------------------ examples in every --help, kept runnable
+
+
+def _example_lines(text: str) -> list[str]:
+    """The command lines under 'Examples:' in a help text (comments after '#' dropped)."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.strip() == "Examples:":
+            inside = True
+        elif inside and line.strip().startswith("adaptkit "):
+            lines.append(line.split("  #")[0].strip())
+        elif inside and line.strip() and not line.startswith(" "):
+            inside = False
+    return lines
+
+
+def _parses(line: str) -> None:
+    """Parse a documented command line with adaptkit's own click command (nothing runs)."""
+    import shlex
+
+    from adaptkit.cli import main
+
+    import click
+
+    words = shlex.split(line)
+    assert words[0] == "adaptkit", line
+    if words[1].startswith("-"):  # adaptkit --help / --version: click exits 0 after printing
+        with pytest.raises(click.exceptions.Exit) as done:
+            main.make_context("adaptkit", words[1:])
+        assert done.value.exit_code == 0, line
+        return
+    command = main.get_command(None, words[1])
+    assert command is not None, line
+    command.make_context(words[1], words[2:])
+
+
+def test_every_help_shows_examples_that_parse():
+    from click.testing import CliRunner
+
+    from adaptkit.cli import main
+
+    runner = CliRunner()
+    for name in [None, *main.list_commands(None)]:
+        res = runner.invoke(main, [name, "--help"] if name else ["--help"])
+        assert res.exit_code == 0, res.output
+        examples = _example_lines(res.stdout)
+        assert examples, f"'adaptkit {name or ''} --help' shows no example"
+        for line in examples:
+            assert name is None or (line + " ").startswith(f"adaptkit {name} "), (name, line)
+            _parses(line)
+
+
+def test_readme_command_lines_parse():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## On the command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.startswith("adaptkit ")]
+    assert len(lines) >= 5
+    for line in lines:
+        _parses(line)

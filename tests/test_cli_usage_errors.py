@@ -16,7 +16,7 @@ from .conftest import run_cli
 # (arguments, what the one line must say, the command whose --help it points to)
 CASES = [
     (["info"], "error: missing argument 'SOURCE'", "info"),
-    (["convert", "->peft", "src", "OUT", "--rnak", "2"], "error: no such option: --rnak", "convert"),
+    (["convert", "->peft", "src", "OUT", "--rnak", "2"], "error: no such option '--rnak'; did you mean --rank?", "convert"),
     (["info", "src", "--jsn"], "error: no such option '--jsn'; did you mean --json", "info"),
     (["loftq", "base", "--out", "OUT", "--bits", "3"], "error: invalid value for '--bits': '3' is not one of '4', '8'",
      "loftq"),
@@ -79,3 +79,111 @@ def test_help_version_and_no_command_unchanged():
 def test_python_dash_m_adaptkit(tmp_path):
     res = subprocess.run([sys.executable, "-m", "adaptkit", "--version"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "adaptkit" in res.stdout, res.stderr
+
+
+# ------------------------------------------------------------------ conversion specs on the real command line
+# Every spec form the docs advertise, run through the console script: a spec that starts with '-' ('->kohya') was
+# read by click as a cluster of short options ('-h' printed the help, '-r' took 's' as the rank).
+
+
+@pytest.fixture(scope="module")
+def spec_inputs(tmp_path_factory):
+    """A PEFT LoRA and a LyCORIS LoHa (bundled, for the tiny llama), that llama's weights, a diffusers LoRA of a
+    tiny SD pipeline (made with peft, saved by diffusers), and PiSSA/OLoRA adapter pairs (made with peft)."""
+    from adaptkit.demo import build_example_base, example
+
+    from .test_diffusers_format import diffusers_saved
+    from .test_reparam import build_case
+
+    root = tmp_path_factory.mktemp("specs")
+    (root / "diffusers").mkdir()
+    diffusers_saved(root / "diffusers")
+    for init in ("pissa", "olora"):
+        (root / init).mkdir()
+        build_case(root / init, init)
+    return {"LORA": str(example("lora_code")), "LOHA": str(example("lycoris_loha.safetensors")),
+            "BASE": str(build_example_base(root / "base")), "DIFF": str(root / "diffusers"),
+            **{f"{init.upper()}_{part.upper()}": str(root / init / part) for init in ("pissa", "olora")
+               for part in ("trained", "init", "peft_converted")}}
+
+
+# (arguments with placeholders, expected output format, what the output must equal: a source placeholder, or
+# None for a lossy conversion checked by its report)
+SPECS = [
+    (["->kohya", "LORA", "OUT.safetensors"], "kohya", "LORA"),
+    (["--overwrite", "->lycoris", "LORA", "OUT.safetensors"], "kohya", "LORA"),  # options before the spec
+    (["--json", "->diffusers", "DIFF", "OUT"], "diffusers", "DIFF"),
+    (["->peft", "LOHA", "OUT", "--base", "BASE"], "peft", "LOHA"),  # options after the arguments
+    (["lycoris->peft", "LOHA", "OUT", "--base", "BASE"], "peft", "LOHA"),
+    (["kohya->peft", "LOHA", "OUT", "--kind", "lora", "--json", "--base", "BASE"], "peft", "LOHA"),
+    (["peft->kohya", "LORA", "OUT.safetensors"], "kohya", "LORA"),
+    (["-r", "4", "->diffusers", "DIFF", "OUT"], "diffusers", "DIFF"),  # a short option, then a spec
+    (["LORA", "OUT.safetensors", "--from", "peft", "--to", "kohya"], "kohya", "LORA"),
+    (["--to", "lycoris", "LORA", "OUT.safetensors"], "kohya", "LORA"),
+    (["pissa->lora", "PISSA_TRAINED", "OUT", "--initial", "PISSA_INIT"], "peft", "PISSA_PEFT_CONVERTED"),
+    (["--initial", "OLORA_INIT", "olora->lora", "OLORA_TRAINED", "OUT", "--rank", "3"], "peft", None),
+]
+
+
+def _fill(args: list[str], inputs: dict[str, str], out: Path) -> list[str]:
+    return [str(out) + a[3:] if a.startswith("OUT") else inputs.get(a, a) for a in args]
+
+
+def _deltas_equal(got, want) -> None:
+    import torch
+
+    assert set(got.layers) == set(want.layers), sorted(set(got.layers) ^ set(want.layers))[:4]
+    for path, layer in want.layers.items():
+        d = layer.delta()
+        torch.testing.assert_close(got.layers[path].delta(), d, rtol=1e-3, atol=1e-3 * float(d.abs().max()), msg=path)
+
+
+def _check_spec_run(res, args, fmt, want, inputs, out) -> None:
+    import json
+
+    import adaptkit as ak
+
+    assert res.returncode == 0, (args, res.stdout, res.stderr)
+    assert "Usage:" not in res.stdout and res.stderr == "", (args, res.stdout, res.stderr)
+    target = Path(str(out) + next(a for a in args if a.startswith("OUT"))[3:])
+    assert target.exists(), (args, res.stdout)
+    got = ak.load(target, base=inputs["BASE"] if fmt == "kohya" else None)
+    assert got.format == fmt, (args, got.format)
+    if "--json" in args:
+        assert json.loads(res.stdout)["to"] == fmt
+    if want is not None:
+        _deltas_equal(got, ak.load(inputs[want], base=inputs["BASE"] if want == "LOHA" else None))
+    else:  # the compressed OLoRA conversion: rank 3, its loss reported per layer
+        assert {layer.rank for layer in got.layers.values()} == {3} and "retained_energy" in res.stdout
+
+
+@pytest.mark.parametrize("args,fmt,want", SPECS, ids=[" ".join(a) for a, _, _ in SPECS])
+def test_every_documented_spec_through_the_console_script(spec_inputs, tmp_path, args, fmt, want):
+    script = Path(sys.executable).parent / "adaptkit"
+    if not script.exists():
+        pytest.skip("the adaptkit console script is not installed next to this interpreter")
+    cmd = [str(script), "convert", *_fill(args, spec_inputs, tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=300)
+    _check_spec_run(res, args, fmt, want, spec_inputs, tmp_path / "out")
+
+
+@pytest.mark.parametrize("args,fmt,want", SPECS[:3], ids=[" ".join(a) for a, _, _ in SPECS[:3]])
+def test_dash_specs_through_python_dash_m(spec_inputs, tmp_path, args, fmt, want):
+    cmd = [sys.executable, "-m", "adaptkit", "convert", *_fill(args, spec_inputs, tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=300)
+    _check_spec_run(res, args, fmt, want, spec_inputs, tmp_path / "out")
+
+
+def test_spec_mistakes_are_usage_errors(tmp_path):
+    """A spec in the wrong place or an unknown option: one line, nothing written, no help printed."""
+    from adaptkit.demo import example
+
+    src = str(example("lora_code"))
+    for args, needle in ((["convert", src, "->kohya", str(tmp_path / "o")], "the spec '->kohya' comes first"),
+                         (["convert", "->kohya", src, str(tmp_path / "o"), "--rnak", "2"],
+                          "no such option '--rnak'; did you mean --rank?"),
+                         (["convert", "->kohya", src], "expected 'FROM->TO' SOURCE OUT")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and res.stdout == "" and "Usage:" not in res.stderr, (args, res.output)
+        assert needle in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
+    assert not list(tmp_path.iterdir())

@@ -133,7 +133,7 @@ def test_cli_convert_lossless_and_lossy(tmp_path, lyco):
     assert ak.load(tmp_path / "auto").kinds == {"loha"}
     r = runner.invoke(main, ["convert", "->peft", str(src), str(tmp_path / "typo"), "--rnak", "2"])
     assert r.exit_code == 1 and not (tmp_path / "typo").exists()
-    assert r.stderr == "error: no such option: --rnak (see 'adaptkit convert --help')\n", r.output
+    assert r.stderr == "error: no such option '--rnak'; did you mean --rank? (see 'adaptkit convert --help')\n", r.output
 
 
 def test_cli_convert_bad_inputs(tmp_path, lyco):

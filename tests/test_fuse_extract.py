@@ -113,7 +113,7 @@ def test_kill_9_during_fuse_leaves_no_output(tmp_path, f32_setup):
     base, adapter_dir, _ = f32_setup
     out, marker = tmp_path / "out", tmp_path / "started"
     script = textwrap.dedent(f"""
-        import sys, time, adaptkit
+        import sys, time, adaptkit.fuse
         F = sys.modules["adaptkit.fuse"]
         original = F.write_out_file
         def slow(plan, path, **kwargs):

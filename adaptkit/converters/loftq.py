@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import LoRA
+from ..progress import bar
 from ..sources import atomic_output, read_safetensors_header, resolve
 from .patterns import matches_targets
 from .quant import dequantize, quantize
@@ -230,7 +231,7 @@ def _stream(files: list[Path], plan: dict[str, set[str]]) -> Iterator[tuple[Path
 
 def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None = None, bits: int = 4, iters: int = 1,
           rank: int = 16, alpha: float | None = None, adapter: Adapter | str | os.PathLike | None = None,
-          out: str | os.PathLike | None = None, overwrite: bool = False) -> LoftQResult:
+          out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool | None = None) -> LoftQResult:
     """LoftQ initialisation of a LoRA for a base checkpoint, streamed over its safetensors shards.
 
     Args:
@@ -248,6 +249,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         out: directory to write: the PEFT adapter at its root and, for ``iters > 1``, the adjusted base in
             ``out/base`` (same shards and files as the input, targeted weights replaced).
         overwrite: replace an existing ``out``.
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         A :class:`LoftQResult` with the adapter and the per-layer error report.
@@ -297,7 +299,8 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
     plan = _plan(files, targets, layout)
     if out is not None:
         with atomic_output(out, overwrite=overwrite) as tmp:
-            result = _run(files, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None)
+            result = _run(files, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None,
+                          progress)
             if iters > 1:
                 for extra in directory.iterdir():  # config, tokenizer, remote code; not other weight formats
                     if extra.is_file() and extra.suffix in _COPIED_SUFFIXES and not extra.name.startswith("adapter_"):
@@ -311,16 +314,18 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         out_path = Path(out)
         return LoftQResult(adapter=result[0], report=pd.DataFrame(result[1]), out=out_path,
                            base_out=out_path / "base" if iters > 1 else None)
-    adapter_out, rows = _run(files, plan, bits, iters, rank, alpha, layout, str(base), None)
+    adapter_out, rows = _run(files, plan, bits, iters, rank, alpha, layout, str(base), None, progress)
     return LoftQResult(adapter=adapter_out, report=pd.DataFrame(rows))
 
 
 def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, rank: int, alpha: float | None,
-         layout: Adapter | None, base_spec: str, base_out: Path | None) -> tuple[Adapter, list[dict]]:
+         layout: Adapter | None, base_spec: str, base_out: Path | None,
+         progress: bool | None = None) -> tuple[Adapter, list[dict]]:
     layers: dict[str, LoRA] = {}
     rows: list[dict] = []
     adjusted = _AdjustedBase(base_out) if base_out is not None else None
-    for f, name, tensor in _stream(files, plan):
+    total = sum(len(names) for names in plan.values())
+    for f, name, tensor in bar(_stream(files, plan), desc="loftq", total=total, unit="layer", progress=progress):
         module = name[: -len(".weight")]
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"base weight {name} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")

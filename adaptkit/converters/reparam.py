@@ -27,6 +27,7 @@ from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, Unsupporte
 from ..graph import Adapter
 from ..kinds import LoRA
 from ..kinds.base import layer_is_finite
+from ..progress import bar
 
 #: the ``init_lora_weights`` values whose training mutates the base weights
 MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
@@ -156,7 +157,7 @@ def _compressed(layer: LoRA, rank: int) -> tuple[LoRA, dict[str, Any]]:
 
 
 def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str | os.PathLike, rank: int | None = None,
-                  return_report: bool = False) -> Adapter | tuple[Adapter, Any]:
+                  return_report: bool = False, progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
     """Convert a trained PiSSA / OLoRA / CorDA adapter into a plain LoRA for the ORIGINAL base model.
 
     Args:
@@ -167,6 +168,7 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
             compress each layer to rank ``R`` by an exact low-rank SVD (the best rank-``R`` approximation).
         return_report: also return a per-layer DataFrame (rank, retained energy = kept fraction of
             ``‖ΔW‖_F²``; 1.0 for the exact conversion).
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
     Returns:
         The converted adapter (``init_lora_weights: true``, ``r``/``lora_alpha``/patterns as PEFT writes
@@ -189,7 +191,7 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
     _check_rslora_patterns(t)
     layers: dict[str, LoRA] = {}
     rows = []
-    for path in sorted(t.layers):
+    for path in bar(sorted(t.layers), desc="convert", unit="layer", progress=progress):
         exact = _doubled(t.layers[path], i.layers[path])  # type: ignore[arg-type]
         if rank is None:
             layers[path] = exact
@@ -215,7 +217,8 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
 
 def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method: str, dst_format: str = "lora",
                     rank: int | None = None, kind: str | None = None, base: Any = None, overwrite: bool = False,
-                    initial: Adapter | str | os.PathLike | None = None, **_: Any) -> Any:
+                    initial: Adapter | str | os.PathLike | None = None, progress: bool | None = None,
+                    **_: Any) -> Any:
     """``adaptkit convert 'pissa->lora' TRAINED OUT --initial INITIAL`` (also ``olora``, ``corda``).
 
     The handler registered in :data:`adaptkit.convert.CONVERTERS`; writes a PEFT LoRA directory.
@@ -235,7 +238,7 @@ def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method
         raise ConfigError(f"'{method}->lora' produces LoRA layers; drop --kind {kind}")
     if initial is None:
         raise ConfigError(f"'{method}->lora' needs --initial INITIAL: the adapter saved right after initialisation, before training")
-    adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True)
+    adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True, progress=progress)
     written = save(adapter, out, format="peft", overwrite=overwrite)
     lossless = bool((report["retained_energy"] >= 1.0 - 1e-9).all())
     return ConversionResult(Path(written), method, "peft", report, lossless)

@@ -113,7 +113,44 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 
 
 
-class DeltaMixin:
+def _shape_text(shape: Any) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def layer_repr(layer: Any) -> str:
+    """A layer in one line: kind, weight shape, rank, alpha and scale, dtype, other settings, tensor shapes.
+
+    ``LoRA(shape=(64, 96), rank=8, alpha=8, scale=1, dtype=float32; down (8, 96), up (64, 8))``. Fields at
+    their default are left out; tensors show their shape, never their values (what a notebook displays).
+    """
+    parts = [f"shape={_shape_text(layer.shape) if layer.shape is not None else None}"]
+    if layer.rank is not None:
+        parts.append(f"rank={layer.rank}")
+    if layer.alpha is not None:
+        parts.append(f"alpha={float(layer.alpha):g}")
+        parts.append(f"scale={float(layer.scale):g}")
+    tensors = tensor_fields(layer)
+    if tensors:
+        parts.append(f"dtype={str(layer_dtype(layer)).removeprefix('torch.')}")
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if f.name in ("shape", "rank", "alpha") or value is None or isinstance(value, torch.Tensor):
+            continue
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        parts.append(f"{f.name}={value!r}")
+    shapes = ", ".join(f"{name} {_shape_text(t.shape)}" for name, t in tensors.items())
+    return f"{type(layer).__name__}({', '.join(parts)}; {shapes or 'no tensors'})"
+
+
+class LayerRepr:
+    """Gives a kind the concise :func:`layer_repr` (its dataclass is declared with ``repr=False``)."""
+
+    def __repr__(self) -> str:
+        return layer_repr(self)
+
+
+class DeltaMixin(LayerRepr):
     """``delta``/``apply``/``unapply`` for kinds that build a delta (LoRA, LoHa, LoKr, Full).
 
     The class provides ``delta_math()`` and ``fan_in_fan_out``; ``magnitude``/``magnitude_axis`` (DoRA)

@@ -11,7 +11,7 @@ from ..errors import ShapeMismatchError
 from .base import DeltaMixin, f32
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
 class Full(DeltaMixin):
     """A dense difference ``dW`` (module orientation) and optional bias difference.
 

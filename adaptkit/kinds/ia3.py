@@ -13,11 +13,11 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError, UnsupportedError
-from .base import f32, math_shape
+from .base import LayerRepr, f32, math_shape
 
 
-@dataclass(frozen=True, eq=False)
-class IA3:
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
+class IA3(LayerRepr):
     """One IA3 layer.
 
     Args:

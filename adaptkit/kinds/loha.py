@@ -22,7 +22,7 @@ def _rebuild(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) -> torc
     return torch.einsum("ij...,jr,ip->pr...", f32(t), f32(wb), f32(wa))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
 class LoHa(DeltaMixin):
     """One LoHa layer (PEFT ``hada_*`` / LyCORIS ``hada_*`` tensors, same names in both)."""
 

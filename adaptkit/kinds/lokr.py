@@ -26,7 +26,7 @@ def _factor(w: torch.Tensor | None, wa: torch.Tensor | None, wb: torch.Tensor | 
     return torch.einsum("ij...,ip,jr->pr...", f32(t), f32(wa), f32(wb))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
 class LoKr(DeltaMixin):
     """One LoKr layer (``lokr_w1`` | ``lokr_w1_a/b``, ``lokr_w2`` | ``lokr_w2_a/b`` [+ ``lokr_t2``])."""
 

@@ -19,7 +19,7 @@ from ..errors import ShapeMismatchError
 from .base import DeltaMixin, f32, lora_scale, math_shape
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
 class LoRA(DeltaMixin):
     """One LoRA layer.
 

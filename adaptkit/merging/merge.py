@@ -24,6 +24,7 @@ from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, Unsupporte
 from ..graph import Adapter
 from ..kinds import IA3, LoRA, layer_dtype
 from ..kinds.base import f32, math_shape
+from ..progress import bar
 from .lowrank import dense_svd, lowrank_svd
 from .methods import METHODS, Method, combine, get_method
 from .primitives import SIGN_METHODS
@@ -278,13 +279,6 @@ def _layer_entries(adapters: list[Adapter], weights: list[float]) -> dict[str, l
     return dict(sorted(entries.items()))
 
 
-def _progress(items: Any, total: int, desc: str, progress: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="layer", disable=None if progress is None else not progress,
-                leave=False)
-
-
 def _layer_generator(seed: int, path: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -315,7 +309,7 @@ def _merge_ia3(adapters: list[Adapter], weights: list[float], m: Method, progres
         )
     out: dict[str, IA3] = {}
     entries = _layer_entries(adapters, weights)
-    for path, items in _progress(entries.items(), len(entries), "merge (ia3)", progress):
+    for path, items in bar(entries.items(), total=len(entries), desc="merge (ia3)", unit="layer", progress=progress):
         first: IA3 = items[0][1]
         if len({layer.on_input for _, layer, _ in items}) > 1:
             raise ShapeMismatchError(
@@ -339,7 +333,8 @@ def _merge_loras(adapters: list[Adapter], weights: list[float], opts: _Options,
                  progress: bool | None) -> dict[str, LoRA]:
     entries = _layer_entries(adapters, weights)
     out: dict[str, LoRA] = {}
-    for path, items in _progress(entries.items(), len(entries), f"merge ({opts.method.name})", progress):
+    for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({opts.method.name})", unit="layer",
+                           progress=progress):
         out[path] = _merge_layer(path, items, opts)
     return out
 
