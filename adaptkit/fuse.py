@@ -292,6 +292,8 @@ def _copy_side_files(ws: WeightSet, dest: Path) -> None:
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
     ads = _as_adapters(adapters)
+    for ad in ads:
+        ad.check_finite("unfuse" if unfuse else "fuse")
     if weights is None:
         weights = [1.0] * len(ads)
     weights = [float(w) for w in weights]
@@ -401,7 +403,8 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
     Raises:
         ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size.
         ShapeMismatchError: an adapter layer does not fit its weight.
-        NonFiniteError: a fused tensor is not finite (nothing is written).
+        NonFiniteError: an adapter holds NaN or Inf (tensors, alpha or scale), or a fused tensor is not
+            finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """
     return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=False)
