@@ -32,10 +32,13 @@ _REGEX_SYNTAX = frozenset("\\^$*+?{}[]|()\n")
 
 
 def _dots(s: str) -> tuple[int, ...]:
-    out, i = [], s.find(".")
-    while i >= 0:
-        out.append(i)
-        i = s.find(".", i + 1)
+    """Positions of the dots in ``s``."""
+    if "." not in s:
+        return ()
+    out, pos = [], -1
+    for part in s.split(".")[:-1]:
+        pos += len(part) + 1
+        out.append(pos)
     return tuple(out)
 
 
@@ -111,8 +114,8 @@ class PatternMatcher:
         for i, (key, value) in enumerate(pattern.items()):
             if not isinstance(key, str):
                 raise ConfigError(f"{field_name} has the key {key!r}; its keys are module-name patterns (strings)")
-            if kind is not None:
-                _check_value(field_name, key, value, kind)
+            if kind is not None and not (type(value) is int and value > 0 or kind == "alpha" and type(value) is float):
+                _check_value(field_name, key, value, kind)  # the common cases above need no further look
             self._keys.append(key)
             if _REGEX_SYNTAX.isdisjoint(key):
                 dots = _dots(key)

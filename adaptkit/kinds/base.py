@@ -69,7 +69,7 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
     def name(part: str) -> str:
         return (names or {}).get(part, part)
 
-    for part, t in parts.items():
+    for part, t in sorted(parts.items()):  # a fixed order (A before B, down before up): the same error every time
         if part in SCALAR_PARTS:
             continue
         if not t.is_floating_point():
