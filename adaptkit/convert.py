@@ -149,11 +149,13 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         UnsupportedError: a layer has no LoRA form without its base weights (IA3, per-input DoRA, norms);
             the message lists them.
         ConfigError: unknown ``kind`` or a non-positive ``rank``.
+        NonFiniteError: a layer holds NaN or Inf (tensors, alpha or scale).
     """
     if kind != "lora":
         raise ConfigError(f"convert(kind={kind!r}) is not supported; adaptkit converts to kind='lora'")
     if rank is not None and int(rank) < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank}")
+    adapter.check_finite("convert")
     todo = list(adapter.layers) if layers is None else list(layers)
     unknown = [p for p in todo if p not in adapter.layers]
     if unknown:
@@ -292,6 +294,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     dst = format_module(dst_format).NAME
     check_write_options(dst, component=component)
     adapter = load(source, format=src_format, base=base)
+    adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace

@@ -339,6 +339,8 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
     start = time.perf_counter()
     workers = check_workers(workers)
     ads = _as_adapters(adapters, base)
+    for ad in ads:
+        ad.check_finite("unfuse" if unfuse else "fuse")
     if weights is None:
         weights = [1.0] * len(ads)
     weights = [float(w) for w in weights]
@@ -449,7 +451,8 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size/workers.
         ShapeMismatchError: an adapter layer does not fit its weight.
         UnsupportedError: an adapter changes the bias of modules that have none in the base (PEFT ``lora_bias``).
-        NonFiniteError: a fused tensor is not finite (nothing is written).
+        NonFiniteError: an adapter holds NaN or Inf (tensors, alpha or scale), or a fused tensor is not
+            finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """
     return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=False)

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .kinds import Layer, cast_layer, layer_dtype, layer_is_finite, layer_nbytes, layer_numel, tensor_fields
+from .errors import NonFiniteError
+from .kinds import Layer, cast_layer, layer_dtype, layer_nbytes, layer_numel, tensor_fields
+from .kinds.base import nonfinite_fields
 
 #: layers shown in a notebook's table; the rest are counted (an SDXL LoRA has ~800, a full LLM one thousands)
 HTML_MAX_LAYERS = 50
@@ -102,9 +104,45 @@ class Adapter:
             t.numel() * t.element_size() for t in self.extras.values()
         )
 
+    def nonfinite(self) -> dict[str, list[str]]:
+        """Where the adapter holds NaN or Inf: ``{layer path: [fields]}`` (tensors, ``alpha``, ``scale``) and
+        ``{extra tensor name: ["value"]}``; empty when everything is finite.
+
+        The rule per layer is :func:`adaptkit.kinds.base.nonfinite_fields`: scales and alphas count as much as
+        the factor tensors (a NaN ``lora_alpha`` makes every layer it applies to non-finite).
+        """
+        bad = {path: fields for path, layer in self.layers.items() if (fields := nonfinite_fields(layer))}
+        for key, t in self.extras.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad[key] = ["value"]
+        return bad
+
     def is_finite(self) -> bool:
-        """True when no layer tensor holds NaN or Inf."""
-        return all(layer_is_finite(layer) for layer in self.layers.values())
+        """True when no layer tensor, alpha, scale or extra tensor holds NaN or Inf (see :meth:`nonfinite`)."""
+        return not self.nonfinite()
+
+    def check_finite(self, purpose: str) -> None:
+        """Refuse a non-finite adapter before ``purpose`` uses it.
+
+        Args:
+            purpose: what needs finite values, for the message (``"inject"``, ``"fuse"``, ``"merge"`` ...).
+
+        Raises:
+            NonFiniteError: naming the first non-finite layer, its fields and how many there are.
+        """
+        bad = self.nonfinite()
+        if not bad:
+            return
+        path = sorted(bad)[0]
+        fields = bad[path]
+        where = f"extra tensor {path}" if path not in self.layers else f"{path} ({', '.join(fields)})"
+        hint = (" (alpha comes from lora_alpha/alpha/alpha_pattern in adapter_config.json or the file's alpha tensor)"
+                if any(f in ("alpha", "scale") for f in fields) else "")
+        label = f"adapter {self.source}" if self.source else "the adapter"
+        raise NonFiniteError(
+            f"{label} holds NaN or Inf in {where}{hint}; {len(bad)} of {len(self.layers) + len(self.extras)} "
+            f"layers/tensors are not finite, and {purpose} needs finite values: fix or re-save the checkpoint"
+        )
 
     def to(self, dtype: torch.dtype) -> Adapter:
         """A copy with every floating tensor of every layer cast to ``dtype`` (extras unchanged)."""

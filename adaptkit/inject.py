@@ -13,13 +13,16 @@ The functions that manage injected adapters mirror the method names of transform
 and :func:`load_adapter` (:func:`inject` with ``adapter_name``), plus :func:`merge_adapters` /
 :func:`unmerge_adapters` (exact: the original weight is kept while merged), :func:`remove_adapter` and
 :func:`adapter_state_dict` (an :class:`Adapter` that any writer saves).
+
+Modules a PEFT adapter saves whole (``modules_to_save``) are installed as PEFT installs them, in a
+:class:`~adaptkit.saved_modules.ModulesToSaveWrapper` that switches with the adapter; extra tensors that
+cannot be applied are refused, and so is an adapter holding NaN or Inf (tensors, alpha or scale).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +31,8 @@ from torch import nn
 from .errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .graph import Adapter
 from .kinds import tensor_fields
+from .saved_modules import ModulesToSaveWrapper
+from .saved_modules import plan as plan_saved
 from .wrappers import AdaptedModule, base_kind
 
 #: attribute on the root module: adapter name -> the injected Adapter's non-layer fields
@@ -67,6 +72,11 @@ def adapted_modules(obj: Any) -> list[tuple[str, AdaptedModule]]:
     return [(n, m) for n, m in named_modules(obj) if isinstance(m, AdaptedModule)]
 
 
+def saved_modules(obj: Any) -> list[tuple[str, ModulesToSaveWrapper]]:
+    """``(path, wrapper)`` for every module an injected adapter replaces by its own copy (``modules_to_save``)."""
+    return [(n, m) for n, m in named_modules(obj) if isinstance(m, ModulesToSaveWrapper)]
+
+
 def _registry(obj: Any) -> dict[str, Adapter]:
     reg = obj.__dict__.get(_REGISTRY_ATTR)
     if reg is None:
@@ -94,16 +104,21 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-def resolve_paths(paths: list[str], modules: Mapping[str, nn.Module]) -> tuple[dict[str, str], list[str]]:
+def resolve_paths(paths: list[str], modules: Mapping[str, nn.Module],
+                  accept: Callable[[nn.Module], bool] | None = None) -> tuple[dict[str, str], list[str]]:
     """Map adapter module paths to model module paths.
 
     A path matches a module of the same name; else the one module whose name ends with ``"." + path``
     (or whose name ``path`` ends with); else, for flattened kohya names (``lora_unet_down_blocks_0_...``),
-    the one module whose underscore-flattened name the kohya name ends with.
+    the one module whose underscore-flattened name the kohya name ends with. Only modules ``accept`` takes
+    are candidates (default: modules adaptkit can adapt, and its wrappers).
 
     Returns:
         ``({adapter path: model path}, [unmatched adapter paths])``.
     """
+    if accept is None:
+        def accept(m: nn.Module) -> bool:
+            return base_kind(m) is not None or isinstance(m, AdaptedModule)
     resolved: dict[str, str] = {}
     unmatched: list[str] = []
     names = list(modules)
@@ -121,7 +136,7 @@ def resolve_paths(paths: list[str], modules: Mapping[str, nn.Module]) -> tuple[d
             stripped = next((p[len(k):] for k in _KOHYA_PREFIXES if p.startswith(k)), p)
             cands = [n for f, ns in flat.items() for n in ns
                      if f == stripped or p.endswith("_" + f) or f.endswith("_" + stripped)]
-        cands = [c for c in dict.fromkeys(cands) if base_kind(modules[c]) is not None or isinstance(modules[c], AdaptedModule)]
+        cands = [c for c in dict.fromkeys(cands) if accept(modules[c])]
         if len(cands) == 1:
             resolved[p] = cands[0]
         else:
@@ -169,6 +184,8 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
            *, config: Mapping[str, Any] | None = None, trainable: bool = False) -> list[str]:
     """Inject an adapter into a live model (in place).
 
+    Everything is checked before the model is changed: if anything is refused, nothing is injected.
+
     Args:
         module: a torch module (e.g. a transformers model) or a diffusers pipeline.
         adapter: an :class:`Adapter`, a source (hub id, directory, file) or a raw state dict in PEFT,
@@ -177,16 +194,21 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
         active: make this the (only) active adapter, as :func:`set_adapter` does; otherwise it is added
             inactive and the active adapters stay as they are.
         replace: replace an adapter of the same name (otherwise that is an error).
-        config: for a raw PEFT state dict, its ``adapter_config.json`` dict (alpha, patterns, rsLoRA ...).
-        trainable: give the adapter's parameters ``requires_grad=True``.
+        config: for a raw PEFT state dict, its ``adapter_config.json`` dict (alpha, patterns, rsLoRA,
+            ``modules_to_save`` ...).
+        trainable: give the adapter's parameters (and its module copies) ``requires_grad=True``.
 
     Returns:
-        The model paths of the adapted modules.
+        The model paths of the adapted modules and of the modules the adapter saves whole
+        (``modules_to_save``, installed as PEFT installs them: see :mod:`adaptkit.saved_modules`).
 
     Raises:
         ConfigError: adapter paths that match no module of the model (all are listed), or the name exists.
-        ShapeMismatchError: layers that do not fit their module (all are listed with both shapes).
-        UnsupportedError: a targeted module is of a type adaptkit cannot adapt.
+        ShapeMismatchError: layers that do not fit their module (all are listed with both shapes), or saved
+            module tensors of another shape than the model's.
+        UnsupportedError: a targeted module is of a type adaptkit cannot adapt, or the adapter carries extra
+            tensors inject cannot apply (changed base weights, textual-inversion embeddings, unknown keys).
+        NonFiniteError: the adapter holds NaN or Inf (factors, alpha or scale, saved modules).
 
     Example:
         >>> ak.inject(model, "org/my-lora", name="style")
@@ -194,11 +216,12 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     """
     _check_name(name)
     ad = _to_adapter(adapter, config, module)
-    existing = {n for _, w in adapted_modules(module) for n in w.adapter_params}
+    existing = set(_available(adapted_modules(module), saved_modules(module)))
     if name in existing and not replace:
         raise ConfigError(f"an adapter named '{name}' is already injected; pass replace=True or another name")
-    if not ad.layers:
+    if not ad.layers and not ad.extras:
         raise ConfigError("the adapter has no layers; there is nothing to inject")
+    ad.check_finite("inject")
     modules = dict(named_modules(module))
     resolved, unmatched = resolve_paths(list(ad.layers), modules)
     if unmatched:
@@ -217,6 +240,9 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
 
     for p, m in resolved.items():
         target = modules[m]
+        if isinstance(target, ModulesToSaveWrapper):
+            raise UnsupportedError(f"{m} is replaced by the copy an injected adapter saved whole (modules_to_save, "
+                                   f"adapters {sorted(target.modules_to_save)}); remove that adapter to adapt {m}")
         base = target.base_layer if isinstance(target, AdaptedModule) else target
         if base_kind(base) is None:
             bad_type.append(f"{m} ({type(base).__name__})")
@@ -231,7 +257,8 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     if bad_shape:
         raise ShapeMismatchError(f"{len(bad_shape)} layer(s) do not fit their module: {'; '.join(bad_shape[:6])}"
                                  f"{' ...' if len(bad_shape) > 6 else ''}; is this adapter for this model?")
-    _warn_extras(ad, resolved, modules)
+    saved = plan_saved(ad, modules, lambda paths: resolve_paths(paths, modules, accept=lambda m: True)[0], resolved,
+                       lambda m: isinstance(m, AdaptedModule))
     if name in existing:
         remove_adapter(module, name)
         modules = dict(named_modules(module))  # removal may have unwrapped modules
@@ -244,29 +271,18 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
             _set_submodule(module, m, wrapper)
             target = wrapper
         target.add(name, ad.layers[p], trainable=trainable)
+    for s in saved:
+        target = modules[s.path]
+        if not isinstance(target, ModulesToSaveWrapper):
+            wrapper = ModulesToSaveWrapper(target)
+            wrapper.set_active(current)
+            _set_submodule(module, s.path, wrapper)
+            target = wrapper
+        target.add(name, s.state, trainable=trainable)
     _registry(module)[name] = ad.replace(layers={}, extras={})
     if active:
         set_adapter(module, name)
-    return sorted(targets)
-
-
-def _warn_extras(ad: Adapter, resolved: Mapping[str, str], modules: Mapping[str, nn.Module]) -> None:
-    """Warn about extra tensors inject does not apply (saved base weights equal to the model's are fine)."""
-    ignored = []
-    for key, tensor in ad.extras.items():
-        path, _, leaf = key.rpartition(".base_layer.")
-        target = modules.get(resolved.get(path, path))
-        if leaf and target is not None:
-            base = target.base_layer if isinstance(target, AdaptedModule) else target
-            current = getattr(base, leaf, None)
-            if isinstance(current, torch.Tensor) and current.shape == tensor.shape and torch.equal(
-                    current.detach().cpu(), tensor.to(current.dtype)):
-                continue  # PEFT's save_embedding_layers copy of the very weights the model has
-        ignored.append(key)
-    if ignored:
-        warnings.warn(f"inject does not apply {len(ignored)} extra tensor(s) of the adapter (modules_to_save or "
-                      f"saved base weights, e.g. {ignored[0]}); load them into the model yourself if needed",
-                      UserWarning, stacklevel=3)
+    return sorted(set(targets) | {s.path for s in saved})
 
 
 # ----------------------------------------------------------------------------------------- managing
@@ -274,20 +290,23 @@ def _warn_extras(ad: Adapter, resolved: Mapping[str, str], modules: Mapping[str,
 
 def _require(module: Any) -> list[tuple[str, AdaptedModule]]:
     wrappers = adapted_modules(module)
-    if not wrappers:
+    if not wrappers and not saved_modules(module):
         raise ConfigError("no adaptkit adapter is injected in this model; call ak.inject(model, adapter) first")
     return wrappers
 
 
-def _available(wrappers: list[tuple[str, AdaptedModule]]) -> list[str]:
-    return sorted({n for _, w in wrappers for n in w.adapter_params})
+def _available(wrappers: list[tuple[str, AdaptedModule]],
+               saved: list[tuple[str, ModulesToSaveWrapper]] | None = None) -> list[str]:
+    names = {n for _, w in wrappers for n in w.adapter_params}
+    names.update(n for _, w in saved or () for n in w.modules_to_save)
+    return sorted(names)
 
 
 def _names(module: Any, names: str | list[str] | None, wrappers: list[tuple[str, AdaptedModule]]) -> list[str]:
     if names is None:
         return active_adapters(module)
     names = [names] if isinstance(names, str) else list(names)
-    available = _available(wrappers)
+    available = _available(wrappers, saved_modules(module))
     missing = [n for n in names if n not in available]
     if missing:
         raise ConfigError(f"no adapter named {', '.join(map(repr, missing))}; injected adapters: {available}")
@@ -298,19 +317,32 @@ def set_adapter(module: Any, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` (a name or a list of names) the active adapters; all others become inactive.
 
     Layers with merged adapters are unmerged first (as PEFT does). Mirrors
-    ``PeftAdapterMixin.set_adapter``.
+    ``PeftAdapterMixin.set_adapter``. A module saved whole (``modules_to_save``) runs the copy of the
+    active adapter that has one; as in PEFT, two active adapters may not both have a copy of one module.
+
+    Raises:
+        ConfigError: an unknown name, or two of the names save the same module whole (nothing is changed).
     """
     wrappers = _require(module)
     names = _names(module, adapter_name, wrappers)
+    saved = saved_modules(module)
+    for path, w in saved:
+        both = [n for n in names if n in w.modules_to_save]
+        if len(both) > 1:
+            raise ConfigError(f"adapters {both} both save {path} whole (modules_to_save), so only one of them can be "
+                              "active at a time (as in PEFT); activate them one at a time")
     for _, w in wrappers:
         if w.merged:
             w.unmerge()
+        w.set_active(names)
+    for _, w in saved:
         w.set_active(names)
 
 
 def enable_adapters(module: Any) -> None:
     """Enable the adapters of every adapted layer (undoes :func:`disable_adapters`)."""
-    for _, w in _require(module):
+    _require(module)
+    for _, w in [*adapted_modules(module), *saved_modules(module)]:
         w.set_disabled(False)
 
 
@@ -318,23 +350,28 @@ def disable_adapters(module: Any) -> None:
     """Disable all adapters: the model computes its base output.
 
     Merged layers compute with the kept original weight; they stay merged (PEFT unmerges them on the
-    next forward instead).
+    next forward instead). Modules saved whole run their original again.
     """
-    for _, w in _require(module):
+    _require(module)
+    for _, w in [*adapted_modules(module), *saved_modules(module)]:
         w.set_disabled(True)
 
 
 def active_adapters(module: Any) -> list[str]:
     """The active adapter names (those of the first adapted layer; ``[]`` when nothing is injected)."""
     wrappers = adapted_modules(module)
-    return wrappers[0][1].active_adapters if wrappers else []
+    if wrappers:
+        return wrappers[0][1].active_adapters
+    saved = saved_modules(module)
+    return saved[0][1].requested_adapters if saved else []
 
 
 def merge_adapters(module: Any, adapter_names: str | list[str] | None = None) -> None:
     """Merge adapters (default: the active ones) into the base weights, in place.
 
     A copy of each merged layer's original weight (and bias) is kept until it is unmerged, so
-    :func:`unmerge_adapters` restores the base weights bit-exactly.
+    :func:`unmerge_adapters` restores the base weights bit-exactly. Modules saved whole
+    (``modules_to_save``) keep running their copy, as with PEFT's ``merge_adapter``.
     """
     wrappers = _require(module)
     names = _names(module, adapter_names, wrappers)
@@ -351,7 +388,8 @@ def unmerge_adapters(module: Any, adapter_names: str | list[str] | None = None) 
 
 
 def remove_adapter(module: Any, adapter_name: str) -> None:
-    """Delete an adapter from the model (unmerging it first); layers left without adapters are unwrapped."""
+    """Delete an adapter from the model (unmerging it first); layers left without adapters are unwrapped,
+    and so are modules no adapter saves whole any more."""
     wrappers = _require(module)
     _names(module, adapter_name, wrappers)
     for path, w in wrappers:
@@ -362,14 +400,22 @@ def remove_adapter(module: Any, adapter_name: str) -> None:
         if not w.adapter_params:
             w.unmerge()
             _set_submodule(module, path, w.base_layer)
+    for path, s in saved_modules(module):
+        s.set_active([n for n in s.requested_adapters if n != adapter_name])
+        if adapter_name in s.modules_to_save:
+            s.remove(adapter_name)
+            if not len(s.modules_to_save):
+                _set_submodule(module, path, s.original_module)
     _registry(module).pop(adapter_name, None)
 
 
 def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
     """The injected adapter ``adapter_name`` (default: the first active one) as an :class:`Adapter`.
 
-    Module paths are the model's own; tensors are detached copies in their stored dtype. Any writer
-    saves it: ``ak.save(ak.adapter_state_dict(model, "style"), "out/", format="peft")``.
+    Module paths are the model's own; tensors are detached copies in their stored dtype. Modules the
+    adapter saves whole come back as extras (``lm_head.weight``) with their paths in the config's
+    ``modules_to_save``, as PEFT saves them. Any writer saves it:
+    ``ak.save(ak.adapter_state_dict(model, "style"), "out/", format="peft")``.
     """
     wrappers = _require(module)
     if adapter_name is None:
@@ -384,8 +430,18 @@ def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
             with torch.no_grad():
                 layer = w.layer(adapter_name)
                 layers[path] = _detach(layer)
+    extras: dict[str, torch.Tensor] = {}
+    saved_paths = []
+    for path, s in saved_modules(module):
+        if adapter_name in s.modules_to_save:
+            saved_paths.append(path)
+            for key, t in s.modules_to_save[adapter_name].state_dict().items():
+                extras[f"{path}.{key}"] = t.detach().clone().cpu()
     template = _registry(module).get(adapter_name) or Adapter(layers={})
-    return template.replace(layers=layers, name=adapter_name)
+    config = dict(template.config)
+    if saved_paths:
+        config["modules_to_save"] = sorted(set(config.get("modules_to_save") or ()) | set(saved_paths))
+    return template.replace(layers=layers, extras=extras, config=config, name=adapter_name)
 
 
 def get_adapter_state_dict(module: Any, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -396,7 +452,9 @@ def get_adapter_state_dict(module: Any, adapter_name: str | None = None) -> dict
     prefix; tensors are written by the PEFT converter (:func:`adaptkit.converters.peft.to_state_dict`),
     so they are what ``ak.save(..., format="peft")`` stores. As in peft, an adapter on ``embed_tokens`` or
     ``lm_head`` also returns the base weights of the adapted input/output embeddings
-    (``model.embed_tokens.base_layer.weight``). Mirrors ``PeftAdapterMixin.get_adapter_state_dict``.
+    (``model.embed_tokens.base_layer.weight``), and modules the adapter saves whole (``modules_to_save``) come
+    under their own names (``lm_head.weight``), as peft returns them. Mirrors
+    ``PeftAdapterMixin.get_adapter_state_dict``.
 
     Args:
         module: the model the adapter was injected into.
@@ -492,6 +550,7 @@ __all__ = [
     "named_modules",
     "remove_adapter",
     "resolve_paths",
+    "saved_modules",
     "set_adapter",
     "unmerge_adapters",
 ]

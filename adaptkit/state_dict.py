@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, FormatError, ShapeMismatchError
+from .converters.patterns import ConfigPatterns, saved_module_of
+from .errors import ConfigError, FormatError
 from .graph import Adapter
 
 #: PEFT parameter names that carry the adapter name (``lora_A.<name>.weight``, ``hada_w1_a.<name>``)
@@ -44,6 +45,8 @@ def _strip_adapter_name(key: str) -> str:
 
 
 def _lokr_rank(parts: Mapping[str, torch.Tensor]) -> int | None:
+    if any(t.ndim < 2 for t in parts.values() if t is not None):
+        return None  # check_factors names the tensor
     if "w1a" in parts:
         return int(parts["w1a"].shape[1])
     if "t2" in parts:
@@ -56,9 +59,9 @@ def _lokr_rank(parts: Mapping[str, torch.Tensor]) -> int | None:
 def _layer_rank(ptype: str, parts: Mapping[str, torch.Tensor]) -> int | None:
     if ptype == "LORA":
         a = parts.get("a", parts.get("emb_a"))
-        return None if a is None else int(a.shape[0])
+        return None if a is None or a.ndim < 2 else int(a.shape[0])
     if ptype == "LOHA":
-        return int(parts["w1b"].shape[0]) if "w1b" in parts else None
+        return int(parts["w1b"].shape[0]) if "w1b" in parts and parts["w1b"].ndim >= 2 else None
     if ptype == "LOKR":
         return _lokr_rank(parts)
     return None
@@ -81,14 +84,21 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
     types: dict[str, set[str]] = defaultdict(set)
     alphas: dict[str, float] = {}
     unknown: list[str] = []
+    extras: dict[str, torch.Tensor] = {}
+    saved = (config or {}).get("modules_to_save")
     for raw_key, tensor in state_dict.items():
         key = _strip_adapter_name(raw_key.removeprefix(peft_format.PREFIX))
         if key.endswith(".alpha"):
+            if tensor.numel() == 0:
+                raise FormatError(f"tensor '{raw_key}' is empty, but an alpha is one number; drop it or store the alpha")
             alphas[key[: -len(".alpha")]] = float(torch.as_tensor(tensor).float().reshape(-1)[0])
             continue
         split = peft_format._split_key(key)
         if split is None:
-            unknown.append(raw_key)
+            if saved_module_of(key, saved) is not None:  # a modules_to_save copy, as PEFT saves it
+                extras[key] = tensor
+            else:
+                unknown.append(raw_key)
             continue
         module, ptype, part = split
         groups[module][part] = tensor
@@ -98,7 +108,8 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
     if unknown:
         raise FormatError(
             f"{len(unknown)} key(s) are not PEFT adapter tensors: {', '.join(sorted(unknown)[:8])}"
-            f"{' ...' if len(unknown) > 8 else ''}; pass only the adapter's tensors"
+            f"{' ...' if len(unknown) > 8 else ''}; pass only the adapter's tensors (and the config whose "
+            "modules_to_save names the modules saved whole)"
         )
     if len(types) > 1:
         raise FormatError(f"the state dict mixes PEFT types {sorted(types)}; inject each kind under its own name")
@@ -111,38 +122,34 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
         cfg["peft_type"] = ptype
     else:
         cfg = {"peft_type": ptype}
-    builder = peft_format._READERS[ptype]
+    patterns = ConfigPatterns.of(cfg, alpha_overrides=alphas if config is not None else None)
     layers = {}
     defaulted: list[str] = []
     for module in sorted(groups):
         parts = groups[module]
-        mcfg = dict(cfg)
-        rank = _layer_rank(ptype, parts)
+        mcfg = cfg
         if config is None:
+            rank = _layer_rank(ptype, parts)
             if module in alphas:
                 alpha = alphas[module]
             else:
                 alpha = float(rank or 1)
                 if ptype != "IA3":
                     defaulted.append(module)
-            mcfg.update({"lora_alpha": alpha, "alpha": alpha, "r": rank or 1, "use_dora": "magnitude" in parts})
+            mcfg = {**cfg, "lora_alpha": alpha, "alpha": alpha, "r": rank or 1, "use_dora": "magnitude" in parts}
             if ptype == "IA3":
                 v = parts.get("ia3")
                 on_input = v is not None and v.ndim == 2 and v.shape[0] == 1 and v.shape[1] != 1
                 mcfg["feedforward_modules"] = [module] if on_input else []
-        elif module in alphas:
-            mcfg["alpha_pattern"] = {re.escape(module): alphas[module], **(cfg.get("alpha_pattern") or {})}
-        try:
-            layers[module] = builder(module, parts, mcfg)
-        except ShapeMismatchError as e:
-            raise ShapeMismatchError(f"{module}: {e}") from e
+        layers[module] = peft_format.build_layer(module, parts, mcfg, patterns)
     if defaulted:
         warnings.warn(
             f"the state dict has no alpha for {len(defaulted)} layer(s) (e.g. {defaulted[0]}); using alpha = rank "
             "(scale 1). Pass config={'lora_alpha': ...} or an Adapter to set it",
             UserWarning, stacklevel=3,
         )
-    return Adapter(layers=layers, config=cfg if config is not None else {}, format="peft", source="state_dict")
+    return Adapter(layers=layers, config=cfg if config is not None else {}, extras=extras, format="peft",
+                   source="state_dict")
 
 
 def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,

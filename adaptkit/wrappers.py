@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShapeMismatchError, UnsupportedError
+from .errors import NonFiniteError, ShapeMismatchError, UnsupportedError
 from .kinds import IA3, Full, LoHa, LoKr, LoRA, Layer
+from .kinds.base import nonfinite_fields
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -167,7 +168,16 @@ class AdaptedModule(nn.Module):
     # ------------------------------------------------------------------------------ adapters
 
     def add(self, name: str, layer: Layer, trainable: bool = False) -> None:
-        """Add (or replace) adapter ``name`` from a kind object; it is fitted to the base layer first."""
+        """Add (or replace) adapter ``name`` from a kind object; it is fitted to the base layer first.
+
+        Raises:
+            NonFiniteError: the layer holds NaN or Inf (tensors, alpha or scale), which would make every output NaN.
+            ShapeMismatchError / UnsupportedError: as :func:`fit_layer`.
+        """
+        bad = nonfinite_fields(layer)
+        if bad:
+            raise NonFiniteError(f"adapter '{name}' has NaN or Inf in {', '.join(bad)} of its {layer.kind} layer; it would "
+                                 "make this module's outputs NaN: fix or re-save the checkpoint")
         layer = fit_layer(layer, self.base_layer)
         if name in self._merged:
             self.unmerge([name])

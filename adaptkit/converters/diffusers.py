@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import LoRA
+from ..kinds.base import check_factors
 from ..sources import atomic_output, read_safetensors_header, read_weights, write_safetensors
 from . import peft as _peft
-from .patterns import pattern_value
+from .patterns import ConfigPatterns
 
 NAME = "diffusers"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -132,6 +133,7 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
             "is it a kohya/LyCORIS or PEFT file? pass format=... accordingly"
         )
     layers = {}
+    patterns = {comp: ConfigPatterns.of(cfg) for comp, cfg in configs.items()}
     added = set(_json_list(metadata.pop(TEXT_MODEL_KEY, None)))  # components whose text_model. adaptkit's writer added
     for module in sorted(groups):
         parts = groups[module]
@@ -143,7 +145,11 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
         if comp in added and rel.startswith("text_model."):
             rel = rel[len("text_model."):]
             module = f"{comp}.{rel}"
-        layers[module] = _layer(rel, parts, configs.get(comp, {}))
+        try:
+            check_factors(parts, _DISPLAY)
+            layers[module] = _layer(rel, parts, configs.get(comp, {}), patterns.get(comp))
+        except (ShapeMismatchError, FormatError) as e:
+            raise type(e)(f"{module}: {e}") from e
     if not layers:
         raise FormatError(f"{f.name} contains no LoRA tensors; is it an adapter checkpoint?")
     return Adapter(layers=layers, base_model=None, metadata=metadata,
@@ -165,13 +171,17 @@ def _configs(metadata: dict[str, str], fname: str) -> dict[str, dict[str, Any]]:
     return dict(out)
 
 
-def _layer(rel: str, p: dict[str, torch.Tensor], cfg: dict[str, Any]) -> LoRA:
+#: canonical part -> tensor name suffix, for messages
+_DISPLAY = {"a": "lora_A.weight", "b": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
+
+
+def _layer(rel: str, p: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns | None) -> LoRA:
     a, b = p["a"], p["b"]
     r = a.shape[0]
-    if "alpha" in p:
+    if "alpha" in p and p["alpha"].numel():
         alpha = float(p["alpha"].float().reshape(-1)[0])
-    elif cfg:
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", r)))
+    elif cfg and patterns is not None:
+        alpha = patterns.alpha_for(rel, cfg.get("lora_alpha", r))
     else:
         alpha = float(r)
     if a.ndim > 2:

@@ -30,7 +30,7 @@ import torch
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import IA3, Full, LoHa, LoKr, LoRA
-from ..kinds.base import check_factor_ndims
+from ..kinds.base import check_factors
 from ..sources import atomic_output, read_safetensors, read_safetensors_header, write_safetensors
 from . import names as _names
 
@@ -228,7 +228,7 @@ def build_layer(parts: dict[str, torch.Tensor]) -> Any:
     """Build one canonical layer from the tensors kohya/LyCORIS stores for a module."""
     kind = _kind_of(parts)
     p = {TENSORS[n][1]: t for n, t in parts.items()}
-    check_factor_ndims(p, {TENSORS[n][1]: n for n in parts})
+    check_factors(p, {TENSORS[n][1]: n for n in parts})
     if kind == "lora":
         if "down" not in p or "up" not in p:
             raise FormatError("lora_down/lora_up is missing; the checkpoint is incomplete")

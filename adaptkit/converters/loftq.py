@@ -16,6 +16,7 @@ Unlike PEFT (whose LoftQ ignores the LoRA scaling), the scale ``s = alpha / r`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -256,7 +257,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
 
     Raises:
         ConfigError: bad bits/iters/rank, no target matched, ``iters > 1`` without ``out``.
-        NonFiniteError: a targeted base weight holds NaN or Inf.
+        NonFiniteError: a targeted base weight holds NaN or Inf, or the given adapter does (tensors, alpha, scale).
         SourceNotFoundError / FormatError: the base cannot be found or read.
     """
     import pandas as pd
@@ -267,8 +268,8 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         raise ConfigError(f"iters must be a positive integer, got {iters!r}")
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not alpha > 0:
-        raise ConfigError(f"alpha must be positive, got {alpha!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
+        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r}")
     if iters > 1 and out is None:
         raise ConfigError("iters > 1 changes the base weights to quantise; pass out=DIR to write them with the adapter")
     if isinstance(target, Adapter):
@@ -280,6 +281,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         from . import load
 
         layout = adapter if isinstance(adapter, Adapter) else load(adapter)
+        layout.check_finite("LoftQ (it takes the given adapter's ranks and alphas)")
         bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
         if bad:
             raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")

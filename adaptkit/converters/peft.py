@@ -20,11 +20,11 @@ import torch
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..graph import Adapter
 from ..kinds import IA3, LoHa, LoKr, LoRA
-from ..kinds.base import check_factor_ndims
+from ..kinds.base import check_factors
 from ..sources import atomic_output, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr
-from .patterns import build_pattern, matches_feedforward, pattern_value
+from .patterns import ConfigPatterns, build_pattern, matches_feedforward
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -171,15 +171,7 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
                 "the config does not belong to these weights"
             )
         groups[module][part] = tensor
-    builder = _READERS[ptype]
-    display = {part: suffix for suffix, (t, part) in reversed(SUFFIXES.items()) if t == ptype}
-    layers = {}
-    for module in sorted(groups):
-        try:
-            check_factor_ndims(groups[module], display)
-            layers[module] = builder(module, groups[module], cfg)
-        except ShapeMismatchError as e:
-            raise ShapeMismatchError(f"{module}: {e}") from e
+    layers = build_layers(groups, cfg, ConfigPatterns.of(cfg))
     if not layers:
         raise FormatError(f"{weights_path.name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
     return Adapter(
@@ -194,6 +186,30 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
     )
 
 
+def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns) -> Any:
+    """Build one layer of ``cfg["peft_type"]`` from a module's tensors (``{part: tensor}``).
+
+    The tensors are checked first (:func:`adaptkit.kinds.base.check_factors`: floating point, non-empty,
+    factor dimensions); every error names the module and the tensor.
+
+    Raises:
+        FormatError / ShapeMismatchError / ConfigError: as :func:`read`.
+    """
+    ptype = cfg["peft_type"]
+    display = {part: suffix for suffix, (t, part) in reversed(SUFFIXES.items()) if t == ptype}
+    try:
+        check_factors(parts, display)
+        return _READERS[ptype](module, parts, cfg, patterns)
+    except (ShapeMismatchError, FormatError) as e:
+        raise type(e)(f"{module}: {e}") from e
+
+
+def build_layers(groups: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any],
+                 patterns: ConfigPatterns) -> dict[str, Any]:
+    """:func:`build_layer` for every module of ``groups`` (``{module: {part: tensor}}``), sorted by path."""
+    return {module: build_layer(module, groups[module], cfg, patterns) for module in sorted(groups)}
+
+
 def _subfolder_name(subfolder: str | None) -> str:
     """PEFT's adapter name for an adapter saved in ``subfolder`` (``"default"`` when there is none)."""
     last = (subfolder or "").replace("\\", "/").rstrip("/").rpartition("/")[2]
@@ -206,8 +222,8 @@ def _need(parts: dict, names: tuple[str, ...], module: str) -> None:
         raise FormatError(f"{module} lacks tensor(s) {missing}; the checkpoint is incomplete")
 
 
-def _check_rank(module: str, found: int, cfg: dict, default_key: str = "r") -> None:
-    expected = pattern_value(cfg.get("rank_pattern"), module, cfg.get(default_key))
+def _check_rank(module: str, found: int, cfg: dict, patterns: ConfigPatterns) -> None:
+    expected = patterns.rank_for(module, cfg.get("r"))
     if expected is not None and int(expected) != found:
         raise ConfigError(
             f"{module} has rank {found} in its tensors but adapter_config.json gives r={expected}; "
@@ -215,9 +231,9 @@ def _check_rank(module: str, found: int, cfg: dict, default_key: str = "r") -> N
         )
 
 
-def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoRA:
+def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> LoRA:
     fan = bool(cfg.get("fan_in_fan_out", False))
-    alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
+    alpha = patterns.alpha_for(module, cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     magnitude = p.get("magnitude")
     if "emb_a" in p or "emb_b" in p:
@@ -237,7 +253,7 @@ def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoRA:
             mtype = "linear"
         layer = LoRA(down=a, up=b, alpha=alpha, shape=shape, module_type=mtype, fan_in_fan_out=fan and mtype == "linear",
                      rslora=rslora, magnitude=None if magnitude is None else magnitude.flatten(), bias=p.get("bias"))
-    _check_rank(module, layer.rank, cfg)
+    _check_rank(module, layer.rank, cfg, patterns)
     if bool(cfg.get("use_dora")) != (magnitude is not None):
         raise ConfigError(
             f"{module}: use_dora is {bool(cfg.get('use_dora'))} in the config but the weights "
@@ -246,9 +262,9 @@ def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoRA:
     return layer
 
 
-def _read_loha(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoHa:
+def _read_loha(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> LoHa:
     _need(p, ("w1a", "w1b", "w2a", "w2b"), module)
-    alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)))
+    alpha = patterns.alpha_for(module, cfg.get("alpha", 8))
     t1, t2 = p.get("t1"), p.get("t2")
     if t1 is not None:
         shape = (p["w1a"].shape[1], p["w1b"].shape[1], *t1.shape[2:])
@@ -256,13 +272,13 @@ def _read_loha(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoHa:
         shape = (p["w1a"].shape[0], p["w1b"].shape[1])
     layer = LoHa(w1a=p["w1a"], w1b=p["w1b"], w2a=p["w2a"], w2b=p["w2b"], alpha=alpha, shape=shape,
                  module_type="conv" if t1 is not None else "linear", t1=t1, t2=t2)
-    _check_rank(module, layer.rank, cfg)
+    _check_rank(module, layer.rank, cfg, patterns)
     return layer
 
 
-def _read_lokr(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoKr:
-    alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)))
-    r = int(pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8)))
+def _read_lokr(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> LoKr:
+    alpha = patterns.alpha_for(module, cfg.get("alpha", 8))
+    r = int(patterns.rank_for(module, cfg.get("r", 8)))
     found = None
     if "w1a" in p:
         found = p["w1a"].shape[1]
@@ -271,7 +287,7 @@ def _read_lokr(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoKr:
     elif "w2a" in p:
         found = p["w2a"].shape[1]
     if found is not None and found != r:
-        _check_rank(module, found, cfg)
+        _check_rank(module, found, cfg, patterns)
     w1s = tuple(p["w1"].shape) if "w1" in p else (p["w1a"].shape[0], p["w1b"].shape[1]) if "w1a" in p and "w1b" in p else None
     if w1s is None:
         raise FormatError(f"{module} lacks lokr_w1 (or lokr_w1_a/lokr_w1_b); the checkpoint is incomplete")
@@ -288,7 +304,7 @@ def _read_lokr(module: str, p: dict[str, torch.Tensor], cfg: dict) -> LoKr:
                 **{k: p.get(k) for k in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")})
 
 
-def _read_ia3(module: str, p: dict[str, torch.Tensor], cfg: dict) -> IA3:
+def _read_ia3(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> IA3:
     vec = p["ia3"]
     on_input = matches_feedforward(cfg.get("feedforward_modules"), module)
     fan = bool(cfg.get("fan_in_fan_out", False))

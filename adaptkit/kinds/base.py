@@ -37,27 +37,70 @@ def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
 #: the factor tensors of the kinds, by the part names the format readers use, all at least 2-D
 FACTOR_PARTS = frozenset({"down", "up", "mid", "a", "b", "emb_a", "emb_b", "w1", "w1a", "w1b", "w2", "w2a", "w2b",
                           "t1", "t2"})
+#: parts that are flags or scalars rather than adapter values (kohya/diffusers ``alpha``, LyCORIS IA3 ``on_input``)
+SCALAR_PARTS = frozenset({"alpha", "on_input"})
+#: the (down/A, up/B) part pairs of one LoRA layer, as PEFT, kohya and diffusers readers name them
+LORA_PAIRS = (("down", "up"), ("a", "b"), ("emb_a", "emb_b"))
 
 
-def check_factor_ndims(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> None:
-    """Refuse a factor tensor with fewer than 2 dimensions before any shape is derived from it.
+def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> None:
+    """Refuse tensors no adapter layer can be built from, before any shape or scale is derived from them.
+
+    Every format reader (and state-dict injection) calls this on one module's tensors. It refuses:
+
+    * a tensor that is not floating point (integer, bool, complex): adapter values are floats, and an
+      integer factor would be fused as if it were one;
+    * a tensor with no entries (a rank-0 factor: its scale ``alpha / r`` divides by zero);
+    * a factor with fewer than 2 dimensions;
+    * LoRA factors whose numbers of dimensions differ, or an up/B factor that is not ``(out, r)`` /
+      ``(out, r, 1, ...)``.
 
     Args:
-        parts: one module's tensors by part name (``down``, ``up``, ``w1a``, ...; other parts are ignored).
+        parts: one module's tensors by part name (``down``, ``up``, ``w1a``, ``ia3``, ...); the scalar parts of
+            :data:`SCALAR_PARTS` are not checked.
         names: part name -> the tensor's name in the file, for the message.
 
     Raises:
-        ShapeMismatchError: naming the tensor and its shape.
+        FormatError: a tensor that is not floating point, or an empty one; the message names it.
+        ShapeMismatchError: a factor of the wrong number of dimensions; the message names it and its shape.
     """
-    from ..errors import ShapeMismatchError
+    from ..errors import FormatError, ShapeMismatchError
 
-    for part, t in parts.items():
+    def name(part: str) -> str:
+        return (names or {}).get(part, part)
+
+    for part, t in sorted(parts.items()):  # a fixed order (A before B, down before up): the same error every time
+        if part in SCALAR_PARTS:
+            continue
+        if not t.is_floating_point():
+            raise FormatError(
+                f"tensor '{name(part)}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter tensors are floating "
+                "point; the checkpoint is damaged or not an adapter: re-save it with float32/float16/bfloat16 weights"
+            )
         if part in FACTOR_PARTS and t.ndim < 2:
-            name = (names or {}).get(part, part)
             raise ShapeMismatchError(
-                f"tensor '{name}' has shape {tuple(t.shape)}, but an adapter factor has at least 2 dimensions; "
+                f"tensor '{name(part)}' has shape {tuple(t.shape)}, but an adapter factor has at least 2 dimensions; "
                 "the checkpoint is damaged or not an adapter"
             )
+        if t.numel() == 0:
+            raise FormatError(
+                f"tensor '{name(part)}' has shape {tuple(t.shape)} and no entries (a rank-0 layer?); an adapter tensor "
+                "cannot be empty: drop this layer from the checkpoint or re-save it with a positive rank"
+            )
+    for down, up in LORA_PAIRS:
+        if down in parts and up in parts:
+            d, u = parts[down], parts[up]
+            if d.ndim != u.ndim:
+                raise ShapeMismatchError(
+                    f"tensors '{name(down)}' {tuple(d.shape)} and '{name(up)}' {tuple(u.shape)} have {d.ndim} and "
+                    f"{u.ndim} dimensions, but the two factors of a LoRA layer have the same number (2 for a linear or "
+                    "embedding layer, 3 to 5 for a convolution); the checkpoint is damaged"
+                )
+            if any(s != 1 for s in u.shape[2:]):
+                raise ShapeMismatchError(
+                    f"tensor '{name(up)}' has shape {tuple(u.shape)}, but a LoRA up/B factor is (out, r), or "
+                    "(out, r, 1, ...) for a convolution; the checkpoint is damaged"
+                )
 
 
 def layer_dtype(layer: Any) -> torch.dtype:
@@ -77,9 +120,43 @@ def layer_nbytes(layer: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensor_fields(layer).values())
 
 
+#: the scalar fields a layer's effect is multiplied by (``None`` for kinds without them, IA3 and Full)
+SCALAR_FIELDS = ("alpha", "scale")
+
+
+def nonfinite_fields(layer: Any) -> list[str]:
+    """The fields of a layer that hold NaN or Inf: floating tensors, and the scalars ``alpha`` and ``scale``.
+
+    This is adaptkit's one finiteness rule: every check (``Adapter.is_finite``, status tables, inject, fuse,
+    merge, convert, reparametrisation, LoftQ) goes through it, so a NaN ``lora_alpha`` in
+    ``adapter_config.json`` or an Inf kohya ``alpha`` tensor counts exactly as a NaN factor does.
+    """
+    bad = [name for name, t in tensor_fields(layer).items()
+           if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    for name in SCALAR_FIELDS:
+        value = getattr(layer, name, None)
+        if value is not None and not math.isfinite(float(value)):
+            bad.append(name)
+    return bad
+
+
 def layer_is_finite(layer: Any) -> bool:
-    """True when every tensor of the layer is free of NaN and Inf."""
-    return all(bool(torch.isfinite(t).all()) for t in tensor_fields(layer).values() if t.is_floating_point())
+    """True when no tensor of the layer holds NaN or Inf and its alpha and scale are finite numbers."""
+    return not nonfinite_fields(layer)
+
+
+def check_floating(layer: Any) -> None:
+    """Refuse a layer built from tensors that are not floating point (a backstop for layers built in code).
+
+    Raises:
+        FormatError: naming the field and its dtype.
+    """
+    from ..errors import FormatError
+
+    for name, t in tensor_fields(layer).items():
+        if not t.is_floating_point():
+            raise FormatError(f"{layer.kind} tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter "
+                              "tensors are floating point; convert it with .float() first")
 
 
 def cast_layer(layer: Any, dtype: torch.dtype) -> Any:

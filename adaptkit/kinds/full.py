@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError
-from .base import DeltaMixin, f32
+from .base import DeltaMixin, check_floating, f32
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -34,6 +34,7 @@ class Full(DeltaMixin):
     scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
+        check_floating(self)
         if tuple(self.diff.shape) != tuple(self.shape):
             raise ShapeMismatchError(f"full diff has shape {tuple(self.diff.shape)}, expected {tuple(self.shape)}")
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError, UnsupportedError
-from .base import LayerRepr, f32, math_shape
+from .base import LayerRepr, check_floating, f32, math_shape
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -43,6 +43,7 @@ class IA3(LayerRepr):
     scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
+        check_floating(self)
         if self.vector.ndim != 1:
             raise ShapeMismatchError(f"IA3 vector must be 1-D, got shape {tuple(self.vector.shape)}")
         if self.shape is not None:

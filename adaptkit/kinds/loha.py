@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError
-from .base import DeltaMixin, f32, math_shape
+from .base import DeltaMixin, check_floating, f32, math_shape
 
 
 def _rebuild(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -42,6 +42,10 @@ class LoHa(DeltaMixin):
     kind: ClassVar[str] = "loha"
 
     def __post_init__(self) -> None:
+        check_floating(self)
+        if self.w1b.shape[0] == 0:
+            raise ShapeMismatchError(f"LoHa factor w1_b has shape {tuple(self.w1b.shape)}: rank 0, so alpha / r is "
+                                     "undefined; drop the layer or give it a positive rank")
         if self.w1b.shape[0] != self.w2b.shape[0] or (self.t1 is None) != (self.t2 is None):
             raise ShapeMismatchError(
                 f"LoHa factors disagree: w1_b {tuple(self.w1b.shape)}, w2_b {tuple(self.w2b.shape)}; "

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError
-from .base import DeltaMixin, f32, math_shape
+from .base import DeltaMixin, check_floating, f32, math_shape
 
 
 def _factor(w: torch.Tensor | None, wa: torch.Tensor | None, wb: torch.Tensor | None, t: torch.Tensor | None = None):
@@ -48,6 +48,7 @@ class LoKr(DeltaMixin):
     kind: ClassVar[str] = "lokr"
 
     def __post_init__(self) -> None:
+        check_floating(self)
         if (self.w1 is None) == (self.w1a is None and self.w1b is None) or (self.w1 is None and (self.w1a is None or self.w1b is None)):
             raise ShapeMismatchError("LoKr w1 must be given either as lokr_w1 or as lokr_w1_a + lokr_w1_b, not both or neither")
         if (self.w2 is None) == (self.w2a is None and self.w2b is None) or (self.w2 is None and (self.w2a is None or self.w2b is None)):

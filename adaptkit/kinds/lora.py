@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ShapeMismatchError
-from .base import DeltaMixin, f32, lora_scale, math_shape
+from .base import DeltaMixin, check_floating, f32, lora_scale, math_shape
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -52,7 +52,17 @@ class LoRA(DeltaMixin):
     kind: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
+        check_floating(self)
+        if self.down.ndim < 2 or self.up.ndim < 2:
+            raise ShapeMismatchError(f"LoRA factors down {tuple(self.down.shape)} / up {tuple(self.up.shape)} need at "
+                                     "least 2 dimensions each")
         r = self.down.shape[0]
+        if r == 0:
+            raise ShapeMismatchError(f"LoRA factor down/A has shape {tuple(self.down.shape)}: rank 0, so alpha / r is "
+                                     "undefined; drop the layer or give it a positive rank")
+        if any(s != 1 for s in self.up.shape[2:]):
+            raise ShapeMismatchError(f"LoRA factor up/B has shape {tuple(self.up.shape)}; it must be (out, r), or "
+                                     "(out, r, 1, ...) for a convolution")
         if self.up.shape[1] != r:
             raise ShapeMismatchError(
                 f"LoRA factors disagree on the rank: down/A has rank {r} but up/B has {self.up.shape[1]}; "

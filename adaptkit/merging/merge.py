@@ -75,13 +75,15 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
             base models, unequal ranks for a factor-wise method.
         ShapeMismatchError: a layer has different shapes in different adapters.
         UnsupportedError: DoRA inputs, mixed IA3 and LoRA, or a method that is undefined for the inputs.
-        NonFiniteError: the result holds NaN or Inf.
+        NonFiniteError: an input holds NaN or Inf (tensors, alpha or scale), or the result does.
     """
     from ..converters import load
 
     loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]
     if not loaded:
         raise ConfigError("merge needs at least one adapter")
+    for a in loaded:
+        a.check_finite("merge")
     w = _check_weights(weights, len(loaded))
     requested = get_method(method)
     _check_options(requested, density, rank, majority_sign)
