@@ -187,7 +187,7 @@ def main() -> None:
 @handle_errors
 def info(source: str, fmt: str | None, base: str | None, layers: bool, as_json: bool, as_csv: bool) -> None:
     """Show what is inside an adapter: format, kinds, base model, ranks, size, and a per-layer table."""
-    from .converters import load
+    from .converters import adapter_subfolders, load
     from .status import checkpoint_status, checkpoint_summary
 
     adapter = load(source, format=fmt, base=base)
@@ -195,6 +195,8 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, as_json: 
     if not layers:
         table = table.iloc[0:0]
     header = checkpoint_summary(adapter)
+    if subs := adapter_subfolders(source):  # PEFT keeps every adapter but the default in a subfolder
+        header["subfolders"] = f"{subs} hold more adapters: load one as '{source}:{subs[0]}'"
     if not (as_json or as_csv):
         table = table.drop(columns=["tensors"])
     render_table(table, as_json=as_json, as_csv=as_csv, header=header)

@@ -11,6 +11,10 @@ A *source* is one of:
 * a local directory (optionally ``dir:subfolder``);
 * a local file (``.safetensors``, or a legacy ``.bin`` loaded with ``weights_only=True`` only).
 
+A subfolder never leaves its snapshot or directory: an absolute subfolder, a ``..`` component, or a symlink
+that resolves outside the snapshot (for hub files: outside the repo's cache folder, where the snapshot's
+links point) is refused with a :class:`~adaptkit.errors.SourceNotFoundError`.
+
 Pickled checkpoints are never executed: ``torch.load(..., weights_only=True)`` refuses any pickle that
 would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatError`.
 """
@@ -18,7 +22,10 @@ would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatEr
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import glob
+import itertools
 import json
 import os
 import pickle
@@ -27,13 +34,14 @@ import secrets
 import shutil
 import socket
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 
-from .errors import FormatError, OutputExistsError, SourceNotFoundError
+from .errors import AdaptkitError, FormatError, OutputExistsError, OutputIsInputError, OutputWriteError, SourceNotFoundError
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
 
@@ -100,7 +108,9 @@ def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) ->
     local = _resolve_local(text)
     if local is not None:
         return local
-    return _resolve_hub(text, *_hub_parts(text), allow_patterns=allow_patterns)
+    repo, rev, sub = _hub_parts(text)
+    unreachable = None if hub_offline() else hub_unreachable()
+    return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
 
 
 #: ``select(files, subfolder, repo_spec) -> (repo paths to download, repo path to read or None for the root)``
@@ -134,18 +144,25 @@ def resolve_selected(spec: str | os.PathLike, select: HubSelect, allow_patterns:
     if local is not None:
         return local
     repo, rev, sub = _hub_parts(text)
-    if hub_offline():
-        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns)
-    files, unreachable = _list_hub_files(text, repo, rev)
-    if sub:
-        sub = sub.strip("/") or None
-    if files is None:
-        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
+    repo_spec = text.rsplit(":", 1)[0] if sub else text
+    unreachable = None
+    if not hub_offline():
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            files, unreachable = _list_hub_files(text, repo, rev)
+    if hub_offline() or unreachable:  # the local cache: choose from the files it holds, as online from the listing
+        cached = _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
+        root = _snapshot_root(cached)
+        _, target = select(_snapshot_files(root), sub, repo_spec)
+        path = root / target if target else root
+        _confine(path, root, text)
+        return Resolved(path=path, spec=text, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
     if sub and sub not in files and not any(f.startswith(f"{sub}/") for f in files):
         raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
-    wanted, target = select(files, sub, text.rsplit(":", 1)[0] if sub else text)
+    wanted, target = select(files, sub, repo_spec)
     root = _download_hub_files(text, repo, rev, wanted)
     path = root / target if target else root
+    _confine(path, root, text)
     return Resolved(path=path, spec=text, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
 
 
@@ -156,6 +173,87 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_unreachable() -> str | None:
+    """``None`` when the hub (``HF_ENDPOINT``) answers, else why not; asked once per process and endpoint.
+
+    One ``HEAD`` request through huggingface_hub's own HTTP client (its proxies, certificates and headers),
+    without retries and with a connect limit of :data:`HUB_PROBE_TIMEOUT` seconds (less if
+    ``HF_HUB_ETAG_TIMEOUT`` is smaller). Any HTTP answer counts as reachable. Without it an unreachable hub
+    cost ~30 s of huggingface_hub's retries and a dozen lines of retry warnings before any result.
+    """
+    from huggingface_hub import constants
+
+    return _probe(constants.ENDPOINT)
+
+
+#: seconds to wait for a connection to the hub before using the local cache
+HUB_PROBE_TIMEOUT = 5.0
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> str | None:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    limit = min(HUB_PROBE_TIMEOUT, float(constants.HF_HUB_ETAG_TIMEOUT))
+    try:
+        get_session().head(endpoint, timeout=limit, follow_redirects=False)
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, proxy, TLS: all mean "not reachable"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+    return None
+
+
+def _check_subfolder(sub: str, where: str) -> None:
+    """Refuse a subfolder that could leave its snapshot or directory: absolute, or with a ``..`` component."""
+    posix, windows = PurePosixPath(sub), PureWindowsPath(sub)
+    if posix.is_absolute() or windows.is_absolute() or windows.anchor or ".." in (*posix.parts, *windows.parts):
+        raise SourceNotFoundError(
+            f"subfolder '{sub}' of {where} is absolute or has a '..' component, so it would leave {where}; "
+            "name a path inside it, or pass the other directory as the source itself"
+        )
+
+
+def _confine(path: Path, root: Path, spec: str, local: bool = False) -> None:
+    """Refuse ``path`` when it, or (hub snapshots) anything under it, resolves outside ``root``.
+
+    Hub snapshot files are links into the repo's ``blobs`` folder, so for hub sources the repo's cache folder
+    (the snapshot's grandparent) is the boundary; a local ``dir:sub`` must stay inside ``dir``.
+    """
+    inside = [root.resolve()] if local else [root.resolve(), (root.parent.parent / "blobs").resolve()]
+
+    def escapes(p: Path) -> bool:
+        r = p.resolve()
+        return not any(r == b or b in r.parents for b in inside)
+
+    where = f"directory {root}" if local else f"the snapshot of {spec.split(':', 1)[0]}"
+    bad = path if escapes(path) else None
+    if bad is None and not local and path.is_dir() and not path.is_symlink():
+        bad = next((Path(d) / n for d, dirs, files in os.walk(path) for n in [*dirs, *files]
+                    if Path(d, n).is_symlink() and escapes(Path(d) / n)), None)
+    if bad is not None:
+        raise SourceNotFoundError(
+            f"'{spec}' leads outside {where}: {bad} resolves to {bad.resolve()}; remove that link, "
+            "or pass the target directory as the source itself"
+        )
+
+
+def _snapshot_root(resolved: Resolved) -> Path:
+    """The snapshot directory of a hub :class:`Resolved`."""
+    root = resolved.path
+    for _ in PurePosixPath(resolved.subfolder or "").parts:
+        root = root.parent
+    return root
+
+
+def _snapshot_files(root: Path) -> list[str]:
+    """Repo paths of the files a cache snapshot holds (links into the blobs count; linked directories not)."""
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [n for n in dirs if not Path(d, n).is_symlink()]
+        files += [(Path(d) / n).relative_to(root).as_posix() for n in names]
+    return sorted(files)
+
+
 def _resolve_local(text: str) -> Resolved | None:
     """An existing file or directory, or ``dir:subfolder``; ``None`` when the source is not local."""
     local = Path(text).expanduser()
@@ -164,20 +262,27 @@ def _resolve_local(text: str) -> Resolved | None:
     if ":" in text:
         base, sub = text.rsplit(":", 1)
         if Path(base).expanduser().is_dir():
+            _check_subfolder(sub, base)
             target = Path(base).expanduser() / sub
             if not target.exists():
                 raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {base}; list the directory to see its adapters")
+            _confine(target, Path(base).expanduser(), text, local=True)
             return Resolved(path=target, spec=text, subfolder=sub)
     return None
 
 
 def _hub_parts(text: str) -> tuple[str, str | None, str | None]:
+    """``(repo, revision, subfolder)`` of a hub id; the subfolder is checked and stripped of outer ``/``."""
     parts = parse_hub_id(text)
     if parts is None or text.startswith((".", "/", "~")):
         raise SourceNotFoundError(
             f"'{text}' is neither an existing file or directory nor a hub id of the form org/name[@revision][:subfolder]"
         )
-    return parts
+    repo, rev, sub = parts
+    if sub is not None:
+        _check_subfolder(sub, f"hub repo {repo}")
+        sub = sub.strip("/") or None
+    return repo, rev, sub
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -273,10 +378,19 @@ def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_p
     try:
         root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, local_files_only=bool(unreachable)))
     except _hub_errors() as e:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        if unreachable and isinstance(e, (EntryNotFoundError, FileNotFoundError)):
+            raise SourceNotFoundError(
+                f"'{spec}' is not in the local cache and the hub could not be reached: {unreachable}; check the network "
+                "(or HF_ENDPOINT), or download it once with network access; offline, set HF_HUB_OFFLINE=1 to use "
+                "the cache without trying the hub"
+            ) from e
         raise _hub_error(spec, repo, rev, e, where) from e
     path = root / sub if sub else root
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
+    _confine(path, root, spec)
     return Resolved(path=path, spec=spec, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
 
 
@@ -307,6 +421,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path.name} has a corrupt safetensors header ({e.__class__.__name__}); {fix}") from e
+    except RecursionError as e:  # thousands of nested [ or {: json gives up at the interpreter's depth limit, at once
+        raise FormatError(f"{path.name} has a corrupt safetensors header (nested too deeply to be a header); {fix}") from e
     if not isinstance(header, dict):
         raise FormatError(f"{path.name} has a corrupt safetensors header (not a JSON object); {fix}")
     data_len = size - 8 - n
@@ -315,13 +431,23 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
             nbytes = ST_DTYPE_SIZES[dtype]
+            if not isinstance(shape, list):
+                raise TypeError("shape is not a list")
             for s in shape:
                 nbytes *= int(s)
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path.name}: tensor '{name}' has an invalid header entry; {fix}") from e
-        if end - begin != nbytes or begin < 0:
+        if any(not _is_count(s) for s in shape):
+            raise FormatError(f"{path.name}: tensor '{name}' has shape {shape}; sizes must be integers >= 0; {fix}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise FormatError(
+                f"{path.name}: tensor '{name}' has data_offsets {offsets}; they must be two integers 0 <= begin <= end; {fix}"
+            )
+        begin, end = offsets
+        if end - begin != nbytes:
             raise FormatError(
                 f"{path.name}: header of tensor '{name}' lies about its size ({dtype} {shape} needs {nbytes} bytes, "
                 f"offsets give {end - begin}); {fix}"
@@ -330,6 +456,11 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     if end_max > data_len:
         raise FormatError(f"{path.name} is truncated: tensors need {end_max} bytes of data, the file has {data_len}; {fix}")
     return header, 8 + n
+
+
+def _is_count(x: Any) -> bool:
+    """An integer >= 0 (``bool`` is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -383,12 +514,138 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing output path unless ``overwrite``; return it as a ``Path``."""
+def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
+    """Check an output path before any work is done; return it as a ``Path``.
+
+    Args:
+        path: the output file or directory.
+        overwrite: allow replacing an existing output.
+        inputs: what the command reads (sources as given: paths, ``dir:sub``, hub ids; adapters, whose
+            ``source`` is used; lists of these; anything else is ignored), see :func:`check_not_input`.
+
+    Raises:
+        OutputIsInputError: the output is, contains or lies inside an input (checked even with ``overwrite``).
+        OutputExistsError: ``path`` exists and ``overwrite`` is false, or a parent of ``path`` is a file.
+    """
     out = Path(path).expanduser()
+    check_not_input(out, inputs)
+    for parent in out.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputExistsError(
+                    f"output {out} cannot be created: {parent} is a file, not a directory; "
+                    "choose an output path whose parent is a directory"
+                )
+            break
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
     return out
+
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable[Any]) -> None:
+    """Refuse an output that is, contains or lies inside an input, comparing resolved paths.
+
+    Replacing an input would destroy it (``fuse B LORA -o B --overwrite`` replaced the base); writing inside
+    one would change it. Paths are compared with symlinks resolved, and the targets of links inside a local
+    input directory count as that input; a hub input occupies its repo's folder of the local cache (its
+    snapshots and the blobs they link to).
+
+    Raises:
+        OutputIsInputError: with both paths and what to do.
+    """
+    target = Path(out).expanduser().resolve()
+    for label, place in input_locations(inputs):
+        if target == place:
+            how, fix = "is", "writing it would destroy the input (--overwrite does not change that); choose another output path"
+        elif place in target.parents:
+            how, fix = "lies inside", f"writing there would change the input; choose an output outside {place}"
+        elif target in place.parents:
+            how, fix = "contains", f"replacing it would delete the input; choose an output that does not contain {place}"
+        else:
+            continue
+        raise OutputIsInputError(f"output {out} {how} the input {label}: {fix}")
+
+
+#: links followed inside one local input directory at most (a directory of links into a cache, say)
+_MAX_LINKS_SCANNED = 10_000
+
+
+def input_locations(inputs: Iterable[Any]) -> list[tuple[str, Path]]:
+    """``(label, resolved path)`` for every place the given inputs occupy on this machine.
+
+    Local paths (and ``dir:sub``) resolve with symlinks followed, plus the targets of the links inside a
+    directory; a hub id, or an adapter's hub provenance ``org/name@commit:sub``, is its repo's folder in the
+    local cache. Adapters count by their ``source``; sources that do not exist, and objects that are not
+    sources (modules, tensors), are skipped: whatever reads them reports that.
+    """
+    found: list[tuple[str, Path]] = []
+    todo = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, (list, tuple)):
+            todo[:0] = list(item)
+            continue
+        if not isinstance(item, (str, os.PathLike)):
+            item = getattr(item, "source", None)
+            if not isinstance(item, (str, os.PathLike)):
+                continue
+        found += _locations(os.fspath(item))
+    return found
+
+
+def _locations(text: str) -> list[tuple[str, Path]]:
+    try:
+        local = _resolve_local(text)
+    except SourceNotFoundError:
+        return []
+    if local is not None:
+        path = local.path.resolve()
+        places = [(f"{text} ({path})" if str(path) != text else text, path)]
+        if path.is_dir():
+            links = (Path(d, n) for d, dirs, names in os.walk(path) for n in [*dirs, *names])
+            for entry in itertools.islice(links, _MAX_LINKS_SCANNED):
+                if entry.is_symlink():
+                    places.append((f"{text} (its link {entry} points there)", entry.resolve()))
+        return places
+    parts = parse_hub_id(text)
+    if parts is None or text.startswith((".", "/", "~")):
+        return []
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=parts[0], repo_type="model")).resolve()
+    return [(f"hub repo {parts[0]} (its local cache {folder})", folder)]
+
+
+#: disk errors a write can meet: what went wrong, and what to do
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("the disk is full (no space left on device)", "free space there or choose an output on another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota or choose an output on another disk"),
+    errno.EFBIG: ("a file would exceed the file-size limit (ulimit -f) or the file system's largest file",
+                  "raise the limit (ulimit -f unlimited), write smaller shards (fuse --shard-size), or choose an "
+                  "output on another file system"),
+    errno.EROFS: ("the file system is read-only", "choose an output on a writable disk"),
+    errno.EACCES: ("permission denied", "choose an output in a directory you can write to"),
+    errno.EPERM: ("operation not permitted", "choose an output in a directory you can write to"),
+}
+
+
+def _write_error(out: Path, parent: Path, tmp: Path | None, e: BaseException) -> OutputWriteError | None:
+    """The :class:`OutputWriteError` for a disk error met while writing ``out``; ``None`` for other errors.
+
+    Permission errors count only when they concern the output side (an input that cannot be read is not a
+    write error); the others can only come from writing.
+    """
+    if not isinstance(e, OSError) or isinstance(e, AdaptkitError) or e.errno not in _WRITE_ERRORS:
+        return None
+    if e.errno in (errno.EACCES, errno.EPERM) and e.filename is not None:
+        name = os.fspath(e.filename)
+        if not (name in (str(parent), str(out)) or (tmp is not None and name.startswith(str(tmp)))):
+            return None
+    what, fix = _WRITE_ERRORS[e.errno]
+    err = OutputWriteError(f"could not write {out}: {what} [{errno.errorcode[e.errno]}]; {fix} (nothing was written)")
+    err.errno = e.errno
+    return err
 
 
 @contextlib.contextmanager
@@ -399,36 +656,56 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     is a hidden ``.<name>.adaptkit-tmp-<pid>@<host>-*`` sibling otherwise; the next write to the same
     ``path`` removes such leftovers of processes of this host that no longer run (a ``kill -9`` during a
     fuse would otherwise leave a model-sized hidden directory). An existing ``path`` is replaced only
-    with ``overwrite``.
+    with ``overwrite``; when ``path`` is a symlink, the link is replaced (its target is left alone).
 
     Args:
         path: final output path.
         overwrite: replace an existing output.
         directory: the output is a directory (else a single file).
+
+    Raises:
+        OutputExistsError: as :func:`check_output`.
+        OutputWriteError: the disk is full, a file too large, the target read-only or not writable: one
+            error naming ``path`` (not the temporary), raised from the ``OSError``.
     """
     out = check_output(path, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(parent, out.name)
-    prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
-    tmp = _new_temporary(parent, prefix, directory)
+    tmp: Path | None = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(parent, out.name)
+        prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
+        tmp = _new_temporary(parent, prefix, directory)
+    except OSError as e:
+        err = _write_error(out, parent, tmp, e)
+        if err is None:
+            raise
+        raise err from e
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             if not overwrite:
                 raise OutputExistsError(f"output {out} appeared while writing; choose another path or pass overwrite=True")
             old = parent / f".{out.name}.adaptkit-old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _remove(old)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        _remove(tmp)
+        err = _write_error(out, parent, tmp, e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a directory tree; quietly."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _new_temporary(parent: Path, prefix: str, directory: bool) -> Path:
@@ -465,7 +742,7 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
         m = _TEMP_OWNER.search(stale.name)
         if not m or m.group(2) != host or _pid_alive(int(m.group(1))):
             continue  # another host's, a running writer's, or not ours to judge
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        _remove(stale)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -480,11 +757,13 @@ def _pid_alive(pid: int) -> bool:
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors (made contiguous, storage not shared) and string metadata to ``path``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    save_file(clean, str(path), metadata=meta or None)
+    data = save(clean, metadata=meta or None)  # serialised here and written by Python: disk errors keep their errno
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _shares_storage(t: torch.Tensor) -> bool:
