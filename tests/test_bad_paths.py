@@ -209,6 +209,29 @@ def test_demo_and_report_refuse_their_inputs(tmp_path, monkeypatch, adapter_dir)
     assert tree_digest(adapter_dir) == before
 
 
+def test_every_writer_leaves_its_inputs_byte_for_byte(tmp_path, base_dir, adapter_dir):
+    """The guarantee itself, on success: no command writes to what it reads (loftq iters=2 rewrites base
+    weights, in its own copy)."""
+    from adaptkit.convert import convert_checkpoint
+    from adaptkit.merging import merge_to
+
+    tuned = tmp_path / "tuned"
+    make_tiny_llama(1).save_pretrained(str(tuned))
+    inputs = (base_dir, adapter_dir, tuned)
+    before = [tree_digest(p) for p in inputs]
+    out = tmp_path / "out"
+    ak.fuse(base_dir, [adapter_dir], out=out / "fused")
+    ak.unfuse(out / "fused", [adapter_dir], out=out / "unfused")
+    convert_checkpoint("->kohya", adapter_dir, out / "k.safetensors")
+    merge_to([adapter_dir, adapter_dir], out / "merged", weights=[1.0, -0.5])
+    ak.save(ak.load(adapter_dir), out / "saved")
+    ak.extract(base_dir, tuned, rank=2, out=out / "extracted")
+    ak.loftq(base_dir, target=["q_proj"], rank=2, iters=2, out=out / "loftq")
+    assert (out / "loftq" / "base").is_dir()
+    assert [tree_digest(p) for p in inputs] == before
+    _no_leftovers(tmp_path)
+
+
 # ------------------------------------------------------------------------------- where outputs go
 
 
