@@ -620,7 +620,8 @@ def _locations(text: str) -> list[tuple[str, Path]]:
 #: disk errors a write can meet: what went wrong, and what to do
 _WRITE_ERRORS = {
     errno.ENOSPC: ("the disk is full (no space left on device)", "free space there or choose an output on another disk"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota or choose an output on another disk"),
+    getattr(errno, "EDQUOT", errno.ENOSPC): ("the disk quota is exceeded",
+                                             "free space within the quota or choose an output on another disk"),
     errno.EFBIG: ("a file would exceed the file-size limit (ulimit -f) or the file system's largest file",
                   "raise the limit (ulimit -f unlimited), write smaller shards (fuse --shard-size), or choose an "
                   "output on another file system"),
@@ -630,17 +631,17 @@ _WRITE_ERRORS = {
 }
 
 
-def _write_error(out: Path, parent: Path, tmp: Path | None, e: BaseException) -> OutputWriteError | None:
+def _write_error(out: Path, tmp: Path | None, e: BaseException) -> OutputWriteError | None:
     """The :class:`OutputWriteError` for a disk error met while writing ``out``; ``None`` for other errors.
 
-    Permission errors count only when they concern the output side (an input that cannot be read is not a
-    write error); the others can only come from writing.
+    A permission error counts only while the temporary is made (``tmp`` is ``None``) or when it names the
+    temporary or ``out``: an input that cannot be read is not a write error. The others come only from writing.
     """
     if not isinstance(e, OSError) or isinstance(e, AdaptkitError) or e.errno not in _WRITE_ERRORS:
         return None
-    if e.errno in (errno.EACCES, errno.EPERM) and e.filename is not None:
+    if e.errno in (errno.EACCES, errno.EPERM) and tmp is not None and e.filename is not None:
         name = os.fspath(e.filename)
-        if not (name in (str(parent), str(out)) or (tmp is not None and name.startswith(str(tmp)))):
+        if not (name == str(out) or name.startswith(str(tmp))):
             return None
     what, fix = _WRITE_ERRORS[e.errno]
     err = OutputWriteError(f"could not write {out}: {what} [{errno.errorcode[e.errno]}]; {fix} (nothing was written)")
@@ -677,7 +678,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
         tmp = _new_temporary(parent, prefix, directory)
     except OSError as e:
-        err = _write_error(out, parent, tmp, e)
+        err = _write_error(out, tmp, e)
         if err is None:
             raise
         raise err from e
@@ -694,7 +695,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
             os.replace(tmp, out)
     except BaseException as e:
         _remove(tmp)
-        err = _write_error(out, parent, tmp, e)
+        err = _write_error(out, tmp, e)
         if err is None:
             raise
         raise err from e
