@@ -18,8 +18,9 @@ from ._version import __version__
 _LAZY: dict[str, str] = {
     **dict.fromkeys(["IA3", "KINDS", "Full", "LoHa", "LoKr", "LoRA"], ".kinds"),
     "Adapter": ".graph",
-    **dict.fromkeys(["AdaptkitError", "ConfigError", "FormatError", "NonFiniteError", "OutputExistsError",
-                     "ShapeMismatchError", "SourceNotFoundError", "UnsupportedError"], ".errors"),
+    **dict.fromkeys(["AdaptkitError", "ArgumentTypeError", "ConfigError", "FormatError", "NonFiniteError",
+                     "OutputExistsError", "OutputIsInputError", "OutputWriteError", "ShapeMismatchError",
+                     "SourceNotFoundError", "UnsupportedError"], ".errors"),
     "analyze": ".analysis",
     "compare": ".comparison",
     "convert": ".convert",
@@ -77,10 +78,13 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .converters.reparam import pissa_to_lora
     from .errors import (
         AdaptkitError,
+        ArgumentTypeError,
         ConfigError,
         FormatError,
         NonFiniteError,
         OutputExistsError,
+        OutputIsInputError,
+        OutputWriteError,
         ShapeMismatchError,
         SourceNotFoundError,
         UnsupportedError,

@@ -243,7 +243,7 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, progress:
       adaptkit info org/name@v1 --json          # the same for machines (also --csv)
       adaptkit info lora.safetensors --base ./base-model --no-layers
     """
-    from .converters import load
+    from .converters import adapter_subfolders, load
     from .status import checkpoint_status, checkpoint_summary
 
     adapter = load(source, format=fmt, base=base)
@@ -251,6 +251,8 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, progress:
     if not layers:
         table = table.iloc[0:0]
     header = checkpoint_summary(adapter)
+    if subs := adapter_subfolders(source):  # PEFT keeps every adapter but the default in a subfolder
+        header["subfolders"] = f"{subs} hold more adapters: load one as '{source}:{subs[0]}'"
     if not (as_json or as_csv):
         table = table.drop(columns=["tensors"])
     render_table(table, as_json=as_json, as_csv=as_csv, header=header)

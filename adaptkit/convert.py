@@ -288,9 +288,11 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
                     progress: bool | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
     from .converters import check_write_options, format_module, load, save
+    from .sources import check_output
 
     from .converters import names
 
+    check_output(out, overwrite, inputs=[source, base])
     dst = format_module(dst_format).NAME
     check_write_options(dst, component=component)
     adapter = load(source, format=src_format, base=base)

@@ -183,9 +183,12 @@ def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = pr
         The context with each step's results.
 
     Raises:
-        OutputExistsError: ``out`` exists and is not an earlier demo output.
+        OutputExistsError: ``out`` exists and is not an earlier demo output, or its parent is a file.
+        OutputIsInputError: ``out`` is, contains or lies inside the bundled examples.
     """
-    out = Path(out)
+    from .sources import check_output
+
+    out = check_output(out, overwrite=True, inputs=[examples_dir()])  # replacing is decided by the marker below
     if out.exists():
         if not (out / MARKER).exists():
             raise OutputExistsError(f"{out} exists and is not an adaptkit demo output; pass another --out directory")

@@ -39,3 +39,15 @@ class NonFiniteError(AdaptkitError, ValueError):
 
 class ConfigError(AdaptkitError, ValueError):
     """A config file or argument is missing, unknown or contradicts the tensors."""
+
+
+class OutputIsInputError(OutputExistsError):
+    """The output path is, contains or lies inside an input: writing it would destroy or change that input."""
+
+
+class OutputWriteError(AdaptkitError, OSError):
+    """The output could not be written: disk full, file too large, read-only or not writable."""
+
+
+class ArgumentTypeError(AdaptkitError, TypeError):
+    """An argument is not of the type a function needs (e.g. a dict where an Adapter is expected)."""

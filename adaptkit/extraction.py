@@ -136,7 +136,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
     if out is not None:
         from .sources import check_output
 
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[base, tuned])
     wb, wt = open_base(base), open_base(tuned)
     missing = sorted(set(wb.tensors) ^ set(wt.tensors))
     if missing:

@@ -349,7 +349,7 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
     out_dtype = parse_dtype(dtype)
     size = parse_size(shard_size)
     if out is not None and not dry_run:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[base, adapters])
     ws = open_base(base)
     transforms, names, kinds = _plan(ws, ads, weights, unfuse)
     plan = _plan_frame(ws, transforms, names, kinds, out_dtype, unfuse)

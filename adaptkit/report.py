@@ -31,7 +31,7 @@ from .analysis import AdapterAnalysis
 from .comparison import Comparison
 from .depth import block_ticks, component_rank, module_positions
 from .errors import ConfigError, UnsupportedError
-from .sources import atomic_output
+from .sources import atomic_output, check_output
 
 MISSING = "the HTML report needs matplotlib, which is not installed; run: pip install 'adaptkit[plot]'"
 
@@ -401,8 +401,9 @@ def compare_html(comparison: Comparison, analyses: Sequence[AdapterAnalysis] = (
     return _page("adaptkit comparison: " + ", ".join(comparison.names), f"density {comparison.density:g}", body)
 
 
-def _write(text: str, path: str | os.PathLike) -> Path:
+def _write(text: str, path: str | os.PathLike, inputs: Sequence[str | None]) -> Path:
     out = Path(path).expanduser()
+    check_output(out, overwrite=True, inputs=inputs)  # a report replaces an earlier one, never an input
     if out.is_dir():
         raise ConfigError(f"report path {out} is a directory; give a file name such as report.html")
     with atomic_output(out, overwrite=True, directory=False) as tmp:
@@ -418,7 +419,7 @@ def write_analysis_report(analysis: AdapterAnalysis, path: str | os.PathLike) ->
         UnsupportedError: matplotlib is missing.
     """
     require_matplotlib()
-    return _write(analysis_html(analysis), path)
+    return _write(analysis_html(analysis), path, [analysis.source])
 
 
 def write_compare_report(comparison: Comparison, analyses: Sequence[AdapterAnalysis], path: str | os.PathLike) -> Path:
@@ -428,7 +429,7 @@ def write_compare_report(comparison: Comparison, analyses: Sequence[AdapterAnaly
         UnsupportedError: matplotlib is missing.
     """
     require_matplotlib()
-    return _write(compare_html(comparison, analyses), path)
+    return _write(compare_html(comparison, analyses), path, [a.source for a in analyses])
 
 
 __all__ = [

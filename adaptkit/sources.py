@@ -1,4 +1,4 @@
-"""Where checkpoints come from and go to: hub ids, directories, files; safe reading; atomic writing.
+"""Where checkpoints come from: hub ids, directories, files; safe reading (writing: :mod:`adaptkit.outputs`).
 
 A *source* is one of:
 
@@ -11,29 +11,40 @@ A *source* is one of:
 * a local directory (optionally ``dir:subfolder``);
 * a local file (``.safetensors``, or a legacy ``.bin`` loaded with ``weights_only=True`` only).
 
+A subfolder never leaves its snapshot or directory: an absolute subfolder, a ``..`` component, or a symlink
+that resolves outside the snapshot (for hub files: outside the repo's cache folder, where the snapshot's
+links point) is refused with a :class:`~adaptkit.errors.SourceNotFoundError`.
+
 Pickled checkpoints are never executed: ``torch.load(..., weights_only=True)`` refuses any pickle that
 would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatError`.
+
+Writing (output checks, atomic outputs, disk errors) lives in :mod:`adaptkit.outputs`; its functions are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
+import functools
 import json
 import os
 import pickle
 import re
-import secrets
-import shutil
-import socket
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 
-from .errors import FormatError, OutputExistsError, SourceNotFoundError
+from .errors import FormatError, SourceNotFoundError
+from .outputs import (  # re-exported: writers import them from here with the readers
+    atomic_output,
+    check_not_input,
+    check_output,
+    input_locations,
+    write_safetensors,
+)
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
 
@@ -100,7 +111,9 @@ def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) ->
     local = _resolve_local(text)
     if local is not None:
         return local
-    return _resolve_hub(text, *_hub_parts(text), allow_patterns=allow_patterns)
+    repo, rev, sub = _hub_parts(text)
+    unreachable = None if hub_offline() else hub_unreachable()
+    return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
 
 
 #: ``select(files, subfolder, repo_spec) -> (repo paths to download, repo path to read or None for the root)``
@@ -134,18 +147,25 @@ def resolve_selected(spec: str | os.PathLike, select: HubSelect, allow_patterns:
     if local is not None:
         return local
     repo, rev, sub = _hub_parts(text)
-    if hub_offline():
-        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns)
-    files, unreachable = _list_hub_files(text, repo, rev)
-    if sub:
-        sub = sub.strip("/") or None
-    if files is None:
-        return _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
+    repo_spec = text.rsplit(":", 1)[0] if sub else text
+    unreachable = None
+    if not hub_offline():
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            files, unreachable = _list_hub_files(text, repo, rev)
+    if hub_offline() or unreachable:  # the local cache: choose from the files it holds, as online from the listing
+        cached = _resolve_hub(text, repo, rev, sub, allow_patterns=allow_patterns, unreachable=unreachable)
+        root = _snapshot_root(cached)
+        _, target = select(_snapshot_files(root), sub, repo_spec)
+        path = root / target if target else root
+        _confine(path, root, text)
+        return Resolved(path=path, spec=text, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
     if sub and sub not in files and not any(f.startswith(f"{sub}/") for f in files):
         raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
-    wanted, target = select(files, sub, text.rsplit(":", 1)[0] if sub else text)
+    wanted, target = select(files, sub, repo_spec)
     root = _download_hub_files(text, repo, rev, wanted)
     path = root / target if target else root
+    _confine(path, root, text)
     return Resolved(path=path, spec=text, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
 
 
@@ -156,6 +176,87 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_unreachable() -> str | None:
+    """``None`` when the hub (``HF_ENDPOINT``) answers, else why not; asked once per process and endpoint.
+
+    One ``HEAD`` request through huggingface_hub's own HTTP client (its proxies, certificates and headers),
+    without retries and with a connect limit of :data:`HUB_PROBE_TIMEOUT` seconds (less if
+    ``HF_HUB_ETAG_TIMEOUT`` is smaller). Any HTTP answer counts as reachable. Without it an unreachable hub
+    cost ~30 s of huggingface_hub's retries and a dozen lines of retry warnings before any result.
+    """
+    from huggingface_hub import constants
+
+    return _probe(constants.ENDPOINT)
+
+
+#: seconds to wait for a connection to the hub before using the local cache
+HUB_PROBE_TIMEOUT = 5.0
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> str | None:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    limit = min(HUB_PROBE_TIMEOUT, float(constants.HF_HUB_ETAG_TIMEOUT))
+    try:
+        get_session().head(endpoint, timeout=limit, follow_redirects=False)
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, proxy, TLS: all mean "not reachable"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+    return None
+
+
+def _check_subfolder(sub: str, where: str) -> None:
+    """Refuse a subfolder that could leave its snapshot or directory: absolute, or with a ``..`` component."""
+    posix, windows = PurePosixPath(sub), PureWindowsPath(sub)
+    if posix.is_absolute() or windows.is_absolute() or windows.anchor or ".." in (*posix.parts, *windows.parts):
+        raise SourceNotFoundError(
+            f"subfolder '{sub}' of {where} is absolute or has a '..' component, so it would leave {where}; "
+            "name a path inside it, or pass the other directory as the source itself"
+        )
+
+
+def _confine(path: Path, root: Path, spec: str, local: bool = False) -> None:
+    """Refuse ``path`` when it, or (hub snapshots) anything under it, resolves outside ``root``.
+
+    Hub snapshot files are links into the repo's ``blobs`` folder, so for hub sources the repo's cache folder
+    (the snapshot's grandparent) is the boundary; a local ``dir:sub`` must stay inside ``dir``.
+    """
+    inside = [root.resolve()] if local else [root.resolve(), (root.parent.parent / "blobs").resolve()]
+
+    def escapes(p: Path) -> bool:
+        r = p.resolve()
+        return not any(r == b or b in r.parents for b in inside)
+
+    where = f"directory {root}" if local else f"the snapshot of {spec.split(':', 1)[0]}"
+    bad = path if escapes(path) else None
+    if bad is None and not local and path.is_dir() and not path.is_symlink():
+        bad = next((Path(d) / n for d, dirs, files in os.walk(path) for n in [*dirs, *files]
+                    if Path(d, n).is_symlink() and escapes(Path(d) / n)), None)
+    if bad is not None:
+        raise SourceNotFoundError(
+            f"'{spec}' leads outside {where}: {bad} resolves to {bad.resolve()}; remove that link, "
+            "or pass the target directory as the source itself"
+        )
+
+
+def _snapshot_root(resolved: Resolved) -> Path:
+    """The snapshot directory of a hub :class:`Resolved`."""
+    root = resolved.path
+    for _ in PurePosixPath(resolved.subfolder or "").parts:
+        root = root.parent
+    return root
+
+
+def _snapshot_files(root: Path) -> list[str]:
+    """Repo paths of the files a cache snapshot holds (links into the blobs count; linked directories not)."""
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [n for n in dirs if not Path(d, n).is_symlink()]
+        files += [(Path(d) / n).relative_to(root).as_posix() for n in names]
+    return sorted(files)
+
+
 def _resolve_local(text: str) -> Resolved | None:
     """An existing file or directory, or ``dir:subfolder``; ``None`` when the source is not local."""
     local = Path(text).expanduser()
@@ -164,20 +265,27 @@ def _resolve_local(text: str) -> Resolved | None:
     if ":" in text:
         base, sub = text.rsplit(":", 1)
         if Path(base).expanduser().is_dir():
+            _check_subfolder(sub, base)
             target = Path(base).expanduser() / sub
             if not target.exists():
                 raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {base}; list the directory to see its adapters")
+            _confine(target, Path(base).expanduser(), text, local=True)
             return Resolved(path=target, spec=text, subfolder=sub)
     return None
 
 
 def _hub_parts(text: str) -> tuple[str, str | None, str | None]:
+    """``(repo, revision, subfolder)`` of a hub id; the subfolder is checked and stripped of outer ``/``."""
     parts = parse_hub_id(text)
     if parts is None or text.startswith((".", "/", "~")):
         raise SourceNotFoundError(
             f"'{text}' is neither an existing file or directory nor a hub id of the form org/name[@revision][:subfolder]"
         )
-    return parts
+    repo, rev, sub = parts
+    if sub is not None:
+        _check_subfolder(sub, f"hub repo {repo}")
+        sub = sub.strip("/") or None
+    return repo, rev, sub
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -273,10 +381,19 @@ def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_p
     try:
         root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, local_files_only=bool(unreachable)))
     except _hub_errors() as e:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        if unreachable and isinstance(e, (EntryNotFoundError, FileNotFoundError)):
+            raise SourceNotFoundError(
+                f"'{spec}' is not in the local cache and the hub could not be reached: {unreachable}; check the network "
+                "(or HF_ENDPOINT), or download it once with network access; offline, set HF_HUB_OFFLINE=1 to use "
+                "the cache without trying the hub"
+            ) from e
         raise _hub_error(spec, repo, rev, e, where) from e
     path = root / sub if sub else root
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise SourceNotFoundError(f"subfolder '{sub}' does not exist in {repo}@{rev or 'main'}; check the subfolder name")
+    _confine(path, root, spec)
     return Resolved(path=path, spec=spec, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
 
 
@@ -307,6 +424,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path.name} has a corrupt safetensors header ({e.__class__.__name__}); {fix}") from e
+    except RecursionError as e:  # thousands of nested [ or {: json gives up at the interpreter's depth limit, at once
+        raise FormatError(f"{path.name} has a corrupt safetensors header (nested too deeply to be a header); {fix}") from e
     if not isinstance(header, dict):
         raise FormatError(f"{path.name} has a corrupt safetensors header (not a JSON object); {fix}")
     data_len = size - 8 - n
@@ -315,13 +434,23 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
             nbytes = ST_DTYPE_SIZES[dtype]
+            if not isinstance(shape, list):
+                raise TypeError("shape is not a list")
             for s in shape:
                 nbytes *= int(s)
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path.name}: tensor '{name}' has an invalid header entry; {fix}") from e
-        if end - begin != nbytes or begin < 0:
+        if any(not _is_count(s) for s in shape):
+            raise FormatError(f"{path.name}: tensor '{name}' has shape {shape}; sizes must be integers >= 0; {fix}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise FormatError(
+                f"{path.name}: tensor '{name}' has data_offsets {offsets}; they must be two integers 0 <= begin <= end; {fix}"
+            )
+        begin, end = offsets
+        if end - begin != nbytes:
             raise FormatError(
                 f"{path.name}: header of tensor '{name}' lies about its size ({dtype} {shape} needs {nbytes} bytes, "
                 f"offsets give {end - begin}); {fix}"
@@ -330,6 +459,11 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     if end_max > data_len:
         raise FormatError(f"{path.name} is truncated: tensors need {end_max} bytes of data, the file has {data_len}; {fix}")
     return header, 8 + n
+
+
+def _is_count(x: Any) -> bool:
+    """An integer >= 0 (``bool`` is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -380,112 +514,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     raise FormatError(f"{path.name}: unknown weight file type '{path.suffix}'; expected .safetensors (or a legacy .bin)")
 
 
-# ----------------------------------------------------------------------------------------------- writing
-
-
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing output path unless ``overwrite``; return it as a ``Path``."""
-    out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds.
-
-    On any exception (or a kill) nothing appears at ``path``: the temporary is removed on exceptions and
-    is a hidden ``.<name>.adaptkit-tmp-<pid>@<host>-*`` sibling otherwise; the next write to the same
-    ``path`` removes such leftovers of processes of this host that no longer run (a ``kill -9`` during a
-    fuse would otherwise leave a model-sized hidden directory). An existing ``path`` is replaced only
-    with ``overwrite``.
-
-    Args:
-        path: final output path.
-        overwrite: replace an existing output.
-        directory: the output is a directory (else a single file).
-    """
-    out = check_output(path, overwrite)
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(parent, out.name)
-    prefix = f".{out.name}.adaptkit-tmp-{os.getpid()}@{_host()}-"
-    tmp = _new_temporary(parent, prefix, directory)
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise OutputExistsError(f"output {out} appeared while writing; choose another path or pass overwrite=True")
-            old = parent / f".{out.name}.adaptkit-old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def _new_temporary(parent: Path, prefix: str, directory: bool) -> Path:
-    """Create a fresh ``prefix<random>`` directory or empty file in ``parent``.
-
-    Made with ``mkdir``/``open(O_EXCL)`` and the modes a plain ``mkdir``/``open`` use, so the kernel applies
-    the umask (``tempfile.mkdtemp``/``mkstemp`` would make the output private to the owner, and reading the
-    umask with ``os.umask`` would briefly change it for every thread of the process).
-    """
-    for _ in range(100):
-        tmp = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            if directory:
-                os.mkdir(tmp, 0o777)
-            else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary beside {parent}; remove the {prefix}* entries there")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-
-
-_TEMP_OWNER = re.compile(r"\.adaptkit-tmp-(\d+)@([A-Za-z0-9]+)-")
-
-
-def _remove_stale_temporaries(parent: Path, name: str) -> None:
-    """Remove ``.<name>.adaptkit-tmp-*`` leftovers whose writer (a process of this host) is gone."""
-    host = _host()
-    for stale in parent.glob(f".{glob.escape(name)}.adaptkit-tmp-*"):
-        m = _TEMP_OWNER.search(stale.name)
-        if not m or m.group(2) != host or _pid_alive(int(m.group(1))):
-            continue  # another host's, a running writer's, or not ours to judge
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (made contiguous, storage not shared) and string metadata to ``path``."""
-    from safetensors.torch import save_file
-
-    clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    save_file(clean, str(path), metadata=meta or None)
-
-
-def _shares_storage(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+__all__ = [
+    "HUB_PROBE_TIMEOUT", "ST_DTYPE_SIZES", "HubSelect", "Resolved", "atomic_output", "check_not_input", "check_output",
+    "hub_offline", "hub_unreachable", "input_locations", "parse_hub_id", "read_pickle_weights", "read_safetensors",
+    "read_safetensors_header", "read_weights", "resolve", "resolve_selected", "write_safetensors",
+]

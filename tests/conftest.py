@@ -105,3 +105,26 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "adaptkit.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=300)
+
+
+def cli_error(res, *fragments: str) -> str:
+    """Assert a CLI run failed as adaptkit promises (exit 1, one ``error: ...`` line, no traceback) and that the
+    line holds every fragment; returns the line."""
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """Every file (and link target) under ``path``, by relative path: to prove an input was not touched."""
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    out: dict[str, bytes] = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        out[rel] = os.readlink(p).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else b"<dir>"
+    return out

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 
 import adaptkit as ak
 from adaptkit.cli import main
-from adaptkit.sources import _host
+from adaptkit.outputs import _host
 
 from .conftest import make_peft_adapter, make_tiny_llama
 from .test_fuse import load_dir, save_base

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig
 
 import adaptkit as ak
+from adaptkit import sources
 from adaptkit.converters import _select_hub_files
 
 from .conftest import make_hub_cache, make_peft_adapter, make_tiny_llama
@@ -55,6 +56,7 @@ class FakeHub:
             self.downloaded += names
             return str(self._store(names, revision))
 
+        monkeypatch.setattr(sources, "hub_unreachable", lambda: None)  # the fake hub answers
         monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import ConfigError, FormatError, SourceNotFoundError
+from ..errors import ArgumentTypeError, ConfigError, FormatError, SourceNotFoundError
 from ..graph import Adapter
-from ..sources import resolve_selected
+from ..sources import check_output, resolve_selected
 from . import diffusers, kohya, peft
 
 FORMATS: dict[str, ModuleType] = {
@@ -46,15 +46,36 @@ def detect(path: Path) -> str:
     """Name of the format a local path is in.
 
     Raises:
-        FormatError: no format recognises it (the message lists what was looked for).
+        FormatError: no format recognises it (the message lists what was looked for, and the subfolders that
+            hold adapters, if any, with how to load one as ``'DIR:sub'``).
     """
     for name, module in FORMATS.items():
         if module.detect(path):
             return name
-    raise FormatError(
-        f"{path} is not a recognised adapter checkpoint (looked for: {', '.join(FORMATS)}); "
-        "pass format=... (--format on the command line) if you know what it is"
-    )
+    subs = adapter_subfolders(path)
+    hint = (f"it holds adapters in subfolders {subs}: load one as '{path}:{subs[0]}'" if subs
+            else "pass format=... (--format on the command line) if you know what it is")
+    raise FormatError(f"{path} is not a recognised adapter checkpoint (looked for: {', '.join(FORMATS)}); {hint}")
+
+
+def adapter_subfolders(path: str | os.PathLike) -> list[str]:
+    """Names of the immediate subfolders of a local directory that hold an adapter of a known format.
+
+    PEFT saves every adapter but the default in a subfolder named after it, and collections of adapters are
+    often laid out one per subfolder; such a directory is loaded as ``'DIR:sub'``. Unreadable subfolders
+    are skipped (loading one says what is wrong with it).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            if any(module.detect(sub) for module in FORMATS.values()):
+                found.append(sub.name)
+        except (FormatError, OSError):
+            continue
+    return found
 
 
 def _allow_patterns(fmt: str | None) -> list[str] | None:
@@ -75,6 +96,12 @@ _LOOKED_FOR = {
     "diffusers": diffusers.WEIGHT_NAME,
     "kohya": "one kohya/LyCORIS .safetensors file",
 }
+
+
+def _adapter_file(name: str) -> bool:
+    """Whether a file name marks an adapter: a PEFT config, diffusers LoRA weights, or a non-model ``.safetensors``."""
+    return name in (peft.CONFIG_NAME, diffusers.WEIGHT_NAME, diffusers.LEGACY_WEIGHT_NAME) or (
+        name.endswith(".safetensors") and not _MODEL_WEIGHTS.match(name))
 
 
 def _select_hub_files(fmt: str | None, files: list[str], sub: str | None, repo_spec: str) -> tuple[list[str], str | None]:
@@ -124,8 +151,8 @@ def _select_hub_files(fmt: str | None, files: list[str], sub: str | None, repo_s
             )
     where = f"{repo_spec}:{sub}" if sub else repo_spec
     looked = _LOOKED_FOR[want] if want else "; ".join(_LOOKED_FOR.values())
-    subs = sorted({f[len(prefix):].split("/")[0] for f in files
-                   if f.startswith(prefix) and f[len(prefix):].count("/") == 1 and f.endswith(f"/{peft.CONFIG_NAME}")})
+    subs = sorted({rel.split("/")[0] for f in files if f.startswith(prefix) and (rel := f[len(prefix):]).count("/") == 1
+                   and _adapter_file(rel.split("/")[1])})
     if subs:
         hint = f"it holds adapters in subfolders {subs}: load one as '{repo_spec}:{prefix}{subs[0]}'"
     elif models:
@@ -177,13 +204,21 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
         The path written.
 
     Raises:
+        ArgumentTypeError: ``adapter`` is not an :class:`~adaptkit.graph.Adapter`.
+        OutputIsInputError: ``path`` is, contains or lies inside the adapter's own source.
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
         UnsupportedError: the format cannot express the adapter (the message says what to do).
         ConfigError: a writer option the format does not have (``naming`` other than kohya, ``component``
             for diffusers), or an unknown ``component``.
     """
+    if not isinstance(adapter, Adapter):
+        raise ArgumentTypeError(
+            f"save needs an Adapter, got {type(adapter).__name__}; load or build one first, "
+            "e.g. ak.save(ak.load(SOURCE), OUT) or ak.save(ak.merge([...]), OUT)"
+        )
     module = format_module(format)
     check_write_options(module.NAME, **options)
+    check_output(path, overwrite, inputs=[adapter])
     return module.write(adapter, path, overwrite=overwrite, **options)
 
 
@@ -208,4 +243,4 @@ def check_write_options(format: str, **options: Any) -> None:
                           "holds every pipeline component; drop it")
 
 
-__all__ = ["ALIASES", "FORMATS", "check_write_options", "detect", "format_module", "load", "save"]
+__all__ = ["ALIASES", "FORMATS", "adapter_subfolders", "check_write_options", "detect", "format_module", "load", "save"]

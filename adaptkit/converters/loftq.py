@@ -30,7 +30,7 @@ from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundErr
 from ..graph import Adapter
 from ..kinds import LoRA
 from ..progress import bar
-from ..sources import atomic_output, read_safetensors_header, resolve
+from ..sources import atomic_output, check_output, read_safetensors_header, resolve
 from .patterns import matches_targets
 from .quant import dequantize, quantize
 
@@ -276,6 +276,8 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         if adapter is not None:
             raise ConfigError("pass the existing adapter once, as target or as adapter=, not both")
         adapter, target = target, None
+    if out is not None:
+        check_output(out, overwrite, inputs=[base, adapter])
     layout = None
     if adapter is not None:
         from . import load

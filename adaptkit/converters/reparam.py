@@ -230,8 +230,10 @@ def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method
         ConfigError: no ``initial``, a target other than ``lora``/``peft``, or ``kind`` other than ``lora``.
     """
     from ..convert import ConversionResult
+    from ..sources import check_output
     from . import save
 
+    check_output(out, overwrite, inputs=[source, initial, base])
     if dst_format not in ("lora", "peft"):
         raise ConfigError(f"'{method}->{dst_format}' is not a conversion; use '{method}->lora' (written as a PEFT LoRA)")
     if kind not in (None, "lora"):

@@ -144,11 +144,12 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
+        OutputIsInputError: ``out`` is, contains or lies inside a source (or ``base``), checked before any work.
     """
     from ..converters import check_write_options, save
     from ..sources import check_output
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[*sources, options.get("base")])
     check_write_options(format, component=component)
     merged = merge(sources, **options)
     path = save(merged, out, format=format, overwrite=overwrite, component=component)
