@@ -243,8 +243,8 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, progress:
       adaptkit info org/name@v1 --json          # the same for machines (also --csv)
       adaptkit info lora.safetensors --base ./base-model --no-layers
     """
-    from .converters import adapter_subfolders, load
-    from .status import checkpoint_status, checkpoint_summary
+    from .formats import adapter_subfolders, load
+    from .live.status import checkpoint_status, checkpoint_summary
 
     adapter = load(source, format=fmt, base=base)
     table = checkpoint_status(adapter, progress=progress)
@@ -311,7 +311,7 @@ def merge(sources: tuple[str, ...], out: str, weights: str | None, method: str, 
       adaptkit merge a.safetensors b.safetensors -o merged.safetensors --format kohya --weights 1,-1
     """
     from .errors import ConfigError
-    from .merging import PROVENANCE_KEY, merge_to
+    from .ops.merging import PROVENANCE_KEY, merge_to
 
     parsed = None
     if weights is not None:
@@ -347,8 +347,8 @@ def status(source: str, fmt: str | None, base: str | None, progress: bool | None
       adaptkit status org/name@main --json      # list of rows (also --csv)
       adaptkit status lora.safetensors --base ./base-model
     """
-    from .converters import load
-    from .status import checkpoint_status
+    from .formats import load
+    from .live.status import checkpoint_status
 
     table = checkpoint_status(load(source, format=fmt, base=base), progress=progress)
     if not (as_json or as_csv):
@@ -380,7 +380,7 @@ def loftq(base: str, out: str, target_modules: str | None, rank: int, alpha: flo
       adaptkit loftq org/base-model -o loftq/ --target-modules all-linear --bits 8
       adaptkit loftq ./base-model -o loftq/ --adapter ./my-adapter --iters 5   # also writes loftq/base
     """
-    from .converters.loftq import loftq as run_loftq
+    from .ops.loftq import loftq as run_loftq
 
     result = run_loftq(base, target_modules, bits=int(bits), iters=iters, rank=rank, alpha=alpha, adapter=existing,
                        out=out, overwrite=overwrite, progress=progress)
@@ -446,7 +446,7 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
       adaptkit convert my_lokr.safetensors out/ --to diffusers --rank 32   # lossy: prints the loss table
       adaptkit convert 'pissa->lora' runs/pissa-trained runs/as-lora --initial runs/pissa-init
     """
-    from .convert import convert_checkpoint
+    from .ops.convert import convert_checkpoint
 
     if len(args) not in (2, 3):
         raise click.UsageError("expected 'FROM->TO' SOURCE OUT, or SOURCE OUT with --to")
@@ -514,7 +514,7 @@ def fuse(base: str, adapters: tuple[str, ...], out: str | None, weights: str | N
       adaptkit fuse ./base-model ./a ./b --weights 1,0.5 -o fused/ --dtype bf16 --shard-size 5GB
       adaptkit fuse ./base-model ./my-adapter --dry-run   # list what would change, write nothing
     """
-    from .fuse import fuse as run
+    from .ops.fuse import fuse as run
 
     _run_fuse(run, base, adapters, out, weights, dry_run, as_json, as_csv, **kwargs)
 
@@ -532,7 +532,7 @@ def unfuse(base: str, adapters: tuple[str, ...], out: str | None, weights: str |
       adaptkit unfuse fused/ ./my-adapter -o restored/
       adaptkit unfuse fused/ ./a ./b --weights 1,0.5 -o restored/
     """
-    from .fuse import unfuse as run
+    from .ops.fuse import unfuse as run
 
     _run_fuse(run, base, adapters, out, weights, dry_run, as_json, as_csv, **kwargs)
 
@@ -564,7 +564,8 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
       adaptkit extract ./base-model ./tuned-model -o lora/ --energy 0.9 --rank 128   # per-layer ranks
       adaptkit extract ./base-model ./fused -o lora/ --rank 16 --embeddings save --norms save
     """
-    from .extraction import extract as run, total_retained
+    from .ops.extract import extract as run
+    from .ops.extract import total_retained
 
     adapter, report = run(base, tuned, rank=rank, energy=energy, out=out, embeddings=embeddings, norms=norms,
                           method=method, overwrite=overwrite, progress=progress, return_report=True)
@@ -595,7 +596,7 @@ def analyze(source: str, fmt: str | None, base: str | None, report: str | None, 
       adaptkit analyze ./my-adapter --report r.html   # spectra and energy; HTML needs: pip install 'adaptkit[plot]'
       adaptkit analyze lora.safetensors --base ./base-model --json
     """
-    from .analysis import analyze_adapter
+    from .analysis.layers import analyze_adapter
 
     result = analyze_adapter(source, format=fmt, base=base, report=report, progress=progress)
     render_table(result.table, as_json=as_json, as_csv=as_csv, header=None if as_csv else result.summary())
@@ -623,7 +624,7 @@ def compare(sources: tuple[str, ...], density: float, fmt: str | None, base: str
       adaptkit compare ./a ./b --json           # how two adapters interfere, and a merge method suggestion
       adaptkit compare ./a ./b ./c --density 0.2 --report compare.html
     """
-    from .comparison import compare_adapters
+    from .analysis.compare import compare_adapters
 
     result = compare_adapters(list(sources), density=density, format=fmt, base=base, report=report, progress=progress)
     if as_json:

@@ -63,8 +63,8 @@ class DemoContext:
 
 
 def _step_info(ctx: DemoContext) -> None:
-    from .converters import load
-    from .status import checkpoint_status, checkpoint_summary
+    from .formats import load
+    from .live.status import checkpoint_status, checkpoint_summary
 
     ctx.section("info: what is inside the bundled example 'lora_code'")
     adapter = load(example("lora_code"))
@@ -78,7 +78,7 @@ def _step_info(ctx: DemoContext) -> None:
 
 
 def _step_save(ctx: DemoContext) -> None:
-    from .converters import load, save
+    from .formats import load, save
 
     ctx.section("save: write it back in PEFT format")
     adapter = ctx.results.get("lora_code") or load(example("lora_code"))
@@ -91,8 +91,8 @@ def _step_save(ctx: DemoContext) -> None:
 
 
 def _step_merge(ctx: DemoContext) -> None:
-    from .converters import load, save
-    from .merging import merge
+    from .formats import load, save
+    from .ops.merging import merge
 
     ctx.section("merge: 'lora_math' + 0.5 x 'lora_code' (ranks 8 and 4), TIES on the deltas, SVD to rank 8")
     adapters = [load(example("lora_math")), load(example("lora_code"))]
@@ -110,7 +110,7 @@ def _step_merge(ctx: DemoContext) -> None:
 
 
 def _step_fuse(ctx: DemoContext) -> None:
-    from .fuse import fuse
+    from .ops.fuse import fuse
 
     ctx.section("fuse: bake 'lora_code' into a generated tiny base, streaming tensor by tensor")
     base = build_example_base(ctx.out / "base")
@@ -120,7 +120,7 @@ def _step_fuse(ctx: DemoContext) -> None:
 
 
 def _step_convert(ctx: DemoContext) -> None:
-    from .convert import convert_checkpoint
+    from .ops.convert import convert_checkpoint
 
     ctx.section("convert: a LyCORIS LoHa file (flattened kohya names) -> PEFT, names resolved on the base")
     base = ctx.out / "base"
@@ -132,8 +132,8 @@ def _step_convert(ctx: DemoContext) -> None:
 
 
 def _step_analyze(ctx: DemoContext) -> None:
-    from .analysis import analyze_adapter
-    from .comparison import compare_adapters
+    from .analysis.compare import compare_adapters
+    from .analysis.layers import analyze_adapter
 
     ctx.section("analyze: spectra of 'lora_math' (low-rank, dW never built); how the bundled adapters interfere")
     try:
@@ -186,7 +186,7 @@ def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = pr
         OutputExistsError: ``out`` exists and is not an earlier demo output, or its parent is a file.
         OutputIsInputError: ``out`` is, contains or lies inside the bundled examples.
     """
-    from .sources import check_output
+    from .io.sources import check_output
 
     out = check_output(out, overwrite=True, inputs=[examples_dir()])  # replacing is decided by the marker below
     if out.exists():

@@ -3,7 +3,7 @@
 For each layer shape (LLaMA-7B-like attention and MLP projections by default) a random LoRA layer of rank
 ``--rank`` is built. Two timings per layer, best of ``--repeat``:
 
-* ``adaptkit``: :func:`adaptkit.analysis.analyze_layer` (QR of the factors + SVD of the ``r x r`` core, plus
+* ``adaptkit``: :func:`adaptkit.analysis.layers.analyze_layer` (QR of the factors + SVD of the ``r x r`` core, plus
   sparsity and the finite check): the whole row of ``ak.analyze``.
 * ``dense``: the reference a user would write: build ``dW = scale * B @ A`` (float32) and take
   ``torch.linalg.svdvals(dW)`` plus a zero count, the same statistics.
@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from adaptkit.analysis import analyze_layer
-from adaptkit.kinds import LoRA
+from adaptkit.analysis.layers import analyze_layer
+from adaptkit.core.kinds import LoRA
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:

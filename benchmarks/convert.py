@@ -25,7 +25,7 @@ def make_file(path: Path, size_gb: float) -> tuple[int, int]:
     """Write the LyCORIS file; returns ``(layers, rank)``."""
     from safetensors.torch import save_file
 
-    from adaptkit.converters import names
+    from adaptkit.formats import names
 
     inv = names.shipped("sdxl")
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -72,7 +72,7 @@ def main() -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from adaptkit.convert import convert_checkpoint
+    from adaptkit.ops.convert import convert_checkpoint
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="adaptkit-bench-"))
     work.mkdir(parents=True, exist_ok=True)

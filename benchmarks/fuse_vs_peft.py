@@ -128,7 +128,7 @@ def build_adapter(path: Path, base: Path, targets: tuple[str, ...], rank: int = 
     import torch
 
     import adaptkit as ak
-    from adaptkit.shards import open_base
+    from adaptkit.io.base_model import open_base
 
     ws = open_base(base)
     gen = torch.Generator().manual_seed(seed)

@@ -167,7 +167,7 @@ def sai_sd3(depth: int = 24) -> dict[str, list[int]]:
 
 
 def write(name: str, components: dict, aliases: dict | None = None) -> None:
-    from adaptkit.converters.names import text_model_aliases
+    from adaptkit.formats.names import text_model_aliases
 
     modules = {c: m for c, (m, _) in components.items()}
     aliases = dict(aliases or {})

@@ -16,15 +16,8 @@ import torch
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 
 import adaptkit as ak
-from adaptkit.analysis import (
-    COLUMNS,
-    analyze_adapter,
-    energy_rank,
-    layer_sparsity,
-    module_depth,
-    spectrum_stats,
-)
-from adaptkit.kinds import LoRA
+from adaptkit.analysis.layers import COLUMNS, analyze_adapter, energy_rank, layer_sparsity, module_depth, spectrum_stats
+from adaptkit.core.kinds import LoRA
 
 from .conftest import make_tiny_llama
 
@@ -297,8 +290,8 @@ def test_ldm_kohya_names_get_the_depths_of_their_diffusers_twin(tmp_path):
     """An SDXL kohya LoRA with LDM names and the same LoRA with diffusers names: same modules, same depths."""
     from safetensors.torch import save_file
 
-    from adaptkit.converters import names
-    from adaptkit.depth import module_positions
+    from adaptkit.analysis.depth import module_positions
+    from adaptkit.formats import names
 
     inv = names.shipped("sdxl")
     aliases = inv.aliases["unet"]
@@ -351,7 +344,7 @@ def ldm_order(path: str) -> tuple:
 
 
 def test_llm_depths_are_block_indices_and_bare_unet_paths_follow_the_u():
-    from adaptkit.depth import module_positions
+    from adaptkit.analysis.depth import module_positions
 
     paths = ["model.layers.0.self_attn.q_proj", "model.layers.11.mlp.up_proj", "lm_head", "model.embed_tokens"]
     assert {p: (q.component, q.depth) for p, q in module_positions(paths).items()} == {

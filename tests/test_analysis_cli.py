@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import adaptkit as ak
+import adaptkit.analysis.compare  # noqa: F401  (ak.analysis.compare below)
 from adaptkit.cli import main
 from adaptkit.demo import example
 
@@ -69,7 +70,7 @@ def test_report_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     res = run("analyze", MATH, "--report", str(out))
     assert res.exit_code == 1 and "pip install 'adaptkit[plot]'" in res.stderr and not out.exists()
     with pytest.raises(ak.UnsupportedError, match=r"adaptkit\[plot\]"):
-        ak.comparison.compare_adapters([MATH, CODE], report=out)
+        ak.analysis.compare.compare_adapters([MATH, CODE], report=out)
 
 
 def _pngs(text: str) -> list[bytes]:
@@ -118,8 +119,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pytest.importorskip("matplotlib")
     if _chromium() is None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from adaptkit.analysis import analyze_adapter
-    from adaptkit.report import analysis_html
+    from adaptkit.analysis.layers import analyze_adapter
+    from adaptkit.analysis.report import analysis_html
 
     report = tmp_path / "report.html"
     result = analyze_adapter(MATH, report=report)
@@ -133,8 +134,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert with_plots > 0.004, f"the screenshot shows no plots ({with_plots:.4f} of pixels coloured)"
     assert with_plots > 10 * without
     # the comparison report: similarity heat maps and the energy overlay
-    from adaptkit.comparison import compare_adapters
-    from adaptkit.report import compare_html
+    from adaptkit.analysis.compare import compare_adapters
+    from adaptkit.analysis.report import compare_html
 
     cmp_report = tmp_path / "compare.html"
     comparison = compare_adapters([MATH, CODE, DORA], report=cmp_report)
@@ -146,7 +147,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_module_type_labels_keep_the_name_before_indices():
-    from adaptkit.report import _module_type
+    from adaptkit.analysis.report import _module_type
 
     assert _module_type("model.layers.3.self_attn.q_proj") == "q_proj"
     assert _module_type("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0") == "to_out.0"

@@ -11,9 +11,9 @@ import torch
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 
 import adaptkit as ak
-from adaptkit.comparison import compare_adapters, compare_layers, sign_conflict
+from adaptkit.analysis.compare import compare_adapters, compare_layers, sign_conflict
+from adaptkit.core.kinds import LoRA
 from adaptkit.errors import ConfigError
-from adaptkit.kinds import LoRA
 
 from .conftest import make_tiny_llama
 from .test_analysis import _no_dense, peft_adapter

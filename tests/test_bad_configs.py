@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel
 from peft.utils.other import get_pattern_key
 
 import adaptkit as ak
-from adaptkit.converters.patterns import PatternMatcher
-from adaptkit.inject import adapted_modules
+from adaptkit.formats.patterns import PatternMatcher
+from adaptkit.live.inject import adapted_modules
 
 from .conftest import make_peft_adapter, make_tiny_llama, run_cli
 

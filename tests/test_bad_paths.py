@@ -141,8 +141,8 @@ def test_fuse_refuses_an_output_reached_through_symlinks(tmp_path, base_dir, ada
 
 
 def test_convert_merge_save_refuse_writing_over_their_source(tmp_path, adapter_dir):
-    from adaptkit.convert import convert_checkpoint
-    from adaptkit.merging import merge_to
+    from adaptkit.ops.convert import convert_checkpoint
+    from adaptkit.ops.merging import merge_to
 
     before = tree_digest(adapter_dir)
     a = ak.load(adapter_dir)
@@ -212,8 +212,8 @@ def test_demo_and_report_refuse_their_inputs(tmp_path, monkeypatch, adapter_dir)
 def test_every_writer_leaves_its_inputs_byte_for_byte(tmp_path, base_dir, adapter_dir):
     """The guarantee itself, on success: no command writes to what it reads (loftq iters=2 rewrites base
     weights, in its own copy)."""
-    from adaptkit.convert import convert_checkpoint
-    from adaptkit.merging import merge_to
+    from adaptkit.ops.convert import convert_checkpoint
+    from adaptkit.ops.merging import merge_to
 
     tuned = tmp_path / "tuned"
     make_tiny_llama(1).save_pretrained(str(tuned))

@@ -23,7 +23,7 @@ from .conftest import cli_error, make_hub_cache, make_peft_adapter
 _TIMED = """
 import json, sys, time
 import adaptkit as ak
-from adaptkit.sources import resolve
+from adaptkit.io.sources import resolve
 out = {}
 for name, call in (("load_missing", lambda: ak.load("org/nothere")), ("load_cached", lambda: len(ak.load("org/cached"))),
                    ("resolve_missing", lambda: resolve("org/nothere")), ("resolve_cached", lambda: resolve("org/cached").commit)):

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 import adaptkit as ak
-from adaptkit.inject import adapted_modules
+from adaptkit.live.inject import adapted_modules
 
 from .conftest import make_peft_adapter, make_tiny_llama, run_cli
 
@@ -113,7 +113,7 @@ def test_inf_in_a_raw_state_dict_or_a_layer_is_refused_by_inject(clean_dir):
         ak.inject(model, sd, config={"peft_type": "LORA", "lora_alpha": 8, "r": 4})
     _nothing_injected(model)
     # the wrapper refuses it too, by the same rule, when used directly
-    from adaptkit.wrappers import AdaptedModule
+    from adaptkit.live.wrappers import AdaptedModule
 
     layer = ak.load(clean_dir).layers[Q0]
     bad = ak.LoRA(down=layer.down, up=layer.up, alpha=float("inf"), shape=layer.shape)

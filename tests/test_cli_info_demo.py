@@ -98,9 +98,9 @@ def _parses(line: str) -> None:
     """Parse a documented command line with adaptkit's own click command (nothing runs)."""
     import shlex
 
-    from adaptkit.cli import main
-
     import click
+
+    from adaptkit.cli import main
 
     words = shlex.split(line)
     assert words[0] == "adaptkit", line

@@ -82,19 +82,19 @@ def test_help_is_fast():
 
 def test_public_names_resolve_lazily():
     """``import adaptkit`` imports no torch; every name of __all__ resolves, is listed by dir() and imports with
-    ``from adaptkit import X``; a submodule named like its function (fuse, convert, inject) stays hidden."""
+    ``from adaptkit import X``; importing the operations' modules leaves the public functions in place."""
     code = """
 import sys
 import adaptkit as ak
 assert "torch" not in sys.modules and "pandas" not in sys.modules, sorted(m for m in sys.modules if m in ("torch", "pandas"))
 assert set(ak.__all__) <= set(dir(ak)), set(ak.__all__) - set(dir(ak))
-import adaptkit.fuse, adaptkit.convert, adaptkit.inject  # binds the submodules on the package
+import adaptkit.ops.fuse, adaptkit.ops.convert, adaptkit.live.inject  # binds the subpackages on the package
 for name in ak.__all__:
     value = getattr(ak, name)
     exec(f"from adaptkit import {name} as imported")
     assert imported is value, name
     assert not isinstance(value, type(sys)), (name, value)
-assert callable(ak.load) and ak.fuse is sys.modules["adaptkit.fuse"].fuse and ak.extract is ak.fuse.__globals__["extract"]
+assert callable(ak.load) and ak.fuse is sys.modules["adaptkit.ops.fuse"].fuse and ak.extract is ak.fuse.__globals__["extract"]
 assert ak.__version__ == __import__("adaptkit._version")._version.__version__
 ns = {}
 exec("from adaptkit import *", ns)

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 import adaptkit as ak
 from adaptkit.cli import main
-from adaptkit.convert import CONVERTERS, parse_spec, plan
+from adaptkit.core.adapter import Adapter
+from adaptkit.core.kinds import IA3, Full, LoHa, LoKr, LoRA
 from adaptkit.errors import ConfigError, UnsupportedError
-from adaptkit.graph import Adapter
-from adaptkit.kinds import IA3, Full, LoHa, LoKr, LoRA
+from adaptkit.ops.convert import CONVERTERS, parse_spec, plan
 
 from .test_kohya_lycoris import make_lycoris
 

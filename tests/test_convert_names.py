@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaptkit.converters import load, names, save
 from adaptkit.errors import ConfigError, ShapeMismatchError, UnsupportedError
+from adaptkit.formats import load, names, save
 
 
 def lora_file(path, entries: dict[str, tuple[int, int]], rank: int = 2, metadata=None, seed=0):
@@ -171,8 +171,8 @@ def test_original_flux_names_are_not_written_as_diffusers(tmp_path):
 
 
 def test_bundled_lycoris_example(tmp_path):
-    from adaptkit.convert import convert_checkpoint
     from adaptkit.demo import build_example_base, example
+    from adaptkit.ops.convert import convert_checkpoint
 
     path = example("lycoris_loha.safetensors")
     assert path.stat().st_size < 200_000

@@ -14,8 +14,8 @@ import logging
 import pytest
 import torch
 
-from adaptkit.converters import load, save
 from adaptkit.errors import ConfigError, UnsupportedError
+from adaptkit.formats import load, save
 
 diffusers = pytest.importorskip("diffusers")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -211,7 +211,7 @@ def test_kohya_to_diffusers_matches_lycoris_and_round_trips(tmp_path, algo):
     for got, exp in zip(outputs(*fused(adapter, unet, te)), want):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
     if algo != "lora":
-        from adaptkit.convert import convert_checkpoint
+        from adaptkit.ops.convert import convert_checkpoint
 
         with pytest.raises(UnsupportedError, match="--rank"):
             convert_checkpoint("kohya->diffusers", f, tmp_path / "d", base=str(base))
@@ -252,7 +252,7 @@ def test_kohya_names_to_peft_match_lycoris(tmp_path, algo, kwargs):
     """Real ``lora_unet_``/``lora_te_`` files from lycoris.kohya -> PEFT: same outputs as LyCORIS (rtol 1e-4)."""
     from peft import PeftModel
 
-    from adaptkit.convert import convert_checkpoint, plan
+    from adaptkit.ops.convert import convert_checkpoint, plan
 
     unet, te = tiny_unet(), tiny_te()
     base = _save_base(tmp_path / "base", unet, te)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import adaptkit as ak
+import adaptkit.core.kinds.base  # noqa: F401  (ak.core.kinds below)
+from adaptkit.core.adapter import HTML_MAX_LAYERS
 from adaptkit.demo import example
-from adaptkit.graph import HTML_MAX_LAYERS
 
 g = torch.Generator().manual_seed(0)
 
@@ -48,7 +49,7 @@ def test_layer_repr_is_one_concise_line(name):
     text = repr(layer)
     assert "tensor(" not in text and "\n" not in text and len(text) < 200, text
     assert text.startswith(type(layer).__name__ + "(shape="), text
-    for t in ak.kinds.tensor_fields(layer).values():
+    for t in ak.core.kinds.tensor_fields(layer).values():
         assert str(tuple(t.shape)) in text, text
     if name in EXPECTED:
         assert text == EXPECTED[name]
@@ -57,10 +58,10 @@ def test_layer_repr_is_one_concise_line(name):
 
 
 def test_every_kind_uses_the_shared_repr():
-    from adaptkit.kinds.base import layer_repr
+    from adaptkit.core.kinds.base import layer_repr
 
     for cls in ak.KINDS.values():
-        assert cls.__repr__ is ak.kinds.base.LayerRepr.__repr__, cls
+        assert cls.__repr__ is ak.core.kinds.base.LayerRepr.__repr__, cls
     assert repr(_layers()["loha"]) == layer_repr(_layers()["loha"])
 
 
@@ -88,8 +89,8 @@ def test_report_layer_table_scrolls_and_wraps():
     """A table wider than the page (the layer table passes 1400 px) is reachable: its box scrolls both ways inside
     the viewport with the header kept in view, and long module names wrap instead of widening every row."""
     pytest.importorskip("matplotlib")
-    from adaptkit.analysis import analyze_adapter
-    from adaptkit.report import analysis_html
+    from adaptkit.analysis.layers import analyze_adapter
+    from adaptkit.analysis.report import analysis_html
 
     page = analysis_html(analyze_adapter(example("lora_math")))
     css = page.split("<style>", 1)[1].split("</style>", 1)[0]

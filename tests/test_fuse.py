@@ -204,7 +204,7 @@ def test_non_finite_result_is_refused(tmp_path, base_dir):
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "rslora"])
 def test_row_streaming_equals_whole_tensor(tmp_path, base_dir, monkeypatch, name):
-    from adaptkit import shard_writer
+    from adaptkit.io import shard_writer
 
     adapter = ak.load(make_peft_adapter(tmp_path / "a", CONFIGS[name](), seed=9)).replace(extras={})
     ak.fuse(base_dir, adapter, tmp_path / "whole", progress=False)
@@ -295,7 +295,7 @@ def output_of(base, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
 
 def test_lycoris_ia3_leaves_biases_alone_like_lycoris(tmp_path):
     """LyCORIS's output-side IA3 scales W only (its merge and forward keep the bias): fuse keeps it too."""
-    from adaptkit.converters import load
+    from adaptkit.formats import load
 
     adapter_file, base_file, base, merged, want, x = lycoris_merged(tmp_path, bias=True, algo="ia3")
     adapter = load(adapter_file, base=base)

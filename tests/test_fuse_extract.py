@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 
 import adaptkit as ak
 from adaptkit.cli import main
-from adaptkit.outputs import _host
+from adaptkit.io.outputs import _host
 
 from .conftest import make_peft_adapter, make_tiny_llama
 from .test_fuse import load_dir, save_base
@@ -113,8 +113,8 @@ def test_kill_9_during_fuse_leaves_no_output(tmp_path, f32_setup):
     base, adapter_dir, _ = f32_setup
     out, marker = tmp_path / "out", tmp_path / "started"
     script = textwrap.dedent(f"""
-        import sys, time, adaptkit.fuse
-        F = sys.modules["adaptkit.fuse"]
+        import sys, time, adaptkit.ops.fuse
+        F = sys.modules["adaptkit.ops.fuse"]
         original = F.write_out_file
         def slow(plan, path, **kwargs):
             original(plan, path, **kwargs)

@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig
 
 import adaptkit as ak
-from adaptkit import sources
-from adaptkit.converters import _select_hub_files
+from adaptkit.formats import _select_hub_files
+from adaptkit.io import sources
 
 from .conftest import make_hub_cache, make_peft_adapter, make_tiny_llama
 

@@ -7,8 +7,8 @@ import torch
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel
 
 import adaptkit as ak
-from adaptkit.inject import adapted_modules
-from adaptkit.wrappers import AdaptedModule
+from adaptkit.live.inject import adapted_modules
+from adaptkit.live.wrappers import AdaptedModule
 
 from .conftest import make_peft_adapter, make_tiny_llama
 
@@ -77,7 +77,7 @@ def test_lora_forward_is_low_rank(monkeypatch, input_ids, tmp_path):
                                                        init_lora_weights=False))
     model = make_tiny_llama(0)
     ak.inject(model, src)
-    from adaptkit.kinds import LoRA
+    from adaptkit.core.kinds import LoRA
 
     def boom(self):
         raise AssertionError("dense delta built in forward")

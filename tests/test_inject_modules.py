@@ -138,7 +138,7 @@ def test_raw_state_dict_with_config_and_adapter_names(tmp_path, input_ids):
 
 def test_raw_kohya_state_dict(tmp_path, input_ids):
     """A kohya/LyCORIS-named dict goes through the registered kohya reader, names resolved on the live model."""
-    from adaptkit.converters import FORMATS
+    from adaptkit.formats import FORMATS
 
     if "kohya" not in FORMATS:
         pytest.skip("kohya format not registered")
@@ -266,7 +266,7 @@ def test_kinds_peft_cannot_hold_match_their_fused_weights():
     unmerged forward equals the base op with the kind's own ``apply(W, b)``."""
     import torch.nn.functional as F
 
-    from adaptkit.kinds import IA3, Full, LoRA
+    from adaptkit.core.kinds import IA3, Full, LoRA
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(5, 4, 3, padding=1), nn.Linear(4, 3))

@@ -15,8 +15,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 
 import adaptkit as ak
-from adaptkit.inject import adapted_modules, saved_modules
-from adaptkit.saved_modules import ModulesToSaveWrapper
+from adaptkit.live.inject import adapted_modules, saved_modules
+from adaptkit.live.saved_modules import ModulesToSaveWrapper
 
 from .conftest import make_tiny_llama
 from .test_inject import _transformers_adapter_state_dict

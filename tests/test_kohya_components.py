@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import adaptkit as ak
 from adaptkit.cli import main
-from adaptkit.convert import convert_checkpoint
 from adaptkit.errors import ConfigError
+from adaptkit.ops.convert import convert_checkpoint
 
 from .conftest import make_peft_adapter, make_tiny_llama
 
@@ -154,7 +154,7 @@ def test_bare_component_detection():
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from adaptkit.converters.names import bare_component
+    from adaptkit.formats.names import bare_component
 
     def paths(model, leaf=("to_q", "q_proj", "fc1", "proj_out", "conv_in")):
         return [n for n, _ in model.named_modules() if n.endswith(leaf)]

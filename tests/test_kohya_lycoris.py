@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from adaptkit.converters import load, save
 from adaptkit.errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
+from adaptkit.formats import load, save
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -136,7 +136,7 @@ LOSSLESS_TO_PEFT = ["locon", "locon-tucker", "locon-no-alpha", "loha", "loha-tuc
 def test_lycoris_to_peft_same_outputs(tmp_path, case):
     from peft import PeftModel
 
-    from adaptkit.convert import convert_checkpoint
+    from adaptkit.ops.convert import convert_checkpoint
 
     path, base, applied, x = make_lycoris(tmp_path, **CASES[case])
     result = convert_checkpoint("lycoris->peft", path, tmp_path / "peft", base=base)
@@ -151,7 +151,7 @@ def test_lycoris_to_peft_through_exact_svd(tmp_path, case):
     """Kinds PEFT cannot store become LoRA at their full numerical rank with --kind lora: same outputs."""
     from peft import PeftModel
 
-    from adaptkit.convert import convert_checkpoint
+    from adaptkit.ops.convert import convert_checkpoint
 
     path, base, applied, x = make_lycoris(tmp_path, **CASES[case])
     with pytest.raises(UnsupportedError, match="--rank"):
@@ -168,7 +168,7 @@ def test_rank_converts_the_rest_when_kinds_would_mix(tmp_path):
     """LoKr PEFT can store on some layers only: --rank turns all of them into LoRA (one PEFT kind), same outputs."""
     from peft import PeftModel
 
-    from adaptkit.convert import convert_checkpoint, plan
+    from adaptkit.ops.convert import convert_checkpoint, plan
 
     path, base, applied, x = make_lycoris(tmp_path, **CASES["lokr-both-split-f4"])
     assert 0 < len(plan(load(path, base=base), "peft")) < 6  # some layers only
@@ -183,7 +183,7 @@ def test_ia3_to_peft_and_back(tmp_path):
     """IA3 on bias-free modules: ia3_l = weight + 1, same outputs; with a bias LyCORIS and PEFT differ: refused."""
     from peft import PeftModel
 
-    from adaptkit.convert import convert_checkpoint
+    from adaptkit.ops.convert import convert_checkpoint
 
     path, base, applied, x = make_lycoris(tmp_path, bias=False, algo="ia3")
     convert_checkpoint(None, path, tmp_path / "peft", dst_format="peft", base=base)
@@ -208,7 +208,7 @@ def test_ia3_to_peft_and_back(tmp_path):
 
 
 def test_norm_layers_read_and_refused_for_peft(tmp_path):
-    from adaptkit.convert import convert_checkpoint
+    from adaptkit.ops.convert import convert_checkpoint
 
     path, base, applied, x = make_lycoris(tmp_path, targets=["Linear", "GroupNorm", "LayerNorm"], algo="lora",
                                           linear_dim=2, linear_alpha=1, train_norm=True)

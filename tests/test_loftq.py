@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adaptkit as ak
-from adaptkit.converters.loftq import loftq, loftq_layer
-from adaptkit.converters.quant import NF4_CODE, dequantize, fake_quantize, quantize, quantize_int8, quantize_nf4
+from adaptkit.ops.loftq import loftq, loftq_layer
+from adaptkit.ops.quant import NF4_CODE, dequantize, fake_quantize, quantize, quantize_int8, quantize_nf4
 
 from .conftest import make_peft_adapter, make_tiny_llama, run_cli
 

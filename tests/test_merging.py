@@ -11,10 +11,10 @@ from conftest import make_peft_adapter, make_tiny_llama
 
 import adaptkit as ak
 from adaptkit.cli import MERGE_METHODS, main
-from adaptkit.merging import METHODS, PROVENANCE_KEY, merge
-from adaptkit.merging.lowrank import dense_svd, lowrank_svd
-from adaptkit.merging.methods import combine
-from adaptkit.merging.primitives import agrees, disjoint_mean, magnitude_prune, majority_sign, random_prune
+from adaptkit.core.linalg import dense_svd, lowrank_svd
+from adaptkit.ops.merging import METHODS, PROVENANCE_KEY, merge
+from adaptkit.ops.merging.methods import combine
+from adaptkit.ops.merging.primitives import agrees, disjoint_mean, magnitude_prune, majority_sign, random_prune
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

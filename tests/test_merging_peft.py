@@ -15,7 +15,7 @@ import torch
 from conftest import make_peft_adapter, make_tiny_llama
 
 import adaptkit as ak
-from adaptkit.merging import PEFT_METHODS, PROVENANCE_KEY
+from adaptkit.ops.merging import PEFT_METHODS, PROVENANCE_KEY
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 W = [1.0, -0.5, 0.7]  # a negative weight subtracts

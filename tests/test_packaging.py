@@ -12,8 +12,9 @@ import importlib
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {"adaptkit", "tests", "conftest", *(p.stem for p in ROOT.joinpath("scripts").glob("*.py"))}

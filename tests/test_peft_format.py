@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 import adaptkit as ak
-from adaptkit.converters import peft as peft_format
+from adaptkit.formats import peft as peft_format
 
 from .conftest import make_peft_adapter, make_tiny_llama
 

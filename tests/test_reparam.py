@@ -17,7 +17,7 @@ import torch
 from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 
 import adaptkit as ak
-from adaptkit.converters.reparam import pissa_to_lora
+from adaptkit.ops.reparam import pissa_to_lora
 
 from .conftest import make_hub_cache, make_peft_adapter, make_tiny_llama, run_cli
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_layer_status, get_model_status, get_
 
 import adaptkit as ak
 from adaptkit.cli import main
-from adaptkit.status import checkpoint_status
+from adaptkit.live.status import checkpoint_status
 
 from .conftest import make_peft_adapter, make_tiny_llama
 

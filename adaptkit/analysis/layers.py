@@ -1,0 +1,435 @@
+"""What is inside an adapter, layer by layer: norms, spectra, effective rank, energy, sparsity.
+
+Every statistic describes the layer's weight update ``dW`` in the math orientation, flattened to a matrix
+``(out, in * prod(kernel))``. The singular values are computed without building ``dW`` where the kind
+allows it:
+
+* **LoRA** (also DoRA's directional update, rsLoRA, Tucker ``mid``): ``dW = U V`` with ``U`` ``(m, r)`` and
+  ``V`` ``(r, n)``. Thin QRs ``U = Q_u R_u`` and ``V^T = Q_v R_v`` give ``dW = Q_u (R_u R_v^T) Q_v^T``, so
+  the singular values of ``dW`` are those of the ``r x r`` core ``R_u R_v^T``. Cost ``O((m + n) r^2)``.
+* **LoHa** without Tucker cores: ``(A_1 B_1) * (A_2 B_2) = U V`` with ``U`` the row-wise Kronecker product
+  of ``A_1, A_2`` (``m x r^2``) and ``V`` the column-wise Khatri-Rao product of ``B_1, B_2``
+  (``r^2 x n``): the same QR path at rank ``r^2``.
+* **LoKr** with 2-D factors: the singular values of ``kron(W_1, W_2)`` are the products of those of
+  ``W_1`` and ``W_2``.
+* Everything else (Full diffs, conv LoKr, Tucker LoHa) is dense: ``torch.linalg.svdvals`` of ``dW``.
+* **IA3** has no base-free ``dW`` (it rescales the base weight): its row carries no ``dW`` statistics,
+  only a note with the statistics of its multiplier vector ``l``.
+
+The per-layer table comes from :func:`analyze`; :func:`analyze_adapter` also keeps the spectra (for the
+report). Cross-adapter similarity and sign conflicts live in :mod:`adaptkit.comparison`; plots and the HTML
+report in :mod:`adaptkit.report` (needs matplotlib, the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.adapter import Adapter
+from ..core.kinds import LoHa, LoKr, LoRA, layer_is_finite
+from ..core.kinds.base import math_shape
+from ..progress import bar
+from .depth import Position, first_index, module_positions
+
+#: columns of :func:`analyze`, in order
+COLUMNS = ("module", "kind", "shape", "component", "depth", "rank", "scale", "dora", "fro_norm", "spectral_norm",
+           "stable_rank", "effective_rank", "rank_90", "rank_99", "energy_share", "sparsity", "finite", "method", "note")
+
+
+# ------------------------------------------------------------------------------------ low-rank algebra
+
+
+def lowrank_factors(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An exact factorisation ``dW = U @ V`` (float64) of a layer's flattened math-oriented delta, or ``None``.
+
+    Args:
+        layer: any adapter layer.
+
+    Returns:
+        ``(U, V)`` with ``U`` ``(out, R)`` and ``V`` ``(R, in * prod(kernel))`` for LoRA (``R = r``, scale folded
+        into ``U``) and for LoHa without Tucker cores (``R = r^2``); ``None`` for every other kind.
+    """
+    if isinstance(layer, LoRA):
+        u, v = layer.factors()
+        return u.double(), v.double()
+    if isinstance(layer, LoHa) and layer.t1 is None:
+        a1, b1 = layer.w1a.double(), layer.w1b.double().reshape(layer.w1b.shape[0], -1)
+        a2, b2 = layer.w2a.double(), layer.w2b.double().reshape(layer.w2b.shape[0], -1)
+        m, n = a1.shape[0], b1.shape[1]
+        u = (a1[:, :, None] * a2[:, None, :]).reshape(m, -1) * layer.scale  # row-wise Kronecker product
+        v = (b1[:, None, :] * b2[None, :, :]).reshape(-1, n)  # column-wise Khatri-Rao product
+        return u, v
+    return None
+
+
+def lowrank_singular_values(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``u @ v`` without forming it: thin QRs of ``u`` and ``v^T``, SVD of the small core.
+
+    Args:
+        u: ``(m, R)`` matrix.
+        v: ``(R, n)`` matrix.
+
+    Returns:
+        The ``min(m, n, R)`` singular values, descending, in ``u``'s dtype.
+    """
+    ru = torch.linalg.qr(u, mode="r").R  # (min(m, R), R)
+    rv = torch.linalg.qr(v.T, mode="r").R  # (min(n, R), R)
+    return torch.linalg.svdvals(ru @ rv.T)
+
+
+def flat_delta(layer: Any) -> torch.Tensor:
+    """The layer's delta in the math orientation, flattened to ``(out, in * prod(kernel))``, float32.
+
+    Raises:
+        UnsupportedError: the layer is IA3 (it has no base-free delta).
+    """
+    d = layer.delta_math() if hasattr(layer, "delta_math") else layer.delta()
+    return d.reshape(d.shape[0], -1)
+
+
+def layer_spectrum(layer: Any) -> tuple[np.ndarray, str]:
+    """Singular values of a layer's delta (descending, float64) and how they were computed.
+
+    Args:
+        layer: an adapter layer other than IA3.
+
+    Returns:
+        ``(singular_values, method)`` with ``method`` one of ``"lowrank"``, ``"kron"``, ``"dense"``.
+    """
+    factors = lowrank_factors(layer)
+    if factors is not None:
+        return lowrank_singular_values(*factors).numpy(), "lowrank"
+    if _kron_2d(layer):
+        s1 = torch.linalg.svdvals(_lokr_w(layer.w1, layer.w1a, layer.w1b)).double()
+        s2 = torch.linalg.svdvals(_lokr_w(layer.w2, layer.w2a, layer.w2b)).double()
+        s = torch.sort(torch.outer(s1, s2).flatten() * abs(layer.scale), descending=True).values
+        return s.numpy(), "kron"
+    return torch.linalg.svdvals(flat_delta(layer)).double().numpy(), "dense"
+
+
+def _kron_2d(layer: Any) -> bool:
+    """True for a LoKr layer whose delta is exactly ``scale * kron(W_1, W_2)`` of two matrices (no reshape)."""
+    if not isinstance(layer, LoKr) or layer.t2 is not None or len(layer.w2_shape) != 2:
+        return False
+    (a, c), (b, d) = layer.w1_shape, layer.w2_shape
+    return math_shape(tuple(layer.shape), layer.fan_in_fan_out) == (a * b, c * d)
+
+
+def _lokr_w(w: torch.Tensor | None, wa: torch.Tensor | None, wb: torch.Tensor | None) -> torch.Tensor:
+    return w.double() if w is not None else wa.double() @ wb.double()
+
+
+def layer_sparsity(layer: Any) -> float:
+    """Fraction of the entries of the flattened ``dW`` that are exactly zero.
+
+    For factored kinds this counts structural zeros without building ``dW``: an entry of ``U V`` is zero when
+    its row of ``U`` or its column of ``V`` is all zero, and a Kronecker entry when either factor entry is.
+    This equals the dense count unless nonzero terms cancel exactly (which trained weights never do).
+    """
+    factors = lowrank_factors(layer)
+    if factors is not None:
+        u, v = factors
+        live_rows = int((u != 0).any(dim=1).sum())
+        live_cols = int((v != 0).any(dim=0).sum())
+        return 1.0 - (live_rows / u.shape[0]) * (live_cols / v.shape[1])
+    if _kron_2d(layer):
+        w1 = _lokr_w(layer.w1, layer.w1a, layer.w1b)
+        w2 = _lokr_w(layer.w2, layer.w2a, layer.w2b)
+        if layer.scale == 0:
+            return 1.0
+        return 1.0 - (int((w1 != 0).sum()) / w1.numel()) * (int((w2 != 0).sum()) / w2.numel())
+    d = flat_delta(layer)
+    return float((d == 0).sum()) / d.numel()
+
+
+# ------------------------------------------------------------------------------------ spectral statistics
+
+
+@dataclass(frozen=True)
+class SpectrumStats:
+    """Scalar summaries of a singular-value spectrum ``s`` (see :func:`spectrum_stats` for definitions)."""
+
+    fro_norm: float
+    spectral_norm: float
+    stable_rank: float
+    effective_rank: float
+    rank_90: int
+    rank_99: int
+
+
+def energy_rank(s: np.ndarray, fraction: float) -> int:
+    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * sum(s**2)``, ``s`` sorted descending (0 if all zero)."""
+    energy = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
+    total = energy.sum()
+    if total <= 0:
+        return 0
+    cum = np.cumsum(energy)
+    return int(np.searchsorted(cum, fraction * total * (1 - 1e-12)) + 1)
+
+
+def spectrum_stats(s: np.ndarray) -> SpectrumStats:
+    """Norms and rank measures of a matrix from its singular values ``s`` (descending or not).
+
+    Definitions (``s_i`` the singular values, zeros dropped where a ratio needs it):
+
+    * ``fro_norm`` = ``sqrt(sum s_i^2)`` (``||dW||_F``); ``spectral_norm`` = ``max s_i`` (``||dW||_2``).
+    * ``stable_rank`` = ``||dW||_F^2 / ||dW||_2^2`` = ``sum s_i^2 / max s_i^2``.
+    * ``effective_rank`` (Roy & Vetterli, 2007) = ``exp(H(p))`` with ``p_i = s_i / sum_j s_j`` and the
+      Shannon entropy ``H(p) = -sum_i p_i ln p_i`` (``0 ln 0 = 0``): between 1 (one direction) and the rank
+      (all directions equally strong).
+    * ``rank_90`` / ``rank_99`` = :func:`energy_rank` at 0.90 / 0.99: how many directions hold 90% / 99% of
+      ``||dW||_F^2``.
+
+    An all-zero spectrum gives norms 0, ranks 0 and NaN for the two ratios.
+    """
+    s = np.abs(np.asarray(s, dtype=np.float64))
+    total2 = float((s**2).sum())
+    top = float(s.max()) if s.size else 0.0
+    if top <= 0:
+        return SpectrumStats(0.0, 0.0, math.nan, math.nan, 0, 0)
+    p = s[s > 0] / s.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    return SpectrumStats(
+        fro_norm=math.sqrt(total2),
+        spectral_norm=top,
+        stable_rank=total2 / top**2,
+        effective_rank=math.exp(entropy),
+        rank_90=energy_rank(s, 0.90),
+        rank_99=energy_rank(s, 0.99),
+    )
+
+
+# ------------------------------------------------------------------------------------ per-layer table
+
+
+def module_depth(path: str) -> int | None:
+    """The block index of one module path: its first all-digit component (``model.layers.3.mlp`` -> 3).
+
+    This is the rule for LLM-style paths only; the ``depth`` column comes from
+    :func:`adaptkit.depth.module_positions`, which knows pipeline components and UNet block order.
+    """
+    return first_index(path)
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(int(s)) for s in shape) if shape is not None else "?"
+
+
+def _ia3_note(layer: Any) -> str:
+    v = layer.vector.double()
+    side = "input" if layer.on_input else "output"
+    return (f"IA3 ({side} scaling): no base-free dW; multiplier l: mean {float(v.mean()):.4g}, "
+            f"min {float(v.min()):.4g}, max {float(v.max()):.4g}, ||l-1|| {float(torch.linalg.vector_norm(v - 1)):.4g}")
+
+
+def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One row of :func:`analyze` (``energy_share`` still unset) and the layer's spectrum (``None`` for IA3).
+
+    Args:
+        path: module path.
+        layer: the layer.
+        position: the module's component and depth among all the adapter's paths
+            (:func:`adaptkit.depth.module_positions`); computed from this path alone when ``None``.
+    """
+    if position is None:
+        position = module_positions([path])[path]
+    dora = getattr(layer, "magnitude", None) is not None
+    row: dict[str, Any] = {
+        "module": path, "kind": layer.kind, "shape": _shape_text(layer.shape), "component": position.component,
+        "depth": position.depth,
+        "rank": layer.rank, "scale": float(layer.scale), "dora": dora, "fro_norm": math.nan,
+        "spectral_norm": math.nan, "stable_rank": math.nan, "effective_rank": math.nan, "rank_90": None,
+        "rank_99": None, "energy_share": math.nan, "sparsity": math.nan, "finite": layer_is_finite(layer),
+        "method": "-", "note": "",
+    }
+    if layer.kind == "ia3":
+        row["note"] = _ia3_note(layer)
+        return row, None
+    if not row["finite"]:
+        row["note"] = "non-finite tensors (NaN/Inf): statistics skipped"
+        return row, None
+    s, method = layer_spectrum(layer)
+    stats = spectrum_stats(s)
+    row.update(fro_norm=stats.fro_norm, spectral_norm=stats.spectral_norm, stable_rank=stats.stable_rank,
+               effective_rank=stats.effective_rank, rank_90=stats.rank_90, rank_99=stats.rank_99,
+               sparsity=layer_sparsity(layer), method=method)
+    if dora:
+        row["note"] = "DoRA: statistics of the directional update; the magnitude acts on the base weight"
+    return row, s
+
+
+@dataclass(frozen=True)
+class AdapterAnalysis:
+    """The result of :func:`analyze_adapter`.
+
+    Args:
+        name: a short name for the adapter (used in reports and comparisons).
+        table: the per-layer DataFrame (:data:`COLUMNS`).
+        spectra: module path -> singular values (descending, float64); IA3 and non-finite layers absent.
+        source: where the adapter came from, when known.
+    """
+
+    name: str
+    table: pd.DataFrame
+    spectra: Mapping[str, np.ndarray] = field(default_factory=dict)
+    source: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A few adapter-level figures: layers, kinds, total ``||dW||_F``, median effective rank, top layer."""
+        t = self.table
+        with_delta = t[t["fro_norm"].notna()]
+        top = with_delta.sort_values("energy_share", ascending=False).head(1)
+        return {
+            "adapter": self.name,
+            "source": self.source,
+            "layers": int(len(t)),
+            "kinds": {str(k): int(v) for k, v in t["kind"].value_counts().sort_index().items()},
+            "total_fro_norm": float(np.sqrt((with_delta["fro_norm"] ** 2).sum())) if len(with_delta) else math.nan,
+            "median_effective_rank": float(with_delta["effective_rank"].median()) if len(with_delta) else math.nan,
+            "top_layer": None if top.empty else f"{top['module'].iloc[0]} ({top['energy_share'].iloc[0]:.1%})",
+            "all_finite": bool(t["finite"].all()),
+        }
+
+
+def adapter_name(adapter: Adapter, fallback: str = "adapter") -> str:
+    """A short display name: the adapter's own name unless it is PEFT's ``default``, else its source's basename."""
+    if adapter.name and adapter.name != "default":
+        return adapter.name
+    if adapter.source:
+        base = os.path.basename(str(adapter.source).rstrip("/\\")) or str(adapter.source)
+        return base.split("@")[0] or fallback
+    return fallback
+
+
+def as_adapter(adapter_or_source: Adapter | str | os.PathLike, format: str | None = None,
+               base: str | None = None) -> Adapter:
+    """Return an :class:`Adapter` as is, or load a source (hub id, directory, file) with :func:`adaptkit.load`."""
+    if isinstance(adapter_or_source, Adapter):
+        return adapter_or_source
+    from ..formats import load
+
+    return load(adapter_or_source, format=format, base=base)
+
+
+def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
+                    base: str | None = None, name: str | None = None,
+                    report: str | os.PathLike | None = None, progress: bool | None = None) -> AdapterAnalysis:
+    """Analyse every layer of an adapter and keep the spectra; optionally write the HTML report.
+
+    Args:
+        adapter_or_source: an :class:`Adapter`, or a hub id / directory / file to load.
+        format: source format when loading (detected when ``None``).
+        base: base model (hub id or directory) for formats whose module names need resolving (kohya).
+        name: display name (default: :func:`adapter_name`).
+        report: write a self-contained HTML report to this path (replaced if it exists); needs matplotlib.
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
+
+    Returns:
+        An :class:`AdapterAnalysis` (``.table`` is what :func:`analyze` returns).
+
+    Raises:
+        UnsupportedError: ``report`` is given and matplotlib is not installed (checked before any work).
+    """
+    if report is not None:
+        from .report import require_matplotlib
+
+        require_matplotlib()
+    adapter = as_adapter(adapter_or_source, format, base)
+    rows, spectra = [], {}
+    positions = module_positions(adapter.layers)
+    for path in bar(sorted(adapter.layers, key=natural_key), desc="analyze", unit="layer", progress=progress):
+        row, s = analyze_layer(path, adapter.layers[path], positions[path])
+        rows.append(row)
+        if s is not None:
+            spectra[path] = s
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in ("rank", "rank_90", "rank_99"):
+        table[col] = table[col].astype(object).where(table[col].notna(), None)
+    table["depth"] = pd.Series([r["depth"] for r in rows], index=table.index, dtype=object)  # ints stay ints
+    energy = table["fro_norm"] ** 2
+    total = float(energy.sum(skipna=True))
+    table["energy_share"] = energy / total if total > 0 else math.nan
+    result = AdapterAnalysis(name=name or adapter_name(adapter), table=table, spectra=spectra, source=adapter.source)
+    if report is not None:
+        from .report import write_analysis_report
+
+        write_analysis_report(result, report)
+    return result
+
+
+def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
+            base: str | None = None) -> pd.DataFrame:
+    """Per-layer analysis of an adapter's weight updates, one row per layer.
+
+    Computed in the low-rank space for LoRA (and LoHa): QR of the factors and an SVD of the ``r x r`` core,
+    never the dense ``m x n`` delta; dense only for kinds that need it (see the module docstring).
+
+    Args:
+        adapter_or_source: an :class:`Adapter`, or a hub id / directory / file to load.
+        format: source format when loading (detected when ``None``).
+        base: base model (hub id or directory) for formats whose module names need resolving (kohya).
+
+    Returns:
+        A DataFrame with columns :data:`COLUMNS`: ``module``, ``kind``, ``shape`` (module weight shape),
+        ``component`` (pipeline component: ``unet``, ``text_encoder``, ...; ``""`` for a bare model), ``depth``
+        (position in block order within the component: the block index ``N`` of ``layers.N`` for LLMs and text
+        encoders, the place in the U for UNets; see :mod:`adaptkit.depth`), ``rank`` (nominal), ``scale``, ``dora``, ``fro_norm``
+        (``||dW||_F``), ``spectral_norm``, ``stable_rank``, ``effective_rank`` (``exp`` of the entropy of
+        ``s_i / sum s``; see :func:`spectrum_stats`), ``rank_90`` / ``rank_99`` (directions holding 90% / 99%
+        of ``||dW||_F^2``), ``energy_share`` (``||dW||_F^2`` over the adapter's total), ``sparsity`` (fraction of
+        exactly-zero entries of ``dW``, see :func:`layer_sparsity`), ``finite``, ``method`` (``lowrank``,
+        ``kron``, ``dense``) and ``note`` (IA3 vector statistics, DoRA, non-finite). IA3 rows have NaN
+        ``dW`` statistics.
+
+    Example:
+        >>> import adaptkit as ak
+        >>> ak.analyze("path/to/adapter").sort_values("energy_share", ascending=False).head()
+    """
+    return analyze_adapter(adapter_or_source, format=format, base=base).table
+
+
+def natural_key(path: str) -> list[Any]:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+def write_json_safe(value: Any) -> Any:
+    """Turn NaN floats into ``None`` and numpy scalars into Python ones, recursively (for JSON output)."""
+    if isinstance(value, dict):
+        return {k: write_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [write_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+__all__ = [
+    "COLUMNS",
+    "AdapterAnalysis",
+    "SpectrumStats",
+    "adapter_name",
+    "analyze",
+    "analyze_adapter",
+    "analyze_layer",
+    "energy_rank",
+    "flat_delta",
+    "layer_sparsity",
+    "layer_spectrum",
+    "lowrank_factors",
+    "lowrank_singular_values",
+    "module_depth",
+    "spectrum_stats",
+]

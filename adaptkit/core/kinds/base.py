@@ -1,0 +1,294 @@
+"""Pieces every adapter kind shares: tensor bookkeeping, orientation and apply-by-delta.
+
+Conventions used by all kinds:
+
+* ``shape`` is the shape of the adapted module's ``weight`` as torch stores it (``nn.Linear``:
+  ``(out, in)``; ``nn.ConvNd``: ``(out, in/groups, *kernel)``; ``nn.Embedding``: ``(num, dim)``;
+  transformers ``Conv1D``: ``(in, out)``).
+* The *math orientation* is ``(out_features, in_features, *kernel)``: the matrix that multiplies the
+  input. It differs from ``shape`` only when ``fan_in_fan_out`` is true (``Conv1D`` and embeddings,
+  exactly as PEFT's ``transpose(..., fan_in_fan_out)``).
+* ``delta()`` returns float32 in the module orientation, the value PEFT's ``get_delta_weight`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .dora import dora_apply
+
+MODULE_TYPES = ("linear", "conv", "embedding")
+
+
+def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
+    """Return the named tensors of a layer dataclass (fields holding a tensor, ``None`` skipped)."""
+    out = {}
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if isinstance(value, torch.Tensor):
+            out[f.name] = value
+    return out
+
+
+#: the factor tensors of the kinds, by the part names the format readers use, all at least 2-D
+FACTOR_PARTS = frozenset({"down", "up", "mid", "a", "b", "emb_a", "emb_b", "w1", "w1a", "w1b", "w2", "w2a", "w2b",
+                          "t1", "t2"})
+#: parts that are flags or scalars rather than adapter values (kohya/diffusers ``alpha``, LyCORIS IA3 ``on_input``)
+SCALAR_PARTS = frozenset({"alpha", "on_input"})
+#: the (down/A, up/B) part pairs of one LoRA layer, as PEFT, kohya and diffusers readers name them
+LORA_PAIRS = (("down", "up"), ("a", "b"), ("emb_a", "emb_b"))
+
+
+def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> None:
+    """Refuse tensors no adapter layer can be built from, before any shape or scale is derived from them.
+
+    Every format reader (and state-dict injection) calls this on one module's tensors. It refuses:
+
+    * a tensor that is not floating point (integer, bool, complex): adapter values are floats, and an
+      integer factor would be fused as if it were one;
+    * a tensor with no entries (a rank-0 factor: its scale ``alpha / r`` divides by zero);
+    * a factor with fewer than 2 dimensions;
+    * LoRA factors whose numbers of dimensions differ, or an up/B factor that is not ``(out, r)`` /
+      ``(out, r, 1, ...)``.
+
+    Args:
+        parts: one module's tensors by part name (``down``, ``up``, ``w1a``, ``ia3``, ...); the scalar parts of
+            :data:`SCALAR_PARTS` are not checked.
+        names: part name -> the tensor's name in the file, for the message.
+
+    Raises:
+        FormatError: a tensor that is not floating point, or an empty one; the message names it.
+        ShapeMismatchError: a factor of the wrong number of dimensions; the message names it and its shape.
+    """
+    from ...errors import FormatError, ShapeMismatchError
+
+    def name(part: str) -> str:
+        return (names or {}).get(part, part)
+
+    for part, t in sorted(parts.items()):  # a fixed order (A before B, down before up): the same error every time
+        if part in SCALAR_PARTS:
+            continue
+        if not t.is_floating_point():
+            raise FormatError(
+                f"tensor '{name(part)}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter tensors are floating "
+                "point; the checkpoint is damaged or not an adapter: re-save it with float32/float16/bfloat16 weights"
+            )
+        if part in FACTOR_PARTS and t.ndim < 2:
+            raise ShapeMismatchError(
+                f"tensor '{name(part)}' has shape {tuple(t.shape)}, but an adapter factor has at least 2 dimensions; "
+                "the checkpoint is damaged or not an adapter"
+            )
+        if t.numel() == 0:
+            raise FormatError(
+                f"tensor '{name(part)}' has shape {tuple(t.shape)} and no entries (a rank-0 layer?); an adapter tensor "
+                "cannot be empty: drop this layer from the checkpoint or re-save it with a positive rank"
+            )
+    for down, up in LORA_PAIRS:
+        if down in parts and up in parts:
+            d, u = parts[down], parts[up]
+            if d.ndim != u.ndim:
+                raise ShapeMismatchError(
+                    f"tensors '{name(down)}' {tuple(d.shape)} and '{name(up)}' {tuple(u.shape)} have {d.ndim} and "
+                    f"{u.ndim} dimensions, but the two factors of a LoRA layer have the same number (2 for a linear or "
+                    "embedding layer, 3 to 5 for a convolution); the checkpoint is damaged"
+                )
+            if any(s != 1 for s in u.shape[2:]):
+                raise ShapeMismatchError(
+                    f"tensor '{name(up)}' has shape {tuple(u.shape)}, but a LoRA up/B factor is (out, r), or "
+                    "(out, r, 1, ...) for a convolution; the checkpoint is damaged"
+                )
+
+
+def layer_dtype(layer: Any) -> torch.dtype:
+    """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
+    tensors = tensor_fields(layer)
+    biggest = max(tensors.values(), key=lambda t: t.numel())
+    return biggest.dtype
+
+
+def layer_numel(layer: Any) -> int:
+    """Number of stored elements of a layer."""
+    return sum(t.numel() for t in tensor_fields(layer).values())
+
+
+def layer_nbytes(layer: Any) -> int:
+    """Number of stored bytes of a layer."""
+    return sum(t.numel() * t.element_size() for t in tensor_fields(layer).values())
+
+
+#: the scalar fields a layer's effect is multiplied by (``None`` for kinds without them, IA3 and Full)
+SCALAR_FIELDS = ("alpha", "scale")
+
+
+def nonfinite_fields(layer: Any) -> list[str]:
+    """The fields of a layer that hold NaN or Inf: floating tensors, and the scalars ``alpha`` and ``scale``.
+
+    This is adaptkit's one finiteness rule: every check (``Adapter.is_finite``, status tables, inject, fuse,
+    merge, convert, reparametrisation, LoftQ) goes through it, so a NaN ``lora_alpha`` in
+    ``adapter_config.json`` or an Inf kohya ``alpha`` tensor counts exactly as a NaN factor does.
+    """
+    bad = [name for name, t in tensor_fields(layer).items()
+           if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    for name in SCALAR_FIELDS:
+        value = getattr(layer, name, None)
+        if value is not None and not math.isfinite(float(value)):
+            bad.append(name)
+    return bad
+
+
+def layer_is_finite(layer: Any) -> bool:
+    """True when no tensor of the layer holds NaN or Inf and its alpha and scale are finite numbers."""
+    return not nonfinite_fields(layer)
+
+
+def check_floating(layer: Any) -> None:
+    """Refuse a layer built from tensors that are not floating point (a backstop for layers built in code).
+
+    Raises:
+        FormatError: naming the field and its dtype.
+    """
+    from ...errors import FormatError
+
+    for name, t in tensor_fields(layer).items():
+        if not t.is_floating_point():
+            raise FormatError(f"{layer.kind} tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter "
+                              "tensors are floating point; convert it with .float() first")
+
+
+def cast_layer(layer: Any, dtype: torch.dtype) -> Any:
+    """Return a copy of the layer with every floating tensor cast to ``dtype``."""
+    changes = {k: v.to(dtype) for k, v in tensor_fields(layer).items() if v.is_floating_point()}
+    return dataclasses.replace(layer, **changes)
+
+
+def math_shape(shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The math orientation ``(out, in, *k)`` of a module weight shape."""
+    if fan_in_fan_out:
+        if len(shape) != 2:
+            raise ValueError("fan_in_fan_out applies to 2-D weights only")
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def to_module(delta_math: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Turn a math-oriented tensor into the module orientation."""
+    return delta_math.T if fan_in_fan_out else delta_math
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32 (no copy when it already is)."""
+    return t.to(torch.float32)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+
+def _shape_text(shape: Any) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def layer_repr(layer: Any) -> str:
+    """A layer in one line: kind, weight shape, rank, alpha and scale, dtype, other settings, tensor shapes.
+
+    ``LoRA(shape=(64, 96), rank=8, alpha=8, scale=1, dtype=float32; down (8, 96), up (64, 8))``. Fields at
+    their default are left out; tensors show their shape, never their values (what a notebook displays).
+    """
+    parts = [f"shape={_shape_text(layer.shape) if layer.shape is not None else None}"]
+    if layer.rank is not None:
+        parts.append(f"rank={layer.rank}")
+    if layer.alpha is not None:
+        parts.append(f"alpha={float(layer.alpha):g}")
+        parts.append(f"scale={float(layer.scale):g}")
+    tensors = tensor_fields(layer)
+    if tensors:
+        parts.append(f"dtype={str(layer_dtype(layer)).removeprefix('torch.')}")
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if f.name in ("shape", "rank", "alpha") or value is None or isinstance(value, torch.Tensor):
+            continue
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        parts.append(f"{f.name}={value!r}")
+    shapes = ", ".join(f"{name} {_shape_text(t.shape)}" for name, t in tensors.items())
+    return f"{type(layer).__name__}({', '.join(parts)}; {shapes or 'no tensors'})"
+
+
+class LayerRepr:
+    """Gives a kind the concise :func:`layer_repr` (its dataclass is declared with ``repr=False``)."""
+
+    def __repr__(self) -> str:
+        return layer_repr(self)
+
+
+class DeltaMixin(LayerRepr):
+    """``delta``/``apply``/``unapply`` for kinds that build a delta (LoRA, LoHa, LoKr, Full).
+
+    The class provides ``delta_math()`` and ``fan_in_fan_out``; ``magnitude``/``magnitude_axis`` (DoRA)
+    and ``delta_bias()`` are optional. Without a magnitude the kind is additive: ``W + delta``.
+    """
+
+    @property
+    def additive(self) -> bool:
+        """False when a DoRA magnitude is present (the effect then depends on the base weight)."""
+        return getattr(self, "magnitude", None) is None
+
+    def delta(self) -> torch.Tensor:
+        """Float32 delta in the module orientation (PEFT's ``get_delta_weight``)."""
+        d = self.delta_math()
+        return d.T if self.fan_in_fan_out else d
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Change of the module bias, float32, or ``None``."""
+        return None
+
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the fused ``(weight, bias)`` in float32 for a module weight of ``self.shape``."""
+        dm = self.delta_math()
+        w = weight.to(torch.float32)
+        w_math = (w.T if self.fan_in_fan_out else w).reshape(dm.shape)
+        magnitude = getattr(self, "magnitude", None)
+        if magnitude is None:
+            fused = w_math + dm
+        else:
+            fused = dora_apply(w_math, dm, magnitude, self.magnitude_axis)
+        fused = (fused.T if self.fan_in_fan_out else fused).reshape(weight.shape)
+        return fused, self.apply_bias(bias)
+
+    @property
+    def changes_bias(self) -> bool:
+        """True when the layer changes the module's bias (PEFT ``lora_B.bias``, LyCORIS ``diff_b``)."""
+        return self.delta_bias() is not None
+
+    def apply_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The module bias after :meth:`apply`: ``b + delta_bias()`` in float32.
+
+        Raises:
+            UnsupportedError: the layer changes the bias and the module has none (``bias`` is ``None``).
+        """
+        db = self.delta_bias()
+        if bias is None:
+            if db is not None:
+                from ...errors import UnsupportedError
+
+                raise UnsupportedError("this adapter layer changes the bias but the base module has none")
+            return None
+        new_b = bias.to(torch.float32)
+        return new_b if db is None else new_b + db.reshape(new_b.shape)
+
+    def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of :meth:`apply` for additive layers: subtract the delta again."""
+        if not self.additive:
+            raise ValueError("DoRA cannot be unfused without the original base weight")
+        new_w = weight.to(torch.float32) - self.delta().reshape(weight.shape)
+        new_b = None if bias is None else bias.to(torch.float32)
+        db = self.delta_bias()
+        if db is not None and new_b is not None:
+            new_b = new_b - db.reshape(new_b.shape)
+        return new_w, new_b

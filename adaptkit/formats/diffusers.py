@@ -1,0 +1,297 @@
+"""diffusers LoRA format: ``pytorch_lora_weights.safetensors`` as ``pipe.save_lora_weights`` writes it.
+
+Current layout (read and written): PEFT-style keys with a pipeline-component prefix,
+``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (also ``transformer.``, ``text_encoder.``,
+``text_encoder_2.``, ``text_encoder_3.``), optional ``lora_magnitude_vector`` (DoRA), and the per-component
+``LoraConfig`` (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` ...) packed as
+``{"unet.lora_alpha": ...}`` JSON in the ``lora_adapter_metadata`` header entry. Without that entry
+alphas come from ``<module>.alpha`` keys, else alpha = rank (diffusers' scale 1).
+
+Older layouts (read only): attention processors (``...attn1.processor.to_q_lora.down.weight``, with or
+without the ``unet.`` prefix), ``LoRACompatibleLinear`` (``<module>.lora.down.weight``) and the text
+encoder's ``lora_linear_layer`` (``<module>.lora_linear_layer.up.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.adapter import Adapter
+from ..core.kinds import LoRA
+from ..core.kinds.base import check_factors
+from ..errors import FormatError, ShapeMismatchError, UnsupportedError
+from ..io.sources import atomic_output, read_safetensors_header, read_weights, write_safetensors
+from . import peft as _peft
+from .patterns import ConfigPatterns
+
+NAME = "diffusers"
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
+ALLOW_PATTERNS = [WEIGHT_NAME, LEGACY_WEIGHT_NAME]
+METADATA_KEY = "lora_adapter_metadata"
+#: first path parts of a diffusers UNet2DConditionModel's modules
+UNET_ROOTS = ("conv_in", "time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "down_blocks.",
+              "mid_block.", "up_blocks.", "conv_norm_out", "conv_out", "time_proj")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
+
+#: old attention-processor projection name -> module name under the attention block
+PROCESSOR_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0",
+                     "add_k_proj_lora": "add_k_proj", "add_v_proj_lora": "add_v_proj"}
+#: key patterns -> (module path group, canonical part); first match wins
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(?P<m>.+)\.lora_A\.weight$"), "a"),
+    (re.compile(r"^(?P<m>.+)\.lora_B\.weight$"), "b"),
+    (re.compile(r"^(?P<m>.+)\.lora_B\.bias$"), "bias"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(\.weight)?$"), "magnitude"),
+    (re.compile(r"^(?P<m>.+)\.processor\.(?P<p>\w+_lora)\.down\.weight$"), "a"),
+    (re.compile(r"^(?P<m>.+)\.processor\.(?P<p>\w+_lora)\.up\.weight$"), "b"),
+    (re.compile(r"^(?P<m>.+)\.(lora_linear_layer|lora)\.down\.weight$"), "a"),
+    (re.compile(r"^(?P<m>.+)\.(lora_linear_layer|lora)\.up\.weight$"), "b"),
+    (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
+]
+
+
+def _parse(key: str) -> tuple[str, str] | None:
+    for pattern, part in _PATTERNS:
+        m = pattern.match(key)
+        if m:
+            module = m.group("m")
+            proj = m.groupdict().get("p")
+            if proj is not None:
+                if proj not in PROCESSOR_TARGETS:
+                    return None
+                module = f"{module}.{PROCESSOR_TARGETS[proj]}"
+            return module, part
+    return None
+
+
+def _with_component(module: str) -> str:
+    return module if module.split(".", 1)[0] in COMPONENTS else f"unet.{module}"
+
+
+# --------------------------------------------------------------------------------------------- detect
+
+
+def _weights_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    for name in (WEIGHT_NAME, LEGACY_WEIGHT_NAME):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def detect(path: Path) -> bool:
+    """True for ``pytorch_lora_weights.safetensors`` (or a directory holding it) with diffusers keys."""
+    f = _weights_file(path)
+    if f is None or f.suffix != ".safetensors":
+        return False
+    if path.is_dir() and (path / _peft.CONFIG_NAME).is_file():
+        return False
+    header, _ = read_safetensors_header(f)
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        return False
+    prefixed = all(k.split(".", 1)[0] in COMPONENTS for k in keys)
+    old = any(".processor." in k or ".lora_linear_layer." in k for k in keys)
+    return (prefixed and all(_parse(k) for k in keys)) or (old and all(_parse(k) for k in keys))
+
+
+# ----------------------------------------------------------------------------------------------- read
+
+
+def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
+    """Read a diffusers LoRA file (current or older layouts).
+
+    Raises:
+        FormatError: keys of another scheme, incomplete layers, a corrupt ``lora_adapter_metadata``.
+        ShapeMismatchError: factors that disagree.
+    """
+    f = _weights_file(Path(path))
+    if f is None:
+        raise FormatError(f"no {WEIGHT_NAME} in {path}; pass the diffusers LoRA file itself")
+    tensors, metadata = read_weights(f)
+    configs = _configs(metadata, f.name)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    bad = []
+    for key, t in tensors.items():
+        parsed = _parse(key)
+        if parsed is None:
+            bad.append(key)
+            continue
+        module, part = parsed
+        groups[_with_component(module)][part] = t
+    if bad:
+        raise FormatError(
+            f"{f.name} holds keys diffusers LoRA files do not have, e.g. '{bad[0]}' ({len(bad)} such keys); "
+            "is it a kohya/LyCORIS or PEFT file? pass format=... accordingly"
+        )
+    layers = {}
+    patterns = {comp: ConfigPatterns.of(cfg) for comp, cfg in configs.items()}
+    added = set(_json_list(metadata.pop(TEXT_MODEL_KEY, None)))  # components whose text_model. adaptkit's writer added
+    for module in sorted(groups):
+        parts = groups[module]
+        if "a" not in parts or "b" not in parts:
+            if set(parts) == {"alpha"}:
+                continue
+            raise FormatError(f"{module} lacks its lora_A/down or lora_B/up tensor; the checkpoint is incomplete")
+        comp, _, rel = module.partition(".")
+        if comp in added and rel.startswith("text_model."):
+            rel = rel[len("text_model."):]
+            module = f"{comp}.{rel}"
+        try:
+            check_factors(parts, _DISPLAY)
+            layers[module] = _layer(rel, parts, configs.get(comp, {}), patterns.get(comp))
+        except (ShapeMismatchError, FormatError) as e:
+            raise type(e)(f"{module}: {e}") from e
+    if not layers:
+        raise FormatError(f"{f.name} contains no LoRA tensors; is it an adapter checkpoint?")
+    return Adapter(layers=layers, base_model=None, metadata=metadata,
+                   config={"components": configs}, format=NAME, source=source or str(path))
+
+
+def _configs(metadata: dict[str, str], fname: str) -> dict[str, dict[str, Any]]:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{fname}: the {METADATA_KEY} header entry is not valid JSON ({e}); re-export the file") from e
+    out: dict[str, dict[str, Any]] = defaultdict(dict)
+    for key, value in flat.items():
+        comp, _, field = key.partition(".")
+        out[comp][field] = value
+    return dict(out)
+
+
+#: canonical part -> tensor name suffix, for messages
+_DISPLAY = {"a": "lora_A.weight", "b": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
+
+
+def _layer(rel: str, p: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns | None) -> LoRA:
+    a, b = p["a"], p["b"]
+    r = a.shape[0]
+    if "alpha" in p and p["alpha"].numel():
+        alpha = float(p["alpha"].float().reshape(-1)[0])
+    elif cfg and patterns is not None:
+        alpha = patterns.alpha_for(rel, cfg.get("lora_alpha", r))
+    else:
+        alpha = float(r)
+    if a.ndim > 2:
+        shape, mtype = (b.shape[0], a.shape[1], *a.shape[2:]), "conv"
+    else:
+        shape, mtype = (b.shape[0], a.shape[1]), "linear"
+    mag = p.get("magnitude")
+    return LoRA(down=a, up=b, alpha=alpha, shape=shape, module_type=mtype, rslora=bool(cfg.get("use_rslora", False)),
+                magnitude=None if mag is None else mag.flatten(), bias=p.get("bias"))
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+def _config_fields() -> set[str] | None:
+    try:
+        import dataclasses
+
+        from peft import LoraConfig
+    except ImportError:  # pragma: no cover - peft is optional for writing
+        return None
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+#: pipeline components that are CLIP text encoders, and the module paths transformers 5 gives them without
+#: the ``text_model.`` that transformers 4, the Hub's diffusers LoRA files and ComfyUI use
+_CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
+_CLIP_BARE = ("encoder.layers.", "embeddings.", "final_layer_norm")
+#: metadata entry listing the components whose tensor names the writer gave a ``text_model.`` (read strips it)
+TEXT_MODEL_KEY = "adaptkit.text_model_added"
+
+
+def _json_list(raw: str | None) -> list[str]:
+    try:
+        value = json.loads(raw) if raw else []
+    except (json.JSONDecodeError, TypeError):
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: Any) -> Path:
+    """Write a LoRA adapter as a diffusers directory that ``pipe.load_lora_weights`` loads.
+
+    Args:
+        adapter: LoRA layers (DoRA per output feature allowed) whose paths start with a pipeline component
+            (``unet.``, ``transformer.``, ``text_encoder.`` ...).
+        path: output directory (``pytorch_lora_weights.safetensors`` is written inside).
+        overwrite: replace an existing directory.
+
+    Raises:
+        UnsupportedError: non-LoRA layers (convert them first) or paths without a pipeline component.
+    """
+    if not adapter.layers:
+        raise UnsupportedError("the adapter has no layers; there is nothing to write")
+    kinds = adapter.kinds - {"lora"}
+    if kinds:
+        raise UnsupportedError(
+            f"diffusers LoRA files hold LoRA layers only, this adapter has {sorted(kinds)}; "
+            "convert it with --rank R (convert(kind='lora', rank=R)) or write format='kohya'"
+        )
+    by_comp: dict[str, dict[str, Any]] = defaultdict(dict)
+    for p, layer in adapter.layers.items():
+        comp, _, rel = p.partition(".")
+        if comp not in COMPONENTS or not rel:
+            raise UnsupportedError(
+                f"{p} names no pipeline component (unet., transformer., text_encoder. ...); diffusers files are "
+                "for pipelines: write format='peft' for a single model"
+            )
+        if comp == "unet" and not rel.startswith(UNET_ROOTS):
+            raise UnsupportedError(
+                f"{p} is not a diffusers UNet module (original Flux/SD3 or LDM names?); diffusers would not load it: "
+                "write format='kohya'"
+            )
+        by_comp[comp][rel] = layer
+    fields = _config_fields()
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, Any] = {}
+    added: list[str] = []
+    for comp, layers in by_comp.items():
+        cfg: dict[str, Any] = {"peft_type": "LORA"}
+        out: dict[str, torch.Tensor] = {}
+        _peft._write_lora(Adapter(layers=layers), cfg, out, f"{comp}.")
+        if comp in _CLIP_COMPONENTS:  # tensor names as transformers 4, Hub files and ComfyUI's key map spell them;
+            # the config keeps transformers 5's bare paths, which PEFT's suffix rule matches under both namings
+            renamed = {f"{comp}.text_model.{k[len(comp) + 1:]}" if k[len(comp) + 1:].startswith(_CLIP_BARE) else k: t
+                       for k, t in out.items()}
+            if renamed.keys() != out.keys():
+                added.append(comp)
+            out = renamed
+        tensors.update(out)
+        cfg.setdefault("lora_dropout", 0.0)
+        for k, v in cfg.items():
+            if fields is None or k in fields:
+                packed[f"{comp}.{k}"] = sorted(v) if isinstance(v, set) else v
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in (METADATA_KEY, TEXT_MODEL_KEY)}
+    metadata["format"] = "pt"
+    if added:
+        metadata[TEXT_MODEL_KEY] = json.dumps(sorted(added))
+    if adapter.format == "kohya":
+        naming = {**dict(adapter.config.get("kohya_naming") or {}), "inventory": adapter.config.get("inventory")}
+        metadata["adaptkit.kohya_naming"] = json.dumps(naming, sort_keys=True)
+    metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+    if adapter.extras:
+        raise UnsupportedError(
+            f"diffusers LoRA files hold LoRA layers only; this adapter also carries {len(adapter.extras)} other "
+            f"tensor(s) (e.g. {next(iter(adapter.extras))}): write format='peft' or 'kohya' to keep them"
+        )
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        write_safetensors(tensors, tmp / WEIGHT_NAME, metadata)
+    return Path(path)
+
+
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "METADATA_KEY", "NAME", "WEIGHT_NAME", "detect", "read", "write"]

@@ -1,0 +1,420 @@
+"""Conversion between adapter kinds and between checkpoint formats.
+
+* :func:`convert` turns layers of any additive kind into LoRA: exactly where the kind already is LoRA,
+  otherwise through the dense delta and a truncated SVD, with the retained energy and relative error
+  of every layer in a report.
+* :func:`plan` says, per layer, whether a target format can store it as it is, and why not.
+* :func:`convert_checkpoint` is ``adaptkit convert``: load, convert what the target cannot express (only
+  when a rank or ``kind="lora"`` allows a lossy step), write. :data:`CONVERTERS` is the one table the CLI
+  dispatches a ``'a->b'`` spec through: formats on both sides, or a named reparametrisation on the left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.adapter import Adapter
+from ..core.kinds import IA3, Full, LoKr, LoRA
+from ..core.kinds.base import math_shape
+from ..errors import ConfigError, UnsupportedError
+from ..progress import bar
+
+#: kinds the target formats store losslessly (before per-layer checks such as PEFT's LoKr factorisation)
+FORMAT_KINDS: dict[str, frozenset[str]] = {
+    "peft": frozenset({"lora", "loha", "lokr", "ia3"}),
+    "diffusers": frozenset({"lora"}),
+    "kohya": frozenset({"lora", "loha", "lokr", "ia3", "full"}),
+}
+
+
+@dataclass(frozen=True)
+class LayerConversion:
+    """What happened to one layer.
+
+    Args:
+        path: module path. source_kind / kind: kind before and after. rank: rank after (``None`` for kinds
+        without one). method: ``"kept"``, ``"svd"`` (truncated) or ``"exact-svd"`` (full numerical rank).
+        retained_energy: share of the delta's squared Frobenius norm kept (1.0 when kept).
+        relative_error: ``||dW - dW_r||_F / ||dW||_F`` (0.0 when kept).
+    """
+
+    path: str
+    source_kind: str
+    kind: str
+    rank: int | None
+    method: str
+    retained_energy: float = 1.0
+    relative_error: float = 0.0
+
+
+def report_frame(rows: list[LayerConversion]) -> Any:
+    """The per-layer report as a pandas DataFrame."""
+    import pandas as pd
+
+    cols = [f.name for f in dataclasses.fields(LayerConversion)]
+    return pd.DataFrame([dataclasses.asdict(r) for r in rows], columns=cols)
+
+
+# ------------------------------------------------------------------------------------ kind conversion
+
+
+def _svd_lora(layer: Any, rank: int | None) -> tuple[LoRA, float, float, str]:
+    """A LoRA approximating an additive layer's delta; ``rank=None`` keeps the full numerical rank."""
+    if isinstance(layer, LoRA) and layer.mid is None and layer.magnitude is None:
+        u, v = layer.factors()
+        qu, ru = torch.linalg.qr(u)
+        qv, rv = torch.linalg.qr(v.T)
+        uu, s, vh = torch.linalg.svd(ru @ rv.T)
+        left, right = qu @ uu, (qv @ vh.T).T
+    else:
+        dm = layer.delta_math()
+        left, s, right = torch.linalg.svd(dm.reshape(dm.shape[0], -1), full_matrices=False)
+    total = float((s.double() ** 2).sum())
+    if rank is None:
+        tol = float(s.max()) * max(left.shape[0], right.shape[1]) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+        r = max(1, int((s > tol).sum()))
+        method = "exact-svd"
+    else:
+        r = max(1, min(int(rank), s.numel()))
+        method = "svd"
+    kept = float((s[:r].double() ** 2).sum())
+    energy = kept / total if total > 0 else 1.0
+    error = max(0.0, 1.0 - energy) ** 0.5 if total > 0 else 0.0
+    sq = s[:r].sqrt()
+    up = left[:, :r] * sq
+    down = sq[:, None] * right[:r]
+    ms = math_shape(tuple(layer.shape), bool(getattr(layer, "fan_in_fan_out", False)))
+    conv = len(ms) > 2
+    dtype = _dtype(layer)
+    up_t = up.reshape(ms[0], r, *([1] * (len(ms) - 2))) if conv else up
+    down_t = down.reshape(r, *ms[1:]) if conv else down
+    mtype = getattr(layer, "module_type", "linear")
+    if mtype not in ("linear", "conv", "embedding"):
+        mtype = "conv" if conv else "linear"
+    new = LoRA(down=down_t.to(dtype).contiguous(), up=up_t.to(dtype).contiguous(), alpha=float(r), shape=tuple(layer.shape),
+               module_type=mtype, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+               bias=getattr(layer, "diff_b", None))  # a full layer's bias difference becomes the LoRA bias (scale 1)
+    return new, energy, error, method
+
+
+def _dtype(layer: Any) -> torch.dtype:
+    from ..core.kinds import layer_dtype
+
+    return layer_dtype(layer)
+
+
+def lora_obstacle(layer: Any) -> str | None:
+    """Why a layer cannot become a LoRA without its base weights, or ``None`` when it can."""
+    if isinstance(layer, IA3):
+        return "IA3 rescales the base weight, so its LoRA form needs the base weights (fuse it instead)"
+    if getattr(layer, "magnitude", None) is not None and not (isinstance(layer, LoRA) and layer.magnitude_axis == 0):
+        return "its DoRA magnitude depends on the base weight (fuse it instead)"
+    if isinstance(layer, Full) and (layer.module_type == "norm" or len(layer.shape) < 2):
+        return "a norm-layer difference has no low-rank form"
+    if isinstance(layer, Full) and layer.module_type == "embedding":
+        return "an embedding difference is not converted to an embedding LoRA"
+    return None
+
+
+def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
+            return_report: bool = False, progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
+    """Convert an adapter's layers to LoRA.
+
+    LoRA layers are kept as they are unless ``rank`` is smaller than theirs (then truncated by an exact
+    low-rank SVD). Every other additive kind (LoHa, LoKr, full diffs, Tucker LoCon) goes through its
+    dense delta and a truncated SVD at ``rank``; with ``rank=None`` the full numerical rank is kept
+    (lossless up to float rounding, but possibly large).
+
+    Args:
+        adapter: the adapter.
+        kind: the target kind; only ``"lora"`` is supported.
+        rank: the LoRA rank to keep, or ``None``.
+        layers: convert only these paths (others are kept as they are); ``None`` converts all.
+        return_report: also return the per-layer report (a DataFrame of :class:`LayerConversion`).
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
+
+    Returns:
+        The converted adapter (``alpha == rank`` for converted layers, i.e. scale 1), and the report when asked.
+
+    Raises:
+        UnsupportedError: a layer has no LoRA form without its base weights (IA3, per-input DoRA, norms);
+            the message lists them.
+        ConfigError: unknown ``kind`` or a non-positive ``rank``.
+        NonFiniteError: a layer holds NaN or Inf (tensors, alpha or scale).
+    """
+    if kind != "lora":
+        raise ConfigError(f"convert(kind={kind!r}) is not supported; adaptkit converts to kind='lora'")
+    if rank is not None and int(rank) < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank}")
+    adapter.check_finite("convert")
+    todo = list(adapter.layers) if layers is None else list(layers)
+    unknown = [p for p in todo if p not in adapter.layers]
+    if unknown:
+        raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
+    blocked = {p: lora_obstacle(adapter.layers[p]) for p in todo}
+    blocked = {p: why for p, why in blocked.items() if why}
+    if blocked:
+        first = next(iter(blocked))
+        raise UnsupportedError(
+            f"{len(blocked)} layer(s) cannot become LoRA: {', '.join(list(blocked)[:4])}"
+            f"{' ...' if len(blocked) > 4 else ''} ({first}: {blocked[first]})"
+        )
+    out: dict[str, Any] = {}
+    rows: list[LayerConversion] = []
+    for path, layer in bar(adapter.layers.items(), desc="convert", total=len(adapter.layers), unit="layer",
+                           progress=progress):
+        if path not in todo or (isinstance(layer, LoRA) and layer.mid is None and (rank is None or layer.rank <= rank)):
+            out[path] = layer
+            rows.append(LayerConversion(path, layer.kind, layer.kind, getattr(layer, "rank", None), "kept"))
+            continue
+        if isinstance(layer, LoRA) and layer.mid is not None and (rank is None or layer.rank <= rank):
+            u, v = layer.factors()  # fold the Tucker core into down: exact, same rank
+            down = v.reshape(layer.rank, *layer.shape[1:]).to(layer.down.dtype)
+            out[path] = dataclasses.replace(layer, down=down, mid=None, alpha=layer.scale * layer.rank, rslora=False)
+            rows.append(LayerConversion(path, "lora", "lora", layer.rank, "kept"))
+            continue
+        new, energy, error, method = _svd_lora(layer, rank)
+        if isinstance(layer, LoRA) and layer.magnitude is not None:
+            new = dataclasses.replace(new, magnitude=layer.magnitude, magnitude_axis=layer.magnitude_axis)
+        out[path] = new
+        rows.append(LayerConversion(path, layer.kind, "lora", new.rank, method, energy, error))
+    result = adapter.replace(layers=out, format=None, config={})
+    return (result, report_frame(rows)) if return_report else result
+
+
+# ---------------------------------------------------------------------------------------- format plans
+
+
+def plan(adapter: Adapter, target: str) -> dict[str, str]:
+    """Layers a target format cannot store as they are: ``{path: reason}`` (empty when all fit)."""
+    from ..formats import format_module
+
+    target = format_module(target).NAME
+    kinds = FORMAT_KINDS[target]
+    reasons: dict[str, str] = {}
+    for p, layer in adapter.layers.items():
+        if layer.kind not in kinds:
+            reasons[p] = f"{target} has no {layer.kind} layers"
+        elif target != "kohya" and getattr(layer, "magnitude", None) is not None and (
+                layer.kind != "lora" or layer.magnitude_axis != 0):
+            reasons[p] = f"{target} stores DoRA only per output feature on LoRA (this is {layer.kind}, axis {layer.magnitude_axis})"
+        elif target == "peft" and isinstance(layer, IA3) and not (layer.on_input or layer.scale_bias):
+            reasons[p] = "LyCORIS IA3 leaves this module's bias unscaled, PEFT's IA3 scales it"
+        elif target == "kohya" and getattr(layer, "fan_in_fan_out", False) and layer.kind != "ia3":
+            reasons[p] = "kohya stores no fan_in_fan_out (Conv1D) layers"
+        elif target == "kohya" and isinstance(layer, LoRA) and (layer.bias is not None or layer.module_type == "embedding"):
+            reasons[p] = "kohya has no LoRA bias or embedding LoRA"
+    if target in ("peft", "diffusers"):
+        rest = {p: l for p, l in adapter.layers.items() if p not in reasons}
+        if rest:
+            counts = Counter(l.kind for l in rest.values())
+            main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
+            for p, l in rest.items():
+                if l.kind != main_kind:
+                    reasons[p] = f"a {target} adapter holds one kind and this one mixes {sorted(counts)}"
+            dora = [p for p, l in rest.items() if getattr(l, "magnitude", None) is not None and p not in reasons]
+            lora = [p for p, l in rest.items() if l.kind == "lora" and p not in reasons]
+            if dora and len(dora) != len(lora):
+                for p in lora:
+                    if p not in dora:
+                        reasons[p] = f"{target} applies DoRA to all layers or none"
+            lokr = {p: l for p, l in rest.items() if l.kind == "lokr" and p not in reasons}
+            if lokr and target == "peft":
+                reasons.update(_lokr_reasons(lokr))
+    return reasons
+
+
+def _lokr_reasons(layers: dict[str, LoKr]) -> dict[str, str]:
+    from ..formats import peft_lokr
+
+    try:
+        peft_lokr.choose_layout(layers)
+        return {}
+    except UnsupportedError:
+        pass
+    out = {}
+    for p, l in layers.items():
+        try:
+            peft_lokr.choose_layout({p: l})
+        except UnsupportedError:
+            out[p] = f"PEFT's LoKr factorisation cannot rebuild factors w1 {l.w1_shape} x w2 {l.w2_shape}"
+    if not out:
+        out = {p: "no single PEFT decompose_factor rebuilds every LoKr layer" for p in layers}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """Outcome of :func:`convert_checkpoint`: where it was written, from/to formats, the per-layer report, and a
+    ``note`` on how to load the output where that needs saying (PEFT paths that keep pipeline components)."""
+
+    out: Path
+    source_format: str
+    target_format: str
+    report: Any
+    lossless: bool
+    note: str | None = None
+
+
+def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str | None = None) -> tuple[str | None, str]:
+    """``'lycoris->peft'`` (or ``--from/--to``) into ``(source or None, target)``."""
+    if spec:
+        if "->" not in spec:
+            raise ConfigError(f"conversion spec {spec!r} needs the form 'from->to', e.g. 'lycoris->peft' (quote it in a shell)")
+        left, right = (s.strip().lower() for s in spec.split("->", 1))
+        if (src_format and src_format.lower() != left) or (dst_format and dst_format.lower() != right):
+            raise ConfigError(f"spec {spec!r} contradicts --from/--to; give one or the other")
+        src_format, dst_format = left or None, right
+    if not dst_format:
+        raise ConfigError("no target format; pass 'from->to' or --to (peft, kohya/lycoris, diffusers)")
+    return (src_format.lower() if src_format else None), dst_format.lower()
+
+
+def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str,
+                    rank: int | None = None, kind: str | None = None, base: Any = None,
+                    overwrite: bool = False, component: str | None = None,
+                    progress: bool | None = None) -> ConversionResult:
+    """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
+    from ..formats import check_write_options, format_module, load, names, save
+    from ..io.sources import check_output
+
+    check_output(out, overwrite, inputs=[source, base])
+    dst = format_module(dst_format).NAME
+    check_write_options(dst, component=component)
+    adapter = load(source, format=src_format, base=base)
+    adapter.check_finite("convert")
+    source_format = adapter.format or (src_format or "?")
+    if dst == "peft" and component is None and base is not None:
+        # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
+        component = names.bare_base_component(adapter.layers, base)
+    if dst == "peft" and component not in (None, "each"):
+        from ..formats.peft import select_component
+
+        adapter = select_component(adapter, component)  # the report lists what is written
+    todo = plan(adapter, dst)
+    lossy_ok = rank is not None or kind == "lora"
+    if kind is not None and kind != "lora":
+        raise ConfigError(f"--kind {kind} is not supported; adaptkit converts to --kind lora")
+    if kind == "lora":
+        todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items() if not (
+            isinstance(l, LoRA) and l.mid is None and (rank is None or l.rank <= rank))} | todo
+    blocked = {p: why for p in todo if (why := lora_obstacle(adapter.layers[p]))}
+    if blocked:
+        first = next(iter(blocked))
+        raise UnsupportedError(
+            f"{len(blocked)} layer(s) cannot be written as {dst}: {', '.join(list(blocked)[:4])}"
+            f"{' ...' if len(blocked) > 4 else ''} ({first}: {todo[first]}, and {blocked[first]}); write --to kohya"
+        )
+    if todo and not lossy_ok:
+        first = next(iter(todo))
+        raise UnsupportedError(
+            f"{len(todo)} layer(s) cannot be written as {dst} without loss: {', '.join(list(todo)[:4])}"
+            f"{' ...' if len(todo) > 4 else ''} ({first}: {todo[first]}); pass --rank R to convert them to LoRA "
+            "by truncated SVD (the loss is reported), or write --to kohya"
+        )
+    if todo:
+        adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True, progress=progress)
+        # the converted layers may now mix LoRA with kinds the target holds only alone (PEFT LoKr + LoRA): convert those too
+        more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
+        if more:
+            adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True, progress=progress)
+            rows = {r["path"]: r for r in report.to_dict("records")} | {
+                r["path"]: r for r in extra.to_dict("records") if r["path"] in more}
+            report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
+    else:
+        report = report_frame([LayerConversion(p, l.kind, l.kind, getattr(l, "rank", None), "kept")
+                               for p, l in adapter.layers.items()])
+    leftover = plan(adapter, dst)
+    if leftover:
+        first = next(iter(leftover))
+        raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
+    written = save(adapter, out, format=dst, overwrite=overwrite, component=component if component == "each" else None)
+    lossless = bool((report["method"] != "svd").all())
+    note = _component_note(adapter, component, str(written)) if dst == "peft" else None
+    return ConversionResult(Path(written), source_format, dst, report, lossless, note)
+
+
+def _component_note(adapter: Adapter, component: str | None, out: str) -> str | None:
+    """How to load PEFT output whose paths keep pipeline components (``unet.``), or what ``component`` did."""
+    from ..formats import names
+
+    if component == "each":
+        comps = sorted({c for p in adapter.layers if (c := names.component_of(p))})
+        return f"one PEFT adapter per component: {', '.join(f'{out}/{c}' for c in comps)}"
+    if component is not None:
+        return f"{component}'s layers in its own namespace: PeftModel.from_pretrained({component}, {out!r})"
+    comps = sorted({c for p in adapter.layers if (c := names.component_of(p))})
+    if not comps:
+        return None
+    return (f"PEFT paths keep the pipeline component prefix{'es' if len(comps) > 1 else ''} "
+            f"({', '.join(c + '.' for c in comps)}): PeftModel applies this adapter to a module holding "
+            f"{'them' if len(comps) > 1 else 'it'} as attributes; --component {comps[0]} writes {comps[0]}'s layers "
+            f"for PeftModel.from_pretrained({comps[0]}, {out!r})"
+            + (", --component each one PEFT adapter per component, --to diffusers the whole pipeline in one file"
+               if len(comps) > 1 else ""))
+
+
+#: ``'a->b'`` dispatch: a left-hand name found here is a reparametrisation handler taking
+#: ``(source, out, *, dst_format, rank, kind, base, overwrite, **options)``; any other left-hand side is a format
+CONVERTERS: dict[str, Callable[..., ConversionResult]] = {}
+
+# PiSSA / OLoRA / CorDA -> LoRA (``--initial INITIAL``), see adaptkit.converters.reparam
+from .reparam import convert_reparam  # noqa: E402
+
+CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pissa", "olora", "corda")})
+
+
+def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | os.PathLike, *,
+                       src_format: str | None = None, dst_format: str | None = None, rank: int | None = None,
+                       kind: str | None = None, base: Any = None, overwrite: bool = False,
+                       component: str | None = None, progress: bool | None = None,
+                       **options: Any) -> ConversionResult:
+    """``adaptkit convert``: read a checkpoint, convert what the target cannot hold, write it.
+
+    Args:
+        spec: ``'from->to'`` (``'lycoris->peft'``, ``'->diffusers'``) or ``None`` with ``dst_format``.
+        source: hub id, directory or file. out: output path.
+        src_format: source format (detected when ``None``). dst_format: target format.
+        rank: allow a lossy conversion of what the target cannot express, to LoRA of this rank.
+        kind: ``"lora"`` converts every layer to LoRA (full numerical rank unless ``rank``).
+        base: base model for name resolution (kohya files). overwrite: replace ``out``.
+        component: kohya output of an adapter made on a bare model: the pipeline component its module paths
+            belong to (``unet`` -> ``lora_unet_``, see :func:`adaptkit.converters.kohya.write`). PEFT output of a
+            pipeline adapter: write only this component's layers, in its own namespace (``"each"``: one PEFT
+            adapter per component in ``out/<component>/``). Without it, PEFT output of a one-component adapter
+            uses that component's namespace when ``base`` is that model alone (a ``UNet2DConditionModel``
+            directory), and keeps the paths as they are otherwise (``ConversionResult.note`` says so).
+        progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
+
+    Returns:
+        A :class:`ConversionResult` with the per-layer report (retained energy, relative error).
+
+    Raises:
+        UnsupportedError: layers need a lossy step and neither ``rank`` nor ``kind`` allows it (listed).
+        ConfigError / FormatError: bad spec, unknown formats, unreadable source; nothing is written.
+    """
+    left, right = parse_spec(spec, src_format, dst_format)
+    if left in CONVERTERS:
+        if component is not None:  # these write the PEFT adapter of the model the source was made on
+            raise ConfigError(f"--component does not apply to '{left}->{right}': it writes a plain LoRA for the "
+                              "model the source adapter was made on; drop it")
+        return CONVERTERS[left](source, out, dst_format=right, rank=rank, kind=kind, base=base,
+                                overwrite=overwrite, progress=progress, **options)
+    return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
+                           overwrite=overwrite, component=component, progress=progress)
+
+
+__all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
+           "convert_formats", "lora_obstacle", "parse_spec", "plan", "report_frame"]

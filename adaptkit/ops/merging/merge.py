@@ -1,0 +1,457 @@
+"""``merge``: combine adapters layer by layer with one of the methods of :data:`~.methods.METHODS`.
+
+Works on checkpoints alone (no base model). Per layer, the adapters that have the layer take part (a
+layer present in only some adapters merges what is there, as PEFT does). Everything is computed in
+float32 and written in the dtype of the first adapter that has the layer. The output is a LoRA (scale 1:
+``alpha == rank``, PEFT's convention for merged adapters) or, for IA3 inputs, an IA3 adapter; its
+metadata records how it was made under the key ``adaptkit.merge`` (JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...core.adapter import Adapter
+from ...core.kinds import IA3, LoRA, layer_dtype
+from ...core.kinds.base import f32, math_shape
+from ...core.linalg import dense_svd, lowrank_svd
+from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from ...progress import bar
+from .methods import METHODS, Method, combine, get_method
+from .primitives import SIGN_METHODS
+
+#: metadata key holding the provenance JSON of a merged adapter
+PROVENANCE_KEY = "adaptkit.merge"
+
+
+@dataclass(frozen=True)
+class _Options:
+    method: Method
+    density: float | None
+    rank: int | None
+    majority_sign: str
+    seed: int | None
+
+
+def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[float] | None = None,
+          method: str = "task_arithmetic", density: float | None = None, rank: int | None = None,
+          majority_sign: str = "total", seed: int | None = None, progress: bool | None = None,
+          base: str | os.PathLike | None = None) -> Adapter:
+    """Merge adapters into one, with PEFT's ``add_weighted_adapter`` numbers for PEFT's method names.
+
+    Args:
+        adapters: :class:`~adaptkit.Adapter` objects, or sources (hub ids, directories, files) to load.
+        weights: one weight per adapter (default: all 1.0). Negative weights subtract an adapter.
+        method: ``task_arithmetic`` (default: the exact sum of weighted deltas), or one of PEFT's
+            ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_ties``,
+            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``
+            (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
+        density: fraction of entries to keep, for the TIES / DARE / pruning methods (required there).
+        rank: output rank for ``svd``, ``*_svd`` (default: the largest input rank) and ``task_arithmetic``
+            (default: exact, rank = sum of input ranks).
+        majority_sign: ``"total"`` or ``"frequency"``: how TIES elects the sign.
+        seed: seed for the DARE methods' random drop; each layer draws from its own generator seeded by
+            ``(seed, layer path)``, so results do not depend on layer order. ``None`` draws a seed from
+            torch's global RNG (recorded in the provenance).
+        progress: show a progress bar (``None``: only on a terminal).
+        base: base model (hub id or directory) used to resolve module names when loading sources whose
+            names need it (kohya/LyCORIS files of models without a shipped inventory, e.g. LLMs).
+
+    Returns:
+        The merged adapter (LoRA layers, or IA3 for IA3 inputs), not yet written; save it with
+        :func:`adaptkit.save`.
+
+    Raises:
+        ConfigError: unknown method, missing or misplaced density/rank, wrong number of weights, different
+            base models, unequal ranks for a factor-wise method.
+        ShapeMismatchError: a layer has different shapes in different adapters.
+        UnsupportedError: DoRA inputs, mixed IA3 and LoRA, or a method that is undefined for the inputs.
+        NonFiniteError: an input holds NaN or Inf (tensors, alpha or scale), or the result does.
+    """
+    from ...formats import load
+
+    loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]
+    if not loaded:
+        raise ConfigError("merge needs at least one adapter")
+    for a in loaded:
+        a.check_finite("merge")
+    w = _check_weights(weights, len(loaded))
+    requested = get_method(method)
+    _check_options(requested, density, rank, majority_sign)
+    base = _check_base_models(loaded)
+    kinds = set().union(*(a.kinds for a in loaded))
+    _refuse_dora(loaded)
+    all_lora = kinds == {"lora"}
+    # PEFT's add_weighted_adapter merges a single adapter with "linear", whatever was asked
+    used = METHODS["linear"] if requested.peft and len(loaded) == 1 and all_lora else requested
+    if used.random and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if "ia3" in kinds:
+        layers = _merge_ia3(loaded, w, requested, progress)
+        out_rank = None
+    else:
+        out_rank = _resolve_rank(used, rank, loaded, all_lora)
+        opts = _Options(used, density, out_rank, majority_sign, seed)
+        layers = _merge_loras(loaded, w, opts, progress)
+    provenance = {
+        "method": requested.name,
+        **({"applied_method": used.name} if used is not requested else {}),
+        "weights": w,
+        "density": density,
+        "rank": out_rank,
+        "majority_sign": majority_sign if used.consensus else None,
+        "seed": seed if used.random else None,
+        "sources": [{"source": _source_text(a.source), "format": a.format, "name": a.name, "base_model": a.base_model}
+                    for a in loaded],
+    }
+    first = loaded[0]
+    return Adapter(
+        layers=layers,
+        base_model=base,
+        metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)},
+        config=_output_config(first.config),
+        extras=_merge_extras(loaded),
+        format=first.format,
+        source=None,
+        name="merged",
+    )
+
+
+def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathLike, format: str = "peft",
+             overwrite: bool = False, component: str | None = None, **options: Any) -> Adapter:
+    """Load sources, merge them and write the result atomically (what ``adaptkit merge`` runs).
+
+    Args:
+        sources: hub ids, directories, files (or adapters).
+        out: output path (directory for PEFT/diffusers, file for kohya).
+        format: output format.
+        overwrite: replace an existing output.
+        component: kohya output only: the pipeline component of bare module paths (see
+            :func:`adaptkit.converters.kohya.write`).
+        **options: :func:`merge` arguments (``weights``, ``method``, ``density``, ``rank`` ...).
+
+    Returns:
+        The merged adapter, with ``source`` set to the written path.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
+        OutputIsInputError: ``out`` is, contains or lies inside a source (or ``base``), checked before any work.
+    """
+    from ...formats import check_write_options, save
+    from ...io.sources import check_output
+
+    check_output(out, overwrite, inputs=[*sources, options.get("base")])
+    check_write_options(format, component=component)
+    merged = merge(sources, **options)
+    path = save(merged, out, format=format, overwrite=overwrite, component=component)
+    return merged.replace(source=str(Path(path).resolve()))
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _output_config(config: Any) -> dict[str, Any]:
+    """The first adapter's config fields, minus initialisations that would rewrite the base on load."""
+    out = dict(config)
+    if out.get("init_lora_weights") not in (None, True, False, "gaussian"):  # pissa, olora, corda, loftq ...
+        out["init_lora_weights"] = True
+    return out
+
+
+def _source_text(source: str | None) -> str | None:
+    """Local sources as absolute paths; hub sources (``repo@commit``) and ``None`` unchanged."""
+    if source is not None and os.path.exists(source):
+        return str(Path(source).resolve())
+    return source
+
+
+def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ConfigError(f"got {len(w)} weights for {n} adapters; give one weight per adapter")
+    if not all(math.isfinite(x) for x in w):
+        raise ConfigError(f"weights must be finite numbers, got {w}")
+    return w
+
+
+def _check_options(m: Method, density: float | None, rank: int | None, majority_sign: str) -> None:
+    if m.needs_density:
+        if density is None:
+            raise ConfigError(f"method '{m.name}' needs density: the fraction of entries to keep (0 < density <= 1)")
+        if not 0 < density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
+    if rank is not None:
+        if not m.takes_rank:
+            own = "its rank is the sum of the inputs' ranks" if m.output == "concat" else "it keeps the inputs' rank"
+            raise ConfigError(
+                f"method '{m.name}' chooses no rank ({own}), so rank does not apply; use 'svd', a '*_svd' method "
+                "or 'task_arithmetic' to choose the rank"
+            )
+        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if majority_sign not in SIGN_METHODS:
+        raise ConfigError(f"unknown majority_sign '{majority_sign}'; use one of {', '.join(SIGN_METHODS)}")
+
+
+def _check_base_models(adapters: list[Adapter]) -> str | None:
+    named = [(i, a.base_model.rstrip("/")) for i, a in enumerate(adapters) if a.base_model]
+    for i, b in named[1:]:
+        if b != named[0][1]:
+            raise ConfigError(
+                f"adapter {named[0][0] + 1} is for base model '{named[0][1]}' but adapter {i + 1} is for '{b}'; "
+                "only adapters of the same base model can be merged (if they do share it, fix base_model_name_or_path)"
+            )
+    return named[0][1] if named else None
+
+
+def _refuse_dora(adapters: list[Adapter]) -> None:
+    for i, a in enumerate(adapters):
+        dora = a.dora_layers()
+        if dora:
+            raise UnsupportedError(
+                f"adapter {i + 1} is DoRA ({dora[0]} has a magnitude vector), and merging DoRA is undefined without "
+                "the base weight; fuse it into the base model instead (adaptkit fuse)"
+            )
+
+
+def _resolve_rank(m: Method, rank: int | None, adapters: list[Adapter], all_lora: bool) -> int | None:
+    if not m.takes_rank:
+        return None
+    if rank is not None:
+        return int(rank)
+    if m.output == "exact_or_svd":
+        if not all_lora:
+            raise ConfigError(
+                "task_arithmetic keeps the sum exact with LoRA factors, but LoHa/LoKr/full layers have none; "
+                "pass rank=R (--rank R) to turn their sum into a LoRA of rank R"
+            )
+        return None
+    if not all_lora:
+        raise ConfigError(
+            f"method '{m.name}' turns LoHa/LoKr/full layers into LoRA by SVD: pass the rank it should have (--rank R)"
+        )
+    return max(layer.rank for a in adapters for layer in a.layers.values())
+
+
+def _merge_extras(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    extras: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for i, a in enumerate(adapters):
+        for key, t in a.extras.items():
+            seen = extras.get(key)
+            if seen is not None and seen.dtype == t.dtype and seen.shape == t.shape and torch.equal(seen, t):
+                continue  # the same tensor in both (e.g. peft's saved base embedding weights): keep one copy
+            if key in extras:
+                raise UnsupportedError(
+                    f"adapters {owner[key] + 1} and {i + 1} both carry '{key}' (modules_to_save or saved weights) with "
+                    "different values, which cannot be merged; remove it from all but one adapter"
+                )
+            extras[key], owner[key] = t, i
+    return extras
+
+
+def _layer_entries(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[int, Any, float]]]:
+    """path -> [(adapter index, layer, weight)], checking the shapes agree."""
+    entries: dict[str, list[tuple[int, Any, float]]] = {}
+    for i, a in enumerate(adapters):
+        for path, layer in a.layers.items():
+            entries.setdefault(path, []).append((i, layer, weights[i]))
+    for path, items in entries.items():
+        i0, l0, _ = items[0]
+        for i, layer, _ in items[1:]:
+            same = (tuple(layer.shape or ()) == tuple(l0.shape or ()) and getattr(layer, "fan_in_fan_out", False)
+                    == getattr(l0, "fan_in_fan_out", False))
+            if not same:
+                raise ShapeMismatchError(
+                    f"{path} has shape {tuple(l0.shape or ())} in adapter {i0 + 1} but {tuple(layer.shape or ())} in "
+                    f"adapter {i + 1}; the adapters are not for the same model architecture"
+                )
+    return dict(sorted(entries.items()))
+
+
+def _layer_generator(seed: int, path: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _finite(path: str, *tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"the merged {path} holds NaN or Inf (inputs non-finite, or the result overflows the inputs' dtype); "
+                "check the inputs and weights"
+            )
+
+
+# ------------------------------------------------------------------------------------------ IA3
+
+
+def _merge_ia3(adapters: list[Adapter], weights: list[float], m: Method, progress: bool | None) -> dict[str, IA3]:
+    if any(a.kinds != {"ia3"} for a in adapters):
+        raise UnsupportedError(
+            "IA3 rescales weights while LoRA/LoHa/LoKr add to them, so they cannot be merged into one adapter; "
+            "merge IA3 adapters only with each other"
+        )
+    if m.name != "linear":
+        raise UnsupportedError(
+            f"IA3 adapters merge only with method='linear' (the weighted sum of their vectors, as PEFT does); "
+            f"'{m.name}' is undefined for IA3"
+        )
+    out: dict[str, IA3] = {}
+    entries = _layer_entries(adapters, weights)
+    for path, items in bar(entries.items(), total=len(entries), desc="merge (ia3)", unit="layer", progress=progress):
+        first: IA3 = items[0][1]
+        if len({layer.on_input for _, layer, _ in items}) > 1:
+            raise ShapeMismatchError(
+                f"{path} scales inputs in one adapter and outputs in another (feedforward_modules differ); "
+                "such IA3 vectors cannot be summed"
+            )
+        if len({layer.vector.numel() for _, layer, _ in items}) > 1:
+            raise ShapeMismatchError(f"{path} has IA3 vectors of different lengths; the adapters are for different models")
+        vector = sum(w * f32(layer.vector) for _, layer, w in items)
+        vector = vector.to(layer_dtype(first))
+        _finite(path, vector)
+        out[path] = IA3(vector=vector, on_input=first.on_input, shape=first.shape, module_type=first.module_type,
+                        fan_in_fan_out=first.fan_in_fan_out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+
+def _merge_loras(adapters: list[Adapter], weights: list[float], opts: _Options,
+                 progress: bool | None) -> dict[str, LoRA]:
+    entries = _layer_entries(adapters, weights)
+    out: dict[str, LoRA] = {}
+    for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({opts.method.name})", unit="layer",
+                           progress=progress):
+        out[path] = _merge_layer(path, items, opts)
+    return out
+
+
+def _merge_layer(path: str, items: list[tuple[int, Any, float]], opts: _Options) -> LoRA:
+    m = opts.method
+    layers = [layer for _, layer, _ in items]
+    weights = [w for _, _, w in items]
+    template = layers[0]
+    if len(template.shape) < 2:
+        raise UnsupportedError(f"{path} is a {template.kind} layer of a 1-D parameter; merging into LoRA needs a matrix")
+    loras = all(layer.kind == "lora" for layer in layers)
+    gen = _layer_generator(opts.seed, path) if m.random and opts.seed is not None else None
+    if m.operand == "factors":
+        if not loras:
+            raise UnsupportedError(
+                f"method '{m.name}' combines LoRA A and B factors, but {path} is {_kinds(layers)}; "
+                f"use '{m.name}_svd' if it exists, 'svd' or 'task_arithmetic' with a rank"
+            )
+        up, down = _factorwise(path, layers, weights, opts, gen)
+    elif m.operand == "lowrank" and opts.rank is None:  # cat / exact task arithmetic
+        if not loras:
+            raise UnsupportedError(f"method '{m.name}' concatenates LoRA factors, but {path} is {_kinds(layers)}; "
+                                   "pass a rank, or use 'svd'")
+        ups, downs = [], []
+        for layer, w in zip(layers, weights):
+            v = _down2d(layer)  # PEFT's cat puts weight * scale on A, B stays as stored
+            ups.append(_up2d(layer))
+            downs.append(v * (w * layer.scale))
+        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    elif m.operand == "lowrank":  # svd / task arithmetic with a rank
+        if loras:
+            ups, downs = [], []
+            for layer, w in zip(layers, weights):
+                u, v = layer.factors()
+                ups.append(u * w)
+                downs.append(v)
+            up, down = lowrank_svd(ups, downs, opts.rank)
+        else:
+            total = sum(w * _delta2d(layer) for layer, w in zip(layers, weights))
+            up, down = dense_svd(total, opts.rank)
+    else:  # element-wise work on dense deltas, then SVD
+        deltas = [_delta2d(layer) for layer in layers]
+        combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen)
+        up, down = dense_svd(combined, opts.rank)
+    return _lora_like(path, template, up, down, _bias(layers, weights))
+
+
+def _kinds(layers: list[Any]) -> str:
+    return "/".join(sorted({layer.kind for layer in layers}))
+
+
+def _up2d(layer: LoRA) -> torch.Tensor:
+    """``B`` as stored (unscaled), float32, ``(out, r)``."""
+    return f32(layer.up).reshape(layer.up.shape[0], layer.rank)
+
+
+def _down2d(layer: LoRA) -> torch.Tensor:
+    """``A`` float32 ``(r, in * k)``, a Tucker core folded in."""
+    return f32(layer.down).reshape(layer.rank, -1) if layer.mid is None else layer.factors()[1]
+
+
+def _delta2d(layer: Any) -> torch.Tensor:
+    d = layer.delta_math()
+    return d.reshape(d.shape[0], -1)
+
+
+def _factorwise(path: str, layers: list[LoRA], weights: list[float], opts: _Options,
+                gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``_generalized_task_arithmetic_weighted_adapter``: combine A's and B's separately."""
+    ranks = sorted({layer.rank for layer in layers})
+    if len(ranks) > 1:
+        raise ConfigError(
+            f"method '{opts.method.name}' combines A and B factor-wise and needs equal ranks, but {path} has ranks "
+            f"{ranks}; use 'svd', 'cat', 'task_arithmetic' or a '*_svd' method"
+        )
+    wa, wb, downs, ups = [], [], [], []
+    for layer, w in zip(layers, weights):
+        ws = w * layer.scale
+        root = math.sqrt(abs(ws))
+        wa.append(root if ws >= 0 else -root)  # the sign goes on A only
+        wb.append(root)
+        downs.append(_down2d(layer))
+        ups.append(_up2d(layer))
+    down = combine(downs, torch.tensor(wa), opts.method, opts.density, opts.majority_sign, gen)
+    up = combine(ups, torch.tensor(wb), opts.method, opts.density, opts.majority_sign, gen)
+    return up, down
+
+
+def _bias(layers: list[Any], weights: list[float]) -> torch.Tensor | None:
+    """Weighted sum of the scaled LoRA biases (``lora_B.bias``), or ``None`` when no input has one."""
+    biases = [(layer.delta_bias(), w) for layer, w in zip(layers, weights)]
+    if all(b is None for b, _ in biases):
+        return None
+    return sum(w * b for b, w in biases if b is not None)
+
+
+def _lora_like(path: str, template: Any, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> LoRA:
+    """A scale-1 LoRA (``alpha == rank``) shaped for ``template``'s module, in its dtype."""
+    dtype = layer_dtype(template)
+    fan = bool(getattr(template, "fan_in_fan_out", False))
+    module_type = getattr(template, "module_type", "linear")
+    if module_type not in ("linear", "conv", "embedding"):
+        raise UnsupportedError(f"{path} is a {module_type} layer, which has no LoRA form; leave it out of the merge")
+    shape = tuple(template.shape)
+    ms = math_shape(shape, fan)
+    r = down.shape[0]
+    up_t = up.reshape(ms[0], r, *([1] * (len(ms) - 2))) if module_type == "conv" else up
+    down_t = down.reshape(r, *ms[1:])
+    up_t, down_t = up_t.to(dtype).contiguous(), down_t.to(dtype).contiguous()
+    bias_t = None if bias is None else bias.to(dtype)
+    _finite(path, up_t, down_t, bias_t)
+    return LoRA(down=down_t, up=up_t, alpha=float(r), shape=shape, module_type=module_type, fan_in_fan_out=fan,
+                bias=bias_t)
+
+
+__all__ = ["PROVENANCE_KEY", "merge", "merge_to"]

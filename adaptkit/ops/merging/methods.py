@@ -1,0 +1,140 @@
+"""The one table of merge methods, each built from parts: operand x sparsify x sign consensus x output.
+
+* ``operand``: what the combination works on. ``"factors"``: PEFT's ``linear``/``ties``/``dare_*``/
+  ``magnitude_prune`` combine the ``A`` matrices and the ``B`` matrices separately, with weight
+  ``sqrt(|w s|)`` on each (the sign on ``A``); the result keeps the inputs' rank. ``"delta"``: the dense
+  ``dW_i = s_i B_i A_i`` are combined element-wise, then truncated by SVD. ``"lowrank"``: a plain weighted
+  sum that never leaves factor form (concatenation, or the exact low-rank SVD of :mod:`.lowrank`).
+* ``sparsify``: ``None``, ``"magnitude"`` (keep the top ``density``) or ``"random"`` (DARE: keep with
+  probability ``density``, rescale by ``1/density``).
+* ``consensus``: TIES sign election + disjoint mean instead of a weighted sum.
+* ``output``: ``"same"`` (rank of the inputs), ``"concat"`` (sum of ranks, exact), ``"svd"`` (truncated to
+  ``rank``), ``"exact_or_svd"`` (concat without ``rank``, low-rank SVD with one).
+
+:func:`combine` runs sparsify -> elect -> weigh -> combine on a list of same-shaped tensors, exactly as
+``peft.utils.merge_utils`` orders those steps (the sign is elected on the unweighted, pruned tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import ConfigError
+from .primitives import disjoint_mean, majority_sign, prune, weighted_sum
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method, described by its parts.
+
+    Args:
+        name: the method's name (PEFT's ``combination_type`` where PEFT has it).
+        operand: ``"factors"``, ``"delta"`` or ``"lowrank"`` (see the module docstring).
+        sparsify: ``None``, ``"magnitude"`` or ``"random"``.
+        consensus: TIES sign election and disjoint mean.
+        output: ``"same"``, ``"concat"``, ``"svd"`` or ``"exact_or_svd"``.
+        peft: PEFT's ``add_weighted_adapter`` has it (and its single-adapter rule applies).
+        summary: one line for help texts.
+    """
+
+    name: str
+    operand: str
+    sparsify: str | None
+    consensus: bool
+    output: str
+    peft: bool
+    summary: str
+
+    @property
+    def needs_density(self) -> bool:
+        """Whether ``density`` is required."""
+        return self.sparsify is not None
+
+    @property
+    def takes_rank(self) -> bool:
+        """Whether ``rank`` means something (the output is truncated by SVD)."""
+        return self.output in ("svd", "exact_or_svd")
+
+    @property
+    def random(self) -> bool:
+        """Whether the method draws random numbers (``seed`` applies)."""
+        return self.sparsify == "random"
+
+    @property
+    def equal_ranks(self) -> bool:
+        """Whether every input must have the same rank at a layer (factor-wise combination)."""
+        return self.operand == "factors"
+
+
+def _m(name: str, operand: str, sparsify: str | None, consensus: bool, output: str, summary: str,
+       peft: bool = True) -> Method:
+    return Method(name, operand, sparsify, consensus, output, peft, summary)
+
+
+#: every merge method, by name
+METHODS: dict[str, Method] = {m.name: m for m in (
+    _m("svd", "lowrank", None, False, "svd", "weighted sum of deltas, truncated SVD to rank (exact low-rank SVD)"),
+    _m("linear", "factors", None, False, "same", "weighted sum of A's and of B's separately (cross terms; same rank)"),
+    _m("cat", "lowrank", None, False, "concat", "concatenate weighted factors: the exact sum, rank = sum of ranks"),
+    _m("ties", "factors", "magnitude", True, "same", "TIES on A's and B's separately: trim, elect sign, disjoint mean"),
+    _m("ties_svd", "delta", "magnitude", True, "svd", "TIES on the dense deltas, then truncated SVD to rank"),
+    _m("dare_linear", "factors", "random", False, "same", "DARE drop + rescale on A's and B's, weighted sum"),
+    _m("dare_ties", "factors", "random", True, "same", "DARE drop + rescale on A's and B's, then TIES sign merge"),
+    _m("dare_linear_svd", "delta", "random", False, "svd", "DARE on the dense deltas, weighted sum, truncated SVD"),
+    _m("dare_ties_svd", "delta", "random", True, "svd", "DARE on the dense deltas, TIES sign merge, truncated SVD"),
+    _m("magnitude_prune", "factors", "magnitude", False, "same", "magnitude pruning of A's and B's, weighted sum"),
+    _m("magnitude_prune_svd", "delta", "magnitude", False, "svd", "magnitude pruning of dense deltas, SVD to rank"),
+    _m("task_arithmetic", "lowrank", None, False, "exact_or_svd",
+       "exact sum of weighted deltas: concatenated factors, or exact low-rank SVD to rank", peft=False),
+)}
+
+#: PEFT's combination types, in the order of its documentation
+PEFT_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.peft)
+
+
+def get_method(name: str) -> Method:
+    """The :class:`Method` called ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise ConfigError(f"unknown merge method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
+            majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
+
+    Equal to ``peft.utils.merge_utils`` (``ties``, ``dare_*``, ``magnitude_prune``, ``task_arithmetic``) but
+    streams over the inputs instead of stacking them (see :mod:`.primitives`).
+
+    Args:
+        tensors: one tensor per input (float32). The list is consumed: its entries are replaced by their
+            pruned versions so that the originals can be freed.
+        weights: one weight per input (1-D float tensor).
+        method: the method whose ``sparsify`` and ``consensus`` parts apply.
+        density: keep fraction for sparsification.
+        majority_sign_method: ``"total"`` or ``"frequency"`` (TIES).
+        generator: random generator for DARE.
+
+    Returns:
+        The combined tensor.
+    """
+    if method.sparsify is not None:
+        if density is None:
+            raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
+        rescale = method.sparsify == "random"
+        for i, t in enumerate(tensors):
+            tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator)
+    w = [weights[i].to(tensors[i].dtype) for i in range(len(tensors))]
+    if not method.consensus:
+        return weighted_sum(tensors, w)
+    return disjoint_mean(tensors, w, majority_sign(tensors, majority_sign_method))
+
+
+__all__ = ["METHODS", "PEFT_METHODS", "Method", "combine", "get_method"]
