@@ -39,7 +39,7 @@ def test_convert_to_lora_is_the_truncated_svd_and_reports_the_loss():
     adapter = mixed_adapter()
     out, report = ak.convert(adapter, kind="lora", rank=3, return_report=True)
     assert out.kinds == {"lora"} and all(layer.rank <= 3 for layer in out.layers.values())
-    rows = report.set_index("path")
+    rows = report.set_index("module")
     for path, layer in adapter.layers.items():
         d = layer.delta().reshape(layer.shape[0], -1)
         s = torch.linalg.svdvals(d.double())
