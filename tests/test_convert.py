@@ -161,9 +161,9 @@ def test_cli_convert_bad_inputs(tmp_path, lyco):
 
 
 def test_cli_subprocess_exit_code(tmp_path, lyco):
-    from .conftest import run_cli
+    from .conftest import run_cli_process
 
     src, base = lyco
-    r = run_cli("convert", "lycoris->diffusers", str(src), str(tmp_path / "o"), "--base", str(base))
+    r = run_cli_process("convert", "lycoris->diffusers", str(src), str(tmp_path / "o"), "--base", str(base))
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

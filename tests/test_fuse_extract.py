@@ -216,9 +216,9 @@ def test_cli_errors_are_one_line_exit_1(tmp_path, f32_setup, case):
 
 
 def test_cli_subprocess_error(tmp_path):
-    from .conftest import run_cli
+    from .conftest import run_cli_process
 
-    res = run_cli("fuse", str(tmp_path / "missing"), str(tmp_path / "also-missing"), "-o", str(tmp_path / "o"))
+    res = run_cli_process("fuse", str(tmp_path / "missing"), str(tmp_path / "also-missing"), "-o", str(tmp_path / "o"))
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()

@@ -21,7 +21,7 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--method", default="task_arithmetic", show_default=True, help="One of: " + ", ".join(MERGE_METHODS) + ".")
 @declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*).")
 @declared(RANK, default=None, help="Output rank (svd, *_svd, task_arithmetic).")
-@declared(MAJORITY_SIGN, type=str, default="total", show_default=True, help="TIES sign election: total or frequency.")
+@declared(MAJORITY_SIGN, default="total", show_default=True, help="TIES sign election: total or frequency.")
 @declared(SEED, default=None, help="Seed for the DARE methods' random drop.")
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
 @base_option("to resolve kohya/LyCORIS module names")
