@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from ..core.params import DTYPE, SHARD_SIZE, WEIGHTS, WORKERS, Param, ParamType, parse_numbers
+from ..progress import silence_libraries
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -97,8 +98,6 @@ def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                                    ctx=click.get_current_context())
         click.get_current_context().meta[QUIET_KEY] = quiet
         if quiet or progress is False:
-            from ..progress import silence_libraries  # imports nothing heavy until a command runs
-
             silence_libraries()
         return fn(*args, progress=False if quiet else progress, **kwargs)
 

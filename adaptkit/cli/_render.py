@@ -1,6 +1,6 @@
 """How the command line prints results: a table (a pandas DataFrame) as text, JSON or CSV, and notes on stderr.
 
-Text tables print every row and column, floats as ``{:.4g}``, after an optional header of ``key  value`` lines.
+Text tables print every row and column (``DataFrame.to_string`` never truncates), floats as ``{:.4g}``, after an optional header of ``key  value`` lines.
 ``--json`` prints the rows as a list of objects (NaN as ``null``), inside ``{**header, "layers": rows}`` when the
 command has a header; ``--csv`` prints the rows only. Notes (``report written to ...``) go to stderr and are
 silenced by ``--quiet``.
@@ -63,11 +63,7 @@ def render_table(df: Any, as_json: bool = False, as_csv: bool = False, header: d
     if df.empty:
         click.echo("(no rows)")
         return
-    import pandas as pd  # present whenever a DataFrame is; not imported before a command runs (fast --help)
-
-    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
-                           "display.max_colwidth", 80):
-        click.echo(df.to_string(index=False, float_format=lambda x: float_format.format(x)))
+    click.echo(df.to_string(index=False, float_format=lambda x: float_format.format(x)))  # every row and column
 
 
 def note(message: str) -> None:
