@@ -19,7 +19,13 @@ import torch
 import adaptkit as ak
 from adaptkit.cli import main
 from adaptkit.core import params as P
-from adaptkit.core.columns import DELTA_NORM, MODULE, RELATIVE_ERROR, RETAINED_ENERGY, RETIRED
+from adaptkit.core.columns import (
+    DELTA_NORM,
+    MODULE,
+    RELATIVE_ERROR,
+    RETAINED_ENERGY,
+    RETIRED,
+)
 from adaptkit.demo import build_example_base, example
 from adaptkit.errors import ConfigError
 

@@ -66,13 +66,11 @@ def error_line(e: BaseException) -> str:
 
 
 def _fail(e: BaseException) -> NoReturn:
-    """Report ``e`` (or re-raise it under ``ADAPTKIT_DEBUG``) and exit with code 1."""
+    """Report ``e`` as one line and exit with code 1 (a closed stdout: nothing to report)."""
     if isinstance(e, BrokenPipeError):  # the reader went away: stop quietly, and let the final flush go nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    if debug() and not isinstance(e, KeyboardInterrupt):
-        raise e
-    click.echo(f"error: {error_line(e)}", err=True)
+    else:
+        click.echo(f"error: {error_line(e)}", err=True)
     sys.exit(1)
 
 
@@ -95,6 +93,8 @@ class AdaptkitGroup(click.Group):
         except click.ClickException as e:
             raise usage_line(e) from e
         except (Exception, KeyboardInterrupt) as e:
+            if debug() and not isinstance(e, (KeyboardInterrupt, BrokenPipeError)):
+                raise  # ADAPTKIT_DEBUG=1: the traceback
             _fail(e)
 
 

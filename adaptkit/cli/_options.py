@@ -18,7 +18,15 @@ from typing import Any
 
 import click
 
-from ..core.params import DTYPE, SHARD_SIZE, WEIGHTS, WORKERS, Param, ParamType, parse_numbers
+from ..core.params import (
+    DTYPE,
+    SHARD_SIZE,
+    WEIGHTS,
+    WORKERS,
+    Param,
+    ParamType,
+    parse_numbers,
+)
 from ..progress import silence_libraries
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from ..core.params import DENSITY
-from ._options import base_option, declared, format_option, output_options, progress_options, report_option
+from ._options import (
+    base_option,
+    declared,
+    format_option,
+    output_options,
+    progress_options,
+    report_option,
+)
 from ._render import note, print_json, render_table
 
 

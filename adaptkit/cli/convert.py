@@ -8,7 +8,14 @@ import os
 import click
 
 from ..core.params import RANK
-from ._options import base_option, component_option, declared, output_options, overwrite_option, progress_options
+from ._options import (
+    base_option,
+    component_option,
+    declared,
+    output_options,
+    overwrite_option,
+    progress_options,
+)
 from ._render import render_table
 
 

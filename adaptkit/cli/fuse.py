@@ -9,7 +9,13 @@ import click
 
 from ..core.params import EMBEDDINGS, ENERGY, NORMS, RANK, SVD_METHOD
 from ..errors import ConfigError
-from ._options import declared, fuse_options, output_options, overwrite_option, progress_options
+from ._options import (
+    declared,
+    fuse_options,
+    output_options,
+    overwrite_option,
+    progress_options,
+)
 from ._render import render_table
 
 

@@ -7,7 +7,13 @@ import json
 import click
 
 from ..core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS
-from ._options import base_option, component_option, declared, overwrite_option, progress_options
+from ._options import (
+    base_option,
+    component_option,
+    declared,
+    overwrite_option,
+    progress_options,
+)
 
 #: merge method names for help texts (the table itself is adaptkit.ops.merging.METHODS; a test keeps them equal)
 MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
