@@ -38,7 +38,16 @@ class NonFiniteError(AdaptkitError, ValueError):
 
 
 class ConfigError(AdaptkitError, ValueError):
-    """A config file or argument is missing, unknown or contradicts the tensors."""
+    """A config file or argument is missing, unknown or contradicts the tensors.
+
+    Attributes:
+        argument: the name of the function argument that is wrong (``"rank"``), when one is; ``None`` for
+            config files and combinations of arguments.
+    """
+
+    def __init__(self, message: str = "", *, argument: str | None = None) -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 class OutputIsInputError(OutputExistsError):

@@ -5,8 +5,10 @@ Everything is built locally with random (seeded) weights; nothing is downloaded.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,8 +98,61 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
-    """Run ``adaptkit ARGS`` in a subprocess; returns the CompletedProcess (text mode)."""
+@dataclass(frozen=True)
+class CliRun:
+    """What a command line run gave, in the shape of :class:`subprocess.CompletedProcess` (text mode)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+#: huggingface_hub reads these at import time; an in-process run with them in ``env`` sets the module's copy too
+_HUB_CONSTANTS = {"HF_HUB_CACHE": lambda v: v, "HF_HUB_OFFLINE": lambda v: v.lower() in {"1", "true", "yes", "on"}}
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> CliRun:
+    """Run ``adaptkit ARGS`` in this process with click's ``CliRunner``: exit code, stdout and stderr apart.
+
+    The same click group as the console script, so parsing, the command and the central error formatting are the
+    ones a user runs; only the interpreter start (3-5 s of importing torch) is saved. An exception that escapes the
+    CLI's error handling is raised here (a real run would print a traceback), so no test mistakes it for a clean
+    ``exit 1``. ``env`` is set for the run (huggingface_hub's cache/offline constants too), ``cwd`` entered, and
+    the environment restored afterwards. Tests about the process itself use :func:`run_cli_process`.
+    """
+    from click.testing import CliRunner
+
+    from adaptkit.cli import main
+
+    saved_env, saved_cwd, saved_constants = dict(os.environ), os.getcwd(), {}
+    try:
+        if env:
+            import huggingface_hub.constants as constants
+
+            for key, convert in _HUB_CONSTANTS.items():
+                if key in env:
+                    saved_constants[key] = getattr(constants, key)
+                    setattr(constants, key, convert(env[key]))
+        if cwd is not None:
+            os.chdir(cwd)
+        res = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        if saved_constants:
+            import huggingface_hub.constants as constants
+
+            for key, value in saved_constants.items():
+                setattr(constants, key, value)
+    return CliRun(res.exit_code, res.stdout, res.stderr)
+
+
+def run_cli_process(*args: str, env: dict | None = None, cwd: Path | None = None):
+    """Run ``python -m adaptkit.cli ARGS`` in a subprocess; returns the CompletedProcess (text mode).
+
+    For tests about the process: its exit status, what a fresh interpreter prints, signals, resource limits.
+    """
     import subprocess
     import sys
 
@@ -105,6 +160,29 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "adaptkit.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=300)
+
+
+class FakeTTY(io.StringIO):
+    """A text stream that says it is a terminal: what an in-process run draws its progress bars on."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_cli_on_tty(monkeypatch, *args: str) -> tuple[CliRun, str]:
+    """:func:`run_cli` with adaptkit's progress bars drawn on a :class:`FakeTTY` stderr: ``(run, what it got)``.
+
+    ``adaptkit.progress`` decides "a bar only on a terminal" from its stderr stream; here that stream is a fake
+    terminal, so a command's bars (and only its bars) land in the returned text. The real-terminal path (an
+    unsized pseudo-terminal) is tested through a pty in ``tests/test_cli_progress.py``.
+    """
+    import adaptkit.progress
+
+    tty = FakeTTY()
+    with monkeypatch.context() as m:
+        m.setattr(adaptkit.progress, "_stderr", lambda: tty)
+        res = run_cli(*args)
+    return res, tty.getvalue()
 
 
 def cli_error(res, *fragments: str) -> str:

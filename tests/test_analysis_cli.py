@@ -61,7 +61,7 @@ def test_cli_errors_are_one_line(tmp_path):
     res = run("analyze", str(tmp_path / "missing"))
     assert res.exit_code == 1 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
     res = run("compare", MATH, CODE, "--density", "1.5")
-    assert res.exit_code == 1 and "density must be in (0, 1]" in res.stderr
+    assert res.exit_code == 1 and "density (--density) must be a number in (0, 1], got 1.5" in res.stderr
 
 
 def test_report_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

@@ -20,8 +20,9 @@ from .test_analysis import _no_dense, peft_adapter
 
 
 def ref_conflict(a: np.ndarray, b: np.ndarray, density: float) -> tuple[float, int]:
-    """TIES view from the definition: top-k by magnitude on each side, sign disagreement on the common positions."""
-    k = math.ceil(density * a.size)
+    """TIES view from the definition: top-k by magnitude on each side, sign disagreement on the common positions;
+    k = int(density * entries), the count a TIES merge keeps (peft's magnitude_based_pruning)."""
+    k = int(density * a.size)
     both = set(np.argsort(-np.abs(a))[:k]) & set(np.argsort(-np.abs(b))[:k])
     if not both:
         return math.nan, 0

@@ -11,7 +11,9 @@ import pytest
 import adaptkit as ak
 from adaptkit.demo import example
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_on_tty
+
+BAR = "%|"  # tqdm's "  42%|████" between the label and the bar
 
 
 def test_version():
@@ -38,9 +40,13 @@ def test_info_text_json_csv():
     assert len(rows) == 8 and set(rows[0]) >= {"module", "kind", "shape", "rank", "alpha", "scale", "delta_norm"}
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    res = run_cli("demo", "--out", str(tmp_path / "demo"))
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """The demo once on a (fake) terminal: its steps' bars on stderr, not on stdout; then again with -q, which
+    replaces its own output and draws nothing (the demo is the slowest command: it runs twice in the suite, here)."""
+    res, term = run_cli_on_tty(monkeypatch, "demo", "--out", str(tmp_path / "demo"))
     assert res.returncode == 0, res.stderr
+    assert "merge (" in term and BAR in term, term
+    assert BAR not in res.stdout
     assert "done" in res.stdout
     saved = ak.load(tmp_path / "demo" / "lora_code_peft")
     assert len(saved) == 8
@@ -48,8 +54,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "lora_math  lora_code" in res.stdout and "ties_svd" in res.stdout  # ranks 8 vs 4: the dense-delta TIES
     for report in ("analysis_report.html", "compare_report.html"):  # matplotlib is a test extra
         assert "data:image/png;base64," in (tmp_path / "demo" / report).read_text()
-    again = run_cli("demo", "--out", str(tmp_path / "demo"))  # re-running replaces its own output
+    again, term = run_cli_on_tty(monkeypatch, "demo", "--out", str(tmp_path / "demo"), "-q")  # replaces its own output
     assert again.returncode == 0, again.stderr
+    assert term == "" and again.stderr == "", (term, again.stderr)
+    assert len(ak.load(tmp_path / "demo" / "lora_code_peft")) == 8
 
 
 def test_failed_demo_leaves_nothing(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from adaptkit.cli import main
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_process
 
 # (arguments, what the one line must say, the command whose --help it points to)
 CASES = [
@@ -49,7 +49,7 @@ def test_usage_errors_clirunner(tmp_path, args, expected, command):
 
 def test_usage_errors_subprocess(tmp_path):
     for args, expected, command in CASES:
-        res = run_cli(*args, cwd=tmp_path)
+        res = run_cli_process(*args, cwd=tmp_path)
         _check(res.returncode, res.stderr, res.stdout, expected, "adaptkit.cli" + (f" {command}" if command else ""))
     assert not list(tmp_path.iterdir())
 
@@ -82,8 +82,9 @@ def test_python_dash_m_adaptkit(tmp_path):
 
 
 # ------------------------------------------------------------------ conversion specs on the real command line
-# Every spec form the docs advertise, run through the console script: a spec that starts with '-' ('->kohya') was
-# read by click as a cluster of short options ('-h' printed the help, '-r' took 's' as the rank).
+# Every spec form the docs advertise: a spec that starts with '-' ('->kohya') was read by click as a cluster of short
+# options ('-h' printed the help, '-r' took 's' as the rank). Each form runs in-process through the click group; one
+# of each kind also through the console script and one through `python -m adaptkit`.
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,13 @@ def _check_spec_run(res, args, fmt, want, inputs, out) -> None:
         assert {layer.rank for layer in got.layers.values()} == {3} and "retained_energy" in res.stdout
 
 
-@pytest.mark.parametrize("args,fmt,want", SPECS, ids=[" ".join(a) for a, _, _ in SPECS])
-def test_every_documented_spec_through_the_console_script(spec_inputs, tmp_path, args, fmt, want):
+#: one console-script run per distinct way a spec reaches the parser: a leading '->' spec, one after an option, one
+#: after --json, a 'FROM->TO' spec, and no spec at all (--from/--to); every form also runs in-process below
+CONSOLE_SPECS = [SPECS[0], SPECS[1], SPECS[2], SPECS[4], SPECS[8]]
+
+
+@pytest.mark.parametrize("args,fmt,want", CONSOLE_SPECS, ids=[" ".join(a) for a, _, _ in CONSOLE_SPECS])
+def test_spec_forms_through_the_console_script(spec_inputs, tmp_path, args, fmt, want):
     script = Path(sys.executable).parent / "adaptkit"
     if not script.exists():
         pytest.skip("the adaptkit console script is not installed next to this interpreter")
@@ -167,8 +173,15 @@ def test_every_documented_spec_through_the_console_script(spec_inputs, tmp_path,
     _check_spec_run(res, args, fmt, want, spec_inputs, tmp_path / "out")
 
 
-@pytest.mark.parametrize("args,fmt,want", SPECS[:3], ids=[" ".join(a) for a, _, _ in SPECS[:3]])
-def test_dash_specs_through_python_dash_m(spec_inputs, tmp_path, args, fmt, want):
+@pytest.mark.parametrize("args,fmt,want", SPECS, ids=[" ".join(a) for a, _, _ in SPECS])
+def test_every_documented_spec_in_process(spec_inputs, tmp_path, args, fmt, want):
+    """The same argument lists through the same click group (CliRunner): what the console script parses."""
+    res = run_cli("convert", *_fill(args, spec_inputs, tmp_path / "out"), cwd=tmp_path)
+    _check_spec_run(res, args, fmt, want, spec_inputs, tmp_path / "out")
+
+
+def test_dash_spec_through_python_dash_m(spec_inputs, tmp_path):
+    args, fmt, want = SPECS[0]
     cmd = [sys.executable, "-m", "adaptkit", "convert", *_fill(args, spec_inputs, tmp_path / "out")]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=300)
     _check_spec_run(res, args, fmt, want, spec_inputs, tmp_path / "out")

@@ -39,7 +39,7 @@ def test_convert_to_lora_is_the_truncated_svd_and_reports_the_loss():
     adapter = mixed_adapter()
     out, report = ak.convert(adapter, kind="lora", rank=3, return_report=True)
     assert out.kinds == {"lora"} and all(layer.rank <= 3 for layer in out.layers.values())
-    rows = report.set_index("path")
+    rows = report.set_index("module")
     for path, layer in adapter.layers.items():
         d = layer.delta().reshape(layer.shape[0], -1)
         s = torch.linalg.svdvals(d.double())
@@ -161,9 +161,9 @@ def test_cli_convert_bad_inputs(tmp_path, lyco):
 
 
 def test_cli_subprocess_exit_code(tmp_path, lyco):
-    from .conftest import run_cli
+    from .conftest import run_cli_process
 
     src, base = lyco
-    r = run_cli("convert", "lycoris->diffusers", str(src), str(tmp_path / "o"), "--base", str(base))
+    r = run_cli_process("convert", "lycoris->diffusers", str(src), str(tmp_path / "o"), "--base", str(base))
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

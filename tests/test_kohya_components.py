@@ -299,7 +299,7 @@ def test_pipeline_lora_to_peft_per_component(tmp_path):
     assert ak.load(f"{tmp_path / 'each'}:unet").kinds == {"lora"}
 
     result = convert_checkpoint("kohya->peft", f, tmp_path / "te", base=str(pipe), component="text_encoder")
-    assert set(result.report["path"]) == set(ak.load(tmp_path / "pt").layers)  # the report lists what is written
+    assert set(result.report["module"]) == set(ak.load(tmp_path / "pt").layers)  # the report lists what is written
     got_te = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "te")).eval()
     torch.testing.assert_close(te_out(got_te), te_out(peft_te), rtol=1e-4, atol=1e-5)
     assert "text_encoder" in result.note

@@ -217,7 +217,7 @@ def test_not_lora_and_bad_rank(pair, tmp_path):
     loha = make_peft_adapter(tmp_path / "loha", LoHaConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False))
     with pytest.raises(ak.UnsupportedError, match="needs LoRA layers"):
         pissa_to_lora(loha, pair / "init")
-    with pytest.raises(ak.ConfigError, match="rank must be a positive integer"):
+    with pytest.raises(ak.ConfigError, match=r"rank \(--rank\) must be an integer of at least 1, got 0"):
         pissa_to_lora(pair / "trained", pair / "init", rank=0)
     with pytest.raises(ak.SourceNotFoundError):
         pissa_to_lora(pair / "trained", tmp_path / "nowhere")

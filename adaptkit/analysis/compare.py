@@ -6,8 +6,9 @@ For every pair of adapters and every module both adapt, :func:`compare` reports
   inner product stays low-rank: ``<U_a V_a, U_b V_b> = trace((U_a^T U_b)(V_b V_a^T))``, an ``r_a x r_b``
   computation; other kinds use the dense deltas.
 * ``sign_conflict``: the TIES view. Keep each adapter's top-``k`` entries of ``dW`` by magnitude, with
-  ``k = ceil(density * entries)`` (``density`` = the fraction TIES keeps, 0.2 by default); among the positions
-  both keep, the fraction whose signs differ. Unrelated updates give about 0.5, aligned ones near 0.
+  ``k = int(density * entries)`` (``density`` = the fraction TIES keeps, 0.2 by default; the count TIES' and
+  magnitude pruning's merges keep, :func:`~adaptkit.core.params.kept_entries`); among the positions both keep,
+  the fraction whose signs differ. Unrelated updates give about 0.5, aligned ones near 0.
 * ``topk_overlap``: ``|top_a & top_b| / k``, how much the two kept sets coincide (``density`` by chance).
 
 Sign statistics need individual entries of ``dW``. Up to ``max_entries`` entries per layer they are all
@@ -37,6 +38,8 @@ import torch
 from ..core.adapter import Adapter
 from ..core.kinds import layer_is_finite
 from ..core.kinds.base import math_shape
+from ..core.params import DENSITY, SEED, kept_entries
+from ..core.params import MAX_ENTRIES as MAX_ENTRIES_PARAM
 from ..errors import ConfigError
 from ..progress import bar
 from .layers import adapter_name, analyze_adapter, as_adapter, flat_delta, lowrank_factors, natural_key, write_json_safe
@@ -58,9 +61,14 @@ COSINE_ALIGNED = 0.5
 
 
 def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``ceil(density * n)`` largest-magnitude entries of a 1-D tensor (zeros never kept)."""
+    """Boolean mask of the ``int(density * n)`` largest-magnitude entries of a 1-D tensor (zeros never kept).
+
+    ``k`` is the count a merge with this ``density`` keeps (:func:`~adaptkit.core.params.kept_entries`).
+    """
     n = values.numel()
-    k = min(n, max(1, math.ceil(density * n)))
+    k = kept_entries(density, n)
+    if k == 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
     mag = values.abs()
     threshold = torch.kthvalue(mag, n - k + 1).values
     return (mag >= threshold) & (mag > 0)
@@ -76,13 +84,14 @@ def sign_conflict(a: torch.Tensor, b: torch.Tensor, density: float = DEFAULT_DEN
 
     Returns:
         ``(conflict_rate, topk_overlap, shared)``: among the positions both top-``k`` sets contain
-        (``shared`` of them), the fraction with opposite signs (NaN when none); and ``shared / k``.
+        (``shared`` of them), the fraction with opposite signs (NaN when none); and ``shared / k`` (NaN when
+        ``k`` is 0: a density that keeps no entry of so small a layer).
     """
-    k = min(a.numel(), max(1, math.ceil(density * a.numel())))
+    k = kept_entries(density, a.numel())
     both = topk_mask(a, density) & topk_mask(b, density)
     shared = int(both.sum())
     conflicts = int((both & (torch.sign(a) != torch.sign(b))).sum())
-    return (conflicts / shared if shared else math.nan), shared / k, shared
+    return (conflicts / shared if shared else math.nan), (shared / k if k else math.nan), shared
 
 
 # ------------------------------------------------------------------------------------ one layer, one pair
@@ -311,10 +320,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
         ConfigError: fewer than two adapters, or ``density`` outside ``(0, 1]``.
         UnsupportedError: ``report`` is given and matplotlib is missing (checked before any work).
     """
-    if not 0 < density <= 1:
-        raise ConfigError(f"density must be in (0, 1], got {density}; TIES keeps this fraction of entries, e.g. 0.2")
-    if max_entries < 1:
-        raise ConfigError(f"max_entries must be positive, got {max_entries}")
+    density, max_entries, seed = DENSITY.check(density), MAX_ENTRIES_PARAM.check(max_entries), SEED.check(seed)
     if report is not None:
         from .report import require_matplotlib
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.params import DTYPE
 from ..errors import ConfigError, FormatError, SourceNotFoundError, UnsupportedError
 from .sources import read_safetensors_header, resolve
 
@@ -48,11 +49,11 @@ def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in TORCH_TO_ST or TORCH_TO_ST[dtype] not in FLOAT_ST:
-            raise ConfigError(f"output dtype {dtype} is not supported; use bf16, fp16 or fp32")
+            raise DTYPE.error(dtype)
         return TORCH_TO_ST[dtype]
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPE_NAMES:
-        raise ConfigError(f"unknown dtype '{dtype}'; use bf16, fp16 or fp32")
+        raise DTYPE.error(dtype)
     return DTYPE_NAMES[key]
 
 

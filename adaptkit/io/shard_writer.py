@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, FormatError, NonFiniteError
+from ..core.params import SHARD_SIZE
+from ..errors import FormatError, NonFiniteError
 from .base_model import FLOAT_ST, ST_TO_TORCH, TensorInfo, WeightGroup, WeightSet, pread_into, read_tensor
 from .sources import ST_DTYPE_SIZES
 
@@ -95,8 +96,7 @@ def plan_group_files(group: WeightGroup, ws: WeightSet, dtype: str | None, trans
     if shard_size is None:
         return [OutFile(rel + f.name, tuple(entry(t) for t in infos), ws.metadata.get(f, {}))
                 for f, infos in zip(group.files, per_file)]
-    if shard_size <= 0:
-        raise ConfigError(f"shard_size must be positive, got {shard_size}")
+    shard_size = SHARD_SIZE.check(shard_size)
     shards: list[list[OutEntry]] = [[]]
     size = 0
     for infos in per_file:

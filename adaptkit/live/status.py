@@ -23,6 +23,7 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.kinds import LoRA, layer_dtype, layer_is_finite, layer_nbytes, tensor_fields
+from ..formats import adapter_subfolders, load
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,31 @@ def checkpoint_summary(adapter: Adapter) -> dict[str, Any]:
         "extras": len(adapter.extras),
         "finite": adapter.is_finite(),
     }
+
+
+def describe_checkpoint(source: str | os.PathLike, format: str | None = None, base: str | os.PathLike | None = None,
+                        progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """What ``adaptkit info`` / ``status`` show: load ``source`` once; its per-layer table and its summary.
+
+    Args:
+        source: hub id, directory or file.
+        format: source format (detected when ``None``).
+        base: base model to resolve module names (kohya/LyCORIS files).
+        progress: a bar on stderr (``None``: only on a terminal).
+
+    Returns:
+        ``(checkpoint_status(adapter), checkpoint_summary(adapter))``; the summary also says, under
+        ``subfolders``, which subfolders of a local directory hold more adapters and how to load one.
+
+    Raises:
+        SourceNotFoundError / FormatError / ConfigError: as :func:`adaptkit.load`.
+    """
+    adapter = load(source, format=format, base=base)
+    table = checkpoint_status(adapter, progress=progress)
+    header = checkpoint_summary(adapter)
+    if subs := adapter_subfolders(source):  # PEFT keeps every adapter but the default in a subfolder
+        header["subfolders"] = f"{subs} hold more adapters: load one as '{source}:{subs[0]}'"
+    return table, header
 
 
 # ====================================================================================================
@@ -336,8 +362,6 @@ def _checkpoint(obj: Any) -> Adapter | None:
     if isinstance(obj, Adapter):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        from ..formats import load
-
         return load(obj)
     return None
 

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.columns import MODULE
 from ..core.kinds import IA3, Full, LoKr, LoRA
 from ..core.kinds.base import math_shape
+from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
 from ..progress import bar
 
@@ -41,13 +43,13 @@ class LayerConversion:
     """What happened to one layer.
 
     Args:
-        path: module path. source_kind / kind: kind before and after. rank: rank after (``None`` for kinds
+        module: module path. source_kind / kind: kind before and after. rank: rank after (``None`` for kinds
         without one). method: ``"kept"``, ``"svd"`` (truncated) or ``"exact-svd"`` (full numerical rank).
         retained_energy: share of the delta's squared Frobenius norm kept (1.0 when kept).
         relative_error: ``||dW - dW_r||_F / ||dW||_F`` (0.0 when kept).
     """
 
-    path: str
+    module: str
     source_kind: str
     kind: str
     rank: int | None
@@ -84,7 +86,7 @@ def _svd_lora(layer: Any, rank: int | None) -> tuple[LoRA, float, float, str]:
         r = max(1, int((s > tol).sum()))
         method = "exact-svd"
     else:
-        r = max(1, min(int(rank), s.numel()))
+        r = max(1, min(rank, s.numel()))
         method = "svd"
     kept = float((s[:r].double() ** 2).sum())
     energy = kept / total if total > 0 else 1.0
@@ -153,8 +155,7 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     """
     if kind != "lora":
         raise ConfigError(f"convert(kind={kind!r}) is not supported; adaptkit converts to kind='lora'")
-    if rank is not None and int(rank) < 1:
-        raise ConfigError(f"rank must be a positive integer, got {rank}")
+    rank = RANK.optional(rank)
     adapter.check_finite("convert")
     todo = list(adapter.layers) if layers is None else list(layers)
     unknown = [p for p in todo if p not in adapter.layers]
@@ -330,8 +331,8 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
         if more:
             adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True, progress=progress)
-            rows = {r["path"]: r for r in report.to_dict("records")} | {
-                r["path"]: r for r in extra.to_dict("records") if r["path"] in more}
+            rows = {r[MODULE]: r for r in report.to_dict("records")} | {
+                r[MODULE]: r for r in extra.to_dict("records") if r[MODULE] in more}
             report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
     else:
         report = report_frame([LayerConversion(p, l.kind, l.kind, getattr(l, "rank", None), "kept")

@@ -18,12 +18,22 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.columns import DELTA_NORM, MODULE, RELATIVE_ERROR, RETAINED_ENERGY
 from ..core.kinds import LoRA
+from ..core.params import (
+    EMBEDDINGS,
+    ENERGY,
+    NITER,
+    NORMS,
+    OVERSAMPLE,
+    RANK,
+    SEED,
+    SVD_METHOD,
+)
 from ..errors import ConfigError, ShapeMismatchError
 from ..io.base_model import FLOAT_ST, TensorInfo, open_base, read_tensor
 
 _EMBED = ("embed", "wte", "wpe", "word_embeddings", "shared")
-_OPTIONS = {"embeddings": ("skip", "lora", "save"), "norms": ("skip", "save")}
 
 
 def _is_embedding(key: str) -> bool:
@@ -81,7 +91,7 @@ def _factor(key: str, d: torch.Tensor, kind: str, rank, energy, method, oversamp
                      alpha=float(k), shape=shape, module_type="conv")
     else:
         layer = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=float(k), shape=shape)
-    return layer, {"rank": k, "energy": 1.0 - rel * rel, "rel_error": rel, "delta_norm": norm}
+    return layer, {"rank": k, RETAINED_ENERGY: 1.0 - rel * rel, RELATIVE_ERROR: rel, DELTA_NORM: norm}
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None = None, energy: float | None = None,
@@ -113,7 +123,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
     Returns:
         The :class:`~adaptkit.graph.Adapter`, or ``(adapter, report)`` with ``return_report``: a DataFrame with
         one row per changed tensor: ``module``, ``action`` (``lora``/``saved``/``skipped``), ``shape``,
-        ``rank``, ``energy`` (retained fraction of ``||D||^2``, measured), ``rel_error``, ``delta_norm``.
+        ``rank``, ``retained_energy`` (retained fraction of ``||D||^2``, measured), ``relative_error``, ``delta_norm``.
 
     Raises:
         ConfigError: neither ``rank`` nor ``energy``, a bad option, or models whose tensors differ.
@@ -125,15 +135,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
 
     if rank is None and energy is None:
         raise ConfigError("give rank=R or energy=E (a fraction in (0, 1]) to choose the LoRA rank")
-    if rank is not None and int(rank) < 1:
-        raise ConfigError(f"rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < float(energy) <= 1.0:
-        raise ConfigError(f"energy must be a fraction in (0, 1], got {energy}")
-    if method not in ("auto", "exact", "randomized"):
-        raise ConfigError(f"unknown SVD method '{method}'; use auto, exact or randomized")
-    for name, value in (("embeddings", embeddings), ("norms", norms)):
-        if value not in _OPTIONS[name]:
-            raise ConfigError(f"unknown {name} option '{value}'; use one of {', '.join(_OPTIONS[name])}")
+    rank, energy = RANK.optional(rank), ENERGY.optional(energy)
+    method, embeddings, norms = SVD_METHOD.check(method), EMBEDDINGS.check(embeddings), NORMS.check(norms)
+    oversample, niter, seed = OVERSAMPLE.check(oversample), NITER.check(niter), SEED.check(seed)
     if out is not None:
         from ..io.sources import check_output
 
@@ -170,8 +174,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
             if not bool(d.any()):
                 continue
             module = key.removesuffix(".weight").removesuffix(".bias")
-            row = {"module": module, "tensor": key, "shape": "x".join(map(str, ib.shape)), "rank": None,
-                   "energy": 0.0, "rel_error": 1.0, "delta_norm": float(torch.linalg.vector_norm(d))}
+            row = {MODULE: module, "tensor": key, "shape": "x".join(map(str, ib.shape)), "rank": None,
+                   RETAINED_ENERGY: 0.0, RELATIVE_ERROR: 1.0, DELTA_NORM: float(torch.linalg.vector_norm(d))}
             if len(ib.shape) >= 2 and key.endswith(".weight"):
                 kind = "embedding" if len(ib.shape) == 2 and _is_embedding(key) else "linear"
                 choice = embeddings if kind == "embedding" else "lora"
@@ -182,7 +186,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
                 elif choice == "save":
                     extras[key] = tuned_t.clone()
                     saved_modules.append(module)
-                    row.update(energy=1.0, rel_error=0.0, action="saved")
+                    row.update(retained_energy=1.0, relative_error=0.0, action="saved")
                 else:
                     row["action"] = "skipped"
             elif key.endswith(".bias"):
@@ -191,7 +195,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
             elif norms == "save":
                 extras[key] = tuned_t.clone()
                 saved_modules.append(module)
-                row.update(energy=1.0, rel_error=0.0, action="saved")
+                row.update(retained_energy=1.0, relative_error=0.0, action="saved")
             else:
                 row["action"] = "skipped"
             rows.append(row)
@@ -204,7 +208,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
     config: dict[str, Any] = {"peft_type": "LORA", "modules_to_save": sorted(set(saved_modules)) or None}
     adapter = Adapter(layers=layers, base_model=str(base), config=config, extras=extras, format="peft",
                       source=f"extract({base}, {tuned})")
-    report = pd.DataFrame(rows, columns=["module", "tensor", "action", "shape", "rank", "energy", "rel_error", "delta_norm"])
+    report = pd.DataFrame(rows, columns=[MODULE, "tensor", "action", "shape", "rank", RETAINED_ENERGY, RELATIVE_ERROR,
+                                         DELTA_NORM])
     if out is not None:
         from ..formats import save
 
@@ -223,21 +228,21 @@ def _place_biases(bias_diffs, layers, extras, saved_modules, rows, norms) -> Non
         if module in layers:
             layer = layers[module]
             layers[module] = dataclasses.replace(layer, bias=(d / layer.scale).to(layer.up.dtype))
-            row.update(action="lora bias", energy=1.0, rel_error=0.0)
+            row.update(action="lora bias", retained_energy=1.0, relative_error=0.0)
         elif norms == "save":
             extras[key] = tuned_t.clone()
             saved_modules.append(module)
-            row.update(action="saved", energy=1.0, rel_error=0.0)
+            row.update(action="saved", retained_energy=1.0, relative_error=0.0)
         else:
             row["action"] = "skipped"
 
 
 def total_retained(report: Any) -> float:
     """Energy retained over all changed tensors (``1 - sum resid^2 / sum ||D||^2``) from an extract report."""
-    norm2 = (report["delta_norm"] ** 2).sum()
+    norm2 = (report[DELTA_NORM] ** 2).sum()
     if norm2 == 0:
         return 1.0
-    return float(1.0 - ((report["rel_error"] * report["delta_norm"]) ** 2).sum() / norm2)
+    return float(1.0 - ((report[RELATIVE_ERROR] * report[DELTA_NORM]) ** 2).sum() / norm2)
 
 
 __all__ = ["extract", "total_retained"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -25,25 +24,19 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.kinds.base import math_shape
+from ..core.params import SHARD_SIZE, WEIGHTS, WORKERS, check_weights
 from ..errors import AdaptkitError, ConfigError, ShapeMismatchError, UnsupportedError
 from ..io.base_model import FLOAT_ST, TensorInfo, WeightSet, is_weight_like, match_paths, open_base, parse_dtype
 from ..io.shard_writer import OutFile, Transform, plan_group_files, write_index, write_out_file
 from ..io.sources import atomic_output, check_output
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-
-
 def parse_size(size: int | str | None) -> int | None:
-    """Bytes from ``5000000``, ``"500MB"``, ``"5GB"`` (powers of 10) or ``"4GiB"`` (powers of 2)."""
-    if size is None or isinstance(size, int):
-        return size
-    m = _SIZE.match(str(size))
-    if not m:
-        raise ConfigError(f"cannot read shard size '{size}'; write it as bytes or like 500MB, 5GB, 4GiB")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
-    return int(float(m.group(1)) * base**power)
+    """Bytes from ``5000000``, ``"500MB"``, ``"5GB"`` (powers of 10) or ``"4GiB"`` (powers of 2); ``None`` as is.
+
+    Raises:
+        ConfigError: not a positive size (the one rule of :data:`~adaptkit.core.params.SHARD_SIZE`).
+    """
+    return SHARD_SIZE.optional(size)
 
 
 @dataclass(frozen=True)
@@ -321,33 +314,15 @@ def _copy_side_files(ws: WeightSet, dest: Path) -> None:
         shutil.copyfile(path, target)
 
 
-def check_workers(workers: Any) -> int | None:
-    """Validate the ``workers`` argument: ``None`` (one per core, at most 8) or a whole number of at least 1.
-
-    Raises:
-        ConfigError: naming the argument, the valid range and the value given.
-    """
-    if workers is None:
-        return None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers (--workers) must be a whole number of at least 1, got {workers!r}; "
-                          "leave it out for one per core (at most 8)")
-    return workers
-
-
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
     start = time.perf_counter()
-    workers = check_workers(workers)
+    workers, size, out_dtype = WORKERS.optional(workers), SHARD_SIZE.optional(shard_size), parse_dtype(dtype)
+    if weights is not None:
+        weights = WEIGHTS.check(weights)
     ads = _as_adapters(adapters, base)
     for ad in ads:
         ad.check_finite("unfuse" if unfuse else "fuse")
-    if weights is None:
-        weights = [1.0] * len(ads)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(ads):
-        raise ConfigError(f"{len(weights)} weights for {len(ads)} adapters; give one weight per adapter")
-    out_dtype = parse_dtype(dtype)
-    size = parse_size(shard_size)
+    weights = check_weights(weights, len(ads))
     if out is not None and not dry_run:
         check_output(out, overwrite, inputs=[base, adapters])
     ws = open_base(base)

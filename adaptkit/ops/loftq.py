@@ -16,7 +16,6 @@ Unlike PEFT (whose LoftQ ignores the LoRA scaling), the scale ``s = alpha / r`` 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,9 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.columns import MODULE
 from ..core.kinds import LoRA
+from ..core.params import ALPHA, BITS, ITERS, RANK
 from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError, UnsupportedError
 from ..formats.patterns import matches_targets
 from ..io.sources import atomic_output, check_output, read_safetensors_header, resolve
@@ -262,14 +263,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
     """
     import pandas as pd
 
-    if bits not in (4, 8):
-        raise ConfigError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ConfigError(f"iters must be a positive integer, got {iters!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
-        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r}")
+    bits, iters, rank, alpha = BITS.check(bits), ITERS.check(iters), RANK.check(rank), ALPHA.optional(alpha)
     if iters > 1 and out is None:
         raise ConfigError("iters > 1 changes the base weights to quantise; pass out=DIR to write them with the adapter")
     if isinstance(target, Adapter):
@@ -349,14 +343,14 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
         before = float((w - plain).norm())
         after = float((w - deq - left @ right).norm())
         norm = float(w.norm()) or 1.0
-        rows.append({"module": module, "shape": "x".join(map(str, tensor.shape)), "rank": r, "scale": scale,
-                     "error_qlora": before, "error_loftq": after, "rel_qlora": before / norm, "rel_loftq": after / norm,
-                     "reduction": 1.0 - after / before if before > 0 else 0.0})
+        rows.append({MODULE: module, "shape": "x".join(map(str, tensor.shape)), "rank": r, "scale": scale,
+                     "error_qlora": before, "error_loftq": after, "relative_error_qlora": before / norm,
+                     "relative_error_loftq": after / norm, "reduction": 1.0 - after / before if before > 0 else 0.0})
         if adjusted is not None:
             adjusted.put(f, name, deq.to(tensor.dtype))
     if adjusted is not None:
         adjusted.finish(files)
-    rows.sort(key=lambda row: row["module"])
+    rows.sort(key=lambda row: row[MODULE])
     config: dict[str, Any] = dict(layout.config) if layout is not None and layout.format == "peft" else {"peft_type": "LORA"}
     config["init_lora_weights"] = True
     config["base_model_name_or_path"] = base_spec if base_out is None else None

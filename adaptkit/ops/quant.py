@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, NonFiniteError
+from ..core.params import BITS
+from ..errors import NonFiniteError
 
 #: bitsandbytes' NF4 code book (``bitsandbytes.functional.get_4bit_type("nf4")``), index 0..15
 NF4_CODE = torch.tensor([
@@ -98,11 +99,8 @@ def quantize(weight: torch.Tensor, bits: int) -> Quantized:
     Raises:
         ConfigError: any other ``bits``.
     """
-    if bits == 4:
-        return quantize_nf4(weight)
-    if bits == 8:
-        return quantize_int8(weight)
-    raise ConfigError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}")
+    bits = BITS.check(bits)
+    return quantize_nf4(weight) if bits == 4 else quantize_int8(weight)
 
 
 def dequantize(q: Quantized) -> torch.Tensor:

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.columns import MODULE, RELATIVE_ERROR, RETAINED_ENERGY
 from ..core.kinds import LoRA
 from ..core.kinds.base import layer_is_finite
+from ..core.params import RANK
 from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ..progress import bar
 
@@ -151,8 +153,8 @@ def _compressed(layer: LoRA, rank: int) -> tuple[LoRA, dict[str, Any]]:
     dtype = layer.up.dtype
     new = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=_num(alpha), shape=tuple(layer.shape),
                module_type=layer.module_type, fan_in_fan_out=layer.fan_in_fan_out, rslora=layer.rslora, bias=layer.bias)
-    row = {"rank_exact": layer.rank, "rank": keep, "retained_energy": energy,
-           "relative_error": math.sqrt(max(0.0, 1.0 - energy))}
+    row = {"rank_exact": layer.rank, "rank": keep, RETAINED_ENERGY: energy,
+           RELATIVE_ERROR: math.sqrt(max(0.0, 1.0 - energy))}
     return new, row
 
 
@@ -183,8 +185,7 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
     """
     import pandas as pd
 
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank must be a positive integer or None (exact), got {rank!r}")
+    rank = RANK.optional(rank)  # None: the exact conversion
     t = _as_adapter(trained, "trained")
     i = _as_adapter(initial, "initial")
     _check_pair(t, i)
@@ -195,11 +196,11 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
         exact = _doubled(t.layers[path], i.layers[path])  # type: ignore[arg-type]
         if rank is None:
             layers[path] = exact
-            rows.append({"module": path, "rank_exact": exact.rank, "rank": exact.rank, "retained_energy": 1.0,
-                         "relative_error": 0.0})
+            rows.append({MODULE: path, "rank_exact": exact.rank, "rank": exact.rank, RETAINED_ENERGY: 1.0,
+                         RELATIVE_ERROR: 0.0})
         else:
             layers[path], row = _compressed(exact, rank)
-            rows.append({"module": path, **row})
+            rows.append({MODULE: path, **row})
     config = dict(t.config)
     init_name = str(config.get("init_lora_weights", "")).lower()
     config["init_lora_weights"] = True
@@ -242,7 +243,7 @@ def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method
         raise ConfigError(f"'{method}->lora' needs --initial INITIAL: the adapter saved right after initialisation, before training")
     adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True, progress=progress)
     written = save(adapter, out, format="peft", overwrite=overwrite)
-    lossless = bool((report["retained_energy"] >= 1.0 - 1e-9).all())
+    lossless = bool((report[RETAINED_ENERGY] >= 1.0 - 1e-9).all())
     return ConversionResult(Path(written), method, "peft", report, lossless)
 
 

@@ -24,10 +24,10 @@ from ...core.adapter import Adapter
 from ...core.kinds import IA3, LoRA, layer_dtype
 from ...core.kinds.base import f32, math_shape
 from ...core.linalg import dense_svd, lowrank_svd
+from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ...progress import bar
 from .methods import METHODS, Method, combine, get_method
-from .primitives import SIGN_METHODS
 
 #: metadata key holding the provenance JSON of a merged adapter
 PROVENANCE_KEY = "adaptkit.merge"
@@ -79,14 +79,16 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     """
     from ...formats import load
 
+    requested = get_method(method)
+    density, rank, majority_sign, seed = _check_options(requested, density, rank, majority_sign, seed)
+    if weights is not None:
+        weights = WEIGHTS.check(weights)
     loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]
     if not loaded:
         raise ConfigError("merge needs at least one adapter")
     for a in loaded:
         a.check_finite("merge")
-    w = _check_weights(weights, len(loaded))
-    requested = get_method(method)
-    _check_options(requested, density, rank, majority_sign)
+    w = check_weights(weights, len(loaded))
     base = _check_base_models(loaded)
     kinds = set().union(*(a.kinds for a in loaded))
     _refuse_dora(loaded)
@@ -174,23 +176,13 @@ def _source_text(source: str | None) -> str | None:
     return source
 
 
-def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    w = [float(x) for x in weights]
-    if len(w) != n:
-        raise ConfigError(f"got {len(w)} weights for {n} adapters; give one weight per adapter")
-    if not all(math.isfinite(x) for x in w):
-        raise ConfigError(f"weights must be finite numbers, got {w}")
-    return w
-
-
-def _check_options(m: Method, density: float | None, rank: int | None, majority_sign: str) -> None:
+def _check_options(m: Method, density: Any, rank: Any, majority_sign: Any, seed: Any
+                   ) -> tuple[float | None, int | None, str, int | None]:
+    """The merge options checked by their declarations (:mod:`adaptkit.core.params`) and against the method."""
     if m.needs_density:
         if density is None:
             raise ConfigError(f"method '{m.name}' needs density: the fraction of entries to keep (0 < density <= 1)")
-        if not 0 < density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {density}")
+        density = DENSITY.check(density)
     elif density is not None:
         raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
     if rank is not None:
@@ -200,10 +192,8 @@ def _check_options(m: Method, density: float | None, rank: int | None, majority_
                 f"method '{m.name}' chooses no rank ({own}), so rank does not apply; use 'svd', a '*_svd' method "
                 "or 'task_arithmetic' to choose the rank"
             )
-        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if majority_sign not in SIGN_METHODS:
-        raise ConfigError(f"unknown majority_sign '{majority_sign}'; use one of {', '.join(SIGN_METHODS)}")
+        rank = RANK.check(rank)
+    return density, rank, MAJORITY_SIGN.check(majority_sign), SEED.optional(seed)
 
 
 def _check_base_models(adapters: list[Adapter]) -> str | None:
@@ -231,7 +221,7 @@ def _resolve_rank(m: Method, rank: int | None, adapters: list[Adapter], all_lora
     if not m.takes_rank:
         return None
     if rank is not None:
-        return int(rank)
+        return rank
     if m.output == "exact_or_svd":
         if not all_lora:
             raise ConfigError(

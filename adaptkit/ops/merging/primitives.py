@@ -16,14 +16,16 @@ from collections.abc import Sequence
 
 import torch
 
+from ...core.params import DENSITY, MAJORITY_SIGN, kept_entries
 from ...errors import ConfigError
 
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
-SIGN_METHODS = ("total", "frequency")
+SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN.choices
 
 
 def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest.
+    """Keep the ``int(density * numel)`` entries of largest magnitude (:func:`~adaptkit.core.params.kept_entries`),
+    zero the rest.
 
     Args:
         tensor: any tensor.
@@ -34,7 +36,7 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1:
         return tensor
-    k = int(density * tensor.numel())
+    k = kept_entries(density, tensor.numel())
     if k <= 0:
         return torch.zeros_like(tensor)
     flat = tensor.abs().reshape(-1)
@@ -95,8 +97,8 @@ def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = Fal
     Raises:
         ConfigError: unknown method or a negative density.
     """
-    if density < 0:
-        raise ConfigError(f"density must be between 0 and 1, got {density}")
+    if density < 0:  # PEFT's prune refuses only this: 0 keeps nothing, 1 or more keeps everything
+        raise DENSITY.error(density, "a number of at least 0 (PEFT's prune: 1 or more keeps everything)")
     if method == "magnitude":
         return magnitude_prune(tensor, density)
     if method == "random":
@@ -115,8 +117,7 @@ def majority_sign(tensors: Sequence[torch.Tensor], method: str = "total") -> tor
     Returns:
         A bool tensor of the tensors' shape.
     """
-    if method not in SIGN_METHODS:
-        raise ConfigError(f"unknown majority_sign '{method}'; use one of {', '.join(SIGN_METHODS)}")
+    method = MAJORITY_SIGN.check(method)
     votes = sum(t if method == "total" else t.sign() for t in tensors)
     return votes >= 0
 

@@ -1,0 +1,62 @@
+"""``adaptkit merge``: combine adapters into one with PEFT's merge methods (or the exact weighted sum)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS
+from ._options import (
+    base_option,
+    component_option,
+    declared,
+    overwrite_option,
+    progress_options,
+)
+
+#: merge method names for help texts (the table itself is adaptkit.ops.merging.METHODS; a test keeps them equal)
+MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
+                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="Output directory (PEFT, diffusers) or file (kohya).")
+@declared(WEIGHTS, default=None, help="Comma-separated weights, one per source (default 1 each); negative subtracts.")
+@click.option("--method", default="task_arithmetic", show_default=True, help="One of: " + ", ".join(MERGE_METHODS) + ".")
+@declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*).")
+@declared(RANK, default=None, help="Output rank (svd, *_svd, task_arithmetic).")
+@declared(MAJORITY_SIGN, default="total", show_default=True, help="TIES sign election: total or frequency.")
+@declared(SEED, default=None, help="Seed for the DARE methods' random drop.")
+@click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
+@base_option("to resolve kohya/LyCORIS module names")
+@component_option("only this component's layers, in its own namespace (each: one adapter per component).")
+@overwrite_option()
+@progress_options
+def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, method: str, density: float | None,
+          rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, component: str | None,
+          overwrite: bool, progress: bool | None) -> None:
+    """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods.
+
+    Examples:
+
+    \b
+      adaptkit merge ./a ./b -o merged/ --weights 1,0.5 --method ties_svd --density 0.2 --rank 16
+      adaptkit merge ./a ./b -o merged/         # task_arithmetic: the exact weighted sum
+      adaptkit merge a.safetensors b.safetensors -o merged.safetensors --format kohya --weights 1,-1
+    """
+    from ..ops.merging import PROVENANCE_KEY, merge_to
+
+    merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=weights, method=method,
+                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base,
+                      component=component, progress=progress)
+    ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
+    rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")
+    how = method if applied is None else f"{method} (applied as {applied}, as PEFT does for one adapter)"
+    click.echo(f"merged {len(sources)} adapter{'s' * (len(sources) != 1)} with {how} into {out} ({fmt}): "
+               f"{len(merged)} layers, kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
+
+
+COMMANDS = (merge,)
