@@ -14,7 +14,7 @@ from ._version import __version__
 
 #: public name -> the module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(["IA3", "KINDS", "Full", "LoHa", "LoKr", "LoRA"], ".core.kinds"),
+    **dict.fromkeys(["IA3", "KINDS", "Full", "LoHa", "LoKr", "LoRA", "register_kind"], ".core.kinds"),
     "Adapter": ".core.adapter",
     **dict.fromkeys(["AdaptkitError", "ArgumentTypeError", "ConfigError", "FormatError", "NonFiniteError",
                      "OutputExistsError", "OutputIsInputError", "OutputWriteError", "ShapeMismatchError",
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .analysis.compare import compare
     from .analysis.layers import analyze
     from .core.adapter import Adapter
-    from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
+    from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA, register_kind
     from .errors import (
         AdaptkitError,
         ArgumentTypeError,
