@@ -43,7 +43,8 @@ SCALAR_PARTS = frozenset({"alpha", "on_input"})
 LORA_PAIRS = (("down", "up"), ("a", "b"), ("emb_a", "emb_b"))
 
 
-def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None) -> None:
+def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None = None,
+                  index_parts: frozenset[str] = frozenset()) -> None:
     """Refuse tensors no adapter layer can be built from, before any shape or scale is derived from them.
 
     Every format reader (and state-dict injection) calls this on one module's tensors. It refuses:
@@ -59,9 +60,12 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
         parts: one module's tensors by part name (``down``, ``up``, ``w1a``, ``ia3``, ...); the scalar parts of
             :data:`SCALAR_PARTS` are not checked.
         names: part name -> the tensor's name in the file, for the message.
+        index_parts: the parts the kind declares as integer positions (its ``index_parts``: SHiRA's
+            ``indices``, VB-LoRA's top-k indices); they must be integer tensors instead of floating point.
 
     Raises:
-        FormatError: a tensor that is not floating point, or an empty one; the message names it.
+        FormatError: a tensor that is not floating point (an index part that is not an integer), or an empty
+            one; the message names it.
         ShapeMismatchError: a factor of the wrong number of dimensions; the message names it and its shape.
     """
     from ...errors import FormatError, ShapeMismatchError
@@ -71,6 +75,13 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
 
     for part, t in sorted(parts.items()):  # a fixed order (A before B, down before up): the same error every time
         if part in SCALAR_PARTS:
+            continue
+        if part in index_parts:
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise FormatError(
+                    f"tensor '{name(part)}' has dtype {str(t.dtype).replace('torch.', '')}, but it holds positions and "
+                    "must be an integer tensor; the checkpoint is damaged: re-save it with integer indices"
+                )
             continue
         if not t.is_floating_point():
             raise FormatError(
@@ -104,8 +115,8 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
 
 
 def layer_dtype(layer: Any) -> torch.dtype:
-    """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
-    tensors = tensor_fields(layer)
+    """The dtype of a layer's largest floating tensor (the dtype its file stores it in; index tensors do not count)."""
+    tensors = {k: t for k, t in tensor_fields(layer).items() if t.is_floating_point()} or tensor_fields(layer)
     biggest = max(tensors.values(), key=lambda t: t.numel())
     return biggest.dtype
 
@@ -153,7 +164,13 @@ def check_floating(layer: Any) -> None:
     """
     from ...errors import FormatError
 
+    index_parts = getattr(type(layer), "index_parts", frozenset())
     for name, t in tensor_fields(layer).items():
+        if name in index_parts:
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise FormatError(f"{layer.kind} tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, but it "
+                                  "holds positions; convert it with .long() first")
+            continue
         if not t.is_floating_point():
             raise FormatError(f"{layer.kind} tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter "
                               "tensors are floating point; convert it with .float() first")
