@@ -64,7 +64,7 @@ def test_adalora_pruned_ranks_keep_init_r_and_rank_zero_is_zero(tmp_path):
     model = tiny()
     config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["lin1", "lin2"], total_step=10,
                            init_lora_weights=False)
-    pm, base = _make_adalora(model, config)
+    pm, _ = _make_adalora(model, config)
     pm.peft_config["default"].rank_pattern = {"lin1.lora_E": [True, False, True, True],
                                               "lin2.lora_E": [False, False, False, False]}
     pm.save_pretrained(str(tmp_path))
@@ -127,3 +127,109 @@ def test_vera_without_saved_projections_is_refused():
     assert "vera_A" not in sd
     with pytest.raises(UnsupportedError, match="save_projection=True"):
         require_projections(sd.get("vera_A"), sd.get("vera_B"))
+
+
+# ---------------------------------------------------------------- RandLoRA
+
+
+def test_randlora_delta_and_merge_both_orientations():
+    """lin1 is wider than tall (in < out), lin2 the other way: peft puts the scalings on the smaller side."""
+    from peft import RandLoraConfig
+
+    from adaptkit.core.kinds.randlora import RandLoRA
+
+    model = tiny()
+    pm, base = make_peft(model, RandLoraConfig(r=4, randlora_alpha=6, target_modules=["lin1", "lin2"]))
+    sd = saved(pm)
+    require_projections(sd.get("base_model.randlora_A"), sd.get("base_model.randlora_B"), "RandLoRA")
+    layers = {p: RandLoRA(randlora_a=sd["base_model.randlora_A"], randlora_b=sd["base_model.randlora_B"],
+                          lam=sd[f"{p}.randlora_lambda"], gamma=sd[f"{p}.randlora_gamma"], alpha=6,
+                          shape=tuple(base.get_submodule(p).weight.shape)) for p in ("lin1", "lin2")}
+    for path, layer in layers.items():
+        check("randlora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
+    _fuse_check("randlora", layers, base, merged_weights(pm))
+
+
+# ---------------------------------------------------------------- VB-LoRA
+
+
+@pytest.mark.parametrize("topk_only", [False, True])
+def test_vblora_delta_and_merge_logits_and_topk_files(topk_only):
+    from peft import VBLoRAConfig
+
+    from adaptkit.core.kinds.vblora import VBLoRA, full_topk_weights
+
+    model = tiny()
+    config = VBLoRAConfig(r=4, topk=3, num_vectors=10, vector_length=4, target_modules=["lin1", "lin2"],
+                          save_only_topk_weights=topk_only)
+    pm, base = make_peft(model, config)
+    sd = saved(pm)
+    bank = sd["base_model.vblora_vector_bank"]
+    layers = {}
+    for p in ("lin1", "lin2"):
+        shape = tuple(base.get_submodule(p).weight.shape)
+        if topk_only:
+            assert not sd[f"{p}.vblora_logits_A_topk_indices"].is_floating_point()
+            layers[p] = VBLoRA(bank=bank, indices_a=sd[f"{p}.vblora_logits_A_topk_indices"],
+                               weights_a=full_topk_weights(sd[f"{p}.vblora_logits_A_topk_weights"]),
+                               indices_b=sd[f"{p}.vblora_logits_B_topk_indices"],
+                               weights_b=full_topk_weights(sd[f"{p}.vblora_logits_B_topk_weights"]), shape=shape)
+        else:
+            layers[p] = VBLoRA.from_logits(bank, sd[f"{p}.vblora_logits_A"], sd[f"{p}.vblora_logits_B"], 3, shape)
+        check(f"vblora{' topk' if topk_only else ''} delta", layers[p].delta(),
+              module(pm, p).get_delta_weight("default"))
+    _fuse_check("vblora", layers, base, merged_weights(pm))
+
+
+def test_vblora_index_parts_are_exempt_from_the_float_check_and_must_be_integers():
+    from adaptkit.core.kinds.base import check_factors
+    from adaptkit.errors import FormatError
+
+    parts = {"indices_a": torch.zeros(2, 2, 2, dtype=torch.uint8), "weights_a": torch.ones(2, 2, 2)}
+    with pytest.raises(FormatError, match="indices_a"):
+        check_factors(parts)
+    check_factors(parts, index_parts=frozenset({"indices_a"}))
+    with pytest.raises(FormatError, match="integer"):
+        check_factors({"indices_a": torch.zeros(2, 2)}, index_parts=frozenset({"indices_a"}))
+
+
+# ---------------------------------------------------------------- DeLoRA
+
+
+def test_delora_delta_and_merge():
+    from peft import DeloraConfig
+
+    from adaptkit.core.kinds.delora import DeLoRA
+
+    model = tiny()
+    pm, base = make_peft(model, DeloraConfig(r=4, delora_lambda=7.0, target_modules=["lin1", "lin2"],
+                                             init_weights=False))
+    sd = saved(pm)
+    layers = {p: DeLoRA(a=sd[f"{p}.delora_A"], b=sd[f"{p}.delora_B"], lam=sd[f"{p}.delora_lambda"],
+                        w_norm=sd[f"{p}.delora_w_norm"], shape=tuple(base.get_submodule(p).weight.shape))
+              for p in ("lin1", "lin2")}
+    for path, layer in layers.items():
+        check("delora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
+    _fuse_check("delora", layers, base, merged_weights(pm))
+
+
+# ---------------------------------------------------------------- GraLoRA
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 2])
+def test_gralora_delta_and_merge(hybrid_r):
+    from peft import GraloraConfig
+
+    from adaptkit.core.kinds.gralora import GraLoRA
+
+    model = tiny()
+    pm, base = make_peft(model, GraloraConfig(r=4, alpha=6, gralora_k=2, hybrid_r=hybrid_r,
+                                              target_modules=["lin1", "lin2"], init_weights=False))
+    sd = saved(pm)
+    layers = {p: GraLoRA(a=sd[f"{p}.gralora_A"], b=sd[f"{p}.gralora_B"], alpha=6,
+                         a_general=sd.get(f"{p}.gralora_A_general.weight"),
+                         b_general=sd.get(f"{p}.gralora_B_general.weight"),
+                         shape=tuple(base.get_submodule(p).weight.shape)) for p in ("lin1", "lin2")}
+    for path, layer in layers.items():
+        check("gralora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
+    _fuse_check("gralora", layers, base, merged_weights(pm))
