@@ -80,6 +80,7 @@ def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Max relative error ``max|ours - ref| / max|ref|`` in float64."""
     ours, ref = ours.detach().double(), ref.detach().double()
     assert ours.shape == ref.shape, (tuple(ours.shape), tuple(ref.shape))
+    assert bool(ref.abs().max() > 0), "the reference is all zeros: the comparison would prove nothing"
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 

@@ -1,0 +1,63 @@
+"""C3A: a block-circulant update, ``dW = blockcirc(kernel) / in_features`` (PEFT ``c3a_kernel``).
+
+PEFT (``tuners/c3a``) stores ``c3a_kernel (out / b, in / b, b)``; block ``(m, n)`` of the delta is the
+``b x b`` circulant matrix with ``C[i, j] = kernel[m, n, (j - i) mod b]`` (peft builds it with FFTs of an
+identity, ``get_circulant_fast``; this kind indexes it directly). Gotchas: the division by
+``in_features`` (the base weight's last dimension) is part of peft's ``get_delta_weight``; the kernel is
+always float32 in peft; only ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...errors import ShapeMismatchError
+from .base import DeltaMixin, check_floating, f32
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
+class C3A(DeltaMixin):
+    """One C3A layer.
+
+    Args:
+        kernel: ``c3a_kernel`` ``(out / b, in / b, b)``.
+        shape: module weight shape ``(out, in)``.
+    """
+
+    kernel: torch.Tensor
+    shape: tuple[int, ...]
+    module_type: str = "linear"
+
+    kind: ClassVar[str] = "c3a"
+    fan_in_fan_out: ClassVar[bool] = False
+    rank: ClassVar[None] = None
+    alpha: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        check_floating(self)
+        k = self.kernel
+        if k.ndim != 3 or len(self.shape) != 2 or k.shape[0] * k.shape[2] != self.shape[0] \
+                or k.shape[1] * k.shape[2] != self.shape[1]:
+            raise ShapeMismatchError(f"C3A kernel has shape {tuple(k.shape)}; for a weight of shape {tuple(self.shape)} "
+                                     "it must be (out / b, in / b, b)")
+
+    @property
+    def block_size(self) -> int:
+        """The circulant block size ``b``."""
+        return int(self.kernel.shape[2])
+
+    @property
+    def scale(self) -> float:
+        """``1 / in_features``."""
+        return 1.0 / self.shape[1]
+
+    def delta_math(self) -> torch.Tensor:
+        """Float32 delta ``(out, in)``."""
+        b = self.block_size
+        m, n = self.kernel.shape[:2]
+        pos = (torch.arange(b)[None, :] - torch.arange(b)[:, None]) % b  # (i, j) -> (j - i) mod b
+        blocks = f32(self.kernel)[:, :, pos]  # (m, n, b, b)
+        return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b) * self.scale

@@ -1,0 +1,81 @@
+"""FourierFT: a sparse 2-D spectrum, ``dW = real(ifft2(S)) * scaling`` with ``n`` learned entries of ``S``.
+
+PEFT (``tuners/fourierft``) saves only ``fourierft_spectrum (n,)``. Gotchas:
+
+* The spectrum's positions are **not saved**: peft regenerates them as
+  ``torch.randperm(out * in, generator=torch.Generator().manual_seed(random_loc_seed))[:n]`` (row ``p // in``,
+  column ``p % in``) from the config's ``random_loc_seed`` (default 777). :func:`seeded_positions` does the
+  same; a reader needs the config's seed and the layer's ``(out, in)``.
+* The dense spectrum is always float32 (``torch.zeros`` default dtype) and the result is cast back to the
+  spectrum's dtype.
+* ``get_delta_weight`` is in the *math* orientation ``(out, in)`` even for ``Conv1D``: peft's ``merge``
+  transposes it with ``fan_in_fan_out``. This kind's ``delta()`` is the module orientation, as for every kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...errors import ShapeMismatchError
+from .base import DeltaMixin, check_floating, f32, math_shape
+
+#: peft's default ``random_loc_seed`` (FourierFT and WaveFT)
+DEFAULT_SEED = 777
+
+
+def seeded_positions(out_features: int, in_features: int, count: int, seed: int) -> torch.Tensor:
+    """The ``(2, count)`` (row, column) positions peft draws for FourierFT/WaveFT from ``seed``."""
+    flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(int(seed)))[:count]
+    return torch.stack([flat // in_features, flat % in_features], dim=0)
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
+class FourierFT(DeltaMixin):
+    """One FourierFT layer.
+
+    Args:
+        spectrum: ``fourierft_spectrum`` ``(n,)``.
+        indices: ``(2, n)`` integer (row, column) positions (:func:`seeded_positions`).
+        scaling: the config's ``scaling``.
+        shape: module weight shape (module orientation).
+        fan_in_fan_out: the module stores the transpose (``Conv1D``).
+    """
+
+    spectrum: torch.Tensor
+    indices: torch.Tensor
+    scaling: float
+    shape: tuple[int, ...]
+    fan_in_fan_out: bool = False
+    module_type: str = "linear"
+
+    kind: ClassVar[str] = "fourierft"
+    index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
+    rank: ClassVar[None] = None
+    alpha: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        check_floating(self)
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if self.spectrum.ndim != 1 or tuple(self.indices.shape) != (2, self.spectrum.numel()):
+            raise ShapeMismatchError(f"FourierFT spectrum {tuple(self.spectrum.shape)} needs (2, n) positions, got "
+                                     f"{tuple(self.indices.shape)}")
+        if self.indices.numel() and (int(self.indices[0].max()) >= out or int(self.indices[1].max()) >= inp
+                                     or int(self.indices.min()) < 0):
+            raise ShapeMismatchError(f"FourierFT positions fall outside a ({out}, {inp}) spectrum; they were drawn for "
+                                     "another layer shape")
+
+    @property
+    def scale(self) -> float:
+        """The config's ``scaling``."""
+        return float(self.scaling)
+
+    def delta_math(self) -> torch.Tensor:
+        """Float32 delta ``(out, in)``."""
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        dense = torch.zeros(out, inp, dtype=torch.float32)
+        idx = self.indices.long()
+        dense[idx[0], idx[1]] = f32(self.spectrum)
+        return torch.fft.ifft2(dense).real * self.scale

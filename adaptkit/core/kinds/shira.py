@@ -1,0 +1,66 @@
+"""SHiRA: a sparse high-rank update, ``dW[indices] = values * scaling`` (PEFT ``shira_weight`` + ``shira_indices``).
+
+Gotchas (peft 0.21.2, ``tuners/shira``):
+
+* ``shira_indices`` (``(2, n)`` row/column positions) *are* saved, as ``int32`` (``torch.int``), or as
+  float32 on Windows (peft converts them back to integers on load); a reader converts float positions with
+  ``.long()`` before building the layer. They are declared :attr:`SHiRA.index_parts`, exempt from the
+  floating-point check of :func:`adaptkit.core.kinds.base.check_factors`.
+* The delta is a ``sparse_coo_tensor``: repeated positions add up (``index_put_`` with ``accumulate``).
+* ``scaling`` is 1.0 at save time (peft's ``set_scale`` changes it only in memory); only ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...errors import ShapeMismatchError
+from .base import DeltaMixin, check_floating, f32
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
+class SHiRA(DeltaMixin):
+    """One SHiRA layer.
+
+    Args:
+        values: ``shira_weight`` ``(n,)``.
+        indices: ``shira_indices`` ``(2, n)``, integer.
+        shape: module weight shape ``(out, in)``.
+        scaling: peft's ``scaling`` (1.0 as saved).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    shape: tuple[int, ...]
+    scaling: float = 1.0
+    module_type: str = "linear"
+
+    kind: ClassVar[str] = "shira"
+    index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
+    fan_in_fan_out: ClassVar[bool] = False
+    rank: ClassVar[None] = None
+    alpha: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        check_floating(self)
+        if len(self.shape) != 2 or self.values.ndim != 1 or tuple(self.indices.shape) != (2, self.values.numel()):
+            raise ShapeMismatchError(f"SHiRA values {tuple(self.values.shape)} need (2, n) positions in a 2-D weight, got "
+                                     f"{tuple(self.indices.shape)} for weight {tuple(self.shape)}")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices[0].max()) >= self.shape[0]
+                                     or int(self.indices[1].max()) >= self.shape[1]):
+            raise ShapeMismatchError(f"SHiRA positions fall outside the weight of shape {tuple(self.shape)}; the "
+                                     "checkpoint is damaged")
+
+    @property
+    def scale(self) -> float:
+        """peft's ``scaling``."""
+        return float(self.scaling)
+
+    def delta_math(self) -> torch.Tensor:
+        """Float32 delta ``(out, in)`` (repeated positions add up)."""
+        dense = torch.zeros(tuple(self.shape), dtype=torch.float32)
+        idx = self.indices.long()
+        return dense.index_put_((idx[0], idx[1]), f32(self.values) * self.scale, accumulate=True)

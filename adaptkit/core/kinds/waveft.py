@@ -1,0 +1,105 @@
+"""WaveFT: sparse wavelet coefficients, ``dW = idwt2(S) * scaling`` (or ``S * scaling`` without the transform).
+
+PEFT (``tuners/waveft``) saves only ``waveft_spectrum (n,)``. Gotchas:
+
+* As for FourierFT, the positions are **not saved**: they are drawn from ``random_loc_seed`` exactly like
+  FourierFT's (:func:`adaptkit.core.kinds.fourierft.seeded_positions`).
+* With ``use_idwt`` (the default) the coefficient matrix is padded by the wavelet's reduction
+  (``WAVELET_REDUCTIONS[family]``, then up to even sizes), the positions shifted to its centre, split into
+  the four quadrants ``(cA, (cH, cV, cD))``, reconstructed with one level of the inverse 2-D DWT and cropped
+  back to ``(out, in)`` around the centre. The wavelet synthesis itself is peft's own (``waverec2d``,
+  imported at run time: adaptkit keeps no wavelet filter tables), so ``use_idwt=True`` layers need peft.
+* Without ``use_idwt`` the delta is the scattered coefficients times ``scaling``.
+* Math orientation in ``get_delta_weight`` (``merge`` transposes for ``Conv1D``), as FourierFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...errors import ShapeMismatchError, UnsupportedError
+from .base import DeltaMixin, check_floating, f32, math_shape
+
+
+def _wavelet_tools():
+    try:
+        from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+        from peft.tuners.waveft.waverec2d import waverec2d
+    except ImportError as e:  # pragma: no cover - peft is installed wherever these kinds are read
+        raise UnsupportedError("a WaveFT layer with use_idwt=True needs peft's inverse wavelet transform; install "
+                               "peft (pip install peft)") from e
+    return WAVELET_REDUCTIONS, waverec2d
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
+class WaveFT(DeltaMixin):
+    """One WaveFT layer.
+
+    Args:
+        spectrum: ``waveft_spectrum`` ``(n,)``.
+        indices: ``(2, n)`` integer positions (drawn from ``random_loc_seed``).
+        scaling: the config's ``scaling``.
+        shape: module weight shape (module orientation).
+        wavelet_family: the config's ``wavelet_family`` (``"db1"``, ``"sym4"``, ...).
+        use_idwt: reconstruct with the inverse wavelet transform (peft's default) instead of using the
+            coefficients as the delta.
+        fan_in_fan_out: the module stores the transpose (``Conv1D``).
+    """
+
+    spectrum: torch.Tensor
+    indices: torch.Tensor
+    scaling: float
+    shape: tuple[int, ...]
+    wavelet_family: str = "db1"
+    use_idwt: bool = True
+    fan_in_fan_out: bool = False
+    module_type: str = "linear"
+
+    kind: ClassVar[str] = "waveft"
+    index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
+    rank: ClassVar[None] = None
+    alpha: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        check_floating(self)
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if self.spectrum.ndim != 1 or tuple(self.indices.shape) != (2, self.spectrum.numel()):
+            raise ShapeMismatchError(f"WaveFT spectrum {tuple(self.spectrum.shape)} needs (2, n) positions, got "
+                                     f"{tuple(self.indices.shape)}")
+        if self.indices.numel() and (int(self.indices[0].max()) >= out or int(self.indices[1].max()) >= inp
+                                     or int(self.indices.min()) < 0):
+            raise ShapeMismatchError(f"WaveFT positions fall outside a ({out}, {inp}) weight; they were drawn for another "
+                                     "layer shape")
+
+    @property
+    def scale(self) -> float:
+        """The config's ``scaling``."""
+        return float(self.scaling)
+
+    def delta_math(self) -> torch.Tensor:
+        """Float32 delta ``(out, in)``."""
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        values = f32(self.spectrum)
+        idx = self.indices.long()
+        if not self.use_idwt:
+            dense = torch.zeros(out, inp, dtype=torch.float32)
+            dense[idx[0], idx[1]] = values
+            return dense * self.scale
+        reductions, waverec2d = _wavelet_tools()
+        if self.wavelet_family not in reductions:
+            raise UnsupportedError(f"unknown WaveFT wavelet family '{self.wavelet_family}'; peft knows "
+                                   f"{', '.join(sorted(reductions))}")
+        extra_rows, extra_cols = reductions[self.wavelet_family]
+        rows, cols = out + extra_rows, inp + extra_cols
+        rows += rows % 2
+        cols += cols % 2
+        dense = torch.zeros(rows, cols, dtype=torch.float32)
+        dense[idx[0] + (rows - out) // 2, idx[1] + (cols - inp) // 2] = values
+        h, w = rows // 2, cols // 2
+        coeffs = (dense[:h, :w], (dense[:h, w:], dense[h:, :w], dense[h:, w:]))
+        full = waverec2d(coeffs, self.wavelet_family) * self.scale
+        r0, c0 = (full.shape[0] - out) // 2, (full.shape[1] - inp) // 2
+        return full[r0:r0 + out, c0:c0 + inp]
