@@ -56,8 +56,14 @@ class BaseDependent(LayerRepr):
         return None if bias is None else f32(bias)
 
     def delta_for(self, weight: torch.Tensor) -> torch.Tensor:
-        """``apply(W) - W``: the change this layer makes to a given base weight (float32)."""
-        return self.apply(weight)[0] - f32(weight)
+        """``apply(W) - W`` for the weight alone: the change this layer makes to a given base weight (float32).
+
+        Raises:
+            ShapeMismatchError: ``weight`` does not have the layer's shape.
+        """
+        self.check_weight(weight)
+        w = f32(weight)
+        return self.apply_weight(w) - w
 
     def delta_bias(self) -> torch.Tensor | None:
         """No base-free bias change (a kind that replaces the bias says so through ``apply_bias``)."""
