@@ -91,3 +91,20 @@ def check(label: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-6) 
     print(f"PARITY {label}: {err:.2e}")
     assert err <= tol, f"{label}: relative error {err:.3e} > {tol:g}"
     return err
+
+
+def fuse_check(label: str, layers: dict, base, merged: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
+    """Every layer's ``apply(W, b)`` on the untouched base equals ``merge_and_unload``'s weight and bias.
+
+    A bias the layer does not change must come back exactly (cast to float32).
+    """
+    base_sd = base.state_dict()
+    for path, layer in layers.items():
+        w, b = layer.apply(base_sd[f"{path}.weight"], base_sd.get(f"{path}.bias"))
+        check(f"{label} merge", w, merged[f"{path}.weight"], tol)
+        if b is None:
+            continue
+        if layer.changes_bias:
+            check(f"{label} merge bias", b, merged[f"{path}.bias"], tol)
+        else:
+            torch.testing.assert_close(b, merged[f"{path}.bias"].to(b.dtype), atol=0, rtol=0)

@@ -6,26 +6,26 @@ import pytest
 import torch
 
 from adaptkit.core.kinds.c3a import C3A
-from adaptkit.core.kinds.fourierft import FourierFT, seeded_positions
+from adaptkit.core.kinds.fourierft import FourierFT
 from adaptkit.core.kinds.miss import MiSS, MiSSBat
+from adaptkit.core.kinds.positions import seeded_positions
 from adaptkit.core.kinds.shira import SHiRA
 from adaptkit.core.kinds.waveft import WaveFT
 from adaptkit.errors import UnsupportedError
 
-from .kinds_peft_util import check, make_peft, merged_weights, module, saved, tiny
+from .kinds_peft_util import (
+    check,
+    fuse_check,
+    make_peft,
+    merged_weights,
+    module,
+    saved,
+    tiny,
+)
 
 peft = pytest.importorskip("peft")
 
 PATHS = ("lin1", "lin2")
-
-
-def _fuse_check(label, layers, base, merged, tol=1e-6):
-    base_sd = base.state_dict()
-    for path, layer in layers.items():
-        w, b = layer.apply(base_sd[f"{path}.weight"], base_sd.get(f"{path}.bias"))
-        check(f"{label} merge", w, merged[f"{path}.weight"], tol)
-        if b is not None:  # these kinds leave the bias as it is
-            torch.testing.assert_close(b, merged[f"{path}.bias"].to(b.dtype), atol=0, rtol=0)
 
 
 def _shape(base, path):
@@ -47,7 +47,7 @@ def test_fourierft_positions_are_regenerated_from_the_seed():
         assert torch.equal(pos, module(pm, p).indices["default"])
         layers[p] = FourierFT(spectrum=sd[f"{p}.fourierft_spectrum"], indices=pos, scaling=50.0, shape=(out, inp))
         check("fourierft delta", layers[p].delta(), module(pm, p).get_delta_weight("default"))
-    _fuse_check("fourierft", layers, base, merged_weights(pm))
+    fuse_check("fourierft", layers, base, merged_weights(pm))
 
 
 def test_fourierft_conv1d_delta_is_module_orientation():
@@ -62,7 +62,7 @@ def test_fourierft_conv1d_delta_is_module_orientation():
     layer = FourierFT(spectrum=sd["c.fourierft_spectrum"], indices=seeded_positions(10, 6, 12, 777), scaling=150.0,
                       shape=(6, 10), fan_in_fan_out=True)
     check("fourierft conv1d delta", layer.delta(), module(pm, "c").get_delta_weight("default").T)
-    _fuse_check("fourierft conv1d", {"c": layer}, base, merged_weights(pm))
+    fuse_check("fourierft conv1d", {"c": layer}, base, merged_weights(pm))
 
 
 @pytest.mark.parametrize(("use_idwt", "family"), [(False, "db1"), (True, "db1"), (True, "db3"), (True, "sym2")])
@@ -80,7 +80,7 @@ def test_waveft_delta_and_merge(use_idwt, family):
                            shape=(out, inp), wavelet_family=family, use_idwt=use_idwt)
         check(f"waveft {family if use_idwt else 'no-idwt'} delta", layers[p].delta(),
               module(pm, p).get_delta_weight("default"))
-    _fuse_check("waveft", layers, base, merged_weights(pm))
+    fuse_check("waveft", layers, base, merged_weights(pm))
 
 
 def test_waveft_unknown_family_is_refused():
@@ -102,7 +102,7 @@ def test_shira_integer_positions_delta_and_merge():
         assert not idx.is_floating_point()
         layers[p] = SHiRA(values=sd[f"{p}.shira_weight"], indices=idx, shape=_shape(base, p))
         check("shira delta", layers[p].delta(), module(pm, p).get_delta_weight("default").to_dense())
-    _fuse_check("shira", layers, base, merged_weights(pm))
+    fuse_check("shira", layers, base, merged_weights(pm))
 
 
 def test_shira_float_indices_are_refused_by_the_layer():
@@ -121,7 +121,7 @@ def test_c3a_delta_and_merge():
     layers = {p: C3A(kernel=sd[f"{p}.c3a_kernel"], shape=_shape(base, p)) for p in PATHS}
     for p, layer in layers.items():
         check("c3a delta", layer.delta(), module(pm, p).get_delta_weight("default"))
-    _fuse_check("c3a", layers, base, merged_weights(pm))
+    fuse_check("c3a", layers, base, merged_weights(pm))
 
 
 @pytest.mark.parametrize("init", [False, "mini", "bat"])
@@ -143,4 +143,4 @@ def test_miss_layouts_merge(init):
         base_w = base.lin1.weight.detach().clone()
         ref = module(pm, "lin1").get_delta_weight_miss("default", base_w.clone()) - base_w
         check("miss delta", layers["lin1"].delta(), ref)
-    _fuse_check(f"miss {init or 'default'}", layers, base, merged_weights(pm))
+    fuse_check(f"miss {init or 'default'}", layers, base, merged_weights(pm))

@@ -9,19 +9,17 @@ from adaptkit.core.kinds.adalora import AdaLoRA
 from adaptkit.core.kinds.vera import VeRA, require_projections
 from adaptkit.errors import UnsupportedError
 
-from .kinds_peft_util import check, make_peft, merged_weights, module, saved, tiny
+from .kinds_peft_util import (
+    check,
+    fuse_check,
+    make_peft,
+    merged_weights,
+    module,
+    saved,
+    tiny,
+)
 
 peft = pytest.importorskip("peft")
-
-
-def _fuse_check(label, layers, base, merged, tol=1e-6):
-    """Every layer's apply(W, b) equals merge_and_unload's weights and biases."""
-    base_sd = base.state_dict()
-    for path, layer in layers.items():
-        w, b = layer.apply(base_sd[f"{path}.weight"], base_sd.get(f"{path}.bias"))
-        check(f"{label} merge", w, merged[f"{path}.weight"], tol)
-        if b is not None:  # these kinds leave the bias as it is
-            torch.testing.assert_close(b, merged[f"{path}.bias"].to(b.dtype), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- AdaLoRA
@@ -53,7 +51,7 @@ def test_adalora_linear_and_conv_delta_and_merge():
         shape = tuple(base.get_submodule(path).weight.shape)
         layers[path] = _adalora(sd, path, config, shape)
         check("adalora delta", layers[path].delta(), module(pm, path).get_delta_weight("default"))
-    _fuse_check("adalora", layers, base, merged_weights(pm))
+    fuse_check("adalora", layers, base, merged_weights(pm))
 
 
 def test_adalora_pruned_ranks_keep_init_r_and_rank_zero_is_zero(tmp_path):
@@ -92,7 +90,7 @@ def test_adalora_conv1d_fan_in_fan_out():
     sd = {k.removesuffix(".default"): v for k, v in saved(pm).items()}
     layer = _adalora(sd, "c", config, (6, 10), fan_in_fan_out=True)
     check("adalora conv1d delta", layer.delta(), module(pm, "c").get_delta_weight("default"))
-    _fuse_check("adalora conv1d", {"c": layer}, base, merged_weights(pm))
+    fuse_check("adalora conv1d", {"c": layer}, base, merged_weights(pm))
 
 
 # ---------------------------------------------------------------- VeRA
@@ -116,7 +114,7 @@ def test_vera_delta_and_merge_with_shared_projections():
     assert layers["lin1"].vera_a is layers["lin2"].vera_a
     for path, layer in layers.items():
         check("vera delta", layer.delta(), module(pm, path).get_delta_weight("default"))
-    _fuse_check("vera", layers, base, merged_weights(pm))
+    fuse_check("vera", layers, base, merged_weights(pm))
 
 
 def test_vera_without_saved_projections_is_refused():
@@ -147,7 +145,7 @@ def test_randlora_delta_and_merge_both_orientations():
                           shape=tuple(base.get_submodule(p).weight.shape)) for p in ("lin1", "lin2")}
     for path, layer in layers.items():
         check("randlora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
-    _fuse_check("randlora", layers, base, merged_weights(pm))
+    fuse_check("randlora", layers, base, merged_weights(pm))
 
 
 # ---------------------------------------------------------------- VB-LoRA
@@ -178,7 +176,7 @@ def test_vblora_delta_and_merge_logits_and_topk_files(topk_only):
             layers[p] = VBLoRA.from_logits(bank, sd[f"{p}.vblora_logits_A"], sd[f"{p}.vblora_logits_B"], 3, shape)
         check(f"vblora{' topk' if topk_only else ''} delta", layers[p].delta(),
               module(pm, p).get_delta_weight("default"))
-    _fuse_check("vblora", layers, base, merged_weights(pm))
+    fuse_check("vblora", layers, base, merged_weights(pm))
 
 
 def test_vblora_index_parts_are_exempt_from_the_float_check_and_must_be_integers():
@@ -210,7 +208,7 @@ def test_delora_delta_and_merge():
               for p in ("lin1", "lin2")}
     for path, layer in layers.items():
         check("delora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
-    _fuse_check("delora", layers, base, merged_weights(pm))
+    fuse_check("delora", layers, base, merged_weights(pm))
 
 
 # ---------------------------------------------------------------- GraLoRA
@@ -232,4 +230,4 @@ def test_gralora_delta_and_merge(hybrid_r):
                          shape=tuple(base.get_submodule(p).weight.shape)) for p in ("lin1", "lin2")}
     for path, layer in layers.items():
         check("gralora delta", layer.delta(), module(pm, path).get_delta_weight("default"))
-    _fuse_check("gralora", layers, base, merged_weights(pm))
+    fuse_check("gralora", layers, base, merged_weights(pm))

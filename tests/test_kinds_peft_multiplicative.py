@@ -16,21 +16,17 @@ from adaptkit.core.kinds.oft import OFT
 from adaptkit.core.kinds.trainable_tokens import TrainableTokens
 from adaptkit.errors import UnsupportedError
 
-from .kinds_peft_util import check, make_peft, merged_weights, module, saved, tiny
+from .kinds_peft_util import (
+    check,
+    fuse_check,
+    make_peft,
+    merged_weights,
+    module,
+    saved,
+    tiny,
+)
 
 peft = pytest.importorskip("peft")
-
-
-def _fuse_check(label, layers, base, merged, tol=1e-6):
-    base_sd = base.state_dict()
-    for path, layer in layers.items():
-        w, b = layer.apply(base_sd[f"{path}.weight"], base_sd.get(f"{path}.bias"))
-        check(f"{label} merge", w, merged[f"{path}.weight"], tol)
-        if b is not None:
-            if layer.changes_bias:
-                check(f"{label} merge bias", b, merged[f"{path}.bias"], tol)
-            else:
-                torch.testing.assert_close(b, merged[f"{path}.bias"].to(b.dtype), atol=0, rtol=0)
 
 
 def _module_type(path):
@@ -62,7 +58,7 @@ def test_oft_rotation_and_merge(neumann, terms, coft, share):
         check(f"{label} rotation", layers[path].rotation(), ref)
         with pytest.raises(UnsupportedError, match="apply"):
             layers[path].delta()
-    _fuse_check(label, layers, base, merged_weights(pm))
+    fuse_check(label, layers, base, merged_weights(pm))
 
 
 def test_boft_linear_and_conv_merge():
@@ -76,7 +72,7 @@ def test_boft_linear_and_conv_merge():
         layers[path] = BOFT(boft_r=sd[f"{path}.boft_R"], boft_s=sd[f"{path}.boft_s"],
                             shape=tuple(base.get_submodule(path).weight.shape), module_type=_module_type(path))
         check("boft rotation", layers[path].rotation(), module(pm, path).get_delta_weight("default")[0])
-    _fuse_check("boft", layers, base, merged_weights(pm))
+    fuse_check("boft", layers, base, merged_weights(pm))
 
 
 def test_boft_several_butterfly_factors(monkeypatch):
@@ -101,7 +97,7 @@ def test_boft_several_butterfly_factors(monkeypatch):
         layers[path] = BOFT(boft_r=sd[f"{path}.boft_R"], boft_s=sd[f"{path}.boft_s"],
                             shape=tuple(base.get_submodule(path).weight.shape))
         check("boft m=3 rotation", layers[path].rotation(), module(pm, path).get_delta_weight("default")[0])
-    _fuse_check("boft m=3", layers, base, merged_weights(pm))
+    fuse_check("boft m=3", layers, base, merged_weights(pm))
 
 
 @pytest.mark.parametrize("gs", [False, True])
@@ -117,7 +113,7 @@ def test_hra_reflection_and_merge(gs):
                            module_type=_module_type(path))
         check(f"hra{' gs' if gs else ''} reflection", layers[path].reflection(),
               module(pm, path).get_delta_weight("default"))
-    _fuse_check(f"hra{' gs' if gs else ''}", layers, base, merged_weights(pm))
+    fuse_check(f"hra{' gs' if gs else ''}", layers, base, merged_weights(pm))
 
 
 def test_ln_tuning_replaces_weight_and_bias():
@@ -128,7 +124,7 @@ def test_ln_tuning_replaces_weight_and_bias():
     sd = saved(pm)
     layer = LNTuning(weight=sd["norm.ln_tuning_layers.weight"], bias=sd["norm.ln_tuning_layers.bias"], shape=(24,))
     assert layer.changes_bias and not layer.additive
-    _fuse_check("ln_tuning", {"norm": layer}, base, merged_weights(pm))
+    fuse_check("ln_tuning", {"norm": layer}, base, merged_weights(pm))
     torch.testing.assert_close(layer.delta_for(base.norm.weight.detach()),
                                sd["norm.ln_tuning_layers.weight"] - base.norm.weight.detach())
 
@@ -141,6 +137,6 @@ def test_trainable_tokens_replace_rows():
     sd = saved(pm)
     layer = TrainableTokens(values=sd["emb.trainable_tokens_delta"], token_indices=torch.tensor([1, 5, 7]),
                             shape=(20, 16))
-    _fuse_check("trainable_tokens", {"emb": layer}, base, merged_weights(pm))
+    fuse_check("trainable_tokens", {"emb": layer}, base, merged_weights(pm))
     with pytest.raises(UnsupportedError):
         layer.unapply(base.emb.weight)

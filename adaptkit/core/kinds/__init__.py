@@ -8,7 +8,14 @@ Every kind is a frozen dataclass of tensors with ``kind``, ``shape``, ``rank``, 
 from __future__ import annotations
 
 from ...errors import ConfigError
-from .base import cast_layer, layer_dtype, layer_is_finite, layer_nbytes, layer_numel, tensor_fields
+from .base import (
+    cast_layer,
+    layer_dtype,
+    layer_is_finite,
+    layer_nbytes,
+    layer_numel,
+    tensor_fields,
+)
 from .full import Full
 from .ia3 import IA3
 from .loha import LoHa
@@ -51,9 +58,9 @@ def register_kind(cls: type) -> type:
     return cls
 
 __all__ = [
+    "IA3",
     "KINDS",
     "Full",
-    "IA3",
     "Layer",
     "LoHa",
     "LoKr",

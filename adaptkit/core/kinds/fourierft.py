@@ -4,8 +4,8 @@ PEFT (``tuners/fourierft``) saves only ``fourierft_spectrum (n,)``. Gotchas:
 
 * The spectrum's positions are **not saved**: peft regenerates them as
   ``torch.randperm(out * in, generator=torch.Generator().manual_seed(random_loc_seed))[:n]`` (row ``p // in``,
-  column ``p % in``) from the config's ``random_loc_seed`` (default 777). :func:`seeded_positions` does the
-  same; a reader needs the config's seed and the layer's ``(out, in)``.
+  column ``p % in``) from the config's ``random_loc_seed`` (default 777).
+  :func:`adaptkit.core.kinds.positions.seeded_positions` does the same; a reader needs the config's seed and the layer's ``(out, in)``.
 * The dense spectrum is always float32 (``torch.zeros`` default dtype) and the result is cast back to the
   spectrum's dtype.
 * ``get_delta_weight`` is in the *math* orientation ``(out, in)`` even for ``Conv1D``: peft's ``merge``
@@ -19,17 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import ShapeMismatchError
 from .base import DeltaMixin, check_floating, f32, math_shape
-
-#: peft's default ``random_loc_seed`` (FourierFT and WaveFT)
-DEFAULT_SEED = 777
-
-
-def seeded_positions(out_features: int, in_features: int, count: int, seed: int) -> torch.Tensor:
-    """The ``(2, count)`` (row, column) positions peft draws for FourierFT/WaveFT from ``seed``."""
-    flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(int(seed)))[:count]
-    return torch.stack([flat // in_features, flat % in_features], dim=0)
+from .positions import check_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -38,7 +29,7 @@ class FourierFT(DeltaMixin):
 
     Args:
         spectrum: ``fourierft_spectrum`` ``(n,)``.
-        indices: ``(2, n)`` integer (row, column) positions (:func:`seeded_positions`).
+        indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`).
         scaling: the config's ``scaling``.
         shape: module weight shape (module orientation).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
@@ -58,14 +49,7 @@ class FourierFT(DeltaMixin):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
-        if self.spectrum.ndim != 1 or tuple(self.indices.shape) != (2, self.spectrum.numel()):
-            raise ShapeMismatchError(f"FourierFT spectrum {tuple(self.spectrum.shape)} needs (2, n) positions, got "
-                                     f"{tuple(self.indices.shape)}")
-        if self.indices.numel() and (int(self.indices[0].max()) >= out or int(self.indices[1].max()) >= inp
-                                     or int(self.indices.min()) < 0):
-            raise ShapeMismatchError(f"FourierFT positions fall outside a ({out}, {inp}) spectrum; they were drawn for "
-                                     "another layer shape")
+        check_positions("FourierFT", self.spectrum, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import ShapeMismatchError
 from .base import DeltaMixin, check_floating, f32
+from .positions import check_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -46,13 +47,9 @@ class SHiRA(DeltaMixin):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        if len(self.shape) != 2 or self.values.ndim != 1 or tuple(self.indices.shape) != (2, self.values.numel()):
-            raise ShapeMismatchError(f"SHiRA values {tuple(self.values.shape)} need (2, n) positions in a 2-D weight, got "
-                                     f"{tuple(self.indices.shape)} for weight {tuple(self.shape)}")
-        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices[0].max()) >= self.shape[0]
-                                     or int(self.indices[1].max()) >= self.shape[1]):
-            raise ShapeMismatchError(f"SHiRA positions fall outside the weight of shape {tuple(self.shape)}; the "
-                                     "checkpoint is damaged")
+        if len(self.shape) != 2:
+            raise ShapeMismatchError(f"SHiRA adapts 2-D weights, got weight shape {tuple(self.shape)}")
+        check_positions("SHiRA", self.values, self.indices, *self.shape)
 
     @property
     def scale(self) -> float:

@@ -3,7 +3,7 @@
 PEFT (``tuners/waveft``) saves only ``waveft_spectrum (n,)``. Gotchas:
 
 * As for FourierFT, the positions are **not saved**: they are drawn from ``random_loc_seed`` exactly like
-  FourierFT's (:func:`adaptkit.core.kinds.fourierft.seeded_positions`).
+  FourierFT's (:func:`adaptkit.core.kinds.positions.seeded_positions`).
 * With ``use_idwt`` (the default) the coefficient matrix is padded by the wavelet's reduction
   (``WAVELET_REDUCTIONS[family]``, then up to even sizes), the positions shifted to its centre, split into
   the four quadrants ``(cA, (cH, cV, cD))``, reconstructed with one level of the inverse 2-D DWT and cropped
@@ -20,8 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import ShapeMismatchError, UnsupportedError
+from ...errors import UnsupportedError
 from .base import DeltaMixin, check_floating, f32, math_shape
+from .positions import check_positions
 
 
 def _wavelet_tools():
@@ -65,14 +66,7 @@ class WaveFT(DeltaMixin):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
-        if self.spectrum.ndim != 1 or tuple(self.indices.shape) != (2, self.spectrum.numel()):
-            raise ShapeMismatchError(f"WaveFT spectrum {tuple(self.spectrum.shape)} needs (2, n) positions, got "
-                                     f"{tuple(self.indices.shape)}")
-        if self.indices.numel() and (int(self.indices[0].max()) >= out or int(self.indices[1].max()) >= inp
-                                     or int(self.indices.min()) < 0):
-            raise ShapeMismatchError(f"WaveFT positions fall outside a ({out}, {inp}) weight; they were drawn for another "
-                                     "layer shape")
+        check_positions("WaveFT", self.spectrum, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:
