@@ -96,10 +96,12 @@ def check(label: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-6) 
 def fuse_check(label: str, layers: dict, base, merged: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
     """Every layer's ``apply(W, b)`` on the untouched base equals ``merge_and_unload``'s weight and bias.
 
-    A bias the layer does not change must come back exactly (cast to float32).
+    A bias the layer does not change must come back exactly (cast to float32); the layer's repr is one line.
     """
     base_sd = base.state_dict()
     for path, layer in layers.items():
+        text = repr(layer)  # the one-line repr shared by all kinds: shapes, never values
+        assert text.startswith(f"{type(layer).__name__}(shape=") and "tensor(" not in text, text
         w, b = layer.apply(base_sd[f"{path}.weight"], base_sd.get(f"{path}.bias"))
         check(f"{label} merge", w, merged[f"{path}.weight"], tol)
         if b is None:

@@ -47,6 +47,7 @@ def test_lycoris_oft_matches_get_merged_weight(which, constraint, rescaled):
         layer = LycorisOFT(oft_blocks=sd["oft_blocks"], shape=tuple(org.weight.shape), constraint=float(sd["alpha"]),
                            rescale=sd.get("rescale"), module_type=name)
         assert layer.butterfly == (which == "boft")
+        assert repr(layer).startswith("LycorisOFT(shape=")
         with torch.no_grad():
             ref = mod.get_merged_weight()[0]
         label = f"lycoris {which}{' constrained' if constraint else ''}{' rescaled' if rescaled else ''}"
