@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from ..errors import NonFiniteError
-from .kinds import Layer, cast_layer, layer_dtype, layer_nbytes, layer_numel, tensor_fields
+from .kinds import (
+    Layer,
+    cast_layer,
+    layer_dtype,
+    layer_nbytes,
+    layer_numel,
+    tensor_fields,
+)
 from .kinds.base import nonfinite_fields
 
 #: layers shown in a notebook's table; the rest are counted (an SDXL LoRA has ~800, a full LLM one thousands)
