@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
-from ..core.kinds import tensor_fields
+from ..core.kinds import Layer, tensor_fields
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .saved_modules import ModulesToSaveWrapper
 from .saved_modules import plan as plan_saved
@@ -529,7 +529,7 @@ def load_adapter(module: Any, source: Any, adapter_name: str = "default", active
                   trainable=trainable)
 
 
-def _detach(layer: Any) -> Any:
+def _detach(layer: Layer) -> Layer:
     import dataclasses
 
     return dataclasses.replace(layer, **{k: v.detach().clone().cpu() for k, v in tensor_fields(layer).items()})

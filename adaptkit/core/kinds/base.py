@@ -24,7 +24,7 @@ from ...errors import FormatError, ShapeMismatchError
 MODULE_TYPES = ("linear", "conv", "embedding")
 
 
-def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
+def tensor_fields(layer: Layer) -> dict[str, torch.Tensor]:
     """Return the named tensors of a layer dataclass (fields holding a tensor, ``None`` skipped)."""
     out = {}
     for f in dataclasses.fields(layer):
@@ -101,19 +101,19 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
                 )
 
 
-def layer_dtype(layer: Any) -> torch.dtype:
+def layer_dtype(layer: Layer) -> torch.dtype:
     """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
     tensors = tensor_fields(layer)
     biggest = max(tensors.values(), key=lambda t: t.numel())
     return biggest.dtype
 
 
-def layer_numel(layer: Any) -> int:
+def layer_numel(layer: Layer) -> int:
     """Number of stored elements of a layer."""
     return sum(t.numel() for t in tensor_fields(layer).values())
 
 
-def layer_nbytes(layer: Any) -> int:
+def layer_nbytes(layer: Layer) -> int:
     """Number of stored bytes of a layer."""
     return sum(t.numel() * t.element_size() for t in tensor_fields(layer).values())
 
@@ -122,7 +122,7 @@ def layer_nbytes(layer: Any) -> int:
 SCALAR_FIELDS = ("alpha", "scale")
 
 
-def nonfinite_fields(layer: Any) -> list[str]:
+def nonfinite_fields(layer: Layer) -> list[str]:
     """The fields of a layer that hold NaN or Inf: floating tensors, and the scalars ``alpha`` and ``scale``.
 
     This is adaptkit's one finiteness rule: every check (``Adapter.is_finite``, status tables, inject, fuse,
@@ -138,12 +138,12 @@ def nonfinite_fields(layer: Any) -> list[str]:
     return bad
 
 
-def layer_is_finite(layer: Any) -> bool:
+def layer_is_finite(layer: Layer) -> bool:
     """True when no tensor of the layer holds NaN or Inf and its alpha and scale are finite numbers."""
     return not nonfinite_fields(layer)
 
 
-def check_floating(layer: Any) -> None:
+def check_floating(layer: Layer) -> None:
     """Refuse a layer built from tensors that are not floating point (a backstop for layers built in code).
 
     Raises:
@@ -155,7 +155,7 @@ def check_floating(layer: Any) -> None:
                               "tensors are floating point; convert it with .float() first")
 
 
-def cast_layer(layer: Any, dtype: torch.dtype) -> Any:
+def cast_layer(layer: Layer, dtype: torch.dtype) -> Layer:
     """Return a copy of the layer with every floating tensor cast to ``dtype``."""
     changes = {k: v.to(dtype) for k, v in tensor_fields(layer).items() if v.is_floating_point()}
     return dataclasses.replace(layer, **changes)
@@ -190,7 +190,7 @@ def _shape_text(shape: Any) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def layer_repr(layer: Any) -> str:
+def layer_repr(layer: Layer) -> str:
     """A layer in one line: kind, weight shape, rank, alpha and scale, dtype, other settings, tensor shapes.
 
     ``LoRA(shape=(64, 96), rank=8, alpha=8, scale=1, dtype=float32; down (8, 96), up (64, 8))``. Fields at
