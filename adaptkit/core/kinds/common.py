@@ -129,7 +129,13 @@ class KindBase(LayerRepr):
         return float((da * db).sum())
 
     def spectrum(self) -> tuple[torch.Tensor, str]:
-        """Singular values of the flattened delta (float64, descending): from the factors or dense."""
+        """Singular values of the flattened delta (float64, descending): from the factors or dense.
+
+        Raises:
+            UnsupportedError: the layer has no base-free delta (``has_delta`` is False).
+        """
+        if not self.has_delta:
+            raise UnsupportedError(f"a {self.kind} layer has no base-free delta to take singular values of")
         f = self.factors(torch.float64)
         if f is not None:
             return lowrank_singular_values(*f), "lowrank"
@@ -141,6 +147,8 @@ class KindBase(LayerRepr):
         An entry of ``U V`` is zero when its row of ``U`` or its column of ``V`` is all zero; this equals the
         dense count unless nonzero terms cancel exactly (which trained weights never do).
         """
+        if not self.has_delta:
+            return math.nan
         f = self.factors(torch.float64)
         if f is not None:
             u, v = f

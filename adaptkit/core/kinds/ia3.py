@@ -8,7 +8,6 @@ IA3 is multiplicative, so it has no base-free delta: use :meth:`IA3.apply`. PEFT
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -144,22 +143,6 @@ class IA3(KindBase):
             on_input = True  # a raw PEFT conv vector (1, C, 1, 1) does not say which side it scales
         return dataclasses.replace(self, shape=w_shape, fan_in_fan_out=module == "conv1d", on_input=on_input,
                                    module_type="conv" if module == "conv" else "linear")
-
-    def fro_norm(self) -> float:
-        """NaN: IA3 has no base-free delta."""
-        return math.nan
-
-    def inner(self, other: Layer) -> float:
-        """NaN: IA3 has no base-free delta."""
-        return math.nan
-
-    def spectrum(self) -> tuple[torch.Tensor, str]:
-        """IA3 has no base-free delta to take singular values of; always raises :class:`UnsupportedError`."""
-        return self.delta(), "-"
-
-    def sparsity(self) -> float:
-        """NaN: IA3 has no base-free delta."""
-        return math.nan
 
     def update_vector(self) -> torch.Tensor:
         """``l - 1`` in float64: the change IA3 makes, relative to leaving the features as they are."""

@@ -76,22 +76,6 @@ class Replace(KindBase):
             raise UnsupportedError(f"a replacement of shape {tuple(self.value.shape)} does not fit a tensor {tuple(shape)}")
         return self
 
-    def fro_norm(self) -> float:
-        """NaN: no base-free delta."""
-        return math.nan
-
-    def inner(self, other: Layer) -> float:
-        """NaN: no base-free delta."""
-        return math.nan
-
-    def spectrum(self) -> tuple[torch.Tensor, str]:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta(), "-"
-
-    def sparsity(self) -> float:
-        """NaN: no base-free delta."""
-        return math.nan
-
     def note(self) -> str:
         """What the layer does."""
         return "replaces the whole tensor"
