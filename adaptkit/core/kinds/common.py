@@ -3,8 +3,8 @@
 :class:`KindBase` gives every kind the generic members (parts/settings and back, cast, finiteness, repr, the
 norms and spectra from ``factors()`` or the dense delta, and "no" answers for the optional capabilities).
 :class:`DeltaMixin` adds what a kind with a base-free delta derives from ``delta_math()``: ``delta``,
-``apply``/``unapply`` (with DoRA when the kind has a magnitude), ``fit``. A kind overrides what it can do better (LoRA: low-rank rows and an exact SVD; LoKr: Kronecker
-spectra; IA3: everything multiplicative).
+``apply``/``unapply`` (with DoRA when the kind has a magnitude) and ``fit``. A kind overrides what it can do
+better (LoRA: low-rank rows and an exact SVD; LoKr: Kronecker spectra; IA3: everything multiplicative).
 """
 
 from __future__ import annotations
