@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,22 @@ from ..core.adapter import Adapter
 from ..core.kinds import IA3, Full, LoHa, LoKr, LoRA
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import atomic_output, read_safetensors, read_safetensors_header, write_safetensors
+from ..io.sources import (
+    atomic_output,
+    read_safetensors,
+    read_safetensors_header,
+    write_safetensors,
+)
 from . import names as _names
+from .base import AmbiguousSelection, Selection, is_model_weights
 
 NAME = "kohya"
+LABEL = "kohya"
 ALLOW_PATTERNS = ["*.safetensors"]
+#: what a folder holds when it is a kohya adapter, for messages
+LOOKED_FOR = "one kohya/LyCORIS .safetensors file"
+#: the writer options kohya output has
+WRITE_OPTIONS = ("naming", "component")
 
 #: tensor name (after the module name) -> (kind, canonical part)
 TENSORS: dict[str, tuple[str, str]] = {
@@ -78,6 +90,12 @@ def _module_name(key: str) -> tuple[str, str]:
     return module, tensor
 
 
+def detect_keys(keys: Collection[str]) -> bool:
+    """True when every tensor name but the carried extras (pivotal-tuning embeddings) has a kohya/LyCORIS prefix."""
+    keys = [k for k in keys if k != "__metadata__" and not k.startswith(EXTRA_PREFIXES)]
+    return bool(keys) and all(_names.split_prefix(k) is not None for k in keys)
+
+
 def detect(path: Path) -> bool:
     """True for a ``.safetensors`` file (or a directory holding just one) whose keys use kohya/LyCORIS prefixes."""
     if path.is_dir():
@@ -88,8 +106,26 @@ def detect(path: Path) -> bool:
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
     header, _ = read_safetensors_header(path)
-    keys = [k for k in header if k != "__metadata__" and not k.startswith(EXTRA_PREFIXES)]
-    return bool(keys) and all(_names.split_prefix(k) is not None for k in keys)
+    return detect_keys(header)
+
+
+def is_adapter_file(name: str) -> bool:
+    """Whether a file name may be a kohya/LyCORIS adapter: a ``.safetensors`` that is not a model's weights."""
+    return name.endswith(".safetensors") and not is_model_weights(name)
+
+
+def select_files(listing: Sequence[str], named: str | None = None) -> Selection | None:
+    """The one kohya/LyCORIS candidate file of a folder listing (``.safetensors`` other than model weights).
+
+    Raises:
+        AmbiguousSelection: several candidates (the hub selection names them and says how to pick one).
+    """
+    if named is not None:
+        return None
+    candidates = [n for n in listing if is_adapter_file(n)]
+    if len(candidates) > 1:
+        raise AmbiguousSelection(candidates)
+    return Selection((candidates[0],), candidates[0]) if candidates else None
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -116,7 +152,28 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the kohya/LyCORIS file itself")
         path = files[0]
     tensors, metadata = read_safetensors(path)
-    groups, extras = group_tensors(tensors, path.name)
+    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name)
+
+
+def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 config: Mapping[str, Any] | None = None, *, source: str | None = None, base: Any = None,
+                 file_name: str = "the tensors", **_: Any) -> Adapter:
+    """A kohya/LyCORIS adapter from its tensors (``lora_unet_...lora_down.weight``) and header metadata.
+
+    Args:
+        tensors: tensor name -> tensor, as the file holds them.
+        metadata: the file's header metadata (``ss_*``, ``modelspec.*``).
+        config: unused (kohya files have none).
+        source: provenance string to record.
+        base: as :func:`read`.
+        file_name: the file's name, for messages.
+
+    Raises:
+        FormatError / ShapeMismatchError / ConfigError: as :func:`read`.
+    """
+    tensors = dict(tensors)
+    metadata = dict(metadata or {})
+    groups, extras = group_tensors(tensors, file_name)
     layers: dict[tuple[str, str], Any] = {}
     for name, parts in groups.items():
         try:
@@ -124,7 +181,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         except (ShapeMismatchError, FormatError) as e:
             raise type(e)(f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: {e}") from e
     if not layers:
-        raise FormatError(f"{path.name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
+        raise FormatError(f"{file_name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
     resolution = _names.resolve_names(layers, base=base, shapes=shapes)
     out: dict[str, Any] = {}
@@ -139,11 +196,11 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             layer = dataclasses.replace(layer, scale_bias=False)  # LyCORIS scales W only, never the bias
         out[f"{comp}.{mod_path}" if comp else mod_path] = layer
     prefixes = sorted({_prefix_of(k) for k in tensors if _names.split_prefix(k)})
-    config = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
+    cfg = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
     # recorded in the metadata too, so that a trip through PEFT, diffusers or ak.convert writes the same names back
     metadata = {**metadata, NAMING_KEY: json.dumps({**naming, "inventory": resolution.inventory.name}, sort_keys=True)}
     return Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
-                   config=config, extras=extras, format=NAME, source=source or str(path))
+                   config=cfg, extras=extras, format=NAME, source=source)
 
 
 def _alias_rule(path: str, alias: str) -> str:
@@ -339,18 +396,67 @@ def _dora_tensor(layer: Any) -> torch.Tensor:
     return m.reshape(1, -1, *([1] * (n - 1)))
 
 
+# ------------------------------------------------------------------------------------ what kohya stores
+
+
+def _fan_limit(layer: Any) -> str | None:
+    return "kohya stores no fan_in_fan_out (Conv1D) layers" if layer.fan_in_fan_out else None
+
+
+def _lora_limit(layer: LoRA) -> str | None:
+    if layer.bias is not None or layer.module_type == "embedding":
+        return _fan_limit(layer) or "kohya has no LoRA bias or embedding LoRA"
+    return _fan_limit(layer)
+
+
+#: the kinds kohya/LyCORIS files store, and why one layer of the kind may not fit (``None``: every layer fits)
+LIMITS: dict[str, Any] = {"lora": _lora_limit, "loha": _fan_limit, "lokr": _fan_limit, "ia3": _fan_limit, "full": None}
+
+
+def can_store(layer: Any, module: str) -> str | None:
+    """Why kohya cannot store this layer (a kind it has no tensors for, Conv1D, LoRA bias, embedding LoRA), or ``None``."""
+    if layer.kind not in LIMITS:
+        return f"{NAME} has no {layer.kind} layers"
+    limit = LIMITS[layer.kind]
+    return limit(layer) if limit is not None else None
+
+
+def can_name(module: str) -> str | None:
+    """kohya names every module path (``lora_unet_...``, or ``lycoris_...`` outside a pipeline component): ``None``."""
+    return None
+
+
+def can_store_adapter(adapter: Adapter, **_: Any) -> dict[str, str]:
+    """The extra tensors kohya cannot carry (anything but pivotal-tuning embeddings): ``{name: reason}``."""
+    return {k: "an extra tensor (modules_to_save or a saved embedding), and kohya files hold adapter layers only"
+            for k in sorted(adapter.extras) if not k.startswith(EXTRA_PREFIXES)}
+
+
+def check_options(naming: str | None = None, component: str | None = None, **_: Any) -> None:
+    """Refuse bad ``naming=`` / ``component=`` writer options.
+
+    Raises:
+        ConfigError: an unknown naming or component.
+    """
+    _check_naming(naming)
+    check_component(component)
+
+
+def _check_naming(naming: str | None) -> None:
+    if naming is not None and naming not in ("ldm", "diffusers"):
+        raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
 def layer_tensors(layer: Any) -> dict[str, torch.Tensor]:
     """The kohya/LyCORIS tensors of one canonical layer (names relative to the module).
 
-    Raises:
-        UnsupportedError: a layer kohya cannot store (embedding LoRA, LoRA bias, fan-in-fan-out IA3 ...).
+    The layer is one :func:`can_store` accepts; the writer does not decide again.
     """
     out: dict[str, torch.Tensor] = {}
     if isinstance(layer, LoRA):
-        if layer.module_type == "embedding":
-            raise UnsupportedError("kohya/LyCORIS has no embedding LoRA; write format='peft'")
-        if layer.bias is not None:
-            raise UnsupportedError("kohya/LyCORIS LoRA has no bias (PEFT lora_bias); write format='peft' or fuse it")
         out["lora_down.weight"] = layer.down
         out["lora_up.weight"] = layer.up
         if layer.mid is not None:
@@ -387,28 +493,21 @@ def layer_tensors(layer: Any) -> dict[str, torch.Tensor]:
             if layer.diff_b is not None:
                 out["diff_b"] = layer.diff_b
     elif isinstance(layer, IA3):
-        if layer.fan_in_fan_out:
-            raise UnsupportedError("LyCORIS IA3 has no fan_in_fan_out (Conv1D) layers; write format='peft'")
         v = (layer.vector.float() - 1).to(layer.vector.dtype)
         if layer.module_type == "conv":
             nd = len(layer.shape) if layer.shape is not None else 4
             v = v.reshape(1, -1, *([1] * (nd - 2)))
         out["weight"] = v
         out["on_input"] = torch.tensor(int(layer.on_input))
-    else:
-        raise UnsupportedError(f"kohya/LyCORIS cannot store {type(layer).__name__} layers")
     if getattr(layer, "magnitude", None) is not None:
         out["dora_scale"] = _dora_tensor(layer)
-    if getattr(layer, "fan_in_fan_out", False) and not isinstance(layer, IA3) and getattr(layer, "module_type", "") != "embedding":
-        raise UnsupportedError("kohya/LyCORIS stores no fan_in_fan_out (Conv1D) layers; write format='peft'")
     return out
 
 
 def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
     inventory = str(adapter.config.get("inventory", "sdxl")) if adapter.format == NAME else "sdxl"
     if naming is not None:
-        if naming not in ("ldm", "diffusers"):
-            raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
+        _check_naming(naming)
         return {"unet": naming, "inventory": inventory}
     if adapter.format == NAME:
         cfg = dict(adapter.config.get("kohya_naming") or {})
@@ -510,7 +609,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
             its module paths and anything else is written as ``lycoris_...``, which ``"lycoris"`` forces.
 
     Raises:
-        UnsupportedError: a layer kohya cannot store. FormatError: two paths flatten to the same name.
+        UnsupportedError: the adapter has no layers (what :func:`can_store` refuses is refused by
+            :func:`adaptkit.formats.save` before the writer runs). FormatError: two paths flatten to the same name.
         ConfigError: an unknown ``component``.
     """
     if not adapter.layers:
@@ -529,17 +629,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
         if name in seen:
             raise FormatError(f"{p} and {seen[name]} flatten to the same kohya name {name}; write format='peft'")
         seen[name] = p
-        try:
-            for tname, t in layer_tensors(layer).items():
-                tensors[f"{name}.{tname}"] = t
-        except UnsupportedError as e:
-            raise UnsupportedError(f"{p}: {e}") from e
-    foreign = sorted(k for k in adapter.extras if not k.startswith(EXTRA_PREFIXES))
-    if foreign:
-        raise UnsupportedError(
-            f"kohya/LyCORIS files hold adapter layers only; this adapter also carries {len(foreign)} other tensor(s) "
-            f"(e.g. {foreign[0]}, modules_to_save or saved embeddings): write format='peft' to keep them"
-        )
+        for tname, t in layer_tensors(layer).items():
+            tensors[f"{name}.{tname}"] = t
     tensors.update(adapter.extras)
     metadata = {k: v for k, v in adapter.metadata.items()
                 if k not in ("lora_adapter_metadata", NAMING_KEY, _names.COMPONENT_KEY)}
@@ -548,5 +639,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
     return out_path
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "NAME", "TENSORS", "bare_target", "build_layer", "check_component", "detect",
-           "group_tensors", "layer_tensors", "module_name", "read", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LIMITS", "LOOKED_FOR", "NAME", "TENSORS", "WRITE_OPTIONS", "bare_target",
+           "build_layer", "can_name", "can_store", "can_store_adapter", "check_component", "check_options", "detect", "detect_keys",
+           "group_tensors", "is_adapter_file", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
+           "write"]
