@@ -197,7 +197,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        rel = key.removeprefix(PREFIX)
         split = split_key(rel)
         if split is None:
             extras[rel] = tensor
