@@ -37,7 +37,7 @@ from ..io.sources import (
 from . import peft as _peft
 from .base import Selection
 from .patterns import ConfigPatterns
-from .peft_layers import PEFT_NAMES, write_lora
+from .peft_layers import dora_limit, write_lora
 
 NAME = "diffusers"
 LABEL = "diffusers"
@@ -251,8 +251,7 @@ def can_store(layer: Any, module: str) -> str | None:
     """Why a diffusers file cannot hold this layer (not LoRA, DoRA per input feature), or ``None``."""
     if layer.kind != "lora":
         return f"{NAME} has no {layer.kind} layers"
-    why = PEFT_NAMES["lora"].limits(layer)
-    return None if why is None else why.replace(_peft.NAME, NAME, 1)
+    return dora_limit(layer, NAME)
 
 
 def can_name(module: str) -> str | None:

@@ -288,7 +288,8 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
         dora = [p for p, l in same.items() if l.magnitude is not None]
         if dora and len(dora) != len(same):
             reasons.update({p: f"{name} applies DoRA to all layers or none" for p in same if p not in dora})
-    if main_kind in ("lora", "loha", "lokr", "ia3"):
+    row = PEFT_NAMES.get(main_kind)
+    if row is not None and not row.generic:  # the built-in kinds' layers say whether they are Conv1D
         fans = Counter(l.fan_in_fan_out for l in same.values() if l.module_type == "linear")
         if len(fans) > 1:
             minority = fans.most_common()[-1][0]
@@ -377,7 +378,7 @@ def to_state_dict(adapter: Adapter, prefix: str = PREFIX) -> tuple[dict[str, tor
     Raises:
         UnsupportedError: what :func:`can_store` / :func:`can_store_adapter` refuse.
     """
-    check_storable(sys.modules[__name__], adapter)  # type: ignore[arg-type]
+    check_storable(sys.modules[__name__], adapter)  # type: ignore[arg-type]  # this module is the PEFT Format
     return _tensors_and_config(adapter, prefix)
 
 

@@ -222,7 +222,8 @@ def _infer_ia3(module: str, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------- limits
 
 
-def _dora_limit(layer: Any, name: str = "peft") -> str | None:
+def dora_limit(layer: Any, name: str = "peft") -> str | None:
+    """Why a file with PEFT's DoRA (``name``: PEFT or diffusers) cannot hold a layer's magnitude, or ``None``."""
     if layer.magnitude is not None and (layer.kind != "lora" or layer.magnitude_axis != 0):
         return f"{name} stores DoRA only per output feature on LoRA (this is {layer.kind}, axis {layer.magnitude_axis})"
     return None
@@ -391,14 +392,14 @@ PEFT_NAMES: dict[str, PeftNames] = {
         "lora_magnitude_vector.weight": "magnitude", "lora_magnitude_vector": "magnitude",
         "lora_embedding_A": "emb_a", "lora_embedding_B": "emb_b",
         "lora_A.weight": "a", "lora_B.weight": "b", "lora_B.bias": "bias",
-    }, reader=_read_lora, writer=write_lora, infer=_infer_lora, limits=_dora_limit),
+    }, reader=_read_lora, writer=write_lora, infer=_infer_lora, limits=dora_limit),
     "loha": PeftNames("loha", "LOHA", {
         "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2",
-    }, reader=_read_loha, writer=_write_loha, infer=_infer_loha, limits=_dora_limit),
+    }, reader=_read_loha, writer=_write_loha, infer=_infer_loha, limits=dora_limit),
     "lokr": PeftNames("lokr", "LOKR", {
         "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
         "lokr_w2_b": "w2b", "lokr_t2": "t2",
-    }, reader=_read_lokr, writer=_write_lokr, infer=_infer_lokr, limits=_dora_limit),
+    }, reader=_read_lokr, writer=_write_lokr, infer=_infer_lokr, limits=dora_limit),
     "ia3": PeftNames("ia3", "IA3", {"ia3_l": "ia3"}, reader=_read_ia3, writer=_write_ia3, infer=_infer_ia3,
                      limits=_ia3_limit),
 }
@@ -484,5 +485,5 @@ def strip_adapter_name(key: str) -> str:
     return key
 
 
-__all__ = ["PEFT_NAMES", "PeftNames", "layer_parts", "peft_types", "register_peft_names", "row_of_type",
+__all__ = ["PEFT_NAMES", "PeftNames", "dora_limit", "layer_parts", "peft_types", "register_peft_names", "row_of_type",
            "settings_limits", "split_key", "strip_adapter_name", "write_lora"]

@@ -42,13 +42,16 @@ def register_format(fmt: Any, *, aliases: tuple[str, ...] = ()) -> Any:
         ``fmt``, unchanged.
 
     Raises:
-        ConfigError: a member is missing, or the name or an alias is taken by another format.
+        ConfigError: a member is missing, ``NAME`` is not lower case, or the name or an alias is taken by another
+            format.
     """
     missing = base.missing_members(fmt)
     if missing:
         raise ConfigError(f"{fmt!r} lacks the format member(s) {', '.join(missing)}; see docs/formats.md for the "
                           "Format protocol")
-    name = str(fmt.NAME).lower()
+    name = str(fmt.NAME)
+    if name != name.lower() or not name:
+        raise ConfigError(f"format NAME {name!r} is not a lower-case name; name it as users type it, e.g. 'toyfmt'")
     for key in (name, *(a.lower() for a in aliases)):
         owner = ALIASES.get(key, key)
         if owner in FORMATS and FORMATS[owner] is not fmt:
@@ -115,10 +118,11 @@ def check_write_options(format: str, **options: Any) -> None:
         if value is None or option in fmt.WRITE_OPTIONS:
             continue
         owners = sorted((f for f in FORMATS.values() if option in f.WRITE_OPTIONS), key=lambda f: f.NAME)
-        labels = [f.LABEL for f in owners]
-        where = " and ".join(labels) if labels else "no format's"
-        raise ConfigError(f"{option} (--{option}) applies to {where} output only, not {fmt.NAME}; drop it"
-                          + (f" or write {' or '.join(f.NAME for f in owners)}" if owners else ""))
+        if not owners:
+            raise ConfigError(f"no format has a writer option '{option}'; drop it (the options are "
+                              f"{', '.join(sorted({o for f in FORMATS.values() for o in f.WRITE_OPTIONS}))})")
+        raise ConfigError(f"{option} (--{option}) applies to {' and '.join(f.LABEL for f in owners)} output only, "
+                          f"not {fmt.NAME}; drop it or write {' or '.join(f.NAME for f in owners)}")
     fmt.check_options(**{k: v for k, v in options.items() if v is not None})
 
 
