@@ -32,12 +32,6 @@ KIND_TEST = re.compile(r"isinstance\([^)]*, *\(?(LoRA|LoHa|LoKr|IA3|Full|Replace
 #: a protocol member read with a default (the protocol has no optional members)
 GETATTR_DEFAULT = re.compile(r"getattr\([^,]+, *\"(magnitude|magnitude_axis|fan_in_fan_out|mid|rslora|module_type|"
                              r"scale_bias|on_input|diff_b|alpha|rank|scale|t1|t2|shape|vector)\"")
-#: lines the formats helper of issue 13 rewrites (kohya's per-kind writer table, convert.plan -> Format.can_store);
-#: listed by file and text, so any other or new kind test fails; the list only shrinks
-PENDING_FORMATS = {
-    "formats/kohya.py": 8,
-    "ops/convert.py": 9,
-}
 
 
 def scan(text: str) -> list[str]:
@@ -59,10 +53,7 @@ def _violations() -> dict[str, list[str]]:
 
 def test_no_kind_tests_outside_core_kinds():
     found = _violations()
-    unexpected = {f: hits for f, hits in found.items() if f not in PENDING_FORMATS}
-    assert not unexpected, unexpected
-    for f, hits in found.items():
-        assert len(hits) <= PENDING_FORMATS[f], (f, hits)
+    assert not found, found
 
 
 def test_the_scan_finds_a_planted_violation(tmp_path):
