@@ -45,7 +45,7 @@ def test_fourierft_positions_are_regenerated_from_the_seed():
         out, inp = _shape(base, p)
         pos = seeded_positions(out, inp, 30, 123)
         assert torch.equal(pos, module(pm, p).indices["default"])
-        layers[p] = FourierFT(spectrum=sd[f"{p}.fourierft_spectrum"], indices=pos, scaling=50.0, shape=(out, inp))
+        layers[p] = FourierFT(values=sd[f"{p}.fourierft_spectrum"], indices=pos, scaling=50.0, shape=(out, inp))
         check("fourierft delta", layers[p].delta(), module(pm, p).get_delta_weight("default"))
     fuse_check("fourierft", layers, base, merged_weights(pm))
 
@@ -59,7 +59,7 @@ def test_fourierft_conv1d_delta_is_module_orientation():
     model.add_module("c", Conv1D(10, 6))  # weight (6, 10): in 6, out 10
     pm, base = make_peft(model, FourierFTConfig(n_frequency=12, target_modules=["c"], fan_in_fan_out=True))
     sd = saved(pm)
-    layer = FourierFT(spectrum=sd["c.fourierft_spectrum"], indices=seeded_positions(10, 6, 12, 777), scaling=150.0,
+    layer = FourierFT(values=sd["c.fourierft_spectrum"], indices=seeded_positions(10, 6, 12, 777), scaling=150.0,
                       shape=(6, 10), fan_in_fan_out=True)
     check("fourierft conv1d delta", layer.delta(), module(pm, "c").get_delta_weight("default").T)
     fuse_check("fourierft conv1d", {"c": layer}, base, merged_weights(pm))
@@ -76,7 +76,7 @@ def test_waveft_delta_and_merge(use_idwt, family):
     layers = {}
     for p in PATHS:
         out, inp = _shape(base, p)
-        layers[p] = WaveFT(spectrum=sd[f"{p}.waveft_spectrum"], indices=seeded_positions(out, inp, 40, 5), scaling=3.0,
+        layers[p] = WaveFT(values=sd[f"{p}.waveft_spectrum"], indices=seeded_positions(out, inp, 40, 5), scaling=3.0,
                            shape=(out, inp), wavelet_family=family, use_idwt=use_idwt)
         check(f"waveft {family if use_idwt else 'no-idwt'} delta", layers[p].delta(),
               module(pm, p).get_delta_weight("default"))
@@ -84,7 +84,7 @@ def test_waveft_delta_and_merge(use_idwt, family):
 
 
 def test_waveft_unknown_family_is_refused():
-    layer = WaveFT(spectrum=torch.ones(3), indices=seeded_positions(4, 4, 3, 1), scaling=1.0, shape=(4, 4),
+    layer = WaveFT(values=torch.ones(3), indices=seeded_positions(4, 4, 3, 1), scaling=1.0, shape=(4, 4),
                    wavelet_family="nope")
     with pytest.raises(UnsupportedError, match="wavelet family"):
         layer.delta()

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
-from ..core.kinds import tensor_fields
+from ..core.kinds import Layer, tensor_fields
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .saved_modules import ModulesToSaveWrapper
 from .saved_modules import plan as plan_saved
-from .wrappers import AdaptedModule, base_kind
+from .wrappers import AdaptedModule, base_kind, fit_layer
 
 #: attribute on the root module: adapter name -> the injected Adapter's non-layer fields
 _REGISTRY_ATTR = "_adaptkit_adapters"
@@ -236,7 +236,6 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     if dup:
         raise ConfigError(f"several adapter paths resolve to the same module: {_list(dup)}; pass full module paths")
     bad_type, bad_shape = [], []
-    from .wrappers import fit_layer
 
     for p, m in resolved.items():
         target = modules[m]
@@ -530,7 +529,7 @@ def load_adapter(module: Any, source: Any, adapter_name: str = "default", active
                   trainable=trainable)
 
 
-def _detach(layer: Any) -> Any:
+def _detach(layer: Layer) -> Layer:
     import dataclasses
 
     return dataclasses.replace(layer, **{k: v.detach().clone().cpu() for k, v in tensor_fields(layer).items()})

@@ -14,28 +14,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..core.adapter import Adapter
 from ..core.columns import MODULE
-from ..core.kinds import IA3, Full, LoKr, LoRA
-from ..core.kinds.base import math_shape
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
+from ..formats.registry import refusals
 from ..progress import bar
-
-#: kinds the target formats store losslessly (before per-layer checks such as PEFT's LoKr factorisation)
-FORMAT_KINDS: dict[str, frozenset[str]] = {
-    "peft": frozenset({"lora", "loha", "lokr", "ia3"}),
-    "diffusers": frozenset({"lora"}),
-    "kohya": frozenset({"lora", "loha", "lokr", "ia3", "full"}),
-}
 
 
 @dataclass(frozen=True)
@@ -67,64 +56,6 @@ def report_frame(rows: list[LayerConversion]) -> Any:
 
 
 # ------------------------------------------------------------------------------------ kind conversion
-
-
-def _svd_lora(layer: Any, rank: int | None) -> tuple[LoRA, float, float, str]:
-    """A LoRA approximating an additive layer's delta; ``rank=None`` keeps the full numerical rank."""
-    if isinstance(layer, LoRA) and layer.mid is None and layer.magnitude is None:
-        u, v = layer.factors()
-        qu, ru = torch.linalg.qr(u)
-        qv, rv = torch.linalg.qr(v.T)
-        uu, s, vh = torch.linalg.svd(ru @ rv.T)
-        left, right = qu @ uu, (qv @ vh.T).T
-    else:
-        dm = layer.delta_math()
-        left, s, right = torch.linalg.svd(dm.reshape(dm.shape[0], -1), full_matrices=False)
-    total = float((s.double() ** 2).sum())
-    if rank is None:
-        tol = float(s.max()) * max(left.shape[0], right.shape[1]) * torch.finfo(torch.float32).eps if s.numel() else 0.0
-        r = max(1, int((s > tol).sum()))
-        method = "exact-svd"
-    else:
-        r = max(1, min(rank, s.numel()))
-        method = "svd"
-    kept = float((s[:r].double() ** 2).sum())
-    energy = kept / total if total > 0 else 1.0
-    error = max(0.0, 1.0 - energy) ** 0.5 if total > 0 else 0.0
-    sq = s[:r].sqrt()
-    up = left[:, :r] * sq
-    down = sq[:, None] * right[:r]
-    ms = math_shape(tuple(layer.shape), bool(getattr(layer, "fan_in_fan_out", False)))
-    conv = len(ms) > 2
-    dtype = _dtype(layer)
-    up_t = up.reshape(ms[0], r, *([1] * (len(ms) - 2))) if conv else up
-    down_t = down.reshape(r, *ms[1:]) if conv else down
-    mtype = getattr(layer, "module_type", "linear")
-    if mtype not in ("linear", "conv", "embedding"):
-        mtype = "conv" if conv else "linear"
-    new = LoRA(down=down_t.to(dtype).contiguous(), up=up_t.to(dtype).contiguous(), alpha=float(r), shape=tuple(layer.shape),
-               module_type=mtype, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
-               bias=getattr(layer, "diff_b", None))  # a full layer's bias difference becomes the LoRA bias (scale 1)
-    return new, energy, error, method
-
-
-def _dtype(layer: Any) -> torch.dtype:
-    from ..core.kinds import layer_dtype
-
-    return layer_dtype(layer)
-
-
-def lora_obstacle(layer: Any) -> str | None:
-    """Why a layer cannot become a LoRA without its base weights, or ``None`` when it can."""
-    if isinstance(layer, IA3):
-        return "IA3 rescales the base weight, so its LoRA form needs the base weights (fuse it instead)"
-    if getattr(layer, "magnitude", None) is not None and not (isinstance(layer, LoRA) and layer.magnitude_axis == 0):
-        return "its DoRA magnitude depends on the base weight (fuse it instead)"
-    if isinstance(layer, Full) and (layer.module_type == "norm" or len(layer.shape) < 2):
-        return "a norm-layer difference has no low-rank form"
-    if isinstance(layer, Full) and layer.module_type == "embedding":
-        return "an embedding difference is not converted to an embedding LoRA"
-    return None
 
 
 def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
@@ -161,7 +92,7 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     unknown = [p for p in todo if p not in adapter.layers]
     if unknown:
         raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
-    blocked = {p: lora_obstacle(adapter.layers[p]) for p in todo}
+    blocked = {p: adapter.layers[p].lora_obstacle() for p in todo}
     blocked = {p: why for p, why in blocked.items() if why}
     if blocked:
         first = next(iter(blocked))
@@ -173,21 +104,13 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     rows: list[LayerConversion] = []
     for path, layer in bar(adapter.layers.items(), desc="convert", total=len(adapter.layers), unit="layer",
                            progress=progress):
-        if path not in todo or (isinstance(layer, LoRA) and layer.mid is None and (rank is None or layer.rank <= rank)):
+        if path not in todo:
             out[path] = layer
-            rows.append(LayerConversion(path, layer.kind, layer.kind, getattr(layer, "rank", None), "kept"))
+            rows.append(LayerConversion(path, layer.kind, layer.kind, layer.rank, "kept"))
             continue
-        if isinstance(layer, LoRA) and layer.mid is not None and (rank is None or layer.rank <= rank):
-            u, v = layer.factors()  # fold the Tucker core into down: exact, same rank
-            down = v.reshape(layer.rank, *layer.shape[1:]).to(layer.down.dtype)
-            out[path] = dataclasses.replace(layer, down=down, mid=None, alpha=layer.scale * layer.rank, rslora=False)
-            rows.append(LayerConversion(path, "lora", "lora", layer.rank, "kept"))
-            continue
-        new, energy, error, method = _svd_lora(layer, rank)
-        if isinstance(layer, LoRA) and layer.magnitude is not None:
-            new = dataclasses.replace(new, magnitude=layer.magnitude, magnitude_axis=layer.magnitude_axis)
+        new, energy, error, method = layer.to_lora(rank)  # kept, a Tucker core folded, or a truncated SVD
         out[path] = new
-        rows.append(LayerConversion(path, layer.kind, "lora", new.rank, method, energy, error))
+        rows.append(LayerConversion(path, layer.kind, new.kind, new.rank, method, energy, error))
     result = adapter.replace(layers=out, format=None, config={})
     return (result, report_frame(rows)) if return_report else result
 
@@ -196,61 +119,13 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
 
 
 def plan(adapter: Adapter, target: str) -> dict[str, str]:
-    """Layers a target format cannot store as they are: ``{path: reason}`` (empty when all fit)."""
-    from ..formats import format_module
+    """Layers a target format cannot store as they are: ``{path: reason}`` (empty when all fit).
 
-    target = format_module(target).NAME
-    kinds = FORMAT_KINDS[target]
-    reasons: dict[str, str] = {}
-    for p, layer in adapter.layers.items():
-        if layer.kind not in kinds:
-            reasons[p] = f"{target} has no {layer.kind} layers"
-        elif target != "kohya" and getattr(layer, "magnitude", None) is not None and (
-                layer.kind != "lora" or layer.magnitude_axis != 0):
-            reasons[p] = f"{target} stores DoRA only per output feature on LoRA (this is {layer.kind}, axis {layer.magnitude_axis})"
-        elif target == "peft" and isinstance(layer, IA3) and not (layer.on_input or layer.scale_bias):
-            reasons[p] = "LyCORIS IA3 leaves this module's bias unscaled, PEFT's IA3 scales it"
-        elif target == "kohya" and getattr(layer, "fan_in_fan_out", False) and layer.kind != "ia3":
-            reasons[p] = "kohya stores no fan_in_fan_out (Conv1D) layers"
-        elif target == "kohya" and isinstance(layer, LoRA) and (layer.bias is not None or layer.module_type == "embedding"):
-            reasons[p] = "kohya has no LoRA bias or embedding LoRA"
-    if target in ("peft", "diffusers"):
-        rest = {p: l for p, l in adapter.layers.items() if p not in reasons}
-        if rest:
-            counts = Counter(l.kind for l in rest.values())
-            main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
-            for p, l in rest.items():
-                if l.kind != main_kind:
-                    reasons[p] = f"a {target} adapter holds one kind and this one mixes {sorted(counts)}"
-            dora = [p for p, l in rest.items() if getattr(l, "magnitude", None) is not None and p not in reasons]
-            lora = [p for p, l in rest.items() if l.kind == "lora" and p not in reasons]
-            if dora and len(dora) != len(lora):
-                for p in lora:
-                    if p not in dora:
-                        reasons[p] = f"{target} applies DoRA to all layers or none"
-            lokr = {p: l for p, l in rest.items() if l.kind == "lokr" and p not in reasons}
-            if lokr and target == "peft":
-                reasons.update(_lokr_reasons(lokr))
-    return reasons
-
-
-def _lokr_reasons(layers: dict[str, LoKr]) -> dict[str, str]:
-    from ..formats import peft_lokr
-
-    try:
-        peft_lokr.choose_layout(layers)
-        return {}
-    except UnsupportedError:
-        pass
-    out = {}
-    for p, l in layers.items():
-        try:
-            peft_lokr.choose_layout({p: l})
-        except UnsupportedError:
-            out[p] = f"PEFT's LoKr factorisation cannot rebuild factors w1 {l.w1_shape} x w2 {l.w2_shape}"
-    if not out:
-        out = {p: "no single PEFT decompose_factor rebuilds every LoKr layer" for p in layers}
-    return out
+    The format decides (its ``can_store`` and ``can_store_adapter``, :func:`adaptkit.formats.refusals`). Module
+    paths it has no name for and extra tensors it refuses are nothing a conversion could fix:
+    :func:`adaptkit.formats.save` names them.
+    """
+    return {p: why for p, why in refusals(target, adapter, paths=False).items() if p in adapter.layers}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -309,9 +184,9 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if kind is not None and kind != "lora":
         raise ConfigError(f"--kind {kind} is not supported; adaptkit converts to --kind lora")
     if kind == "lora":
-        todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items() if not (
-            isinstance(l, LoRA) and l.mid is None and (rank is None or l.rank <= rank))} | todo
-    blocked = {p: why for p in todo if (why := lora_obstacle(adapter.layers[p]))}
+        todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items()
+                if not l.keeps_as_lora(rank)} | todo
+    blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(
@@ -328,14 +203,14 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if todo:
         adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True, progress=progress)
         # the converted layers may now mix LoRA with kinds the target holds only alone (PEFT LoKr + LoRA): convert those too
-        more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
+        more = [p for p in plan(adapter, dst) if adapter.layers[p].lora_obstacle() is None]
         if more:
             adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True, progress=progress)
             rows = {r[MODULE]: r for r in report.to_dict("records")} | {
                 r[MODULE]: r for r in extra.to_dict("records") if r[MODULE] in more}
             report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
     else:
-        report = report_frame([LayerConversion(p, l.kind, l.kind, getattr(l, "rank", None), "kept")
+        report = report_frame([LayerConversion(p, l.kind, l.kind, l.rank, "kept")
                                for p, l in adapter.layers.items()])
     leftover = plan(adapter, dst)
     if leftover:
@@ -372,7 +247,7 @@ def _component_note(adapter: Adapter, component: str | None, out: str) -> str | 
 CONVERTERS: dict[str, Callable[..., ConversionResult]] = {}
 
 # PiSSA / OLoRA / CorDA -> LoRA (``--initial INITIAL``), see adaptkit.converters.reparam
-from .reparam import convert_reparam  # noqa: E402
+from .reparam import convert_reparam
 
 CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pissa", "olora", "corda")})
 
@@ -417,5 +292,5 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
                            overwrite=overwrite, component=component, progress=progress)
 
 
-__all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
-           "convert_formats", "lora_obstacle", "parse_spec", "plan", "report_frame"]
+__all__ = ["CONVERTERS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
+           "convert_formats", "parse_spec", "plan", "report_frame"]

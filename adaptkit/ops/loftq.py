@@ -28,8 +28,15 @@ import torch
 from ..core.adapter import Adapter
 from ..core.columns import MODULE
 from ..core.kinds import LoRA
+from ..core.linalg import split_factors
 from ..core.params import ALPHA, BITS, ITERS, RANK
-from ..errors import ConfigError, FormatError, NonFiniteError, SourceNotFoundError, UnsupportedError
+from ..errors import (
+    ConfigError,
+    FormatError,
+    NonFiniteError,
+    SourceNotFoundError,
+    UnsupportedError,
+)
 from ..formats.patterns import matches_targets
 from ..io.sources import atomic_output, check_output, read_safetensors_header, resolve
 from ..progress import bar
@@ -66,16 +73,6 @@ class LoftQResult:
         return float(self.report["reduction"].mean()) if len(self.report) else 0.0
 
 
-def low_rank_decomposition(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` with ``L @ R`` the rank-``rank`` truncated SVD of ``weight``, singular values split as sqrt.
-
-    The same computation as PEFT's ``peft.utils.loftq_utils._low_rank_decomposition``.
-    """
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
 def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternating LoftQ on one float32 ``(out, in)`` weight (PEFT's ``loftq_init`` without bitsandbytes).
 
@@ -90,7 +87,7 @@ def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> t
         deq = dequantize(quantize(res, bits))
         if plain is None:
             plain = deq
-        left, right = low_rank_decomposition(w - deq, rank)
+        left, right = split_factors(*torch.linalg.svd(w - deq, full_matrices=False), rank)  # PEFT's _low_rank_decomposition
         if i + 1 == iters:
             break
         res = w - left @ right
@@ -278,7 +275,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
 
         layout = adapter if isinstance(adapter, Adapter) else load(adapter)
         layout.check_finite("LoftQ (it takes the given adapter's ranks and alphas)")
-        bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
+        bad = sorted(p for p, l in layout.layers.items() if l.lora_ab() is None or l.module_type != "linear")
         if bad:
             raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")
         dora = layout.dora_layers()
@@ -337,9 +334,7 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
         w = tensor.to(torch.float32)
         left, right, deq, plain = loftq_layer(w, bits, r, iters)
         scale = a / (r**0.5 if rs else r)
-        root = scale**0.5
-        layers[module] = LoRA(down=(right / root).contiguous(), up=(left / root).contiguous(), alpha=a,
-                              shape=tuple(tensor.shape), rslora=rs)
+        layers[module] = LoRA.from_factors(left, None, right, shape=tuple(tensor.shape), alpha=a, rslora=rs)
         before = float((w - plain).norm())
         after = float((w - deq - left @ right).norm())
         norm = float(w.norm()) or 1.0
@@ -360,4 +355,4 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
     return adapter, rows
 
 
-__all__ = ["NOT_LINEAR", "LoftQResult", "base_files", "loftq", "loftq_layer", "low_rank_decomposition"]
+__all__ = ["NOT_LINEAR", "LoftQResult", "base_files", "loftq", "loftq_layer"]

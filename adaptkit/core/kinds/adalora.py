@@ -24,14 +24,15 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, math_shape
 
 #: the epsilon peft adds to ``ranknum`` before dividing
 RANKNUM_EPS = 1e-5
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class AdaLoRA(DeltaMixin):
+class AdaLoRA(AdditiveKind):
     """One AdaLoRA layer.
 
     Args:
@@ -82,11 +83,15 @@ class AdaLoRA(DeltaMixin):
         """``alpha / (ranknum + 1e-5)``, peft's ``scaling / (ranknum + 1e-5)``."""
         return self.alpha / (self.ranknum + RANKNUM_EPS)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(U, V)``: ``U = B * scale`` ``(out, r)``, ``V = A * E`` ``(r, in * k)``; ``U @ V`` is the delta."""
-        return f32(self.b) * self.scale, f32(self.a) * f32(self.e)
+    def _uv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b.to(dtype) * self.scale, self.a.to(dtype) * self.e.to(dtype)
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(U, V)`` in ``dtype``: ``U = B * scale`` ``(out, r)``, ``V = A * E`` ``(r, in * k)``; ``U @ V`` is the
+        flattened delta (exact, rank ``r``). ``None`` for a layer pruned to rank 0 (its delta is zero)."""
+        return None if self.rank == 0 else self._uv(dtype)
 
     def delta_math(self) -> torch.Tensor:
-        """Float32 delta in the math orientation."""
-        u, v = self.factors()
+        """Float32 delta in the math orientation (zero at rank 0)."""
+        u, v = self._uv(torch.float32)
         return (u @ v).reshape(math_shape(tuple(self.shape), self.fan_in_fan_out))

@@ -25,7 +25,7 @@ import torch
 
 from ...errors import ShapeMismatchError
 from .base import check_floating, f32
-from .basedep import BaseDependent
+from .basedep import BaseDependent, cached
 from .orthogonal import block_diag, cayley_right
 
 
@@ -61,6 +61,8 @@ class BOFT(BaseDependent):
     module_type: str = "linear"
 
     kind: ClassVar[str] = "boft"
+    effect: ClassVar[str] = "rotates the input features of the base weight and rescales its rows (multiplicative)"
+    rowwise: ClassVar[bool] = True
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
@@ -99,5 +101,9 @@ class BOFT(BaseDependent):
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``(W_flat M^T) * s`` (float32)."""
-        flat = weight.reshape(weight.shape[0], -1) @ self.rotation().T
-        return (flat * f32(self.boft_s).reshape(-1, 1)).reshape(weight.shape)
+        return self.apply_weight_rows(weight, 0, weight.shape[0], None)
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``(W_flat M^T) * s``: the same ``M`` for every row, ``s`` per row."""
+        flat = rows.reshape(rows.shape[0], -1) @ cached(cache, "rotation", self.rotation).T
+        return (flat * f32(self.boft_s).reshape(-1, 1)[r0:r1]).reshape(rows.shape)

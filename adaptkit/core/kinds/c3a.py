@@ -15,32 +15,36 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class C3A(DeltaMixin):
+class C3A(AdditiveKind):
     """One C3A layer.
 
     Args:
         kernel: ``c3a_kernel`` ``(out / b, in / b, b)``.
-        shape: module weight shape ``(out, in)``.
+        shape: module weight shape (module orientation).
+        fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only).
     """
 
     kernel: torch.Tensor
     shape: tuple[int, ...]
     module_type: str = "linear"
+    fan_in_fan_out: bool = False
 
     kind: ClassVar[str] = "c3a"
-    fan_in_fan_out: ClassVar[bool] = False
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None
 
     def __post_init__(self) -> None:
         check_floating(self)
         k = self.kernel
-        if k.ndim != 3 or len(self.shape) != 2 or k.shape[0] * k.shape[2] != self.shape[0] \
-                or k.shape[1] * k.shape[2] != self.shape[1]:
+        if len(self.shape) != 2:
+            raise ShapeMismatchError(f"C3A adapts 2-D weights, got weight shape {tuple(self.shape)}")
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if k.ndim != 3 or k.shape[0] * k.shape[2] != out or k.shape[1] * k.shape[2] != inp:
             raise ShapeMismatchError(f"C3A kernel has shape {tuple(k.shape)}; for a weight of shape {tuple(self.shape)} "
                                      "it must be (out / b, in / b, b)")
 
@@ -52,7 +56,7 @@ class C3A(DeltaMixin):
     @property
     def scale(self) -> float:
         """``1 / in_features``."""
-        return 1.0 / self.shape[1]
+        return 1.0 / math_shape(tuple(self.shape), self.fan_in_fan_out)[1]
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``."""

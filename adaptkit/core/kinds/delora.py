@@ -17,14 +17,15 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32
+from .additive import AdditiveKind
+from .base import check_floating, math_shape
 
 #: peft's lower clamp of the factor norms
 NORM_FLOOR = 1e-4
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class DeLoRA(DeltaMixin):
+class DeLoRA(AdditiveKind):
     """One DeLoRA layer.
 
     Args:
@@ -32,7 +33,8 @@ class DeLoRA(DeltaMixin):
         b: ``delora_B`` ``(out, r)``.
         lam: ``delora_lambda`` (1 element).
         w_norm: ``delora_w_norm`` ``(in,)``.
-        shape: module weight shape ``(out, in)``.
+        shape: module weight shape (module orientation).
+        fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only).
     """
 
     a: torch.Tensor
@@ -41,16 +43,16 @@ class DeLoRA(DeltaMixin):
     w_norm: torch.Tensor
     shape: tuple[int, ...]
     module_type: str = "linear"
+    fan_in_fan_out: bool = False
 
     kind: ClassVar[str] = "delora"
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)
         if (self.a.ndim != 2 or self.b.ndim != 2 or self.b.shape[1] != self.a.shape[0] or self.lam.numel() != 1
-                or tuple(self.shape) != (self.b.shape[0], self.a.shape[1]) or self.w_norm.numel() != self.a.shape[1]):
+                or math_shape(tuple(self.shape), self.fan_in_fan_out) != (self.b.shape[0], self.a.shape[1]) or self.w_norm.numel() != self.a.shape[1]):
             raise ShapeMismatchError(
                 f"DeLoRA tensors delora_A {tuple(self.a.shape)}, delora_B {tuple(self.b.shape)}, lambda "
                 f"{tuple(self.lam.shape)}, w_norm {tuple(self.w_norm.shape)} do not fit a weight of shape {tuple(self.shape)}"
@@ -61,12 +63,12 @@ class DeLoRA(DeltaMixin):
         """``r``."""
         return int(self.a.shape[0])
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(U, V)``: ``U = B * lambda / r / (|A_i| |B^i|)``, ``V = A * w_norm``."""
-        a, b = f32(self.a), f32(self.b)
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype`` (exact, rank ``r``): ``U = B * lambda / r / (|A_i| |B^i|)``, ``V = A * w_norm``."""
+        a, b = self.a.to(dtype), self.b.to(dtype)
         norms = a.norm(dim=1).clamp(min=NORM_FLOOR) * b.norm(dim=0).clamp(min=NORM_FLOOR)
-        u = b * (f32(self.lam).reshape(()) / self.rank / norms)[None, :]
-        return u, a * f32(self.w_norm).reshape(1, -1)
+        u = b * (self.lam.to(dtype).reshape(()) / self.rank / norms)[None, :]
+        return u, a * self.w_norm.to(dtype).reshape(1, -1)
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``."""

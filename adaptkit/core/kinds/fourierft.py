@@ -19,23 +19,25 @@ from typing import ClassVar
 
 import torch
 
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 from .positions import check_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class FourierFT(DeltaMixin):
+class FourierFT(AdditiveKind):
     """One FourierFT layer.
 
     Args:
-        spectrum: ``fourierft_spectrum`` ``(n,)``.
+        values: ``fourierft_spectrum`` ``(n,)``, the learned spectrum entries (``values``, as ``spectrum()`` is
+            the protocol's singular values).
         indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`).
         scaling: the config's ``scaling``.
         shape: module weight shape (module orientation).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
     """
 
-    spectrum: torch.Tensor
+    values: torch.Tensor
     indices: torch.Tensor
     scaling: float
     shape: tuple[int, ...]
@@ -48,18 +50,30 @@ class FourierFT(DeltaMixin):
     alpha: ClassVar[None] = None
 
     def __post_init__(self) -> None:
-        check_floating(self)
-        check_positions("FourierFT", self.spectrum, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
+        check_floating(self, self.index_parts)
+        check_positions("FourierFT", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:
         """The config's ``scaling``."""
         return float(self.scaling)
 
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype``, rank ``2 n`` (exact): each spectrum entry ``s`` at ``(p, q)`` adds
+        ``s cos(2 pi (i p / out + j q / in)) / (out in)`` to entry ``(i, j)``, a cosine and a sine outer product."""
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        idx = self.indices.long().to(dtype)
+        rows = 2 * torch.pi * torch.arange(out, dtype=dtype)[:, None] * idx[0][None, :] / out  # (out, n)
+        cols = 2 * torch.pi * idx[1][:, None] * torch.arange(inp, dtype=dtype)[None, :] / inp  # (n, in)
+        weights = self.values.to(dtype)[:, None] * (self.scale / (out * inp))
+        u = torch.cat([rows.cos(), rows.sin()], dim=1)
+        v = torch.cat([weights * cols.cos(), -weights * cols.sin()], dim=0)
+        return u, v
+
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``."""
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         dense = torch.zeros(out, inp, dtype=torch.float32)
         idx = self.indices.long()
-        dense[idx[0], idx[1]] = f32(self.spectrum)
+        dense[idx[0], idx[1]] = f32(self.values)
         return torch.fft.ifft2(dense).real * self.scale

@@ -26,7 +26,7 @@ import torch
 
 from ...errors import ShapeMismatchError
 from .base import check_floating, f32
-from .basedep import BaseDependent
+from .basedep import BaseDependent, cached
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -54,6 +54,8 @@ class GLoRA(BaseDependent):
     module_type: str = "linear"
 
     kind: ClassVar[str] = "glora"
+    effect: ClassVar[str] = "adds W·A, a low-rank map of the base weight's input side, to a LoRA update"
+    rowwise: ClassVar[bool] = True
     fan_in_fan_out: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -93,6 +95,12 @@ class GLoRA(BaseDependent):
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W + scale * (W A + B)`` (float32)."""
-        a = f32(self.a1).reshape(self.a1.shape[0], -1) @ f32(self.a2).reshape(self.a2.shape[0], -1)  # (in, in)
-        wa = torch.einsum("oi...,ij->oj...", weight, a)
-        return weight + wa * self.scale + self.b_delta()
+        return self.apply_weight_rows(weight, 0, weight.shape[0], None)
+
+    def _a_matrix(self) -> torch.Tensor:
+        return f32(self.a1).reshape(self.a1.shape[0], -1) @ f32(self.a2).reshape(self.a2.shape[0], -1)  # (in, in)
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``W + scale * (W A + B)`` (``A`` and ``B`` prepared once per tensor)."""
+        wa = torch.einsum("oi...,ij->oj...", rows, cached(cache, "a", self._a_matrix))
+        return rows + wa * self.scale + cached(cache, "b", self.b_delta)[r0:r1]

@@ -6,7 +6,8 @@ split into ``k`` slices of ``s = r / k``. Output block ``a`` / input block ``n``
 slice ``n`` of output block ``a``'s ``B`` (peft builds the same matrix with a scatter and an einsum). With
 ``hybrid_r > 0`` a plain LoRA ``gralora_B_general.weight @ gralora_A_general.weight`` is added. The whole is
 scaled by ``alpha / (r + hybrid_r)``; ``Conv1D`` through ``fan_in_fan_out``. The dense delta has rank up to
-``k * r``, so the kind has no low-rank ``factors``.
+``k * r``: :meth:`GraLoRA.factors` gives it exactly as ``U V`` with block-sparse factors of rank
+``k * r + hybrid_r`` (one rank slice per (output block, input block) pair).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class GraLoRA(DeltaMixin):
+class GraLoRA(AdditiveKind):
     """One GraLoRA layer.
 
     Args:
@@ -82,6 +84,24 @@ class GraLoRA(DeltaMixin):
     def scale(self) -> float:
         """``alpha / (r + hybrid_r)``."""
         return self.alpha / (self.rank + self.hybrid_rank)
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype``, rank ``k * r + hybrid_r`` (exact, the scale folded into ``U``).
+
+        Column ``(a, n, t)`` of ``U`` is rank ``t`` of slice ``n`` of output block ``a``'s ``B`` (zero outside block
+        ``a``); row ``(a, n, t)`` of ``V`` is rank ``t`` of slice ``a`` of input block ``n``'s ``A`` (zero outside
+        block ``n``); the hybrid LoRA's factors are appended.
+        """
+        k, s = self.k, self.rank // self.k
+        a4 = self.a.to(dtype).reshape(k, self.a.shape[1], k, s)  # [n, i, a, t]
+        b4 = self.b.to(dtype).reshape(k, k, s, self.b.shape[2])  # [a, n, t, o]
+        eye = torch.eye(k, dtype=dtype)
+        u = torch.einsum("ac,anto->aocnt", eye, b4).reshape(k * self.b.shape[2], k * k * s)
+        v = torch.einsum("nm,niat->antmi", eye, a4).reshape(k * k * s, k * self.a.shape[1])
+        if self.a_general is not None:
+            u = torch.cat([u, self.b_general.to(dtype)], dim=1)
+            v = torch.cat([v, self.a_general.to(dtype)], dim=0)
+        return u * self.scale, v
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta in the math orientation."""

@@ -17,7 +17,7 @@ import torch
 
 from ...errors import ShapeMismatchError
 from .base import check_floating, f32
-from .basedep import BaseDependent
+from .basedep import BaseDependent, cached
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -37,6 +37,8 @@ class HRA(BaseDependent):
     module_type: str = "linear"
 
     kind: ClassVar[str] = "hra"
+    effect: ClassVar[str] = "reflects the input features of the base weight (multiplicative)"
+    rowwise: ClassVar[bool] = True
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
@@ -68,4 +70,8 @@ class HRA(BaseDependent):
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W_flat H`` (float32)."""
-        return (weight.reshape(weight.shape[0], -1) @ self.reflection()).reshape(weight.shape)
+        return self.apply_weight_rows(weight, 0, weight.shape[0], None)
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``W_flat H`` (``H`` prepared once per tensor)."""
+        return (rows.reshape(rows.shape[0], -1) @ cached(cache, "reflection", self.reflection)).reshape(rows.shape)

@@ -23,17 +23,18 @@ class LNTuning(BaseDependent):
     """One tuned norm layer.
 
     Args:
-        weight: the tuned norm weight, or ``None`` when only the bias is tuned (the weight stays).
         shape: the norm weight's shape.
+        weight: the tuned norm weight, or ``None`` when only the bias is tuned (the weight stays).
         bias: the tuned bias, or ``None``.
     """
 
-    weight: torch.Tensor | None
     shape: tuple[int, ...]
+    weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     module_type: str = "norm"
 
     kind: ClassVar[str] = "ln_tuning"
+    effect: ClassVar[str] = "replaces the norm layer's weight and bias"
     fan_in_fan_out: ClassVar[bool] = False
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None

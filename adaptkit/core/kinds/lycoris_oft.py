@@ -66,6 +66,7 @@ class LycorisOFT(BaseDependent):
     module_type: str = "linear"
 
     kind: ClassVar[str] = "lycoris_oft"
+    effect: ClassVar[str] = "rotates the output rows of the base weight (multiplicative)"
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0

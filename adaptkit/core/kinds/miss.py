@@ -21,32 +21,36 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 from .basedep import BaseDependent
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class MiSS(DeltaMixin):
+class MiSS(AdditiveKind):
     """One MiSS layer in the default (``(r, out)``) or "mini" (``(r, mini_r)``) layout.
 
     Args:
         block: ``miss_block``.
-        shape: module weight shape ``(out, in)``.
+        shape: module weight shape (module orientation).
+        fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only).
     """
 
     block: torch.Tensor
     shape: tuple[int, ...]
     module_type: str = "linear"
+    fan_in_fan_out: bool = False
 
     kind: ClassVar[str] = "miss"
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)
-        if (self.block.ndim != 2 or len(self.shape) != 2 or self.shape[0] % self.block.shape[1] != 0
-                or self.block.shape[0] > self.shape[1]):
+        if len(self.shape) != 2:
+            raise ShapeMismatchError(f"MiSS adapts 2-D weights, got weight shape {tuple(self.shape)}")
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if self.block.ndim != 2 or out % self.block.shape[1] != 0 or self.block.shape[0] > inp:
             raise ShapeMismatchError(f"MiSS block has shape {tuple(self.block.shape)}; for a weight of shape "
                                      f"{tuple(self.shape)} it must be (r, out) or (r, mini_r) with mini_r dividing out")
 
@@ -55,9 +59,17 @@ class MiSS(DeltaMixin):
         """``r``, the tile width."""
         return int(self.block.shape[0])
 
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype`` (exact, rank ``r``): ``U`` the tiled block transposed ``(out, r)``, ``V`` the 0/1
+        matrix ``(r, in)`` that copies column ``c mod r`` to column ``c``."""
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        u = self.block.to(dtype).repeat(1, out // self.block.shape[1]).T  # (out, r)
+        v = (torch.arange(self.rank)[:, None] == torch.arange(inp)[None, :] % self.rank).to(dtype)
+        return u, v
+
     def delta_math(self) -> torch.Tensor:
-        """Float32 delta ``(out, in)``."""
-        out, inp = self.shape
+        """Float32 delta ``(out, in)``: ``dW[o, c] = block[c mod r, o]``."""
+        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         block = f32(self.block).repeat(1, out // self.block.shape[1])  # (r, out)
         return block.T[:, torch.arange(inp) % self.rank]
 
@@ -76,6 +88,8 @@ class MiSSBat(BaseDependent):
     module_type: str = "linear"
 
     kind: ClassVar[str] = "miss_bat"
+    effect: ClassVar[str] = "multiplies every tile of the base weight by a shared block and adds it (W + W·B + B)"
+    rowwise: ClassVar[bool] = True
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
@@ -95,9 +109,14 @@ class MiSSBat(BaseDependent):
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W'_{ij} = W_{ij} + W_{ij} @ B_i + B_i`` for the ``r x r`` tiles of the float32 weight."""
+        return self.apply_weight_rows(weight, 0, weight.shape[0], None)
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1``: row ``p`` (row ``p mod r`` of tile row ``i = p // r``) becomes, in every ``r``-wide
+        chunk ``w``, ``w + w @ B_i + B_i[p mod r]``."""
         r = self.rank
-        out, inp = weight.shape
-        tiles = weight.reshape(out // r, r, inp // r, r).permute(0, 2, 1, 3)  # [i, j] tiles
-        blk = f32(self.block)[:, None]  # (out / r, 1, r, r)
-        new = tiles + tiles @ blk + blk
-        return new.permute(0, 2, 1, 3).reshape(out, inp)
+        p = torch.arange(r0, r1)
+        blocks = f32(self.block)[p // r]  # (n, r, r): the block of each row's tile row
+        chunks = rows.reshape(r1 - r0, -1, r)  # (n, in / r, r)
+        new = chunks + chunks @ blocks + blocks[torch.arange(r1 - r0), p % r][:, None, :]
+        return new.reshape(rows.shape)

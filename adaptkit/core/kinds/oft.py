@@ -29,7 +29,7 @@ import torch
 
 from ...errors import ShapeMismatchError
 from .base import check_floating, f32
-from .basedep import BaseDependent
+from .basedep import BaseDependent, cached
 from .orthogonal import (
     block_diag,
     cayley_neumann,
@@ -75,6 +75,8 @@ class OFT(BaseDependent):
     num_cayley_neumann_terms: int = 5
 
     kind: ClassVar[str] = "oft"
+    effect: ClassVar[str] = "rotates the input features of the base weight (multiplicative)"
+    rowwise: ClassVar[bool] = True
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
@@ -120,7 +122,11 @@ class OFT(BaseDependent):
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W R`` for embeddings, ``W_flat R^T`` otherwise (float32)."""
-        r = self.rotation()
+        return self.apply_weight_rows(weight, 0, weight.shape[0], None)
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1`` rotated: each row of ``W`` is multiplied by the same ``R`` (prepared once per tensor)."""
+        r = cached(cache, "rotation", self.rotation)
         if self.module_type == "embedding":
-            return weight @ r
-        return (weight.reshape(weight.shape[0], -1) @ r.T).reshape(weight.shape)
+            return rows @ r
+        return (rows.reshape(rows.shape[0], -1) @ r.T).reshape(rows.shape)

@@ -22,11 +22,12 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, math_shape
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class RandLoRA(DeltaMixin):
+class RandLoRA(AdditiveKind):
     """One RandLoRA layer.
 
     Args:
@@ -74,14 +75,14 @@ class RandLoRA(DeltaMixin):
         """``randlora_alpha / r``."""
         return self.alpha / self.rank
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(U, V)``, rank ``r * n_bases``, with the scale folded into ``U``."""
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` in ``dtype``, rank ``r * n_bases`` (exact), with the scale folded into ``U``."""
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         lo, hi = min(out, inp), max(out, inp)
         nb = self.lam.shape[1]
-        a = f32(self.randlora_a)[:, :nb, :lo]  # (r, 1, lo) broadcasts over the bases
-        scaled_a = (f32(self.lam)[:, :, None] * a * f32(self.gamma)[None]).flatten(0, 1)  # (r * nb, lo)
-        b = f32(self.randlora_b)[:hi, :nb, :].flatten(1)  # (hi, nb * r)
+        a = self.randlora_a.to(dtype)[:, :nb, :lo]  # (r, 1, lo) broadcasts over the bases
+        scaled_a = (self.lam.to(dtype)[:, :, None] * a * self.gamma.to(dtype)[None]).flatten(0, 1)  # (r * nb, lo)
+        b = self.randlora_b.to(dtype)[:hi, :nb, :].flatten(1)  # (hi, nb * r)
         if lo == inp:  # delta (out, in) = B[:out] @ A'
             return b * self.scale, scaled_a
         return scaled_a.T * self.scale, b.T  # delta = (B[:in] @ A')^T

@@ -18,19 +18,22 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 from .positions import check_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class SHiRA(DeltaMixin):
+class SHiRA(AdditiveKind):
     """One SHiRA layer.
 
     Args:
         values: ``shira_weight`` ``(n,)``.
         indices: ``shira_indices`` ``(2, n)``, integer.
-        shape: module weight shape ``(out, in)``.
+        shape: module weight shape (module orientation).
         scaling: peft's ``scaling`` (1.0 as saved).
+        fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only); the
+            positions are then in the math orientation ``(out, in)``.
     """
 
     values: torch.Tensor
@@ -38,18 +41,18 @@ class SHiRA(DeltaMixin):
     shape: tuple[int, ...]
     scaling: float = 1.0
     module_type: str = "linear"
+    fan_in_fan_out: bool = False
 
     kind: ClassVar[str] = "shira"
     index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
-    fan_in_fan_out: ClassVar[bool] = False
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None
 
     def __post_init__(self) -> None:
-        check_floating(self)
+        check_floating(self, self.index_parts)
         if len(self.shape) != 2:
             raise ShapeMismatchError(f"SHiRA adapts 2-D weights, got weight shape {tuple(self.shape)}")
-        check_positions("SHiRA", self.values, self.indices, *self.shape)
+        check_positions("SHiRA", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:
@@ -58,6 +61,6 @@ class SHiRA(DeltaMixin):
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)`` (repeated positions add up)."""
-        dense = torch.zeros(tuple(self.shape), dtype=torch.float32)
+        dense = torch.zeros(math_shape(tuple(self.shape), self.fan_in_fan_out), dtype=torch.float32)
         idx = self.indices.long()
         return dense.index_put_((idx[0], idx[1]), f32(self.values) * self.scale, accumulate=True)

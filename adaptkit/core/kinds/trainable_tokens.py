@@ -36,13 +36,15 @@ class TrainableTokens(BaseDependent):
     module_type: str = "embedding"
 
     kind: ClassVar[str] = "trainable_tokens"
+    effect: ClassVar[str] = "replaces chosen rows of the base embedding"
+    rowwise: ClassVar[bool] = True
     index_parts: ClassVar[frozenset[str]] = frozenset({"token_indices"})
     fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
-        check_floating(self)
+        check_floating(self, self.index_parts)
         if (self.values.ndim != 2 or len(self.shape) != 2 or self.values.shape[1] != self.shape[1]
                 or tuple(self.token_indices.shape) != (self.values.shape[0],)):
             raise ShapeMismatchError(f"trainable tokens: values {tuple(self.values.shape)} and token_indices "
@@ -60,3 +62,9 @@ class TrainableTokens(BaseDependent):
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight with the chosen rows replaced (float32)."""
         return weight.index_copy(0, self.token_indices.long(), f32(self.values))
+
+    def apply_weight_rows(self, rows: torch.Tensor, r0: int, r1: int, cache: dict | None) -> torch.Tensor:
+        """Rows ``r0:r1`` with the chosen rows among them replaced."""
+        idx = self.token_indices.long()
+        inside = (idx >= r0) & (idx < r1)
+        return rows.index_copy(0, idx[inside] - r0, f32(self.values)[inside])

@@ -21,7 +21,8 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 
 
 def topk_from_logits(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +38,7 @@ def full_topk_weights(truncated: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class VBLoRA(DeltaMixin):
+class VBLoRA(AdditiveKind):
     """One VB-LoRA layer in top-k form.
 
     Args:
@@ -74,7 +75,7 @@ class VBLoRA(DeltaMixin):
                    fan_in_fan_out=fan_in_fan_out)
 
     def __post_init__(self) -> None:
-        check_floating(self)
+        check_floating(self, self.index_parts)
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         if self.bank.ndim != 2:
             raise ShapeMismatchError(f"VB-LoRA vector bank has shape {tuple(self.bank.shape)}; it must be (num_vectors, L)")
@@ -93,13 +94,13 @@ class VBLoRA(DeltaMixin):
         """``r``."""
         return int(self.indices_a.shape[0])
 
-    def _pieces(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return (f32(weights).unsqueeze(-1) * f32(self.bank)[indices.long()]).sum(-2)
+    def _pieces(self, indices: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (weights.to(dtype).unsqueeze(-1) * self.bank.to(dtype)[indices.long()]).sum(-2)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(B (out, r), A (r, in))``."""
-        a = self._pieces(self.indices_a, self.weights_a).reshape(self.rank, -1)
-        b = self._pieces(self.indices_b, self.weights_b).transpose(1, 2).reshape(-1, self.rank)
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B (out, r), A (r, in))`` in ``dtype`` (exact, rank ``r``)."""
+        a = self._pieces(self.indices_a, self.weights_a, dtype).reshape(self.rank, -1)
+        b = self._pieces(self.indices_b, self.weights_b, dtype).transpose(1, 2).reshape(-1, self.rank)
         return b, a
 
     def delta_math(self) -> torch.Tensor:

@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError, UnsupportedError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, math_shape
 
 
 def require_projections(vera_a: torch.Tensor | None, vera_b: torch.Tensor | None, kind: str = "VeRA") -> None:
@@ -34,7 +35,7 @@ def require_projections(vera_a: torch.Tensor | None, vera_b: torch.Tensor | None
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class VeRA(DeltaMixin):
+class VeRA(AdditiveKind):
     """One VeRA layer.
 
     Args:
@@ -76,12 +77,12 @@ class VeRA(DeltaMixin):
         """``r``, the length of ``lambda_d``."""
         return int(self.lambda_d.numel())
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(U, V)`` = ``(lambda_b * B[:out, :r], lambda_d * A[:r, :in])``."""
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` = ``(lambda_b * B[:out, :r], lambda_d * A[:r, :in])`` in ``dtype`` (exact, rank ``r``)."""
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         r = self.rank
-        u = f32(self.lambda_b)[:, None] * f32(self.vera_b)[:out, :r]
-        v = f32(self.lambda_d)[:, None] * f32(self.vera_a)[:r, :inp]
+        u = self.lambda_b.to(dtype)[:, None] * self.vera_b.to(dtype)[:out, :r]
+        v = self.lambda_d.to(dtype)[:, None] * self.vera_a.to(dtype)[:r, :inp]
         return u, v
 
     def delta_math(self) -> torch.Tensor:

@@ -21,7 +21,8 @@ from typing import ClassVar
 import torch
 
 from ...errors import UnsupportedError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .additive import AdditiveKind
+from .base import check_floating, f32, math_shape
 from .positions import check_positions
 
 
@@ -36,11 +37,11 @@ def _wavelet_tools():
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class WaveFT(DeltaMixin):
+class WaveFT(AdditiveKind):
     """One WaveFT layer.
 
     Args:
-        spectrum: ``waveft_spectrum`` ``(n,)``.
+        values: ``waveft_spectrum`` ``(n,)``, the learned wavelet coefficients.
         indices: ``(2, n)`` integer positions (drawn from ``random_loc_seed``).
         scaling: the config's ``scaling``.
         shape: module weight shape (module orientation).
@@ -50,7 +51,7 @@ class WaveFT(DeltaMixin):
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
     """
 
-    spectrum: torch.Tensor
+    values: torch.Tensor
     indices: torch.Tensor
     scaling: float
     shape: tuple[int, ...]
@@ -65,8 +66,8 @@ class WaveFT(DeltaMixin):
     alpha: ClassVar[None] = None
 
     def __post_init__(self) -> None:
-        check_floating(self)
-        check_positions("WaveFT", self.spectrum, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
+        check_floating(self, self.index_parts)
+        check_positions("WaveFT", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:
@@ -76,11 +77,11 @@ class WaveFT(DeltaMixin):
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``."""
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
-        values = f32(self.spectrum)
+        coefficients = f32(self.values)
         idx = self.indices.long()
         if not self.use_idwt:
             dense = torch.zeros(out, inp, dtype=torch.float32)
-            dense[idx[0], idx[1]] = values
+            dense[idx[0], idx[1]] = coefficients
             return dense * self.scale
         reductions, waverec2d = _wavelet_tools()
         if self.wavelet_family not in reductions:
@@ -91,7 +92,7 @@ class WaveFT(DeltaMixin):
         rows += rows % 2
         cols += cols % 2
         dense = torch.zeros(rows, cols, dtype=torch.float32)
-        dense[idx[0] + (rows - out) // 2, idx[1] + (cols - inp) // 2] = values
+        dense[idx[0] + (rows - out) // 2, idx[1] + (cols - inp) // 2] = coefficients
         h, w = rows // 2, cols // 2
         coeffs = (dense[:h, :w], (dense[:h, w:], dense[h:, :w], dense[h:, w:]))
         full = waverec2d(coeffs, self.wavelet_family) * self.scale
