@@ -42,6 +42,10 @@ class BaseDependent(KindBase):
     dora: ClassVar[bool] = False
     changes_bias: ClassVar[bool] = False
     rowwise: ClassVar[bool] = False
+    #: these kinds act on the module orientation of nn.Linear / nn.Conv / nn.Embedding weights (no Conv1D)
+    fan_in_fan_out: ClassVar[bool] = False
+    #: the update's strength lives in the kind's tensors (GLoRA overrides it with alpha / r)
+    scale: ClassVar[float] = 1.0
     #: what the layer does to the base weight, for analysis notes
     effect: ClassVar[str] = "changes the weight as a function of the base weight"
 

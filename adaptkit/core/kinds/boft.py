@@ -63,9 +63,7 @@ class BOFT(BaseDependent):
     kind: ClassVar[str] = "boft"
     effect: ClassVar[str] = "rotates the input features of the base weight and rescales its rows (multiplicative)"
     rowwise: ClassVar[bool] = True
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

@@ -56,7 +56,6 @@ class GLoRA(BaseDependent):
     kind: ClassVar[str] = "glora"
     effect: ClassVar[str] = "adds W·A, a low-rank map of the base weight's input side, to a LoRA update"
     rowwise: ClassVar[bool] = True
-    fan_in_fan_out: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_floating(self)

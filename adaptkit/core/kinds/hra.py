@@ -39,9 +39,7 @@ class HRA(BaseDependent):
     kind: ClassVar[str] = "hra"
     effect: ClassVar[str] = "reflects the input features of the base weight (multiplicative)"
     rowwise: ClassVar[bool] = True
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

@@ -35,10 +35,8 @@ class LNTuning(BaseDependent):
 
     kind: ClassVar[str] = "ln_tuning"
     effect: ClassVar[str] = "replaces the norm layer's weight and bias"
-    fan_in_fan_out: ClassVar[bool] = False
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

@@ -67,9 +67,7 @@ class LycorisOFT(BaseDependent):
 
     kind: ClassVar[str] = "lycoris_oft"
     effect: ClassVar[str] = "rotates the output rows of the base weight (multiplicative)"
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

@@ -90,9 +90,7 @@ class MiSSBat(BaseDependent):
     kind: ClassVar[str] = "miss_bat"
     effect: ClassVar[str] = "multiplies every tile of the base weight by a shared block and adds it (W + W·B + B)"
     rowwise: ClassVar[bool] = True
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

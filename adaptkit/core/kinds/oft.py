@@ -77,9 +77,7 @@ class OFT(BaseDependent):
     kind: ClassVar[str] = "oft"
     effect: ClassVar[str] = "rotates the input features of the base weight (multiplicative)"
     rowwise: ClassVar[bool] = True
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self)

@@ -39,9 +39,7 @@ class TrainableTokens(BaseDependent):
     effect: ClassVar[str] = "replaces chosen rows of the base embedding"
     rowwise: ClassVar[bool] = True
     index_parts: ClassVar[frozenset[str]] = frozenset({"token_indices"})
-    fan_in_fan_out: ClassVar[bool] = False
     alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
