@@ -21,7 +21,8 @@ from typing import Any
 
 from ..core.adapter import Adapter
 from ..errors import ArgumentTypeError, ConfigError, FormatError, SourceNotFoundError
-from ..io.sources import check_output, resolve_selected
+from ..io.outputs import check_output
+from ..io.sources import resolve_selected
 from . import diffusers, kohya, peft
 
 FORMATS: dict[str, ModuleType] = {

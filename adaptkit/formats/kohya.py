@@ -31,7 +31,12 @@ from ..core.adapter import Adapter
 from ..core.kinds import IA3, Full, LoHa, LoKr, LoRA
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import atomic_output, read_safetensors, read_safetensors_header, write_safetensors
+from ..io.outputs import atomic_output
+from ..io.safetensors import (
+    read_safetensors,
+    read_safetensors_header,
+    write_safetensors,
+)
 from . import names as _names
 
 NAME = "kohya"

@@ -21,7 +21,8 @@ from ..core.adapter import Adapter
 from ..core.kinds import IA3, LoHa, LoKr, LoRA
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import atomic_output, read_weights, write_safetensors
+from ..io.outputs import atomic_output
+from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
@@ -80,8 +81,6 @@ def detect(path: Path) -> bool:
     if path.name == CONFIG_NAME:
         return True
     if path.suffix == ".safetensors":
-        from ..io.sources import read_safetensors_header
-
         header, _ = read_safetensors_header(path)
         keys = [k for k in header if k != "__metadata__"]
         return bool(keys) and all(k.startswith(PREFIX) for k in keys)
