@@ -26,11 +26,10 @@ LAZY_OK = {"peft", "diffusers", "transformers", "matplotlib", "huggingface_hub",
 #: modules whose function-level imports are the lazy loading itself: the PEP 562 package namespace and the CLI
 #: command modules (``adaptkit --help`` must not import torch/pandas: each command imports what it runs)
 LAZY_MODULES = {"adaptkit", "adaptkit.cli.*"}
-#: function-level imports in modules that parallel work of issue 13 rewrites (core/kinds: the Layer protocol;
-#: formats/state_dict, formats/diffusers: the Format protocol, state dicts read without a temporary file);
-#: each entry goes when that work lands. Exact (module, import) pairs: any other import there still fails.
+#: function-level imports in modules that parallel work of issue 13 rewrites (formats/state_dict, formats/diffusers:
+#: the Format protocol, state dicts read without a temporary file); each entry goes when that work lands.
+#: Exact (module, import) pairs: any other import there still fails.
 PENDING = {
-    ("adaptkit.core.kinds.base", "adaptkit.errors"),
     ("adaptkit.formats.diffusers", "dataclasses"),
     ("adaptkit.formats.state_dict", "adaptkit.formats.peft"),
     ("adaptkit.formats.state_dict", "safetensors.torch"),

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds import layer_is_finite
+from ..core.kinds import Layer, layer_is_finite
 from ..core.kinds.base import math_shape
 from ..core.params import DENSITY, SEED, kept_entries
 from ..core.params import MAX_ENTRIES as MAX_ENTRIES_PARAM
@@ -45,8 +45,6 @@ from ..progress import bar
 from .layers import (
     adapter_name,
     analyze_adapter,
-    flat_delta,
-    lowrank_factors,
     natural_key,
 )
 from .report import require_matplotlib, write_compare_report
@@ -105,7 +103,7 @@ def sign_conflict(a: torch.Tensor, b: torch.Tensor, density: float = DEFAULT_DEN
 # ------------------------------------------------------------------------------------ one layer, one pair
 
 
-def _entries(layer: Any, factors: tuple[torch.Tensor, torch.Tensor] | None,
+def _entries(layer: Layer, factors: tuple[torch.Tensor, torch.Tensor] | None,
              where: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, chunk: int = 1 << 17) -> torch.Tensor:
     """Entries of the flattened delta: all of them (``where`` None) or at ``where = (flat, rows, cols)``.
 
@@ -113,7 +111,7 @@ def _entries(layer: Any, factors: tuple[torch.Tensor, torch.Tensor] | None,
     magnitudes and read signs).
     """
     if factors is None:
-        d = flat_delta(layer).flatten()
+        d = layer.delta_matrix().flatten()
         return d if where is None else d[where[0]]
     u, v = factors
     if where is None:
@@ -127,12 +125,7 @@ def _entries(layer: Any, factors: tuple[torch.Tensor, torch.Tensor] | None,
     return out
 
 
-def _gram_inner(fa: tuple[torch.Tensor, torch.Tensor], fb: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """``<U_a V_a, U_b V_b>_F = sum((U_a^T U_b) * (V_a V_b^T))`` without forming either product."""
-    return float(((fa[0].T @ fb[0]) * (fa[1] @ fb[1].T)).sum())
-
-
-def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entries: int = MAX_ENTRIES,
+def compare_layers(la: Layer, lb: Layer, density: float = DEFAULT_DENSITY, max_entries: int = MAX_ENTRIES,
                    seed: int = 0) -> dict[str, Any]:
     """Compare two layers adapting the same module: norms, cosine, sign conflict (see the module docstring).
 
@@ -145,14 +138,16 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
     if not (layer_is_finite(la) and layer_is_finite(lb)):
         row["note"] = "non-finite tensors (NaN/Inf)"
         return row
-    if (la.kind == "ia3") != (lb.kind == "ia3"):
-        row["note"] = f"not comparable: {la.kind} vs {lb.kind} (IA3 rescales, the other adds)"
+    if la.has_delta != lb.has_delta:
+        scaling = la if not la.has_delta else lb
+        row["note"] = f"not comparable: {la.kind} vs {lb.kind} ({scaling.kind.upper()} rescales, the other adds)"
         return row
-    if la.kind == "ia3":
-        if la.on_input != lb.on_input or la.vector.numel() != lb.vector.numel():
+    if not la.has_delta:  # kinds without a delta (IA3) compare by their update vectors (IA3: l - 1)
+        if type(la) is not type(lb) or (la.io_scales()[0] is None) != (lb.io_scales()[0] is None) \
+                or la.update_vector().shape != lb.update_vector().shape:
             row["note"] = "not comparable: IA3 vectors scale different sides or lengths"
             return row
-        a, b = la.vector.double() - 1, lb.vector.double() - 1
+        a, b = la.update_vector(), lb.update_vector()
         na, nb = float(a.norm()), float(b.norm())
         row.update(norm_a=na, norm_b=nb, note="IA3: compares l - 1")
         if na > 0 and nb > 0:
@@ -166,14 +161,10 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
     if (m, n) != (sb[0], math.prod(sb[1:])):
         row["note"] = f"not comparable: shapes {tuple(la.shape)} vs {tuple(lb.shape)}"
         return row
-    fa, fb = lowrank_factors(la), lowrank_factors(lb)
-    if fa is not None and fb is not None:
-        na2, nb2, inner = _gram_inner(fa, fa), _gram_inner(fb, fb), _gram_inner(fa, fb)
-    else:  # a dense kind on either side: compare densely
-        da, db = flat_delta(la).double(), flat_delta(lb).double()
-        na2, nb2, inner = float((da * da).sum()), float((db * db).sum()), float((da * db).sum())
+    fa, fb = la.factors(torch.float64), lb.factors(torch.float64)
+    if fa is None or fb is None:  # a dense kind on either side: entries from the dense deltas
         fa = fb = None
-    na, nb = math.sqrt(max(na2, 0.0)), math.sqrt(max(nb2, 0.0))
+    na, nb, inner = la.fro_norm(), lb.fro_norm(), la.inner(lb)
     row.update(norm_a=na, norm_b=nb)
     if na > 0 and nb > 0:
         row["cosine"] = max(-1.0, min(1.0, inner / (na * nb)))
@@ -186,7 +177,7 @@ def compare_layers(la: Any, lb: Any, density: float = DEFAULT_DENSITY, max_entri
     ea, eb = _entries(la, fa, where), _entries(lb, fb, where)
     conflict, overlap, shared = sign_conflict(ea, eb, density)
     row.update(sign_conflict=conflict, topk_overlap=overlap, topk_shared=shared)
-    if getattr(la, "magnitude", None) is not None or getattr(lb, "magnitude", None) is not None:
+    if la.dora or lb.dora:
         row["note"] = "DoRA: compares the directional updates"
     return row
 
@@ -234,9 +225,9 @@ def suggest_merge(shared_layers: int, cosine: float, conflict: float, density: f
                                "both; compress with svd if the rank matters")
 
 
-def _factorwise(a: Any, b: Any) -> bool:
+def _factorwise(a: Layer, b: Layer) -> bool:
     """Whether PEFT's factor-wise methods (``ties``, ``linear``, ...) can merge these two layers: LoRA, equal rank."""
-    return a.kind == b.kind == "lora" and a.rank == b.rank
+    return a.lora_ab() is not None and b.lora_ab() is not None and a.rank == b.rank
 
 
 # ------------------------------------------------------------------------------------ adapters
@@ -303,22 +294,26 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     names_, loaded = _named(adapters, names, format, base)
     layer_rows, pair_rows = [], []
     factorwise = True
+    all_own = True  # every shared layer of every pair merges in its own parameters (IA3: no delta)
     steps = sum(len(set(a.layers) & set(b.layers)) for a, b in combinations(loaded, 2))
     meter = bar(desc="compare", total=steps, unit="layer", progress=progress)
     for (i, a), (j, b) in combinations(enumerate(loaded), 2):
         shared = sorted(set(a.layers) & set(b.layers), key=natural_key)
         rows = []
+        pair_own = True
         for path in shared:
             la, lb = a.layers[path], b.layers[path]
             row = {"module": path, "a": names_[i], "b": names_[j], "kind_a": la.kind, "kind_b": lb.kind}
             row.update(compare_layers(la, lb, density=density, max_entries=max_entries, seed=seed))
             rows.append(row)
+            pair_own = pair_own and not la.has_delta and not lb.has_delta
             meter.update(1)
         layer_rows.extend(rows)
         table = pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
         cosine, conflict, overlap = _pooled(table) if rows else (math.nan, math.nan, math.nan)
         union = len(set(a.layers) | set(b.layers))
-        all_ia3 = bool(rows) and all(r["kind_a"] == r["kind_b"] == "ia3" for r in rows)
+        all_ia3 = bool(rows) and pair_own
+        all_own = all_own and pair_own
         pair_factorwise = all(_factorwise(a.layers[p], b.layers[p]) for p in shared)
         factorwise = factorwise and pair_factorwise
         method, _ = suggest_merge(len(shared), cosine, conflict, density, all_ia3, pair_factorwise,
@@ -332,7 +327,7 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     layers["topk_shared"] = layers["topk_shared"].astype(object).where(layers["topk_shared"].notna(), None)
     pairs = pd.DataFrame(pair_rows, columns=list(PAIR_COLUMNS))
     cosine, conflict, _ = _pooled(layers) if len(layers) else (math.nan, math.nan, math.nan)
-    all_ia3 = bool(len(layers)) and bool(((layers["kind_a"] == "ia3") & (layers["kind_b"] == "ia3")).all())
+    all_ia3 = bool(len(layers)) and all_own
     method, reason = suggest_merge(int(pairs["shared_layers"].sum()), cosine, conflict, density, all_ia3, factorwise,
                                    any(a.dora_layers() for a in loaded))
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)

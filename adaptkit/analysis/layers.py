@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds import LoHa, LoKr, LoRA, layer_is_finite
-from ..core.kinds.base import math_shape
+from ..core.kinds import Layer, layer_is_finite
+from ..core.linalg import energy_rank as energy_rank_of
 from ..formats.inputs import as_adapter
 from ..progress import bar
 from .depth import Position, first_index, module_positions
@@ -49,107 +48,26 @@ COLUMNS = ("module", "kind", "shape", "component", "depth", "rank", "scale", "do
 # ------------------------------------------------------------------------------------ low-rank algebra
 
 
-def lowrank_factors(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An exact factorisation ``dW = U @ V`` (float64) of a layer's flattened math-oriented delta, or ``None``.
+def layer_spectrum(layer: Layer) -> tuple[np.ndarray, str]:
+    """Singular values of a layer's delta (descending, float64) and how they were computed (the kind's ``spectrum``).
 
     Args:
-        layer: any adapter layer.
-
-    Returns:
-        ``(U, V)`` with ``U`` ``(out, R)`` and ``V`` ``(R, in * prod(kernel))`` for LoRA (``R = r``, scale folded
-        into ``U``) and for LoHa without Tucker cores (``R = r^2``); ``None`` for every other kind.
-    """
-    if isinstance(layer, LoRA):
-        u, v = layer.factors()
-        return u.double(), v.double()
-    if isinstance(layer, LoHa) and layer.t1 is None:
-        a1, b1 = layer.w1a.double(), layer.w1b.double().reshape(layer.w1b.shape[0], -1)
-        a2, b2 = layer.w2a.double(), layer.w2b.double().reshape(layer.w2b.shape[0], -1)
-        m, n = a1.shape[0], b1.shape[1]
-        u = (a1[:, :, None] * a2[:, None, :]).reshape(m, -1) * layer.scale  # row-wise Kronecker product
-        v = (b1[:, None, :] * b2[None, :, :]).reshape(-1, n)  # column-wise Khatri-Rao product
-        return u, v
-    return None
-
-
-def lowrank_singular_values(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Singular values of ``u @ v`` without forming it: thin QRs of ``u`` and ``v^T``, SVD of the small core.
-
-    Args:
-        u: ``(m, R)`` matrix.
-        v: ``(R, n)`` matrix.
-
-    Returns:
-        The ``min(m, n, R)`` singular values, descending, in ``u``'s dtype.
-    """
-    ru = torch.linalg.qr(u, mode="r").R  # (min(m, R), R)
-    rv = torch.linalg.qr(v.T, mode="r").R  # (min(n, R), R)
-    return torch.linalg.svdvals(ru @ rv.T)
-
-
-def flat_delta(layer: Any) -> torch.Tensor:
-    """The layer's delta in the math orientation, flattened to ``(out, in * prod(kernel))``, float32.
-
-    Raises:
-        UnsupportedError: the layer is IA3 (it has no base-free delta).
-    """
-    d = layer.delta_math() if hasattr(layer, "delta_math") else layer.delta()
-    return d.reshape(d.shape[0], -1)
-
-
-def layer_spectrum(layer: Any) -> tuple[np.ndarray, str]:
-    """Singular values of a layer's delta (descending, float64) and how they were computed.
-
-    Args:
-        layer: an adapter layer other than IA3.
+        layer: an adapter layer with a base-free delta.
 
     Returns:
         ``(singular_values, method)`` with ``method`` one of ``"lowrank"``, ``"kron"``, ``"dense"``.
     """
-    factors = lowrank_factors(layer)
-    if factors is not None:
-        return lowrank_singular_values(*factors).numpy(), "lowrank"
-    if _kron_2d(layer):
-        s1 = torch.linalg.svdvals(_lokr_w(layer.w1, layer.w1a, layer.w1b)).double()
-        s2 = torch.linalg.svdvals(_lokr_w(layer.w2, layer.w2a, layer.w2b)).double()
-        s = torch.sort(torch.outer(s1, s2).flatten() * abs(layer.scale), descending=True).values
-        return s.numpy(), "kron"
-    return torch.linalg.svdvals(flat_delta(layer)).double().numpy(), "dense"
+    s, method = layer.spectrum()
+    return s.numpy(), method
 
 
-def _kron_2d(layer: Any) -> bool:
-    """True for a LoKr layer whose delta is exactly ``scale * kron(W_1, W_2)`` of two matrices (no reshape)."""
-    if not isinstance(layer, LoKr) or layer.t2 is not None or len(layer.w2_shape) != 2:
-        return False
-    (a, c), (b, d) = layer.w1_shape, layer.w2_shape
-    return math_shape(tuple(layer.shape), layer.fan_in_fan_out) == (a * b, c * d)
+def layer_sparsity(layer: Layer) -> float:
+    """Fraction of the entries of the flattened ``dW`` that are exactly zero (the kind's ``sparsity``).
 
-
-def _lokr_w(w: torch.Tensor | None, wa: torch.Tensor | None, wb: torch.Tensor | None) -> torch.Tensor:
-    return w.double() if w is not None else wa.double() @ wb.double()
-
-
-def layer_sparsity(layer: Any) -> float:
-    """Fraction of the entries of the flattened ``dW`` that are exactly zero.
-
-    For factored kinds this counts structural zeros without building ``dW``: an entry of ``U V`` is zero when
-    its row of ``U`` or its column of ``V`` is all zero, and a Kronecker entry when either factor entry is.
-    This equals the dense count unless nonzero terms cancel exactly (which trained weights never do).
+    Factored kinds count structural zeros without building ``dW``: an entry of ``U V`` is zero when its row of
+    ``U`` or its column of ``V`` is all zero, and a Kronecker entry when either factor entry is.
     """
-    factors = lowrank_factors(layer)
-    if factors is not None:
-        u, v = factors
-        live_rows = int((u != 0).any(dim=1).sum())
-        live_cols = int((v != 0).any(dim=0).sum())
-        return 1.0 - (live_rows / u.shape[0]) * (live_cols / v.shape[1])
-    if _kron_2d(layer):
-        w1 = _lokr_w(layer.w1, layer.w1a, layer.w1b)
-        w2 = _lokr_w(layer.w2, layer.w2a, layer.w2b)
-        if layer.scale == 0:
-            return 1.0
-        return 1.0 - (int((w1 != 0).sum()) / w1.numel()) * (int((w2 != 0).sum()) / w2.numel())
-    d = flat_delta(layer)
-    return float((d == 0).sum()) / d.numel()
+    return layer.sparsity()
 
 
 # ------------------------------------------------------------------------------------ spectral statistics
@@ -168,13 +86,9 @@ class SpectrumStats:
 
 
 def energy_rank(s: np.ndarray, fraction: float) -> int:
-    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * sum(s**2)``, ``s`` sorted descending (0 if all zero)."""
-    energy = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
-    total = energy.sum()
-    if total <= 0:
-        return 0
-    cum = np.cumsum(energy)
-    return int(np.searchsorted(cum, fraction * total * (1 - 1e-12)) + 1)
+    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * sum(s**2)`` (0 if all zero; see :func:`linalg.energy_rank`)."""
+    ordered = np.sort(np.abs(np.asarray(s, dtype=np.float64)))[::-1].copy()
+    return energy_rank_of(ordered, fraction, rtol=1e-12)
 
 
 def spectrum_stats(s: np.ndarray) -> SpectrumStats:
@@ -225,14 +139,7 @@ def _shape_text(shape: Any) -> str:
     return "x".join(str(int(s)) for s in shape) if shape is not None else "?"
 
 
-def _ia3_note(layer: Any) -> str:
-    v = layer.vector.double()
-    side = "input" if layer.on_input else "output"
-    return (f"IA3 ({side} scaling): no base-free dW; multiplier l: mean {float(v.mean()):.4g}, "
-            f"min {float(v.min()):.4g}, max {float(v.max()):.4g}, ||l-1|| {float(torch.linalg.vector_norm(v - 1)):.4g}")
-
-
-def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
+def analyze_layer(path: str, layer: Layer, position: Position | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
     """One row of :func:`analyze` (``energy_share`` still unset) and the layer's spectrum (``None`` for IA3).
 
     Args:
@@ -243,7 +150,7 @@ def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tu
     """
     if position is None:
         position = module_positions([path])[path]
-    dora = getattr(layer, "magnitude", None) is not None
+    dora = layer.dora
     row: dict[str, Any] = {
         "module": path, "kind": layer.kind, "shape": _shape_text(layer.shape), "component": position.component,
         "depth": position.depth,
@@ -252,8 +159,8 @@ def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tu
         "rank_99": None, "energy_share": math.nan, "sparsity": math.nan, "finite": layer_is_finite(layer),
         "method": "-", "note": "",
     }
-    if layer.kind == "ia3":
-        row["note"] = _ia3_note(layer)
+    if not layer.has_delta:  # IA3: no base-free dW, only a note on its multiplier
+        row["note"] = layer.note()
         return row, None
     if not row["finite"]:
         row["note"] = "non-finite tensors (NaN/Inf): statistics skipped"
@@ -263,8 +170,7 @@ def analyze_layer(path: str, layer: Any, position: Position | None = None) -> tu
     row.update(fro_norm=stats.fro_norm, spectral_norm=stats.spectral_norm, stable_rank=stats.stable_rank,
                effective_rank=stats.effective_rank, rank_90=stats.rank_90, rank_99=stats.rank_99,
                sparsity=layer_sparsity(layer), method=method)
-    if dora:
-        row["note"] = "DoRA: statistics of the directional update; the magnitude acts on the base weight"
+    row["note"] = layer.note()  # e.g. DoRA: the statistics describe the directional update
     return row, s
 
 
@@ -364,11 +270,8 @@ __all__ = [
     "analyze_adapter",
     "analyze_layer",
     "energy_rank",
-    "flat_delta",
     "layer_sparsity",
     "layer_spectrum",
-    "lowrank_factors",
-    "lowrank_singular_values",
     "module_depth",
     "spectrum_stats",
 ]

@@ -39,7 +39,7 @@ class AdapterAnalysis:
         return {
             "adapter": self.name,
             "source": self.source,
-            "layers": int(len(t)),
+            "layers": len(t),
             "kinds": {str(k): int(v) for k, v in t["kind"].value_counts().sort_index().items()},
             "total_fro_norm": float(np.sqrt((with_delta["fro_norm"] ** 2).sum())) if len(with_delta) else math.nan,
             "median_effective_rank": float(with_delta["effective_rank"].median()) if len(with_delta) else math.nan,

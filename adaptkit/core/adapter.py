@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from ..errors import NonFiniteError
-from .kinds import Layer, cast_layer, layer_dtype, layer_nbytes, layer_numel, tensor_fields
+from .kinds import (
+    Layer,
+    cast_layer,
+    layer_dtype,
+    layer_nbytes,
+    layer_numel,
+    tensor_fields,
+)
 from .kinds.base import nonfinite_fields
 
 #: layers shown in a notebook's table; the rest are counted (an SDXL LoRA has ~800, a full LLM one thousands)
@@ -78,7 +85,7 @@ class Adapter:
 
     def dora_layers(self) -> list[str]:
         """Paths of the layers with a DoRA magnitude vector (sorted; empty for a non-DoRA adapter)."""
-        return sorted(p for p, layer in self.layers.items() if getattr(layer, "magnitude", None) is not None)
+        return sorted(p for p, layer in self.layers.items() if layer.dora)
 
     @property
     def kinds(self) -> set[str]:
@@ -187,7 +194,7 @@ def adapter_html(adapter: Adapter, max_layers: int = HTML_MAX_LAYERS) -> str:
     cols = ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "tensors")
     rows = []
     for path, layer in list(adapter.layers.items())[:max_layers]:
-        kind = layer.kind + (" (dora)" if getattr(layer, "magnitude", None) is not None else "")
+        kind = layer.kind + (" (dora)" if layer.dora else "")
         tensors = ", ".join(f"{k} {_shape_text(t.shape)}" for k, t in tensor_fields(layer).items())
         values = (path, kind, _shape_text(layer.shape), "-" if layer.rank is None else str(layer.rank),
                   "-" if layer.alpha is None else f"{float(layer.alpha):g}", f"{float(layer.scale):g}",

@@ -1,4 +1,7 @@
-"""Exact truncated SVDs for merging: of a sum of low-rank products, and of a dense delta.
+"""adaptkit's linear algebra: exact SVDs of factored products, dense truncated SVDs, spectra and rank selection.
+
+Every SVD the operations take comes from here: merging, convert, reparametrisation, extract and LoftQ
+(through :meth:`adaptkit.core.kinds.LoRA.from_factors`), and the spectra of :mod:`adaptkit.analysis`.
 
 :func:`lowrank_svd` factors ``sum_i U_i V_i`` (``U_i``: ``(m, r_i)``, ``V_i``: ``(r_i, n)``) without building
 the ``m x n`` matrix: stack ``U = [U_1 ... U_k]`` and ``V = [V_1; ...; V_k]`` (``R = sum r_i``), take thin QRs
@@ -15,6 +18,7 @@ Both return PEFT's layout ``B = U diag(S)``, ``A = V^T``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -30,6 +34,122 @@ def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> 
     return b.contiguous(), a.contiguous()
 
 
+def lowrank_svd_parts(ups: list[torch.Tensor], downs: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact thin SVD ``(U, S, Vh)`` of ``sum_i ups[i] @ downs[i]`` without forming the product.
+
+    Args:
+        ups: ``(m, r_i)`` matrices; downs: ``(r_i, n)`` matrices (same dtype).
+
+    Returns:
+        ``U`` ``(m, R)``, ``S`` ``(R,)`` descending, ``Vh`` ``(R, n)``, ``R = min(m, n, sum r_i)``.
+    """
+    u = torch.cat(ups, dim=1)
+    v = torch.cat(downs, dim=0)
+    qu, ru = torch.linalg.qr(u, mode="reduced")
+    qv, rv = torch.linalg.qr(v.T, mode="reduced")
+    x, s, yh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
+    return qu @ x, s, yh @ qv.T
+
+
+def lowrank_singular_values(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``u @ v`` without forming it: thin QRs of ``u`` and ``v^T``, SVD of the small core.
+
+    Args:
+        u: ``(m, R)`` matrix.
+        v: ``(R, n)`` matrix.
+
+    Returns:
+        The ``min(m, n, R)`` singular values, descending, in ``u``'s dtype.
+    """
+    ru = torch.linalg.qr(u, mode="r").R  # (min(m, R), R)
+    rv = torch.linalg.qr(v.T, mode="r").R  # (min(n, R), R)
+    return torch.linalg.svdvals(ru @ rv.T)
+
+
+def gram_inner(fa: tuple[torch.Tensor, torch.Tensor], fb: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """``<U_a V_a, U_b V_b>_F = sum((U_a^T U_b) * (V_a V_b^T))`` without forming either product (``r x r`` Grams)."""
+    return float(((fa[0].T @ fb[0]) * (fa[1] @ fb[1].T)).sum())
+
+
+def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U[:, :r] sqrt(S[:r]), sqrt(S[:r]) Vh[:r])``: an SVD's top ``rank`` triplets as two balanced factors.
+
+    The split PEFT's LoftQ (``_low_rank_decomposition``) and every SVD-built LoRA in adaptkit use.
+    """
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """The numerical rank of a matrix of ``shape`` from its singular values (NumPy's ``matrix_rank`` tolerance,
+    ``max(s) * max(m, n) * eps(float32)``), at least 1."""
+    tol = float(s.max()) * max(shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    return max(1, int((s > tol).sum()))
+
+
+def energy_rank(s: Any, fraction: float, total: float | None = None, rtol: float = 0.0) -> int:
+    """The smallest ``k`` with ``sum(s[:k]**2) >= fraction * total``, ``s`` sorted descending.
+
+    Args:
+        s: singular values (a tensor or an array; sorted descending).
+        fraction: the share of the energy to keep.
+        total: the energy to measure against (default ``sum(s**2)``; a randomized SVD passes ``||D||_F^2``).
+        rtol: the target is lowered by this relative slack (rounding of a cumulative sum).
+
+    Returns:
+        ``k`` (``len(s) + 1`` when even all of ``s`` falls short of the target; 0 when the energy is zero).
+    """
+    energy = torch.as_tensor(s, dtype=torch.float64) ** 2
+    total = float(energy.sum()) if total is None else float(total)
+    if total <= 0:
+        return 0
+    cum = torch.cumsum(energy, 0)
+    return int(torch.searchsorted(cum, torch.tensor(fraction * total * (1 - rtol), dtype=torch.float64)).item()) + 1
+
+
+def truncated_svd(d: torch.Tensor, rank: int | None, energy: float | None = None, method: str = "auto",
+                  oversample: int = 16, niter: int = 4, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(U, S, Vh, k)``: the top singular triplets of a 2-D float32 matrix and the chosen rank ``k``.
+
+    Exact (``torch.linalg.svd``) for ``method="exact"``, or with ``"auto"`` for matrices up to 1024 or ranks
+    above a quarter of the size; otherwise randomized (``torch.svd_lowrank`` seeded with ``seed``, ``oversample``
+    extra directions, ``niter`` power iterations), widening its subspace until ``energy`` is reached.
+
+    Args:
+        d: the matrix.
+        rank: the rank (the cap when ``energy`` is given), or ``None``.
+        energy: keep the smallest rank retaining this share of ``||d||_F^2``, or ``None``.
+        method: ``"auto"``, ``"exact"`` or ``"randomized"``.
+        oversample / niter / seed: of the randomized SVD.
+
+    Returns:
+        ``U``, ``S``, ``Vh`` (possibly more triplets than ``k``) and ``k``.
+    """
+    full = min(d.shape)
+    cap = min(rank, full) if rank else full
+    total = float((d * d).sum())
+    exact = method == "exact" or (method == "auto" and (full <= 1024 or cap > full // 4))
+    if exact:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    else:
+        q = min(full, (cap if rank else 64) + oversample)
+        while True:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                u, s, v = torch.svd_lowrank(d, q=q, niter=niter)
+            vh = v.T
+            if energy is None or q >= full or float((s * s).sum()) >= energy * total:
+                break
+            q = min(full, 2 * q)
+    if energy is None:
+        k = cap
+    else:
+        k = max(1, min(energy_rank(s, energy, total), cap, s.numel()))
+    return u, s, vh, min(k, s.numel())
+
+
 def lowrank_svd(ups: list[torch.Tensor], downs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of ``sum_i ups[i] @ downs[i]`` without forming the product.
 
@@ -41,12 +161,7 @@ def lowrank_svd(ups: list[torch.Tensor], downs: list[torch.Tensor], rank: int) -
     Returns:
         ``(B, A)``: ``B`` ``(m, rank)`` = left singular vectors times singular values, ``A`` ``(rank, n)``.
     """
-    u = torch.cat(ups, dim=1)
-    v = torch.cat(downs, dim=0)
-    qu, ru = torch.linalg.qr(u, mode="reduced")
-    qv, rv = torch.linalg.qr(v.T, mode="reduced")
-    x, s, yh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
-    return _truncate(qu @ x, s, yh @ qv.T, rank)
+    return _truncate(*lowrank_svd_parts(ups, downs), rank)
 
 
 #: the iteration may take about ``_COST * min(m, n) / k`` steps before it costs as much as one full thin SVD
@@ -131,4 +246,5 @@ def _hopeless(ratio: float, previous_ratio: float, s: torch.Tensor, rank: int, t
     return math.log(target / ratio) / math.log(rate) > left
 
 
-__all__ = ["dense_svd", "lowrank_svd"]
+__all__ = ["dense_svd", "energy_rank", "gram_inner", "lowrank_singular_values", "lowrank_svd", "lowrank_svd_parts",
+           "numerical_rank", "split_factors", "truncated_svd"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -139,7 +138,8 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         naming[comp] = _alias_rule(mod_path, alias) if alias is not None else naming.get(comp, "direct")
         inv = resolution.inventory
         inv_comp = comp if comp in inv.modules else next(iter(inv.modules))
-        layer = refine_shape(layer, inv.shape(inv_comp, mod_path))
+        shape = inv.shape(inv_comp, mod_path)
+        layer = layer.fit(tuple(shape)) if shape else layer  # the base's shape where the tensors leave it open
         if isinstance(layer, IA3) and not layer.on_input and inv.has_bias(inv_comp, mod_path) is not False:
             layer = dataclasses.replace(layer, scale_bias=False)  # LyCORIS scales W only, never the bias
         out[f"{comp}.{mod_path}" if comp else mod_path] = layer
@@ -305,27 +305,6 @@ def _build_lokr(p: dict[str, torch.Tensor]) -> LoKr:
     mag, axis = _magnitude(p.get("dora_scale"), shape)
     return LoKr(alpha=alpha, rank=rank, shape=shape, module_type="conv" if len(shape) > 2 else "linear",
                 magnitude=mag, magnitude_axis=axis, **{k: p.get(k) for k in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")})
-
-
-def refine_shape(layer: Any, shape: tuple[int, ...]) -> Any:
-    """Take the base model's weight shape where the tensors alone leave it open.
-
-    LoHa/LoKr conv layers without Tucker cores store ``(out, in*k*k)``; IA3 stores no shape at all.
-    """
-    if not shape:
-        return layer
-    if isinstance(layer, IA3):
-        return dataclasses.replace(layer, shape=tuple(shape), module_type="conv" if len(shape) > 2 else "linear")
-    if (isinstance(layer, LoRA) and layer.mid is None and tuple(layer.shape) != tuple(shape)
-            and math.prod(layer.shape) == math.prod(shape) and all(k == 1 for k in (*layer.shape[2:], *shape[2:]))):
-        # a 1x1 conv stored as linear factors or the other way round: reshape the factors to the base module
-        extra = [1] * (len(shape) - 2)
-        return dataclasses.replace(layer, down=layer.down.reshape(layer.rank, shape[1], *extra),
-                                   up=layer.up.reshape(shape[0], layer.rank, *extra), shape=tuple(shape),
-                                   module_type="conv" if len(shape) > 2 else "linear")
-    if isinstance(layer, (LoHa, LoKr)) and tuple(layer.shape) != tuple(shape) and math.prod(layer.shape) == math.prod(shape):
-        return dataclasses.replace(layer, shape=tuple(shape), module_type="conv" if len(shape) > 2 else "linear")
-    return layer
 
 
 # ---------------------------------------------------------------------------------------------- write

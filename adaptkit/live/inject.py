@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
-from ..core.kinds import tensor_fields
+from ..core.kinds import Layer, tensor_fields
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats.inputs import as_adapter
 from ..formats.peft import to_state_dict
@@ -524,7 +524,7 @@ def load_adapter(module: Any, source: Any, adapter_name: str = "default", active
                   trainable=trainable)
 
 
-def _detach(layer: Any) -> Any:
+def _detach(layer: Layer) -> Layer:
     return dataclasses.replace(layer, **{k: v.detach().clone().cpu() for k, v in tensor_fields(layer).items()})
 
 

@@ -11,7 +11,6 @@ imported), with PEFT's "irregular" rules.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections import Counter, defaultdict
@@ -22,7 +21,13 @@ import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds import LoRA, layer_dtype, layer_is_finite, layer_nbytes, tensor_fields
+from ..core.kinds import (
+    Layer,
+    layer_dtype,
+    layer_is_finite,
+    layer_nbytes,
+    tensor_fields,
+)
 from ..errors import ConfigError
 from ..formats import adapter_subfolders
 from ..formats.inputs import as_adapter
@@ -47,15 +52,9 @@ class CheckpointLayerRow:
     finite: bool
 
 
-def delta_fro_norm(layer: Any) -> float:
-    """``||dW||_F`` of a layer; low-rank (Gram matrices) for LoRA, dense for LoHa/LoKr/Full, NaN for IA3."""
-    if layer.kind == "ia3":
-        return math.nan
-    if isinstance(layer, LoRA):
-        u, v = layer.factors()
-        gram = (u.T @ u) * (v @ v.T)
-        return float(gram.sum().clamp_min(0).sqrt())
-    return float(torch.linalg.vector_norm(layer.delta()))
+def delta_fro_norm(layer: Layer) -> float:
+    """``||dW||_F`` of a layer (the kind's ``fro_norm``: Gram matrices where low rank, NaN for IA3)."""
+    return layer.fro_norm()
 
 
 def _shape_text(shape: Any) -> str:
@@ -78,7 +77,7 @@ def checkpoint_rows(adapter: Adapter, progress: bool | None = None) -> list[Chec
             scale=float(layer.scale),
             dtype=str(layer_dtype(layer)).replace("torch.", ""),
             delta_norm=delta_fro_norm(layer),
-            dora=getattr(layer, "magnitude", None) is not None,
+            dora=layer.dora,
             finite=layer_is_finite(layer),
         ))
     return rows

@@ -6,12 +6,14 @@ on the wrapper as parameters (so ``.to()``, ``requires_grad`` and ``state_dict``
 non-tensor fields (alpha, shape, rsLoRA ...) are kept next to them, and the kind object of
 :mod:`adaptkit.kinds` is rebuilt from both whenever it is needed. All adapter math comes from the kinds:
 
-* LoRA (no DoRA): the low-rank path ``(x @ V^T) @ U^T`` with ``(U, V) = layer.factors()`` (a conv runs
-  ``V`` as a conv with the base layer's stride/padding and ``U`` as a 1x1 conv; an embedding looks
-  ``V^T`` up), plus ``layer.delta_bias()``. The dense ``m x n`` delta is never built.
-* LoHa, LoKr, Full: the base layer's op with ``layer.delta()`` as weight (PEFT does the same).
+* additive kinds with ``layer.factors()`` (LoRA, plain LoHa): the low-rank path ``(x @ V^T) @ U^T`` (a conv
+  runs ``V`` as a conv with the base layer's stride/padding and ``U`` as a 1x1 conv; an embedding looks
+  ``V^T`` up), plus ``layer.delta_bias()``. The dense ``m x n`` delta is never built (grouped convs take the
+  dense path).
+* other additive kinds (LoKr, Full, Tucker LoHa): the base layer's op with ``layer.delta()`` as weight (PEFT
+  does the same).
 * DoRA: the base layer's op with ``W' - W`` from ``layer.apply(W, b)`` (one dense weight).
-* IA3: ``layer.vector`` scales the input (``on_input``) or the output of the base layer.
+* kinds with ``layer.io_scales()`` (IA3): the multiplier scales the input or the output of the base layer.
 
 Merging keeps a copy of the original weight and bias at the first merge; unmerging restores it
 bit-exactly and re-merges the adapters that stay merged, so merge/unmerge round trips are exact.
@@ -23,16 +25,15 @@ status code reads adaptkit and PEFT layers alike.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.kinds import IA3, Full, Layer, LoHa, LoKr, LoRA
+from ..core.kinds import Layer
 from ..core.kinds.base import nonfinite_fields
-from ..errors import NonFiniteError, ShapeMismatchError, UnsupportedError
+from ..errors import NonFiniteError, UnsupportedError
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -49,50 +50,12 @@ def base_kind(module: nn.Module) -> str | None:
 
 
 def fit_layer(layer: Layer, base: nn.Module) -> Layer:
-    """Return ``layer`` made to fit ``base`` (orientation, IA3 shape, flattened conv shapes), or raise.
+    """Return ``layer`` made to fit ``base`` (the kind's ``fit`` with the module's weight shape and kind), or raise.
 
     Raises:
         ShapeMismatchError: the layer cannot act on this module; the message gives both shapes.
     """
-    kind = base_kind(base)
-    w_shape = tuple(base.weight.shape)
-    conv1d = kind == "conv1d"
-    if isinstance(layer, IA3):
-        if layer.shape is not None and tuple(layer.shape) != w_shape:
-            raise ShapeMismatchError(f"IA3 layer for weight {tuple(layer.shape)} does not fit weight {w_shape}")
-        if kind == "embedding":
-            raise ShapeMismatchError("IA3 cannot adapt an embedding")
-        on_input = layer.on_input
-        if kind == "conv" and not on_input and layer.vector.numel() != w_shape[0] and layer.vector.numel() == w_shape[1]:
-            on_input = True  # a raw PEFT conv vector (1, C, 1, 1) does not say which side it scales
-        return dataclasses.replace(layer, shape=w_shape, fan_in_fan_out=conv1d, on_input=on_input,
-                                   module_type="conv" if kind == "conv" else "linear")
-    shape = tuple(layer.shape)
-    if kind == "embedding":
-        if layer.module_type != "embedding" and not isinstance(layer, Full):
-            raise ShapeMismatchError(f"a {layer.module_type} {layer.kind} layer cannot adapt an embedding {w_shape}")
-        if shape != w_shape:
-            raise ShapeMismatchError(f"{layer.kind} layer for weight {shape} does not fit embedding weight {w_shape}")
-        return layer
-    if conv1d and not layer.fan_in_fan_out and len(shape) == 2 and shape == w_shape[::-1] and shape != w_shape:
-        if isinstance(layer, Full):
-            return dataclasses.replace(layer, diff=layer.diff.T, shape=w_shape)
-        return dataclasses.replace(layer, shape=w_shape, fan_in_fan_out=True)
-    if kind == "conv" and shape != w_shape and isinstance(layer, (LoHa, LoKr)) and _numel(shape) == _numel(w_shape) \
-            and shape[0] == w_shape[0]:
-        return dataclasses.replace(layer, shape=w_shape, module_type="conv")
-    if shape != w_shape:
-        raise ShapeMismatchError(f"{layer.kind} layer for weight {shape} does not fit weight {w_shape}")
-    if kind == "conv" and isinstance(layer, LoRA) and getattr(base, "groups", 1) != 1:
-        raise UnsupportedError(f"LoRA on a grouped conv (groups={base.groups}) is not supported")
-    return layer
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return layer.fit(tuple(base.weight.shape), base_kind(base))
 
 
 def _as_param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
@@ -117,7 +80,7 @@ class AdaptedModule(nn.Module):
                                    "Embedding and transformers Conv1D")
         self.base_layer = base_layer
         self.adapter_params = nn.ModuleDict()
-        self._fields: dict[str, tuple[type, dict[str, Any]]] = {}
+        self._fields: dict[str, tuple[type[Layer], tuple[int, ...] | None, dict[str, Any]]] = {}
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
@@ -182,20 +145,14 @@ class AdaptedModule(nn.Module):
         if name in self._merged:
             self.unmerge([name])
         device = self.base_layer.weight.device
-        tensors, others = {}, {}
-        for f in dataclasses.fields(layer):
-            value = getattr(layer, f.name)
-            if isinstance(value, torch.Tensor):
-                tensors[f.name] = _as_param(value.to(device), trainable)
-            elif value is not None:
-                others[f.name] = value
+        tensors = {k: _as_param(t.to(device), trainable) for k, t in layer.parts().items()}
         self.adapter_params[name] = nn.ParameterDict(tensors)
-        self._fields[name] = (type(layer), others)
+        self._fields[name] = (type(layer), layer.shape, layer.settings())
 
     def layer(self, name: str) -> Layer:
         """The kind object of adapter ``name``, built on the current parameters (gradients flow through)."""
-        cls, others = self._fields[name]
-        return cls(**others, **dict(self.adapter_params[name].items()))
+        cls, shape, settings = self._fields[name]
+        return cls.from_parts(dict(self.adapter_params[name].items()), shape=shape, settings=settings)
 
     def remove(self, name: str) -> None:
         """Delete adapter ``name`` (unmerging it first)."""
@@ -226,10 +183,11 @@ class AdaptedModule(nn.Module):
                 self._original = (base.weight.detach().clone(), None if bias is None else bias.detach().clone())
             with torch.no_grad():
                 layer = self.layer(name)
-                db = layer.delta_bias() if hasattr(layer, "delta_bias") else None
-                if db is not None and bias is None:
+                try:
+                    layer.apply_bias(bias)  # raises when the layer changes a bias the module lacks
+                except UnsupportedError:
                     raise UnsupportedError(f"adapter '{name}' changes a bias the base layer does not have; "
-                                           "it cannot be merged (keep it unmerged)")
+                                           "it cannot be merged (keep it unmerged)") from None
                 new_w, new_b = layer.apply(base.weight, bias)
                 base.weight.copy_(new_w.to(base.weight.dtype))
                 if bias is not None and new_b is not None:
@@ -276,9 +234,8 @@ class AdaptedModule(nn.Module):
             return out + bias.to(out.dtype).view(1, -1, *([1] * (out.ndim - 2)))
         return out + bias.to(out.dtype)
 
-    def _lora_low_rank(self, layer: LoRA, x: torch.Tensor) -> torch.Tensor:
-        """``scale * B(A(x))`` without building the dense delta."""
-        u, v = layer.factors()  # (out, r) scaled, (r, in*k)
+    def _low_rank(self, layer: Layer, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``U (V x)`` for a factored delta ``U V`` (LoRA: ``scale * B(A(x))``) without building the dense delta."""
         base = self.base_layer
         kind = base_kind(base)
         if kind == "embedding":
@@ -288,15 +245,17 @@ class AdaptedModule(nn.Module):
         u, v = u.to(x.dtype), v.to(x.dtype)
         if kind == "conv":
             nd = base.weight.ndim - 2
-            hidden = base._conv_forward(x, v.reshape(layer.rank, *base.weight.shape[1:]), None)
+            hidden = base._conv_forward(x, v.reshape(v.shape[0], *base.weight.shape[1:]), None)
             conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
             return conv(hidden, u.reshape(*u.shape, *([1] * nd)))
         return (x @ v.T) @ u.T
 
     def _contribution(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if isinstance(layer, LoRA) and layer.magnitude is None:
-            out = self._lora_low_rank(layer, x)
+        factors = layer.factors() if layer.additive and getattr(base, "groups", 1) == 1 else None
+        # low rank where that is cheaper (a LoHa's rank r^2 may not be); a grouped conv cannot run V as its conv
+        if factors is not None and factors[0].shape[1] < min(factors[0].shape[0], factors[1].shape[1]):
+            out = self._low_rank(layer, *factors, x)
             db = layer.delta_bias()
             return out if db is None else self._add_bias(out, db)
         if layer.additive:
@@ -321,21 +280,22 @@ class AdaptedModule(nn.Module):
             return base(x, *args, **kwargs)
         channel_dim = 1 if base_kind(base) == "conv" else -1
         x_in = x
-        for layer in pending:
-            if isinstance(layer, IA3) and layer.on_input:
-                x_in = x_in * _view(layer.vector, x_in, channel_dim)
+        scales = [(layer, layer.io_scales()) for layer in pending]  # IA3: feature multipliers instead of a dW
+        for _, io in scales:
+            if io is not None and io[0] is not None:
+                x_in = x_in * _view(io[0], x_in, channel_dim)
         result = base(x_in, *args, **kwargs)
         bias = getattr(base, "bias", None)
-        for layer in pending:
-            if isinstance(layer, IA3) and not layer.on_input:
-                scale = _view(layer.vector, result, channel_dim)
-                if bias is None or getattr(layer, "scale_bias", True):
+        for layer, io in scales:
+            if io is not None and io[1] is not None:
+                scale = _view(io[1], result, channel_dim)
+                if bias is None or layer.changes_bias:
                     result = result * scale
                 else:  # LyCORIS IA3 scales W only: keep the bias as it is
                     b = _view(bias, result, channel_dim)
                     result = (result - b) * scale + b
-        for layer in pending:
-            if not isinstance(layer, IA3):
+        for layer, io in scales:
+            if io is None:
                 result = result + self._contribution(layer, x).to(result.dtype)
         return result
 

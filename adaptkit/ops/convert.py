@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
-from ..core.kinds import IA3, Full, LoKr, LoRA, layer_dtype
-from ..core.kinds.base import math_shape
+from ..core.kinds import IA3, LoKr, LoRA
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
 from ..formats import check_write_options, format_module, names, peft_lokr, save
@@ -73,62 +71,6 @@ def report_frame(rows: list[LayerConversion]) -> Any:
 # ------------------------------------------------------------------------------------ kind conversion
 
 
-def _svd_lora(layer: Any, rank: int | None) -> tuple[LoRA, float, float, str]:
-    """A LoRA approximating an additive layer's delta; ``rank=None`` keeps the full numerical rank."""
-    if isinstance(layer, LoRA) and layer.mid is None and layer.magnitude is None:
-        u, v = layer.factors()
-        qu, ru = torch.linalg.qr(u)
-        qv, rv = torch.linalg.qr(v.T)
-        uu, s, vh = torch.linalg.svd(ru @ rv.T)
-        left, right = qu @ uu, (qv @ vh.T).T
-    else:
-        dm = layer.delta_math()
-        left, s, right = torch.linalg.svd(dm.reshape(dm.shape[0], -1), full_matrices=False)
-    total = float((s.double() ** 2).sum())
-    if rank is None:
-        tol = float(s.max()) * max(left.shape[0], right.shape[1]) * torch.finfo(torch.float32).eps if s.numel() else 0.0
-        r = max(1, int((s > tol).sum()))
-        method = "exact-svd"
-    else:
-        r = max(1, min(rank, s.numel()))
-        method = "svd"
-    kept = float((s[:r].double() ** 2).sum())
-    energy = kept / total if total > 0 else 1.0
-    error = max(0.0, 1.0 - energy) ** 0.5 if total > 0 else 0.0
-    sq = s[:r].sqrt()
-    up = left[:, :r] * sq
-    down = sq[:, None] * right[:r]
-    ms = math_shape(tuple(layer.shape), bool(getattr(layer, "fan_in_fan_out", False)))
-    conv = len(ms) > 2
-    dtype = _dtype(layer)
-    up_t = up.reshape(ms[0], r, *([1] * (len(ms) - 2))) if conv else up
-    down_t = down.reshape(r, *ms[1:]) if conv else down
-    mtype = getattr(layer, "module_type", "linear")
-    if mtype not in ("linear", "conv", "embedding"):
-        mtype = "conv" if conv else "linear"
-    new = LoRA(down=down_t.to(dtype).contiguous(), up=up_t.to(dtype).contiguous(), alpha=float(r), shape=tuple(layer.shape),
-               module_type=mtype, fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
-               bias=getattr(layer, "diff_b", None))  # a full layer's bias difference becomes the LoRA bias (scale 1)
-    return new, energy, error, method
-
-
-def _dtype(layer: Any) -> torch.dtype:
-    return layer_dtype(layer)
-
-
-def lora_obstacle(layer: Any) -> str | None:
-    """Why a layer cannot become a LoRA without its base weights, or ``None`` when it can."""
-    if isinstance(layer, IA3):
-        return "IA3 rescales the base weight, so its LoRA form needs the base weights (fuse it instead)"
-    if getattr(layer, "magnitude", None) is not None and not (isinstance(layer, LoRA) and layer.magnitude_axis == 0):
-        return "its DoRA magnitude depends on the base weight (fuse it instead)"
-    if isinstance(layer, Full) and (layer.module_type == "norm" or len(layer.shape) < 2):
-        return "a norm-layer difference has no low-rank form"
-    if isinstance(layer, Full) and layer.module_type == "embedding":
-        return "an embedding difference is not converted to an embedding LoRA"
-    return None
-
-
 def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
             return_report: bool = False, progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
     """Convert an adapter's layers to LoRA.
@@ -163,7 +105,7 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     unknown = [p for p in todo if p not in adapter.layers]
     if unknown:
         raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
-    blocked = {p: lora_obstacle(adapter.layers[p]) for p in todo}
+    blocked = {p: adapter.layers[p].lora_obstacle() for p in todo}
     blocked = {p: why for p, why in blocked.items() if why}
     if blocked:
         first = next(iter(blocked))
@@ -175,21 +117,13 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     rows: list[LayerConversion] = []
     for path, layer in bar(adapter.layers.items(), desc="convert", total=len(adapter.layers), unit="layer",
                            progress=progress):
-        if path not in todo or (isinstance(layer, LoRA) and layer.mid is None and (rank is None or layer.rank <= rank)):
+        if path not in todo:
             out[path] = layer
-            rows.append(LayerConversion(path, layer.kind, layer.kind, getattr(layer, "rank", None), "kept"))
+            rows.append(LayerConversion(path, layer.kind, layer.kind, layer.rank, "kept"))
             continue
-        if isinstance(layer, LoRA) and layer.mid is not None and (rank is None or layer.rank <= rank):
-            u, v = layer.factors()  # fold the Tucker core into down: exact, same rank
-            down = v.reshape(layer.rank, *layer.shape[1:]).to(layer.down.dtype)
-            out[path] = dataclasses.replace(layer, down=down, mid=None, alpha=layer.scale * layer.rank, rslora=False)
-            rows.append(LayerConversion(path, "lora", "lora", layer.rank, "kept"))
-            continue
-        new, energy, error, method = _svd_lora(layer, rank)
-        if isinstance(layer, LoRA) and layer.magnitude is not None:
-            new = dataclasses.replace(new, magnitude=layer.magnitude, magnitude_axis=layer.magnitude_axis)
+        new, energy, error, method = layer.to_lora(rank)  # kept, a Tucker core folded, or a truncated SVD
         out[path] = new
-        rows.append(LayerConversion(path, layer.kind, "lora", new.rank, method, energy, error))
+        rows.append(LayerConversion(path, layer.kind, new.kind, new.rank, method, energy, error))
     result = adapter.replace(layers=out, format=None, config={})
     return (result, report_frame(rows)) if return_report else result
 
@@ -302,9 +236,9 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if kind is not None and kind != "lora":
         raise ConfigError(f"--kind {kind} is not supported; adaptkit converts to --kind lora")
     if kind == "lora":
-        todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items() if not (
-            isinstance(l, LoRA) and l.mid is None and (rank is None or l.rank <= rank))} | todo
-    blocked = {p: why for p in todo if (why := lora_obstacle(adapter.layers[p]))}
+        todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items()
+                if not l.keeps_as_lora(rank)} | todo
+    blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(
@@ -321,14 +255,14 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if todo:
         adapter, report = convert(adapter, "lora", rank, layers=list(todo), return_report=True, progress=progress)
         # the converted layers may now mix LoRA with kinds the target holds only alone (PEFT LoKr + LoRA): convert those too
-        more = [p for p in plan(adapter, dst) if lora_obstacle(adapter.layers[p]) is None]
+        more = [p for p in plan(adapter, dst) if adapter.layers[p].lora_obstacle() is None]
         if more:
             adapter, extra = convert(adapter, "lora", rank, layers=more, return_report=True, progress=progress)
             rows = {r[MODULE]: r for r in report.to_dict("records")} | {
                 r[MODULE]: r for r in extra.to_dict("records") if r[MODULE] in more}
             report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
     else:
-        report = report_frame([LayerConversion(p, l.kind, l.kind, getattr(l, "rank", None), "kept")
+        report = report_frame([LayerConversion(p, l.kind, l.kind, l.rank, "kept")
                                for p, l in adapter.layers.items()])
     leftover = plan(adapter, dst)
     if leftover:
@@ -434,4 +368,4 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
 
 
 __all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
-           "convert_formats", "lora_obstacle", "parse_spec", "plan", "report_frame"]
+           "convert_formats", "parse_spec", "plan", "report_frame"]

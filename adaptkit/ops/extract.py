@@ -22,6 +22,7 @@ import torch
 from ..core.adapter import Adapter
 from ..core.columns import DELTA_NORM, MODULE, RELATIVE_ERROR, RETAINED_ENERGY
 from ..core.kinds import LoRA
+from ..core.linalg import split_factors, truncated_svd
 from ..core.params import (
     EMBEDDINGS,
     ENERGY,
@@ -47,56 +48,18 @@ def _is_embedding(key: str) -> bool:
     return any(e in last for e in _EMBED)
 
 
-def _spectrum(d: torch.Tensor, rank: int | None, energy: float | None, method: str, oversample: int, niter: int,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(U, S, Vh, k)`` for a 2-D float32 matrix: the top singular triplets and the chosen rank ``k``."""
-    full = min(d.shape)
-    cap = min(rank, full) if rank else full
-    total = float((d * d).sum())
-    exact = method == "exact" or (method == "auto" and (full <= 1024 or cap > full // 4))
-    if exact:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    else:
-        q = min(full, (cap if rank else 64) + oversample)
-        while True:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                u, s, v = torch.svd_lowrank(d, q=q, niter=niter)
-            vh = v.T
-            if energy is None or q >= full or float((s * s).sum()) >= energy * total:
-                break
-            q = min(full, 2 * q)
-    if energy is None:
-        k = cap
-    else:
-        cum = torch.cumsum(s.double() ** 2, 0)
-        k = int(torch.searchsorted(cum, torch.tensor(energy * total, dtype=torch.float64)).item()) + 1
-        k = max(1, min(k, cap, s.numel()))
-    return u, s, vh, min(k, s.numel())
-
-
 def _factor(key: str, d: torch.Tensor, kind: str, rank, energy, method, oversample, niter, seed, dtype):
     """A LoRA layer for one difference and its report numbers."""
     shape = tuple(d.shape)
-    if kind == "embedding":
-        mat = d.T  # math orientation (dim, num)
-    else:
-        mat = d.reshape(shape[0], -1)
-    u, s, vh, k = _spectrum(mat, rank, energy, method, oversample, niter, seed)
-    root = s[:k].sqrt()
-    up = u[:, :k] * root
-    down = root[:, None] * vh[:k]
+    mat = d.T if kind == "embedding" else d.reshape(shape[0], -1)  # the math orientation (embedding: (dim, num))
+    u, s, vh, k = truncated_svd(mat, rank, energy, method, oversample, niter, seed)
+    up, down = split_factors(u, s, vh, k)
     resid = float(torch.linalg.vector_norm(mat - up @ down))
     norm = float(torch.linalg.vector_norm(mat))
     rel = resid / norm if norm > 0 else 0.0
-    if kind == "embedding":
-        layer = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=float(k), shape=shape, module_type="embedding",
-                     fan_in_fan_out=True)
-    elif len(shape) > 2:
-        layer = LoRA(down=down.reshape(k, *shape[1:]).to(dtype), up=up.reshape(shape[0], k, *([1] * (len(shape) - 2))).to(dtype),
-                     alpha=float(k), shape=shape, module_type="conv")
-    else:
-        layer = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=float(k), shape=shape)
+    module_type = "embedding" if kind == "embedding" else ("conv" if len(shape) > 2 else "linear")
+    layer = LoRA.from_factors(up, None, down, shape=shape, module_type=module_type,
+                              fan_in_fan_out=kind == "embedding", dtype=dtype)
     return layer, {"rank": k, RETAINED_ENERGY: 1.0 - rel * rel, RELATIVE_ERROR: rel, DELTA_NORM: norm}
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds.base import math_shape
+from ..core.kinds import Layer, Replace
 from ..core.params import SHARD_SIZE, WEIGHTS, WORKERS, check_weights
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats.inputs import as_adapters
@@ -99,48 +99,40 @@ def _label(adapter: Adapter, i: int) -> str:
     return f"adapter{i}"
 
 
-def _check_fit(path: str, layer: Any, info: TensorInfo) -> None:
+def _check_fit(path: str, layer: Layer, info: TensorInfo) -> Layer:
+    """The layer fitted to its base tensor (its own check of shapes and axes), or raise naming both."""
     if info.dtype not in FLOAT_ST:
         raise UnsupportedError(f"base tensor '{info.key}' is {info.dtype}, not floating point; fuse into an unquantized base")
-    shape = getattr(layer, "shape", None)
+    shape = layer.shape
     if shape is not None and math.prod(shape) != math.prod(info.shape):
         raise ShapeMismatchError(
             f"adapter layer {path} expects a weight of shape {tuple(shape)} but base tensor '{info.key}' has "
             f"{info.shape}; the adapter was made for another model"
         )
-    if layer.kind == "ia3":
-        ms = math_shape(info.shape, layer.fan_in_fan_out) if len(info.shape) == 2 or not layer.fan_in_fan_out else info.shape
-        axis = 1 if layer.on_input else 0
-        if len(ms) <= axis or ms[axis] != layer.vector.numel():
-            raise ShapeMismatchError(
-                f"IA3 layer {path} has {layer.vector.numel()} entries but base tensor '{info.key}' has shape {info.shape}; "
-                "the adapter was made for another model"
-            )
+    try:
+        return layer.fit(tuple(info.shape))  # the base's shape where the tensors leave it open; IA3 checks its axis
+    except ShapeMismatchError as e:
+        raise ShapeMismatchError(f"adapter layer {path} does not fit base tensor '{info.key}' of shape {info.shape} "
+                                 f"({e}); the adapter was made for another model") from None
 
 
 class _WeightOps:
-    """The float32 transform of one base weight: every adapter op on it, in order.
+    """The float32 transform of one base weight: every adapter op on it, in order (``W + w * (apply(W) - W)``).
 
-    ``rows`` is set when each op acts on rows independently (LoRA without DoRA, IA3): the writer then
-    streams the tensor in row blocks and never holds it whole in float32.
+    ``rows`` is set when every op is ``rowwise`` (LoRA without DoRA, IA3): the writer then streams the tensor
+    in row blocks through each layer's ``apply_rows`` and never holds it whole in float32.
     """
 
-    def __init__(self, ops: list[tuple[Any, float]]) -> None:
+    def __init__(self, ops: list[tuple[Layer, float]]) -> None:
         self.ops = ops
-        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if all((l.kind == "lora" and l.additive) or (l.kind == "ia3" and not l.fan_in_fan_out) for l, _ in ops):
+        self._caches: dict[int, dict] = {}
+        if all(layer.rowwise for layer, _ in ops):
             self.rows = self._rows
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         for layer, weight in self.ops:
-            if layer.kind == "extra":
-                w = layer.value.to(torch.float32).reshape(w.shape).clone()
-            elif layer.kind == "lora" and layer.additive and w.ndim >= 2:
-                u, v = layer.factors()  # low-rank update in place: no m x n delta is built
-                if layer.fan_in_fan_out:
-                    w.addmm_(v.T, u.T, alpha=weight)
-                else:
-                    w.view(u.shape[0], -1).addmm_(u, v, alpha=weight)
+            if layer.rowwise and w.ndim >= 2:
+                w = layer.apply_rows(w, 0, w.shape[0], weight=weight)
             elif layer.additive:
                 w.add_(layer.delta().reshape(w.shape), alpha=weight)
             else:
@@ -150,35 +142,21 @@ class _WeightOps:
 
     def release(self) -> None:
         """Drop the cached factors once the tensor is written."""
-        self._factors.clear()
+        self._caches.clear()
 
     def _rows(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Apply the ops to rows ``r0:r1`` of the weight (``w`` holds just those rows)."""
         for i, (layer, weight) in enumerate(self.ops):
-            if layer.kind == "lora":
-                if i not in self._factors:  # computed once per tensor, reused for every block of rows
-                    self._factors[i] = layer.factors()
-                u, v = self._factors[i]
-                if layer.fan_in_fan_out:
-                    w.addmm_(v.T[r0:r1], u.T, alpha=weight)
-                else:
-                    w.view(r1 - r0, -1).addmm_(u[r0:r1], v, alpha=weight)
-            else:  # IA3: W * (1 + weight * (l - 1)) along the output (rows) or input (dim 1) axis
-                scale = 1.0 + weight * (layer.vector.to(torch.float32) - 1.0)
-                view = [1] * w.ndim
-                view[1 if layer.on_input else 0] = -1
-                w.mul_((scale if layer.on_input else scale[r0:r1]).view(view))
+            w = layer.apply_rows(w, r0, r1, weight=weight, cache=self._caches.setdefault(i, {}))
         return w
 
 
-def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
+def _bias_transform(ops: list[tuple[Layer, float]]) -> Transform:
     """The float32 transform of one base bias: each op's ``apply_bias`` (the bias half of its ``apply``), in order."""
 
     def transform(b: torch.Tensor) -> torch.Tensor:
         for layer, weight in ops:
-            if layer.kind == "extra":
-                b = layer.value.to(torch.float32).reshape(b.shape).clone()
-            elif layer.additive:  # b + w * db, as the weight gets W + w * dW
+            if layer.additive:  # b + w * db, as the weight gets W + w * dW
                 b = b + weight * layer.delta_bias().reshape(b.shape)
             else:
                 new = layer.apply_bias(b)
@@ -186,15 +164,6 @@ def _bias_transform(ops: list[tuple[Any, float]]) -> Transform:
         return b
 
     return transform
-
-
-@dataclass(frozen=True)
-class _Extra:
-    """A full replacement tensor carried by an adapter (PEFT ``modules_to_save``)."""
-
-    value: torch.Tensor
-    kind: str = "extra"
-    additive: bool = False
 
 
 def _refuse_bias_free(label: str, layers: list[tuple[str, str]]) -> None:
@@ -216,8 +185,8 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
         ``(transforms, names, kinds)``: base key -> float32 transform, and the adapter labels and kinds
         touching each key (for the plan table).
     """
-    weight_ops: dict[str, list[tuple[Any, float]]] = {}
-    bias_ops: dict[str, list[tuple[Any, float]]] = {}
+    weight_ops: dict[str, list[tuple[Layer, float]]] = {}
+    bias_ops: dict[str, list[tuple[Layer, float]]] = {}
     names: dict[str, list[str]] = {}
     kinds: dict[str, list[str]] = {}
     for i, (adapter, w) in enumerate(zip(adapters, weights)):
@@ -225,7 +194,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
         if unfuse:
             bad = sorted(p for p, layer in adapter.layers.items() if not layer.additive)
             if bad:
-                kind = "IA3 rescales" if adapter.layers[bad[0]].kind == "ia3" else "DoRA re-normalises"
+                kind = "DoRA re-normalises" if adapter.layers[bad[0]].dora else f"{adapter.layers[bad[0]].kind.upper()} rescales"
                 raise UnsupportedError(
                     f"cannot unfuse {label}: {kind} the weight ({len(bad)} layers, e.g. {bad[0]}), so it cannot be "
                     "subtracted again; keep the unfused base instead"
@@ -243,10 +212,10 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
         for path, m in matches.items():
             layer = adapter.layers[path]
             info = ws.tensors[m.weight]
-            _check_fit(path, layer, info)
+            layer = _check_fit(path, layer, info)
             weight_ops.setdefault(m.weight, []).append((layer, sign * w))
             names.setdefault(m.weight, []).append(label)
-            kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if getattr(layer, "magnitude", None) is not None else ""))
+            kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if layer.dora else ""))
             if layer.changes_bias:
                 if m.bias is None:
                     try:
@@ -272,7 +241,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                 if math.prod(value.shape) != math.prod(ws.tensors[target].shape):
                     raise ShapeMismatchError(f"extra tensor {key} of {label} has shape {tuple(value.shape)} but base "
                                              f"'{target}' has {ws.tensors[target].shape}")
-                weight_ops.setdefault(target, []).insert(0, (_Extra(value), 1.0))
+                weight_ops.setdefault(target, []).insert(0, (Replace(value), 1.0))
                 names.setdefault(target, []).append(label)
                 kinds.setdefault(target, []).append("replace")
     transforms: dict[str, Transform] = {k: _WeightOps(v) for k, v in weight_ops.items()}

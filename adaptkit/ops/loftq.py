@@ -29,6 +29,7 @@ import torch
 from ..core.adapter import Adapter
 from ..core.columns import MODULE
 from ..core.kinds import LoRA
+from ..core.linalg import split_factors
 from ..core.params import ALPHA, BITS, ITERS, RANK
 from ..errors import ConfigError, NonFiniteError, UnsupportedError
 from ..formats import peft as peft_format
@@ -68,16 +69,6 @@ class LoftQResult:
         return float(self.report["reduction"].mean()) if len(self.report) else 0.0
 
 
-def low_rank_decomposition(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` with ``L @ R`` the rank-``rank`` truncated SVD of ``weight``, singular values split as sqrt.
-
-    The same computation as PEFT's ``peft.utils.loftq_utils._low_rank_decomposition``.
-    """
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
 def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternating LoftQ on one float32 ``(out, in)`` weight (PEFT's ``loftq_init`` without bitsandbytes).
 
@@ -92,7 +83,7 @@ def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> t
         deq = dequantize(quantize(res, bits))
         if plain is None:
             plain = deq
-        left, right = low_rank_decomposition(w - deq, rank)
+        left, right = split_factors(*torch.linalg.svd(w - deq, full_matrices=False), rank)  # PEFT's _low_rank_decomposition
         if i + 1 == iters:
             break
         res = w - left @ right
@@ -198,7 +189,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
     if adapter is not None:
         layout = as_adapter(adapter)
         layout.check_finite("LoftQ (it takes the given adapter's ranks and alphas)")
-        bad = sorted(p for p, l in layout.layers.items() if not isinstance(l, LoRA) or l.module_type != "linear")
+        bad = sorted(p for p, l in layout.layers.items() if l.lora_ab() is None or l.module_type != "linear")
         if bad:
             raise ConfigError(f"LoftQ initialises LoRA on linear layers; {bad[0]} of the given adapter is not one")
         dora = layout.dora_layers()
@@ -256,9 +247,7 @@ def _run(ws: WeightSet, plan: list[TensorInfo], bits: int, iters: int, rank: int
             raise ConfigError(f"rank {r} exceeds the smaller dimension of {module} {info.shape}; lower the rank")
         left, right, deq, plain = loftq_layer(w, bits, r, iters)
         scale = a / (r**0.5 if rs else r)
-        root = scale**0.5
-        found[module] = LoRA(down=(right / root).contiguous(), up=(left / root).contiguous(), alpha=a,
-                             shape=info.shape, rslora=rs)
+        found[module] = LoRA.from_factors(left, None, right, shape=info.shape, alpha=a, rslora=rs)
         before = float((w - plain).norm())
         after = float((w - deq - left @ right).norm())
         norm = float(w.norm()) or 1.0
@@ -290,4 +279,4 @@ def _run(ws: WeightSet, plan: list[TensorInfo], bits: int, iters: int, rank: int
     return adapter, rows
 
 
-__all__ = ["NOT_LINEAR", "LoftQResult", "loftq", "loftq_layer", "low_rank_decomposition"]
+__all__ = ["NOT_LINEAR", "LoftQResult", "loftq", "loftq_layer"]

@@ -27,7 +27,7 @@ from ..core.adapter import Adapter
 from ..core.columns import MODULE, RELATIVE_ERROR, RETAINED_ENERGY
 from ..core.kinds import LoRA
 from ..core.kinds.base import layer_is_finite
-from ..core.linalg import lowrank_svd
+from ..core.linalg import lowrank_svd_parts
 from ..core.params import RANK
 from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ..formats.inputs import as_adapter
@@ -49,16 +49,16 @@ def _check_pair(trained: Adapter, initial: Adapter) -> None:
     for path, layer in trained.layers.items():
         init = initial.layers[path]
         for which, l in (("trained", layer), ("initial", init)):
-            if not isinstance(l, LoRA):
+            if l.lora_ab() is None:
                 raise UnsupportedError(
                     f"{path} of the {which} adapter is a {l.kind} layer; PiSSA/OLoRA/CorDA conversion needs LoRA layers"
                 )
-            if l.magnitude is not None:
+            if l.dora:
                 raise UnsupportedError(
                     f"{path} of the {which} adapter uses DoRA; its magnitude depends on the mutated base, so it "
                     "cannot be converted to a LoRA of the original base exactly"
                 )
-            if l.mid is not None:
+            if not l.keeps_as_lora(None):  # a LoRA-form layer with a Tucker core
                 raise UnsupportedError(f"{path} of the {which} adapter has a Tucker core; PEFT PiSSA/OLoRA have none")
         if layer.rank != init.rank:
             raise ShapeMismatchError(
@@ -89,7 +89,7 @@ def _check_pair(trained: Adapter, initial: Adapter) -> None:
 def _check_rslora_patterns(trained: Adapter) -> None:
     cfg = trained.config
     layers = trained.layers.values()
-    rslora = bool(cfg.get("use_rslora")) or any(getattr(l, "rslora", False) for l in layers)
+    rslora = bool(cfg.get("use_rslora")) or any(l.rslora for l in layers)
     patterns = bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern"))
     uneven = len({(l.rank, l.alpha) for l in layers}) > 1
     if rslora and (patterns or uneven):
@@ -121,30 +121,19 @@ def _num(x: float) -> float:
     return float(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
 
-def _lowrank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return lowrank_svd([up], [down], rank)
-
-
 def _compressed(layer: LoRA, rank: int) -> tuple[LoRA, dict[str, Any]]:
+    """The best rank-``rank`` LoRA of ``layer`` by an exact low-rank SVD, keeping the layer's scale convention."""
     u, v = layer.factors()  # float32, scale folded into u
     keep = min(rank, layer.rank, u.shape[0], v.shape[1])
-    b, a = _lowrank(u, v, keep)
-    b, a = b[:, :keep], a[:keep]
-    # ||U V||_F^2 = trace((U^T U)(V V^T)), computed at rank 2r; B = U_svd S so ||B||_F^2 is the kept energy
+    left, s, right = lowrank_svd_parts([u], [v])
+    # ||U V||_F^2 = trace((U^T U)(V V^T)), computed at rank 2r; the kept energy is that of the top singular values
     total = float(torch.trace((u.double().T @ u.double()) @ (v.double() @ v.double().T)))
-    sig = b.double().norm(dim=0)
-    kept = float((sig**2).sum())
+    kept = float((s[:keep].double() ** 2).sum())
     energy = min(kept / total, 1.0) if total > 0 else 1.0
-    root = sig.clamp_min(1e-30).sqrt().float()
-    b, a = b / root, a * root[:, None]  # split the singular values evenly between the factors
-    # keep the layer's LoRA scale convention: store factors / scale, with alpha giving the same scale at rank keep
-    scale = layer.scale
-    alpha = scale * (math.sqrt(keep) if layer.rslora else keep)
-    up = (b / scale).reshape(layer.up.shape[0], keep, *layer.up.shape[2:])
-    down = a.reshape(keep, *layer.down.shape[1:])
-    dtype = layer.up.dtype
-    new = LoRA(down=down.to(dtype), up=up.to(dtype), alpha=_num(alpha), shape=tuple(layer.shape),
-               module_type=layer.module_type, fan_in_fan_out=layer.fan_in_fan_out, rslora=layer.rslora, bias=layer.bias)
+    # the same scale at rank keep: alpha * r^-1 (or r^-1/2 with rsLoRA) stays what it was
+    alpha = layer.scale * (math.sqrt(keep) if layer.rslora else keep)
+    new = LoRA.from_factors(left, s, right, like=layer, rank=keep, alpha=_num(alpha), rslora=layer.rslora,
+                            bias=layer.bias)
     row = {"rank_exact": layer.rank, "rank": keep, RETAINED_ENERGY: energy,
            RELATIVE_ERROR: math.sqrt(max(0.0, 1.0 - energy))}
     return new, row

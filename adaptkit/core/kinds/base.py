@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from .dora import dora_apply
+from ...errors import FormatError, ShapeMismatchError
 
 MODULE_TYPES = ("linear", "conv", "embedding")
 
 
-def tensor_fields(layer: Any) -> dict[str, torch.Tensor]:
+def tensor_fields(layer: Layer) -> dict[str, torch.Tensor]:
     """Return the named tensors of a layer dataclass (fields holding a tensor, ``None`` skipped)."""
     out = {}
     for f in dataclasses.fields(layer):
@@ -64,8 +64,6 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
         FormatError: a tensor that is not floating point, or an empty one; the message names it.
         ShapeMismatchError: a factor of the wrong number of dimensions; the message names it and its shape.
     """
-    from ...errors import FormatError, ShapeMismatchError
-
     def name(part: str) -> str:
         return (names or {}).get(part, part)
 
@@ -103,19 +101,19 @@ def check_factors(parts: dict[str, torch.Tensor], names: dict[str, str] | None =
                 )
 
 
-def layer_dtype(layer: Any) -> torch.dtype:
+def layer_dtype(layer: Layer) -> torch.dtype:
     """The dtype of a layer's largest tensor (the dtype its file stores it in)."""
     tensors = tensor_fields(layer)
     biggest = max(tensors.values(), key=lambda t: t.numel())
     return biggest.dtype
 
 
-def layer_numel(layer: Any) -> int:
+def layer_numel(layer: Layer) -> int:
     """Number of stored elements of a layer."""
     return sum(t.numel() for t in tensor_fields(layer).values())
 
 
-def layer_nbytes(layer: Any) -> int:
+def layer_nbytes(layer: Layer) -> int:
     """Number of stored bytes of a layer."""
     return sum(t.numel() * t.element_size() for t in tensor_fields(layer).values())
 
@@ -124,7 +122,7 @@ def layer_nbytes(layer: Any) -> int:
 SCALAR_FIELDS = ("alpha", "scale")
 
 
-def nonfinite_fields(layer: Any) -> list[str]:
+def nonfinite_fields(layer: Layer) -> list[str]:
     """The fields of a layer that hold NaN or Inf: floating tensors, and the scalars ``alpha`` and ``scale``.
 
     This is adaptkit's one finiteness rule: every check (``Adapter.is_finite``, status tables, inject, fuse,
@@ -140,26 +138,24 @@ def nonfinite_fields(layer: Any) -> list[str]:
     return bad
 
 
-def layer_is_finite(layer: Any) -> bool:
+def layer_is_finite(layer: Layer) -> bool:
     """True when no tensor of the layer holds NaN or Inf and its alpha and scale are finite numbers."""
     return not nonfinite_fields(layer)
 
 
-def check_floating(layer: Any) -> None:
+def check_floating(layer: Layer) -> None:
     """Refuse a layer built from tensors that are not floating point (a backstop for layers built in code).
 
     Raises:
         FormatError: naming the field and its dtype.
     """
-    from ...errors import FormatError
-
     for name, t in tensor_fields(layer).items():
         if not t.is_floating_point():
             raise FormatError(f"{layer.kind} tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, but adapter "
                               "tensors are floating point; convert it with .float() first")
 
 
-def cast_layer(layer: Any, dtype: torch.dtype) -> Any:
+def cast_layer(layer: Layer, dtype: torch.dtype) -> Layer:
     """Return a copy of the layer with every floating tensor cast to ``dtype``."""
     changes = {k: v.to(dtype) for k, v in tensor_fields(layer).items() if v.is_floating_point()}
     return dataclasses.replace(layer, **changes)
@@ -194,7 +190,7 @@ def _shape_text(shape: Any) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def layer_repr(layer: Any) -> str:
+def layer_repr(layer: Layer) -> str:
     """A layer in one line: kind, weight shape, rank, alpha and scale, dtype, other settings, tensor shapes.
 
     ``LoRA(shape=(64, 96), rank=8, alpha=8, scale=1, dtype=float32; down (8, 96), up (64, 8))``. Fields at
@@ -227,68 +223,108 @@ class LayerRepr:
         return layer_repr(self)
 
 
-class DeltaMixin(LayerRepr):
-    """``delta``/``apply``/``unapply`` for kinds that build a delta (LoRA, LoHa, LoKr, Full).
+@runtime_checkable
+class Layer(Protocol):
+    """The contract every adapter kind implements (the builtin kinds, and any added with ``register_kind``).
 
-    The class provides ``delta_math()`` and ``fan_in_fan_out``; ``magnitude``/``magnitude_axis`` (DoRA)
-    and ``delta_bias()`` are optional. Without a magnitude the kind is additive: ``W + delta``.
+    A kind is a frozen dataclass of tensors plus scalar settings. Operations (fuse, merge, convert, status,
+    analysis, inject) use only these members, never the kind's name or class, so a new kind works everywhere
+    once it implements them. :class:`~adaptkit.core.kinds.common.KindBase` and
+    :class:`~adaptkit.core.kinds.common.DeltaMixin` give most of them from ``delta_math()`` and ``factors()``.
+
+    Attributes:
+        kind: the kind's name in :data:`~adaptkit.core.kinds.KINDS`.
+        shape: the adapted module's weight shape (module orientation), or ``None`` when the tensors leave it open.
+        rank / alpha: the nominal rank and alpha (``None`` for kinds without them); ``scale`` multiplies the update.
+        fan_in_fan_out: the module stores the transpose of the math orientation (``Conv1D``, embeddings).
+        module_type: ``"linear"``, ``"conv"``, ``"embedding"`` or ``"norm"``.
+        additive: ``apply(W)`` is ``W + delta()`` (so the layer can be summed, subtracted, unfused).
+        has_delta: a base-free ``delta()`` exists (False for multiplicative kinds such as IA3).
+        changes_bias: ``apply`` changes the module bias.
+        rowwise: ``apply_rows`` is available (each output row depends only on the same rows of ``W``).
+        dora: the layer re-normalises the weight by a magnitude vector (DoRA / LyCORIS ``dora_scale``).
     """
 
+    kind: ClassVar[str]
+    shape: tuple[int, ...] | None
+    fan_in_fan_out: bool
+    module_type: str
+
     @property
-    def additive(self) -> bool:
-        """False when a DoRA magnitude is present (the effect then depends on the base weight)."""
-        return getattr(self, "magnitude", None) is None
+    def rank(self) -> int | None: ...
+    @property
+    def alpha(self) -> float | None: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def additive(self) -> bool: ...
+    @property
+    def has_delta(self) -> bool: ...
+    @property
+    def changes_bias(self) -> bool: ...
+    @property
+    def rowwise(self) -> bool: ...
+    @property
+    def dora(self) -> bool: ...
 
     def delta(self) -> torch.Tensor:
-        """Float32 delta in the module orientation (PEFT's ``get_delta_weight``)."""
-        d = self.delta_math()
-        return d.T if self.fan_in_fan_out else d
-
+        """Float32 weight change in the module orientation (raises ``UnsupportedError`` without ``has_delta``)."""
+    def delta_matrix(self) -> torch.Tensor:
+        """Float32 weight change in the math orientation flattened to ``(out, in * prod(kernel))``."""
     def delta_bias(self) -> torch.Tensor | None:
-        """Change of the module bias, float32, or ``None``."""
-        return None
-
+        """Float32 change of the module bias, or ``None``."""
     def apply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return the fused ``(weight, bias)`` in float32 for a module weight of ``self.shape``."""
-        dm = self.delta_math()
-        w = weight.to(torch.float32)
-        w_math = (w.T if self.fan_in_fan_out else w).reshape(dm.shape)
-        magnitude = getattr(self, "magnitude", None)
-        if magnitude is None:
-            fused = w_math + dm
-        else:
-            fused = dora_apply(w_math, dm, magnitude, self.magnitude_axis)
-        fused = (fused.T if self.fan_in_fan_out else fused).reshape(weight.shape)
-        return fused, self.apply_bias(bias)
-
-    @property
-    def changes_bias(self) -> bool:
-        """True when the layer changes the module's bias (PEFT ``lora_B.bias``, LyCORIS ``diff_b``)."""
-        return self.delta_bias() is not None
-
+        """The adapted ``(weight, bias)`` in float32."""
     def apply_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """The module bias after :meth:`apply`: ``b + delta_bias()`` in float32.
-
-        Raises:
-            UnsupportedError: the layer changes the bias and the module has none (``bias`` is ``None``).
-        """
-        db = self.delta_bias()
-        if bias is None:
-            if db is not None:
-                from ...errors import UnsupportedError
-
-                raise UnsupportedError("this adapter layer changes the bias but the base module has none")
-            return None
-        new_b = bias.to(torch.float32)
-        return new_b if db is None else new_b + db.reshape(new_b.shape)
-
+        """The bias half of :meth:`apply` (raises ``UnsupportedError`` when it changes a bias that is ``None``)."""
     def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inverse of :meth:`apply` for additive layers: subtract the delta again."""
-        if not self.additive:
-            raise ValueError("DoRA cannot be unfused without the original base weight")
-        new_w = weight.to(torch.float32) - self.delta().reshape(weight.shape)
-        new_b = None if bias is None else bias.to(torch.float32)
-        db = self.delta_bias()
-        if db is not None and new_b is not None:
-            new_b = new_b - db.reshape(new_b.shape)
-        return new_w, new_b
+        """The inverse of :meth:`apply` (additive kinds only; others raise)."""
+    def apply_rows(self, rows: torch.Tensor, r0: int, r1: int, *, weight: float = 1.0,
+                   cache: dict | None = None) -> torch.Tensor:
+        """``rows`` (float32 rows ``r0:r1`` of the module weight) after ``W + weight * (apply(W) - W)``; may work in place.
+
+        ``cache`` is a dict the caller keeps for one tensor, where the layer may keep prepared factors between
+        row blocks. Only for ``rowwise`` layers.
+        """
+    def io_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """``(input multiplier, output multiplier)`` for kinds that scale features instead of changing ``W`` (IA3)."""
+    def fit(self, shape: tuple[int, ...], module: str | None = None) -> Layer:
+        """The layer made to fit a module weight of ``shape``; ``module`` is the live module's kind
+        (``"linear"``, ``"conv"``, ``"conv1d"``, ``"embedding"``) or ``None`` when only the shape is known."""
+    def fro_norm(self) -> float:
+        """``||delta||_F`` (NaN without ``has_delta``); low-rank kinds use ``r x r`` Gram matrices."""
+    def inner(self, other: Layer) -> float:
+        """``<delta, other.delta>_F`` (NaN when either has no delta or the shapes differ)."""
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(U, V)`` with ``U @ V == delta_matrix()`` where the kind is low rank, else ``None``."""
+    def lora_ab(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored, unscaled LoRA ``(B (out, r), A (r, in * k))`` (PEFT's factor-wise merges), else ``None``."""
+    def spectrum(self) -> tuple[torch.Tensor, str]:
+        """Singular values of ``delta_matrix()`` (float64, descending) and how they were computed."""
+    def sparsity(self) -> float:
+        """Fraction of the entries of ``delta_matrix()`` that are exactly zero."""
+    def update_vector(self) -> torch.Tensor | None:
+        """For kinds without a delta: the vector their update is compared by (IA3: ``l - 1``), else ``None``."""
+    def note(self) -> str:
+        """A one-line description for analysis tables of what the statistics describe (may be empty)."""
+    def keeps_as_lora(self, rank: int | None) -> bool:
+        """True when :meth:`to_lora` would keep the layer as it is (a plain LoRA of rank at most ``rank``)."""
+    def lora_obstacle(self) -> str | None:
+        """Why the layer has no LoRA form without the base weights, or ``None``."""
+    def to_lora(self, rank: int | None) -> tuple[Layer, float, float, str]:
+        """``(lora, retained_energy, relative_error, method)``: the layer as a LoRA of ``rank`` (``None``: exact)."""
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors by name (``None`` fields left out)."""
+    def settings(self) -> dict[str, Any]:
+        """The layer's scalar settings (every non-tensor field but ``shape``)."""
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], *, shape: tuple[int, ...] | None,
+                   settings: dict[str, Any]) -> Layer:
+        """Rebuild a layer from :meth:`parts`, its shape and :meth:`settings`."""
+    @classmethod
+    def weighted_sum(cls, layers: list[Layer], weights: list[float]) -> Layer:
+        """A merge in the kind's own parameters (IA3's weighted vector sum); kinds with a delta raise."""
+    def cast(self, dtype: torch.dtype) -> Layer:
+        """A copy with every floating tensor cast to ``dtype``."""
+    def nonfinite_fields(self) -> list[str]:
+        """Fields holding NaN or Inf (tensors, ``alpha``, ``scale``)."""

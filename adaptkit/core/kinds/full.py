@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32
+from .base import Layer, check_floating, f32
+from .common import DeltaMixin
+from .lora import LoRA, dense_to_lora
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -32,6 +35,7 @@ class Full(DeltaMixin):
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
+    any_module: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_floating(self)
@@ -45,3 +49,19 @@ class Full(DeltaMixin):
     def delta_bias(self) -> torch.Tensor | None:
         """The bias difference in float32, or ``None``."""
         return None if self.diff_b is None else f32(self.diff_b)
+
+    def _transposed(self, shape: tuple[int, ...]) -> Layer:
+        """A dense difference for the transposed weight is the transposed difference."""
+        return dataclasses.replace(self, diff=self.diff.T, shape=shape)
+
+    def lora_obstacle(self) -> str | None:
+        """Norm-layer and embedding differences are not turned into LoRA."""
+        if self.module_type == "norm" or len(self.shape) < 2:
+            return "a norm-layer difference has no low-rank form"
+        if self.module_type == "embedding":
+            return "an embedding difference is not converted to an embedding LoRA"
+        return None
+
+    def to_lora(self, rank: int | None) -> tuple[LoRA, float, float, str]:
+        """A truncated SVD of the difference; ``diff_b`` becomes the LoRA bias (scale 1)."""
+        return dense_to_lora(self, rank)

@@ -7,17 +7,19 @@ IA3 is multiplicative, so it has no base-free delta: use :meth:`IA3.apply`. PEFT
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ...errors import ShapeMismatchError, UnsupportedError
-from .base import LayerRepr, check_floating, f32, math_shape
+from .base import Layer, check_floating, f32, layer_dtype, math_shape
+from .common import KindBase, conv_or_linear
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class IA3(LayerRepr):
+class IA3(KindBase):
     """One IA3 layer.
 
     Args:
@@ -38,6 +40,8 @@ class IA3(LayerRepr):
 
     kind: ClassVar[str] = "ia3"
     additive: ClassVar[bool] = False
+    has_delta: ClassVar[bool] = False
+    dora: ClassVar[bool] = False
     rank: ClassVar[None] = None
     alpha: ClassVar[None] = None
     scale: ClassVar[float] = 1.0
@@ -94,3 +98,84 @@ class IA3(LayerRepr):
     def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """IA3 cannot be unfused reliably (a zero multiplier loses the weight); always raises."""
         raise UnsupportedError("IA3 rescales the weight and cannot be subtracted again; fuse into a copy instead")
+
+    @property
+    def rowwise(self) -> bool:
+        """Row blocks of the module weight can be rescaled independently (not for a transposed ``Conv1D`` weight)."""
+        return not self.fan_in_fan_out
+
+    def apply_rows(self, rows: torch.Tensor, r0: int, r1: int, *, weight: float = 1.0,
+                   cache: dict | None = None) -> torch.Tensor:
+        """Rows ``r0:r1`` times ``1 + weight * (l - 1)`` along the output (rows) or input (dim 1) axis, in place."""
+        scale = 1.0 + weight * (f32(self.vector) - 1.0)
+        view = [1] * rows.ndim
+        view[1 if self.on_input else 0] = -1
+        return rows.mul_((scale if self.on_input else scale[r0:r1]).view(view))
+
+    def io_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(l, None)`` when scaling the inputs, ``(None, l)`` when scaling the outputs."""
+        return (self.vector, None) if self.on_input else (None, self.vector)
+
+    def delta_matrix(self) -> torch.Tensor:
+        """IA3 has no base-free delta; always raises :class:`UnsupportedError`."""
+        return self.delta()
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """IA3 has no base-free bias change; always raises :class:`UnsupportedError`."""
+        return self.delta()
+
+    def fit(self, shape: tuple[int, ...], module: str | None = None) -> Layer:
+        """Take the module's weight shape (IA3 stores none) and, for a live module, its orientation and side.
+
+        Raises:
+            ShapeMismatchError: (``module`` given) another weight shape is recorded, the module is an embedding,
+                or the vector fits neither side.
+        """
+        w_shape = tuple(int(s) for s in shape)
+        if module is None:
+            return dataclasses.replace(self, shape=w_shape, module_type=conv_or_linear(w_shape)) if w_shape else self
+        if self.shape is not None and tuple(self.shape) != w_shape:
+            raise ShapeMismatchError(f"IA3 layer for weight {tuple(self.shape)} does not fit weight {w_shape}")
+        if module == "embedding":
+            raise ShapeMismatchError("IA3 cannot adapt an embedding")
+        on_input = self.on_input
+        if module == "conv" and not on_input and self.vector.numel() != w_shape[0] and self.vector.numel() == w_shape[1]:
+            on_input = True  # a raw PEFT conv vector (1, C, 1, 1) does not say which side it scales
+        return dataclasses.replace(self, shape=w_shape, fan_in_fan_out=module == "conv1d", on_input=on_input,
+                                   module_type="conv" if module == "conv" else "linear")
+
+    def update_vector(self) -> torch.Tensor:
+        """``l - 1`` in float64: the change IA3 makes, relative to leaving the features as they are."""
+        return self.vector.double() - 1
+
+    def note(self) -> str:
+        """The side it scales and the statistics of the multiplier (IA3 rows carry no delta statistics)."""
+        v = self.vector.double()
+        side = "input" if self.on_input else "output"
+        return (f"IA3 ({side} scaling): no base-free dW; multiplier l: mean {float(v.mean()):.4g}, "
+                f"min {float(v.min()):.4g}, max {float(v.max()):.4g}, ||l-1|| {float(torch.linalg.vector_norm(v - 1)):.4g}")
+
+    def lora_obstacle(self) -> str:
+        """IA3 is multiplicative: its LoRA form needs the base weights."""
+        return "IA3 rescales the base weight, so its LoRA form needs the base weights (fuse it instead)"
+
+    def to_lora(self, rank: int | None) -> tuple[Layer, float, float, str]:
+        """Always raises :class:`UnsupportedError` (see :meth:`lora_obstacle`)."""
+        raise UnsupportedError(f"an IA3 layer cannot become LoRA: {self.lora_obstacle()}")
+
+    @classmethod
+    def weighted_sum(cls, layers: list[Layer], weights: list[float]) -> IA3:
+        """PEFT's IA3 merge: the weighted sum of the vectors (the layers scale the same side of one module).
+
+        Raises:
+            ShapeMismatchError: the layers scale different sides, or their vectors differ in length.
+        """
+        first = layers[0]
+        if len({layer.on_input for layer in layers}) > 1:
+            raise ShapeMismatchError("the layers scale inputs in one adapter and outputs in another "
+                                     "(feedforward_modules differ); such IA3 vectors cannot be summed")
+        if len({layer.vector.numel() for layer in layers}) > 1:
+            raise ShapeMismatchError("the IA3 vectors have different lengths; the adapters are for different models")
+        vector = sum(w * f32(layer.vector) for layer, w in zip(layers, weights)).to(layer_dtype(first))
+        return cls(vector=vector, on_input=first.on_input, shape=first.shape, module_type=first.module_type,
+                   fan_in_fan_out=first.fan_in_fan_out)

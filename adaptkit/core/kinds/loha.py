@@ -13,7 +13,9 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .base import check_floating, f32, math_shape
+from .common import DeltaMixin
+from .lora import LoRA, dense_to_lora
 
 
 def _rebuild(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -40,6 +42,7 @@ class LoHa(DeltaMixin):
     magnitude_axis: int = 0
 
     kind: ClassVar[str] = "loha"
+    reshapes_to_module: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_floating(self)
@@ -77,3 +80,25 @@ class LoHa(DeltaMixin):
         """Float32 delta in the math orientation."""
         w = _rebuild(self.w1a, self.w1b, self.t1) * _rebuild(self.w2a, self.w2b, self.t2) * self.scale
         return w.reshape(math_shape(tuple(self.shape), self.fan_in_fan_out))
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Without Tucker cores ``(A_1 B_1) * (A_2 B_2) = U V`` exactly, at rank ``r^2``: ``U`` the row-wise
+        Kronecker product of ``A_1, A_2`` (scale folded in) and ``V`` the column-wise Khatri-Rao product of
+        ``B_1, B_2``. ``None`` with Tucker cores."""
+        if self.t1 is not None:
+            return None
+        a1, b1 = self.w1a.to(dtype), self.w1b.to(dtype).reshape(self.w1b.shape[0], -1)
+        a2, b2 = self.w2a.to(dtype), self.w2b.to(dtype).reshape(self.w2b.shape[0], -1)
+        m, n = a1.shape[0], b1.shape[1]
+        if (m, n) != (self._delta_rows(), math.prod(self.shape) // self._delta_rows()):
+            return None
+        u = (a1[:, :, None] * a2[:, None, :]).reshape(m, -1) * self.scale  # row-wise Kronecker product
+        v = (b1[:, None, :] * b2[None, :, :]).reshape(-1, n)  # column-wise Khatri-Rao product
+        return u, v
+
+    def _delta_rows(self) -> int:
+        return math_shape(tuple(self.shape), self.fan_in_fan_out)[0]
+
+    def to_lora(self, rank: int | None) -> tuple[LoRA, float, float, str]:
+        """A truncated SVD of the dense delta (see :func:`~adaptkit.core.kinds.lora.dense_to_lora`)."""
+        return dense_to_lora(self, rank)

@@ -13,7 +13,9 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import DeltaMixin, check_floating, f32, math_shape
+from .base import check_floating, f32, math_shape
+from .common import DeltaMixin
+from .lora import LoRA, dense_to_lora
 
 
 def _factor(w: torch.Tensor | None, wa: torch.Tensor | None, wb: torch.Tensor | None, t: torch.Tensor | None = None):
@@ -46,6 +48,7 @@ class LoKr(DeltaMixin):
     magnitude_axis: int = 0
 
     kind: ClassVar[str] = "lokr"
+    reshapes_to_module: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_floating(self)
@@ -96,3 +99,36 @@ class LoKr(DeltaMixin):
             w1 = w1.unsqueeze(-1)
         w = torch.kron(w1, w2) * self.scale
         return w.reshape(math_shape(tuple(self.shape), self.fan_in_fan_out))
+
+    def to_lora(self, rank: int | None) -> tuple[LoRA, float, float, str]:
+        """A truncated SVD of the dense delta (see :func:`~adaptkit.core.kinds.lora.dense_to_lora`)."""
+        return dense_to_lora(self, rank)
+
+    def _kron_2d(self) -> bool:
+        """True when the delta is exactly ``scale * kron(W_1, W_2)`` of two matrices (no reshape, no Tucker core)."""
+        if self.t2 is not None or len(self.w2_shape) != 2:
+            return False
+        (a, c), (b, d) = self.w1_shape, self.w2_shape
+        return math_shape(tuple(self.shape), self.fan_in_fan_out) == (a * b, c * d)
+
+    def _kron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = self.w1.double() if self.w1 is not None else self.w1a.double() @ self.w1b.double()
+        w2 = self.w2.double() if self.w2 is not None else self.w2a.double() @ self.w2b.double()
+        return w1, w2
+
+    def spectrum(self) -> tuple[torch.Tensor, str]:
+        """The singular values of ``kron(W_1, W_2)`` are the products of those of ``W_1`` and ``W_2``."""
+        if not self._kron_2d():
+            return super().spectrum()
+        w1, w2 = self._kron_factors()
+        s1, s2 = torch.linalg.svdvals(w1).double(), torch.linalg.svdvals(w2).double()
+        return torch.sort(torch.outer(s1, s2).flatten() * abs(self.scale), descending=True).values, "kron"
+
+    def sparsity(self) -> float:
+        """A Kronecker entry is zero when either factor entry is (counted without building the delta)."""
+        if not self._kron_2d():
+            return super().sparsity()
+        if self.scale == 0:
+            return 1.0
+        w1, w2 = self._kron_factors()
+        return 1.0 - (int((w1 != 0).sum()) / w1.numel()) * (int((w2 != 0).sum()) / w2.numel())

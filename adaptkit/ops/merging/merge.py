@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ...core.adapter import Adapter
-from ...core.kinds import IA3, LoRA, layer_dtype
-from ...core.kinds.base import f32, math_shape
+from ...core.kinds import Layer, LoRA, layer_dtype
+from ...core.kinds.base import MODULE_TYPES
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
@@ -91,15 +91,15 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         a.check_finite("merge")
     w = check_weights(weights, len(loaded))
     base = _check_base_models(loaded)
-    kinds = set().union(*(a.kinds for a in loaded))
+    every = [layer for a in loaded for layer in a.layers.values()]
     _refuse_dora(loaded)
-    all_lora = kinds == {"lora"}
+    all_lora = bool(every) and all(layer.lora_ab() is not None for layer in every)
     # PEFT's add_weighted_adapter merges a single adapter with "linear", whatever was asked
     used = METHODS["linear"] if requested.peft and len(loaded) == 1 and all_lora else requested
     if used.random and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    if "ia3" in kinds:
-        layers = _merge_ia3(loaded, w, requested, progress)
+    if any(not layer.has_delta for layer in every):  # IA3: merged in its own parameters
+        layers = _merge_own(loaded, w, requested, progress)
         out_rank = None
     else:
         out_rank = _resolve_rank(used, rank, loaded, all_lora)
@@ -251,17 +251,16 @@ def _merge_extras(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
     return extras
 
 
-def _layer_entries(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[int, Any, float]]]:
+def _layer_entries(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[int, Layer, float]]]:
     """path -> [(adapter index, layer, weight)], checking the shapes agree."""
-    entries: dict[str, list[tuple[int, Any, float]]] = {}
+    entries: dict[str, list[tuple[int, Layer, float]]] = {}
     for i, a in enumerate(adapters):
         for path, layer in a.layers.items():
             entries.setdefault(path, []).append((i, layer, weights[i]))
     for path, items in entries.items():
         i0, l0, _ = items[0]
         for i, layer, _ in items[1:]:
-            same = (tuple(layer.shape or ()) == tuple(l0.shape or ()) and getattr(layer, "fan_in_fan_out", False)
-                    == getattr(l0, "fan_in_fan_out", False))
+            same = tuple(layer.shape or ()) == tuple(l0.shape or ()) and layer.fan_in_fan_out == l0.fan_in_fan_out
             if not same:
                 raise ShapeMismatchError(
                     f"{path} has shape {tuple(l0.shape or ())} in adapter {i0 + 1} but {tuple(layer.shape or ())} in "
@@ -287,8 +286,10 @@ def _finite(path: str, *tensors: torch.Tensor | None) -> None:
 # ------------------------------------------------------------------------------------------ IA3
 
 
-def _merge_ia3(adapters: list[Adapter], weights: list[float], m: Method, progress: bool | None) -> dict[str, IA3]:
-    if any(a.kinds != {"ia3"} for a in adapters):
+def _merge_own(adapters: list[Adapter], weights: list[float], m: Method, progress: bool | None) -> dict[str, Layer]:
+    """Kinds without a delta (IA3) merge in their own parameters: the kind's ``weighted_sum`` (PEFT's linear)."""
+    classes = {type(layer) for a in adapters for layer in a.layers.values()}
+    if len(classes) > 1:
         raise UnsupportedError(
             "IA3 rescales weights while LoRA/LoHa/LoKr add to them, so they cannot be merged into one adapter; "
             "merge IA3 adapters only with each other"
@@ -298,22 +299,17 @@ def _merge_ia3(adapters: list[Adapter], weights: list[float], m: Method, progres
             f"IA3 adapters merge only with method='linear' (the weighted sum of their vectors, as PEFT does); "
             f"'{m.name}' is undefined for IA3"
         )
-    out: dict[str, IA3] = {}
+    (cls,) = classes
+    out: dict[str, Layer] = {}
     entries = _layer_entries(adapters, weights)
-    for path, items in bar(entries.items(), total=len(entries), desc="merge (ia3)", unit="layer", progress=progress):
-        first: IA3 = items[0][1]
-        if len({layer.on_input for _, layer, _ in items}) > 1:
-            raise ShapeMismatchError(
-                f"{path} scales inputs in one adapter and outputs in another (feedforward_modules differ); "
-                "such IA3 vectors cannot be summed"
-            )
-        if len({layer.vector.numel() for _, layer, _ in items}) > 1:
-            raise ShapeMismatchError(f"{path} has IA3 vectors of different lengths; the adapters are for different models")
-        vector = sum(w * f32(layer.vector) for _, layer, w in items)
-        vector = vector.to(layer_dtype(first))
-        _finite(path, vector)
-        out[path] = IA3(vector=vector, on_input=first.on_input, shape=first.shape, module_type=first.module_type,
-                        fan_in_fan_out=first.fan_in_fan_out)
+    for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({cls.kind})", unit="layer",
+                           progress=progress):
+        try:
+            merged = cls.weighted_sum([layer for _, layer, _ in items], [w for _, _, w in items])
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(f"{path}: {e}") from None
+        _finite(path, *merged.parts().values())
+        out[path] = merged
     return out
 
 
@@ -330,14 +326,14 @@ def _merge_loras(adapters: list[Adapter], weights: list[float], opts: _Options,
     return out
 
 
-def _merge_layer(path: str, items: list[tuple[int, Any, float]], opts: _Options) -> LoRA:
+def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Options) -> LoRA:
     m = opts.method
     layers = [layer for _, layer, _ in items]
     weights = [w for _, _, w in items]
     template = layers[0]
     if len(template.shape) < 2:
         raise UnsupportedError(f"{path} is a {template.kind} layer of a 1-D parameter; merging into LoRA needs a matrix")
-    loras = all(layer.kind == "lora" for layer in layers)
+    loras = all(layer.lora_ab() is not None for layer in layers)  # stored as LoRA B/A factors
     gen = _layer_generator(opts.seed, path) if m.random and opts.seed is not None else None
     if m.operand == "factors":
         if not loras:
@@ -352,9 +348,9 @@ def _merge_layer(path: str, items: list[tuple[int, Any, float]], opts: _Options)
                                    "pass a rank, or use 'svd'")
         ups, downs = [], []
         for layer, w in zip(layers, weights):
-            v = _down2d(layer)  # PEFT's cat puts weight * scale on A, B stays as stored
-            ups.append(_up2d(layer))
-            downs.append(v * (w * layer.scale))
+            b, a = layer.lora_ab()  # PEFT's cat puts weight * scale on A, B stays as stored
+            ups.append(b)
+            downs.append(a * (w * layer.scale))
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
     elif m.operand == "lowrank":  # svd / task arithmetic with a rank
         if loras:
@@ -365,32 +361,17 @@ def _merge_layer(path: str, items: list[tuple[int, Any, float]], opts: _Options)
                 downs.append(v)
             up, down = lowrank_svd(ups, downs, opts.rank)
         else:
-            total = sum(w * _delta2d(layer) for layer, w in zip(layers, weights))
+            total = sum(w * layer.delta_matrix() for layer, w in zip(layers, weights))
             up, down = dense_svd(total, opts.rank)
     else:  # element-wise work on dense deltas, then SVD
-        deltas = [_delta2d(layer) for layer in layers]
+        deltas = [layer.delta_matrix() for layer in layers]
         combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen)
         up, down = dense_svd(combined, opts.rank)
     return _lora_like(path, template, up, down, _bias(layers, weights))
 
 
-def _kinds(layers: list[Any]) -> str:
+def _kinds(layers: list[Layer]) -> str:
     return "/".join(sorted({layer.kind for layer in layers}))
-
-
-def _up2d(layer: LoRA) -> torch.Tensor:
-    """``B`` as stored (unscaled), float32, ``(out, r)``."""
-    return f32(layer.up).reshape(layer.up.shape[0], layer.rank)
-
-
-def _down2d(layer: LoRA) -> torch.Tensor:
-    """``A`` float32 ``(r, in * k)``, a Tucker core folded in."""
-    return f32(layer.down).reshape(layer.rank, -1) if layer.mid is None else layer.factors()[1]
-
-
-def _delta2d(layer: Any) -> torch.Tensor:
-    d = layer.delta_math()
-    return d.reshape(d.shape[0], -1)
 
 
 def _factorwise(path: str, layers: list[LoRA], weights: list[float], opts: _Options,
@@ -408,14 +389,15 @@ def _factorwise(path: str, layers: list[LoRA], weights: list[float], opts: _Opti
         root = math.sqrt(abs(ws))
         wa.append(root if ws >= 0 else -root)  # the sign goes on A only
         wb.append(root)
-        downs.append(_down2d(layer))
-        ups.append(_up2d(layer))
+        b, a = layer.lora_ab()
+        downs.append(a)
+        ups.append(b)
     down = combine(downs, torch.tensor(wa), opts.method, opts.density, opts.majority_sign, gen)
     up = combine(ups, torch.tensor(wb), opts.method, opts.density, opts.majority_sign, gen)
     return up, down
 
 
-def _bias(layers: list[Any], weights: list[float]) -> torch.Tensor | None:
+def _bias(layers: list[Layer], weights: list[float]) -> torch.Tensor | None:
     """Weighted sum of the scaled LoRA biases (``lora_B.bias``), or ``None`` when no input has one."""
     biases = [(layer.delta_bias(), w) for layer, w in zip(layers, weights)]
     if all(b is None for b, _ in biases):
@@ -423,23 +405,14 @@ def _bias(layers: list[Any], weights: list[float]) -> torch.Tensor | None:
     return sum(w * b for b, w in biases if b is not None)
 
 
-def _lora_like(path: str, template: Any, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> LoRA:
+def _lora_like(path: str, template: Layer, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> LoRA:
     """A scale-1 LoRA (``alpha == rank``) shaped for ``template``'s module, in its dtype."""
+    if template.module_type not in MODULE_TYPES:
+        raise UnsupportedError(f"{path} is a {template.module_type} layer, which has no LoRA form; leave it out of the merge")
     dtype = layer_dtype(template)
-    fan = bool(getattr(template, "fan_in_fan_out", False))
-    module_type = getattr(template, "module_type", "linear")
-    if module_type not in ("linear", "conv", "embedding"):
-        raise UnsupportedError(f"{path} is a {module_type} layer, which has no LoRA form; leave it out of the merge")
-    shape = tuple(template.shape)
-    ms = math_shape(shape, fan)
-    r = down.shape[0]
-    up_t = up.reshape(ms[0], r, *([1] * (len(ms) - 2))) if module_type == "conv" else up
-    down_t = down.reshape(r, *ms[1:])
-    up_t, down_t = up_t.to(dtype).contiguous(), down_t.to(dtype).contiguous()
-    bias_t = None if bias is None else bias.to(dtype)
-    _finite(path, up_t, down_t, bias_t)
-    return LoRA(down=down_t, up=up_t, alpha=float(r), shape=shape, module_type=module_type, fan_in_fan_out=fan,
-                bias=bias_t)
+    new = LoRA.from_factors(up, None, down, like=template, bias=None if bias is None else bias.to(dtype))
+    _finite(path, *new.parts().values())
+    return new
 
 
 __all__ = ["PROVENANCE_KEY", "merge", "merge_to"]
