@@ -14,7 +14,8 @@ from ._version import __version__
 
 #: public name -> the module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(["IA3", "KINDS", "Full", "LoHa", "LoKr", "LoRA", "register_kind"], ".core.kinds"),
+    **dict.fromkeys(["IA3", "KINDS", "Full", "LoHa", "LoKr", "LoRA"], ".core.kinds"),
+    **dict.fromkeys(["register_format", "register_kind", "register_peft_names"], ".registry"),
     "Adapter": ".core.adapter",
     **dict.fromkeys(["AdaptkitError", "ArgumentTypeError", "ConfigError", "FormatError", "NonFiniteError",
                      "OutputExistsError", "OutputIsInputError", "OutputWriteError", "ShapeMismatchError",
@@ -55,7 +56,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .analysis.compare import compare
     from .analysis.layers import analyze
     from .core.adapter import Adapter
-    from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA, register_kind
+    from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
     from .errors import (
         AdaptkitError,
         ArgumentTypeError,
@@ -91,3 +92,4 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .ops.loftq import loftq
     from .ops.merging import merge
     from .ops.reparam import pissa_to_lora
+    from .registry import register_format, register_kind, register_peft_names

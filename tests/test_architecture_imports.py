@@ -20,21 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "adaptkit"
 
-#: third-party packages a function may import lazily: optional dependencies, and huggingface_hub, whose import
-#: costs the CLI's startup and which only hub sources need
+#: third-party packages a function may import lazily: the optional dependencies (peft, diffusers, transformers at
+#: run time, matplotlib), huggingface_hub (only hub sources need it; tests patch its functions where they are
+#: looked up) and tqdm (adaptkit.progress is imported at CLI startup; the bar library only when a bar is drawn)
 LAZY_OK = {"peft", "diffusers", "transformers", "matplotlib", "huggingface_hub", "tqdm"}
 #: modules whose function-level imports are the lazy loading itself: the PEP 562 package namespace and the CLI
 #: command modules (``adaptkit --help`` must not import torch/pandas: each command imports what it runs)
 LAZY_MODULES = {"adaptkit", "adaptkit.cli.*"}
-#: function-level imports in modules that parallel work of issue 13 rewrites (formats/state_dict, formats/diffusers:
-#: the Format protocol, state dicts read without a temporary file); each entry goes when that work lands.
-#: Exact (module, import) pairs: any other import there still fails.
-PENDING = {
-    ("adaptkit.formats.diffusers", "dataclasses"),
-    ("adaptkit.formats.state_dict", "adaptkit.formats.peft"),
-    ("adaptkit.formats.state_dict", "safetensors.torch"),
-    ("adaptkit.formats.state_dict", "adaptkit.formats"),
-}
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -165,7 +157,7 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _lazy_allowed(module: str, target: str) -> bool:
-    if target.split(".")[0] in LAZY_OK or (module, target) in PENDING:
+    if target.split(".")[0] in LAZY_OK:
         return True
     return any(module == m or (m.endswith(".*") and module.startswith(m[:-1])) for m in LAZY_MODULES)
 

@@ -14,9 +14,11 @@ encoder's ``lora_linear_layer`` (``<module>.lora_linear_layer.up.weight``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,19 @@ from ..errors import FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import peft as _peft
+from .base import Selection
 from .patterns import ConfigPatterns
+from .peft_layers import dora_limit, write_lora
 
 NAME = "diffusers"
+LABEL = "diffusers"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
 ALLOW_PATTERNS = [WEIGHT_NAME, LEGACY_WEIGHT_NAME]
+#: what a folder holds when it is a diffusers adapter, for messages
+LOOKED_FOR = WEIGHT_NAME
+#: the writer options diffusers output has (a diffusers file holds every pipeline component)
+WRITE_OPTIONS: tuple[str, ...] = ()
 METADATA_KEY = "lora_adapter_metadata"
 #: first path parts of a diffusers UNet2DConditionModel's modules
 UNET_ROOTS = ("conv_in", "time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "down_blocks.",
@@ -88,6 +97,16 @@ def _weights_file(path: Path) -> Path | None:
     return None
 
 
+def detect_keys(keys: Collection[str]) -> bool:
+    """True for diffusers LoRA keys: all under a pipeline component (``unet.``...), or an older layout's."""
+    keys = [k for k in keys if k != "__metadata__"]
+    if not keys:
+        return False
+    prefixed = all(k.split(".", 1)[0] in COMPONENTS for k in keys)
+    old = any(".processor." in k or ".lora_linear_layer." in k for k in keys)
+    return (prefixed or old) and all(_parse(k) for k in keys)
+
+
 def detect(path: Path) -> bool:
     """True for ``pytorch_lora_weights.safetensors`` (or a directory holding it) with diffusers keys."""
     f = _weights_file(path)
@@ -96,12 +115,20 @@ def detect(path: Path) -> bool:
     if path.is_dir() and (path / _peft.CONFIG_NAME).is_file():
         return False
     header, _ = read_safetensors_header(f)
-    keys = [k for k in header if k != "__metadata__"]
-    if not keys:
-        return False
-    prefixed = all(k.split(".", 1)[0] in COMPONENTS for k in keys)
-    old = any(".processor." in k or ".lora_linear_layer." in k for k in keys)
-    return (prefixed and all(_parse(k) for k in keys)) or (old and all(_parse(k) for k in keys))
+    return detect_keys(header)
+
+
+def is_adapter_file(name: str) -> bool:
+    """Whether a file name is diffusers LoRA weights."""
+    return name in (WEIGHT_NAME, LEGACY_WEIGHT_NAME)
+
+
+def select_files(listing: Sequence[str], named: str | None = None) -> Selection | None:
+    """The diffusers LoRA weight file of a folder listing (``pytorch_lora_weights.safetensors`` first)."""
+    if named is not None:
+        return None
+    weights = next((n for n in (WEIGHT_NAME, LEGACY_WEIGHT_NAME) if n in listing), None)
+    return Selection((weights,), weights) if weights else None
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -118,7 +145,26 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
     if f is None:
         raise FormatError(f"no {WEIGHT_NAME} in {path}; pass the diffusers LoRA file itself")
     tensors, metadata = read_weights(f)
-    configs = _configs(metadata, f.name)
+    return read_tensors(tensors, metadata, source=source or str(path), file_name=f.name)
+
+
+def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 config: Mapping[str, Any] | None = None, *, source: str | None = None,
+                 file_name: str = "the tensors", **_: Any) -> Adapter:
+    """A diffusers LoRA adapter from its tensors and header metadata (the packed ``lora_adapter_metadata``).
+
+    Args:
+        tensors: tensor name -> tensor, as the file holds them.
+        metadata: the file's header metadata.
+        config: per-component ``LoraConfig`` dicts (``{"unet": {...}}``) when the metadata has none.
+        source: provenance string to record.
+        file_name: the file's name, for messages.
+
+    Raises:
+        FormatError / ShapeMismatchError: as :func:`read`.
+    """
+    metadata = dict(metadata or {})
+    configs = _configs(metadata, file_name) or {k: dict(v) for k, v in (config or {}).items()}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bad = []
     for key, t in tensors.items():
@@ -130,7 +176,7 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
         groups[_with_component(module)][part] = t
     if bad:
         raise FormatError(
-            f"{f.name} holds keys diffusers LoRA files do not have, e.g. '{bad[0]}' ({len(bad)} such keys); "
+            f"{file_name} holds keys diffusers LoRA files do not have, e.g. '{bad[0]}' ({len(bad)} such keys); "
             "is it a kohya/LyCORIS or PEFT file? pass format=... accordingly"
         )
     layers = {}
@@ -152,9 +198,9 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
         except (ShapeMismatchError, FormatError) as e:
             raise type(e)(f"{module}: {e}") from e
     if not layers:
-        raise FormatError(f"{f.name} contains no LoRA tensors; is it an adapter checkpoint?")
+        raise FormatError(f"{file_name} contains no LoRA tensors; is it an adapter checkpoint?")
     return Adapter(layers=layers, base_model=None, metadata=metadata,
-                   config={"components": configs}, format=NAME, source=source or str(path))
+                   config={"components": configs}, format=NAME, source=source)
 
 
 def _configs(metadata: dict[str, str], fname: str) -> dict[str, dict[str, Any]]:
@@ -194,13 +240,49 @@ def _layer(rel: str, p: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: 
                 magnitude=None if mag is None else mag.flatten(), bias=p.get("bias"))
 
 
+# -------------------------------------------------------------------------------- what diffusers stores
+
+
+#: the kinds a diffusers file holds
+KINDS_STORED = frozenset({"lora"})
+
+
+def can_store(layer: Any, module: str) -> str | None:
+    """Why a diffusers file cannot hold this layer (not LoRA, DoRA per input feature), or ``None``."""
+    if layer.kind not in KINDS_STORED:
+        return f"{NAME} has no {layer.kind} layers"
+    return dora_limit(layer, NAME)
+
+
+def can_name(module: str) -> str | None:
+    """Why a diffusers file has no name for a module path (outside a pipeline component, or not diffusers' UNet
+    names), or ``None``."""
+    comp, _, rel = module.partition(".")
+    if comp not in COMPONENTS or not rel:
+        return ("it names no pipeline component (unet., transformer., text_encoder. ...), and diffusers files are "
+                "for pipelines (PEFT holds one model's adapter)")
+    if comp == "unet" and not rel.startswith(UNET_ROOTS):
+        return "it is not a diffusers UNet module (original Flux/SD3 or LDM names?), so diffusers would not load it"
+    return None
+
+
+def can_store_adapter(adapter: Adapter, **_: Any) -> dict[str, str]:
+    """What one diffusers file cannot hold: each component's layers share one PEFT ``LoraConfig``
+    (:func:`adaptkit.formats.peft.one_config_reasons`), and extra tensors have no place."""
+    reasons = _peft.one_config_reasons(adapter, NAME)
+    reasons.update({k: "an extra tensor, and diffusers LoRA files hold LoRA layers only" for k in sorted(adapter.extras)})
+    return reasons
+
+
+def check_options(**_: Any) -> None:
+    """diffusers output has no writer options of its own (unknown ones are refused by :func:`adaptkit.formats.save`)."""
+
+
 # ---------------------------------------------------------------------------------------------- write
 
 
 def _config_fields() -> set[str] | None:
     try:
-        import dataclasses
-
         from peft import LoraConfig
     except ImportError:  # pragma: no cover - peft is optional for writing
         return None
@@ -233,29 +315,15 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
         overwrite: replace an existing directory.
 
     Raises:
-        UnsupportedError: non-LoRA layers (convert them first) or paths without a pipeline component.
+        UnsupportedError: the adapter has no layers. The writer trusts :func:`can_store` and
+            :func:`can_store_adapter` (:func:`adaptkit.formats.save` asks them first: non-LoRA layers, paths
+            without a pipeline component, extra tensors).
     """
     if not adapter.layers:
         raise UnsupportedError("the adapter has no layers; there is nothing to write")
-    kinds = adapter.kinds - {"lora"}
-    if kinds:
-        raise UnsupportedError(
-            f"diffusers LoRA files hold LoRA layers only, this adapter has {sorted(kinds)}; "
-            "convert it with --rank R (convert(kind='lora', rank=R)) or write format='kohya'"
-        )
     by_comp: dict[str, dict[str, Any]] = defaultdict(dict)
     for p, layer in adapter.layers.items():
         comp, _, rel = p.partition(".")
-        if comp not in COMPONENTS or not rel:
-            raise UnsupportedError(
-                f"{p} names no pipeline component (unet., transformer., text_encoder. ...); diffusers files are "
-                "for pipelines: write format='peft' for a single model"
-            )
-        if comp == "unet" and not rel.startswith(UNET_ROOTS):
-            raise UnsupportedError(
-                f"{p} is not a diffusers UNet module (original Flux/SD3 or LDM names?); diffusers would not load it: "
-                "write format='kohya'"
-            )
         by_comp[comp][rel] = layer
     fields = _config_fields()
     tensors: dict[str, torch.Tensor] = {}
@@ -264,7 +332,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     for comp, layers in by_comp.items():
         cfg: dict[str, Any] = {"peft_type": "LORA"}
         out: dict[str, torch.Tensor] = {}
-        _peft._write_lora(Adapter(layers=layers), cfg, out, f"{comp}.")
+        write_lora(layers, cfg, out, f"{comp}.")
         if comp in _CLIP_COMPONENTS:  # tensor names as transformers 4, Hub files and ComfyUI's key map spell them;
             # the config keeps transformers 5's bare paths, which PEFT's suffix rule matches under both namings
             renamed = {f"{comp}.text_model.{k[len(comp) + 1:]}" if k[len(comp) + 1:].startswith(_CLIP_BARE) else k: t
@@ -285,14 +353,11 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
         naming = {**dict(adapter.config.get("kohya_naming") or {}), "inventory": adapter.config.get("inventory")}
         metadata["adaptkit.kohya_naming"] = json.dumps(naming, sort_keys=True)
     metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-    if adapter.extras:
-        raise UnsupportedError(
-            f"diffusers LoRA files hold LoRA layers only; this adapter also carries {len(adapter.extras)} other "
-            f"tensor(s) (e.g. {next(iter(adapter.extras))}): write format='peft' or 'kohya' to keep them"
-        )
     with atomic_output(path, overwrite=overwrite) as tmp:
         write_safetensors(tensors, tmp / WEIGHT_NAME, metadata)
     return Path(path)
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "METADATA_KEY", "NAME", "WEIGHT_NAME", "detect", "read", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "METADATA_KEY", "NAME", "WEIGHT_NAME", "WRITE_OPTIONS",
+           "can_name", "can_store", "can_store_adapter", "check_options", "detect", "detect_keys", "is_adapter_file", "read",
+           "read_tensors", "select_files", "write"]

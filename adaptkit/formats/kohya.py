@@ -1,8 +1,9 @@
 """kohya / LyCORIS single-file format: one ``.safetensors`` with flattened module names.
 
 Keys are ``<prefix><flattened module path>.<tensor>`` with the prefixes of
-:data:`adaptkit.converters.names.PREFIXES` (``lora_unet_``, ``lora_te_``, ``lora_te1_``/``2``/``3``,
-``lora_transformer_``, ``lycoris_``) and the per-module tensors of :data:`TENSORS`: LoRA/LoCon
+:data:`adaptkit.formats.names.PREFIXES` (``lora_unet_``, ``lora_te_``, ``lora_te1_``/``2``/``3``,
+``lora_transformer_``, ``lycoris_``) and the per-module tensors of
+:data:`adaptkit.formats.kohya_layers.TENSORS` (which builds the layers and writes them back): LoRA/LoCon
 ``lora_down``/``lora_up``/``lora_mid`` (``.weight``) + ``alpha``; LoHa ``hada_*``; LoKr ``lokr_*``; DoRA
 ``dora_scale`` (per output ``(out, 1, ...)`` or per input ``(1, in, ...)``); IA3 ``weight`` + ``on_input``
 (stored as ``l - 1``); full ``diff``/``diff_b``; norms ``w_norm``/``b_norm``. A missing ``alpha`` means
@@ -21,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds import IA3, Full, LoHa, LoKr, LoRA
-from ..core.kinds.base import check_factors
+from ..core.kinds import IA3
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import (
@@ -37,37 +38,17 @@ from ..io.safetensors import (
     write_safetensors,
 )
 from . import names as _names
+from .base import AmbiguousSelection, Selection, is_model_weights
+from .kohya_layers import LIMITS, TENSORS, build_layer, layer_tensors
 
 NAME = "kohya"
+LABEL = "kohya"
 ALLOW_PATTERNS = ["*.safetensors"]
+#: what a folder holds when it is a kohya adapter, for messages
+LOOKED_FOR = "one kohya/LyCORIS .safetensors file"
+#: the writer options kohya output has
+WRITE_OPTIONS = ("naming", "component")
 
-#: tensor name (after the module name) -> (kind, canonical part)
-TENSORS: dict[str, tuple[str, str]] = {
-    "lora_down.weight": ("lora", "down"),
-    "lora_up.weight": ("lora", "up"),
-    "lora_mid.weight": ("lora", "mid"),
-    "hada_w1_a": ("loha", "w1a"),
-    "hada_w1_b": ("loha", "w1b"),
-    "hada_w2_a": ("loha", "w2a"),
-    "hada_w2_b": ("loha", "w2b"),
-    "hada_t1": ("loha", "t1"),
-    "hada_t2": ("loha", "t2"),
-    "lokr_w1": ("lokr", "w1"),
-    "lokr_w1_a": ("lokr", "w1a"),
-    "lokr_w1_b": ("lokr", "w1b"),
-    "lokr_w2": ("lokr", "w2"),
-    "lokr_w2_a": ("lokr", "w2a"),
-    "lokr_w2_b": ("lokr", "w2b"),
-    "lokr_t2": ("lokr", "t2"),
-    "diff": ("full", "diff"),
-    "diff_b": ("full", "diff_b"),
-    "w_norm": ("norm", "diff"),
-    "b_norm": ("norm", "diff_b"),
-    "weight": ("ia3", "weight"),
-    "on_input": ("ia3", "on_input"),
-    "alpha": ("", "alpha"),
-    "dora_scale": ("", "dora_scale"),
-}
 #: metadata entry other formats write so that a kohya file converted there and back keeps its names
 NAMING_KEY = "adaptkit.kohya_naming"
 #: keys that are not adapter layers but belong in kohya files (pivotal-tuning embeddings), carried through
@@ -82,6 +63,12 @@ def _module_name(key: str) -> tuple[str, str]:
     return module, tensor
 
 
+def detect_keys(keys: Collection[str]) -> bool:
+    """True when every tensor name but the carried extras (pivotal-tuning embeddings) has a kohya/LyCORIS prefix."""
+    keys = [k for k in keys if k != "__metadata__" and not k.startswith(EXTRA_PREFIXES)]
+    return bool(keys) and all(_names.split_prefix(k) is not None for k in keys)
+
+
 def detect(path: Path) -> bool:
     """True for a ``.safetensors`` file (or a directory holding just one) whose keys use kohya/LyCORIS prefixes."""
     if path.is_dir():
@@ -92,8 +79,26 @@ def detect(path: Path) -> bool:
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
     header, _ = read_safetensors_header(path)
-    keys = [k for k in header if k != "__metadata__" and not k.startswith(EXTRA_PREFIXES)]
-    return bool(keys) and all(_names.split_prefix(k) is not None for k in keys)
+    return detect_keys(header)
+
+
+def is_adapter_file(name: str) -> bool:
+    """Whether a file name may be a kohya/LyCORIS adapter: a ``.safetensors`` that is not a model's weights."""
+    return name.endswith(".safetensors") and not is_model_weights(name)
+
+
+def select_files(listing: Sequence[str], named: str | None = None) -> Selection | None:
+    """The one kohya/LyCORIS candidate file of a folder listing (``.safetensors`` other than model weights).
+
+    Raises:
+        AmbiguousSelection: several candidates (the hub selection names them and says how to pick one).
+    """
+    if named is not None:
+        return None
+    candidates = [n for n in listing if is_adapter_file(n)]
+    if len(candidates) > 1:
+        raise AmbiguousSelection(candidates)
+    return Selection((candidates[0],), candidates[0]) if candidates else None
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -120,7 +125,28 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the kohya/LyCORIS file itself")
         path = files[0]
     tensors, metadata = read_safetensors(path)
-    groups, extras = group_tensors(tensors, path.name)
+    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name)
+
+
+def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 config: Mapping[str, Any] | None = None, *, source: str | None = None, base: Any = None,
+                 file_name: str = "the tensors", **_: Any) -> Adapter:
+    """A kohya/LyCORIS adapter from its tensors (``lora_unet_...lora_down.weight``) and header metadata.
+
+    Args:
+        tensors: tensor name -> tensor, as the file holds them.
+        metadata: the file's header metadata (``ss_*``, ``modelspec.*``).
+        config: unused (kohya files have none).
+        source: provenance string to record.
+        base: as :func:`read`.
+        file_name: the file's name, for messages.
+
+    Raises:
+        FormatError / ShapeMismatchError / ConfigError: as :func:`read`.
+    """
+    tensors = dict(tensors)
+    metadata = dict(metadata or {})
+    groups, extras = group_tensors(tensors, file_name)
     layers: dict[tuple[str, str], Any] = {}
     for name, parts in groups.items():
         try:
@@ -128,7 +154,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         except (ShapeMismatchError, FormatError) as e:
             raise type(e)(f"{_names.WRITE_PREFIXES.get(name[0], '')}{name[1]}: {e}") from e
     if not layers:
-        raise FormatError(f"{path.name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
+        raise FormatError(f"{file_name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
     resolution = _names.resolve_names(layers, base=base, shapes=shapes)
     out: dict[str, Any] = {}
@@ -140,15 +166,16 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         inv_comp = comp if comp in inv.modules else next(iter(inv.modules))
         shape = inv.shape(inv_comp, mod_path)
         layer = layer.fit(tuple(shape)) if shape else layer  # the base's shape where the tensors leave it open
-        if isinstance(layer, IA3) and not layer.on_input and inv.has_bias(inv_comp, mod_path) is not False:
-            layer = dataclasses.replace(layer, scale_bias=False)  # LyCORIS scales W only, never the bias
+        adjust = READ_ADJUST.get(layer.kind)
+        if adjust is not None:
+            layer = adjust(layer, inv.has_bias(inv_comp, mod_path))
         out[f"{comp}.{mod_path}" if comp else mod_path] = layer
     prefixes = sorted({_prefix_of(k) for k in tensors if _names.split_prefix(k)})
-    config = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
+    cfg = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
     # recorded in the metadata too, so that a trip through PEFT, diffusers or ak.convert writes the same names back
     metadata = {**metadata, NAMING_KEY: json.dumps({**naming, "inventory": resolution.inventory.name}, sort_keys=True)}
     return Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
-                   config=config, extras=extras, format=NAME, source=source or str(path))
+                   config=cfg, extras=extras, format=NAME, source=source)
 
 
 def _alias_rule(path: str, alias: str) -> str:
@@ -203,196 +230,61 @@ def group_tensors(tensors: dict[str, torch.Tensor], fname: str = "file") -> tupl
     return dict(groups), extras
 
 
-def _kind_of(parts: dict[str, torch.Tensor]) -> str:
-    kinds = {TENSORS[n][0] for n in parts} - {""}
-    if len(kinds) != 1:
-        raise FormatError(f"tensors {sorted(parts)} do not form one layer of a known kind")
-    return kinds.pop()
+# ------------------------------------------------------------------------------------ what kohya stores
 
 
-def _magnitude(dora: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, int]:
-    if dora is None:
-        return None, 0
-    s = tuple(dora.shape)
-    if dora.numel() == shape[0] and (len(s) < 2 or s[0] == shape[0]):
-        return dora.flatten(), 0
-    if len(s) >= 2 and s[0] == 1 and dora.numel() == s[1]:
-        return dora.flatten(), 1
-    raise ShapeMismatchError(f"dora_scale of shape {s} fits neither the outputs nor the inputs of a {shape} weight")
+def _ia3_read(layer: IA3, has_bias: bool | None) -> IA3:
+    """LyCORIS IA3 on outputs scales ``W`` only, never the module bias (PEFT's IA3 scales both)."""
+    if not layer.on_input and has_bias is not False:
+        return dataclasses.replace(layer, scale_bias=False)
+    return layer
 
 
-def _alpha(parts: dict[str, torch.Tensor], rank: int) -> float:
-    a = parts.get("alpha")
-    if a is None:
-        return float(rank)
-    value = float(a.float().reshape(-1)[0]) if a.numel() else float(rank)
-    return value if value != 0 else float(rank)
+#: kind name -> what kohya's reader settles once the base module is known (bias present or not)
+READ_ADJUST: dict[str, Callable[[Any, bool | None], Any]] = {"ia3": _ia3_read}
 
 
-def build_layer(parts: dict[str, torch.Tensor]) -> Any:
-    """Build one canonical layer from the tensors kohya/LyCORIS stores for a module."""
-    kind = _kind_of(parts)
-    p = {TENSORS[n][1]: t for n, t in parts.items()}
-    check_factors(p, {TENSORS[n][1]: n for n in parts})
-    if kind == "lora":
-        if "down" not in p or "up" not in p:
-            raise FormatError("lora_down/lora_up is missing; the checkpoint is incomplete")
-        down, up, mid = p["down"], p["up"], p.get("mid")
-        r = down.shape[0]
-        if up.ndim > 2 or down.ndim > 2:
-            k = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
-            shape, mtype = (up.shape[0], down.shape[1], *k), "conv"
-        else:
-            shape, mtype = (up.shape[0], down.shape[1]), "linear"
-        mag, axis = _magnitude(p.get("dora_scale"), shape)
-        return LoRA(down=down, up=up, mid=mid, alpha=_alpha(p, r), shape=shape, module_type=mtype,
-                    magnitude=mag, magnitude_axis=axis)
-    if kind == "loha":
-        for n in ("w1a", "w1b", "w2a", "w2b"):
-            if n not in p:
-                raise FormatError(f"hada_{n[:2]}_{n[2]} is missing; the checkpoint is incomplete")
-        t1 = p.get("t1")
-        if t1 is not None:
-            shape = (p["w1a"].shape[1], p["w1b"].shape[1], *t1.shape[2:])
-        else:
-            shape = (p["w1a"].shape[0], p["w1b"].shape[1])
-        mag, axis = _magnitude(p.get("dora_scale"), shape)
-        return LoHa(w1a=p["w1a"], w1b=p["w1b"], w2a=p["w2a"], w2b=p["w2b"], t1=t1, t2=p.get("t2"),
-                    alpha=_alpha(p, p["w1b"].shape[0]), shape=shape,
-                    module_type="conv" if len(shape) > 2 else "linear", magnitude=mag, magnitude_axis=axis)
-    if kind == "lokr":
-        return _build_lokr(p)
-    if kind in ("full", "norm"):
-        if "diff" not in p:
-            raise FormatError("diff / w_norm is missing; the checkpoint is incomplete")
-        d = p["diff"]
-        mtype = "norm" if kind == "norm" else ("conv" if d.ndim > 2 else "linear")
-        return Full(diff=d, diff_b=p.get("diff_b"), shape=tuple(d.shape), module_type=mtype)
-    if kind == "ia3":
-        if "weight" not in p:
-            raise FormatError("the IA3 weight is missing; the checkpoint is incomplete")
-        w = p["weight"]
-        on_input = bool(int(p["on_input"].reshape(-1)[0])) if "on_input" in p else False
-        # float32 keeps l = weight + 1 exact (in fp16 the + 1 would round), so writing back is exact too
-        return IA3(vector=(w.float() + 1).flatten(), on_input=on_input,
-                   module_type="conv" if w.ndim > 1 else "linear")
-    raise FormatError(f"unknown layer kind {kind}")  # pragma: no cover
+def can_store(layer: Any, module: str) -> str | None:
+    """Why kohya cannot store this layer (a kind it has no tensors for, Conv1D, LoRA bias, embedding LoRA), or ``None``."""
+    if layer.kind not in LIMITS:
+        return f"{NAME} has no {layer.kind} layers"
+    limit = LIMITS[layer.kind]
+    return limit(layer) if limit is not None else None
 
 
-def _build_lokr(p: dict[str, torch.Tensor]) -> LoKr:
-    w1s = tuple(p["w1"].shape) if "w1" in p else (p["w1a"].shape[0], p["w1b"].shape[1]) if "w1a" in p and "w1b" in p else None
-    if w1s is None:
-        raise FormatError("lokr_w1 (or lokr_w1_a + lokr_w1_b) is missing; the checkpoint is incomplete")
-    if "w2" in p:
-        w2s = tuple(p["w2"].shape)
-    elif "w2a" in p and "w2b" in p:
-        w2s = (p["w2a"].shape[1], p["w2b"].shape[1], *p["t2"].shape[2:]) if "t2" in p else (p["w2a"].shape[0], p["w2b"].shape[1])
-    else:
-        raise FormatError("lokr_w2 (or lokr_w2_a + lokr_w2_b) is missing; the checkpoint is incomplete")
-    shape = (w1s[0] * w2s[0], w1s[1] * w2s[1], *w2s[2:])
-    if "w1a" in p:
-        rank = int(p["w1a"].shape[1])
-    elif "w2a" in p:
-        rank = int(p["t2"].shape[0] if "t2" in p else p["w2a"].shape[1])
-    else:
-        rank = 0
-    if rank == 0:  # both factors full: LyCORIS uses scale 1
-        a = _alpha(p, 1)
-        rank = int(a) if a.is_integer() and a >= 1 else 1
-        alpha = float(rank)
-    else:
-        alpha = _alpha(p, rank)
-    mag, axis = _magnitude(p.get("dora_scale"), shape)
-    return LoKr(alpha=alpha, rank=rank, shape=shape, module_type="conv" if len(shape) > 2 else "linear",
-                magnitude=mag, magnitude_axis=axis, **{k: p.get(k) for k in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")})
+def can_name(module: str) -> str | None:
+    """kohya names every module path (``lora_unet_...``, or ``lycoris_...`` outside a pipeline component): ``None``."""
+    return None
+
+
+def can_store_adapter(adapter: Adapter, **_: Any) -> dict[str, str]:
+    """The extra tensors kohya cannot carry (anything but pivotal-tuning embeddings): ``{name: reason}``."""
+    return {k: "an extra tensor (modules_to_save or a saved embedding), and kohya files hold adapter layers only"
+            for k in sorted(adapter.extras) if not k.startswith(EXTRA_PREFIXES)}
+
+
+def check_options(naming: str | None = None, component: str | None = None, **_: Any) -> None:
+    """Refuse bad ``naming=`` / ``component=`` writer options.
+
+    Raises:
+        ConfigError: an unknown naming or component.
+    """
+    _check_naming(naming)
+    check_component(component)
+
+
+def _check_naming(naming: str | None) -> None:
+    if naming is not None and naming not in ("ldm", "diffusers"):
+        raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
 
 
 # ---------------------------------------------------------------------------------------------- write
 
 
-def _alpha_tensor(value: float, like: torch.Tensor) -> torch.Tensor:
-    dtype = like.dtype if like.is_floating_point() else torch.float32
-    return torch.tensor(float(value), dtype=dtype)
-
-
-def _dora_tensor(layer: Any) -> torch.Tensor:
-    n = len(layer.shape) - 1
-    m = layer.magnitude
-    if layer.magnitude_axis == 0:
-        return m.reshape(-1, *([1] * n))
-    return m.reshape(1, -1, *([1] * (n - 1)))
-
-
-def layer_tensors(layer: Any) -> dict[str, torch.Tensor]:
-    """The kohya/LyCORIS tensors of one canonical layer (names relative to the module).
-
-    Raises:
-        UnsupportedError: a layer kohya cannot store (embedding LoRA, LoRA bias, fan-in-fan-out IA3 ...).
-    """
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(layer, LoRA):
-        if layer.module_type == "embedding":
-            raise UnsupportedError("kohya/LyCORIS has no embedding LoRA; write format='peft'")
-        if layer.bias is not None:
-            raise UnsupportedError("kohya/LyCORIS LoRA has no bias (PEFT lora_bias); write format='peft' or fuse it")
-        out["lora_down.weight"] = layer.down
-        out["lora_up.weight"] = layer.up
-        if layer.mid is not None:
-            out["lora_mid.weight"] = layer.mid
-        out["alpha"] = _alpha_tensor(layer.scale * layer.rank, layer.down)
-    elif isinstance(layer, LoHa):
-        for name in ("w1a", "w1b", "w2a", "w2b", "t1", "t2"):
-            t = getattr(layer, name)
-            if t is not None:
-                out[f"hada_{name[:2]}_{name[2]}" if len(name) == 3 else f"hada_{name}"] = t
-        out["alpha"] = _alpha_tensor(layer.alpha, layer.w1a)
-    elif isinstance(layer, LoKr):
-        full = layer.w1 is not None and layer.w2 is not None
-        w1 = layer.w1
-        if full and layer.scale != 1.0:  # LyCORIS fixes the scale of full-full LoKr at 1: fold it into w1
-            w1 = (layer.w1.float() * layer.scale).to(layer.w1.dtype)
-        for name, t in (("w1", w1), ("w1a", layer.w1a), ("w1b", layer.w1b), ("w2", layer.w2), ("w2a", layer.w2a),
-                        ("w2b", layer.w2b), ("t2", layer.t2)):
-            if t is not None:
-                out[f"lokr_{name}" if len(name) == 2 else f"lokr_{name[:2]}_{name[2]}"] = t
-        like = w1 if w1 is not None else layer.w1a
-        if full:
-            out["alpha"] = _alpha_tensor(layer.rank, like)
-        else:
-            r = layer.w1a.shape[1] if layer.w1a is not None else (layer.t2.shape[0] if layer.t2 is not None else layer.w2a.shape[1])
-            out["alpha"] = _alpha_tensor(layer.scale * r, like)
-    elif isinstance(layer, Full):
-        if layer.module_type == "norm":
-            out["w_norm"] = layer.diff
-            if layer.diff_b is not None:
-                out["b_norm"] = layer.diff_b
-        else:
-            out["diff"] = layer.diff
-            if layer.diff_b is not None:
-                out["diff_b"] = layer.diff_b
-    elif isinstance(layer, IA3):
-        if layer.fan_in_fan_out:
-            raise UnsupportedError("LyCORIS IA3 has no fan_in_fan_out (Conv1D) layers; write format='peft'")
-        v = (layer.vector.float() - 1).to(layer.vector.dtype)
-        if layer.module_type == "conv":
-            nd = len(layer.shape) if layer.shape is not None else 4
-            v = v.reshape(1, -1, *([1] * (nd - 2)))
-        out["weight"] = v
-        out["on_input"] = torch.tensor(int(layer.on_input))
-    else:
-        raise UnsupportedError(f"kohya/LyCORIS cannot store {type(layer).__name__} layers")
-    if getattr(layer, "magnitude", None) is not None:
-        out["dora_scale"] = _dora_tensor(layer)
-    if getattr(layer, "fan_in_fan_out", False) and not isinstance(layer, IA3) and getattr(layer, "module_type", "") != "embedding":
-        raise UnsupportedError("kohya/LyCORIS stores no fan_in_fan_out (Conv1D) layers; write format='peft'")
-    return out
-
-
 def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
     inventory = str(adapter.config.get("inventory", "sdxl")) if adapter.format == NAME else "sdxl"
     if naming is not None:
-        if naming not in ("ldm", "diffusers"):
-            raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
+        _check_naming(naming)
         return {"unet": naming, "inventory": inventory}
     if adapter.format == NAME:
         cfg = dict(adapter.config.get("kohya_naming") or {})
@@ -494,7 +386,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
             its module paths and anything else is written as ``lycoris_...``, which ``"lycoris"`` forces.
 
     Raises:
-        UnsupportedError: a layer kohya cannot store. FormatError: two paths flatten to the same name.
+        UnsupportedError: the adapter has no layers (what :func:`can_store` refuses is refused by
+            :func:`adaptkit.formats.save` before the writer runs). FormatError: two paths flatten to the same name.
         ConfigError: an unknown ``component``.
     """
     if not adapter.layers:
@@ -513,17 +406,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
         if name in seen:
             raise FormatError(f"{p} and {seen[name]} flatten to the same kohya name {name}; write format='peft'")
         seen[name] = p
-        try:
-            for tname, t in layer_tensors(layer).items():
-                tensors[f"{name}.{tname}"] = t
-        except UnsupportedError as e:
-            raise UnsupportedError(f"{p}: {e}") from e
-    foreign = sorted(k for k in adapter.extras if not k.startswith(EXTRA_PREFIXES))
-    if foreign:
-        raise UnsupportedError(
-            f"kohya/LyCORIS files hold adapter layers only; this adapter also carries {len(foreign)} other tensor(s) "
-            f"(e.g. {foreign[0]}, modules_to_save or saved embeddings): write format='peft' to keep them"
-        )
+        for tname, t in layer_tensors(layer).items():
+            tensors[f"{name}.{tname}"] = t
     tensors.update(adapter.extras)
     metadata = {k: v for k, v in adapter.metadata.items()
                 if k not in ("lora_adapter_metadata", NAMING_KEY, _names.COMPONENT_KEY)}
@@ -532,5 +416,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
     return out_path
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "NAME", "TENSORS", "bare_target", "build_layer", "check_component", "detect",
-           "group_tensors", "layer_tensors", "module_name", "read", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LIMITS", "LOOKED_FOR", "NAME", "TENSORS", "WRITE_OPTIONS", "bare_target",
+           "build_layer", "can_name", "can_store", "can_store_adapter", "check_component", "check_options", "detect", "detect_keys",
+           "group_tensors", "is_adapter_file", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
+           "write"]

@@ -95,3 +95,26 @@ def choose_layout(layers: Mapping[str, LoKr], preferred_factor: int = -1) -> tup
         f"PEFT's LoKr factorisation cannot rebuild the factor shapes of {bad} (w1 {layers[bad].w1_shape}, "
         f"w2 {layers[bad].w2_shape}); write format='kohya', or convert(kind='lora', rank=R)"
     )
+
+
+def lokr_reasons(layers: Mapping[str, LoKr]) -> dict[str, str]:
+    """Why PEFT cannot store LoKr layers of one adapter: ``{path: reason}``, empty when one setting fits all.
+
+    A layer no setting fits is named with its factor shapes; when each fits alone but no one setting fits all,
+    every layer is named.
+    """
+    try:
+        choose_layout(layers)
+        return {}
+    except UnsupportedError:
+        pass
+    out = {}
+    for p, l in layers.items():
+        try:
+            choose_layout({p: l})
+        except UnsupportedError:
+            out[p] = f"PEFT's LoKr factorisation cannot rebuild factors w1 {l.w1_shape} x w2 {l.w2_shape}"
+    if not out:
+        out = {p: "no single PEFT decompose_factor rebuilds every LoKr layer" for p in layers}
+    return out
+

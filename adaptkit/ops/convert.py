@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +23,15 @@ import pandas as pd
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
-from ..core.kinds import IA3, LoKr, LoRA
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
-from ..formats import check_write_options, format_module, names, peft_lokr, save
+from ..formats import check_write_options, format_module, names, save
 from ..formats.inputs import as_adapter
 from ..formats.peft import select_component
+from ..formats.registry import refusals
 from ..io.outputs import check_output
 from ..progress import bar
 from .reparam import pissa_to_lora
-
-#: kinds the target formats store losslessly (before per-layer checks such as PEFT's LoKr factorisation)
-FORMAT_KINDS: dict[str, frozenset[str]] = {
-    "peft": frozenset({"lora", "loha", "lokr", "ia3"}),
-    "diffusers": frozenset({"lora"}),
-    "kohya": frozenset({"lora", "loha", "lokr", "ia3", "full"}),
-}
 
 
 @dataclass(frozen=True)
@@ -132,57 +124,13 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
 
 
 def plan(adapter: Adapter, target: str) -> dict[str, str]:
-    """Layers a target format cannot store as they are: ``{path: reason}`` (empty when all fit)."""
-    target = format_module(target).NAME
-    kinds = FORMAT_KINDS[target]
-    reasons: dict[str, str] = {}
-    for p, layer in adapter.layers.items():
-        if layer.kind not in kinds:
-            reasons[p] = f"{target} has no {layer.kind} layers"
-        elif target != "kohya" and getattr(layer, "magnitude", None) is not None and (
-                layer.kind != "lora" or layer.magnitude_axis != 0):
-            reasons[p] = f"{target} stores DoRA only per output feature on LoRA (this is {layer.kind}, axis {layer.magnitude_axis})"
-        elif target == "peft" and isinstance(layer, IA3) and not (layer.on_input or layer.scale_bias):
-            reasons[p] = "LyCORIS IA3 leaves this module's bias unscaled, PEFT's IA3 scales it"
-        elif target == "kohya" and getattr(layer, "fan_in_fan_out", False) and layer.kind != "ia3":
-            reasons[p] = "kohya stores no fan_in_fan_out (Conv1D) layers"
-        elif target == "kohya" and isinstance(layer, LoRA) and (layer.bias is not None or layer.module_type == "embedding"):
-            reasons[p] = "kohya has no LoRA bias or embedding LoRA"
-    if target in ("peft", "diffusers"):
-        rest = {p: l for p, l in adapter.layers.items() if p not in reasons}
-        if rest:
-            counts = Counter(l.kind for l in rest.values())
-            main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
-            for p, l in rest.items():
-                if l.kind != main_kind:
-                    reasons[p] = f"a {target} adapter holds one kind and this one mixes {sorted(counts)}"
-            dora = [p for p, l in rest.items() if getattr(l, "magnitude", None) is not None and p not in reasons]
-            lora = [p for p, l in rest.items() if l.kind == "lora" and p not in reasons]
-            if dora and len(dora) != len(lora):
-                for p in lora:
-                    if p not in dora:
-                        reasons[p] = f"{target} applies DoRA to all layers or none"
-            lokr = {p: l for p, l in rest.items() if l.kind == "lokr" and p not in reasons}
-            if lokr and target == "peft":
-                reasons.update(_lokr_reasons(lokr))
-    return reasons
+    """Layers a target format cannot store as they are: ``{path: reason}`` (empty when all fit).
 
-
-def _lokr_reasons(layers: dict[str, LoKr]) -> dict[str, str]:
-    try:
-        peft_lokr.choose_layout(layers)
-        return {}
-    except UnsupportedError:
-        pass
-    out = {}
-    for p, l in layers.items():
-        try:
-            peft_lokr.choose_layout({p: l})
-        except UnsupportedError:
-            out[p] = f"PEFT's LoKr factorisation cannot rebuild factors w1 {l.w1_shape} x w2 {l.w2_shape}"
-    if not out:
-        out = {p: "no single PEFT decompose_factor rebuilds every LoKr layer" for p in layers}
-    return out
+    The format decides (its ``can_store`` and ``can_store_adapter``, :func:`adaptkit.formats.refusals`). Module
+    paths it has no name for and extra tensors it refuses are nothing a conversion could fix:
+    :func:`adaptkit.formats.save` names them.
+    """
+    return {p: why for p, why in refusals(target, adapter, paths=False).items() if p in adapter.layers}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -367,5 +315,5 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
                            overwrite=overwrite, component=component, progress=progress)
 
 
-__all__ = ["CONVERTERS", "FORMAT_KINDS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
+__all__ = ["CONVERTERS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",
            "convert_formats", "parse_spec", "plan", "report_frame"]

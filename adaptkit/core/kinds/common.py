@@ -249,6 +249,8 @@ class DeltaMixin(KindBase):
 
     def _refined(self, shape: tuple[int, ...]) -> Layer:
         """The layer for a base weight ``shape`` its tensors leave open (a reader's lenient fit)."""
+        if self.shape is None:  # a file that stores no shape (a registered kind read from a state dict)
+            return dataclasses.replace(self, shape=shape)
         if self.reshapes_to_module and tuple(self.shape) != shape and math.prod(self.shape) == math.prod(shape):
             return dataclasses.replace(self, shape=shape, module_type=conv_or_linear(shape))
         return self

@@ -30,7 +30,7 @@ from ...formats import check_write_options, save
 from ...formats.inputs import as_adapters
 from ...io.outputs import check_output
 from ...progress import bar
-from .methods import METHODS, Method, combine, get_method
+from .methods import METHODS, Method, Operand, Output, combine, get_method
 
 #: metadata key holding the provenance JSON of a merged adapter
 PROVENANCE_KEY = "adaptkit.merge"
@@ -185,7 +185,7 @@ def _check_options(m: Method, density: Any, rank: Any, majority_sign: Any, seed:
         raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
     if rank is not None:
         if not m.takes_rank:
-            own = "its rank is the sum of the inputs' ranks" if m.output == "concat" else "it keeps the inputs' rank"
+            own = "its rank is the sum of the inputs' ranks" if m.output is Output.CONCAT else "it keeps the inputs' rank"
             raise ConfigError(
                 f"method '{m.name}' chooses no rank ({own}), so rank does not apply; use 'svd', a '*_svd' method "
                 "or 'task_arithmetic' to choose the rank"
@@ -220,7 +220,7 @@ def _resolve_rank(m: Method, rank: int | None, adapters: list[Adapter], all_lora
         return None
     if rank is not None:
         return rank
-    if m.output == "exact_or_svd":
+    if m.output is Output.EXACT_OR_SVD:
         if not all_lora:
             raise ConfigError(
                 "task_arithmetic keeps the sum exact with LoRA factors, but LoHa/LoKr/full layers have none; "
@@ -335,14 +335,14 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
         raise UnsupportedError(f"{path} is a {template.kind} layer of a 1-D parameter; merging into LoRA needs a matrix")
     loras = all(layer.lora_ab() is not None for layer in layers)  # stored as LoRA B/A factors
     gen = _layer_generator(opts.seed, path) if m.random and opts.seed is not None else None
-    if m.operand == "factors":
+    if m.operand is Operand.FACTORS:
         if not loras:
             raise UnsupportedError(
                 f"method '{m.name}' combines LoRA A and B factors, but {path} is {_kinds(layers)}; "
                 f"use '{m.name}_svd' if it exists, 'svd' or 'task_arithmetic' with a rank"
             )
         up, down = _factorwise(path, layers, weights, opts, gen)
-    elif m.operand == "lowrank" and opts.rank is None:  # cat / exact task arithmetic
+    elif m.operand is Operand.LOWRANK and opts.rank is None:  # cat / exact task arithmetic
         if not loras:
             raise UnsupportedError(f"method '{m.name}' concatenates LoRA factors, but {path} is {_kinds(layers)}; "
                                    "pass a rank, or use 'svd'")
@@ -352,7 +352,7 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
             ups.append(b)
             downs.append(a * (w * layer.scale))
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-    elif m.operand == "lowrank":  # svd / task arithmetic with a rank
+    elif m.operand is Operand.LOWRANK:  # svd / task arithmetic with a rank
         if loras:
             ups, downs = [], []
             for layer, w in zip(layers, weights):

@@ -18,11 +18,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 from ...errors import ConfigError
 from .primitives import disjoint_mean, majority_sign, prune, weighted_sum
+
+
+class Operand(StrEnum):
+    """What a method combines (see the module docstring)."""
+
+    FACTORS = "factors"
+    DELTA = "delta"
+    LOWRANK = "lowrank"
+
+
+class Sparsify(StrEnum):
+    """How a method drops entries before combining: keep the largest, or DARE's random keep + rescale."""
+
+    MAGNITUDE = "magnitude"
+    RANDOM = "random"
+
+
+class Output(StrEnum):
+    """The rank of a method's result."""
+
+    SAME = "same"
+    CONCAT = "concat"
+    SVD = "svd"
+    EXACT_OR_SVD = "exact_or_svd"
 
 
 @dataclass(frozen=True)
@@ -40,10 +65,10 @@ class Method:
     """
 
     name: str
-    operand: str
-    sparsify: str | None
+    operand: Operand
+    sparsify: Sparsify | None
     consensus: bool
-    output: str
+    output: Output
     peft: bool
     summary: str
 
@@ -55,22 +80,23 @@ class Method:
     @property
     def takes_rank(self) -> bool:
         """Whether ``rank`` means something (the output is truncated by SVD)."""
-        return self.output in ("svd", "exact_or_svd")
+        return self.output in (Output.SVD, Output.EXACT_OR_SVD)
 
     @property
     def random(self) -> bool:
         """Whether the method draws random numbers (``seed`` applies)."""
-        return self.sparsify == "random"
+        return self.sparsify is Sparsify.RANDOM
 
     @property
     def equal_ranks(self) -> bool:
         """Whether every input must have the same rank at a layer (factor-wise combination)."""
-        return self.operand == "factors"
+        return self.operand is Operand.FACTORS
 
 
 def _m(name: str, operand: str, sparsify: str | None, consensus: bool, output: str, summary: str,
        peft: bool = True) -> Method:
-    return Method(name, operand, sparsify, consensus, output, peft, summary)
+    return Method(name, Operand(operand), None if sparsify is None else Sparsify(sparsify), consensus, Output(output),
+                  peft, summary)
 
 
 #: every merge method, by name
@@ -128,7 +154,7 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     if method.sparsify is not None:
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
-        rescale = method.sparsify == "random"
+        rescale = method.sparsify is Sparsify.RANDOM
         for i, t in enumerate(tensors):
             tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator)
     w = [weights[i].to(tensors[i].dtype) for i in range(len(tensors))]
@@ -137,4 +163,4 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     return disjoint_mean(tensors, w, majority_sign(tensors, majority_sign_method))
 
 
-__all__ = ["METHODS", "PEFT_METHODS", "Method", "combine", "get_method"]
+__all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "get_method"]
