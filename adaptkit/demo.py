@@ -16,7 +16,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .analysis.compare import compare_adapters
+from .analysis.layers import analyze_adapter
 from .errors import OutputExistsError
+from .formats import load, save
+from .io.outputs import check_output
+from .live.status import checkpoint_status, checkpoint_summary
+from .ops.convert import convert_checkpoint
+from .ops.fuse import fuse
+from .ops.merging import merge
 
 MARKER = ".adaptkit-demo"
 
@@ -37,7 +47,6 @@ def example(name: str) -> Path:
 
 def build_example_base(out: Path) -> Path:
     """Write the tiny llama the examples belong to (seeded random weights) as a safetensors model dir."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = json.loads((examples_dir() / "base_config.json").read_text())
@@ -63,9 +72,6 @@ class DemoContext:
 
 
 def _step_info(ctx: DemoContext) -> None:
-    from .formats import load
-    from .live.status import checkpoint_status, checkpoint_summary
-
     ctx.section("info: what is inside the bundled example 'lora_code'")
     adapter = load(example("lora_code"))
     summary = checkpoint_summary(adapter)
@@ -78,8 +84,6 @@ def _step_info(ctx: DemoContext) -> None:
 
 
 def _step_save(ctx: DemoContext) -> None:
-    from .formats import load, save
-
     ctx.section("save: write it back in PEFT format")
     adapter = ctx.results.get("lora_code") or load(example("lora_code"))
     out = save(adapter, ctx.out / "lora_code_peft", format="peft")
@@ -91,9 +95,6 @@ def _step_save(ctx: DemoContext) -> None:
 
 
 def _step_merge(ctx: DemoContext) -> None:
-    from .formats import load, save
-    from .ops.merging import merge
-
     ctx.section("merge: 'lora_math' + 0.5 x 'lora_code' (ranks 8 and 4), TIES on the deltas, SVD to rank 8")
     adapters = [load(example("lora_math")), load(example("lora_code"))]
     merged = merge(adapters, weights=[1.0, 0.5], method="ties_svd", density=0.5, rank=8,
@@ -110,8 +111,6 @@ def _step_merge(ctx: DemoContext) -> None:
 
 
 def _step_fuse(ctx: DemoContext) -> None:
-    from .ops.fuse import fuse
-
     ctx.section("fuse: bake 'lora_code' into a generated tiny base, streaming tensor by tensor")
     base = build_example_base(ctx.out / "base")
     result = fuse(base, example("lora_code"), ctx.out / "fused", progress=ctx.progress)
@@ -120,8 +119,6 @@ def _step_fuse(ctx: DemoContext) -> None:
 
 
 def _step_convert(ctx: DemoContext) -> None:
-    from .ops.convert import convert_checkpoint
-
     ctx.section("convert: a LyCORIS LoHa file (flattened kohya names) -> PEFT, names resolved on the base")
     base = ctx.out / "base"
     if not base.exists():
@@ -132,9 +129,6 @@ def _step_convert(ctx: DemoContext) -> None:
 
 
 def _step_analyze(ctx: DemoContext) -> None:
-    from .analysis.compare import compare_adapters
-    from .analysis.layers import analyze_adapter
-
     ctx.section("analyze: spectra of 'lora_math' (low-rank, dW never built); how the bundled adapters interfere")
     try:
         import matplotlib  # noqa: F401
@@ -186,8 +180,6 @@ def run_demo(out: str | Path = "adaptkit-demo", echo: Callable[[str], None] = pr
         OutputExistsError: ``out`` exists and is not an earlier demo output, or its parent is a file.
         OutputIsInputError: ``out`` is, contains or lies inside the bundled examples.
     """
-    from .io.sources import check_output
-
     out = check_output(out, overwrite=True, inputs=[examples_dir()])  # replacing is decided by the marker below
     if out.exists():
         if not (out / MARKER).exists():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
@@ -41,14 +40,15 @@ from ..core.kinds.base import math_shape
 from ..core.params import DENSITY, SEED, kept_entries
 from ..core.params import MAX_ENTRIES as MAX_ENTRIES_PARAM
 from ..errors import ConfigError
+from ..formats.inputs import as_adapter
 from ..progress import bar
 from .layers import (
     adapter_name,
     analyze_adapter,
-    as_adapter,
     natural_key,
-    write_json_safe,
 )
+from .report import require_matplotlib, write_compare_report
+from .results import Comparison
 
 DEFAULT_DENSITY = 0.2
 MAX_ENTRIES = 1 << 20
@@ -233,37 +233,6 @@ def _factorwise(a: Layer, b: Layer) -> bool:
 # ------------------------------------------------------------------------------------ adapters
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """The result of :func:`compare_adapters`.
-
-    Args:
-        names: adapter display names, in input order.
-        layers: per shared module and pair (:data:`LAYER_COLUMNS`).
-        pairs: per pair summary (:data:`PAIR_COLUMNS`): target overlap, pooled cosine and conflict, suggestion.
-        method: the suggested merge method for all adapters together.
-        reason: why (one sentence with the figures).
-        density: the TIES density used for the sign statistics.
-    """
-
-    names: tuple[str, ...]
-    layers: pd.DataFrame
-    pairs: pd.DataFrame
-    method: str
-    reason: str
-    density: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN as ``None``): adapters, density, suggestion, pairs, layers."""
-        return write_json_safe({
-            "adapters": list(self.names),
-            "density": self.density,
-            "suggestion": {"method": self.method, "reason": self.reason},
-            "pairs": self.pairs.to_dict(orient="records"),
-            "layers": self.layers.to_dict(orient="records"),
-        })
-
-
 def _pooled(rows: pd.DataFrame) -> tuple[float, float, float]:
     """Global cosine over concatenated deltas, pooled sign conflict and top-k overlap of some layer rows."""
     ok = rows[rows["cosine"].notna()]
@@ -281,7 +250,7 @@ def _named(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[str, Adapte
            names: Sequence[str] | None, format: str | None, base: str | None) -> tuple[list[str], list[Adapter]]:
     if isinstance(adapters, Mapping):
         names, adapters = list(adapters.keys()), list(adapters.values())
-    loaded = [as_adapter(a, format, base) for a in adapters]
+    loaded = [as_adapter(a, format=format, base=base) for a in adapters]
     if len(loaded) < 2:
         raise ConfigError(f"compare needs at least two adapters, got {len(loaded)}; pass two or more sources")
     if names is not None and len(names) != len(loaded):
@@ -321,8 +290,6 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
     """
     density, max_entries, seed = DENSITY.check(density), MAX_ENTRIES_PARAM.check(max_entries), SEED.check(seed)
     if report is not None:
-        from .report import require_matplotlib
-
         require_matplotlib()
     names_, loaded = _named(adapters, names, format, base)
     layer_rows, pair_rows = [], []
@@ -365,8 +332,6 @@ def compare_adapters(adapters: Sequence[Adapter | str | os.PathLike] | Mapping[s
                                    any(a.dora_layers() for a in loaded))
     result = Comparison(names=tuple(names_), layers=layers, pairs=pairs, method=method, reason=reason, density=density)
     if report is not None:
-        from .report import write_compare_report
-
         analyses = [analyze_adapter(ad, name=nm, progress=progress) for nm, ad in zip(names_, loaded)]
         write_compare_report(result, analyses, report)
     return result

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,8 +34,11 @@ import pandas as pd
 from ..core.adapter import Adapter
 from ..core.kinds import Layer, layer_is_finite
 from ..core.linalg import energy_rank as energy_rank_of
+from ..formats.inputs import as_adapter
 from ..progress import bar
 from .depth import Position, first_index, module_positions
+from .report import require_matplotlib, write_analysis_report
+from .results import AdapterAnalysis
 
 #: columns of :func:`analyze`, in order
 COLUMNS = ("module", "kind", "shape", "component", "depth", "rank", "scale", "dora", "fro_norm", "spectral_norm",
@@ -173,39 +174,6 @@ def analyze_layer(path: str, layer: Layer, position: Position | None = None) -> 
     return row, s
 
 
-@dataclass(frozen=True)
-class AdapterAnalysis:
-    """The result of :func:`analyze_adapter`.
-
-    Args:
-        name: a short name for the adapter (used in reports and comparisons).
-        table: the per-layer DataFrame (:data:`COLUMNS`).
-        spectra: module path -> singular values (descending, float64); IA3 and non-finite layers absent.
-        source: where the adapter came from, when known.
-    """
-
-    name: str
-    table: pd.DataFrame
-    spectra: Mapping[str, np.ndarray] = field(default_factory=dict)
-    source: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """A few adapter-level figures: layers, kinds, total ``||dW||_F``, median effective rank, top layer."""
-        t = self.table
-        with_delta = t[t["fro_norm"].notna()]
-        top = with_delta.sort_values("energy_share", ascending=False).head(1)
-        return {
-            "adapter": self.name,
-            "source": self.source,
-            "layers": len(t),
-            "kinds": {str(k): int(v) for k, v in t["kind"].value_counts().sort_index().items()},
-            "total_fro_norm": float(np.sqrt((with_delta["fro_norm"] ** 2).sum())) if len(with_delta) else math.nan,
-            "median_effective_rank": float(with_delta["effective_rank"].median()) if len(with_delta) else math.nan,
-            "top_layer": None if top.empty else f"{top['module'].iloc[0]} ({top['energy_share'].iloc[0]:.1%})",
-            "all_finite": bool(t["finite"].all()),
-        }
-
-
 def adapter_name(adapter: Adapter, fallback: str = "adapter") -> str:
     """A short display name: the adapter's own name unless it is PEFT's ``default``, else its source's basename."""
     if adapter.name and adapter.name != "default":
@@ -214,16 +182,6 @@ def adapter_name(adapter: Adapter, fallback: str = "adapter") -> str:
         base = os.path.basename(str(adapter.source).rstrip("/\\")) or str(adapter.source)
         return base.split("@")[0] or fallback
     return fallback
-
-
-def as_adapter(adapter_or_source: Adapter | str | os.PathLike, format: str | None = None,
-               base: str | None = None) -> Adapter:
-    """Return an :class:`Adapter` as is, or load a source (hub id, directory, file) with :func:`adaptkit.load`."""
-    if isinstance(adapter_or_source, Adapter):
-        return adapter_or_source
-    from ..formats import load
-
-    return load(adapter_or_source, format=format, base=base)
 
 
 def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
@@ -246,10 +204,8 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
         UnsupportedError: ``report`` is given and matplotlib is not installed (checked before any work).
     """
     if report is not None:
-        from .report import require_matplotlib
-
         require_matplotlib()
-    adapter = as_adapter(adapter_or_source, format, base)
+    adapter = as_adapter(adapter_or_source, format=format, base=base)
     rows, spectra = [], {}
     positions = module_positions(adapter.layers)
     for path in bar(sorted(adapter.layers, key=natural_key), desc="analyze", unit="layer", progress=progress):
@@ -266,8 +222,6 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
     table["energy_share"] = energy / total if total > 0 else math.nan
     result = AdapterAnalysis(name=name or adapter_name(adapter), table=table, spectra=spectra, source=adapter.source)
     if report is not None:
-        from .report import write_analysis_report
-
         write_analysis_report(result, report)
     return result
 
@@ -305,21 +259,6 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
 
 def natural_key(path: str) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
-
-
-def write_json_safe(value: Any) -> Any:
-    """Turn NaN floats into ``None`` and numpy scalars into Python ones, recursively (for JSON output)."""
-    if isinstance(value, dict):
-        return {k: write_json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [write_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 __all__ = [

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._version import __version__
 from ..errors import ConfigError, UnsupportedError
-from ..io.sources import atomic_output, check_output
-from .compare import Comparison
+from ..io.outputs import atomic_output, check_output
 from .depth import block_ticks, component_rank, module_positions
-from .layers import AdapterAnalysis
+from .results import AdapterAnalysis, Comparison
 
 MISSING = "the HTML report needs matplotlib, which is not installed; run: pip install 'adaptkit[plot]'"
 
@@ -342,8 +342,6 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _page(title: str, subtitle: str, body: list[str]) -> str:
-    from .._version import __version__
-
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
             f"<p class=\"sub\">{html.escape(subtitle)} &middot; adaptkit {__version__}</p>\n"

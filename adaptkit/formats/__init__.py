@@ -15,7 +15,8 @@ from typing import Any
 
 from ..core.adapter import Adapter
 from ..errors import ArgumentTypeError
-from ..io.sources import check_output, resolve_selected
+from ..io.outputs import check_output
+from ..io.sources import resolve_selected
 from .hub import allow_patterns
 from .hub import select_hub_files as _select_hub_files
 from .registry import (

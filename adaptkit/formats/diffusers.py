@@ -28,12 +28,8 @@ from ..core.adapter import Adapter
 from ..core.kinds import LoRA
 from ..core.kinds.base import check_factors
 from ..errors import FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import (
-    atomic_output,
-    read_safetensors_header,
-    read_weights,
-    write_safetensors,
-)
+from ..io.outputs import atomic_output
+from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import peft as _peft
 from .base import Selection
 from .patterns import ConfigPatterns

@@ -31,8 +31,8 @@ import torch
 from ..core.adapter import Adapter
 from ..core.kinds import IA3
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import (
-    atomic_output,
+from ..io.outputs import atomic_output
+from ..io.safetensors import (
     read_safetensors,
     read_safetensors_header,
     write_safetensors,

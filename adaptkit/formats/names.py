@@ -31,7 +31,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError, ShapeMismatchError
+from ..io.safetensors import read_safetensors_header
+from ..io.sources import resolve
 
 #: kohya/LyCORIS name prefix -> pipeline component ("" = the model itself, no component)
 PREFIXES: dict[str, str] = {
@@ -229,8 +233,6 @@ def text_model_aliases(modules: Iterable[str]) -> dict[str, str]:
 
 
 def _from_safetensors(files: Iterable[Path]) -> Listing:
-    from ..io.sources import read_safetensors_header
-
     out: dict[str, tuple[int, ...]] = {}
     biases: set[str] = set()
     for f in files:
@@ -248,8 +250,6 @@ def _from_safetensors(files: Iterable[Path]) -> Listing:
 
 def _from_config(config_path: Path) -> Listing:
     """Build the model of a ``config.json`` on the meta device (no weights) and list its modules."""
-    import torch
-
     cfg = json.loads(config_path.read_text())
     with torch.device("meta"):
         if "_class_name" in cfg:
@@ -296,8 +296,6 @@ def inventory_from_base(base: Any) -> Inventory:
         mods, biases = modules_of(base)
         return Inventory(name=type(base).__name__, modules={"": mods}, biases={"": frozenset(biases)},
                          aliases={"": text_model_aliases(mods)})
-    from ..io.sources import resolve
-
     resolved = resolve(str(base), allow_patterns=["*.json", "*/*.json"])
     path = resolved.path
     listings: dict[str, Listing] = {}

@@ -24,12 +24,8 @@ import torch
 from ..core.adapter import Adapter
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
-from ..io.sources import (
-    atomic_output,
-    read_safetensors_header,
-    read_weights,
-    write_safetensors,
-)
+from ..io.outputs import atomic_output
+from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr
 from .base import Selection, check_storable

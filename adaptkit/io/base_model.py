@@ -1,10 +1,11 @@
-"""Sharded safetensors models read and written tensor by tensor, and adapter paths matched to weight names.
+"""Base models read tensor by tensor, and adapter paths matched to weight names.
 
-This is the reading half of the streaming layer under :mod:`adaptkit.fuse` (:mod:`adaptkit.shard_writer`
+The reading half of the streaming layer under fuse, unfuse, extract and LoftQ (:mod:`adaptkit.io.shard_writer`
 is the writing half). A base model (a hub id, a directory with ``model.safetensors.index.json``, one
 ``.safetensors`` file, or a diffusers pipeline with one folder per component) is described from its
-safetensors *headers* only (:class:`WeightSet`): every tensor's name, dtype, shape and byte range; single
-tensors are read with ``pread``, never a whole file.
+safetensors *headers* only (:func:`open_base` -> :class:`WeightSet`): every tensor's name, dtype, shape and
+byte range; single tensors are read with ``pread`` (:func:`read_tensor`, :class:`TensorReader`), never a
+whole file, so peak memory is the largest tensor, not the model.
 """
 
 from __future__ import annotations
@@ -20,16 +21,9 @@ import torch
 
 from ..core.params import DTYPE
 from ..errors import ConfigError, FormatError, SourceNotFoundError, UnsupportedError
-from .sources import read_safetensors_header, resolve
+from .safetensors import FLOAT_ST, ST_TO_TORCH, TORCH_TO_ST, read_safetensors_header
+from .sources import resolve
 
-#: safetensors dtype name <-> torch dtype
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-FLOAT_ST = {"F64", "F32", "F16", "BF16"}
 #: user spellings of an output dtype
 DTYPE_NAMES: dict[str, str] = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
@@ -299,6 +293,35 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     buf = bytearray(info.nbytes)
     pread_into(fd, buf, info)
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+
+
+class TensorReader:
+    """Reads tensors of one or more :class:`WeightSet` s one at a time, keeping one descriptor per file open.
+
+    Use as a context manager: ``with TensorReader() as reader: t = reader.read(ws.tensors[key])``.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """``info``'s tensor, read with ``pread`` into a fresh tensor of its dtype and shape."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return read_tensor(fd, info)
+
+    def close(self) -> None:
+        """Close every file opened so far."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_weight_like(path: Path) -> bool:

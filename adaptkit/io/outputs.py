@@ -4,8 +4,9 @@
 of its inputs (resolved paths: symlinks followed, hub sources as their cache folder), an existing output
 without ``overwrite``, and a parent that is a file. :func:`atomic_output` writes to a hidden temporary beside
 the output and renames it into place when complete; a full disk, a file-size limit or a read-only target is
-one :class:`~adaptkit.errors.OutputWriteError` naming the output. :mod:`adaptkit.sources` re-exports these,
-so writers import them from there with the readers.
+one :class:`~adaptkit.errors.OutputWriteError` naming the output. Every writer (the formats' ``write``, the
+fuse/unfuse/LoftQ shard writers, the HTML reports) writes inside :func:`atomic_output`; what it writes is
+serialised by :mod:`adaptkit.io.safetensors`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..errors import AdaptkitError, OutputExistsError, OutputIsInputError, OutputWriteError, SourceNotFoundError
+from ..errors import (
+    AdaptkitError,
+    OutputExistsError,
+    OutputIsInputError,
+    OutputWriteError,
+    SourceNotFoundError,
+)
+from .sources import _resolve_local, parse_hub_id
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
@@ -108,8 +114,6 @@ def input_locations(inputs: Iterable[Any]) -> list[tuple[str, Path]]:
 
 
 def _locations(text: str) -> list[tuple[str, Path]]:
-    from .sources import _resolve_local, parse_hub_id
-
     try:
         local = _resolve_local(text)
     except SourceNotFoundError:
@@ -270,18 +274,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (made contiguous, storage not shared) and string metadata to ``path``."""
-    from safetensors.torch import save
-
-    clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    data = save(clean, metadata=meta or None)  # serialised here and written by Python: disk errors keep their errno
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _shares_storage(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()

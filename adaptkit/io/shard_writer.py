@@ -1,10 +1,14 @@
 """Planned safetensors output files written tensor by tensor: raw byte copies, casts and float32 transforms.
 
-The writing half of the streaming layer under :mod:`adaptkit.fuse` (:mod:`adaptkit.shards` is the reading
-half). An output file is planned in advance (:class:`OutFile`), so its header is written first and the
-data is streamed after: byte ranges of untouched tensors are copied with ``os.copy_file_range`` (no
+The writing half of the streaming layer under fuse, unfuse and LoftQ (:mod:`adaptkit.io.base_model` is the
+reading half). An output file is planned in advance (:class:`OutFile`), so its header is written first and
+the data is streamed after: byte ranges of untouched tensors are copied with ``os.copy_file_range`` (no
 decoding, no Python buffer); touched tensors are decoded, transformed in float32 (in blocks of rows when
 the transform allows it), checked to be finite and written in the output dtype.
+
+Fuse plans and writes the files itself (re-sharding, dtype casts, parallel workers); :func:`write_patched_copy`
+is the simple case (the base's own files with some tensors replaced) that LoftQ's adjusted base uses, and
+:func:`copy_side_files` copies what is not weights (config, tokenizer, remote code) next to either output.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +26,15 @@ import torch
 
 from ..core.params import SHARD_SIZE
 from ..errors import FormatError, NonFiniteError
-from .base_model import FLOAT_ST, ST_TO_TORCH, TensorInfo, WeightGroup, WeightSet, pread_into, read_tensor
-from .sources import ST_DTYPE_SIZES
+from .base_model import (
+    TensorInfo,
+    WeightGroup,
+    WeightSet,
+    is_weight_like,
+    pread_into,
+    read_tensor,
+)
+from .safetensors import FLOAT_ST, ST_DTYPE_SIZES, ST_TO_TORCH
 
 _CHUNK = 16 << 20  # bytes per piece when a cast or a fallback copy streams a tensor
 #: float32 bytes per block of rows in a row-wise transform: small enough that the read, the float32
@@ -324,3 +336,61 @@ def write_index(group: WeightGroup, files: list[OutFile], directory: Path) -> Pa
     path = directory / (group.rel_dir or ".") / f"{group.stem}.safetensors.index.json"
     path.write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     return path
+
+
+#: files beside a single-file base that :func:`copy_side_files` copies with ``beside_file`` (config, tokenizer, code)
+SIDE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".py", ".jinja")
+
+
+def copy_side_files(ws: WeightSet, dest: Path, exclude: Callable[[Path], bool] | None = None,
+                    beside_file: bool = False) -> None:
+    """Copy the files of a base that are not weights (config, tokenizer, remote code, ...) into ``dest``.
+
+    Args:
+        ws: the base.
+        dest: the output directory (sub-folders are kept).
+        exclude: called with each candidate's path relative to the base; ``True`` skips it.
+        beside_file: for a single-file base, copy the config-like files (:data:`SIDE_SUFFIXES`) next to it;
+            otherwise a single-file base has no side files.
+
+    Weight files of any format (``.bin``, ``.gguf``, other ``.safetensors``, indexes) and hidden files are
+    never copied: next to new weights they would hold the old model.
+    """
+    if ws.is_file:
+        if not beside_file:
+            return
+        candidates = [p for p in sorted(ws.root.parent.iterdir()) if p.suffix in SIDE_SUFFIXES]
+        root = ws.root.parent
+    else:
+        candidates, root = sorted(ws.root.rglob("*")), ws.root
+    skip = ws.weight_files()
+    for path in candidates:
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.resolve() in skip or is_weight_like(path) or (exclude is not None and exclude(rel)):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def write_patched_copy(ws: WeightSet, dest: Path, transforms: Mapping[str, Transform],
+                       on_tensor: Callable[[OutEntry], None] | None = None) -> None:
+    """Write the base's weight files into ``dest`` with some tensors replaced, streaming one tensor at a time.
+
+    The output has the base's files, tensor order, dtypes, metadata and index (copied as it is: nothing in it
+    changes); tensors without a transform are copied as raw bytes, each transformed one (``key`` ->
+    float32 -> float32 of the same shape) is checked to be finite and written in its own dtype. Write into a
+    temporary of :func:`~adaptkit.io.outputs.atomic_output`; side files are :func:`copy_side_files`.
+
+    Raises:
+        NonFiniteError: a transformed tensor has NaN/Inf. FormatError: a base file is truncated.
+    """
+    for group in ws.groups:
+        for plan in plan_group_files(group, ws, None, transforms, None):
+            path = dest / plan.rel_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_out_file(plan, path, on_tensor=on_tensor)
+        if group.index is not None:
+            shutil.copyfile(group.index, dest / (group.rel_dir or ".") / group.index.name)

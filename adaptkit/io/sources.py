@@ -1,4 +1,4 @@
-"""Where checkpoints come from: hub ids, directories, files; safe reading (writing: :mod:`adaptkit.outputs`).
+"""Where checkpoints come from: hub ids, directories and files, resolved to local paths.
 
 A *source* is one of:
 
@@ -15,38 +15,23 @@ A subfolder never leaves its snapshot or directory: an absolute subfolder, a ``.
 that resolves outside the snapshot (for hub files: outside the repo's cache folder, where the snapshot's
 links point) is refused with a :class:`~adaptkit.errors.SourceNotFoundError`.
 
-Pickled checkpoints are never executed: ``torch.load(..., weights_only=True)`` refuses any pickle that
-would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatError`.
-
-Writing (output checks, atomic outputs, disk errors) lives in :mod:`adaptkit.outputs`; its functions are
-re-exported here.
+This module only finds files. Reading them is :mod:`adaptkit.io.safetensors` (adapters, whole files) and
+:mod:`adaptkit.io.base_model` (base models, tensor by tensor); writing is :mod:`adaptkit.io.outputs` (checks
+and atomic outputs) with the serialisers of :mod:`adaptkit.io.safetensors`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import pickle
 import re
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
 
-import torch
-
-from ..errors import FormatError, SourceNotFoundError
-from .outputs import atomic_output, check_not_input, check_output, input_locations, write_safetensors
+from ..errors import SourceNotFoundError
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
-
-#: dtypes of the safetensors format and their sizes in bytes
-ST_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -391,125 +376,5 @@ def _resolve_hub(spec: str, repo: str, rev: str | None, sub: str | None, allow_p
     return Resolved(path=path, spec=spec, repo_id=repo, revision=rev, commit=root.name, subfolder=sub)
 
 
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Read and validate a safetensors header without loading tensors.
-
-    Returns:
-        ``(header, data_start)``: the parsed JSON header (with ``__metadata__`` if present) and the byte
-        offset where tensor data begins.
-
-    Raises:
-        FormatError: the file is truncated, the header is not JSON, or offsets/shapes/sizes disagree.
-    """
-    size = path.stat().st_size
-    fix = "re-download or re-export the file"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path.name} is not a safetensors file (only {size} bytes); {fix}")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise FormatError(f"{path.name} is truncated or corrupt: its header claims {n} bytes but the file has {size}; {fix}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path.name} has a corrupt safetensors header ({e.__class__.__name__}); {fix}") from e
-    except RecursionError as e:  # thousands of nested [ or {: json gives up at the interpreter's depth limit, at once
-        raise FormatError(f"{path.name} has a corrupt safetensors header (nested too deeply to be a header); {fix}") from e
-    if not isinstance(header, dict):
-        raise FormatError(f"{path.name} has a corrupt safetensors header (not a JSON object); {fix}")
-    data_len = size - 8 - n
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-            nbytes = ST_DTYPE_SIZES[dtype]
-            if not isinstance(shape, list):
-                raise TypeError("shape is not a list")
-            for s in shape:
-                nbytes *= int(s)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path.name}: tensor '{name}' has an invalid header entry; {fix}") from e
-        if any(not _is_count(s) for s in shape):
-            raise FormatError(f"{path.name}: tensor '{name}' has shape {shape}; sizes must be integers >= 0; {fix}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise FormatError(
-                f"{path.name}: tensor '{name}' has data_offsets {offsets}; they must be two integers 0 <= begin <= end; {fix}"
-            )
-        begin, end = offsets
-        if end - begin != nbytes:
-            raise FormatError(
-                f"{path.name}: header of tensor '{name}' lies about its size ({dtype} {shape} needs {nbytes} bytes, "
-                f"offsets give {end - begin}); {fix}"
-            )
-        end_max = max(end_max, end)
-    if end_max > data_len:
-        raise FormatError(f"{path.name} is truncated: tensors need {end_max} bytes of data, the file has {data_len}; {fix}")
-    return header, 8 + n
-
-
-def _is_count(x: Any) -> bool:
-    """An integer >= 0 (``bool`` is not one)."""
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load all tensors and the metadata of a safetensors file, after validating its header.
-
-    Raises:
-        FormatError: the file is truncated or corrupt.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    header, _ = read_safetensors_header(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError(f"{path.name} could not be read as safetensors ({e}); re-download or re-export the file") from e
-    return tensors, dict(header.get("__metadata__") or {})
-
-
-def read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a legacy ``.bin`` state dict with ``torch.load(weights_only=True)``; never executes pickled code.
-
-    Raises:
-        FormatError: the pickle holds anything but tensors (it would run code) or is corrupt.
-    """
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        raise FormatError(
-            f"refusing to load {path.name}: it is not a plain tensor pickle (it may try to run code); "
-            "convert it to safetensors with a tool you trust, or get the .safetensors file"
-        ) from e
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FormatError(f"{path.name} does not hold a flat state dict of tensors; get the .safetensors file")
-    return dict(obj)
-
-
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` or legacy ``.bin``/``.pt``/``.pth`` file."""
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
-        return read_pickle_weights(path), {}
-    raise FormatError(f"{path.name}: unknown weight file type '{path.suffix}'; expected .safetensors (or a legacy .bin)")
-
-
-__all__ = [
-    "HUB_PROBE_TIMEOUT", "ST_DTYPE_SIZES", "HubSelect", "Resolved", "atomic_output", "check_not_input", "check_output",
-    "hub_offline", "hub_unreachable", "input_locations", "parse_hub_id", "read_pickle_weights", "read_safetensors",
-    "read_safetensors_header", "read_weights", "resolve", "resolve_selected", "write_safetensors",
-]
+__all__ = ["HUB_PROBE_TIMEOUT", "HubSelect", "Resolved", "hub_offline", "hub_unreachable", "parse_hub_id", "resolve",
+           "resolve_selected"]

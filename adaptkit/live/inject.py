@@ -21,6 +21,7 @@ cannot be applied are refused, and so is an adapter holding NaN or Inf (tensors,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -31,6 +32,9 @@ from torch import nn
 from ..core.adapter import Adapter
 from ..core.kinds import Layer, tensor_fields
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.inputs import as_adapter
+from ..formats.peft import to_state_dict
+from ..formats.state_dict import from_state_dict
 from .saved_modules import ModulesToSaveWrapper
 from .saved_modules import plan as plan_saved
 from .wrappers import AdaptedModule, base_kind, fit_layer
@@ -154,15 +158,9 @@ def _inventory(obj: Any) -> Any:
 
 
 def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any) -> Adapter:
-    if isinstance(adapter, Adapter):
-        return adapter
-    if isinstance(adapter, (str, os.PathLike)):
-        from ..formats import load
-
-        return load(adapter, base=_inventory(module))  # kohya's flattened names resolve against the model
+    if isinstance(adapter, (Adapter, str, os.PathLike)):
+        return as_adapter(adapter, base=_inventory(module))  # kohya's flattened names resolve against the model
     if isinstance(adapter, Mapping):
-        from ..formats.state_dict import from_state_dict
-
         return from_state_dict(adapter, config, base=_inventory(module))
     raise TypeError(f"adapter must be an Adapter, a source (hub id, directory, file) or a state dict, "
                     f"got {type(adapter).__name__}")
@@ -236,7 +234,6 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     if dup:
         raise ConfigError(f"several adapter paths resolve to the same module: {_list(dup)}; pass full module paths")
     bad_type, bad_shape = [], []
-
     for p, m in resolved.items():
         target = modules[m]
         if isinstance(target, ModulesToSaveWrapper):
@@ -471,8 +468,6 @@ def get_adapter_state_dict(module: Any, adapter_name: str | None = None) -> dict
         >>> sorted(ak.get_adapter_state_dict(model))[:2]
         ['model.layers.0.self_attn.q_proj.lora_A.weight', 'model.layers.0.self_attn.q_proj.lora_B.weight']
     """
-    from ..formats.peft import to_state_dict
-
     ad = adapter_state_dict(module, adapter_name)
     tensors, _ = to_state_dict(ad, prefix="")
     tensors.update(_embedding_copies(module, ad))
@@ -530,8 +525,6 @@ def load_adapter(module: Any, source: Any, adapter_name: str = "default", active
 
 
 def _detach(layer: Layer) -> Layer:
-    import dataclasses
-
     return dataclasses.replace(layer, **{k: v.detach().clone().cpu() for k, v in tensor_fields(layer).items()})
 
 

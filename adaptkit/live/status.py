@@ -28,7 +28,11 @@ from ..core.kinds import (
     layer_nbytes,
     tensor_fields,
 )
-from ..formats import adapter_subfolders, load
+from ..errors import ConfigError
+from ..formats import adapter_subfolders
+from ..formats.inputs import as_adapter
+from ..progress import bar
+from .inject import adapted_modules, is_pipeline, named_modules, roots
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,6 @@ def _shape_text(shape: Any) -> str:
 
 def checkpoint_rows(adapter: Adapter, progress: bool | None = None) -> list[CheckpointLayerRow]:
     """Per-layer rows for an adapter, sorted by module path (a bar on a terminal: see :mod:`adaptkit.progress`)."""
-    from ..progress import bar
-
     rows = []
     for path in bar(sorted(adapter.layers), desc="status", unit="layer", progress=progress):
         layer = adapter.layers[path]
@@ -133,7 +135,7 @@ def describe_checkpoint(source: str | os.PathLike, format: str | None = None, ba
     Raises:
         SourceNotFoundError / FormatError / ConfigError: as :func:`adaptkit.load`.
     """
-    adapter = load(source, format=format, base=base)
+    adapter = as_adapter(source, format=format, base=base)
     table = checkpoint_status(adapter, progress=progress)
     header = checkpoint_summary(adapter)
     if subs := adapter_subfolders(source):  # PEFT keeps every adapter but the default in a subfolder
@@ -207,8 +209,6 @@ def _peft_model_parts(obj: Any) -> tuple[Any, Any] | None:
 
 
 def _walk(obj: Any) -> list[tuple[str, Any]]:
-    from .inject import named_modules
-
     parts = _peft_model_parts(obj)
     if parts is not None:
         return list(parts[1].named_modules())
@@ -221,8 +221,6 @@ def layer_rows(obj: Any) -> list[LayerStatus]:
     Raises:
         ConfigError: the model holds no adapter layer.
     """
-    from ..errors import ConfigError
-
     rows = []
     for name, module in _walk(obj):
         if not _is_tuner_layer(module):
@@ -271,8 +269,6 @@ def _get_attr(module: Any, dotted: str) -> Any:
 
 def _param_counts(obj: Any) -> tuple[int, int]:
     """``(trainable, total)`` counted as PEFT's ``get_nb_trainable_parameters`` does."""
-    from .inject import roots
-
     trainable = total = 0
     seen: set[int] = set()
     modules = [obj] if isinstance(obj, torch.nn.Module) else [m for _, m in roots(obj)]
@@ -300,8 +296,6 @@ def model_row(obj: Any) -> ModelStatus:
     the adapters adaptkit injected (``{"style": "LORA"}``) and ``adapter_model_type`` is ``"adaptkit"``
     when adaptkit adapted any layer.
     """
-    from .inject import adapted_modules, is_pipeline
-
     layers = layer_rows(obj)
     parts = _peft_model_parts(obj)
     if parts is not None:
@@ -358,10 +352,8 @@ def model_row(obj: Any) -> ModelStatus:
 
 
 def _checkpoint(obj: Any) -> Adapter | None:
-    if isinstance(obj, Adapter):
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        return load(obj)
+    if isinstance(obj, (Adapter, str, os.PathLike)):
+        return as_adapter(obj)
     return None
 
 

@@ -19,12 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from ..core.adapter import Adapter
-from ..core.columns import MODULE
+from ..core.columns import MODULE, RETAINED_ENERGY
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
+from ..formats import check_write_options, format_module, names, save
+from ..formats.inputs import as_adapter
+from ..formats.peft import select_component
 from ..formats.registry import refusals
+from ..io.outputs import check_output
 from ..progress import bar
+from .reparam import pissa_to_lora
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,6 @@ class LayerConversion:
 
 def report_frame(rows: list[LayerConversion]) -> Any:
     """The per-layer report as a pandas DataFrame."""
-    import pandas as pd
-
     cols = [f.name for f in dataclasses.fields(LayerConversion)]
     return pd.DataFrame([dataclasses.asdict(r) for r in rows], columns=cols)
 
@@ -163,21 +168,16 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
                     overwrite: bool = False, component: str | None = None,
                     progress: bool | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
-    from ..formats import check_write_options, format_module, load, names, save
-    from ..io.sources import check_output
-
     check_output(out, overwrite, inputs=[source, base])
     dst = format_module(dst_format).NAME
     check_write_options(dst, component=component)
-    adapter = load(source, format=src_format, base=base)
+    adapter = as_adapter(source, format=src_format, base=base)
     adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
         component = names.bare_base_component(adapter.layers, base)
     if dst == "peft" and component not in (None, "each"):
-        from ..formats.peft import select_component
-
         adapter = select_component(adapter, component)  # the report lists what is written
     todo = plan(adapter, dst)
     lossy_ok = rank is not None or kind == "lora"
@@ -224,8 +224,6 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
 
 def _component_note(adapter: Adapter, component: str | None, out: str) -> str | None:
     """How to load PEFT output whose paths keep pipeline components (``unet.``), or what ``component`` did."""
-    from ..formats import names
-
     if component == "each":
         comps = sorted({c for p in adapter.layers if (c := names.component_of(p))})
         return f"one PEFT adapter per component: {', '.join(f'{out}/{c}' for c in comps)}"
@@ -246,9 +244,34 @@ def _component_note(adapter: Adapter, component: str | None, out: str) -> str | 
 #: ``(source, out, *, dst_format, rank, kind, base, overwrite, **options)``; any other left-hand side is a format
 CONVERTERS: dict[str, Callable[..., ConversionResult]] = {}
 
-# PiSSA / OLoRA / CorDA -> LoRA (``--initial INITIAL``), see adaptkit.converters.reparam
-from .reparam import convert_reparam
+def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method: str, dst_format: str = "lora",
+                    rank: int | None = None, kind: str | None = None, base: Any = None, overwrite: bool = False,
+                    initial: Adapter | str | os.PathLike | None = None, progress: bool | None = None,
+                    **_: Any) -> Any:
+    """``adaptkit convert 'pissa->lora' TRAINED OUT --initial INITIAL`` (also ``olora``, ``corda``).
 
+    The handler registered in :data:`CONVERTERS`; writes a PEFT LoRA directory.
+
+    Returns:
+        :class:`ConversionResult` with the per-layer report.
+
+    Raises:
+        ConfigError: no ``initial``, a target other than ``lora``/``peft``, or ``kind`` other than ``lora``.
+    """
+    check_output(out, overwrite, inputs=[source, initial, base])
+    if dst_format not in ("lora", "peft"):
+        raise ConfigError(f"'{method}->{dst_format}' is not a conversion; use '{method}->lora' (written as a PEFT LoRA)")
+    if kind not in (None, "lora"):
+        raise ConfigError(f"'{method}->lora' produces LoRA layers; drop --kind {kind}")
+    if initial is None:
+        raise ConfigError(f"'{method}->lora' needs --initial INITIAL: the adapter saved right after initialisation, before training")
+    adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True, progress=progress)
+    written = save(adapter, out, format="peft", overwrite=overwrite)
+    lossless = bool((report[RETAINED_ENERGY] >= 1.0 - 1e-9).all())
+    return ConversionResult(Path(written), method, "peft", report, lossless)
+
+
+# PiSSA / OLoRA / CorDA -> LoRA (``--initial INITIAL``), see adaptkit.ops.reparam
 CONVERTERS.update({m: functools.partial(convert_reparam, method=m) for m in ("pissa", "olora", "corda")})
 
 

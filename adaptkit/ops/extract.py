@@ -12,9 +12,11 @@ Factors are stored as ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` with ``alpha = r`` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
@@ -32,7 +34,11 @@ from ..core.params import (
     SVD_METHOD,
 )
 from ..errors import ConfigError, ShapeMismatchError
-from ..io.base_model import FLOAT_ST, TensorInfo, open_base, read_tensor
+from ..formats import save
+from ..io.base_model import TensorReader, open_base
+from ..io.outputs import check_output
+from ..io.safetensors import FLOAT_ST
+from ..progress import bar
 
 _EMBED = ("embed", "wte", "wpe", "word_embeddings", "shared")
 
@@ -92,18 +98,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
         ConfigError: neither ``rank`` nor ``energy``, a bad option, or models whose tensors differ.
         ShapeMismatchError: a tensor has different shapes in the two models.
     """
-    import pandas as pd
-
-    from ..progress import bar
-
     if rank is None and energy is None:
         raise ConfigError("give rank=R or energy=E (a fraction in (0, 1]) to choose the LoRA rank")
     rank, energy = RANK.optional(rank), ENERGY.optional(energy)
     method, embeddings, norms = SVD_METHOD.check(method), EMBEDDINGS.check(embeddings), NORMS.check(norms)
     oversample, niter, seed = OVERSAMPLE.check(oversample), NITER.check(niter), SEED.check(seed)
     if out is not None:
-        from ..io.sources import check_output
-
         check_output(out, overwrite, inputs=[base, tuned])
     wb, wt = open_base(base), open_base(tuned)
     missing = sorted(set(wb.tensors) ^ set(wt.tensors))
@@ -118,22 +118,15 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
     saved_modules: list[str] = []
     rows: list[dict[str, Any]] = []
     bias_diffs: dict[str, torch.Tensor] = {}
-    fds: dict[Any, int] = {}
-
-    def load(info: TensorInfo) -> torch.Tensor:
-        if info.file not in fds:
-            fds[info.file] = os.open(info.file, os.O_RDONLY)
-        return read_tensor(fds[info.file], info)
-
-    try:
+    with TensorReader() as reader:
         for key in bar(keys, desc="extract", unit="tensor", progress=progress):
             ib, it = wb.tensors[key], wt.tensors[key]
             if ib.shape != it.shape:
                 raise ShapeMismatchError(f"tensor '{key}' has shape {ib.shape} in the base but {it.shape} in the tuned model")
             if ib.dtype not in FLOAT_ST or it.dtype not in FLOAT_ST:
                 continue
-            tuned_t = load(it)
-            d = tuned_t.to(torch.float32) - load(ib).to(torch.float32)
+            tuned_t = reader.read(it)
+            d = tuned_t.to(torch.float32) - reader.read(ib).to(torch.float32)
             if not bool(d.any()):
                 continue
             module = key.removesuffix(".weight").removesuffix(".bias")
@@ -162,9 +155,6 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
             else:
                 row["action"] = "skipped"
             rows.append(row)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     _place_biases(bias_diffs, layers, extras, saved_modules, rows, norms)
     if not layers:
         raise ConfigError("no weight differs between the two models in a way a LoRA can hold; nothing to extract")
@@ -174,16 +164,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
     report = pd.DataFrame(rows, columns=[MODULE, "tensor", "action", "shape", "rank", RETAINED_ENERGY, RELATIVE_ERROR,
                                          DELTA_NORM])
     if out is not None:
-        from ..formats import save
-
         save(adapter, out, format="peft", overwrite=overwrite)
     return (adapter, report) if return_report else adapter
 
 
 def _place_biases(bias_diffs, layers, extras, saved_modules, rows, norms) -> None:
     """Bias changes of LoRA'd layers become ``lora_B.bias``; other bias changes follow the ``norms`` option."""
-    import dataclasses
-
     by_key = {r["tensor"]: r for r in rows}
     for key, (d, tuned_t) in bias_diffs.items():
         module = key.removesuffix(".bias")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,29 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
 from ..core.kinds import Layer, Replace
 from ..core.params import SHARD_SIZE, WEIGHTS, WORKERS, check_weights
-from ..errors import AdaptkitError, ConfigError, ShapeMismatchError, UnsupportedError
-from ..io.base_model import (
-    FLOAT_ST,
-    TensorInfo,
-    WeightSet,
-    is_weight_like,
-    match_paths,
-    open_base,
-    parse_dtype,
-)
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.inputs import as_adapters
+from ..io.base_model import TensorInfo, WeightSet, match_paths, open_base, parse_dtype
+from ..io.outputs import atomic_output, check_output
+from ..io.safetensors import FLOAT_ST
 from ..io.shard_writer import (
     OutFile,
     Transform,
+    copy_side_files,
     plan_group_files,
     write_index,
     write_out_file,
 )
-from ..io.sources import atomic_output, check_output
+from ..progress import bar
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -87,31 +83,11 @@ class FuseResult:
                 "skipped files": ", ".join(self.skipped) or "-"}
 
 
-def _load_against(source: str | os.PathLike, base: str | os.PathLike) -> Adapter:
-    """Load an adapter, resolving kohya/LyCORIS flattened names against the base being fused.
-
-    The base's module inventory (:func:`adaptkit.converters.names.inventory_from_base`: its safetensors
-    headers, or its configs for a hub id) decides what each flattened name means, as ``inject`` resolves
-    them against the live model. Names the base alone cannot resolve (sd-scripts' LDM UNet names
-    ``input_blocks_...`` against a diffusers UNet) are tried once more against the shipped inventories, whose
-    alias tables know them; when that fails too, the error is the one about the base.
-    """
-    from ..formats import load
-
-    try:
-        return load(source, base=str(base))
-    except ConfigError as against_base:
-        try:
-            return load(source)
-        except AdaptkitError:
-            raise against_base from None
-
-
 def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike],
                  base: str | os.PathLike) -> list[Adapter]:
-    if isinstance(adapters, (Adapter, str, os.PathLike)):
-        adapters = [adapters]
-    out = [a if isinstance(a, Adapter) else _load_against(a, base) for a in adapters]
+    # kohya/LyCORIS flattened names resolve against the base being fused (its safetensors headers, or its
+    # configs for a hub id), as inject resolves them against the live model
+    out = as_adapters(adapters, against=base)
     if not out:
         raise ConfigError("no adapters given; pass at least one adapter to fuse")
     return out
@@ -274,8 +250,6 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
 
 
 def _plan_frame(ws: WeightSet, transforms: dict, names: dict, kinds: dict, out_dtype: str | None, unfuse: bool):
-    import pandas as pd
-
     rows = []
     for key in sorted(transforms, key=lambda k: (str(ws.tensors[k].file), ws.tensors[k].begin)):
         info = ws.tensors[key]
@@ -283,19 +257,6 @@ def _plan_frame(ws: WeightSet, transforms: dict, names: dict, kinds: dict, out_d
                      "out_dtype": out_dtype or info.dtype, "action": "unfuse" if unfuse else "fuse",
                      "adapters": ", ".join(dict.fromkeys(names[key])), "kinds": ", ".join(dict.fromkeys(kinds[key]))})
     return pd.DataFrame(rows, columns=["tensor", "file", "shape", "dtype", "out_dtype", "action", "adapters", "kinds"])
-
-
-def _copy_side_files(ws: WeightSet, dest: Path) -> None:
-    skip = ws.weight_files()
-    for path in sorted(ws.root.rglob("*")):
-        rel = path.relative_to(ws.root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if path.resolve() in skip or is_weight_like(path):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
 
 
 def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
@@ -326,15 +287,12 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
         if not single:
             for group, fs in groups:
                 write_index(group, fs, tmp)
-            if not ws.is_file:
-                _copy_side_files(ws, tmp)
+            copy_side_files(ws, tmp)
     return FuseResult(Path(out), plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
 
 
 def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None,
                fsync: bool) -> None:
-    from ..progress import bar
-
     n = workers or min(len(targets), os.cpu_count() or 1, 8)
     overall = bar(desc="fuse", total=total, unit="B", unit_scale=True, progress=progress)
     slots = list(range(1, n + 1))

@@ -15,14 +15,15 @@ Unlike PEFT (whose LoftQ ignores the LoRA scaling), the scale ``s = alpha / r`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
@@ -30,24 +31,19 @@ from ..core.columns import MODULE
 from ..core.kinds import LoRA
 from ..core.linalg import split_factors
 from ..core.params import ALPHA, BITS, ITERS, RANK
-from ..errors import (
-    ConfigError,
-    FormatError,
-    NonFiniteError,
-    SourceNotFoundError,
-    UnsupportedError,
-)
+from ..errors import ConfigError, NonFiniteError, UnsupportedError
+from ..formats import peft as peft_format
+from ..formats.inputs import as_adapter
 from ..formats.patterns import matches_targets
-from ..io.sources import atomic_output, check_output, read_safetensors_header, resolve
+from ..io.base_model import TensorInfo, TensorReader, WeightSet, open_base
+from ..io.outputs import atomic_output, check_output
+from ..io.shard_writer import copy_side_files, write_patched_copy
 from ..progress import bar
 from .quant import dequantize, quantize
 
 #: module names that hold embeddings or the output layer: never "all-linear" targets (PEFT skips the output layer)
 NOT_LINEAR = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
               "embed_positions", "lm_head", "embed_out", "output_layer")
-_BASE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
-#: files copied next to the adjusted base (``iters > 1``); ``.bin``/``.pt``/``.gguf`` copies would be stale weights
-_COPIED_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".py", ".jinja")
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,41 +90,13 @@ def loftq_layer(weight: torch.Tensor, bits: int, rank: int, iters: int = 1) -> t
     return left, right, deq, plain  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------------------------- base shards
+# ------------------------------------------------------------------------------------------- the plan
 
 
-def base_files(base: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """Resolve a base model (hub id, directory or ``.safetensors`` file) to ``(directory, weight files)``.
-
-    Raises:
-        SourceNotFoundError: nothing at ``base``. FormatError: it holds no safetensors weights.
-    """
-    path = resolve(base, allow_patterns=_BASE_PATTERNS).path
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise FormatError(f"{path.name} is not a .safetensors file; LoftQ streams safetensors base weights only")
-        return path.parent, [path]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise SourceNotFoundError(f"shard {missing[0]} listed in {index.name} is missing; re-download the model")
-        return path, files
-    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
-    if not files:
-        raise FormatError(f"{path} holds no .safetensors weights; LoftQ needs the base model's safetensors files")
-    return path, files
-
-
-def _is_candidate(name: str, info: dict) -> bool:
-    if not name.endswith(".weight") or len(info["shape"]) != 2 or info["dtype"] not in ("F32", "F16", "BF16"):
+def _is_candidate(info: TensorInfo) -> bool:
+    if not info.key.endswith(".weight") or len(info.shape) != 2 or info.dtype not in ("F32", "F16", "BF16"):
         return False
-    return name[: -len(".weight")].rsplit(".", 1)[-1] not in NOT_LINEAR
+    return info.key[: -len(".weight")].rsplit(".", 1)[-1] not in NOT_LINEAR
 
 
 def _targets(target: str | Iterable[str] | None) -> str | list[str] | None:
@@ -141,26 +109,26 @@ def _targets(target: str | Iterable[str] | None) -> str | list[str] | None:
     return list(target)
 
 
-def _plan(files: list[Path], targets: str | list[str] | None, layout: Adapter | None) -> dict[str, set[str]]:
-    """file -> tensor names to process; checks every target matched."""
-    plan: dict[str, set[str]] = {}
+def _plan(ws: WeightSet, targets: str | list[str] | None, layout: Adapter | None) -> list[TensorInfo]:
+    """The weights to process, file by file (by name within a file); checks every target matched."""
+    plan: list[TensorInfo] = []
     seen: list[str] = []
-    for f in files:
-        header, _ = read_safetensors_header(f)
-        for name, info in header.items():
-            if name == "__metadata__" or not _is_candidate(name, info):
-                continue
-            module = name[: -len(".weight")]
-            seen.append(module)
-            if layout is not None:
-                hit = module in layout.layers
-            elif targets == "all-linear":
-                hit = True
-            else:
-                hit = matches_targets(targets, module)
-            if hit:
-                plan.setdefault(str(f), set()).add(name)
-    found = {n[: -len(".weight")] for names in plan.values() for n in names}
+    for group in ws.groups:
+        for f in group.files:
+            for info in sorted((t for t in ws.tensors.values() if t.file == f), key=lambda t: t.key):
+                if not _is_candidate(info):
+                    continue
+                module = info.key[: -len(".weight")]
+                seen.append(module)
+                if layout is not None:
+                    hit = module in layout.layers
+                elif targets == "all-linear":
+                    hit = True
+                else:
+                    hit = matches_targets(targets, module)
+                if hit:
+                    plan.append(info)
+    found = {t.key[: -len(".weight")] for t in plan}
     if layout is not None:
         missing = sorted(set(layout.layers) - found)
         if missing:
@@ -173,56 +141,6 @@ def _plan(files: list[Path], targets: str | list[str] | None, layout: Adapter | 
         raise ConfigError(f"no linear weight of the base matches target modules {targets!r}; its linear modules "
                           f"end in: {example}")
     return plan
-
-
-class _AdjustedBase:
-    """The adjusted base weights of ``iters > 1``, written while they are computed (one tensor in memory).
-
-    Each shard is first copied byte for byte (header, metadata and untouched tensors as they are); every
-    adjusted weight then overwrites its own bytes, which works because its dtype and shape do not change.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.headers: dict[Path, tuple[dict[str, Any], int]] = {}
-        out.mkdir(parents=True)
-
-    def _copy(self, src: Path) -> tuple[dict[str, Any], int]:
-        if src not in self.headers:
-            self.headers[src] = read_safetensors_header(src)  # validated: a truncated shard is refused here
-            shutil.copyfile(src, self.out / src.name)
-        return self.headers[src]
-
-    def put(self, src: Path, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (the base's dtype and shape) over weight ``name`` of shard ``src``'s copy."""
-        header, start = self._copy(src)
-        begin, end = header[name]["data_offsets"]
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-        if len(data) != end - begin:
-            raise FormatError(f"{name} in {src.name} holds {end - begin} bytes, not {len(data)}; re-download the base")
-        with open(self.out / src.name, "r+b") as fh:
-            fh.seek(start + begin)
-            fh.write(data)
-
-    def finish(self, files: list[Path]) -> None:
-        """Copy the shards no targeted weight lives in."""
-        for f in files:
-            self._copy(f)
-
-
-_ST_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _stream(files: list[Path], plan: dict[str, set[str]]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for f in files:
-        names = plan.get(str(f), set())
-        if not names:
-            continue
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for name in sorted(names):
-                yield f, name, handle.get_tensor(name)
 
 
 # ------------------------------------------------------------------------------------------------ loftq
@@ -258,8 +176,6 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         NonFiniteError: a targeted base weight holds NaN or Inf, or the given adapter does (tensors, alpha, scale).
         SourceNotFoundError / FormatError: the base cannot be found or read.
     """
-    import pandas as pd
-
     bits, iters, rank, alpha = BITS.check(bits), ITERS.check(iters), RANK.check(rank), ALPHA.optional(alpha)
     if iters > 1 and out is None:
         raise ConfigError("iters > 1 changes the base weights to quantise; pass out=DIR to write them with the adapter")
@@ -271,9 +187,7 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         check_output(out, overwrite, inputs=[base, adapter])
     layout = None
     if adapter is not None:
-        from ..formats import load
-
-        layout = adapter if isinstance(adapter, Adapter) else load(adapter)
+        layout = as_adapter(adapter)
         layout.check_finite("LoftQ (it takes the given adapter's ranks and alphas)")
         bad = sorted(p for p, l in layout.layers.items() if l.lora_ab() is None or l.module_type != "linear")
         if bad:
@@ -290,18 +204,12 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
     if layout is None and not targets:
         raise ConfigError("no target modules: pass target=['q_proj', 'v_proj'] or 'all-linear' (CLI: --target-modules), "
                           "or an existing adapter (adapter=..., CLI: --adapter)")
-    directory, files = base_files(base)
-    plan = _plan(files, targets, layout)
+    ws = open_base(base)
+    plan = _plan(ws, targets, layout)
     if out is not None:
         with atomic_output(out, overwrite=overwrite) as tmp:
-            result = _run(files, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None,
+            result = _run(ws, plan, bits, iters, rank, alpha, layout, str(base), tmp / "base" if iters > 1 else None,
                           progress)
-            if iters > 1:
-                for extra in directory.iterdir():  # config, tokenizer, remote code; not other weight formats
-                    if extra.is_file() and extra.suffix in _COPIED_SUFFIXES and not extra.name.startswith("adapter_"):
-                        shutil.copy2(extra, tmp / "base" / extra.name)
-            from ..formats import peft as peft_format
-
             peft_format.write(result[0], tmp / "adapter")
             for f in (tmp / "adapter").iterdir():
                 os.replace(f, tmp / f.name)
@@ -309,42 +217,58 @@ def loftq(base: str | os.PathLike, target: str | Iterable[str] | Adapter | None 
         out_path = Path(out)
         return LoftQResult(adapter=result[0], report=pd.DataFrame(result[1]), out=out_path,
                            base_out=out_path / "base" if iters > 1 else None)
-    adapter_out, rows = _run(files, plan, bits, iters, rank, alpha, layout, str(base), None, progress)
+    adapter_out, rows = _run(ws, plan, bits, iters, rank, alpha, layout, str(base), None, progress)
     return LoftQResult(adapter=adapter_out, report=pd.DataFrame(rows))
 
 
-def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, rank: int, alpha: float | None,
+def _run(ws: WeightSet, plan: list[TensorInfo], bits: int, iters: int, rank: int, alpha: float | None,
          layout: Adapter | None, base_spec: str, base_out: Path | None,
          progress: bool | None = None) -> tuple[Adapter, list[dict]]:
-    layers: dict[str, LoRA] = {}
+    """LoftQ on every planned weight, one tensor in memory at a time; with ``base_out``, the adjusted base too.
+
+    Without ``base_out`` the weights are read one by one; with it, :func:`~adaptkit.io.shard_writer.write_patched_copy`
+    streams the base into ``base_out`` and each planned weight is replaced by its dequantised ``Q`` as it passes.
+    """
+    found: dict[str, LoRA] = {}
     rows: list[dict] = []
-    adjusted = _AdjustedBase(base_out) if base_out is not None else None
-    total = sum(len(names) for names in plan.values())
-    for f, name, tensor in bar(_stream(files, plan), desc="loftq", total=total, unit="layer", progress=progress):
-        module = name[: -len(".weight")]
-        if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"base weight {name} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")
+    meter = bar(desc="loftq", total=len(plan), unit="layer", progress=progress)
+
+    def one(info: TensorInfo, w: torch.Tensor) -> torch.Tensor:
+        """LoftQ of one float32 weight: its LoRA layer and report row are kept, the base to quantise returned."""
+        module = info.key[: -len(".weight")]
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"base weight {info.key} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")
         if layout is not None:
             given: LoRA = layout.layers[module]  # type: ignore[assignment]
             r, a, rs = given.rank, given.alpha, given.rslora
         else:
             r, a, rs = rank, float(rank if alpha is None else alpha), False
-        if r > min(tensor.shape):
-            raise ConfigError(f"rank {r} exceeds the smaller dimension of {module} {tuple(tensor.shape)}; lower the rank")
-        w = tensor.to(torch.float32)
+        if r > min(info.shape):
+            raise ConfigError(f"rank {r} exceeds the smaller dimension of {module} {info.shape}; lower the rank")
         left, right, deq, plain = loftq_layer(w, bits, r, iters)
         scale = a / (r**0.5 if rs else r)
-        layers[module] = LoRA.from_factors(left, None, right, shape=tuple(tensor.shape), alpha=a, rslora=rs)
+        found[module] = LoRA.from_factors(left, None, right, shape=info.shape, alpha=a, rslora=rs)
         before = float((w - plain).norm())
         after = float((w - deq - left @ right).norm())
         norm = float(w.norm()) or 1.0
-        rows.append({MODULE: module, "shape": "x".join(map(str, tensor.shape)), "rank": r, "scale": scale,
+        rows.append({MODULE: module, "shape": "x".join(map(str, info.shape)), "rank": r, "scale": scale,
                      "error_qlora": before, "error_loftq": after, "relative_error_qlora": before / norm,
                      "relative_error_loftq": after / norm, "reduction": 1.0 - after / before if before > 0 else 0.0})
-        if adjusted is not None:
-            adjusted.put(f, name, deq.to(tensor.dtype))
-    if adjusted is not None:
-        adjusted.finish(files)
+        meter.update(1)
+        return deq
+
+    try:
+        if base_out is None:
+            with TensorReader() as reader:
+                for info in plan:
+                    one(info, reader.read(info).to(torch.float32))
+        else:
+            write_patched_copy(ws, base_out, {info.key: functools.partial(one, info) for info in plan})
+            # config, tokenizer, remote code; not other weight formats, not an adapter that sits in the base folder
+            copy_side_files(ws, base_out, exclude=lambda rel: rel.name.startswith("adapter_"), beside_file=True)
+    finally:
+        meter.close()
+    layers = {m: found[m] for m in (info.key[: -len(".weight")] for info in plan)}  # the plan's order
     rows.sort(key=lambda row: row[MODULE])
     config: dict[str, Any] = dict(layout.config) if layout is not None and layout.format == "peft" else {"peft_type": "LORA"}
     config["init_lora_weights"] = True
@@ -355,4 +279,4 @@ def _run(files: list[Path], plan: dict[str, set[str]], bits: int, iters: int, ra
     return adapter, rows
 
 
-__all__ = ["NOT_LINEAR", "LoftQResult", "base_files", "loftq", "loftq_layer"]
+__all__ = ["NOT_LINEAR", "LoftQResult", "loftq", "loftq_layer"]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
@@ -30,18 +30,11 @@ from ..core.kinds.base import layer_is_finite
 from ..core.linalg import lowrank_svd_parts
 from ..core.params import RANK
 from ..errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from ..formats.inputs import as_adapter
 from ..progress import bar
 
 #: the ``init_lora_weights`` values whose training mutates the base weights
 MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
-
-
-def _as_adapter(source: Adapter | str | os.PathLike, role: str) -> Adapter:
-    if isinstance(source, Adapter):
-        return source
-    from ..formats import load
-
-    return load(source)
 
 
 def _check_pair(trained: Adapter, initial: Adapter) -> None:
@@ -171,11 +164,8 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
         UnsupportedError: rsLoRA with rank/alpha patterns (PEFT refuses it too), DoRA, non-LoRA layers.
         NonFiniteError: a factor of either adapter holds NaN or Inf (nothing is written).
     """
-    import pandas as pd
-
     rank = RANK.optional(rank)  # None: the exact conversion
-    t = _as_adapter(trained, "trained")
-    i = _as_adapter(initial, "initial")
+    t, i = as_adapter(trained), as_adapter(initial)
     _check_pair(t, i)
     _check_rslora_patterns(t)
     layers: dict[str, LoRA] = {}
@@ -204,35 +194,4 @@ def pissa_to_lora(trained: Adapter | str | os.PathLike, initial: Adapter | str |
     return out, report
 
 
-def convert_reparam(source: str | os.PathLike, out: str | os.PathLike, *, method: str, dst_format: str = "lora",
-                    rank: int | None = None, kind: str | None = None, base: Any = None, overwrite: bool = False,
-                    initial: Adapter | str | os.PathLike | None = None, progress: bool | None = None,
-                    **_: Any) -> Any:
-    """``adaptkit convert 'pissa->lora' TRAINED OUT --initial INITIAL`` (also ``olora``, ``corda``).
-
-    The handler registered in :data:`adaptkit.convert.CONVERTERS`; writes a PEFT LoRA directory.
-
-    Returns:
-        :class:`adaptkit.convert.ConversionResult` with the per-layer report.
-
-    Raises:
-        ConfigError: no ``initial``, a target other than ``lora``/``peft``, or ``kind`` other than ``lora``.
-    """
-    from ..formats import save
-    from ..io.sources import check_output
-    from .convert import ConversionResult
-
-    check_output(out, overwrite, inputs=[source, initial, base])
-    if dst_format not in ("lora", "peft"):
-        raise ConfigError(f"'{method}->{dst_format}' is not a conversion; use '{method}->lora' (written as a PEFT LoRA)")
-    if kind not in (None, "lora"):
-        raise ConfigError(f"'{method}->lora' produces LoRA layers; drop --kind {kind}")
-    if initial is None:
-        raise ConfigError(f"'{method}->lora' needs --initial INITIAL: the adapter saved right after initialisation, before training")
-    adapter, report = pissa_to_lora(source, initial, rank=rank, return_report=True, progress=progress)
-    written = save(adapter, out, format="peft", overwrite=overwrite)
-    lossless = bool((report[RETAINED_ENERGY] >= 1.0 - 1e-9).all())
-    return ConversionResult(Path(written), method, "peft", report, lossless)
-
-
-__all__ = ["MUTATING_INITS", "convert_reparam", "pissa_to_lora"]
+__all__ = ["MUTATING_INITS", "pissa_to_lora"]

@@ -26,6 +26,9 @@ from ...core.kinds.base import MODULE_TYPES
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from ...formats import check_write_options, save
+from ...formats.inputs import as_adapters
+from ...io.outputs import check_output
 from ...progress import bar
 from .methods import METHODS, Method, Operand, Output, combine, get_method
 
@@ -77,13 +80,11 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         UnsupportedError: DoRA inputs, mixed IA3 and LoRA, or a method that is undefined for the inputs.
         NonFiniteError: an input holds NaN or Inf (tensors, alpha or scale), or the result does.
     """
-    from ...formats import load
-
     requested = get_method(method)
     density, rank, majority_sign, seed = _check_options(requested, density, rank, majority_sign, seed)
     if weights is not None:
         weights = WEIGHTS.check(weights)
-    loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]
+    loaded = as_adapters(list(adapters), base=base)
     if not loaded:
         raise ConfigError("merge needs at least one adapter")
     for a in loaded:
@@ -148,9 +149,6 @@ def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathL
         OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before any work).
         OutputIsInputError: ``out`` is, contains or lies inside a source (or ``base``), checked before any work.
     """
-    from ...formats import check_write_options, save
-    from ...io.sources import check_output
-
     check_output(out, overwrite, inputs=[*sources, options.get("base")])
     check_write_options(format, component=component)
     merged = merge(sources, **options)
