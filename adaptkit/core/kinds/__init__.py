@@ -18,6 +18,7 @@ from .base import (
     layer_numel,
     tensor_fields,
 )
+from .expert_lora import ExpertLoRA
 from .full import Full
 from .ia3 import IA3
 from .loha import LoHa
@@ -32,6 +33,7 @@ KINDS: dict[str, type[Layer]] = {
     "lokr": LoKr,
     "ia3": IA3,
     "full": Full,
+    "expert_lora": ExpertLoRA,
 }
 
 
@@ -76,6 +78,7 @@ def register_kind(cls: type) -> type:
 __all__ = [
     "IA3",
     "KINDS",
+    "ExpertLoRA",
     "Full",
     "Layer",
     "LoHa",
