@@ -47,8 +47,9 @@ from adaptkit.core.kinds import (
     VeRA,
     WaveFT,
 )
-from adaptkit.core.kinds.positions import seeded_positions
 from adaptkit.core.kinds.dora import dora_apply
+from adaptkit.core.kinds.expert_lora import ExpertLoRA, expert_delta64
+from adaptkit.core.kinds.positions import seeded_positions
 from adaptkit.errors import ShapeMismatchError, UnsupportedError
 
 
@@ -83,12 +84,17 @@ def _dense64(layer) -> torch.Tensor:
         return layer.diff.double()
     if type(layer) in PEFT_CHECKED:  # their delta() is checked against peft's get_delta_weight in test_kinds_peft_*
         return layer.delta().double()
+    if isinstance(layer, ExpertLoRA):
+        return expert_delta64(layer)
     raise AssertionError(type(layer))
 
 
 def _math64(layer) -> torch.Tensor:
     """The float64 reference in the math orientation, flattened to (out, in * k)."""
     d = _dense64(layer)
+    if isinstance(layer, ExpertLoRA):  # the experts' math-oriented deltas stacked: (E * out, in)
+        d = d.transpose(-1, -2) if layer.fan_in_fan_out else d
+        return d.reshape(-1, d.shape[-1])
     d = d.T if layer.fan_in_fan_out else d
     return d.reshape(d.shape[0], -1)
 
@@ -116,6 +122,9 @@ SAMPLES = {
     "full": lambda: Full(diff=_r(5, 6, seed=33), shape=(5, 6), diff_b=_r(5, seed=34)),
     "ia3_out": lambda: IA3(vector=_r(5, seed=35) + 1, shape=(5, 6)),
     "ia3_in": lambda: IA3(vector=_r(6, seed=36) + 1, on_input=True, shape=(5, 6)),
+    "expert_lora": lambda: ExpertLoRA(down=_r(3, 2, 6, seed=37), up=_r(3, 5, 2, seed=38), alpha=4.0),
+    "expert_lora_transposed": lambda: ExpertLoRA(down=_r(3, 2, 6, seed=39), up=_r(3, 5, 2, seed=40), alpha=2.0,
+                                                 fan_in_fan_out=True),
 }
 
 
@@ -204,7 +213,10 @@ def test_delta_matches_float64_reference_and_factors(name):
     want = _dense64(layer)
     torch.testing.assert_close(layer.delta().double(), want, rtol=1e-5, atol=1e-5)
     dm = layer.delta_matrix()
-    assert dm.shape[0] == (layer.shape[1] if layer.fan_in_fan_out else layer.shape[0])
+    if isinstance(layer, ExpertLoRA):  # every expert's (out, in) stacked
+        assert dm.shape == (layer.num_experts * layer.up.shape[1], layer.down.shape[2])
+    else:
+        assert dm.shape[0] == (layer.shape[1] if layer.fan_in_fan_out else layer.shape[0])
     f = layer.factors()
     if f is not None:
         torch.testing.assert_close(f[0] @ f[1], dm, rtol=1e-5, atol=1e-5)
@@ -278,7 +290,10 @@ def test_fro_norm_inner_and_spectrum_match_dense(name):
         else:
             assert math.isnan(got)
     s, _ = layer.spectrum()
-    ref = torch.linalg.svdvals(d)
+    blocks = d
+    if isinstance(layer, ExpertLoRA):  # the experts are separate matrices: the spectrum of their block diagonal
+        blocks = torch.block_diag(*d.reshape(layer.num_experts, -1, d.shape[-1]))
+    ref = torch.linalg.svdvals(blocks)
     k = min(s.numel(), ref.numel())
     torch.testing.assert_close(s[:k], ref[:k], rtol=1e-4, atol=1e-5)
     assert float(ref[k:].abs().max()) < 1e-4 if ref.numel() > k else True
@@ -342,7 +357,9 @@ def test_to_lora(name):
     f = layer.factors()
     if f is not None:  # exact at the kind's own rank
         assert new.rank <= f[0].shape[1]
-    assert isinstance(new, LoRA) and energy == pytest.approx(1.0) and error == pytest.approx(0.0, abs=1e-3)
+    # a LoRA on stacked experts stays one (PEFT loads it with target_parameters)
+    assert isinstance(new, ExpertLoRA if isinstance(layer, ExpertLoRA) else LoRA)
+    assert energy == pytest.approx(1.0) and error == pytest.approx(0.0, abs=1e-3)
     torch.testing.assert_close(new.delta().double(), _dense64(layer), rtol=1e-4, atol=1e-4)
     db = layer.delta_bias()
     if db is not None:  # the bias change is carried at the new scale

@@ -186,7 +186,8 @@ def adapter_name(adapter: Adapter, fallback: str = "adapter") -> str:
 
 def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
                     base: str | None = None, name: str | None = None,
-                    report: str | os.PathLike | None = None, progress: bool | None = None) -> AdapterAnalysis:
+                    report: str | os.PathLike | None = None, progress: bool | None = None,
+                    experts: bool = False) -> AdapterAnalysis:
     """Analyse every layer of an adapter and keep the spectra; optionally write the HTML report.
 
     Args:
@@ -196,6 +197,8 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
         name: display name (default: :func:`adapter_name`).
         report: write a self-contained HTML report to this path (replaced if it exists); needs matplotlib.
         progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
+        experts: one row per expert for layers on stacked expert parameters (PEFT ``target_parameters``), with an
+            ``expert`` column after ``module`` (``None`` for other layers); their spectra are keyed ``path[e]``.
 
     Returns:
         An :class:`AdapterAnalysis` (``.table`` is what :func:`analyze` returns).
@@ -209,11 +212,20 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
     rows, spectra = [], {}
     positions = module_positions(adapter.layers)
     for path in bar(sorted(adapter.layers, key=natural_key), desc="analyze", unit="layer", progress=progress):
-        row, s = analyze_layer(path, adapter.layers[path], positions[path])
-        rows.append(row)
-        if s is not None:
-            spectra[path] = s
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+        layer = adapter.layers[path]
+        per_expert = layer.experts() if experts else None
+        pieces = [(None, layer)] if per_expert is None else list(per_expert.items())
+        for index, piece in pieces:
+            row, s = analyze_layer(path, piece, positions[path])
+            if index is not None:
+                row.update(kind=layer.kind, expert=index)
+            rows.append(row)
+            if s is not None:
+                spectra[path if index is None else f"{path}[{index}]"] = s
+    columns = list(COLUMNS) if not experts else [COLUMNS[0], "expert", *COLUMNS[1:]]
+    table = pd.DataFrame(rows, columns=columns)
+    if experts:
+        table["expert"] = table["expert"].astype(object).where(table["expert"].notna(), None)
     for col in ("rank", "rank_90", "rank_99"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     table["depth"] = pd.Series([r["depth"] for r in rows], index=table.index, dtype=object)  # ints stay ints
@@ -227,7 +239,7 @@ def analyze_adapter(adapter_or_source: Adapter | str | os.PathLike, *, format: s
 
 
 def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | None = None,
-            base: str | None = None) -> pd.DataFrame:
+            base: str | None = None, experts: bool = False) -> pd.DataFrame:
     """Per-layer analysis of an adapter's weight updates, one row per layer.
 
     Computed in the low-rank space for LoRA (and LoHa): QR of the factors and an SVD of the ``r x r`` core,
@@ -237,6 +249,8 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
         adapter_or_source: an :class:`Adapter`, or a hub id / directory / file to load.
         format: source format when loading (detected when ``None``).
         base: base model (hub id or directory) for formats whose module names need resolving (kohya).
+        experts: one row per expert for layers on stacked expert parameters, with an ``expert`` column (see
+            :func:`analyze_adapter`).
 
     Returns:
         A DataFrame with columns :data:`COLUMNS`: ``module``, ``kind``, ``shape`` (module weight shape),
@@ -254,7 +268,7 @@ def analyze(adapter_or_source: Adapter | str | os.PathLike, *, format: str | Non
         >>> import adaptkit as ak
         >>> ak.analyze("path/to/adapter").sort_values("energy_share", ascending=False).head()
     """
-    return analyze_adapter(adapter_or_source, format=format, base=base).table
+    return analyze_adapter(adapter_or_source, format=format, base=base, experts=experts).table
 
 
 def natural_key(path: str) -> list[Any]:

@@ -27,7 +27,7 @@ from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedEr
 from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
-from . import peft_lokr
+from . import peft_lokr, peft_params
 from .base import Selection, check_storable
 from .patterns import ConfigPatterns
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
@@ -205,7 +205,12 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                 "the config does not belong to these weights"
             )
         groups[module][part] = tensor
-    layers = build_layers(groups, cfg, ConfigPatterns.of(cfg))
+    patterns = ConfigPatterns.of(cfg)
+    modules, params = peft_params.split_groups(groups, cfg) if ptype == PEFT_NAMES["expert_lora"].peft_type else (groups, {})
+    layers = build_layers(modules, cfg, patterns)
+    if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
+        built = peft_params.orient(build_layers(params, cfg, patterns, PEFT_NAMES["expert_lora"]), cfg, metadata)
+        layers = dict(sorted({**layers, **built}.items()))
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
     return Adapter(
@@ -220,17 +225,19 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     )
 
 
-def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns) -> Any:
+def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns,
+                row: Any = None) -> Any:
     """Build one layer of ``cfg["peft_type"]`` from a module's tensors (``{part: tensor}``).
 
     The tensors are checked first (:func:`adaptkit.core.kinds.base.check_factors`: floating point, non-empty,
     factor dimensions); every error names the module and the tensor. The row of
-    :data:`~adaptkit.formats.peft_layers.PEFT_NAMES` builds the layer (``from_parts`` for registered kinds).
+    :data:`~adaptkit.formats.peft_layers.PEFT_NAMES` builds the layer (``from_parts`` for registered kinds); ``row``
+    overrides the config's (the parameter layers of a LORA file).
 
     Raises:
         FormatError / ShapeMismatchError / ConfigError: as :func:`read`.
     """
-    row = row_of_type(cfg["peft_type"])
+    row = row or row_of_type(cfg["peft_type"])
     try:
         check_factors(parts, row.display)
         return row.reader(module, parts, cfg, patterns)
@@ -239,9 +246,9 @@ def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any]
 
 
 def build_layers(groups: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any],
-                 patterns: ConfigPatterns) -> dict[str, Any]:
+                 patterns: ConfigPatterns, row: Any = None) -> dict[str, Any]:
     """:func:`build_layer` for every module of ``groups`` (``{module: {part: tensor}}``), sorted by path."""
-    return {module: build_layer(module, groups[module], cfg, patterns) for module in sorted(groups)}
+    return {module: build_layer(module, groups[module], cfg, patterns, row) for module in sorted(groups)}
 
 
 def _subfolder_name(subfolder: str | None) -> str:
@@ -274,14 +281,15 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
     layers = dict(adapter.layers)
     if not layers:
         return reasons
-    counts = Counter(l.kind for l in layers.values())
+    kinds = {p: _family(l.kind) for p, l in layers.items()}
+    counts = Counter(kinds.values())
     main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
-    for p, kind in ((p, l.kind) for p, l in layers.items()):
+    for p, kind in kinds.items():
         if kind != main_kind:
             reasons[p] = f"a {name} adapter holds one kind and this one mixes {sorted(counts)}"
     same = {p: l for p, l in layers.items() if p not in reasons}
     if main_kind == "lora":
-        dora = [p for p, l in same.items() if l.magnitude is not None]
+        dora = [p for p, l in same.items() if l.dora]
         if dora and len(dora) != len(same):
             reasons.update({p: f"{name} applies DoRA to all layers or none" for p in same if p not in dora})
     row = PEFT_NAMES.get(main_kind)
@@ -294,10 +302,16 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
     return reasons
 
 
+def _family(kind: str) -> str:
+    """The kind whose config a kind's layers are written in (``expert_lora`` goes in a LoRA config)."""
+    row = PEFT_NAMES.get(kind)
+    return kind if row is None else row_of_type(row.peft_type).kind
+
+
 def _adapter_reasons(adapter: Adapter) -> dict[str, str]:
     reasons = one_config_reasons(adapter)
     rest = {p: l for p, l in adapter.layers.items() if p not in reasons}
-    kinds = {l.kind for l in rest.values()}
+    kinds = {_family(l.kind) for l in rest.values()}
     if kinds == {"lokr"}:
         reasons.update(peft_lokr.lokr_reasons(rest))
     elif len(kinds) == 1 and (row := PEFT_NAMES.get(next(iter(kinds)))) is not None:
@@ -350,7 +364,7 @@ def _tensors_and_config(adapter: Adapter, prefix: str) -> tuple[dict[str, torch.
     """The PEFT tensors and config of an adapter PEFT can store (:func:`can_store` / :func:`can_store_adapter`)."""
     if not adapter.layers:
         raise UnsupportedError("the adapter has no layers; there is nothing to write")
-    row = PEFT_NAMES[next(iter(adapter.layers.values())).kind]
+    row = row_of_type(PEFT_NAMES[next(iter(adapter.layers.values())).kind].peft_type)
     cfg = _base_config(adapter, row.peft_type)
     tensors: dict[str, torch.Tensor] = {}
     row.writer(dict(adapter.layers), cfg, tensors, prefix)
@@ -460,7 +474,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, compon
     parts = {}
     for sub, part in split_components(adapter, component).items():
         tensors, cfg = _tensors_and_config(part, PREFIX)
-        metadata = dict(part.metadata)
+        metadata = {k: v for k, v in part.metadata.items() if k != peft_params.ORIENTATION_KEY}
+        metadata.update(peft_params.orientation_metadata(part.layers))  # what PEFT's files do not say
         metadata.setdefault("format", "pt")
         parts[sub] = (tensors, cfg, metadata)
     with atomic_output(path, overwrite=overwrite) as tmp:

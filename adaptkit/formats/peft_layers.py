@@ -21,7 +21,7 @@ import torch
 
 from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
-from . import peft_lokr
+from . import peft_lokr, peft_params
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
 
 #: ``reader(module, {part: tensor}, config, patterns) -> layer``
@@ -254,12 +254,16 @@ def write_lora(layers: dict[str, LoRA], cfg: dict, out: dict[str, torch.Tensor],
 
     The layers are ones :func:`adaptkit.formats.peft.can_store` and ``can_store_adapter`` accepted (DoRA on all
     or none, per output feature; one ``fan_in_fan_out``). diffusers' writer uses it per pipeline component.
+    Layers on parameter tensors (``experts()`` is not ``None``: PEFT's ``target_parameters``) share ``r``,
+    ``lora_alpha`` and the patterns; :func:`adaptkit.formats.peft_params.write` names their tensors.
     """
+    params = {p: l for p, l in layers.items() if l.experts() is not None}
+    everything, layers = layers, {p: l for p, l in layers.items() if p not in params}
     dora = {p for p, l in layers.items() if l.magnitude is not None}
-    all_rs = all(l.rslora for l in layers.values())
-    ranks = {p: l.rank for p, l in layers.items()}
+    all_rs = all(l.rslora for l in everything.values())
+    ranks = {p: l.rank for p, l in everything.items()}
     # a mixed rsLoRA adapter is written without rsLoRA: alpha' = alpha * sqrt(r) gives the same scale
-    alphas = {p: _num(l.alpha if (l.rslora == all_rs) else l.scale * l.rank) for p, l in layers.items()}
+    alphas = {p: _num(l.alpha if (l.rslora == all_rs) else l.scale * l.rank) for p, l in everything.items()}
     r, rank_pattern = build_pattern(ranks)
     alpha, alpha_pattern = build_pattern(alphas)
     use_bias = any(l.bias is not None for l in layers.values())
@@ -293,6 +297,10 @@ def write_lora(layers: dict[str, LoRA], cfg: dict, out: dict[str, torch.Tensor],
             if layer.module_type == "conv":
                 m = m.reshape(1, -1, *([1] * (len(layer.shape) - 2)))
             out[key + ".lora_magnitude_vector"] = m
+    if params:
+        peft_params.write(params, cfg, out, prefix)
+    elif cfg.get("target_parameters"):
+        cfg["target_parameters"] = None  # kept from the source config, but no layer targets a parameter now
 
 
 def _write_loha(layers: dict[str, LoHa], cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
@@ -405,6 +413,9 @@ PEFT_NAMES: dict[str, PeftNames] = {
     }, reader=_read_lokr, writer=_write_lokr, infer=_infer_lokr, limits=_no_dora),
     "ia3": PeftNames("ia3", "IA3", {"ia3_l": "ia3"}, reader=_read_ia3, writer=_write_ia3, infer=_infer_ia3,
                      limits=_ia3_limit),
+    # LoRA on parameter tensors (target_parameters): a LORA file; peft.read_tensors sends it the parameter groups
+    "expert_lora": PeftNames("expert_lora", "LORA", {"lora_A.weight": "a", "lora_B.weight": "b"},
+                             reader=peft_params.read_layer, writer=write_lora),
 }
 
 
@@ -436,7 +447,10 @@ def register_peft_names(kind: str, *, peft_type: str, parts: Mapping[str, str],
         raise ConfigError(f"peft_type '{peft_type}' belongs to kind '{owner}'; choose another peft_type")
     if not parts:
         raise ConfigError(f"kind '{kind}' needs at least one PEFT key stem; pass parts={{'stem': 'part'}}")
-    taken = {stem: r.kind for r in PEFT_NAMES.values() for stem in r.parts}
+    taken: dict[str, str] = {}
+    for r in PEFT_NAMES.values():  # a stem two rows share (LoRA and expert_lora) belongs to the first
+        for stem in r.parts:
+            taken.setdefault(stem, r.kind)
     for stem in parts:
         if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", stem):
             raise ConfigError(f"PEFT key stem {stem!r} is not a plain name; use letters, digits, '_' and '.'")
@@ -454,11 +468,11 @@ def register_peft_names(kind: str, *, peft_type: str, parts: Mapping[str, str],
 
 def peft_types() -> tuple[str, ...]:
     """The ``peft_type`` values adaptkit reads, in table order."""
-    return tuple(r.peft_type for r in PEFT_NAMES.values())
+    return tuple(dict.fromkeys(r.peft_type for r in PEFT_NAMES.values()))
 
 
 def row_of_type(peft_type: str) -> PeftNames:
-    """The row of a ``peft_type``."""
+    """The row of a ``peft_type`` (the first: ``LORA`` is the LoRA row, whose writer also writes expert_lora)."""
     return next(r for r in PEFT_NAMES.values() if r.peft_type == peft_type)
 
 

@@ -230,7 +230,7 @@ class Match:
 def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
     """Match adapter module paths to base weight keys.
 
-    Tried in order: ``<path>.weight`` exactly; a unique key ending in ``.<path>.weight`` (the base adds a
+    Tried in order: ``<path>.weight`` exactly; ``<path>`` exactly (a layer on a parameter tensor); a unique key ending in ``.<path>.weight`` (the base adds a
     prefix such as transformers' ``model.`` or a pipeline component); the path with leading parts
     removed (the adapter was made on a wrapper the base does not have).
 
@@ -251,6 +251,8 @@ def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
         found: list[str] = []
         if path + ".weight" in keys:
             found = [path + ".weight"]
+        elif path in keys:  # the path of a parameter itself (PEFT target_parameters: experts.gate_up_proj)
+            found = [path]
         else:
             found = sorted(by_suffix.get(path, []))
             parts = path.split(".")

@@ -39,6 +39,7 @@ from ..io.shard_writer import (
     write_out_file,
 )
 from ..progress import bar
+from .experts import split_experts
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -207,6 +208,7 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                     "keep the unfused base instead"
                 )
         sign = -1.0 if unfuse else 1.0
+        adapter = adapter.replace(layers=split_experts(adapter.layers, ws.tensors))  # per-expert checkpoints
         matches = match_paths(adapter.layers, ws.tensors)
         no_bias: list[tuple[str, str]] = []
         for path, m in matches.items():

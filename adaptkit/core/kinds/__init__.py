@@ -22,6 +22,7 @@ from .base import (
 from .boft import BOFT
 from .c3a import C3A
 from .delora import DeLoRA
+from .expert_lora import ExpertLoRA
 from .fourierft import FourierFT
 from .full import Full
 from .glora import GLoRA
@@ -72,6 +73,7 @@ KINDS: dict[str, type[Layer]] = {
     "glora": GLoRA,
     "ln_tuning": LNTuning,
     "trainable_tokens": TrainableTokens,
+    "expert_lora": ExpertLoRA,
 }
 
 
@@ -122,6 +124,7 @@ __all__ = [
     "OFT",
     "AdaLoRA",
     "DeLoRA",
+    "ExpertLoRA",
     "FourierFT",
     "Full",
     "GLoRA",

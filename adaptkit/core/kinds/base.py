@@ -321,6 +321,8 @@ class Layer(Protocol):
         """``<delta, other.delta>_F`` (NaN when either has no delta or the shapes differ)."""
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(U, V)`` with ``U @ V == delta_matrix()`` where the kind is low rank, else ``None``."""
+    def experts(self) -> dict[int, Layer] | None:
+        """For a layer on a stacked experts parameter: expert index -> that expert's layer (a plain LoRA), else ``None``."""
     def lora_ab(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stored, unscaled LoRA ``(B (out, r), A (r, in * k))`` (PEFT's factor-wise merges), else ``None``."""
     def spectrum(self) -> tuple[torch.Tensor, str]:

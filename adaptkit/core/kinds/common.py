@@ -118,6 +118,10 @@ class KindBase(LayerRepr):
         """Not stored as LoRA factors."""
         return None
 
+    def experts(self) -> dict[int, Layer] | None:
+        """Not a layer on stacked experts."""
+        return None
+
     def io_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """The layer changes the weight, not the features."""
         return None
