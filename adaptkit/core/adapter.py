@@ -26,7 +26,7 @@ from .kinds import (
     layer_numel,
     tensor_fields,
 )
-from .kinds.base import nonfinite_fields
+from .kinds.base import nonfinite_fields, tensor_is_finite
 
 #: layers shown in a notebook's table; the rest are counted (an SDXL LoRA has ~800, a full LLM one thousands)
 HTML_MAX_LAYERS = 50
@@ -120,7 +120,7 @@ class Adapter:
         """
         bad = {path: fields for path, layer in self.layers.items() if (fields := nonfinite_fields(layer))}
         for key, t in self.extras.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not tensor_is_finite(t):
                 bad[key] = ["value"]
         return bad
 

@@ -10,8 +10,9 @@ Everything in adaptkit that touches safetensors bytes goes through here:
   :func:`read_safetensors_header` applies it to a file without reading any tensor data;
 * :func:`read_safetensors` / :func:`read_pickle_weights` / :func:`read_weights` load a whole (small) file:
   adapters; base models are read tensor by tensor by :mod:`adaptkit.io.base_model`;
-* :func:`write_safetensors` serialises tensors (the format writers call it inside
-  :func:`adaptkit.io.outputs.atomic_output`).
+* :func:`encode_header` builds a header and :func:`write_safetensors` streams tensors after it (the format
+  writers call it inside :func:`adaptkit.io.outputs.atomic_output`; the shard writer plans its headers with
+  :func:`encode_header` too).
 
 Pickled checkpoints are never executed: ``torch.load(..., weights_only=True)`` refuses any pickle that
 would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatError`.
@@ -20,16 +21,17 @@ would run code, and adaptkit reports that as a :class:`~adaptkit.errors.FormatEr
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from ..errors import FormatError
 
@@ -193,19 +195,62 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     raise FormatError(f"{path.name}: unknown weight file type '{path.suffix}'; expected .safetensors (or a legacy .bin)")
 
 
+def encode_header(entries: Sequence[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None
+                  ) -> bytes:
+    """The bytes that open a safetensors file: its 8-byte length, then the JSON header padded with spaces.
+
+    Args:
+        entries: ``(name, dtype name, shape)`` of each tensor, in the order their data follows the header.
+        metadata: string metadata (``__metadata__``), or ``None``.
+
+    Returns:
+        The header bytes; tensor data starts right after them, each tensor at the offset the header names.
+    """
+    head: dict[str, Any] = {}
+    if metadata:
+        head["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * ST_DTYPE_SIZES[dtype]
+        head[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (made contiguous), without copying a contiguous one."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (made contiguous, storage not shared) and string metadata to ``path``."""
-    clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous() for k, v in tensors.items()}
+    """Write tensors and string metadata to ``path`` as a safetensors file.
+
+    The header is written first, then each tensor's bytes straight from its storage (no serialised copy of the
+    whole file in memory); tensors are laid out as safetensors does (larger dtypes first, then by name) so
+    every tensor is aligned. Disk errors keep their errno (``ENOSPC``, ``EROFS``) for the caller's message.
+
+    Raises:
+        FormatError: a tensor has a dtype safetensors cannot store.
+    """
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    data = save(clean, metadata=meta or None)  # serialised here and written by Python: disk errors keep their errno
+    items: list[tuple[str, str, torch.Tensor]] = []
+    for name, t in tensors.items():
+        dtype = TORCH_TO_ST.get(t.dtype)
+        if dtype is None:
+            raise FormatError(f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store; cast it first")
+        items.append((str(name), dtype, t))
+    items.sort(key=lambda e: (-ST_DTYPE_SIZES[e[1]], e[0]))
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(encode_header([(n, d, tuple(t.shape)) for n, d, t in items], meta or None))
+        for _, _, t in items:
+            f.write(tensor_bytes(t))
 
 
-def _shares_storage(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
-
-
-__all__ = ["DTYPES", "FLOAT_ST", "MAX_HEADER", "ST_DTYPE_SIZES", "ST_TO_TORCH", "TORCH_TO_ST", "header_size",
-           "parse_header", "read_pickle_weights", "read_safetensors", "read_safetensors_header", "read_weights",
-           "write_safetensors"]
+__all__ = ["DTYPES", "FLOAT_ST", "MAX_HEADER", "ST_DTYPE_SIZES", "ST_TO_TORCH", "TORCH_TO_ST", "encode_header",
+           "header_size", "parse_header", "read_pickle_weights", "read_safetensors", "read_safetensors_header",
+           "read_weights", "tensor_bytes", "write_safetensors"]

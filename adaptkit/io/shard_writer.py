@@ -34,7 +34,13 @@ from .base_model import (
     pread_into,
     read_tensor,
 )
-from .safetensors import FLOAT_ST, ST_DTYPE_SIZES, ST_TO_TORCH
+from .safetensors import (
+    FLOAT_ST,
+    ST_DTYPE_SIZES,
+    ST_TO_TORCH,
+    encode_header,
+    tensor_bytes,
+)
 
 _CHUNK = 16 << 20  # bytes per piece when a cast or a fallback copy streams a tensor
 #: float32 bytes per block of rows in a row-wise transform: small enough that the read, the float32
@@ -81,16 +87,7 @@ class OutFile:
 
     def header(self) -> bytes:
         """The serialised header, padded with spaces to a multiple of 8 bytes as safetensors does."""
-        head: dict = {}
-        if self.metadata:
-            head["__metadata__"] = dict(self.metadata)
-        offset = 0
-        for e in self.entries:
-            head[e.name] = {"dtype": e.dtype, "shape": list(e.src.shape), "data_offsets": [offset, offset + e.nbytes]}
-            offset += e.nbytes
-        raw = json.dumps(head, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        return len(raw).to_bytes(8, "little") + raw
+        return encode_header([(e.name, e.dtype, e.src.shape) for e in self.entries], self.metadata or None)
 
 
 def plan_group_files(group: WeightGroup, ws: WeightSet, dtype: str | None, transforms: Mapping[str, Transform],
@@ -133,13 +130,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:done + _WRITE], offset + done)
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 class _Copier:
@@ -221,7 +211,7 @@ def write_out_file(plan: OutFile, path: Path, on_tensor: Callable[[OutEntry], No
                 # one pass: amax propagates NaN and Inf, and catches values the output dtype cannot hold
                 result = _checked_cast(new, e)
                 del new
-                data = _tensor_bytes(result)
+                data = tensor_bytes(result)
                 _pwrite_all(out, data, pos)
                 pos += len(data)
             if on_tensor:
@@ -297,7 +287,7 @@ def _transform_rows(src: int, out: int, e: OutEntry, pos: int, scratch: _Scratch
             result = raw.copy_(w)
         else:
             result = w.to(ST_TO_TORCH[e.dtype])
-        data = _tensor_bytes(result)
+        data = tensor_bytes(result)
         _pwrite_all(out, data, pos)
         pos += len(data)
     release = getattr(e.transform, "release", None)
@@ -314,7 +304,7 @@ def _cast_stream(src: int, out: int, e: OutEntry, pos: int) -> int:
     while done < e.src.nbytes:
         n = min(step, e.src.nbytes - done)
         piece = TensorInfo(e.src.name, e.src.key, e.src.dtype, (n // item,), e.src.file, e.src.begin + done, n)
-        data = _tensor_bytes(read_tensor(src, piece).to(ST_TO_TORCH[e.dtype]))
+        data = tensor_bytes(read_tensor(src, piece).to(ST_TO_TORCH[e.dtype]))
         _pwrite_all(out, data, pos)
         pos += len(data)
         done += n

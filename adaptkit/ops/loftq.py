@@ -29,6 +29,7 @@ import torch
 from ..core.adapter import Adapter
 from ..core.columns import MODULE
 from ..core.kinds import LoRA
+from ..core.kinds.base import tensor_is_finite
 from ..core.linalg import split_factors
 from ..core.params import ALPHA, BITS, ITERS, RANK
 from ..errors import ConfigError, NonFiniteError, UnsupportedError
@@ -236,7 +237,7 @@ def _run(ws: WeightSet, plan: list[TensorInfo], bits: int, iters: int, rank: int
     def one(info: TensorInfo, w: torch.Tensor) -> torch.Tensor:
         """LoftQ of one float32 weight: its LoRA layer and report row are kept, the base to quantise returned."""
         module = info.key[: -len(".weight")]
-        if not bool(torch.isfinite(w).all()):
+        if not tensor_is_finite(w):
             raise NonFiniteError(f"base weight {info.key} holds NaN or Inf; LoftQ needs finite weights: fix the checkpoint")
         if layout is not None:
             given: LoRA = layout.layers[module]  # type: ignore[assignment]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.kinds.base import tensor_is_finite
 from ..core.params import BITS
 from ..errors import NonFiniteError
 
@@ -82,7 +83,7 @@ def quantize_int8(weight: torch.Tensor) -> Quantized:
         NonFiniteError: a value is beyond float16's range (bitsandbytes would quantise ``inf``).
     """
     w = weight.detach().to(torch.float16)
-    if not bool(torch.isfinite(w).all()):
+    if not tensor_is_finite(w):
         raise NonFiniteError("int8 quantisation casts the weight to float16 as bitsandbytes does, and a value is beyond "
                              "float16's range (|x| > 65504) or not finite; use bits=4 for this weight")
     w = w.to(torch.float32)

@@ -22,7 +22,7 @@ import torch
 
 from ...core.adapter import Adapter
 from ...core.kinds import Layer, LoRA, layer_dtype
-from ...core.kinds.base import MODULE_TYPES
+from ...core.kinds.base import MODULE_TYPES, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
@@ -276,7 +276,7 @@ def _layer_generator(seed: int, path: str) -> torch.Generator:
 
 def _finite(path: str, *tensors: torch.Tensor | None) -> None:
     for t in tensors:
-        if t is not None and not bool(torch.isfinite(t).all()):
+        if t is not None and not tensor_is_finite(t):
             raise NonFiniteError(
                 f"the merged {path} holds NaN or Inf (inputs non-finite, or the result overflows the inputs' dtype); "
                 "check the inputs and weights"
