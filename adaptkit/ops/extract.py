@@ -132,23 +132,19 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, rank: int | None 
             module = key.removesuffix(".weight").removesuffix(".bias")
             row = {MODULE: module, "tensor": key, "shape": "x".join(map(str, ib.shape)), "rank": None,
                    RETAINED_ENERGY: 0.0, RELATIVE_ERROR: 1.0, DELTA_NORM: float(torch.linalg.vector_norm(d))}
+            kind = "embedding" if len(ib.shape) == 2 and _is_embedding(key) else "linear"
             if len(ib.shape) >= 2 and key.endswith(".weight"):
-                kind = "embedding" if len(ib.shape) == 2 and _is_embedding(key) else "linear"
                 choice = embeddings if kind == "embedding" else "lora"
-                if choice == "lora":
-                    layer, numbers = _factor(key, d, kind, rank, energy, method, oversample, niter, seed, dtype)
-                    layers[module] = layer
-                    row.update(numbers, action="lora")
-                elif choice == "save":
-                    extras[key] = tuned_t.clone()
-                    saved_modules.append(module)
-                    row.update(retained_energy=1.0, relative_error=0.0, action="saved")
-                else:
-                    row["action"] = "skipped"
-            elif key.endswith(".bias"):
+            else:
+                choice = "bias" if key.endswith(".bias") else norms
+            if choice == "lora":
+                layer, numbers = _factor(key, d, kind, rank, energy, method, oversample, niter, seed, dtype)
+                layers[module] = layer
+                row.update(numbers, action="lora")
+            elif choice == "bias":
                 bias_diffs[key] = (d, tuned_t)
                 row["action"] = "bias"
-            elif norms == "save":
+            elif choice == "save":
                 extras[key] = tuned_t.clone()
                 saved_modules.append(module)
                 row.update(retained_energy=1.0, relative_error=0.0, action="saved")

@@ -34,7 +34,30 @@ def cached(cache: dict | None, key: str, make: Callable[[], torch.Tensor]) -> to
     return cache[key]
 
 
-class BaseDependent(KindBase):
+class NoBaseFreeDelta(KindBase):
+    """The delta members of a kind that has no weight delta without the base tensor: each raises and says why."""
+
+    def _no_delta_message(self) -> str:
+        return (f"a {self.kind} layer changes the weight as a function of the base weight and has no "
+                "delta without it; use apply(W) (or delta_for(W)) with the base weight")
+
+    def _no_delta(self) -> torch.Tensor:
+        raise UnsupportedError(self._no_delta_message())
+
+    def delta(self) -> torch.Tensor:
+        """No base-free delta; always raises :class:`UnsupportedError`."""
+        return self._no_delta()
+
+    def delta_matrix(self) -> torch.Tensor:
+        """No base-free delta; always raises :class:`UnsupportedError`."""
+        return self._no_delta()
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """No base-free bias change; always raises :class:`UnsupportedError` (the bias goes through ``apply_bias``)."""
+        return self._no_delta()
+
+
+class BaseDependent(NoBaseFreeDelta):
     """Protocol members for a kind whose fused weight is a function of the base weight (not ``W + delta``)."""
 
     additive: ClassVar[bool] = False
@@ -48,24 +71,6 @@ class BaseDependent(KindBase):
     scale: ClassVar[float] = 1.0
     #: what the layer does to the base weight, for analysis notes
     effect: ClassVar[str] = "changes the weight as a function of the base weight"
-
-    # ------------------------------------------------------------------ no base-free delta
-
-    def _no_delta(self) -> torch.Tensor:
-        raise UnsupportedError(f"a {self.kind} layer changes the weight as a function of the base weight and has no "
-                               "delta without it; use apply(W) (or delta_for(W)) with the base weight")
-
-    def delta(self) -> torch.Tensor:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta()
-
-    def delta_matrix(self) -> torch.Tensor:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta()
-
-    def delta_bias(self) -> torch.Tensor | None:
-        """No base-free bias change; always raises :class:`UnsupportedError` (the bias goes through ``apply_bias``)."""
-        return self._no_delta()
 
     # ------------------------------------------------------------------ applying to the base
 

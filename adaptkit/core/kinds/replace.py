@@ -14,11 +14,11 @@ import torch
 
 from ...errors import UnsupportedError
 from .base import Layer, check_floating, f32
-from .common import KindBase
+from .basedep import NoBaseFreeDelta
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
-class Replace(KindBase):
+class Replace(NoBaseFreeDelta):
     """A replacement tensor: ``apply(W) = value``.
 
     Args:
@@ -43,20 +43,8 @@ class Replace(KindBase):
     def __post_init__(self) -> None:
         check_floating(self)
 
-    def _no_delta(self) -> torch.Tensor:
-        raise UnsupportedError("a replacement tensor has no delta without the base tensor; use apply(W)")
-
-    def delta(self) -> torch.Tensor:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta()
-
-    def delta_matrix(self) -> torch.Tensor:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta()
-
-    def delta_bias(self) -> torch.Tensor | None:
-        """No base-free delta; always raises :class:`UnsupportedError`."""
-        return self._no_delta()
+    def _no_delta_message(self) -> str:
+        return "a replacement tensor has no delta without the base tensor; use apply(W)"
 
     def apply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(value, bias)`` in float32, ``value`` in the shape of ``weight``."""
