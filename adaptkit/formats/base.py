@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..core.adapter import Adapter
-from ..errors import UnsupportedError
+from ..errors import ConfigError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,17 @@ def refusals(fmt: Format, adapter: Adapter, *, paths: bool = True, **options: An
     return reasons
 
 
+def check_choice(value: str | None, choices: Sequence[str], what: str) -> str | None:
+    """Validate a writer option that takes one of ``choices`` or ``None`` (``what`` names it in the message).
+
+    Raises:
+        ConfigError: ``value`` is not ``None`` and not one of ``choices``.
+    """
+    if value is not None and value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
+    return value
+
+
 def check_storable(fmt: Format, adapter: Adapter, alternatives: Iterable[Format] = (), **options: Any) -> None:
     """Refuse an adapter ``fmt`` cannot store, with the format's own reasons, before anything is written.
 
@@ -162,5 +173,5 @@ def check_storable(fmt: Format, adapter: Adapter, alternatives: Iterable[Format]
     )
 
 
-__all__ = ["MEMBERS", "MODEL_WEIGHTS", "AmbiguousSelection", "Format", "Selection", "check_storable",
+__all__ = ["MEMBERS", "MODEL_WEIGHTS", "AmbiguousSelection", "Format", "Selection", "check_choice", "check_storable",
            "is_model_weights", "missing_members", "refusals"]

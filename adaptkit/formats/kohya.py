@@ -38,7 +38,7 @@ from ..io.safetensors import (
     write_safetensors,
 )
 from . import names as _names
-from .base import AmbiguousSelection, Selection, is_model_weights
+from .base import AmbiguousSelection, Selection, check_choice, is_model_weights
 from .kohya_layers import LIMITS, TENSORS, build_layer, layer_tensors
 
 NAME = "kohya"
@@ -343,9 +343,7 @@ def check_component(component: str | None) -> str | None:
     Raises:
         ConfigError: not one of :data:`COMPONENTS`.
     """
-    if component is not None and component not in COMPONENTS:
-        raise ConfigError(f"unknown kohya component {component!r}; use one of {', '.join(COMPONENTS)}")
-    return component
+    return check_choice(component, COMPONENTS, "kohya component")
 
 
 def _has_component(path: str) -> bool:

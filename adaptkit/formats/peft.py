@@ -28,7 +28,7 @@ from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr, peft_params
-from .base import Selection, check_storable
+from .base import Selection, check_choice, check_storable
 from .patterns import ConfigPatterns
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
 
@@ -402,9 +402,7 @@ def check_component(component: str | None) -> str | None:
     Raises:
         ConfigError: not one of :data:`COMPONENTS`.
     """
-    if component is not None and component not in COMPONENTS:
-        raise ConfigError(f"unknown PEFT component {component!r}; use one of {', '.join(COMPONENTS)}")
-    return component
+    return check_choice(component, COMPONENTS, "PEFT component")
 
 
 def select_component(adapter: Adapter, component: str) -> Adapter:
