@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -341,6 +342,9 @@ class Layer(Protocol):
         """``(U, V)`` with ``U @ V == delta_matrix()`` where the kind is low rank, else ``None``."""
     def experts(self) -> dict[int, Layer] | None:
         """For a layer on a stacked experts parameter: expert index -> that expert's layer (a plain LoRA), else ``None``."""
+    def with_experts(self, experts: Sequence[Layer]) -> Layer:
+        """A layer like this one on stacked experts whose expert ``e`` is ``experts[e]`` (LoRA layers, as merging one
+        expert at a time gives); raises :class:`~adaptkit.errors.UnsupportedError` for a layer without experts."""
     def lora_ab(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stored, unscaled LoRA ``(B (out, r), A (r, in * k))`` (PEFT's factor-wise merges), else ``None``."""
     def spectrum(self) -> tuple[torch.Tensor, str]:

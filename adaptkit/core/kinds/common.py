@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -121,6 +122,10 @@ class KindBase(LayerRepr):
     def experts(self) -> dict[int, Layer] | None:
         """Not a layer on stacked experts."""
         return None
+
+    def with_experts(self, experts: Sequence[Layer]) -> Layer:
+        """Not a layer on stacked experts: always raises :class:`UnsupportedError`."""
+        raise UnsupportedError(f"a {self.kind} layer is not on stacked experts, so it has no experts to replace")
 
     def io_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """The layer changes the weight, not the features."""

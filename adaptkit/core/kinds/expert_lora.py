@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -200,6 +201,35 @@ class ExpertLoRA(DeltaMixin):
         shape = (n, out) if self.fan_in_fan_out else (out, n)
         return {e: LoRA(down=self.down[e], up=self.up[e], alpha=self.alpha, shape=shape, module_type="linear",
                         fan_in_fan_out=self.fan_in_fan_out, rslora=self.rslora) for e in range(self.num_experts)}
+
+    def with_experts(self, experts: Sequence[Layer]) -> ExpertLoRA:
+        """This parameter's layer with expert ``e`` replaced by ``experts[e]`` (one LoRA per expert, as per-expert merging
+        gives them, ranks may differ).
+
+        Each expert's scale is folded into its ``up``; experts of a lower rank are padded with zero directions to the
+        largest, so the result has ``alpha = rank`` (scale 1) and PEFT's one ``r`` for the parameter.
+
+        Raises:
+            ShapeMismatchError: not one layer per expert, or an expert's LoRA does not fit the expert's slice.
+        """
+        if len(experts) != self.num_experts:
+            raise ShapeMismatchError(f"an expert_lora layer on {self.num_experts} experts needs {self.num_experts} "
+                                     f"expert layers, got {len(experts)}")
+        slices = self.experts()
+        ups, downs = [], []
+        for e, x in enumerate(experts):
+            ab = x.lora_ab()
+            if ab is None or tuple(x.shape) != tuple(slices[e].shape) or x.fan_in_fan_out != self.fan_in_fan_out:
+                raise ShapeMismatchError(f"expert {e}: a {x.kind} layer of shape {tuple(x.shape)} does not fit the "
+                                         f"expert's LoRA slot {tuple(slices[e].shape)}")
+            b, a = ab
+            ups.append(b.to(torch.float32) * x.scale)
+            downs.append(a.to(torch.float32).reshape(a.shape[0], -1))
+        r = max(a.shape[0] for a in downs)
+        dtype = layer_dtype(self)
+        up = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b in ups]).to(dtype)
+        down = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for a in downs]).to(dtype)
+        return dataclasses.replace(self, up=up, down=down, alpha=float(r), rslora=False)
 
     def fro_norm(self) -> float:
         """``||delta||_F`` in float64 from the experts' ``r x r`` Gram matrices."""

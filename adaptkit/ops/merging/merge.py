@@ -93,7 +93,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     base = _check_base_models(loaded)
     every = [layer for a in loaded for layer in a.layers.values()]
     _refuse_dora(loaded)
-    all_lora = bool(every) and all(layer.lora_ab() is not None for layer in every)
+    all_lora = bool(every) and all(unit.lora_ab() is not None for layer in every for unit in _units(layer))
     # PEFT's add_weighted_adapter merges a single adapter with "linear", whatever was asked
     used = METHODS["linear"] if requested.peft and len(loaded) == 1 and all_lora else requested
     if used.random and seed is None:
@@ -317,13 +317,33 @@ def _merge_own(adapters: list[Adapter], weights: list[float], m: Method, progres
 
 
 def _merge_loras(adapters: list[Adapter], weights: list[float], opts: _Options,
-                 progress: bool | None) -> dict[str, LoRA]:
+                 progress: bool | None) -> dict[str, Layer]:
     entries = _layer_entries(adapters, weights)
-    out: dict[str, LoRA] = {}
+    out: dict[str, Layer] = {}
     for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({opts.method.name})", unit="layer",
                            progress=progress):
-        out[path] = _merge_layer(path, items, opts)
+        out[path] = _merge_entry(path, items, opts)
     return out
+
+
+def _units(layer: Layer) -> list[Layer]:
+    """What a method combines: each expert's LoRA of a layer on stacked experts, else the layer itself."""
+    experts = layer.experts()
+    return [layer] if experts is None else [experts[e] for e in sorted(experts)]
+
+
+def _merge_entry(path: str, items: list[tuple[int, Layer, float]], opts: _Options) -> Layer:
+    """One path's merge: layers on stacked experts (PEFT ``target_parameters``) merge expert by expert, with the
+    method's numbers for each expert's LoRA, and are stacked again; any other layer merges as a whole."""
+    per_layer = [layer.experts() for _, layer, _ in items]
+    if all(e is None for e in per_layer):
+        return _merge_layer(path, items, opts)
+    if any(e is None for e in per_layer) or len({len(e) for e in per_layer}) > 1:
+        raise ShapeMismatchError(f"{path} is a parameter on stacked experts, but the adapters give it different "
+                                 "numbers of experts (or adapt it as a module); they are not for the same model")
+    merged = [_merge_layer(f"{path} (expert {e})", [(i, experts[e], w) for (i, _, w), experts in zip(items, per_layer)],
+                           opts) for e in sorted(per_layer[0])]
+    return items[0][1].with_experts(merged)
 
 
 def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Options) -> LoRA:
