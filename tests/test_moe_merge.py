@@ -87,6 +87,7 @@ def test_every_expert_gets_peft_merged_delta(pair, method):
             ref = _peft_expert_merge([s.layers[path].experts()[e] for s in sources], method, peft_kw)
             worst = max(worst, _rel(ours[e].delta_matrix(), ref))
     tol = 1e-4 if method.endswith("svd") or method == "svd" else 1e-6
+    print(f"FIGURE moe merge {method}: {worst:.1e}")
     assert worst < tol, f"{method}: worst expert relative error {worst:.2e}"
 
 
