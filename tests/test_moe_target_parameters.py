@@ -317,3 +317,13 @@ def test_analysis_and_status_per_parameter_and_per_expert(saved):
     status = checkpoint_status(adapter).set_index("module")
     assert status.loc[p, "kind"] == "expert_lora" and status.loc[p, "shape"] == "x".join(map(str, ref.shape))
     assert abs(status.loc[p, "delta_norm"] - float(ref.norm())) < 1e-5
+
+
+def test_inject_refuses_parameter_layers_and_leaves_the_model_unchanged(saved):
+    _, base, _, path = saved
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ak.UnsupportedError, match="adapt a parameter tensor rather than a module.*adaptkit fuse"):
+        ak.inject(model, str(path))
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

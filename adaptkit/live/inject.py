@@ -166,6 +166,13 @@ def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any) -> 
                     f"got {type(adapter).__name__}")
 
 
+def _is_parameter(path: str, modules: Mapping[str, nn.Module]) -> bool:
+    """True when ``path`` names a parameter of a module of the model (``<module>.<parameter>``)."""
+    owner, _, name = path.rpartition(".")
+    target = modules.get(owner)
+    return target is not None and name in dict(target.named_parameters(recurse=False))
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter name {name!r} is not valid; use a non-empty name without dots")
@@ -222,6 +229,13 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
     ad.check_finite("inject")
     modules = dict(named_modules(module))
     resolved, unmatched = resolve_paths(list(ad.layers), modules)
+    on_params = sorted(p for p in unmatched if _is_parameter(p, modules))
+    if on_params:
+        raise UnsupportedError(
+            f"{len(on_params)} layer(s) adapt a parameter tensor rather than a module (PEFT target_parameters, e.g. MoE "
+            f"experts): {_list(on_params)}; inject adapts modules only: fuse the adapter into the base weights "
+            "(adaptkit fuse) or load it with peft's PeftModel.from_pretrained"
+        )
     if unmatched:
         raise ConfigError(
             f"{len(unmatched)} adapter module(s) match no module of the model: {_list(sorted(unmatched))}; "
