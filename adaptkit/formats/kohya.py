@@ -40,8 +40,8 @@ from ..io.safetensors import (
     write_safetensors,
 )
 from . import names as _names
-from .base import AmbiguousSelection, Selection, is_model_weights
-from .kohya_layers import LIMITS, TENSORS, build_layer, layer_tensors
+from .base import AmbiguousSelection, KindSupport, Selection, is_model_weights
+from .kohya_layers import BUILDERS, LIMITS, TENSORS, build_layer, layer_tensors
 
 NAME = "kohya"
 LABEL = "kohya"
@@ -257,6 +257,14 @@ def can_store(layer: Any, module: str) -> str | None:
     return limit(layer) if limit is not None else None
 
 
+def kind_support() -> dict[str, KindSupport]:
+    """The kinds kohya/LyCORIS files hold: read as :data:`~adaptkit.formats.kohya_layers.BUILDERS` builds them,
+    written as :data:`~adaptkit.formats.kohya_layers.LIMITS` allows (a limit there: some layers refused)."""
+    read = {kind for kind, _ in BUILDERS.values()}
+    return {kind: KindSupport(read=kind in read, write=kind in LIMITS, limited=LIMITS.get(kind) is not None)
+            for kind in sorted(read | set(LIMITS))}
+
+
 def can_name(module: str) -> str | None:
     """kohya names every module path (``lora_unet_...``, or ``lycoris_...`` outside a pipeline component): ``None``."""
     return None
@@ -423,5 +431,5 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
 
 __all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LIMITS", "LOOKED_FOR", "NAME", "TENSORS", "WRITE_OPTIONS", "bare_target",
            "build_layer", "can_name", "can_store", "can_store_adapter", "check_component", "check_options", "detect", "detect_keys",
-           "group_tensors", "is_adapter_file", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
+           "group_tensors", "is_adapter_file", "kind_support", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
            "write"]

@@ -87,7 +87,7 @@ def build_layer(parts: dict[str, torch.Tensor]) -> Any:
     kind = _kind_of(parts)
     p = {TENSORS[n][1]: t for n, t in parts.items()}
     check_factors(p, {TENSORS[n][1]: n for n in parts})
-    return BUILDERS[kind](p)
+    return BUILDERS[kind][1](p)
 
 
 def _build_lora(p: dict[str, torch.Tensor]) -> LoRA:
@@ -199,10 +199,11 @@ def _build_lokr(p: dict[str, torch.Tensor]) -> LoKr:
                 magnitude=mag, magnitude_axis=axis, **{k: p.get(k) for k in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")})
 
 
-#: kind name -> the builder of a layer of that kind from its canonical parts (:data:`TENSORS` names the parts)
-BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], Any]] = {
-    "lora": _build_lora, "loha": _build_loha, "lokr": _build_lokr, "full": _build_full,
-    "norm": lambda p: _build_full(p, "norm"), "ia3": _build_ia3, "lycoris_oft": _build_lycoris_oft, "glora": _build_glora,
+#: the layer family of :data:`TENSORS` -> (the kind it reads as, the builder of that layer from its canonical parts)
+BUILDERS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor]], Any]]] = {
+    "lora": ("lora", _build_lora), "loha": ("loha", _build_loha), "lokr": ("lokr", _build_lokr),
+    "full": ("full", _build_full), "norm": ("full", lambda p: _build_full(p, "norm")), "ia3": ("ia3", _build_ia3),
+    "lycoris_oft": ("lycoris_oft", _build_lycoris_oft), "glora": ("glora", _build_glora),
 }
 
 

@@ -36,6 +36,10 @@ from ..core.kinds.base import nonfinite_fields
 from ..errors import NonFiniteError, UnsupportedError
 
 
+#: the layers' ``module_type`` values the wrapper adapts (a "norm" or "experts" layer has no module to wrap)
+MODULE_TYPES = frozenset({"linear", "conv", "embedding"})
+
+
 def base_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d"`` (transformers ``Conv1D``), ``"conv"``, ``"embedding"`` or ``None`` (not adaptable)."""
     if isinstance(module, nn.Linear):
@@ -306,4 +310,4 @@ def _view(vector: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     return vector.to(like.dtype).view(shape)
 
 
-__all__ = ["AdaptedModule", "base_kind", "fit_layer"]
+__all__ = ["MODULE_TYPES", "AdaptedModule", "base_kind", "fit_layer"]
