@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pandas as pd
+
 from .core.kinds import KINDS
 from .formats.registry import FORMATS
 from .live.wrappers import MODULE_TYPES
@@ -92,8 +94,6 @@ def capability_table() -> Any:
     Columns: ``class``, ``read <format>`` / ``write <format>`` for every format of
     :data:`~adaptkit.formats.registry.FORMATS`, ``fuse``, ``unfuse``, ``merge``, ``convert to LoRA``, ``inject``.
     """
-    import pandas as pd
-
     return pd.DataFrame(capability_rows()).set_index("kind")
 
 
