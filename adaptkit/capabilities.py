@@ -46,8 +46,11 @@ def _default(cls: type, name: str) -> Any:
         for f in dataclasses.fields(cls):
             if f.name == name:
                 return None if f.default is dataclasses.MISSING else f.default
-    value = vars(cls).get(name) if name in vars(cls) else next((vars(c)[name] for c in cls.__mro__ if name in vars(c)), None)
-    return value if isinstance(value, str) else None
+    for c in cls.__mro__:
+        if name in vars(c):
+            value = vars(c)[name]
+            return value if isinstance(value, str) else None  # a property: the kind decides per layer
+    return None
 
 
 def _format_cells(kind: str) -> dict[str, str]:

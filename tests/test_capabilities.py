@@ -10,6 +10,7 @@ layer's outputs, ``unfuse`` / ``merge`` / ``convert to LoRA`` refuse exactly whe
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from adaptkit.core.kinds import KINDS
 from adaptkit.errors import UnsupportedError
 from adaptkit.formats.registry import FORMATS
 
+from .conftest import run_cli
 from .test_architecture_kinds import ScaledIdentity
 from .test_kinds_protocol import SAMPLES
 
@@ -54,6 +56,17 @@ def test_frame_has_a_row_per_kind_and_a_column_pair_per_format():
     assert frame.loc["lycoris_oft", "read kohya"] == "exact" and frame.loc["lycoris_oft", "read peft"] == "—"
     assert frame.loc["glora", "merge"].startswith("refused") and frame.loc["glora", "convert to LoRA"] == "needs base"
     assert frame.loc["loha", "unfuse"].startswith("exact") and frame.loc["ln_tuning", "inject"].startswith("refused")
+
+
+def test_cli_kinds():
+    res = run_cli("kinds", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["kind"] for r in rows] == list(KINDS) and rows[0]["fuse"] == "exact"
+    res = run_cli("kinds", "--markdown")
+    assert res.returncode == 0 and res.stdout == capability_markdown()
+    res = run_cli("kinds")
+    assert res.returncode == 0 and "lycoris_oft" in res.stdout
 
 
 def test_markers_are_required():
