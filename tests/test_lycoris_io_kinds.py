@@ -205,3 +205,22 @@ def test_oft_blocks_of_wrong_shape(tmp_path):
     save_file(sd, bad)
     with pytest.raises(ShapeMismatchError, match=r"lycoris_down_proj \(down_proj\).*do not fit a weight of shape \(16, 8\)"):
         load(bad, base=base)
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    """Base-dependent layers: no PEFT/diffusers file, no LoRA form and no merge without the base, each refusal saying why."""
+    from adaptkit.errors import UnsupportedError
+
+    path, base, *_ = make(tmp_path, **CASES["glora"])
+    glora = load(path, base=base)
+    with pytest.raises(UnsupportedError, match="peft has no glora layers.*format='kohya'"):
+        save(glora, tmp_path / "peft", format="peft")
+    with pytest.raises(UnsupportedError, match="needs the base weight"):
+        ak.convert(glora)
+    for method in ("linear", "task_arithmetic"):
+        with pytest.raises(UnsupportedError, match="glora layers depend on the base weight and cannot be merged"):
+            ak.merge([glora, glora], method=method)
+    (tmp_path / "lora").mkdir()
+    path, base, *_ = make(tmp_path / "lora", algo="lora", linear_dim=2, linear_alpha=2)
+    with pytest.raises(UnsupportedError, match="GLoRA and LoRA layers cannot be merged.*GLoRA has no base-free delta"):
+        ak.merge([glora, load(path, base=base)], method="linear")
