@@ -32,8 +32,8 @@ START, END = "<!-- capabilities:start -->", "<!-- capabilities:end -->"
 #: what each value means, printed under the table
 LEGEND = (
     "`exact`: no loss beyond float rounding; `lossy (report)`: the operation reports what it lost (energy, "
-    "relative error); `needs base`: the result is a function of the base weight, so it needs the base model "
-    "(fuse it, then `extract` a LoRA from base and fused weights); `limited`: the format refuses some layers of "
+    "relative error); `needs base`: the result is a function of the base weight: exact with the base "
+    "model (`convert --base`, `ak.convert(..., base=...)`: exact at full rank, lossy (report) below), refused without; `limited`: the format refuses some layers of "
     "the kind all the same and says why (DoRA per input, Conv1D, a LoRA bias); `—`: the format has no layers of "
     "this kind (saving refuses them and suggests converting to LoRA or fusing); merge is exact for `cat` / "
     "`task_arithmetic`, lossy (report) where an SVD compresses to a rank."

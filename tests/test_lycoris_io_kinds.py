@@ -22,6 +22,8 @@ from adaptkit.formats import load, save
 from adaptkit.formats.kohya import group_tensors
 from adaptkit.formats.kohya_layers import build_layer
 
+from .conftest import run_cli
+
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
@@ -155,10 +157,26 @@ def test_fuse_matches_lycoris_merged_weights(tmp_path, case):
     for k, v in base.state_dict().items():  # biases untouched (these kinds change weights only)
         if k.endswith("bias"):
             assert torch.equal(fused[k], v)
-    # with the base, the LoRA form at full rank: extract(base, fused) reproduces the outputs
-    lora = ak.extract(tmp_path / "base", tmp_path / "fused", rank=16)
-    err = _rel(fused_output(lora, base, x), applied(x).detach())
-    _record(f"{case} LoRA from base+fused at full rank, output", err)
+    # with the base, the LoRA form at full rank reproduces the outputs: convert(base=...) and extract(base, fused)
+    want = applied(x).detach()
+    adapter = load(path, base=base)
+    lora, report = ak.convert(adapter, base=tmp_path / "base", return_report=True)
+    assert {l.kind for l in lora.layers.values()} == {"lora"} and (report["relative_error"] < 1e-6).all()
+    err = _rel(fused_output(lora, base, x), want)
+    _record(f"{case} convert(base=...) at full rank, output", err)
+    assert err < 1e-5
+    low, report = ak.convert(adapter, rank=1, base=tmp_path / "base", return_report=True)
+    assert (report["relative_error"] > 1e-3).all() and (report["retained_energy"] < 1).all()  # lossy, and reported
+    extracted = ak.extract(tmp_path / "base", tmp_path / "fused", rank=16)
+    err = _rel(fused_output(extracted, base, x), want)
+    _record(f"{case} extract(base, fused) at full rank, output", err)
+    assert err < 1e-5
+    # the CLI: lycoris -> peft with --base and --kind lora
+    res = run_cli("convert", "lycoris->peft", str(path), str(tmp_path / "peft"), "--base", str(tmp_path / "base"),
+                  "--kind", "lora")
+    assert res.returncode == 0, res.stderr
+    err = _rel(fused_output(ak.load(tmp_path / "peft"), base, x), want)
+    _record(f"{case} convert --base --to peft, output", err)
     assert err < 1e-5
 
 
