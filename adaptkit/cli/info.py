@@ -63,8 +63,9 @@ def status(source: str, fmt: str | None, base: str | None, progress: bool | None
 
 @click.command()
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown (as docs/formats.md holds it).")
+@progress_options
 @output_options
-def kinds(markdown: bool, as_json: bool, as_csv: bool) -> None:
+def kinds(markdown: bool, progress: bool | None, as_json: bool, as_csv: bool) -> None:
     """The adapter kinds and what each operation does with them: read/write per format, fuse, unfuse, merge,
     convert to LoRA, inject (exact, lossy (report), needs base, refused: why).
 
