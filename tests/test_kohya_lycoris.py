@@ -270,8 +270,11 @@ def test_bad_files(tmp_path):
                "lycoris_blocks_0_up_proj.lora_up.weight": torch.ones(8, 2)}, str(f))
     with pytest.raises(Exception, match="shape"):
         load(f, base=base)
-    save_file({"lycoris_blocks_0_up_proj.oft_blocks": torch.ones(2, 2)}, str(f))
-    with pytest.raises(FormatError, match="oft_blocks"):
+    save_file({"lycoris_blocks_0_up_proj.lambda_layer": torch.ones(1, 2)}, str(f))  # T-LoRA: not read
+    with pytest.raises(FormatError, match="unknown tensor 'lambda_layer'"):
+        load(f, format="kohya", base=base)
+    save_file({"lycoris_blocks_0_up_proj.oft_blocks": torch.ones(2, 2)}, str(f))  # diag-OFT blocks are (n, b, b)
+    with pytest.raises(ShapeMismatchError, match=r"lycoris_blocks_0_up_proj: LyCORIS OFT blocks \(2, 2\)"):
         load(f, format="kohya", base=base)
     save_file({"lycoris_blocks_0_up_proj.lora_down.weight": torch.ones(12),  # 1-D: no adapter layer has this
                "lycoris_blocks_0_up_proj.lora_up.weight": torch.ones(8, 2)}, str(f))

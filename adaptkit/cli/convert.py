@@ -69,7 +69,8 @@ def split_args(args: tuple[str, ...]) -> tuple[str | None, str, str]:
 @click.option("--to", "dst_format", default=None, help="Target format (peft, kohya/lycoris, diffusers) or lora.")
 @declared(RANK, "-r", default=None, help="Allow a lossy conversion to LoRA of this rank (loss reported).")
 @click.option("--kind", default=None, help="Convert every layer to this kind (lora).")
-@base_option()
+@base_option("to resolve module names, and (with --kind lora / --rank) to give base-dependent layers (OFT, GLoRA, "
+             "IA3, per-input DoRA) their LoRA form")
 @click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
 @component_option("write only this component's layers, in its own namespace (each: one adapter per component in "
                   "OUT/<component>/).")
@@ -90,6 +91,7 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
       adaptkit convert '->kohya' ./my-adapter lora.safetensors
       adaptkit convert 'lycoris->peft' my_loha.safetensors out/ --base stabilityai/stable-diffusion-xl-base-1.0
       adaptkit convert my_lokr.safetensors out/ --to diffusers --rank 32   # lossy: prints the loss table
+      adaptkit convert 'lycoris->peft' my_oft.safetensors out/ --base ./base-model --kind lora
       adaptkit convert 'pissa->lora' runs/pissa-trained runs/as-lora --initial runs/pissa-init
     """
     spec, source, out = split_args(args)

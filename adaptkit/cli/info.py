@@ -1,4 +1,5 @@
-"""``adaptkit info`` and ``adaptkit status``: what is inside a checkpoint, as a header and a per-layer table."""
+"""``adaptkit info`` and ``adaptkit status``: what is inside a checkpoint, as a header and a per-layer table;
+``adaptkit kinds``: what every operation does with every adapter kind (the capability table)."""
 
 from __future__ import annotations
 
@@ -60,4 +61,27 @@ def status(source: str, fmt: str | None, base: str | None, progress: bool | None
     render_table(table, as_json=as_json, as_csv=as_csv)
 
 
-COMMANDS = (info, status)
+@click.command()
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (as docs/formats.md holds it).")
+@progress_options
+@output_options
+def kinds(markdown: bool, progress: bool | None, as_json: bool, as_csv: bool) -> None:
+    """The adapter kinds and what each operation does with them: read/write per format, fuse, unfuse, merge,
+    convert to LoRA, inject (exact, lossy (report), needs base, refused: why).
+
+    Examples:
+
+    \b
+      adaptkit kinds                            # one row per kind
+      adaptkit kinds --json                     # the same for machines (also --csv)
+      adaptkit kinds --markdown                 # the table of docs/formats.md
+    """
+    from ..capabilities import capability_markdown, capability_table
+
+    if markdown:
+        click.echo(capability_markdown(), nl=False)
+        return
+    render_table(capability_table().reset_index(), as_json=as_json, as_csv=as_csv)
+
+
+COMMANDS = (info, status, kinds)

@@ -16,6 +16,8 @@ stores, and everything outside ``formats/`` asks it instead of keeping its own t
   These are what converting layers to LoRA may fix, so convert's planning asks them.
 * ``can_name(module)``: why the format has no name for a module path (diffusers: outside a pipeline component),
   ``None`` when it has one; no conversion fixes that.
+* ``kind_support()`` (optional): the kinds it reads and writes, ``{kind: KindSupport}``, from its own tables; the
+  capability table of ``docs/formats.md`` (:mod:`adaptkit.capabilities`) is built from it.
 * ``check_options(**options)``: refuse bad values of its own writer options.
 * ``write(adapter, path, *, overwrite, **options)``: write an adapter whose refusals are empty; the writer
   trusts that and does not decide again.
@@ -47,6 +49,22 @@ class Selection:
 
     files: tuple[str, ...]
     read: str | None = None
+
+
+@dataclass(frozen=True)
+class KindSupport:
+    """What a format does with one kind, as its tables declare it (a format's ``kind_support()`` values).
+
+    Args:
+        read: the reader builds layers of the kind.
+        write: the writer stores layers of the kind.
+        limited: some layers of the kind are refused all the same (``can_store`` names why: DoRA per input,
+            Conv1D, a LoRA bias ...).
+    """
+
+    read: bool
+    write: bool
+    limited: bool = False
 
 
 class AmbiguousSelection(Exception):
@@ -173,5 +191,16 @@ def check_storable(fmt: Format, adapter: Adapter, alternatives: Iterable[Format]
     )
 
 
-__all__ = ["MEMBERS", "MODEL_WEIGHTS", "AmbiguousSelection", "Format", "Selection", "check_choice", "check_storable",
-           "is_model_weights", "missing_members", "refusals"]
+__all__ = [
+    "MEMBERS",
+    "MODEL_WEIGHTS",
+    "AmbiguousSelection",
+    "Format",
+    "KindSupport",
+    "Selection",
+    "check_choice",
+    "check_storable",
+    "is_model_weights",
+    "missing_members",
+    "refusals",
+]

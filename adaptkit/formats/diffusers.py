@@ -31,7 +31,7 @@ from ..errors import FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import peft as _peft
-from .base import Selection
+from .base import KindSupport, Selection
 from .patterns import ConfigPatterns
 from .peft_layers import dora_limit, write_lora
 
@@ -254,6 +254,11 @@ def can_store(layer: Any, module: str) -> str | None:
     return dora_limit(layer, NAME)
 
 
+def kind_support() -> dict[str, KindSupport]:
+    """The kinds diffusers files hold (:data:`KINDS_STORED`); DoRA per input feature is refused."""
+    return {kind: KindSupport(read=True, write=True, limited=True) for kind in sorted(KINDS_STORED)}
+
+
 def can_name(module: str) -> str | None:
     """Why a diffusers file has no name for a module path (outside a pipeline component, or not diffusers' UNet
     names), or ``None``."""
@@ -359,5 +364,5 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
 
 
 __all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "METADATA_KEY", "NAME", "WEIGHT_NAME", "WRITE_OPTIONS",
-           "can_name", "can_store", "can_store_adapter", "check_options", "detect", "detect_keys", "is_adapter_file", "read",
+           "can_name", "can_store", "can_store_adapter", "kind_support", "check_options", "detect", "detect_keys", "is_adapter_file", "read",
            "read_tensors", "select_files", "write"]

@@ -12,7 +12,9 @@ reading adds an ``adaptkit.kohya_naming`` entry (how the file named its modules)
 along, so that writing kohya again after a trip through PEFT or diffusers gives the same names.
 
 Flattened names are resolved to module paths with :mod:`adaptkit.converters.names`; the canonical path is
-``<component>.<module path>`` (``unet.down_blocks.0...``) or the bare path for ``lycoris_`` files. Writing puts
+``<component>.<module path>`` (``unet.down_blocks.0...``) or the bare path for ``lycoris_`` files. LyCORIS diag-OFT/BOFT (``oft_blocks``, ``rescale``) and GLoRA (``a1.weight`` ...) layers are read
+and written too; an OFT layer's input features are not in the file, so its shape comes from the base (``base=``, or a
+shipped inventory) and stays ``None`` without one (fuse fits it to the base tensor). Writing puts
 bare paths (an adapter made on a UNet alone) under a component, given as ``component=`` or recognised from the
 paths (:func:`adaptkit.converters.names.bare_component`), so that kohya tools see ``lora_unet_`` names.
 """
@@ -38,8 +40,14 @@ from ..io.safetensors import (
     write_safetensors,
 )
 from . import names as _names
-from .base import AmbiguousSelection, Selection, check_choice, is_model_weights
-from .kohya_layers import LIMITS, TENSORS, build_layer, layer_tensors
+from .base import (
+    AmbiguousSelection,
+    KindSupport,
+    Selection,
+    check_choice,
+    is_model_weights,
+)
+from .kohya_layers import BUILDERS, LIMITS, TENSORS, build_layer, layer_tensors
 
 NAME = "kohya"
 LABEL = "kohya"
@@ -165,7 +173,10 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         inv = resolution.inventory
         inv_comp = comp if comp in inv.modules else next(iter(inv.modules))
         shape = inv.shape(inv_comp, mod_path)
-        layer = layer.fit(tuple(shape)) if shape else layer  # the base's shape where the tensors leave it open
+        try:
+            layer = layer.fit(tuple(shape)) if shape else layer  # the base's shape where the tensors leave it open
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(f"{_names.WRITE_PREFIXES.get(comp, '')}{flat} ({mod_path}): {e}") from e
         adjust = READ_ADJUST.get(layer.kind)
         if adjust is not None:
             layer = adjust(layer, inv.has_bias(inv_comp, mod_path))
@@ -220,7 +231,7 @@ def group_tensors(tensors: dict[str, torch.Tensor], fname: str = "file") -> tupl
         if tensor not in TENSORS:
             raise FormatError(
                 f"{fname}: unknown tensor '{tensor}' in key '{key}'; adaptkit reads LoRA/LoCon, LoHa, LoKr, IA3, "
-                "full and norm layers (other LyCORIS algorithms are not supported)"
+                "full, norm, diag-OFT, BOFT and GLoRA layers (other LyCORIS algorithms are not supported)"
             )
         _, comp, rest = _names.split_prefix(module)  # type: ignore[misc]
         groups[(comp, rest)][tensor] = t
@@ -250,6 +261,14 @@ def can_store(layer: Any, module: str) -> str | None:
         return f"{NAME} has no {layer.kind} layers"
     limit = LIMITS[layer.kind]
     return limit(layer) if limit is not None else None
+
+
+def kind_support() -> dict[str, KindSupport]:
+    """The kinds kohya/LyCORIS files hold: read as :data:`~adaptkit.formats.kohya_layers.BUILDERS` builds them,
+    written as :data:`~adaptkit.formats.kohya_layers.LIMITS` allows (a limit there: some layers refused)."""
+    read = {kind for kind, _ in BUILDERS.values()}
+    return {kind: KindSupport(read=kind in read, write=kind in LIMITS, limited=LIMITS.get(kind) is not None)
+            for kind in sorted(read | set(LIMITS))}
 
 
 def can_name(module: str) -> str | None:
@@ -372,7 +391,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
     """Write an adapter as one kohya/LyCORIS ``.safetensors`` file.
 
     Args:
-        adapter: any adapter of LoRA, LoHa, LoKr, IA3 and full layers (kinds may mix).
+        adapter: any adapter of LoRA, LoHa, LoKr, IA3, full, LyCORIS diag-OFT/BOFT and GLoRA layers (kinds may mix).
         path: output file (``.safetensors``), or a directory to write ``adapter.safetensors`` into.
         overwrite: replace an existing file.
         naming: ``"ldm"`` writes SDXL UNet names as ``input_blocks_...`` (sd-scripts), ``"diffusers"``
@@ -416,5 +435,5 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
 
 __all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LIMITS", "LOOKED_FOR", "NAME", "TENSORS", "WRITE_OPTIONS", "bare_target",
            "build_layer", "can_name", "can_store", "can_store_adapter", "check_component", "check_options", "detect", "detect_keys",
-           "group_tensors", "is_adapter_file", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
+           "group_tensors", "is_adapter_file", "kind_support", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
            "write"]

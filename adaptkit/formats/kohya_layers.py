@@ -1,7 +1,8 @@
 """kohya/LyCORIS tensors per adapter kind: the names a module's tensors have, and layers built from them and back.
 
 :data:`TENSORS` maps each tensor name after the flattened module name (``lora_down.weight``, ``hada_w1_a``,
-``lokr_w2``, ``dora_scale``, IA3 ``weight``/``on_input``, ``diff``/``w_norm``) to its kind and canonical part;
+``lokr_w2``, ``dora_scale``, IA3 ``weight``/``on_input``, ``diff``/``w_norm``, diag-OFT/BOFT ``oft_blocks``/``rescale``,
+GLoRA ``a1.weight``...``b2.weight``/``bm.weight``) to its kind and canonical part;
 :func:`build_layer` turns one module's tensors into a layer and :func:`layer_tensors` a layer into them.
 :data:`LIMITS` says which kinds the files store and why one layer of a kind may not fit.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.kinds import IA3, Full, LoHa, LoKr, LoRA
+from ..core.kinds import IA3, Full, GLoRA, LoHa, LoKr, LoRA, LycorisOFT
 from ..core.kinds.base import check_factors
 from ..errors import FormatError, ShapeMismatchError
 
@@ -41,6 +42,13 @@ TENSORS: dict[str, tuple[str, str]] = {
     "b_norm": ("norm", "diff_b"),
     "weight": ("ia3", "weight"),
     "on_input": ("ia3", "on_input"),
+    "oft_blocks": ("lycoris_oft", "oft_blocks"),
+    "rescale": ("lycoris_oft", "rescale"),
+    "a1.weight": ("glora", "a1"),
+    "a2.weight": ("glora", "a2"),
+    "b1.weight": ("glora", "b1"),
+    "b2.weight": ("glora", "b2"),
+    "bm.weight": ("glora", "bm"),
     "alpha": ("", "alpha"),
     "dora_scale": ("", "dora_scale"),
 }
@@ -75,53 +83,92 @@ def _alpha(parts: dict[str, torch.Tensor], rank: int) -> float:
 
 
 def build_layer(parts: dict[str, torch.Tensor]) -> Any:
-    """Build one canonical layer from the tensors kohya/LyCORIS stores for a module."""
+    """Build one canonical layer from the tensors kohya/LyCORIS stores for a module (through :data:`BUILDERS`)."""
     kind = _kind_of(parts)
     p = {TENSORS[n][1]: t for n, t in parts.items()}
     check_factors(p, {TENSORS[n][1]: n for n in parts})
-    if kind == "lora":
-        if "down" not in p or "up" not in p:
-            raise FormatError("lora_down/lora_up is missing; the checkpoint is incomplete")
-        down, up, mid = p["down"], p["up"], p.get("mid")
-        r = down.shape[0]
-        if up.ndim > 2 or down.ndim > 2:
-            k = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
-            shape, mtype = (up.shape[0], down.shape[1], *k), "conv"
-        else:
-            shape, mtype = (up.shape[0], down.shape[1]), "linear"
-        mag, axis = _magnitude(p.get("dora_scale"), shape)
-        return LoRA(down=down, up=up, mid=mid, alpha=_alpha(p, r), shape=shape, module_type=mtype,
-                    magnitude=mag, magnitude_axis=axis)
-    if kind == "loha":
-        for n in ("w1a", "w1b", "w2a", "w2b"):
-            if n not in p:
-                raise FormatError(f"hada_{n[:2]}_{n[2]} is missing; the checkpoint is incomplete")
-        t1 = p.get("t1")
-        if t1 is not None:
-            shape = (p["w1a"].shape[1], p["w1b"].shape[1], *t1.shape[2:])
-        else:
-            shape = (p["w1a"].shape[0], p["w1b"].shape[1])
-        mag, axis = _magnitude(p.get("dora_scale"), shape)
-        return LoHa(w1a=p["w1a"], w1b=p["w1b"], w2a=p["w2a"], w2b=p["w2b"], t1=t1, t2=p.get("t2"),
-                    alpha=_alpha(p, p["w1b"].shape[0]), shape=shape,
-                    module_type="conv" if len(shape) > 2 else "linear", magnitude=mag, magnitude_axis=axis)
-    if kind == "lokr":
-        return _build_lokr(p)
-    if kind in ("full", "norm"):
-        if "diff" not in p:
-            raise FormatError("diff / w_norm is missing; the checkpoint is incomplete")
-        d = p["diff"]
-        mtype = "norm" if kind == "norm" else ("conv" if d.ndim > 2 else "linear")
-        return Full(diff=d, diff_b=p.get("diff_b"), shape=tuple(d.shape), module_type=mtype)
-    if kind == "ia3":
-        if "weight" not in p:
-            raise FormatError("the IA3 weight is missing; the checkpoint is incomplete")
-        w = p["weight"]
-        on_input = bool(int(p["on_input"].reshape(-1)[0])) if "on_input" in p else False
-        # float32 keeps l = weight + 1 exact (in fp16 the + 1 would round), so writing back is exact too
-        return IA3(vector=(w.float() + 1).flatten(), on_input=on_input,
-                   module_type="conv" if w.ndim > 1 else "linear")
-    raise FormatError(f"unknown layer kind {kind}")  # pragma: no cover
+    return BUILDERS[kind][1](p)
+
+
+def _build_lora(p: dict[str, torch.Tensor]) -> LoRA:
+    if "down" not in p or "up" not in p:
+        raise FormatError("lora_down/lora_up is missing; the checkpoint is incomplete")
+    down, up, mid = p["down"], p["up"], p.get("mid")
+    r = down.shape[0]
+    if up.ndim > 2 or down.ndim > 2:
+        k = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+        shape, mtype = (up.shape[0], down.shape[1], *k), "conv"
+    else:
+        shape, mtype = (up.shape[0], down.shape[1]), "linear"
+    mag, axis = _magnitude(p.get("dora_scale"), shape)
+    return LoRA(down=down, up=up, mid=mid, alpha=_alpha(p, r), shape=shape, module_type=mtype,
+                magnitude=mag, magnitude_axis=axis)
+
+
+def _build_loha(p: dict[str, torch.Tensor]) -> LoHa:
+    for n in ("w1a", "w1b", "w2a", "w2b"):
+        if n not in p:
+            raise FormatError(f"hada_{n[:2]}_{n[2]} is missing; the checkpoint is incomplete")
+    t1 = p.get("t1")
+    if t1 is not None:
+        shape = (p["w1a"].shape[1], p["w1b"].shape[1], *t1.shape[2:])
+    else:
+        shape = (p["w1a"].shape[0], p["w1b"].shape[1])
+    mag, axis = _magnitude(p.get("dora_scale"), shape)
+    return LoHa(w1a=p["w1a"], w1b=p["w1b"], w2a=p["w2a"], w2b=p["w2b"], t1=t1, t2=p.get("t2"),
+                alpha=_alpha(p, p["w1b"].shape[0]), shape=shape,
+                module_type="conv" if len(shape) > 2 else "linear", magnitude=mag, magnitude_axis=axis)
+
+
+def _build_full(p: dict[str, torch.Tensor], mtype: str | None = None) -> Full:
+    if "diff" not in p:
+        raise FormatError("diff / w_norm is missing; the checkpoint is incomplete")
+    d = p["diff"]
+    return Full(diff=d, diff_b=p.get("diff_b"), shape=tuple(d.shape), module_type=mtype or ("conv" if d.ndim > 2 else "linear"))
+
+
+def _build_ia3(p: dict[str, torch.Tensor]) -> IA3:
+    if "weight" not in p:
+        raise FormatError("the IA3 weight is missing; the checkpoint is incomplete")
+    w = p["weight"]
+    on_input = bool(int(p["on_input"].reshape(-1)[0])) if "on_input" in p else False
+    # float32 keeps l = weight + 1 exact (in fp16 the + 1 would round), so writing back is exact too
+    return IA3(vector=(w.float() + 1).flatten(), on_input=on_input, module_type="conv" if w.ndim > 1 else "linear")
+
+
+def _no_dora(p: dict[str, torch.Tensor], label: str) -> None:
+    if "dora_scale" in p:
+        raise FormatError(f"a {label} layer has a dora_scale, which LyCORIS never writes for it; the checkpoint mixes "
+                          "two layers' tensors: re-save it from the trainer")
+
+
+def _build_lycoris_oft(p: dict[str, torch.Tensor]) -> LycorisOFT:
+    """diag-OFT (``oft_blocks (n, b, b)``) or BOFT (``(m, n, b, b)``); the file fixes ``out = n * b`` but not the
+    inputs, so the shape is left open (the base's shape fills it in, :meth:`LycorisOFT.fit`)."""
+    if "oft_blocks" not in p:
+        raise FormatError("oft_blocks is missing (the file has only rescale/alpha for this module); the checkpoint is "
+                          "incomplete: re-save it from the trainer")
+    _no_dora(p, "diag-OFT/BOFT")
+    rescale = p.get("rescale")
+    mtype = "conv" if rescale is not None and rescale.ndim > 2 else "linear"
+    constraint = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p and p["alpha"].numel() else 0.0
+    return LycorisOFT(oft_blocks=p["oft_blocks"], shape=None, constraint=constraint, rescale=rescale, module_type=mtype)
+
+
+def _build_glora(p: dict[str, torch.Tensor]) -> GLoRA:
+    """GLoRA: the shape is fixed by ``b1 (out, r)`` and ``b2 (r, in[, *k])`` (or ``bm``'s kernel)."""
+    missing = [f"{n}.weight" for n in ("a1", "a2", "b1", "b2") if n not in p]
+    if missing:
+        have = ", ".join(f"{n}.weight" for n in ("a1", "a2", "b1", "b2", "bm") if n in p)
+        raise FormatError(f"GLoRA tensor(s) {', '.join(missing)} missing (the file has {have}); a GLoRA layer needs "
+                          "a1.weight, a2.weight, b1.weight and b2.weight: the checkpoint is incomplete, re-save it from "
+                          "the trainer")
+    _no_dora(p, "GLoRA")
+    b1, b2, bm = p["b1"], p["b2"], p.get("bm")
+    kernel = tuple(bm.shape[2:]) if bm is not None else tuple(b2.shape[2:])
+    shape = (int(b1.shape[0]), int(b2.shape[1]), *kernel)
+    return GLoRA(a1=p["a1"], a2=p["a2"], b1=b1, b2=b2, bm=bm, alpha=_alpha(p, int(p["a2"].shape[0])), shape=shape,
+                 module_type="conv" if b2.ndim > 2 else "linear")
 
 
 def _build_lokr(p: dict[str, torch.Tensor]) -> LoKr:
@@ -150,6 +197,14 @@ def _build_lokr(p: dict[str, torch.Tensor]) -> LoKr:
     mag, axis = _magnitude(p.get("dora_scale"), shape)
     return LoKr(alpha=alpha, rank=rank, shape=shape, module_type="conv" if len(shape) > 2 else "linear",
                 magnitude=mag, magnitude_axis=axis, **{k: p.get(k) for k in ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")})
+
+
+#: the layer family of :data:`TENSORS` -> (the kind it reads as, the builder of that layer from its canonical parts)
+BUILDERS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor]], Any]]] = {
+    "lora": ("lora", _build_lora), "loha": ("loha", _build_loha), "lokr": ("lokr", _build_lokr),
+    "full": ("full", _build_full), "norm": ("full", lambda p: _build_full(p, "norm")), "ia3": ("ia3", _build_ia3),
+    "lycoris_oft": ("lycoris_oft", _build_lycoris_oft), "glora": ("glora", _build_glora),
+}
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -210,6 +265,24 @@ def _full_tensors(layer: Full) -> dict[str, torch.Tensor]:
     return {w: layer.diff} if layer.diff_b is None else {w: layer.diff, b: layer.diff_b}
 
 
+def _lycoris_oft_tensors(layer: LycorisOFT) -> dict[str, torch.Tensor]:
+    out = {"oft_blocks": layer.oft_blocks, "alpha": _alpha_tensor(layer.constraint, layer.oft_blocks)}
+    if layer.rescale is not None:
+        r = layer.rescale
+        if r.ndim < 2:  # LyCORIS keeps rescale as (out, 1, ...): one trailing axis per weight axis
+            r = r.reshape(-1, *([1] * (len(layer.shape) - 1 if layer.shape is not None else 1)))
+        out["rescale"] = r
+    return out
+
+
+def _glora_tensors(layer: GLoRA) -> dict[str, torch.Tensor]:
+    out = {"a1.weight": layer.a1, "a2.weight": layer.a2, "b1.weight": layer.b1, "b2.weight": layer.b2}
+    if layer.bm is not None:
+        out["bm.weight"] = layer.bm
+    out["alpha"] = _alpha_tensor(layer.scale * layer.rank, layer.a1)
+    return out
+
+
 def _ia3_tensors(layer: IA3) -> dict[str, torch.Tensor]:
     v = (layer.vector.float() - 1).to(layer.vector.dtype)
     if layer.module_type == "conv":
@@ -221,6 +294,7 @@ def _ia3_tensors(layer: IA3) -> dict[str, torch.Tensor]:
 #: kind name -> the kohya/LyCORIS tensors of one layer of that kind (names relative to the module)
 WRITERS: dict[str, Callable[[Any], dict[str, torch.Tensor]]] = {
     "lora": _lora_tensors, "loha": _loha_tensors, "lokr": _lokr_tensors, "full": _full_tensors, "ia3": _ia3_tensors,
+    "lycoris_oft": _lycoris_oft_tensors, "glora": _glora_tensors,
 }
 
 
@@ -250,7 +324,8 @@ def _lora_limit(layer: LoRA) -> str | None:
 
 
 #: the kinds kohya/LyCORIS files store, and why one layer of the kind may not fit (``None``: every layer fits)
-LIMITS: dict[str, Any] = {"lora": _lora_limit, "loha": _fan_limit, "lokr": _fan_limit, "ia3": _fan_limit, "full": None}
+LIMITS: dict[str, Any] = {"lora": _lora_limit, "loha": _fan_limit, "lokr": _fan_limit, "ia3": _fan_limit, "full": None,
+                          "lycoris_oft": None, "glora": None}
 
 
-__all__ = ["LIMITS", "TENSORS", "build_layer", "layer_tensors"]
+__all__ = ["BUILDERS", "LIMITS", "TENSORS", "WRITERS", "build_layer", "layer_tensors"]

@@ -28,7 +28,7 @@ from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr, peft_params
-from .base import Selection, check_choice, check_storable
+from .base import KindSupport, Selection, check_choice, check_storable
 from .patterns import ConfigPatterns
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
 
@@ -268,6 +268,12 @@ def can_store(layer: Any, module: str) -> str | None:
     return row.limits(layer) if row.limits is not None else None
 
 
+def kind_support() -> dict[str, KindSupport]:
+    """The kinds PEFT files hold: one per :data:`~adaptkit.formats.peft_layers.PEFT_NAMES` row (registered ones too)."""
+    return {kind: KindSupport(read=row.reader is not None, write=row.writer is not None, limited=row.limits is not None)
+            for kind, row in PEFT_NAMES.items()}
+
+
 def can_name(module: str) -> str | None:
     """PEFT names every module path as it is (``None``)."""
     return None
@@ -491,7 +497,30 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "NAME", "WRITE_OPTIONS", "can_name", "can_store",
-           "can_store_adapter", "check_component", "check_config", "check_options", "detect", "detect_keys",
-           "is_adapter_file", "one_config_reasons", "read", "read_config", "read_tensors", "select_component",
-           "select_files", "split_components", "to_state_dict", "write"]
+__all__ = [
+    "ALLOW_PATTERNS",
+    "COMPONENTS",
+    "LABEL",
+    "LOOKED_FOR",
+    "NAME",
+    "WRITE_OPTIONS",
+    "can_name",
+    "can_store",
+    "can_store_adapter",
+    "check_component",
+    "check_config",
+    "check_options",
+    "detect",
+    "detect_keys",
+    "is_adapter_file",
+    "kind_support",
+    "one_config_reasons",
+    "read",
+    "read_config",
+    "read_tensors",
+    "select_component",
+    "select_files",
+    "split_components",
+    "to_state_dict",
+    "write",
+]

@@ -36,6 +36,10 @@ from ..core.kinds.base import nonfinite_fields
 from ..errors import NonFiniteError, UnsupportedError
 
 
+#: the layers' ``module_type`` values the wrapper adapts (a "norm" or "experts" layer has no module to wrap)
+MODULE_TYPES = frozenset({"linear", "conv", "embedding"})
+
+
 def base_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d"`` (transformers ``Conv1D``), ``"conv"``, ``"embedding"`` or ``None`` (not adaptable)."""
     if isinstance(module, nn.Linear):
@@ -60,6 +64,27 @@ def fit_layer(layer: Layer, base: nn.Module) -> Layer:
 
 def _as_param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=trainable and t.is_floating_point())
+
+
+class AdapterParams(nn.Module):
+    """One adapter's tensors as parameters named by the kind's fields (a plain module, not an ``nn.ParameterDict``,
+    whose ``values``/``keys``/``items`` methods would clash with fields of those names: FourierFT's ``values``)."""
+
+    def __init__(self, tensors: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        for name, p in tensors.items():
+            self.register_parameter(name, p)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Field name -> parameter."""
+        return dict(self.named_parameters(recurse=False))
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        """The parameter of field ``name`` (as ``nn.ParameterDict`` indexing)."""
+        return self._parameters[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parameters
 
 
 class AdaptedModule(nn.Module):
@@ -146,13 +171,13 @@ class AdaptedModule(nn.Module):
             self.unmerge([name])
         device = self.base_layer.weight.device
         tensors = {k: _as_param(t.to(device), trainable) for k, t in layer.parts().items()}
-        self.adapter_params[name] = nn.ParameterDict(tensors)
+        self.adapter_params[name] = AdapterParams(tensors)
         self._fields[name] = (type(layer), layer.shape, layer.settings())
 
     def layer(self, name: str) -> Layer:
         """The kind object of adapter ``name``, built on the current parameters (gradients flow through)."""
         cls, shape, settings = self._fields[name]
-        return cls.from_parts(dict(self.adapter_params[name].items()), shape=shape, settings=settings)
+        return cls.from_parts(self.adapter_params[name].tensors(), shape=shape, settings=settings)
 
     def remove(self, name: str) -> None:
         """Delete adapter ``name`` (unmerging it first)."""
@@ -306,4 +331,4 @@ def _view(vector: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     return vector.to(like.dtype).view(shape)
 
 
-__all__ = ["AdaptedModule", "base_kind", "fit_layer"]
+__all__ = ["MODULE_TYPES", "AdaptedModule", "base_kind", "fit_layer"]

@@ -20,15 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
+from ..core.kinds import Full
+from ..core.kinds.common import conv_or_linear
 from ..core.params import RANK
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats import check_write_options, format_module, names, save
 from ..formats.inputs import as_adapter
 from ..formats.peft import select_component
 from ..formats.registry import refusals
+from ..io.base_model import TensorReader, match_paths, open_base
 from ..io.outputs import check_output
 from ..progress import bar
 from .reparam import pissa_to_lora
@@ -63,8 +67,33 @@ def report_frame(rows: list[LayerConversion]) -> Any:
 # ------------------------------------------------------------------------------------ kind conversion
 
 
+def _changes_on_base(adapter: Adapter, paths: list[str], base: str | os.PathLike) -> dict[str, Full]:
+    """The layers at ``paths`` as the dense change each makes to its base weight (and bias): ``apply(W) - W``.
+
+    Raises:
+        ConfigError: a path matches no base weight. ShapeMismatchError: a layer does not fit its base weight.
+    """
+    ws = open_base(base)
+    matches = match_paths(paths, ws.tensors)
+    out: dict[str, Full] = {}
+    with TensorReader() as reader:
+        for path in paths:
+            m = matches[path]
+            w = reader.read(ws.tensors[m.weight]).float()
+            b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+            try:
+                layer = adapter.layers[path].fit(tuple(w.shape))
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"{path}: {e} (base tensor '{m.weight}')") from None
+            new_w, new_b = layer.apply(w, b)
+            diff_b = None if new_b is None or b is None or torch.equal(new_b, b) else new_b - b
+            out[path] = Full(diff=new_w - w, diff_b=diff_b, shape=tuple(w.shape), module_type=conv_or_linear(tuple(w.shape)))
+    return out
+
+
 def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
-            return_report: bool = False, progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
+            base: str | os.PathLike | None = None, return_report: bool = False,
+            progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
     """Convert an adapter's layers to LoRA.
 
     LoRA layers are kept as they are unless ``rank`` is smaller than theirs (then truncated by an exact
@@ -77,6 +106,10 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         kind: the target kind; only ``"lora"`` is supported.
         rank: the LoRA rank to keep, or ``None``.
         layers: convert only these paths (others are kept as they are); ``None`` converts all.
+        base: the base model (hub id, directory of safetensors shards, or one file). Layers whose LoRA form depends
+            on the base weight (base-dependent kinds: OFT, BOFT, HRA, LyCORIS OFT, GLoRA ...; IA3; per-input DoRA)
+            are then converted through the change they make to it, ``apply(W) - W``: exact at full rank, lossy
+            (reported) at ``rank``. Without it they are refused.
         return_report: also return the per-layer report (a DataFrame of :class:`LayerConversion`).
         progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
 
@@ -99,6 +132,9 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
     blocked = {p: adapter.layers[p].lora_obstacle() for p in todo}
     blocked = {p: why for p, why in blocked.items() if why}
+    if blocked and base is not None:
+        adapter = adapter.replace(layers={**adapter.layers, **_changes_on_base(adapter, list(blocked), base)})
+        blocked = {}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(
@@ -187,6 +223,10 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items()
                 if not l.keeps_as_lora(rank)} | todo
     blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
+    if blocked and isinstance(base, (str, os.PathLike)) and lossy_ok:
+        # with the base model's weights the change these layers make has a LoRA form: apply(W) - W
+        adapter = adapter.replace(layers={**adapter.layers, **_changes_on_base(adapter, list(blocked), base)})
+        blocked = {}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(

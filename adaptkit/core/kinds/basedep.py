@@ -72,6 +72,12 @@ class BaseDependent(NoBaseFreeDelta):
     #: what the layer does to the base weight, for analysis notes
     effect: ClassVar[str] = "changes the weight as a function of the base weight"
 
+    @classmethod
+    def operations(cls) -> dict[str, str]:
+        """Fused exactly against the base weight; no unfuse, no merge, and the LoRA form needs the base."""
+        return {"fuse": "exact", "unfuse": "refused: the base cannot be recovered from the fused weight",
+                "merge": "refused: depends on the base weight", "lora": "needs base"}
+
     # ------------------------------------------------------------------ applying to the base
 
     def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every kind overrides it

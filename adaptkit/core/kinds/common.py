@@ -78,6 +78,21 @@ class KindBase(LayerRepr):
     #: the floating-point checks and from ``cast``
     index_parts: ClassVar[frozenset[str]] = frozenset()
 
+    @classmethod
+    def operations(cls) -> dict[str, str]:
+        """How fuse, unfuse, merge and convert-to-LoRA treat layers of this kind (the capability table of
+        ``docs/formats.md``): ``"exact"``, ``"lossy (report)"``, ``"needs base"`` or ``"refused: <reason>"``.
+
+        The defaults are an additive kind's: ``W + dW`` fused and subtracted exactly, merged through ``dW``
+        (exact for ``cat``/``task_arithmetic``, lossy with a report where an SVD compresses), and a LoRA exactly at
+        full rank (lossy with a report below it). A kind with a DoRA ``magnitude`` field notes that its DoRA layers
+        are refused by unfuse and merge. Kinds that are not additive override it.
+        """
+        dora = dataclasses.is_dataclass(cls) and any(f.name == "magnitude" for f in dataclasses.fields(cls))
+        note = "; DoRA layers refused" if dora else ""
+        return {"fuse": "exact", "unfuse": f"exact{note}", "merge": f"exact{note}",
+                "lora": "exact at full rank, lossy (report) below" + ("; some DoRA layers: needs base" if dora else "")}
+
     @property
     def dora(self) -> bool:
         """True when the layer has a DoRA magnitude (a ``magnitude`` field that is set)."""

@@ -95,6 +95,12 @@ class IA3(KindBase):
             return None
         return f32(bias) * f32(self.vector) if self.changes_bias else f32(bias)
 
+    @classmethod
+    def operations(cls) -> dict[str, str]:
+        """IA3 rescales the weight: fused exactly, never subtracted, merged in its own vectors (PEFT's linear)."""
+        return {"fuse": "exact", "unfuse": "refused: rescales the weight (a zero multiplier loses it)",
+                "merge": "exact (weighted sum of the vectors)", "lora": "needs base"}
+
     def unapply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """IA3 cannot be unfused reliably (a zero multiplier loses the weight); always raises."""
         raise UnsupportedError("IA3 rescales the weight and cannot be subtracted again; fuse into a copy instead")

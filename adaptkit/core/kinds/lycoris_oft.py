@@ -18,14 +18,16 @@ LyCORIS 4.1 (``lycoris/modules/diag_oft.py``, ``boft.py``) stores ``oft_blocks``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ...errors import ShapeMismatchError
-from .base import check_floating, f32
+from .base import Layer, check_floating, f32
 from .basedep import BaseDependent
+from .common import conv_or_linear
 from .orthogonal import block_diag, cayley_lycoris
 
 
@@ -53,14 +55,15 @@ class LycorisOFT(BaseDependent):
 
     Args:
         oft_blocks: ``(n, b, b)`` (diag-OFT) or ``(m, n, b, b)`` (BOFT).
-        shape: module weight shape ``(out, ...)``.
+        shape: module weight shape ``(out, ...)``, or ``None`` where only the output features are known (a file
+            fixes ``out = n * b`` but not the inputs); :meth:`fit` with the base's shape fills it in.
         constraint: the stored ``alpha`` (0: unconstrained).
         rescale: ``rescale`` ``(out, 1, ...)`` or ``None``.
         module_type: ``"linear"`` or ``"conv"``.
     """
 
     oft_blocks: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None = None
     constraint: float = 0.0
     rescale: torch.Tensor | None = None
     module_type: str = "linear"
@@ -72,11 +75,15 @@ class LycorisOFT(BaseDependent):
     def __post_init__(self) -> None:
         check_floating(self)
         ob = self.oft_blocks
-        if ob.ndim not in (3, 4) or ob.shape[-1] != ob.shape[-2] or ob.shape[-3] * ob.shape[-1] != self.shape[0]:
-            raise ShapeMismatchError(f"LyCORIS OFT blocks {tuple(ob.shape)} do not fit a weight of shape {tuple(self.shape)}; "
-                                     "they are (n, b, b) or (m, n, b, b) with n * b output features")
-        if self.rescale is not None and self.rescale.numel() != self.shape[0]:
-            raise ShapeMismatchError(f"LyCORIS OFT rescale has {self.rescale.numel()} entries, the weight {self.shape[0]} rows")
+        square = ob.ndim in (3, 4) and ob.shape[-1] == ob.shape[-2]
+        if not square or (self.shape is not None and ob.shape[-3] * ob.shape[-1] != self.shape[0]):
+            fits = f"a weight of shape {tuple(self.shape)}" if self.shape is not None else "any weight"
+            raise ShapeMismatchError(f"LyCORIS OFT blocks {tuple(ob.shape)} do not fit {fits}; they are (n, b, b) "
+                                     "(diag-OFT) or (m, n, b, b) (BOFT) with n * b output features: the checkpoint is "
+                                     "damaged or made for another model")
+        if self.rescale is not None and self.rescale.numel() != self.out_features:
+            raise ShapeMismatchError(f"LyCORIS OFT rescale has {self.rescale.numel()} entries but the blocks rotate "
+                                     f"{self.out_features} output features; the checkpoint is damaged")
         if ob.ndim == 4 and ob.shape[-1] % 2:
             raise ShapeMismatchError(f"LyCORIS BOFT block size {ob.shape[-1]} is odd; butterfly blocks have an even size")
 
@@ -86,13 +93,37 @@ class LycorisOFT(BaseDependent):
         return self.oft_blocks.ndim == 4
 
     @property
+    def out_features(self) -> int:
+        """``n * b``: the output features the blocks rotate."""
+        return int(self.oft_blocks.shape[-3] * self.oft_blocks.shape[-1])
+
+    def fit(self, shape: tuple[int, ...], module: str | None = None) -> Layer:
+        """As :meth:`BaseDependent.fit`; a layer read without a shape also takes the module type from ``shape``."""
+        fitted = super().fit(shape, module)
+        if self.shape is None and fitted.shape is not None:
+            fitted = dataclasses.replace(fitted, module_type=conv_or_linear(tuple(fitted.shape)))
+        return fitted
+
+    def check_weight(self, weight: torch.Tensor) -> None:
+        """Refuse a base weight of another shape, or (layer without a shape) with rows the blocks do not rotate.
+
+        Raises:
+            ShapeMismatchError: naming both.
+        """
+        super().check_weight(weight)
+        if weight.shape[0] != self.out_features:
+            raise ShapeMismatchError(f"LyCORIS OFT blocks {tuple(self.oft_blocks.shape)} rotate {self.out_features} "
+                                     f"output features but the weight {tuple(weight.shape)} has {weight.shape[0]}; pass "
+                                     "the base weight of the module it adapts")
+
+    @property
     def rank(self) -> int:
         """The number of blocks per stage."""
         return int(self.oft_blocks.shape[-3])
 
     def rotation(self) -> torch.Tensor:
         """Float32 ``M`` ``(out, out)``: ``W' = rescale * (M W_flat)``."""
-        out_dim = int(self.shape[0])
+        out_dim = self.out_features
         r = _rotations(self.oft_blocks, self.constraint, out_dim)
         if not self.butterfly:
             return block_diag(r.transpose(-1, -2))

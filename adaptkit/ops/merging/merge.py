@@ -287,21 +287,31 @@ def _finite(path: str, *tensors: torch.Tensor | None) -> None:
 
 
 def _merge_own(adapters: list[Adapter], weights: list[float], m: Method, progress: bool | None) -> dict[str, Layer]:
-    """Kinds without a delta (IA3) merge in their own parameters: the kind's ``weighted_sum`` (PEFT's linear)."""
+    """Kinds without a delta merge in their own parameters: the kind's ``weighted_sum`` (IA3: PEFT's linear); the
+    base-dependent kinds' ``weighted_sum`` refuses and says what to do instead."""
     classes = {type(layer) for a in adapters for layer in a.layers.values()}
     if len(classes) > 1:
+        names = sorted(c.__name__ for c in classes)
+        own = sorted(c.__name__ for c in classes if not c.has_delta)
         raise UnsupportedError(
-            "IA3 rescales weights while LoRA/LoHa/LoKr add to them, so they cannot be merged into one adapter; "
-            "merge IA3 adapters only with each other"
-        )
-    if m.name != "linear":
-        raise UnsupportedError(
-            f"IA3 adapters merge only with method='linear' (the weighted sum of their vectors, as PEFT does); "
-            f"'{m.name}' is undefined for IA3"
+            f"{' and '.join(names)} layers cannot be merged into one adapter: {', '.join(own)} has no base-free delta "
+            "to add to the others' (IA3 rescales weights, rotations and GLoRA act on the base weight); merge adapters "
+            "of such a kind only with each other, or fuse them one after the other"
         )
     (cls,) = classes
-    out: dict[str, Layer] = {}
     entries = _layer_entries(adapters, weights)
+    if entries:  # a kind that cannot merge at all (base-dependent) says so in its own words, whatever the method
+        path, items = next(iter(entries.items()))
+        try:
+            cls.weighted_sum([layer for _, layer, _ in items], [w for _, _, w in items])
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(f"{path}: {e}") from None
+    if m.name != "linear":
+        raise UnsupportedError(
+            f"{cls.__name__} adapters merge only with method='linear' (the weighted sum of their vectors, as PEFT "
+            f"does); '{m.name}' is undefined for {cls.__name__}"
+        )
+    out: dict[str, Layer] = {}
     for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({cls.kind})", unit="layer",
                            progress=progress):
         try:
