@@ -49,9 +49,20 @@ WRITE_OPTIONS = ("component",)
 
 
 def detect_keys(keys: Collection[str]) -> bool:
-    """True when every tensor name starts with ``base_model.model.`` (as ``save_pretrained`` writes them)."""
+    """True when every tensor name starts with ``base_model.model.`` (as ``save_pretrained`` writes them), but for
+    model-level tensors some kinds share between layers (``base_model.vera_A``: see :func:`shared_stems`)."""
     keys = [k for k in keys if k != "__metadata__"]
-    return bool(keys) and all(k.startswith(PREFIX) for k in keys)
+    shared = {SHARED_PREFIX + s for s in shared_stems()}
+    return any(k.startswith(PREFIX) for k in keys) and all(k.startswith(PREFIX) or k in shared for k in keys)
+
+
+#: where ``save_pretrained`` puts a model-level tensor (VeRA's ``base_model.vera_A``)
+SHARED_PREFIX = "base_model."
+
+
+def shared_stems() -> set[str]:
+    """The key stems of model-level tensors (no module path) of every row."""
+    return {s for r in PEFT_NAMES.values() for s in r.shared}
 
 
 def detect(path: Path) -> bool:
@@ -190,9 +201,15 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                           "pass the config that belongs to these tensors")
     cfg = check_config(dict(config))
     ptype = cfg["peft_type"]
+    row = row_of_type(ptype)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
+        stem = key.removeprefix(SHARED_PREFIX)
+        if stem in row.shared:  # a model-level tensor every layer uses (VeRA's projections, VB-LoRA's bank)
+            shared[row.shared[stem]] = tensor
+            continue
         rel = key.removeprefix(PREFIX)
         split = split_key(rel)
         if split is None:
@@ -205,7 +222,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                 "the config does not belong to these weights"
             )
         groups[module][part] = tensor
-    patterns = ConfigPatterns.of(cfg)
+    for module, parts in groups.items():
+        _add_shared(module, parts, shared, row, file_name)
+    patterns = row.patterns(cfg) if row.patterns is not None else ConfigPatterns.of(cfg)
     modules, params = peft_params.split_groups(groups, cfg) if ptype == PEFT_NAMES["expert_lora"].peft_type else (groups, {})
     layers = build_layers(modules, cfg, patterns)
     if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
@@ -225,6 +244,18 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     )
 
 
+def _add_shared(module: str, parts: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor], row: Any,
+                file_name: str) -> None:
+    """Give a module the model-level tensors; a per-module copy (RandLoRA writes one) must equal them."""
+    for part, t in shared.items():
+        own = parts.get(part)
+        if own is not None and own is not t and (own.shape != t.shape or not torch.equal(own, t)):
+            stem = row.display.get(part, part)
+            raise FormatError(f"{file_name}: {module}.{stem} differs from the model-level base_model.{stem} it copies; "
+                              "the checkpoint is damaged or mixes two adapters")
+        parts[part] = t
+
+
 def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns,
                 row: Any = None) -> Any:
     """Build one layer of ``cfg["peft_type"]`` from a module's tensors (``{part: tensor}``).
@@ -239,7 +270,8 @@ def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any]
     """
     row = row or row_of_type(cfg["peft_type"])
     try:
-        check_factors(parts, row.display)
+        checked = {k: t for k, t in parts.items() if t.numel()} if row.empty_ok else parts
+        check_factors(checked, row.display, row.index_parts)
         return row.reader(module, parts, cfg, patterns)
     except (ShapeMismatchError, FormatError) as e:
         raise type(e)(f"{module}: {e}") from e

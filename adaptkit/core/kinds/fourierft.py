@@ -20,8 +20,9 @@ from typing import ClassVar
 import torch
 
 from .additive import AdditiveKind
+from ...errors import ShapeMismatchError
 from .base import check_floating, f32, math_shape
-from .positions import check_positions
+from .positions import check_positions, seeded_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -31,18 +32,22 @@ class FourierFT(AdditiveKind):
     Args:
         values: ``fourierft_spectrum`` ``(n,)``, the learned spectrum entries (``values``, as ``spectrum()`` is
             the protocol's singular values).
-        indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`).
+        indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`);
+            ``None`` to draw them from ``seed`` once the shape is known (a PEFT file stores neither).
         scaling: the config's ``scaling``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file (``fit`` with the
+            base's shape fills it and draws the positions).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
+        seed: the ``random_loc_seed`` the positions were drawn from (``None``: unknown, positions given).
     """
 
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     scaling: float
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     fan_in_fan_out: bool = False
     module_type: str = "linear"
+    seed: int | None = None
 
     kind: ClassVar[str] = "fourierft"
     index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
@@ -51,6 +56,13 @@ class FourierFT(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
+        if self.indices is None:
+            if self.seed is None:
+                raise ShapeMismatchError("FourierFT needs its spectrum positions or the random_loc_seed they are drawn from")
+            if self.shape is None:
+                return  # read from a PEFT file; fit() gives the shape, the positions and these checks
+            out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+            object.__setattr__(self, "indices", seeded_positions(out, inp, self.values.numel(), self.seed))
         check_positions("FourierFT", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property

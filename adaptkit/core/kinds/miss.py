@@ -32,12 +32,13 @@ class MiSS(AdditiveKind):
 
     Args:
         block: ``miss_block``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file, which does not say
+            ``in`` (``fit`` with the base's shape fills it).
         fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only).
     """
 
     block: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "linear"
     fan_in_fan_out: bool = False
 
@@ -47,6 +48,8 @@ class MiSS(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
+        if self.shape is None:
+            return  # read from a PEFT file; fit() gives the shape and runs these checks
         if len(self.shape) != 2:
             raise ShapeMismatchError(f"MiSS adapts 2-D weights, got weight shape {tuple(self.shape)}")
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)

@@ -43,7 +43,8 @@ class VeRA(AdditiveKind):
         vera_b: the shared ``vera_B`` ``(max_out, r)``.
         lambda_b: ``vera_lambda_b`` ``(out,)``.
         lambda_d: ``vera_lambda_d`` ``(r,)``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file, which does not say
+            ``in`` (``fit`` with the base's shape fills it).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
     """
 
@@ -51,7 +52,7 @@ class VeRA(AdditiveKind):
     vera_b: torch.Tensor
     lambda_b: torch.Tensor
     lambda_d: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     fan_in_fan_out: bool = False
     module_type: str = "linear"
 
@@ -61,6 +62,8 @@ class VeRA(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
+        if self.shape is None:
+            return  # read from a PEFT file; fit() gives the shape and runs these checks
         out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
         r = self.lambda_d.numel()
         if self.lambda_b.ndim != 1 or self.lambda_d.ndim != 1 or self.lambda_b.numel() != out:
