@@ -157,7 +157,8 @@ def read_config(path: Path) -> dict[str, Any]:
     return check_config(cfg, str(path))
 
 
-def read(path: Path, *, source: str | None = None, subfolder: str | None = None, **_: Any) -> Adapter:
+def read(path: Path, *, source: str | None = None, subfolder: str | None = None, base: Any = None,
+         **_: Any) -> Adapter:
     """Read a PEFT adapter directory (or its weight file) into an :class:`Adapter`.
 
     Args:
@@ -165,6 +166,8 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
         source: provenance string to record.
         subfolder: the subfolder the source named (``dir:other``); PEFT saves a non-default adapter in a
             subfolder named after it, so its last part (``other``) becomes the adapter's ``name``.
+        base: the base model (hub id, directory, file or ``nn.Module``) whose weight shapes complete layers whose
+            file does not fix it (VeRA, RandLoRA, MiSS, FourierFT); without it they have ``shape=None`` until fused.
 
     Raises:
         ConfigError: missing or unknown config, ranks that contradict the config.
@@ -175,12 +178,12 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
     cfg = read_config(config_path)
     tensors, metadata = read_weights(weights_path)
     return read_tensors(tensors, metadata, cfg, source=source or str(path), subfolder=subfolder,
-                        file_name=weights_path.name)
+                        file_name=weights_path.name, base=base)
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  config: Mapping[str, Any] | None = None, *, source: str | None = None, subfolder: str | None = None,
-                 file_name: str = "the weights", **_: Any) -> Adapter:
+                 file_name: str = "the weights", base: Any = None, **_: Any) -> Adapter:
     """A PEFT adapter from its tensors (``base_model.model.<path>.<stem>``) and ``adapter_config.json`` dict.
 
     Keys that are no adapter tensor (``modules_to_save`` copies, saved embeddings) are kept as extras.
@@ -192,6 +195,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         source: provenance string to record.
         subfolder: the subfolder the adapter was read from (its last part becomes the adapter's ``name``).
         file_name: the weight file's name, for messages.
+        base: as :func:`read`.
 
     Raises:
         ConfigError / FormatError / ShapeMismatchError: as :func:`read`.
@@ -233,7 +237,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
     return Adapter(
-        layers=layers,
+        layers=fit_to_base(layers, base),
         base_model=cfg.get("base_model_name_or_path"),
         metadata=dict(metadata or {}),
         config=cfg,
@@ -281,6 +285,32 @@ def build_layers(groups: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any]
                  patterns: ConfigPatterns, row: Any = None) -> dict[str, Any]:
     """:func:`build_layer` for every module of ``groups`` (``{module: {part: tensor}}``), sorted by path."""
     return {module: build_layer(module, groups[module], cfg, patterns, row) for module in sorted(groups)}
+
+
+def fit_to_base(layers: dict[str, Any], base: Any) -> dict[str, Any]:
+    """Layers without a weight shape (their file does not fix it) fitted to the base's module shapes.
+
+    Raises:
+        ShapeMismatchError: the base has no such module, or its weight does not fit the layer.
+    """
+    if base is None or all(layer.shape is not None for layer in layers.values()):
+        return layers
+    inv = _names.inventory_from_base(base)
+    out = {}
+    for path, layer in layers.items():
+        if layer.shape is None:
+            comp, _, rest = path.partition(".")
+            shape = inv.shape(comp, rest) if comp in inv.modules else inv.shape(next(iter(inv.modules), ""), path)
+            if not shape:
+                raise ShapeMismatchError(f"{path}: the base {inv.name} has no module {path} with a weight; pass the base "
+                                         "the adapter was made for")
+            try:
+                layer = layer.fit(tuple(shape))
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"{path}: {e} (base {inv.name}, weight {tuple(shape)}); pass the base the "
+                                         "adapter was made for") from None
+        out[path] = layer
+    return out
 
 
 def _subfolder_name(subfolder: str | None) -> str:

@@ -9,13 +9,14 @@ import torch
 from ..errors import FormatError
 
 
-def need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...], module: str) -> None:
-    """Refuse a module whose tensors lack one of ``names``.
+def need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...] | Mapping[str, str], module: str) -> None:
+    """Refuse a module whose tensors lack one of ``names`` (part names, or ``{part: key stem}`` to name the stems).
 
     Raises:
         FormatError: naming the missing parts.
     """
-    missing = [n for n in names if n not in parts]
+    stems = names if isinstance(names, Mapping) else {n: n for n in names}
+    missing = [stem for part, stem in stems.items() if part not in parts]
     if missing:
         raise FormatError(f"{module} lacks tensor(s) {missing}; the checkpoint is incomplete")
 

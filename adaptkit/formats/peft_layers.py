@@ -22,8 +22,8 @@ import torch
 from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
 from . import peft_lokr, peft_lowrank, peft_params
-from .peft_common import need, num
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
+from .peft_common import need, num
 
 #: ``reader(module, {part: tensor}, config, patterns) -> layer``
 Reader = Callable[[str, dict[str, torch.Tensor], dict[str, Any], ConfigPatterns], Any]

@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from ..core.kinds import AdaLoRA, DeLoRA, FourierFT, GraLoRA, MiSS, RandLoRA, VBLoRA, VeRA
+from ..core.kinds import (
+    AdaLoRA,
+    DeLoRA,
+    FourierFT,
+    GraLoRA,
+    MiSS,
+    RandLoRA,
+    VBLoRA,
+    VeRA,
+)
 from ..core.kinds.vblora import full_topk_weights
 from ..core.kinds.vera import require_projections
 from ..errors import ConfigError, FormatError, UnsupportedError
@@ -121,7 +130,7 @@ def _adalora_mask(cfg: Mapping[str, Any], module: str) -> list | None:
 
 def read_adalora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> AdaLoRA:
     """An AdaLoRA layer: ``ranknum`` is ``init_r``; a pruned layer's rank is its ``rank_pattern`` mask's count."""
-    need(p, ("a", "b", "e"), module)
+    need(p, {"a": "lora_A", "b": "lora_B", "e": "lora_E"}, module)
     init_r = _config_int(cfg, "init_r", "AdaLoRA")
     a, b, e = p["a"], p["b"], p["e"]
     rank = int(a.shape[0]) if a.ndim == 2 else -1
@@ -151,7 +160,7 @@ def adalora_together(layers: Mapping[str, AdaLoRA]) -> dict[str, str]:
 def write_adalora(layers: dict[str, AdaLoRA], cfg: dict, out: Out, prefix: str) -> None:
     """AdaLoRA: ``init_r`` = ranknum; a layer of smaller rank gets a ``rank_pattern`` mask (peft prunes to it)."""
     first = next(iter(layers.values()))
-    init_r = int(round(first.ranknum))
+    init_r = round(first.ranknum)
     masks = {f"{p}.lora_E": [True] * l.rank + [False] * (init_r - l.rank) for p, l in layers.items() if l.rank != init_r}
     cfg.update({"init_r": init_r, "lora_alpha": num(first.alpha), "rank_pattern": masks or None,
                 "fan_in_fan_out": first.fan_in_fan_out, "target_modules": sorted(layers)})
@@ -176,7 +185,7 @@ def adalora_limit(layer: AdaLoRA) -> str | None:
 def read_vera(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> VeRA:
     """A VeRA layer on the shared ``vera_A``/``vera_B``; its ``in`` is the base's (``shape=None``)."""
     _shared(p, ("vera_a", "vera_b"), ("vera_A", "vera_B"), cfg, module, "VeRA")
-    need(p, ("lambda_b", "lambda_d"), module)
+    need(p, {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}, module)
     r = cfg.get("r", 256)
     if p["lambda_d"].numel() != r or p["vera_a"].shape[0] != r:
         raise _mismatch(module, "rank (vera_lambda_d / vera_A)", (p["lambda_d"].numel(), p["vera_a"].shape[0]), "r", r)
@@ -204,7 +213,7 @@ def write_vera(layers: dict[str, VeRA], cfg: dict, out: Out, prefix: str) -> Non
 def read_randlora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> RandLoRA:
     """A RandLoRA layer on the shared bases; which side is the larger is the base's to say (``shape=None``)."""
     _shared(p, ("randlora_a", "randlora_b"), ("randlora_A", "randlora_B"), cfg, module, "RandLoRA")
-    need(p, ("lam", "gamma"), module)
+    need(p, {"lam": "randlora_lambda", "gamma": "randlora_gamma"}, module)
     r = cfg.get("r", 32)
     if p["lam"].shape[0] != r or p["randlora_a"].shape[0] != r:
         raise _mismatch(module, "rank (randlora_lambda / randlora_A)", (p["lam"].shape[0], p["randlora_a"].shape[0]),
@@ -245,7 +254,7 @@ def read_vblora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
     bank, fan = p["bank"], _fan(cfg)
     topk = _config_int(cfg, "topk", "VB-LoRA")
     if "logits_a" in p or "logits_b" in p:
-        need(p, ("logits_a", "logits_b"), module)
+        need(p, {"logits_a": "vblora_logits_A", "logits_b": "vblora_logits_B"}, module)
         la, lb = p["logits_a"], p["logits_b"]
         if la.ndim != 3 or lb.ndim != 3 or la.shape[-1] != bank.shape[0] or lb.shape[-1] != bank.shape[0]:
             raise FormatError(f"{module}: vblora_logits_A {tuple(la.shape)} / vblora_logits_B {tuple(lb.shape)} are not "
@@ -255,7 +264,8 @@ def read_vblora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
             raise _mismatch(module, "num_vectors", bank.shape[0], "topk", topk, "topk is at most num_vectors")
         shape = _shape(lb.shape[0] * bank.shape[1], la.shape[1] * bank.shape[1], fan)
         return VBLoRA.from_logits(bank, la, lb, topk, shape, fan)
-    need(p, ("indices_a", "tw_a", "indices_b", "tw_b"), module)
+    need(p, {f"{x}_{s.lower()}": f"vblora_logits_{s}_topk_{y}" for s in "AB"
+              for x, y in (("indices", "indices"), ("tw", "weights"))}, module)
     if p["tw_a"].shape[-1] != topk - 1 or p["tw_b"].shape[-1] != topk - 1:
         raise _mismatch(module, "top-k weights per piece (the last dropped)", p["tw_a"].shape[-1] + 1, "topk", topk)
     ia, ib = p["indices_a"], p["indices_b"]
@@ -310,7 +320,7 @@ def vblora_limit(layer: VBLoRA) -> str | None:
 
 def read_delora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> DeLoRA:
     """A DeLoRA layer (its ``delora_w_norm`` is in the file: no base needed)."""
-    need(p, ("a", "b", "lam", "w_norm"), module)
+    need(p, {"a": "delora_A", "b": "delora_B", "lam": "delora_lambda", "w_norm": "delora_w_norm"}, module)
     a, b = p["a"], p["b"]
     expected = patterns.rank_for(module, cfg.get("r", 8))
     if int(a.shape[0]) != int(expected):
@@ -336,7 +346,7 @@ def write_delora(layers: dict[str, DeLoRA], cfg: dict, out: Out, prefix: str) ->
 
 def read_gralora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> GraLoRA:
     """A GraLoRA layer; ``r``, ``gralora_k`` and ``hybrid_r`` must be the config's."""
-    need(p, ("ga", "gb"), module)
+    need(p, {"ga": "gralora_A", "gb": "gralora_B"}, module)
     a, b = p["ga"], p["gb"]
     if a.ndim != 3 or b.ndim != 3:
         raise FormatError(f"{module}: gralora_A {tuple(a.shape)} / gralora_B {tuple(b.shape)} are not 3-D "

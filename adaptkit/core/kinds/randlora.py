@@ -56,7 +56,7 @@ class RandLoRA(AdditiveKind):
         check_floating(self)
         if self.shape is None:
             return  # read from a PEFT file; fit() gives the shape and runs these checks
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r, nb = (self.lam.shape if self.lam.ndim == 2 else (0, 0))
         lo, hi = min(out, inp), max(out, inp)
         if (self.lam.ndim != 2 or tuple(self.gamma.shape) != (nb, lo) or self.randlora_a.ndim != 3
@@ -80,7 +80,7 @@ class RandLoRA(AdditiveKind):
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` in ``dtype``, rank ``r * n_bases`` (exact), with the scale folded into ``U``."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         lo, hi = min(out, inp), max(out, inp)
         nb = self.lam.shape[1]
         a = self.randlora_a.to(dtype)[:, :nb, :lo]  # (r, 1, lo) broadcasts over the bases

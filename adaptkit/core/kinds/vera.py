@@ -64,7 +64,7 @@ class VeRA(AdditiveKind):
         check_floating(self)
         if self.shape is None:
             return  # read from a PEFT file; fit() gives the shape and runs these checks
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r = self.lambda_d.numel()
         if self.lambda_b.ndim != 1 or self.lambda_d.ndim != 1 or self.lambda_b.numel() != out:
             raise ShapeMismatchError(f"VeRA lambda_b {tuple(self.lambda_b.shape)} / lambda_d {tuple(self.lambda_d.shape)} "
@@ -82,7 +82,7 @@ class VeRA(AdditiveKind):
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` = ``(lambda_b * B[:out, :r], lambda_d * A[:r, :in])`` in ``dtype`` (exact, rank ``r``)."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r = self.rank
         u = self.lambda_b.to(dtype)[:, None] * self.vera_b.to(dtype)[:out, :r]
         v = self.lambda_d.to(dtype)[:, None] * self.vera_a.to(dtype)[:r, :inp]

@@ -1,0 +1,251 @@
+"""PEFT files of AdaLoRA, VeRA, RandLoRA, VB-LoRA, DeLoRA, GraLoRA, MiSS and FourierFT, against the real peft.
+
+For each kind, on a tiny model with perturbed adapter weights: ``save_pretrained`` -> ``ak.load`` (every tensor and
+the config kept), ``ak.save(format="peft")`` -> ``PeftModel.from_pretrained`` (same logits), ``ak.fuse`` from the
+files vs ``merge_and_unload`` and ``convert --kind lora`` (full rank) vs peft's logits; then the bad inputs. The
+figures (max relative errors) are collected in :data:`FIGURES` and printed with ``-s``; docs/peft.md quotes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adaptkit as ak
+from adaptkit.errors import ConfigError, FormatError, UnsupportedError
+
+from .conftest import run_cli
+from .kinds_peft_util import make_peft, rel, tiny
+
+peft = pytest.importorskip("peft")
+
+#: kind/check -> max relative error measured here
+FIGURES: dict[str, float] = {}
+TARGETS = ["lin1", "lin2"]
+IDS = torch.tensor([[1, 5, 7, 2, 19, 3]])
+
+
+def _configs() -> dict[str, object]:
+    from peft import (
+        AdaLoraConfig,
+        DeloraConfig,
+        FourierFTConfig,
+        GraloraConfig,
+        MissConfig,
+        RandLoraConfig,
+        VBLoRAConfig,
+        VeraConfig,
+    )
+
+    return {
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=TARGETS, total_step=10,
+                                 init_lora_weights=False),
+        "vera": VeraConfig(r=4, target_modules=TARGETS),
+        "randlora": RandLoraConfig(r=4, randlora_alpha=8, target_modules=TARGETS),
+        "vblora": VBLoRAConfig(r=4, vector_length=4, num_vectors=8, topk=3, target_modules=TARGETS),
+        "vblora_topk": VBLoRAConfig(r=4, vector_length=4, num_vectors=8, topk=2, target_modules=TARGETS,
+                                    save_only_topk_weights=True),
+        "delora": DeloraConfig(r=4, target_modules=TARGETS),
+        "gralora": GraloraConfig(r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=TARGETS),
+        "miss": MissConfig(r=4, target_modules=TARGETS),
+        "miss_mini": MissConfig(r=4, init_weights="mini", mini_r=4, target_modules=TARGETS),
+        "fourierft": FourierFTConfig(n_frequency=10, scaling=50.0, target_modules=TARGETS, random_loc_seed=11),
+    }
+
+
+KINDS = list(_configs())
+
+
+def _record(label: str, err: float, tol: float) -> None:
+    FIGURES[label] = max(err, FIGURES.get(label, 0.0))
+    print(f"PARITY {label}: {err:.2e}")
+    assert err <= tol, f"{label}: relative error {err:.3e} > {tol:g}"
+
+
+def _peft(variant: str, base_model):
+    skip = ("ranknum",) if variant == "adalora" else ()
+    pm, base = make_peft(base_model, _configs()[variant], skip=skip)
+    return pm.eval(), base
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def case(request, tmp_path_factory):
+    """``(variant, peft_model, untouched base, peft's directory, base .safetensors)`` for one kind."""
+    variant = request.param
+    tmp = tmp_path_factory.mktemp(variant)
+    pm, base = _peft(variant, tiny())
+    pm.save_pretrained(str(tmp / "peft"))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "base.safetensors"))
+    return variant, pm, base, tmp / "peft", tmp / "base.safetensors"
+
+
+def _load_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(path / "adapter_model.safetensors")), json.loads((path / "adapter_config.json").read_text())
+
+
+def _fresh_from(base, path: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+def test_load_keeps_tensors_and_config_and_save_round_trips(case, tmp_path):
+    """(1) save_pretrained -> ak.load -> ak.save: peft's exact tensors (VB-LoRA: peft's own top-k form), the config."""
+    variant, pm, _, src, _ = case
+    adapter = ak.load(src)
+    theirs, cfg = _load_dir(src)
+    assert adapter.config == cfg and sorted(adapter.layers) == TARGETS
+    ak.save(adapter, tmp_path / "ours", format="peft")
+    ours, out_cfg = _load_dir(tmp_path / "ours")
+    if variant == "vblora":  # the layers hold the top-k: compare with peft's own save_only_topk_weights file
+        pm.peft_config["default"].save_only_topk_weights = True
+        pm.save_pretrained(str(tmp_path / "topk"))
+        pm.peft_config["default"].save_only_topk_weights = False
+        theirs, _ = _load_dir(tmp_path / "topk")
+        cfg = {**cfg, "save_only_topk_weights": True}
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
+    assert sorted(out_cfg["target_modules"]) == sorted(cfg.pop("target_modules"))
+    changed = {k: (v, out_cfg.get(k)) for k, v in cfg.items() if out_cfg.get(k) != v}
+    assert not changed, changed
+
+
+def test_saved_files_load_in_peft_with_the_same_logits(case, tmp_path):
+    """(2) ak.save(format="peft") -> PeftModel.from_pretrained on a fresh base: peft's logits."""
+    variant, pm, base, src, _ = case
+    ak.save(ak.load(src), tmp_path / "ours", format="peft")
+    _record(f"{variant} save->peft logits", rel(_logits(_fresh_from(base, tmp_path / "ours")), _logits(pm)), 1e-6)
+
+
+def test_fuse_from_files_equals_merge_and_unload(case, tmp_path):
+    """(3) ak.fuse(base file, peft dir) vs merge_and_unload, float32."""
+    variant, pm, _, src, base_file = case
+    ak.fuse(str(base_file), str(src), tmp_path / "fused.safetensors", progress=False)
+    fused = load_file(str(tmp_path / "fused.safetensors"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    for path in TARGETS:
+        _record(f"{variant} fuse", rel(fused[f"{path}.weight"], merged[f"{path}.weight"]), 1e-6)
+        assert torch.equal(fused[f"{path}.bias"], merged[f"{path}.bias"])
+
+
+def test_convert_to_lora_at_full_rank_gives_peft_logits(case, tmp_path):
+    """(4) adaptkit convert ->peft --kind lora --base (the base completes shapes the file leaves open)."""
+    variant, pm, base, src, base_file = case
+    res = run_cli("convert", "->peft", str(src), str(tmp_path / "lora"), "--kind", "lora", "--base", str(base_file))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    _record(f"{variant} to-LoRA logits", rel(_logits(_fresh_from(base, tmp_path / "lora")), _logits(pm)), 1e-5)
+
+
+def test_info_names_the_kind(case):
+    variant, _, _, src, _ = case
+    res = run_cli("info", str(src))
+    assert res.returncode == 0, res.stderr
+    assert variant.split("_")[0].replace("vblora", "vblora") in res.stdout.lower()
+
+
+# ------------------------------------------------------------------------------------------------ AdaLoRA pruning
+
+
+def test_adalora_pruned_and_rank_zero_layers_round_trip(tmp_path):
+    """A rank_pattern after pruning: smaller and rank-0 layers read, fused and written back (peft re-prunes)."""
+    pm, base = _peft("adalora", tiny())
+    pm.peft_config["default"].rank_pattern = {"lin1.lora_E": [True, False, True, True],
+                                              "lin2.lora_E": [False, False, False, False]}
+    pm.save_pretrained(str(tmp_path / "peft"))
+    adapter = ak.load(tmp_path / "peft")
+    assert adapter["lin1"].rank == 3 and adapter["lin2"].rank == 0 and adapter["lin1"].ranknum == 4
+    ak.save(adapter, tmp_path / "ours", format="peft")
+    ref = _logits(_fresh_from(base, tmp_path / "peft"))
+    _record("adalora pruned save->peft logits", rel(_logits(_fresh_from(base, tmp_path / "ours")), ref), 1e-6)
+    lora = ak.convert(adapter, kind="lora")
+    ak.save(lora, tmp_path / "lora", format="peft")
+    _record("adalora pruned to-LoRA logits", rel(_logits(_fresh_from(base, tmp_path / "lora")), ref), 1e-5)
+
+
+def test_bone_checkpoint_reads_as_miss(case, tmp_path):
+    """peft < 0.17 wrote MiSS as BONE / bone_block; it reads as MiSS and is written back as MISS."""
+    variant, pm, base, src, _ = case
+    if variant != "miss":
+        pytest.skip("Bone is MiSS's old name")
+    tensors, cfg = _load_dir(src)
+    (tmp_path / "bone").mkdir()
+    save_file({k.replace("miss_block", "bone_block"): v for k, v in tensors.items()},
+              str(tmp_path / "bone" / "adapter_model.safetensors"))
+    (tmp_path / "bone" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "BONE"}))
+    adapter = ak.load(tmp_path / "bone")
+    assert {layer.kind for layer in adapter.layers.values()} == {"miss"}
+    ak.save(adapter, tmp_path / "ours", format="peft")
+    _record("bone->miss save->peft logits", rel(_logits(_fresh_from(base, tmp_path / "ours")), _logits(pm)), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _rewrite(src: Path, dst: Path, drop: tuple[str, ...] = (), cfg: dict | None = None,
+             change: dict[str, torch.Tensor] | None = None) -> Path:
+    tensors, config = _load_dir(src)
+    dst.mkdir()
+    tensors = {k: v for k, v in tensors.items() if k not in drop} | (change or {})
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    (dst / "adapter_config.json").write_text(json.dumps({**config, **(cfg or {})}))
+    return dst
+
+
+BAD = {
+    "vera": [({"drop": ("base_model.vera_A",)}, FormatError, "save_projection=True"),
+             ({"drop": ("base_model.vera_A", "base_model.vera_B"), "cfg": {"save_projection": False}}, UnsupportedError,
+              "save_projection=False"),
+             ({"cfg": {"r": 5}}, ConfigError, "gives r=5")],
+    "randlora": [({"drop": ("base_model.randlora_B", "base_model.model.lin1.randlora_B",
+                            "base_model.model.lin2.randlora_B")}, FormatError, "base_model.randlora_B"),
+                 ({"change": {"base_model.model.lin1.randlora_A": torch.zeros(4, 1, 24)}}, FormatError,
+                  "differs from the model-level")],
+    "vblora": [({"drop": ("base_model.vblora_vector_bank",)}, FormatError, "vblora_vector_bank"),
+               ({"cfg": {"topk": 9}}, ConfigError, "topk")],
+    "vblora_topk": [({"cfg": {"topk": 3}}, ConfigError, "gives topk=3")],
+    "adalora": [({"cfg": {"init_r": 6}}, ConfigError, "gives init_r=6"),
+                ({"cfg": {"rank_pattern": {"lin1.lora_E": [True, False, True, True]}}}, ConfigError, "rank_pattern")],
+    "delora": [({"cfg": {"r": 3}}, ConfigError, "r/rank_pattern=3"),
+               ({"drop": ("base_model.model.lin1.delora_w_norm",)}, FormatError, "delora_w_norm")],
+    "gralora": [({"cfg": {"hybrid_r": 0}}, ConfigError, "hybrid_r=0"), ({"cfg": {"gralora_k": 4}}, ConfigError, "gralora_k")],
+    "miss": [({"cfg": {"r": 2}}, ConfigError, "gives r=2"), ({"cfg": {"init_weights": "bat"}}, UnsupportedError, "bat")],
+    "miss_mini": [({"cfg": {"mini_r": 8}}, ConfigError, "mini_r=8")],
+    "fourierft": [({"cfg": {"n_frequency": 12}}, ConfigError, "n_frequency")],
+}
+
+
+def test_bad_files_are_refused_with_the_fix(case, tmp_path):
+    """(5) a missing shared projection/bank, configs that contradict the tensors: clear errors."""
+    variant, _, _, src, _ = case
+    for i, (edit, err, match) in enumerate(BAD[variant]):
+        with pytest.raises(err, match=match):
+            ak.load(_rewrite(src, tmp_path / f"bad{i}", **edit))
+
+
+def test_shapeless_layers_need_the_base(case):
+    """VeRA, RandLoRA, MiSS, FourierFT files do not fix the weight shape: convert without a base says so."""
+    _, _, base, src, _ = case
+    adapter = ak.load(src)
+    if all(layer.shape is not None for layer in adapter.layers.values()):
+        pytest.skip("this kind's file fixes the weight shape")
+    with pytest.raises(UnsupportedError, match="base="):
+        ak.convert(adapter, kind="lora")
+    fitted = ak.load(src, base=base)
+    assert all(tuple(layer.shape) == tuple(base.get_submodule(p).weight.shape) for p, layer in fitted.layers.items())
+
+
+def test_print_figures():
+    """Runs last: the measured figures (for docs/peft.md)."""
+    print("FIGURES", json.dumps({k: f"{v:.1e}" for k, v in sorted(FIGURES.items())}, indent=1))
