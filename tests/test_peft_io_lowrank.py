@@ -78,14 +78,25 @@ def _logits(model) -> torch.Tensor:
         return model(IDS)
 
 
+def _bf16_exact(model):
+    """``model`` with weights bf16 can hold exactly, so that a bf16 base file is the same base."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def case(request, tmp_path_factory):
-    """``(variant, peft_model, untouched base, peft's directory, base .safetensors)`` for one kind."""
+    """``(variant, peft_model, untouched base, peft's directory, base .safetensors)`` for one kind (a bf16 copy of
+    the base file is beside it)."""
     variant = request.param
     tmp = tmp_path_factory.mktemp(variant)
-    pm, base = _peft(variant, tiny())
+    pm, base = _peft(variant, _bf16_exact(tiny()))
     pm.save_pretrained(str(tmp / "peft"))
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "base.safetensors"))
+    sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(sd, str(tmp / "base.safetensors"))
+    save_file({k: v.bfloat16() for k, v in sd.items()}, str(tmp / "base_bf16.safetensors"))
     return variant, pm, base, tmp / "peft", tmp / "base.safetensors"
 
 
@@ -137,6 +148,40 @@ def test_fuse_from_files_equals_merge_and_unload(case, tmp_path):
     for path in TARGETS:
         _record(f"{variant} fuse", rel(fused[f"{path}.weight"], merged[f"{path}.weight"]), 1e-6)
         assert torch.equal(fused[f"{path}.bias"], merged[f"{path}.bias"])
+
+
+def test_fuse_into_bf16_base_is_within_one_ulp(case, tmp_path):
+    """(3) the same into a bf16 base: the float32 merge rounded once, so within 1 bf16 ulp of peft's float32 merge."""
+    variant, pm, _, src, base_file = case
+    ak.fuse(str(base_file.with_name("base_bf16.safetensors")), str(src), tmp_path / "fused.safetensors", progress=False)
+    fused = load_file(str(tmp_path / "fused.safetensors"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    for path in TARGETS:
+        ours, ref = fused[f"{path}.weight"], merged[f"{path}.weight"]
+        assert ours.dtype == torch.bfloat16
+        ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))))
+        ulps = float(((ours.float() - ref).abs() / ulp).max())
+        FIGURES[f"{variant} fuse bf16 (ulp)"] = max(ulps, FIGURES.get(f"{variant} fuse bf16 (ulp)", 0.0))
+        assert ulps <= 1.0, f"{variant} {path}: {ulps:.2f} bf16 ulp from peft's float32 merge"
+
+
+def test_adalora_conv_layer_fuses_from_its_flat_file(tmp_path):
+    """peft's AdaLoRA stores a conv's lora_A flattened (r, in * kh * kw): fused onto the conv weight as it is."""
+    from peft import AdaLoraConfig
+
+    base_model = tiny()
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["conv"], total_step=10,
+                           init_lora_weights=False)
+    pm, base = make_peft(base_model, config, skip=("ranknum",))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    ak.fuse(str(tmp_path / "base.safetensors"), str(tmp_path / "peft"), tmp_path / "fused.safetensors", progress=False)
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    _record("adalora conv fuse", rel(load_file(str(tmp_path / "fused.safetensors"))["conv.weight"], merged["conv.weight"]),
+            1e-6)
+    ak.save(ak.load(tmp_path / "peft"), tmp_path / "ours", format="peft")
+    ours, theirs = _load_dir(tmp_path / "ours")[0], _load_dir(tmp_path / "peft")[0]
+    assert all(torch.equal(ours[k], t) for k, t in theirs.items()) and sorted(ours) == sorted(theirs)
 
 
 def test_convert_to_lora_at_full_rank_gives_peft_logits(case, tmp_path):
@@ -249,3 +294,46 @@ def test_shapeless_layers_need_the_base(case):
 def test_print_figures():
     """Runs last: the measured figures (for docs/peft.md)."""
     print("FIGURES", json.dumps({k: f"{v:.1e}" for k, v in sorted(FIGURES.items())}, indent=1))
+
+
+# ------------------------------------------------------------------------------------- Conv1D (fan_in_fan_out)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return _bf16_exact(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8)).eval())
+
+
+def _conv1d_configs() -> dict[str, object]:
+    from peft import AdaLoraConfig, FourierFTConfig, GraloraConfig, RandLoraConfig, VBLoRAConfig, VeraConfig
+
+    t = ["c_attn", "c_fc"]
+    return {
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=t, total_step=10,
+                                 init_lora_weights=False, fan_in_fan_out=True),
+        "vera": VeraConfig(r=4, target_modules=t, fan_in_fan_out=True),
+        "randlora": RandLoraConfig(r=4, randlora_alpha=8, target_modules=t, fan_in_fan_out=True),
+        "vblora": VBLoRAConfig(r=4, vector_length=4, num_vectors=8, topk=2, target_modules=t, fan_in_fan_out=True),
+        "gralora": GraloraConfig(r=4, gralora_k=2, alpha=8, target_modules=t, fan_in_fan_out=True),
+        "fourierft": FourierFTConfig(n_frequency=10, scaling=50.0, target_modules=t, fan_in_fan_out=True),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_conv1d_configs()))
+def test_conv1d_layers_round_trip_and_fuse(variant, tmp_path):
+    """GPT-2's Conv1D (weights stored transposed): peft's logits after ak.save, fuse vs merge_and_unload."""
+    pm, base = make_peft(_gpt2(), _conv1d_configs()[variant], skip=("ranknum",))
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ak.save(ak.load(tmp_path / "peft"), tmp_path / "ours", format="peft")
+    _record(f"{variant} conv1d save->peft logits",
+            rel(_fresh_from(base, tmp_path / "ours")(IDS).logits, pm(IDS).logits), 1e-6)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "base.safetensors"))
+    ak.fuse(str(tmp_path / "base.safetensors"), str(tmp_path / "peft"), tmp_path / "fused.safetensors", progress=False)
+    fused = load_file(str(tmp_path / "fused.safetensors"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"):
+        _record(f"{variant} conv1d fuse", rel(fused[key], merged[key]), 1e-6)
