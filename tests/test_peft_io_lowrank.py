@@ -61,6 +61,13 @@ def _configs() -> dict[str, object]:
 KINDS = list(_configs())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _print_figures():
+    """After the module: the measured figures (``-s`` shows them; docs/peft.md quotes them)."""
+    yield
+    print("\nFIGURES", json.dumps({k: f"{v:.1e}" for k, v in sorted(FIGURES.items())}, indent=1))
+
+
 def _record(label: str, err: float, tol: float) -> None:
     FIGURES[label] = max(err, FIGURES.get(label, 0.0))
     print(f"PARITY {label}: {err:.2e}")
@@ -291,9 +298,6 @@ def test_shapeless_layers_need_the_base(case):
     assert all(tuple(layer.shape) == tuple(base.get_submodule(p).weight.shape) for p, layer in fitted.layers.items())
 
 
-def test_print_figures():
-    """Runs last: the measured figures (for docs/peft.md)."""
-    print("FIGURES", json.dumps({k: f"{v:.1e}" for k, v in sorted(FIGURES.items())}, indent=1))
 
 
 # ------------------------------------------------------------------------------------- Conv1D (fan_in_fan_out)
@@ -307,7 +311,14 @@ def _gpt2():
 
 
 def _conv1d_configs() -> dict[str, object]:
-    from peft import AdaLoraConfig, FourierFTConfig, GraloraConfig, RandLoraConfig, VBLoRAConfig, VeraConfig
+    from peft import (
+        AdaLoraConfig,
+        FourierFTConfig,
+        GraloraConfig,
+        RandLoraConfig,
+        VBLoRAConfig,
+        VeraConfig,
+    )
 
     t = ["c_attn", "c_fc"]
     return {

@@ -1,8 +1,10 @@
 """PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` (legacy ``adapter_model.bin``).
 
 Reads and writes LORA (incl. DoRA, rsLoRA, ``rank_pattern``/``alpha_pattern``, embedding LoRA,
-``lora_B.bias``, conv), LOHA, LOKR and IA3, and every kind with a row in
-:data:`adaptkit.formats.peft_layers.PEFT_NAMES` (the per-kind key names live there). Tensor keys are
+``lora_B.bias``, conv), LOHA, LOKR and IA3, the low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank` (ADALORA,
+VERA, RANDLORA, VBLORA, DELORA, GRALORA, MISS/BONE, FOURIERFT) and every kind with a row in
+:data:`adaptkit.formats.peft_layers.PEFT_NAMES` (the per-kind key names live there). Model-level tensors that
+several layers share (``base_model.vera_A``) are given to every layer and written once. Tensor keys are
 ``base_model.model.<module path>.<suffix>`` with the adapter name removed, exactly as
 ``PeftModel.save_pretrained`` writes them. Non-default adapters saved by PEFT live in subfolders named after
 the adapter: read them as ``dir:name``. A PEFT adapter applies to one model, so writing a pipeline adapter
