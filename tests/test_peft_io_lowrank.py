@@ -93,18 +93,27 @@ def _bf16_exact(model):
     return model
 
 
+_CASES: dict[str, tuple] = {}
+
+
+def _case(variant: str, tmp_path_factory) -> tuple:
+    """``(variant, peft_model, untouched base, peft's directory, base .safetensors)`` for one kind, made once (a bf16
+    copy of the base file is beside it)."""
+    if variant not in _CASES:
+        tmp = tmp_path_factory.mktemp(variant)
+        pm, base = _peft(variant, _bf16_exact(tiny()))
+        pm.save_pretrained(str(tmp / "peft"))
+        sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+        save_file(sd, str(tmp / "base.safetensors"))
+        save_file({k: v.bfloat16() for k, v in sd.items()}, str(tmp / "base_bf16.safetensors"))
+        _CASES[variant] = (variant, pm, base, tmp / "peft", tmp / "base.safetensors")
+    return _CASES[variant]
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def case(request, tmp_path_factory):
-    """``(variant, peft_model, untouched base, peft's directory, base .safetensors)`` for one kind (a bf16 copy of
-    the base file is beside it)."""
-    variant = request.param
-    tmp = tmp_path_factory.mktemp(variant)
-    pm, base = _peft(variant, _bf16_exact(tiny()))
-    pm.save_pretrained(str(tmp / "peft"))
-    sd = {k: v.contiguous() for k, v in base.state_dict().items()}
-    save_file(sd, str(tmp / "base.safetensors"))
-    save_file({k: v.bfloat16() for k, v in sd.items()}, str(tmp / "base_bf16.safetensors"))
-    return variant, pm, base, tmp / "peft", tmp / "base.safetensors"
+    """:func:`_case` of each kind."""
+    return _case(request.param, tmp_path_factory)
 
 
 def _load_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -226,11 +235,9 @@ def test_adalora_pruned_and_rank_zero_layers_round_trip(tmp_path):
     _record("adalora pruned to-LoRA logits", rel(_logits(_fresh_from(base, tmp_path / "lora")), ref), 1e-5)
 
 
-def test_bone_checkpoint_reads_as_miss(case, tmp_path):
+def test_bone_checkpoint_reads_as_miss(tmp_path, tmp_path_factory):
     """peft < 0.17 wrote MiSS as BONE / bone_block; it reads as MiSS and is written back as MISS."""
-    variant, pm, base, src, _ = case
-    if variant != "miss":
-        pytest.skip("Bone is MiSS's old name")
+    _, pm, base, src, _ = _case("miss", tmp_path_factory)
     tensors, cfg = _load_dir(src)
     (tmp_path / "bone").mkdir()
     save_file({k.replace("miss_block", "bone_block"): v for k, v in tensors.items()},
@@ -286,18 +293,36 @@ def test_bad_files_are_refused_with_the_fix(case, tmp_path):
             ak.load(_rewrite(src, tmp_path / f"bad{i}", **edit))
 
 
-def test_shapeless_layers_need_the_base(case):
+@pytest.mark.parametrize("variant", ["vera", "randlora", "miss", "fourierft"])
+def test_shapeless_layers_need_the_base(variant, tmp_path_factory):
     """VeRA, RandLoRA, MiSS, FourierFT files do not fix the weight shape: convert without a base says so."""
-    _, _, base, src, _ = case
+    _, _, base, src, _ = _case(variant, tmp_path_factory)
     adapter = ak.load(src)
-    if all(layer.shape is not None for layer in adapter.layers.values()):
-        pytest.skip("this kind's file fixes the weight shape")
+    assert all(layer.shape is None for layer in adapter.layers.values())
     with pytest.raises(UnsupportedError, match="base="):
         ak.convert(adapter, kind="lora")
     fitted = ak.load(src, base=base)
     assert all(tuple(layer.shape) == tuple(base.get_submodule(p).weight.shape) for p, layer in fitted.layers.items())
 
 
+
+
+def test_layers_one_config_cannot_hold_are_refused(tmp_path, tmp_path_factory):
+    """One init_r per AdaLoRA adapter, seeded positions for FourierFT; a cast VeRA (equal projections) is fine."""
+    import dataclasses
+
+    adalora = ak.load(_case("adalora", tmp_path_factory)[3])
+    mixed = adalora.replace(layers={**adalora.layers, "lin2": dataclasses.replace(adalora["lin2"], ranknum=6.0)})
+    with pytest.raises(UnsupportedError, match="init_r"):
+        ak.save(mixed, tmp_path / "a", format="peft")
+    _, _, base, src, _ = _case("fourierft", tmp_path_factory)
+    fitted = ak.load(src, base=base)
+    unseeded = fitted.replace(layers={p: dataclasses.replace(l, seed=None) for p, l in fitted.layers.items()})
+    with pytest.raises(UnsupportedError, match="random_loc_seed"):
+        ak.save(unseeded, tmp_path / "f", format="peft")
+    ak.save(ak.load(_case("vera", tmp_path_factory)[3]).to(torch.bfloat16), tmp_path / "v", format="peft")
+    tensors, _ = _load_dir(tmp_path / "v")
+    assert tensors["base_model.vera_A"].dtype == torch.bfloat16 and "base_model.model.lin1.vera_lambda_b" in tensors
 
 
 # ------------------------------------------------------------------------------------- Conv1D (fan_in_fan_out)

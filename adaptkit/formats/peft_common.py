@@ -1,4 +1,5 @@
-"""Small helpers the PEFT readers and writers share (:mod:`~adaptkit.formats.peft_layers`, :mod:`~adaptkit.formats.peft_lowrank`)."""
+"""Small helpers the PEFT readers and writers share (:mod:`~adaptkit.formats.peft_layers`,
+:mod:`~adaptkit.formats.peft_lowrank`)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 :data:`PEFT_NAMES` maps a kind name to a :class:`PeftNames` row: the tensor-name stems PEFT stores after the
 module path (``lora_A.weight``, ``hada_w1_a``) and the canonical part each holds, the ``peft_type`` of the
 ``adapter_config.json``, and how layers are built from the parts and written back. The built-in rows
-(LORA, LOHA, LOKR, IA3, and the low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank`) have their own readers and writers because PEFT's config carries per-kind rules
-(``rank_pattern``, DoRA, ``feedforward_modules``, LoKr's recomputed factorisation). A row added with
+(LORA, LOHA, LOKR, IA3, and the low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank`) have their own
+readers and writers because PEFT's config carries per-kind rules (``rank_pattern``, DoRA,
+``feedforward_modules``, LoKr's recomputed factorisation, model-level tensors several layers share). A row added with
 :func:`register_peft_names` is generic: the reader builds the layer with ``cls.from_parts(parts, shape=None,
 settings=...)`` and the writer stores ``layer.parts()``, whose settings become config fields; nothing else in
 the library needs to change for a new kind to load from and save to PEFT files and state dicts.
