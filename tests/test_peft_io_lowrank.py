@@ -155,6 +155,14 @@ def test_saved_files_load_in_peft_with_the_same_logits(case, tmp_path):
     _record(f"{variant} save->peft logits", rel(_logits(_fresh_from(base, tmp_path / "ours")), _logits(pm)), 1e-6)
 
 
+def test_inject_into_a_live_model_gives_peft_logits(case):
+    """ak.inject(model, peft dir): the layers take the live modules' shapes; logits equal peft's."""
+    variant, pm, base, src, _ = case
+    model = copy.deepcopy(base)
+    ak.inject(model, str(src))
+    _record(f"{variant} inject logits", rel(_logits(model), _logits(pm)), 1e-6)
+
+
 def test_fuse_from_files_equals_merge_and_unload(case, tmp_path):
     """(3) ak.fuse(base file, peft dir) vs merge_and_unload, float32."""
     variant, pm, _, src, base_file = case

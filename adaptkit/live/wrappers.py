@@ -62,6 +62,17 @@ def _as_param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=trainable and t.is_floating_point())
 
 
+def _param_key(part: str) -> str:
+    """A part's key in an ``nn.ParameterDict``: a part named like one of its methods (FourierFT's ``values``) gets
+    a trailing ``_``, which :func:`_part_name` removes."""
+    return f"{part}_" if hasattr(nn.ParameterDict, part) else part
+
+
+def _part_name(key: str) -> str:
+    """The part a :func:`_param_key` key holds."""
+    return key[:-1] if key.endswith("_") and hasattr(nn.ParameterDict, key[:-1]) else key
+
+
 class AdaptedModule(nn.Module):
     """A base layer plus named adapters (see the module docstring).
 
@@ -145,14 +156,15 @@ class AdaptedModule(nn.Module):
         if name in self._merged:
             self.unmerge([name])
         device = self.base_layer.weight.device
-        tensors = {k: _as_param(t.to(device), trainable) for k, t in layer.parts().items()}
+        tensors = {_param_key(k): _as_param(t.to(device), trainable) for k, t in layer.parts().items()}
         self.adapter_params[name] = nn.ParameterDict(tensors)
         self._fields[name] = (type(layer), layer.shape, layer.settings())
 
     def layer(self, name: str) -> Layer:
         """The kind object of adapter ``name``, built on the current parameters (gradients flow through)."""
         cls, shape, settings = self._fields[name]
-        return cls.from_parts(dict(self.adapter_params[name].items()), shape=shape, settings=settings)
+        parts = {_part_name(k): t for k, t in self.adapter_params[name].items()}
+        return cls.from_parts(parts, shape=shape, settings=settings)
 
     def remove(self, name: str) -> None:
         """Delete adapter ``name`` (unmerging it first)."""
