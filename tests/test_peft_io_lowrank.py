@@ -163,6 +163,20 @@ def test_inject_into_a_live_model_gives_peft_logits(case):
     _record(f"{variant} inject logits", rel(_logits(model), _logits(pm)), 1e-6)
 
 
+def test_inject_a_raw_state_dict_with_its_config(case):
+    """ak.inject(model, get_peft_model_state_dict(...), config=...): model-level tensors included; no config refused."""
+    from peft import get_peft_model_state_dict
+
+    variant, pm, base, src, _ = case
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
+    _, cfg = _load_dir(src)
+    model = copy.deepcopy(base)
+    ak.inject(model, state, config=cfg)
+    _record(f"{variant} inject state dict logits", rel(_logits(model), _logits(pm)), 1e-6)
+    with pytest.raises(ConfigError, match="pass config="):
+        ak.inject(copy.deepcopy(base), state)
+
+
 def test_fuse_from_files_equals_merge_and_unload(case, tmp_path):
     """(3) ak.fuse(base file, peft dir) vs merge_and_unload, float32."""
     variant, pm, _, src, base_file = case

@@ -229,7 +229,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             )
         groups[module][part] = tensor
     for module, parts in groups.items():
-        _add_shared(module, parts, shared, row, file_name)
+        add_shared(module, parts, shared, row, file_name)
     patterns = row.patterns(cfg) if row.patterns is not None else ConfigPatterns.of(cfg)
     modules, params = peft_params.split_groups(groups, cfg) if ptype == PEFT_NAMES["expert_lora"].peft_type else (groups, {})
     layers = build_layers(modules, cfg, patterns)
@@ -250,9 +250,14 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     )
 
 
-def _add_shared(module: str, parts: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor], row: Any,
-                file_name: str) -> None:
-    """Give a module the model-level tensors; a per-module copy (RandLoRA writes one) must equal them."""
+def add_shared(module: str, parts: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor], row: Any,
+               file_name: str) -> None:
+    """Give a module the model-level tensors (``{part: tensor}``); a per-module copy (RandLoRA writes one) must
+    equal them.
+
+    Raises:
+        FormatError: a per-module copy that differs.
+    """
     for part, t in shared.items():
         own = parts.get(part)
         if own is not None and own is not t and (own.shape != t.shape or not torch.equal(own, t)):
@@ -557,7 +562,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "NAME", "WRITE_OPTIONS", "can_name", "can_store",
-           "can_store_adapter", "check_component", "check_config", "check_options", "detect", "detect_keys",
-           "is_adapter_file", "one_config_reasons", "read", "read_config", "read_tensors", "select_component",
-           "select_files", "split_components", "to_state_dict", "write"]
+__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "NAME", "WRITE_OPTIONS", "add_shared", "can_name",
+           "can_store", "can_store_adapter", "check_component", "check_config", "check_options", "detect",
+           "detect_keys", "fit_to_base", "is_adapter_file", "one_config_reasons", "read", "read_config",
+           "read_tensors", "select_component", "select_files", "shared_stems", "split_components", "to_state_dict",
+           "write"]
