@@ -241,15 +241,22 @@ def test_info_names_the_kind(case):
 # ------------------------------------------------------------------------------------------------ AdaLoRA pruning
 
 
-def test_adalora_pruned_and_rank_zero_layers_round_trip(tmp_path):
-    """A rank_pattern after pruning: smaller and rank-0 layers read, fused and written back (peft re-prunes)."""
-    pm, base = _peft("adalora", tiny())
+@pytest.mark.parametrize("lora_alpha", [8, 0])
+def test_adalora_pruned_and_rank_zero_layers_round_trip(tmp_path, lora_alpha):
+    """A rank_pattern after pruning: smaller and rank-0 layers read, converted and written back (peft re-prunes);
+    with lora_alpha=0 peft scales each layer by its pruned rank."""
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=lora_alpha, target_modules=TARGETS, total_step=10,
+                           init_lora_weights=False)
+    pm, base = make_peft(tiny(), config, skip=("ranknum",))
     pm.peft_config["default"].rank_pattern = {"lin1.lora_E": [True, False, True, True],
                                               "lin2.lora_E": [False, False, False, False]}
     pm.save_pretrained(str(tmp_path / "peft"))
     adapter = ak.load(tmp_path / "peft")
     assert adapter["lin1"].rank == 3 and adapter["lin2"].rank == 0 and adapter["lin1"].ranknum == 4
     ak.save(adapter, tmp_path / "ours", format="peft")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["lora_alpha"] == lora_alpha
     ref = _logits(_fresh_from(base, tmp_path / "peft"))
     _record("adalora pruned save->peft logits", rel(_logits(_fresh_from(base, tmp_path / "ours")), ref), 1e-6)
     lora = ak.convert(adapter, kind="lora")

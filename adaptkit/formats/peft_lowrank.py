@@ -152,9 +152,15 @@ def adalora_together(layers: Mapping[str, AdaLoRA]) -> dict[str, str]:
     reasons = {p: "peft's AdaLoRA files store a conv layer's kernel nowhere" for p, l in layers.items()
                if l.module_type != "linear"}
     reasons |= _same(layers, "ranknum (init_r) values", lambda l: l.ranknum, "init_r")
-    reasons |= _same(layers, "alphas", lambda l: l.alpha, "lora_alpha")
+    if not _alpha_is_rank(layers):  # lora_alpha=0: every layer's alpha is its rank
+        reasons |= _same(layers, "alphas", lambda l: l.alpha, "lora_alpha")
     reasons |= _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out")
     return reasons
+
+
+def _alpha_is_rank(layers: Mapping[str, AdaLoRA]) -> bool:
+    """Every layer's alpha is its own rank and they differ: peft's ``lora_alpha=0`` (scaling = the pruned rank)."""
+    return all(l.alpha == l.rank for l in layers.values()) and len({l.rank for l in layers.values()}) > 1
 
 
 def write_adalora(layers: dict[str, AdaLoRA], cfg: dict, out: Out, prefix: str) -> None:
@@ -162,7 +168,8 @@ def write_adalora(layers: dict[str, AdaLoRA], cfg: dict, out: Out, prefix: str) 
     first = next(iter(layers.values()))
     init_r = round(first.ranknum)
     masks = {f"{p}.lora_E": [True] * l.rank + [False] * (init_r - l.rank) for p, l in layers.items() if l.rank != init_r}
-    cfg.update({"init_r": init_r, "lora_alpha": num(first.alpha), "rank_pattern": masks or None,
+    alpha = 0 if _alpha_is_rank(layers) else num(first.alpha)
+    cfg.update({"init_r": init_r, "lora_alpha": alpha, "rank_pattern": masks or None,
                 "fan_in_fan_out": first.fan_in_fan_out, "target_modules": sorted(layers)})
     cfg.setdefault("r", init_r)
     cfg.setdefault("target_r", min(init_r, 8))
