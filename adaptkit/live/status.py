@@ -25,7 +25,6 @@ from ..core.kinds import (
     Layer,
     layer_dtype,
     layer_is_finite,
-    layer_nbytes,
     tensor_fields,
 )
 from ..errors import ConfigError
@@ -113,7 +112,7 @@ def checkpoint_summary(adapter: Adapter) -> dict[str, Any]:
         "alphas": _distribution([float(layer.alpha) for layer in layers if layer.alpha is not None]),
         "dtype": str(adapter.dtype).replace("torch.", "") if adapter.dtype else None,
         "parameters": adapter.numel,
-        "bytes": sum(layer_nbytes(layer) for layer in layers),
+        "bytes": adapter.layers_nbytes,
         "extras": len(adapter.extras),
         "finite": adapter.is_finite(),
     }
