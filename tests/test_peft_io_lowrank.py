@@ -132,7 +132,7 @@ def test_load_keeps_tensors_and_config_and_save_round_trips(case, tmp_path):
     adapter = ak.load(src)
     theirs, cfg = _load_dir(src)
     assert adapter.config == cfg and sorted(adapter.layers) == TARGETS
-X
+    if not variant.startswith(("randlora", "vblora")):  # RandLoRA's file repeats the bases, VB-LoRA holds all k weights
         assert adapter.numel == sum(t.numel() for t in theirs.values())  # model-level tensors count once
     ak.save(adapter, tmp_path / "ours", format="peft")
     ours, out_cfg = _load_dir(tmp_path / "ours")
