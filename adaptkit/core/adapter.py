@@ -22,8 +22,6 @@ from .kinds import (
     Layer,
     cast_layer,
     layer_dtype,
-    layer_nbytes,
-    layer_numel,
     tensor_fields,
 )
 from .kinds.base import nonfinite_fields, tensor_is_finite
@@ -99,17 +97,28 @@ class Adapter:
             return None
         return Counter(layer_dtype(layer) for layer in self.layers.values()).most_common(1)[0][0]
 
+    def _stored_tensors(self) -> list[torch.Tensor]:
+        """The layers' tensors, each once: a tensor several layers share (VeRA's projections) is stored once."""
+        seen: dict[int, torch.Tensor] = {}
+        for layer in self.layers.values():
+            for t in tensor_fields(layer).values():
+                seen.setdefault(id(t), t)
+        return list(seen.values())
+
     @property
     def numel(self) -> int:
-        """Number of stored adapter parameters (extras excluded)."""
-        return sum(layer_numel(layer) for layer in self.layers.values())
+        """Number of stored adapter parameters (extras excluded; a tensor layers share counts once)."""
+        return sum(t.numel() for t in self._stored_tensors())
+
+    @property
+    def layers_nbytes(self) -> int:
+        """Bytes of the layers' tensors (a tensor layers share counts once), extras excluded."""
+        return sum(t.numel() * t.element_size() for t in self._stored_tensors())
 
     @property
     def nbytes(self) -> int:
         """Bytes of adapter tensors plus extras."""
-        return sum(layer_nbytes(layer) for layer in self.layers.values()) + sum(
-            t.numel() * t.element_size() for t in self.extras.values()
-        )
+        return self.layers_nbytes + sum(t.numel() * t.element_size() for t in self.extras.values())
 
     def nonfinite(self) -> dict[str, list[str]]:
         """Where the adapter holds NaN or Inf: ``{layer path: [fields]}`` (tensors, ``alpha``, ``scale``) and

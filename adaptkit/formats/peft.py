@@ -1,8 +1,10 @@
 """PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` (legacy ``adapter_model.bin``).
 
 Reads and writes LORA (incl. DoRA, rsLoRA, ``rank_pattern``/``alpha_pattern``, embedding LoRA,
-``lora_B.bias``, conv), LOHA, LOKR and IA3, and every kind with a row in
-:data:`adaptkit.formats.peft_layers.PEFT_NAMES` (the per-kind key names live there). Tensor keys are
+``lora_B.bias``, conv), LOHA, LOKR and IA3, the low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank` (ADALORA,
+VERA, RANDLORA, VBLORA, DELORA, GRALORA, MISS/BONE, FOURIERFT) and every kind with a row in
+:data:`adaptkit.formats.peft_layers.PEFT_NAMES` (the per-kind key names live there). Model-level tensors that
+several layers share (``base_model.vera_A``) are given to every layer and written once. Tensor keys are
 ``base_model.model.<module path>.<suffix>`` with the adapter name removed, exactly as
 ``PeftModel.save_pretrained`` writes them. Non-default adapters saved by PEFT live in subfolders named after
 the adapter: read them as ``dir:name``. A PEFT adapter applies to one model, so writing a pipeline adapter
@@ -49,9 +51,20 @@ WRITE_OPTIONS = ("component",)
 
 
 def detect_keys(keys: Collection[str]) -> bool:
-    """True when every tensor name starts with ``base_model.model.`` (as ``save_pretrained`` writes them)."""
+    """True when every tensor name starts with ``base_model.model.`` (as ``save_pretrained`` writes them), but for
+    model-level tensors some kinds share between layers (``base_model.vera_A``: see :func:`shared_stems`)."""
     keys = [k for k in keys if k != "__metadata__"]
-    return bool(keys) and all(k.startswith(PREFIX) for k in keys)
+    shared = {SHARED_PREFIX + s for s in shared_stems()}
+    return any(k.startswith(PREFIX) for k in keys) and all(k.startswith(PREFIX) or k in shared for k in keys)
+
+
+#: where ``save_pretrained`` puts a model-level tensor (VeRA's ``base_model.vera_A``)
+SHARED_PREFIX = "base_model."
+
+
+def shared_stems() -> set[str]:
+    """The key stems of model-level tensors (no module path) of every row."""
+    return {s for r in PEFT_NAMES.values() for s in r.shared}
 
 
 def detect(path: Path) -> bool:
@@ -146,7 +159,8 @@ def read_config(path: Path) -> dict[str, Any]:
     return check_config(cfg, str(path))
 
 
-def read(path: Path, *, source: str | None = None, subfolder: str | None = None, **_: Any) -> Adapter:
+def read(path: Path, *, source: str | None = None, subfolder: str | None = None, base: Any = None,
+         **_: Any) -> Adapter:
     """Read a PEFT adapter directory (or its weight file) into an :class:`Adapter`.
 
     Args:
@@ -154,6 +168,8 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
         source: provenance string to record.
         subfolder: the subfolder the source named (``dir:other``); PEFT saves a non-default adapter in a
             subfolder named after it, so its last part (``other``) becomes the adapter's ``name``.
+        base: the base model (hub id, directory, file or ``nn.Module``) whose weight shapes complete layers whose
+            file does not fix it (VeRA, RandLoRA, MiSS, FourierFT); without it they have ``shape=None`` until fused.
 
     Raises:
         ConfigError: missing or unknown config, ranks that contradict the config.
@@ -164,12 +180,12 @@ def read(path: Path, *, source: str | None = None, subfolder: str | None = None,
     cfg = read_config(config_path)
     tensors, metadata = read_weights(weights_path)
     return read_tensors(tensors, metadata, cfg, source=source or str(path), subfolder=subfolder,
-                        file_name=weights_path.name)
+                        file_name=weights_path.name, base=base)
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  config: Mapping[str, Any] | None = None, *, source: str | None = None, subfolder: str | None = None,
-                 file_name: str = "the weights", **_: Any) -> Adapter:
+                 file_name: str = "the weights", base: Any = None, **_: Any) -> Adapter:
     """A PEFT adapter from its tensors (``base_model.model.<path>.<stem>``) and ``adapter_config.json`` dict.
 
     Keys that are no adapter tensor (``modules_to_save`` copies, saved embeddings) are kept as extras.
@@ -181,6 +197,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         source: provenance string to record.
         subfolder: the subfolder the adapter was read from (its last part becomes the adapter's ``name``).
         file_name: the weight file's name, for messages.
+        base: as :func:`read`.
 
     Raises:
         ConfigError / FormatError / ShapeMismatchError: as :func:`read`.
@@ -190,9 +207,15 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                           "pass the config that belongs to these tensors")
     cfg = check_config(dict(config))
     ptype = cfg["peft_type"]
+    row = row_of_type(ptype)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
+        stem = key.removeprefix(SHARED_PREFIX)
+        if stem in row.shared:  # a model-level tensor every layer uses (VeRA's projections, VB-LoRA's bank)
+            shared[row.shared[stem]] = tensor
+            continue
         rel = key.removeprefix(PREFIX)
         split = split_key(rel)
         if split is None:
@@ -205,7 +228,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                 "the config does not belong to these weights"
             )
         groups[module][part] = tensor
-    patterns = ConfigPatterns.of(cfg)
+    for module, parts in groups.items():
+        add_shared(module, parts, shared, row, file_name)
+    patterns = row.patterns(cfg) if row.patterns is not None else ConfigPatterns.of(cfg)
     modules, params = peft_params.split_groups(groups, cfg) if ptype == PEFT_NAMES["expert_lora"].peft_type else (groups, {})
     layers = build_layers(modules, cfg, patterns)
     if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
@@ -214,7 +239,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
     return Adapter(
-        layers=layers,
+        layers=fit_to_base(layers, base),
         base_model=cfg.get("base_model_name_or_path"),
         metadata=dict(metadata or {}),
         config=cfg,
@@ -223,6 +248,23 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         source=source,
         name=_subfolder_name(subfolder),
     )
+
+
+def add_shared(module: str, parts: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor], row: Any,
+               file_name: str) -> None:
+    """Give a module the model-level tensors (``{part: tensor}``); a per-module copy (RandLoRA writes one) must
+    equal them.
+
+    Raises:
+        FormatError: a per-module copy that differs.
+    """
+    for part, t in shared.items():
+        own = parts.get(part)
+        if own is not None and own is not t and (own.shape != t.shape or not torch.equal(own, t)):
+            stem = row.display.get(part, part)
+            raise FormatError(f"{file_name}: {module}.{stem} differs from the model-level base_model.{stem} it copies; "
+                              "the checkpoint is damaged or mixes two adapters")
+        parts[part] = t
 
 
 def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any], patterns: ConfigPatterns,
@@ -239,7 +281,8 @@ def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any]
     """
     row = row or row_of_type(cfg["peft_type"])
     try:
-        check_factors(parts, row.display)
+        checked = {k: t for k, t in parts.items() if t.numel()} if row.empty_ok else parts
+        check_factors(checked, row.display, row.index_parts)
         return row.reader(module, parts, cfg, patterns)
     except (ShapeMismatchError, FormatError) as e:
         raise type(e)(f"{module}: {e}") from e
@@ -249,6 +292,32 @@ def build_layers(groups: dict[str, dict[str, torch.Tensor]], cfg: dict[str, Any]
                  patterns: ConfigPatterns, row: Any = None) -> dict[str, Any]:
     """:func:`build_layer` for every module of ``groups`` (``{module: {part: tensor}}``), sorted by path."""
     return {module: build_layer(module, groups[module], cfg, patterns, row) for module in sorted(groups)}
+
+
+def fit_to_base(layers: dict[str, Any], base: Any) -> dict[str, Any]:
+    """Layers without a weight shape (their file does not fix it) fitted to the base's module shapes.
+
+    Raises:
+        ShapeMismatchError: the base has no such module, or its weight does not fit the layer.
+    """
+    if base is None or all(layer.shape is not None for layer in layers.values()):
+        return layers
+    inv = _names.inventory_from_base(base)
+    out = {}
+    for path, layer in layers.items():
+        if layer.shape is None:
+            comp, _, rest = path.partition(".")
+            shape = inv.shape(comp, rest) if comp in inv.modules else inv.shape(next(iter(inv.modules), ""), path)
+            if not shape:
+                raise ShapeMismatchError(f"{path}: the base {inv.name} has no module {path} with a weight; pass the base "
+                                         "the adapter was made for")
+            try:
+                layer = layer.fit(tuple(shape))
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"{path}: {e} (base {inv.name}, weight {tuple(shape)}); pass the base the "
+                                         "adapter was made for") from None
+        out[path] = layer
+    return out
 
 
 def _subfolder_name(subfolder: str | None) -> str:
@@ -504,6 +573,7 @@ __all__ = [
     "LOOKED_FOR",
     "NAME",
     "WRITE_OPTIONS",
+    "add_shared",
     "can_name",
     "can_store",
     "can_store_adapter",
@@ -512,6 +582,7 @@ __all__ = [
     "check_options",
     "detect",
     "detect_keys",
+    "fit_to_base",
     "is_adapter_file",
     "kind_support",
     "one_config_reasons",
@@ -520,6 +591,7 @@ __all__ = [
     "read_tensors",
     "select_component",
     "select_files",
+    "shared_stems",
     "split_components",
     "to_state_dict",
     "write",

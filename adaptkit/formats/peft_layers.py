@@ -3,8 +3,9 @@
 :data:`PEFT_NAMES` maps a kind name to a :class:`PeftNames` row: the tensor-name stems PEFT stores after the
 module path (``lora_A.weight``, ``hada_w1_a``) and the canonical part each holds, the ``peft_type`` of the
 ``adapter_config.json``, and how layers are built from the parts and written back. The built-in rows
-(LORA, LOHA, LOKR, IA3) have their own readers and writers because PEFT's config carries per-kind rules
-(``rank_pattern``, DoRA, ``feedforward_modules``, LoKr's recomputed factorisation). A row added with
+(LORA, LOHA, LOKR, IA3, and the low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank`) have their own
+readers and writers because PEFT's config carries per-kind rules (``rank_pattern``, DoRA,
+``feedforward_modules``, LoKr's recomputed factorisation, model-level tensors several layers share). A row added with
 :func:`register_peft_names` is generic: the reader builds the layer with ``cls.from_parts(parts, shape=None,
 settings=...)`` and the writer stores ``layer.parts()``, whose settings become config fields; nothing else in
 the library needs to change for a new kind to load from and save to PEFT files and state dicts.
@@ -21,8 +22,9 @@ import torch
 
 from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
-from . import peft_lokr, peft_params
+from . import peft_lokr, peft_lowrank, peft_params
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
+from .peft_common import need, num
 
 #: ``reader(module, {part: tensor}, config, patterns) -> layer``
 Reader = Callable[[str, dict[str, torch.Tensor], dict[str, Any], ConfigPatterns], Any]
@@ -46,6 +48,12 @@ class PeftNames:
         infer: for a state dict without config: the config fields its tensors imply (``r``, ``feedforward_modules``);
             a result with ``r`` gets an alpha (a ``<module>.alpha`` key, else alpha = rank with a warning).
         limits: why PEFT cannot store one layer of the kind (``None`` when it can).
+        shared: key stem of a model-level tensor (``base_model.vera_A``, no module path) -> the part every layer
+            of the adapter gets (:func:`adaptkit.formats.peft.read_tensors` merges it into each module's parts).
+        index_parts: parts that hold integer positions (exempt from the floating-point check).
+        empty_ok: the kind has layers with empty tensors (AdaLoRA pruned to rank 0).
+        patterns: ``cfg -> ConfigPatterns`` where the config's ``rank_pattern`` is not LoRA's (AdaLoRA's masks).
+        together: ``{path: layer} -> {path: reason}``: what one config of the kind cannot hold together.
     """
 
     kind: str
@@ -57,6 +65,11 @@ class PeftNames:
     generic: bool = False
     infer: Callable[[str, Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
     limits: Callable[[Any], str | None] | None = None
+    shared: Mapping[str, str] = field(default_factory=dict)
+    index_parts: frozenset[str] = frozenset()
+    empty_ok: bool = False
+    patterns: Callable[[Mapping[str, Any]], ConfigPatterns] | None = None
+    together: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
 
     @property
     def display(self) -> dict[str, str]:
@@ -68,12 +81,6 @@ class PeftNames:
 
 
 # --------------------------------------------------------------------------------------------- readers
-
-
-def _need(parts: dict, names: tuple[str, ...], module: str) -> None:
-    missing = [n for n in names if n not in parts]
-    if missing:
-        raise FormatError(f"{module} lacks tensor(s) {missing}; the checkpoint is incomplete")
 
 
 def _check_rank(module: str, found: int, cfg: dict, patterns: ConfigPatterns) -> None:
@@ -91,13 +98,13 @@ def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Con
     rslora = bool(cfg.get("use_rslora", False))
     magnitude = p.get("magnitude")
     if "emb_a" in p or "emb_b" in p:
-        _need(p, ("emb_a", "emb_b"), module)
+        need(p, ("emb_a", "emb_b"), module)
         a, b = p["emb_a"], p["emb_b"]
         layer = LoRA(down=a, up=b, alpha=alpha, shape=(a.shape[1], b.shape[0]), module_type="embedding",
                      fan_in_fan_out=True, rslora=rslora,
                      magnitude=None if magnitude is None else magnitude.flatten(), bias=p.get("bias"))
     else:
-        _need(p, ("a", "b"), module)
+        need(p, ("a", "b"), module)
         a, b = p["a"], p["b"]
         if a.ndim >= 3:
             shape = (b.shape[0], a.shape[1], *a.shape[2:])
@@ -117,7 +124,7 @@ def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Con
 
 
 def _read_loha(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> LoHa:
-    _need(p, ("w1a", "w1b", "w2a", "w2b"), module)
+    need(p, ("w1a", "w1b", "w2a", "w2b"), module)
     alpha = patterns.alpha_for(module, cfg.get("alpha", 8))
     t1, t2 = p.get("t1"), p.get("t2")
     if t1 is not None:
@@ -245,10 +252,6 @@ def _ia3_limit(layer: IA3) -> str | None:
 # --------------------------------------------------------------------------------------------- writers
 
 
-def _num(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def write_lora(layers: dict[str, LoRA], cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     """Fill ``cfg`` (``r``, ``lora_alpha``, patterns, DoRA, rsLoRA, ...) and ``out`` for LoRA layers.
 
@@ -263,7 +266,7 @@ def write_lora(layers: dict[str, LoRA], cfg: dict, out: dict[str, torch.Tensor],
     all_rs = all(l.rslora for l in everything.values())
     ranks = {p: l.rank for p, l in everything.items()}
     # a mixed rsLoRA adapter is written without rsLoRA: alpha' = alpha * sqrt(r) gives the same scale
-    alphas = {p: _num(l.alpha if (l.rslora == all_rs) else l.scale * l.rank) for p, l in everything.items()}
+    alphas = {p: num(l.alpha if (l.rslora == all_rs) else l.scale * l.rank) for p, l in everything.items()}
     r, rank_pattern = build_pattern(ranks)
     alpha, alpha_pattern = build_pattern(alphas)
     use_bias = any(l.bias is not None for l in layers.values())
@@ -305,7 +308,7 @@ def write_lora(layers: dict[str, LoRA], cfg: dict, out: dict[str, torch.Tensor],
 
 def _write_loha(layers: dict[str, LoHa], cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     r, rank_pattern = build_pattern({p: l.rank for p, l in layers.items()})
-    alpha, alpha_pattern = build_pattern({p: _num(l.alpha) for p, l in layers.items()})
+    alpha, alpha_pattern = build_pattern({p: num(l.alpha) for p, l in layers.items()})
     cfg.update({"r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                 "use_effective_conv2d": any(l.t1 is not None for l in layers.values()),
                 "target_modules": sorted(layers)})
@@ -321,7 +324,7 @@ def _write_loha(layers: dict[str, LoHa], cfg: dict, out: dict[str, torch.Tensor]
 def _write_lokr(layers: dict[str, LoKr], cfg: dict, out: dict[str, torch.Tensor], prefix: str) -> None:
     factor, decompose_both, ranks = peft_lokr.choose_layout(layers, cfg.get("decompose_factor", -1))
     r, rank_pattern = build_pattern(ranks)
-    alpha, alpha_pattern = build_pattern({p: _num(layers[p].scale * ranks[p]) for p in layers})
+    alpha, alpha_pattern = build_pattern({p: num(layers[p].scale * ranks[p]) for p in layers})
     cfg.update({"r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                 "decompose_factor": factor, "decompose_both": decompose_both,
                 "use_effective_conv2d": any(l.t2 is not None for l in layers.values()),
@@ -375,7 +378,10 @@ def _write_generic(row: PeftNames) -> Writer:
 
 
 def settings_limits(row: PeftNames, layers: Mapping[str, Any]) -> dict[str, str]:
-    """Why a generic kind's layers cannot share one config: a part with no PEFT name, or settings that differ."""
+    """Why a kind's layers cannot share one config: the row's ``together`` rule, or for a generic kind a part with no
+    PEFT name or settings that differ."""
+    if row.together is not None:
+        return row.together(layers)
     if not row.generic:
         return {}
     reasons: dict[str, str] = {}
@@ -413,6 +419,41 @@ PEFT_NAMES: dict[str, PeftNames] = {
     }, reader=_read_lokr, writer=_write_lokr, infer=_infer_lokr, limits=_no_dora),
     "ia3": PeftNames("ia3", "IA3", {"ia3_l": "ia3"}, reader=_read_ia3, writer=_write_ia3, infer=_infer_ia3,
                      limits=_ia3_limit),
+    # issue 14: low-rank tuners (peft_lowrank)
+    "adalora": PeftNames("adalora", "ADALORA", {"lora_A": "a", "lora_B": "b", "lora_E": "e"},
+                         reader=peft_lowrank.read_adalora, writer=peft_lowrank.write_adalora,
+                         limits=peft_lowrank.adalora_limit, empty_ok=True, patterns=peft_lowrank.adalora_patterns,
+                         together=peft_lowrank.adalora_together),
+    "vera": PeftNames("vera", "VERA", {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
+                      reader=peft_lowrank.read_vera, writer=peft_lowrank.write_vera,
+                      shared={"vera_A": "vera_a", "vera_B": "vera_b"}, together=peft_lowrank.vera_together),
+    "randlora": PeftNames("randlora", "RANDLORA", {
+        "randlora_lambda": "lam", "randlora_gamma": "gamma", "randlora_A": "randlora_a", "randlora_B": "randlora_b",
+    }, reader=peft_lowrank.read_randlora, writer=peft_lowrank.write_randlora,
+        shared={"randlora_A": "randlora_a", "randlora_B": "randlora_b"}, together=peft_lowrank.randlora_together),
+    "vblora": PeftNames("vblora", "VBLORA", {
+        "vblora_logits_A": "logits_a", "vblora_logits_B": "logits_b",
+        "vblora_logits_A_topk_indices": "indices_a", "vblora_logits_A_topk_weights": "tw_a",
+        "vblora_logits_B_topk_indices": "indices_b", "vblora_logits_B_topk_weights": "tw_b",
+    }, reader=peft_lowrank.read_vblora, writer=peft_lowrank.write_vblora, limits=peft_lowrank.vblora_limit,
+        shared={"vblora_vector_bank": "bank"}, index_parts=frozenset({"indices_a", "indices_b"}),
+        together=peft_lowrank.vblora_together),
+    "delora": PeftNames("delora", "DELORA", {
+        "delora_A": "a", "delora_B": "b", "delora_lambda": "lam", "delora_w_norm": "w_norm",
+    }, reader=peft_lowrank.read_delora, writer=peft_lowrank.write_delora, limits=peft_lowrank.delora_limit),
+    "gralora": PeftNames("gralora", "GRALORA", {
+        "gralora_A": "ga", "gralora_B": "gb", "gralora_A_general.weight": "ga_general",
+        "gralora_B_general.weight": "gb_general",
+    }, reader=peft_lowrank.read_gralora, writer=peft_lowrank.write_gralora, together=peft_lowrank.gralora_together),
+    "miss": PeftNames("miss", "MISS", {"miss_block": "block"}, reader=peft_lowrank.read_miss,
+                      writer=peft_lowrank.write_miss, limits=peft_lowrank.miss_limit,
+                      together=peft_lowrank.miss_together),
+    # Bone (peft < 0.17, removed since): MiSS under its old name, read only (MiSS layers are written as MISS)
+    "bone": PeftNames("miss", "BONE", {"bone_block": "block"}, reader=peft_lowrank.read_miss,
+                      writer=peft_lowrank.write_miss),
+    "fourierft": PeftNames("fourierft", "FOURIERFT", {"fourierft_spectrum": "values"},
+                           reader=peft_lowrank.read_fourierft, writer=peft_lowrank.write_fourierft,
+                           limits=peft_lowrank.fourierft_limit, together=peft_lowrank.fourierft_together),
     # LoRA on parameter tensors (target_parameters): a LORA file; peft.read_tensors sends it the parameter groups
     "expert_lora": PeftNames("expert_lora", "LORA", {"lora_A.weight": "a", "lora_B.weight": "b"},
                              reader=peft_params.read_layer, writer=write_lora),

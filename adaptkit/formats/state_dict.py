@@ -8,6 +8,9 @@ and the ranks come from tensor names and shapes.
   :func:`adaptkit.formats.peft_layers.register_peft_names`; the ``base_model.model.`` prefix is optional) is
   parsed with the PEFT reader's own per-kind rows. Alpha comes from a ``<module>.alpha`` key when present,
   from ``config`` (an ``adapter_config.json`` dict) when given, else alpha = rank (scale 1) with a warning.
+  Model-level tensors of VeRA, RandLoRA and VB-LoRA (``base_model.vera_A``, ``vera_A.default``, ``vera_A``) go
+  to every layer; those kinds (and the other low-rank tuners of :mod:`~adaptkit.formats.peft_lowrank`) need the
+  config.
 * Anything else goes through the registered formats of :data:`adaptkit.formats.FORMATS` (kohya, diffusers,
   any registered one), in memory: the first whose ``detect_keys`` accepts the names reads the tensors with
   its ``read_tensors``, exactly as it reads a checkpoint file.
@@ -47,8 +50,14 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
     unknown: list[str] = []
     extras: dict[str, torch.Tensor] = {}
     saved = (config or {}).get("modules_to_save")
+    shared_stems = peft_format.shared_stems()
+    shared: dict[str, torch.Tensor] = {}
     for raw_key, tensor in state_dict.items():
         key = strip_adapter_name(raw_key.removeprefix(peft_format.PREFIX))
+        head = key.removeprefix(peft_format.SHARED_PREFIX).split(".")
+        if head[0] in shared_stems and len(head) <= 2:  # a model-level tensor, with or without the adapter name
+            shared[head[0]] = tensor
+            continue
         if key.endswith(".alpha"):
             if tensor.numel() == 0:
                 raise FormatError(f"tensor '{raw_key}' is empty, but an alpha is one number; drop it or store the alpha")
@@ -75,6 +84,14 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
     if len(types) > 1:
         raise FormatError(f"the state dict mixes PEFT types {sorted(types)}; inject each kind under its own name")
     ptype = next(iter(types))
+    row = row_of_type(ptype)
+    stray = sorted(set(shared) - set(row.shared))
+    if stray:
+        raise FormatError(f"the state dict holds model-level tensor(s) {stray} of another PEFT type than its {ptype} "
+                          "layers; pass one adapter's tensors")
+    if config is None and row.infer is None and not row.generic:
+        raise ConfigError(f"a {ptype} state dict does not say its ranks, scales and layout; pass config= (its "
+                          "adapter_config.json dict)")
     if config is not None:
         cfg = dict(config)
         if cfg.get("peft_type", ptype) != ptype:
@@ -83,12 +100,13 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
         cfg["peft_type"] = ptype
     else:
         cfg = {"peft_type": ptype}
-    patterns = ConfigPatterns.of(cfg, alpha_overrides=alphas if config is not None else None)
-    row = row_of_type(ptype)
+    patterns = (row.patterns(cfg) if row.patterns is not None
+                else ConfigPatterns.of(cfg, alpha_overrides=alphas if config is not None else None))
     layers = {}
     defaulted: list[str] = []
     for module in sorted(groups):
         parts = groups[module]
+        peft_format.add_shared(module, parts, {row.shared[s]: t for s, t in shared.items()}, row, "the state dict")
         mcfg = cfg
         if config is None and row.infer is not None:  # what the tensors imply: rank, IA3 input scaling, ...
             mcfg = {**cfg, **row.infer(module, parts)}

@@ -25,7 +25,6 @@ from ..core.kinds import (
     Layer,
     layer_dtype,
     layer_is_finite,
-    layer_nbytes,
     tensor_fields,
 )
 from ..errors import ConfigError
@@ -53,8 +52,9 @@ class CheckpointLayerRow:
 
 
 def delta_fro_norm(layer: Layer) -> float:
-    """``||dW||_F`` of a layer (the kind's ``fro_norm``: Gram matrices where low rank, NaN for IA3)."""
-    return layer.fro_norm()
+    """``||dW||_F`` of a layer (the kind's ``fro_norm``: Gram matrices where low rank, NaN for IA3 and for a layer
+    read without its weight shape, which the delta depends on: PEFT VeRA, RandLoRA, MiSS, FourierFT files)."""
+    return float("nan") if layer.shape is None else layer.fro_norm()
 
 
 def _shape_text(shape: Any) -> str:
@@ -112,7 +112,7 @@ def checkpoint_summary(adapter: Adapter) -> dict[str, Any]:
         "alphas": _distribution([float(layer.alpha) for layer in layers if layer.alpha is not None]),
         "dtype": str(adapter.dtype).replace("torch.", "") if adapter.dtype else None,
         "parameters": adapter.numel,
-        "bytes": sum(layer_nbytes(layer) for layer in layers),
+        "bytes": adapter.layers_nbytes,
         "extras": len(adapter.extras),
         "finite": adapter.is_finite(),
     }

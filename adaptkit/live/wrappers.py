@@ -35,7 +35,6 @@ from ..core.kinds import Layer
 from ..core.kinds.base import nonfinite_fields
 from ..errors import NonFiniteError, UnsupportedError
 
-
 #: the layers' ``module_type`` values the wrapper adapts (a "norm" or "experts" layer has no module to wrap)
 MODULE_TYPES = frozenset({"linear", "conv", "embedding"})
 

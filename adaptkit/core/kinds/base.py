@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from ...errors import FormatError, ShapeMismatchError
+from ...errors import FormatError, ShapeMismatchError, UnsupportedError
 
 MODULE_TYPES = ("linear", "conv", "embedding")
 
@@ -201,8 +201,19 @@ def cast_layer(layer: Layer, dtype: torch.dtype) -> Layer:
     return dataclasses.replace(layer, **changes)
 
 
-def math_shape(shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, ...]:
-    """The math orientation ``(out, in, *k)`` of a module weight shape."""
+#: why a layer without a weight shape cannot compute (PEFT VeRA, RandLoRA, MiSS and FourierFT files store none)
+NO_SHAPE = ("this layer was read from a file that does not store its module's weight shape (PEFT VeRA, RandLoRA, "
+            "MiSS, FourierFT); fuse it into its base, or load it with base=<the base model> so the shape is known")
+
+
+def math_shape(shape: tuple[int, ...] | None, fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The math orientation ``(out, in, *k)`` of a module weight shape.
+
+    Raises:
+        UnsupportedError: ``shape`` is ``None`` (a layer read without its weight shape, :data:`NO_SHAPE`).
+    """
+    if shape is None:
+        raise UnsupportedError(NO_SHAPE)
     if fan_in_fan_out:
         if len(shape) != 2:
             raise ValueError("fan_in_fan_out applies to 2-D weights only")

@@ -328,7 +328,7 @@ class DeltaMixin(KindBase):
             ShapeMismatchError: (strict) the layer cannot act on this module; the message gives both shapes.
         """
         w_shape = tuple(int(s) for s in shape)
-        if module is None:
+        if module is None or self.shape is None:
             return self._refined(w_shape) if w_shape else self
         own = tuple(self.shape)
         if module == "embedding":

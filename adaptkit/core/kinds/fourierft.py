@@ -19,9 +19,10 @@ from typing import ClassVar
 
 import torch
 
+from ...errors import ShapeMismatchError
 from .additive import AdditiveKind
 from .base import check_floating, f32, math_shape
-from .positions import check_positions
+from .positions import check_positions, seeded_positions
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # repr: base.layer_repr
@@ -31,18 +32,22 @@ class FourierFT(AdditiveKind):
     Args:
         values: ``fourierft_spectrum`` ``(n,)``, the learned spectrum entries (``values``, as ``spectrum()`` is
             the protocol's singular values).
-        indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`).
+        indices: ``(2, n)`` integer (row, column) positions (:func:`~adaptkit.core.kinds.positions.seeded_positions`);
+            ``None`` to draw them from ``seed`` once the shape is known (a PEFT file stores neither).
         scaling: the config's ``scaling``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file (``fit`` with the
+            base's shape fills it and draws the positions).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
+        seed: the ``random_loc_seed`` the positions were drawn from (``None``: unknown, positions given).
     """
 
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     scaling: float
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     fan_in_fan_out: bool = False
     module_type: str = "linear"
+    seed: int | None = None
 
     kind: ClassVar[str] = "fourierft"
     index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
@@ -51,7 +56,14 @@ class FourierFT(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
-        check_positions("FourierFT", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
+        if self.indices is None:
+            if self.seed is None:
+                raise ShapeMismatchError("FourierFT needs its spectrum positions or the random_loc_seed they are drawn from")
+            if self.shape is None:
+                return  # read from a PEFT file; fit() gives the shape, the positions and these checks
+            out, inp = math_shape(self.shape, self.fan_in_fan_out)
+            object.__setattr__(self, "indices", seeded_positions(out, inp, self.values.numel(), self.seed))
+        check_positions("FourierFT", self.values, self.indices, *math_shape(self.shape, self.fan_in_fan_out))
 
     @property
     def scale(self) -> float:
@@ -61,18 +73,20 @@ class FourierFT(AdditiveKind):
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` in ``dtype``, rank ``2 n`` (exact): each spectrum entry ``s`` at ``(p, q)`` adds
         ``s cos(2 pi (i p / out + j q / in)) / (out in)`` to entry ``(i, j)``, a cosine and a sine outer product."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
-        idx = self.indices.long().to(dtype)
-        rows = 2 * torch.pi * torch.arange(out, dtype=dtype)[:, None] * idx[0][None, :] / out  # (out, n)
-        cols = 2 * torch.pi * idx[1][:, None] * torch.arange(inp, dtype=dtype)[None, :] / inp  # (n, in)
-        weights = self.values.to(dtype)[:, None] * (self.scale / (out * inp))
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
+        f64 = torch.float64  # the phases in float64: float32 cosines of large angles are off by ~1e-6
+        idx = self.indices.long()
+        # the phase of (i, p) is 2 pi (i p mod out) / out: exact integers before the division
+        rows = 2 * torch.pi * ((torch.arange(out)[:, None] * idx[0][None, :]) % out).to(f64) / out  # (out, n)
+        cols = 2 * torch.pi * ((idx[1][:, None] * torch.arange(inp)[None, :]) % inp).to(f64) / inp  # (n, in)
+        weights = self.values.to(f64)[:, None] * (self.scale / (out * inp))
         u = torch.cat([rows.cos(), rows.sin()], dim=1)
         v = torch.cat([weights * cols.cos(), -weights * cols.sin()], dim=0)
-        return u, v
+        return u.to(dtype), v.to(dtype)
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         dense = torch.zeros(out, inp, dtype=torch.float32)
         idx = self.indices.long()
         dense[idx[0], idx[1]] = f32(self.values)

@@ -32,12 +32,13 @@ class MiSS(AdditiveKind):
 
     Args:
         block: ``miss_block``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file, which does not say
+            ``in`` (``fit`` with the base's shape fills it).
         fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only).
     """
 
     block: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "linear"
     fan_in_fan_out: bool = False
 
@@ -47,9 +48,11 @@ class MiSS(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
+        if self.shape is None:
+            return  # read from a PEFT file; fit() gives the shape and runs these checks
         if len(self.shape) != 2:
             raise ShapeMismatchError(f"MiSS adapts 2-D weights, got weight shape {tuple(self.shape)}")
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         if self.block.ndim != 2 or out % self.block.shape[1] != 0 or self.block.shape[0] > inp:
             raise ShapeMismatchError(f"MiSS block has shape {tuple(self.block.shape)}; for a weight of shape "
                                      f"{tuple(self.shape)} it must be (r, out) or (r, mini_r) with mini_r dividing out")
@@ -62,14 +65,14 @@ class MiSS(AdditiveKind):
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` in ``dtype`` (exact, rank ``r``): ``U`` the tiled block transposed ``(out, r)``, ``V`` the 0/1
         matrix ``(r, in)`` that copies column ``c mod r`` to column ``c``."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         u = self.block.to(dtype).repeat(1, out // self.block.shape[1]).T  # (out, r)
         v = (torch.arange(self.rank)[:, None] == torch.arange(inp)[None, :] % self.rank).to(dtype)
         return u, v
 
     def delta_math(self) -> torch.Tensor:
         """Float32 delta ``(out, in)``: ``dW[o, c] = block[c mod r, o]``."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         block = f32(self.block).repeat(1, out // self.block.shape[1])  # (r, out)
         return block.T[:, torch.arange(inp) % self.rank]
 

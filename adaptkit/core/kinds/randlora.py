@@ -36,7 +36,8 @@ class RandLoRA(AdditiveKind):
         lam: ``randlora_lambda`` ``(r, n_bases)``.
         gamma: ``randlora_gamma`` ``(n_bases, min(in, out))``.
         alpha: ``randlora_alpha``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file, which does not say
+            which side is the larger (``fit`` with the base's shape fills it).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
     """
 
@@ -45,7 +46,7 @@ class RandLoRA(AdditiveKind):
     lam: torch.Tensor
     gamma: torch.Tensor
     alpha: float
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     fan_in_fan_out: bool = False
     module_type: str = "linear"
 
@@ -53,7 +54,9 @@ class RandLoRA(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if self.shape is None:
+            return  # read from a PEFT file; fit() gives the shape and runs these checks
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r, nb = (self.lam.shape if self.lam.ndim == 2 else (0, 0))
         lo, hi = min(out, inp), max(out, inp)
         if (self.lam.ndim != 2 or tuple(self.gamma.shape) != (nb, lo) or self.randlora_a.ndim != 3
@@ -77,7 +80,7 @@ class RandLoRA(AdditiveKind):
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` in ``dtype``, rank ``r * n_bases`` (exact), with the scale folded into ``U``."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         lo, hi = min(out, inp), max(out, inp)
         nb = self.lam.shape[1]
         a = self.randlora_a.to(dtype)[:, :nb, :lo]  # (r, 1, lo) broadcasts over the bases

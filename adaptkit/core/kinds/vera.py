@@ -43,7 +43,8 @@ class VeRA(AdditiveKind):
         vera_b: the shared ``vera_B`` ``(max_out, r)``.
         lambda_b: ``vera_lambda_b`` ``(out,)``.
         lambda_d: ``vera_lambda_d`` ``(r,)``.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation); ``None`` when read from a PEFT file, which does not say
+            ``in`` (``fit`` with the base's shape fills it).
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
     """
 
@@ -51,7 +52,7 @@ class VeRA(AdditiveKind):
     vera_b: torch.Tensor
     lambda_b: torch.Tensor
     lambda_d: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     fan_in_fan_out: bool = False
     module_type: str = "linear"
 
@@ -61,7 +62,9 @@ class VeRA(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        if self.shape is None:
+            return  # read from a PEFT file; fit() gives the shape and runs these checks
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r = self.lambda_d.numel()
         if self.lambda_b.ndim != 1 or self.lambda_d.ndim != 1 or self.lambda_b.numel() != out:
             raise ShapeMismatchError(f"VeRA lambda_b {tuple(self.lambda_b.shape)} / lambda_d {tuple(self.lambda_d.shape)} "
@@ -79,7 +82,7 @@ class VeRA(AdditiveKind):
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, V)`` = ``(lambda_b * B[:out, :r], lambda_d * A[:r, :in])`` in ``dtype`` (exact, rank ``r``)."""
-        out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+        out, inp = math_shape(self.shape, self.fan_in_fan_out)
         r = self.rank
         u = self.lambda_b.to(dtype)[:, None] * self.vera_b.to(dtype)[:out, :r]
         v = self.lambda_d.to(dtype)[:, None] * self.vera_a.to(dtype)[:r, :inp]
