@@ -334,6 +334,13 @@ def test_shapeless_layers_need_the_base(variant, tmp_path_factory):
         ak.convert(adapter, kind="lora")
     fitted = ak.load(src, base=base)
     assert all(tuple(layer.shape) == tuple(base.get_submodule(p).weight.shape) for p, layer in fitted.layers.items())
+    # analysis without the shape: one row per layer with NaN statistics and a note naming the base, not an error
+    rows = ak.analyze(adapter)
+    assert len(rows) == len(adapter.layers) and rows["fro_norm"].isna().all()
+    assert rows["note"].str.contains("--base").all()
+    full = ak.analyze(fitted)
+    want = [float(layer.delta().double().norm()) for _, layer in sorted(fitted.layers.items())]
+    assert full.sort_values("module")["fro_norm"].tolist() == pytest.approx(want, rel=1e-5)
 
 
 

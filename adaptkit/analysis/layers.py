@@ -165,6 +165,9 @@ def analyze_layer(path: str, layer: Layer, position: Position | None = None) -> 
     if not row["finite"]:
         row["note"] = "non-finite tensors (NaN/Inf): statistics skipped"
         return row, None
+    if layer.shape is None:  # VeRA, RandLoRA, MiSS, FourierFT files: the delta needs the module's weight shape
+        row["note"] = "the file stores no weight shape: statistics need the base model (--base / base=)"
+        return row, None
     s, method = layer_spectrum(layer)
     stats = spectrum_stats(s)
     row.update(fro_norm=stats.fro_norm, spectral_norm=stats.spectral_norm, stable_rank=stats.stable_rank,
