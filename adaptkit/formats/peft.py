@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.kinds import KINDS
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
-from . import peft_lokr, peft_params
+from . import peft_lokr, peft_other, peft_params
 from .base import Selection, check_storable
 from .patterns import ConfigPatterns
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
@@ -192,6 +193,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     ptype = cfg["peft_type"]
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
+    tokens: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         rel = key.removeprefix(PREFIX)
         split = split_key(rel)
@@ -199,6 +201,10 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             extras[rel] = tensor
             continue
         module, key_type, part = split
+        if key_type != ptype and key_type == PEFT_NAMES["trainable_tokens"].peft_type \
+                and module.endswith(peft_other.TOKEN_ADAPTER):
+            tokens[module.removesuffix(peft_other.TOKEN_ADAPTER)][part] = tensor  # LoRA's trainable_token_indices
+            continue
         if key_type != ptype:
             raise FormatError(
                 f"{file_name} holds {key_type} tensor '{key}' but the config says peft_type {ptype}; "
@@ -210,6 +216,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     layers = build_layers(modules, cfg, patterns)
     if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
         built = peft_params.orient(build_layers(params, cfg, patterns, PEFT_NAMES["expert_lora"]), cfg, metadata)
+        layers = dict(sorted({**layers, **built}.items()))
+    if tokens:
+        built = build_layers(tokens, cfg, patterns, PEFT_NAMES["trainable_tokens"])
         layers = dict(sorted({**layers, **built}.items()))
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
@@ -239,7 +248,8 @@ def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any]
     """
     row = row or row_of_type(cfg["peft_type"])
     try:
-        check_factors(parts, row.display)
+        cls = KINDS.get(row.kind)
+        check_factors(parts, row.display, getattr(cls, "index_parts", frozenset()))
         return row.reader(module, parts, cfg, patterns)
     except (ShapeMismatchError, FormatError) as e:
         raise type(e)(f"{module}: {e}") from e
@@ -316,6 +326,8 @@ def _adapter_reasons(adapter: Adapter) -> dict[str, str]:
         reasons.update(peft_lokr.lokr_reasons(rest))
     elif len(kinds) == 1 and (row := PEFT_NAMES.get(next(iter(kinds)))) is not None:
         reasons.update(settings_limits(row, rest))
+        if row.adapter_limits is not None:
+            reasons.update(row.adapter_limits(rest))
     return reasons
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
-from . import peft_lokr, peft_params
+from . import peft_lokr, peft_other, peft_params
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
 
 #: ``reader(module, {part: tensor}, config, patterns) -> layer``
@@ -46,6 +46,8 @@ class PeftNames:
         infer: for a state dict without config: the config fields its tensors imply (``r``, ``feedforward_modules``);
             a result with ``r`` gets an alpha (a ``<module>.alpha`` key, else alpha = rank with a warning).
         limits: why PEFT cannot store one layer of the kind (``None`` when it can).
+        adapter_limits: ``{path: reason}`` for the layers of one adapter one config cannot hold together
+            (settings peft has once per adapter that differ between layers).
     """
 
     kind: str
@@ -57,6 +59,7 @@ class PeftNames:
     generic: bool = False
     infer: Callable[[str, Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
     limits: Callable[[Any], str | None] | None = None
+    adapter_limits: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
 
     @property
     def display(self) -> dict[str, str]:
@@ -416,6 +419,30 @@ PEFT_NAMES: dict[str, PeftNames] = {
     # LoRA on parameter tensors (target_parameters): a LORA file; peft.read_tensors sends it the parameter groups
     "expert_lora": PeftNames("expert_lora", "LORA", {"lora_A.weight": "a", "lora_B.weight": "b"},
                              reader=peft_params.read_layer, writer=write_lora),
+    # issue 14: other tuners (peft_other)
+    "waveft": PeftNames("waveft", "WAVEFT", {"waveft_spectrum": "values"}, reader=peft_other.read_waveft,
+                        writer=peft_other.write_waveft, adapter_limits=peft_other.waveft_limits),
+    "shira": PeftNames("shira", "SHIRA", {"shira_weight": "values", "shira_indices": "indices"},
+                       reader=peft_other.read_shira, writer=peft_other.write_shira, adapter_limits=peft_other.shira_limits),
+    "c3a": PeftNames("c3a", "C3A", {"c3a_kernel": "kernel"}, reader=peft_other.read_c3a, writer=peft_other.write_c3a,
+                     limits=peft_other.c3a_limit),
+    "oft": PeftNames("oft", "OFT", {"oft_R.weight": "weight", "oft_embedding_R.weight": "emb_weight", "oft_r": "old_r"},
+                     reader=peft_other.read_oft, writer=peft_other.write_oft, adapter_limits=peft_other.oft_limits),
+    "boft": PeftNames("boft", "BOFT", {"boft_R": "boft_r", "boft_s": "boft_s"}, reader=peft_other.read_boft,
+                      writer=peft_other.write_boft, adapter_limits=peft_other.boft_limits),
+    "hra": PeftNames("hra", "HRA", {"hra_u": "u"}, reader=peft_other.read_hra, writer=peft_other.write_hra,
+                     adapter_limits=peft_other.hra_limits),
+    # plain MiSS and "bat" share one MISS file; the reader dispatches on init_weights, the writer on the block
+    "miss": PeftNames("miss", "MISS", {"miss_block": "block"}, reader=peft_other.read_miss, writer=peft_other.write_miss,
+                      adapter_limits=peft_other.miss_limits),
+    "miss_bat": PeftNames("miss_bat", "MISS", {"miss_block": "block"}, reader=peft_other.read_miss,
+                          writer=peft_other.write_miss),
+    "ln_tuning": PeftNames("ln_tuning", "LN_TUNING", {"ln_tuning_layers.weight": "weight",
+                                                      "ln_tuning_layers.bias": "bias"},
+                           reader=peft_other.read_ln_tuning, writer=peft_other.write_ln_tuning),
+    "trainable_tokens": PeftNames("trainable_tokens", "TRAINABLE_TOKENS", {"trainable_tokens_delta": "values"},
+                                  reader=peft_other.read_tokens, writer=peft_other.write_tokens,
+                                  adapter_limits=peft_other.tokens_limits),
 }
 
 

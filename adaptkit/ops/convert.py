@@ -23,12 +23,15 @@ import pandas as pd
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
+from ..core.kinds import Full
+from ..core.kinds.common import conv_or_linear
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
 from ..formats import check_write_options, format_module, names, save
 from ..formats.inputs import as_adapter
 from ..formats.peft import select_component
 from ..formats.registry import refusals
+from ..io.base_model import TensorReader, match_paths, open_base
 from ..io.outputs import check_output
 from ..progress import bar
 from .reparam import pissa_to_lora
@@ -120,6 +123,39 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     return (result, report_frame(rows)) if return_report else result
 
 
+def with_base(adapter: Adapter, base: Any, *, deltas: bool) -> Adapter:
+    """The adapter with its layers fitted to the base's weight shapes, and (``deltas``) every base-dependent layer
+    replaced by its exact change to that base, ``apply(W, b) - (W, b)`` as a dense :class:`Full` layer.
+
+    A PEFT OFT/HRA/SHiRA/WaveFT file leaves the weight shape open and a base-dependent layer (OFT, BOFT, HRA, MiSS
+    "bat", trainable tokens) has no delta without the base weight: with the base both have a LoRA form (exact at
+    full rank; ``convert`` reports the energy a truncation keeps).
+
+    Raises:
+        ConfigError / ShapeMismatchError: a layer has no weight in the base or does not fit it.
+    """
+    todo = [p for p, l in adapter.layers.items() if l.shape is None or (deltas and not l.additive)]
+    if not todo:
+        return adapter
+    ws = open_base(base)
+    matches = match_paths(todo, ws.tensors)
+    layers = dict(adapter.layers)
+    with TensorReader() as reader:
+        for path in todo:
+            m = matches[path]
+            info = ws.tensors[m.weight]
+            layer = layers[path].fit(tuple(info.shape))
+            if deltas and not layer.additive:
+                w = reader.read(info).float()
+                b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None and layer.changes_bias else None
+                new_w, new_b = layer.apply(w, b)
+                diff_b = None if b is None else (new_b - b)
+                mtype = "embedding" if layer.module_type == "embedding" else conv_or_linear(tuple(w.shape))
+                layer = Full(diff=new_w - w, shape=tuple(w.shape), diff_b=diff_b, module_type=mtype)
+            layers[path] = layer
+    return adapter.replace(layers=layers)
+
+
 # ---------------------------------------------------------------------------------------- format plans
 
 
@@ -179,6 +215,9 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         component = names.bare_base_component(adapter.layers, base)
     if dst == "peft" and component not in (None, "each"):
         adapter = select_component(adapter, component)  # the report lists what is written
+    kinds_before = {p: l.kind for p, l in adapter.layers.items()}
+    if base is not None and (kind == "lora" or rank is not None):
+        adapter = with_base(adapter, base, deltas=True)  # base-dependent layers: their exact change to this base
     todo = plan(adapter, dst)
     lossy_ok = rank is not None or kind == "lora"
     if kind is not None and kind != "lora":
@@ -216,6 +255,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if leftover:
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
+    report["source_kind"] = [kinds_before.get(m, k) for m, k in zip(report[MODULE], report["source_kind"])]
     written = save(adapter, out, format=dst, overwrite=overwrite, component=component if component == "each" else None)
     lossless = bool((report["method"] != "svd").all())
     note = _component_note(adapter, component, str(written)) if dst == "peft" else None

@@ -226,13 +226,21 @@ class DeltaMixin(KindBase):
         """False when a DoRA magnitude is present (the effect then depends on the base weight)."""
         return not self.dora
 
+    def _check_shaped(self) -> None:
+        """Refuse the delta of a layer whose file left the weight shape open (a PEFT WaveFT/SHiRA file)."""
+        if self.shape is None:
+            raise UnsupportedError(f"this {self.kind} layer's file does not fix the weight shape, so its delta "
+                                   "needs the base: fuse it, or convert with the base (--base)")
+
     def delta(self) -> torch.Tensor:
         """Float32 delta in the module orientation (PEFT's ``get_delta_weight``)."""
+        self._check_shaped()
         d = self.delta_math()
         return d.T if self.fan_in_fan_out else d
 
     def delta_matrix(self) -> torch.Tensor:
         """Float32 delta in the math orientation, flattened to ``(out, in * prod(kernel))``."""
+        self._check_shaped()
         d = self.delta_math()
         return d.reshape(d.shape[0], -1)
 
@@ -329,7 +337,9 @@ class DeltaMixin(KindBase):
     # ------------------------------------------------------------------ conversion to LoRA
 
     def lora_obstacle(self) -> str | None:
-        """A DoRA magnitude depends on the base weight; otherwise ``None``."""
+        """A DoRA magnitude depends on the base weight; a file that leaves the shape open needs it; else ``None``."""
+        if self.shape is None:
+            return "its file does not fix the weight shape, so its LoRA form needs the base weight: pass --base"
         if self.dora:
             return "its DoRA magnitude depends on the base weight (fuse it instead)"
         return None
