@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
-from ..core.kinds import Full
+from ..core.kinds import Full, LoRA
 from ..core.kinds.common import conv_or_linear
+from ..core.linalg import numerical_rank
 from ..core.params import RANK
 from ..errors import ConfigError, UnsupportedError
 from ..formats import check_write_options, format_module, names, save
@@ -150,10 +152,20 @@ def with_base(adapter: Adapter, base: Any, *, deltas: bool) -> Adapter:
                 b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None and layer.changes_bias else None
                 new_w, new_b = layer.apply(w, b)
                 diff_b = None if b is None else (new_b - b)
-                mtype = "embedding" if layer.module_type == "embedding" else conv_or_linear(tuple(w.shape))
-                layer = Full(diff=new_w - w, shape=tuple(w.shape), diff_b=diff_b, module_type=mtype)
+                layer = _change_layer(new_w - w, diff_b, layer.module_type == "embedding")
             layers[path] = layer
     return adapter.replace(layers=layers)
+
+
+def _change_layer(diff: torch.Tensor, diff_b: torch.Tensor | None, embedding: bool) -> Any:
+    """A base-dependent layer's change to one base as an additive layer: a :class:`Full` difference, or for an
+    embedding (which PEFT holds as an embedding LoRA only) its exact SVD as an embedding LoRA at numerical rank."""
+    if not embedding:
+        return Full(diff=diff, shape=tuple(diff.shape), diff_b=diff_b, module_type=conv_or_linear(tuple(diff.shape)))
+    u, s, vh = torch.linalg.svd(diff.T.double(), full_matrices=False)  # math orientation (dim, num)
+    rank = max(1, numerical_rank(s, tuple(diff.T.shape)))
+    return LoRA.from_factors(u.float(), s.float(), vh.float(), shape=tuple(diff.shape), module_type="embedding",
+                             fan_in_fan_out=True, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------- format plans
