@@ -217,6 +217,11 @@ class DeltaMixin(KindBase):
     #: the layer may adapt an embedding whatever its module type (a dense difference)
     any_module: ClassVar[bool] = False
 
+    @property
+    def has_delta(self) -> bool:  # type: ignore[override]
+        """True once the weight shape is known (a PEFT WaveFT/SHiRA/MiSS file leaves it to the base)."""
+        return self.shape is not None
+
     def delta_math(self) -> torch.Tensor:
         """Float32 delta in the math orientation ``(out, in, *k)`` (each kind implements it)."""
         raise NotImplementedError
