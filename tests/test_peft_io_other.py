@@ -33,7 +33,6 @@ def _configs():
         C3AConfig,
         HRAConfig,
         LNTuningConfig,
-        LoraConfig,
         MissConfig,
         OFTConfig,
         ShiraConfig,
@@ -55,6 +54,8 @@ def _configs():
         "hra": HRAConfig(r=4, target_modules=["lin1", "conv"], init_weights=False),
         "hra gs": HRAConfig(r=4, apply_GS=True, target_modules=["lin1", "lin2"], init_weights=False),
         "miss bat": MissConfig(r=4, target_modules=["lin1", "lin2"], init_weights="bat"),
+        "miss": MissConfig(r=4, target_modules=["lin1", "lin2"], init_weights=False),
+        "miss mini": MissConfig(r=4, mini_r=4, target_modules=["lin1", "lin2"], init_weights="mini"),
         "ln_tuning": LNTuningConfig(target_modules=["norm"]),
         "trainable_tokens": TrainableTokensConfig(target_modules=["emb"], token_indices=[1, 5, 7]),
     }

@@ -21,7 +21,18 @@ from typing import Any
 
 import torch
 
-from ..core.kinds import BOFT, C3A, HRA, OFT, LNTuning, MiSS, MiSSBat, SHiRA, TrainableTokens, WaveFT
+from ..core.kinds import (
+    BOFT,
+    C3A,
+    HRA,
+    OFT,
+    LNTuning,
+    MiSS,
+    MiSSBat,
+    SHiRA,
+    TrainableTokens,
+    WaveFT,
+)
 from ..core.kinds.oft import block_size_of
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, build_pattern, pattern_value
@@ -300,11 +311,14 @@ def write_miss(layers: dict[str, MiSS | MiSSBat], cfg: dict, out: dict[str, torc
         cfg["init_weights"] = "bat"
     else:
         widths = {int(l.block.shape[1]) for l in layers.values()}
-        full = all(l.shape is not None and l.block.shape[1] == l.shape[0] for l in layers.values())
-        if full:
-            cfg["init_weights"] = True if cfg.get("init_weights") in ("bat", "mini") else cfg.get("init_weights", True)
-        else:
+        if all(l.shape is not None for l in layers.values()):
+            mini = not all(l.block.shape[1] == l.shape[0] for l in layers.values())
+        else:  # the file left the shapes open: the source config says whether the blocks are "mini"
+            mini = cfg.get("init_weights") == "mini" and widths == {int(cfg.get("mini_r", 0))}
+        if mini:
             cfg["init_weights"], cfg["mini_r"] = "mini", widths.pop()
+        elif cfg.get("init_weights") in ("bat", "mini", None):
+            cfg["init_weights"] = True
     for path, l in layers.items():
         out[f"{prefix}{path}.miss_block"] = l.block
 
@@ -314,7 +328,7 @@ def miss_limits(layers: Mapping[str, MiSS | MiSSBat]) -> dict[str, str]:
     reasons = _same(layers, lambda l: "bat" if l.block.ndim == 3 else "plain", "MiSS layout (init_weights)")
     rest = {p: l for p, l in layers.items() if p not in reasons}
     reasons |= _same(rest, lambda l: l.rank, "r")
-    mini = {p: l for p, l in rest.items() if l.block.ndim == 2 and (l.shape is None or l.block.shape[1] != l.shape[0])}
+    mini = {p: l for p, l in rest.items() if l.block.ndim == 2 and l.shape is not None and l.block.shape[1] != l.shape[0]}
     return reasons | _same(mini, lambda l: int(l.block.shape[1]), "mini_r")
 
 
