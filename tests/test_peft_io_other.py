@@ -207,3 +207,29 @@ def test_lora_with_trainable_token_indices(tmp_path):
 def test_print_figures():
     for case, figs in sorted(FIGS.items()):
         print("FIGROW", case, " ".join(f"{k}={v:.1e}" for k, v in sorted(figs.items())))
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+
+
+@pytest.mark.parametrize("case", ["oft", "boft", "hra", "c3a", "shira", "waveft", "miss bat", "trainable_tokens"])
+def test_bf16_fuse_within_one_ulp(case, tmp_path):
+    """bf16 base and adapter: the fused weights are the float32 merge (peft's, on an upcast base) rounded once."""
+    from peft import PeftModel
+
+    pm, base = make_peft(tiny(dtype=torch.bfloat16), _configs()[case], noise=0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    ref32 = PeftModel.from_pretrained(copy.deepcopy(base).float(), str(tmp_path / "adapter")).merge_and_unload()
+    ref = {k: v.detach().to(torch.bfloat16).float() for k, v in ref32.state_dict().items()}
+    ak.fuse(tmp_path / "base", tmp_path / "adapter", tmp_path / "fused", progress=False)
+    fused = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    worst = 0.0
+    for key, r in ref.items():
+        assert fused[key].dtype == torch.bfloat16, key
+        worst = max(worst, float(((fused[key].float() - r).abs() / _bf16_ulp(r)).max()))
+    assert any(not torch.equal(fused[k], v) for k, v in base.state_dict().items()), "nothing was fused"
+    assert worst <= 1.0, f"{case}: {worst} bf16 ulps"
+    _fig(case, "bf16 fuse ulps", worst)
