@@ -193,6 +193,8 @@ def test_lora_with_trainable_token_indices(tmp_path):
 
     pm, base = make_peft(tiny(), LoraConfig(r=2, target_modules=["lin1"], trainable_token_indices={"emb": [1, 3]}))
     pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        ref = pm(IDS).detach().clone()
     (tmp_path / "base").mkdir()
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
     a = ak.load(tmp_path / "adapter")
@@ -202,6 +204,14 @@ def test_lora_with_trainable_token_indices(tmp_path):
     fused = load_file(str(tmp_path / "fused" / "model.safetensors"))
     err = max(check("lora+tokens fuse", fused[k], merged[k], 1e-6) for k in ("emb.weight", "lin1.weight"))
     _fig("lora + trainable_token_indices", "fuse", err)
+    ak.save(a, tmp_path / "out", format="peft")
+    theirs = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert sorted(theirs) == sorted(mine) and all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["trainable_token_indices"] == {"emb": [1, 3]}
+    _fig("lora + trainable_token_indices", "read-write",
+         check("lora+tokens peft logits", _logits(base, tmp_path / "out"), ref, 1e-6))
 
 
 def test_print_figures():

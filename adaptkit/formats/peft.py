@@ -295,9 +295,9 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
     counts = Counter(kinds.values())
     main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
     for p, kind in kinds.items():
-        if kind != main_kind:
+        if kind != main_kind and not (name == NAME and _rides(kind, main_kind)):
             reasons[p] = f"a {name} adapter holds one kind and this one mixes {sorted(counts)}"
-    same = {p: l for p, l in layers.items() if p not in reasons}
+    same = {p: l for p, l in layers.items() if p not in reasons and kinds[p] == main_kind}
     if main_kind == "lora":
         dora = [p for p, l in same.items() if l.dora]
         if dora and len(dora) != len(same):
@@ -310,6 +310,12 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
             reasons.update({p: f"{name} has one fan_in_fan_out per adapter and this one mixes Conv1D and Linear layers"
                             for p, l in same.items() if l.module_type == "linear" and l.fan_in_fan_out == minority})
     return reasons
+
+
+def _rides(kind: str, host: str) -> bool:
+    """Whether layers of ``kind`` go into a PEFT file of kind ``host`` (trainable tokens in a LoRA file)."""
+    row, host_row = PEFT_NAMES.get(kind), PEFT_NAMES.get(host)
+    return row is not None and host_row is not None and host_row.peft_type in row.hosts
 
 
 def _family(kind: str) -> str:
@@ -376,10 +382,19 @@ def _tensors_and_config(adapter: Adapter, prefix: str) -> tuple[dict[str, torch.
     """The PEFT tensors and config of an adapter PEFT can store (:func:`can_store` / :func:`can_store_adapter`)."""
     if not adapter.layers:
         raise UnsupportedError("the adapter has no layers; there is nothing to write")
-    row = row_of_type(PEFT_NAMES[next(iter(adapter.layers.values())).kind].peft_type)
+    families = {p: _family(l.kind) for p, l in adapter.layers.items()}
+    main = next((f for f in families.values() if not any(_rides(f, g) for g in families.values())),
+                next(iter(families.values())))
+    row = row_of_type(PEFT_NAMES[main].peft_type)
     cfg = _base_config(adapter, row.peft_type)
     tensors: dict[str, torch.Tensor] = {}
-    row.writer(dict(adapter.layers), cfg, tensors, prefix)
+    row.writer({p: l for p, l in adapter.layers.items() if families[p] == main}, cfg, tensors, prefix)
+    riders: dict[str, dict[str, Any]] = {}
+    for p, l in adapter.layers.items():
+        if families[p] != main:
+            riders.setdefault(families[p], {})[p] = l
+    for kind, layers in riders.items():
+        PEFT_NAMES[kind].host_writer(layers, cfg, tensors, prefix)
     for key, t in adapter.extras.items():
         tensors[prefix + key.removeprefix(PREFIX)] = t
     return tensors, cfg

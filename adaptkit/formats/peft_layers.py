@@ -48,6 +48,8 @@ class PeftNames:
         limits: why PEFT cannot store one layer of the kind (``None`` when it can).
         adapter_limits: ``{path: reason}`` for the layers of one adapter one config cannot hold together
             (settings peft has once per adapter that differ between layers).
+        hosts: ``peft_type`` s whose files also hold this kind's layers (LoRA's ``trainable_token_indices``), written
+            by ``host_writer`` next to the host's own layers.
     """
 
     kind: str
@@ -60,6 +62,8 @@ class PeftNames:
     infer: Callable[[str, Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
     limits: Callable[[Any], str | None] | None = None
     adapter_limits: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
+    hosts: tuple[str, ...] = ()
+    host_writer: Writer | None = None
 
     @property
     def display(self) -> dict[str, str]:
@@ -442,7 +446,8 @@ PEFT_NAMES: dict[str, PeftNames] = {
                            reader=peft_other.read_ln_tuning, writer=peft_other.write_ln_tuning),
     "trainable_tokens": PeftNames("trainable_tokens", "TRAINABLE_TOKENS", {"trainable_tokens_delta": "values"},
                                   reader=peft_other.read_tokens, writer=peft_other.write_tokens,
-                                  adapter_limits=peft_other.tokens_limits),
+                                  adapter_limits=peft_other.tokens_limits, hosts=("LORA",),
+                                  host_writer=peft_other.write_token_adapters),
 }
 
 

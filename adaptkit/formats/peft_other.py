@@ -386,6 +386,15 @@ def write_tokens(layers: dict[str, TrainableTokens], cfg: dict, out: dict[str, t
         out[f"{prefix}{path}.trainable_tokens_delta"] = l.values
 
 
+def write_token_adapters(layers: dict[str, TrainableTokens], cfg: dict, out: dict[str, torch.Tensor],
+                         prefix: str) -> None:
+    """Trainable tokens inside a LoRA file: ``<module>.token_adapter.trainable_tokens_delta`` and the config's
+    ``trainable_token_indices`` (``{module: [ids]}``)."""
+    cfg["trainable_token_indices"] = {path: [int(i) for i in l.token_indices] for path, l in sorted(layers.items())}
+    for path, l in layers.items():
+        out[f"{prefix}{path}{TOKEN_ADAPTER}.trainable_tokens_delta"] = l.values
+
+
 def tokens_limits(layers: Mapping[str, TrainableTokens]) -> dict[str, str]:
     """peft's TRAINABLE_TOKENS config has one ``token_indices`` list for every target."""
     return _same(layers, lambda l: tuple(int(i) for i in l.token_indices), "token_indices")
@@ -393,5 +402,5 @@ def tokens_limits(layers: Mapping[str, TrainableTokens]) -> dict[str, str]:
 
 __all__ = ["TOKEN_ADAPTER", "boft_limits", "c3a_limit", "hra_limits", "miss_limits", "oft_limits", "read_boft",
            "read_c3a", "read_hra", "read_ln_tuning", "read_miss", "read_oft", "read_shira", "read_tokens",
-           "read_waveft", "shira_limits", "tokens_limits", "waveft_limits", "write_boft", "write_c3a", "write_hra",
+           "read_waveft", "shira_limits", "tokens_limits", "waveft_limits", "write_boft", "write_token_adapters", "write_c3a", "write_hra",
            "write_ln_tuning", "write_miss", "write_oft", "write_shira", "write_tokens", "write_waveft"]
