@@ -310,7 +310,7 @@ BAD = {
     "delora": [({"cfg": {"r": 3}}, ConfigError, "r/rank_pattern=3"),
                ({"drop": ("base_model.model.lin1.delora_w_norm",)}, FormatError, "delora_w_norm")],
     "gralora": [({"cfg": {"hybrid_r": 0}}, ConfigError, "hybrid_r=0"), ({"cfg": {"gralora_k": 4}}, ConfigError, "gralora_k")],
-    "miss": [({"cfg": {"r": 2}}, ConfigError, "gives r=2"), ({"cfg": {"init_weights": "bat"}}, UnsupportedError, "bat")],
+    "miss": [({"cfg": {"r": 2}}, ConfigError, "gives r=2"), ({"cfg": {"init_weights": "bat"}}, ConfigError, "init_weights=.bat. but the tensors")],
     "miss_mini": [({"cfg": {"mini_r": 8}}, ConfigError, "mini_r=8")],
     "fourierft": [({"cfg": {"n_frequency": 12}}, ConfigError, "n_frequency")],
 }

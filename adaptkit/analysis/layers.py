@@ -159,14 +159,14 @@ def analyze_layer(path: str, layer: Layer, position: Position | None = None) -> 
         "rank_99": None, "energy_share": math.nan, "sparsity": math.nan, "finite": layer_is_finite(layer),
         "method": "-", "note": "",
     }
+    if layer.additive and layer.shape is None:  # PEFT VeRA, WaveFT ... files: the delta needs the weight shape
+        row["note"] = "the file stores no weight shape: statistics need the base model (--base / base=)"
+        return row, None
     if not layer.has_delta:  # IA3: no base-free dW, only a note on its multiplier
         row["note"] = layer.note()
         return row, None
     if not row["finite"]:
         row["note"] = "non-finite tensors (NaN/Inf): statistics skipped"
-        return row, None
-    if layer.shape is None:  # VeRA, RandLoRA, MiSS, FourierFT files: the delta needs the module's weight shape
-        row["note"] = "the file stores no weight shape: statistics need the base model (--base / base=)"
         return row, None
     s, method = layer_spectrum(layer)
     stats = spectrum_stats(s)

@@ -64,7 +64,7 @@ def check_config_values(cfg: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the field (and the pattern key) and what it must be.
     """
-    if cfg.get("r") is not None:
+    if cfg.get("r") is not None and not (cfg["r"] == 0 and cfg.get("peft_type") == "OFT"):  # OFT: r=0, oft_block_size
         _check_value("r", None, cfg["r"], "rank")
     for name in ("lora_alpha", "alpha"):
         if cfg.get(name) is not None:

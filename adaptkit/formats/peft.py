@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.kinds import KINDS
 from ..core.kinds.base import check_factors
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
-from . import peft_lokr, peft_params
+from . import peft_lokr, peft_other, peft_params
 from .base import KindSupport, Selection, check_choice, check_storable
 from .patterns import ConfigPatterns
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
@@ -211,6 +212,7 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
+    tokens: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         stem = key.removeprefix(SHARED_PREFIX)
         if stem in row.shared:  # a model-level tensor every layer uses (VeRA's projections, VB-LoRA's bank)
@@ -222,6 +224,10 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             extras[rel] = tensor
             continue
         module, key_type, part = split
+        if key_type != ptype and key_type == PEFT_NAMES["trainable_tokens"].peft_type \
+                and module.endswith(peft_other.TOKEN_ADAPTER):
+            tokens[module.removesuffix(peft_other.TOKEN_ADAPTER)][part] = tensor  # LoRA's trainable_token_indices
+            continue
         if key_type != ptype:
             raise FormatError(
                 f"{file_name} holds {key_type} tensor '{key}' but the config says peft_type {ptype}; "
@@ -235,6 +241,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     layers = build_layers(modules, cfg, patterns)
     if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
         built = peft_params.orient(build_layers(params, cfg, patterns, PEFT_NAMES["expert_lora"]), cfg, metadata)
+        layers = dict(sorted({**layers, **built}.items()))
+    if tokens:
+        built = build_layers(tokens, cfg, patterns, PEFT_NAMES["trainable_tokens"])
         layers = dict(sorted({**layers, **built}.items()))
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
@@ -281,8 +290,9 @@ def build_layer(module: str, parts: dict[str, torch.Tensor], cfg: dict[str, Any]
     """
     row = row or row_of_type(cfg["peft_type"])
     try:
+        cls = KINDS.get(row.kind)
         checked = {k: t for k, t in parts.items() if t.numel()} if row.empty_ok else parts
-        check_factors(checked, row.display, row.index_parts)
+        check_factors(checked, row.display, cls.index_parts if cls is not None else frozenset())
         return row.reader(module, parts, cfg, patterns)
     except (ShapeMismatchError, FormatError) as e:
         raise type(e)(f"{module}: {e}") from e
@@ -360,9 +370,9 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
     counts = Counter(kinds.values())
     main_kind = "lora" if len(counts) > 1 and "lora" in counts else counts.most_common(1)[0][0]
     for p, kind in kinds.items():
-        if kind != main_kind:
+        if kind != main_kind and not (name == NAME and _rides(kind, main_kind)):
             reasons[p] = f"a {name} adapter holds one kind and this one mixes {sorted(counts)}"
-    same = {p: l for p, l in layers.items() if p not in reasons}
+    same = {p: l for p, l in layers.items() if p not in reasons and kinds[p] == main_kind}
     if main_kind == "lora":
         dora = [p for p, l in same.items() if l.dora]
         if dora and len(dora) != len(same):
@@ -375,6 +385,12 @@ def one_config_reasons(adapter: Adapter, name: str = NAME) -> dict[str, str]:
             reasons.update({p: f"{name} has one fan_in_fan_out per adapter and this one mixes Conv1D and Linear layers"
                             for p, l in same.items() if l.module_type == "linear" and l.fan_in_fan_out == minority})
     return reasons
+
+
+def _rides(kind: str, host: str) -> bool:
+    """Whether layers of ``kind`` go into a PEFT file of kind ``host`` (trainable tokens in a LoRA file)."""
+    row, host_row = PEFT_NAMES.get(kind), PEFT_NAMES.get(host)
+    return row is not None and host_row is not None and host_row.peft_type in row.hosts
 
 
 def _family(kind: str) -> str:
@@ -439,10 +455,19 @@ def _tensors_and_config(adapter: Adapter, prefix: str) -> tuple[dict[str, torch.
     """The PEFT tensors and config of an adapter PEFT can store (:func:`can_store` / :func:`can_store_adapter`)."""
     if not adapter.layers:
         raise UnsupportedError("the adapter has no layers; there is nothing to write")
-    row = row_of_type(PEFT_NAMES[next(iter(adapter.layers.values())).kind].peft_type)
+    families = {p: _family(l.kind) for p, l in adapter.layers.items()}
+    main = next((f for f in families.values() if not any(_rides(f, g) for g in families.values())),
+                next(iter(families.values())))
+    row = row_of_type(PEFT_NAMES[main].peft_type)
     cfg = _base_config(adapter, row.peft_type)
     tensors: dict[str, torch.Tensor] = {}
-    row.writer(dict(adapter.layers), cfg, tensors, prefix)
+    row.writer({p: l for p, l in adapter.layers.items() if families[p] == main}, cfg, tensors, prefix)
+    riders: dict[str, dict[str, Any]] = {}
+    for p, l in adapter.layers.items():
+        if families[p] != main:
+            riders.setdefault(families[p], {})[p] = l
+    for kind, layers in riders.items():
+        PEFT_NAMES[kind].host_writer(layers, cfg, tensors, prefix)
     for key, t in adapter.extras.items():
         tensors[prefix + key.removeprefix(PREFIX)] = t
     return tensors, cfg

@@ -22,7 +22,7 @@ import torch
 
 from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
-from . import peft_lokr, peft_lowrank, peft_params
+from . import peft_lokr, peft_lowrank, peft_other, peft_params
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
 from .peft_common import need, num
 
@@ -50,10 +50,12 @@ class PeftNames:
         limits: why PEFT cannot store one layer of the kind (``None`` when it can).
         shared: key stem of a model-level tensor (``base_model.vera_A``, no module path) -> the part every layer
             of the adapter gets (:func:`adaptkit.formats.peft.read_tensors` merges it into each module's parts).
-        index_parts: parts that hold integer positions (exempt from the floating-point check).
         empty_ok: the kind has layers with empty tensors (AdaLoRA pruned to rank 0).
         patterns: ``cfg -> ConfigPatterns`` where the config's ``rank_pattern`` is not LoRA's (AdaLoRA's masks).
-        together: ``{path: layer} -> {path: reason}``: what one config of the kind cannot hold together.
+        adapter_limits: ``{path: reason}`` for the layers of one adapter one config cannot hold together
+            (settings peft has once per adapter that differ between layers).
+        hosts: ``peft_type`` s whose files also hold this kind's layers (LoRA's ``trainable_token_indices``), written
+            by ``host_writer`` next to the host's own layers.
     """
 
     kind: str
@@ -66,10 +68,11 @@ class PeftNames:
     infer: Callable[[str, Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
     limits: Callable[[Any], str | None] | None = None
     shared: Mapping[str, str] = field(default_factory=dict)
-    index_parts: frozenset[str] = frozenset()
     empty_ok: bool = False
     patterns: Callable[[Mapping[str, Any]], ConfigPatterns] | None = None
-    together: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
+    adapter_limits: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
+    hosts: tuple[str, ...] = ()
+    host_writer: Writer | None = None
 
     @property
     def display(self) -> dict[str, str]:
@@ -378,10 +381,10 @@ def _write_generic(row: PeftNames) -> Writer:
 
 
 def settings_limits(row: PeftNames, layers: Mapping[str, Any]) -> dict[str, str]:
-    """Why a kind's layers cannot share one config: the row's ``together`` rule, or for a generic kind a part with no
-    PEFT name or settings that differ."""
-    if row.together is not None:
-        return row.together(layers)
+    """Why a kind's layers cannot share one config: the row's ``adapter_limits`` rule, or for a generic kind a part
+    with no PEFT name or settings that differ."""
+    if row.adapter_limits is not None:
+        return row.adapter_limits(layers)
     if not row.generic:
         return {}
     reasons: dict[str, str] = {}
@@ -423,40 +426,62 @@ PEFT_NAMES: dict[str, PeftNames] = {
     "adalora": PeftNames("adalora", "ADALORA", {"lora_A": "a", "lora_B": "b", "lora_E": "e"},
                          reader=peft_lowrank.read_adalora, writer=peft_lowrank.write_adalora,
                          limits=peft_lowrank.adalora_limit, empty_ok=True, patterns=peft_lowrank.adalora_patterns,
-                         together=peft_lowrank.adalora_together),
+                         adapter_limits=peft_lowrank.adalora_together),
     "vera": PeftNames("vera", "VERA", {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
                       reader=peft_lowrank.read_vera, writer=peft_lowrank.write_vera,
-                      shared={"vera_A": "vera_a", "vera_B": "vera_b"}, together=peft_lowrank.vera_together),
+                      shared={"vera_A": "vera_a", "vera_B": "vera_b"}, adapter_limits=peft_lowrank.vera_together),
     "randlora": PeftNames("randlora", "RANDLORA", {
         "randlora_lambda": "lam", "randlora_gamma": "gamma", "randlora_A": "randlora_a", "randlora_B": "randlora_b",
     }, reader=peft_lowrank.read_randlora, writer=peft_lowrank.write_randlora,
-        shared={"randlora_A": "randlora_a", "randlora_B": "randlora_b"}, together=peft_lowrank.randlora_together),
+        shared={"randlora_A": "randlora_a", "randlora_B": "randlora_b"}, adapter_limits=peft_lowrank.randlora_together),
     "vblora": PeftNames("vblora", "VBLORA", {
         "vblora_logits_A": "logits_a", "vblora_logits_B": "logits_b",
         "vblora_logits_A_topk_indices": "indices_a", "vblora_logits_A_topk_weights": "tw_a",
         "vblora_logits_B_topk_indices": "indices_b", "vblora_logits_B_topk_weights": "tw_b",
     }, reader=peft_lowrank.read_vblora, writer=peft_lowrank.write_vblora, limits=peft_lowrank.vblora_limit,
-        shared={"vblora_vector_bank": "bank"}, index_parts=frozenset({"indices_a", "indices_b"}),
-        together=peft_lowrank.vblora_together),
+        shared={"vblora_vector_bank": "bank"},
+        adapter_limits=peft_lowrank.vblora_together),
     "delora": PeftNames("delora", "DELORA", {
         "delora_A": "a", "delora_B": "b", "delora_lambda": "lam", "delora_w_norm": "w_norm",
     }, reader=peft_lowrank.read_delora, writer=peft_lowrank.write_delora, limits=peft_lowrank.delora_limit),
     "gralora": PeftNames("gralora", "GRALORA", {
         "gralora_A": "ga", "gralora_B": "gb", "gralora_A_general.weight": "ga_general",
         "gralora_B_general.weight": "gb_general",
-    }, reader=peft_lowrank.read_gralora, writer=peft_lowrank.write_gralora, together=peft_lowrank.gralora_together),
-    "miss": PeftNames("miss", "MISS", {"miss_block": "block"}, reader=peft_lowrank.read_miss,
-                      writer=peft_lowrank.write_miss, limits=peft_lowrank.miss_limit,
-                      together=peft_lowrank.miss_together),
+    }, reader=peft_lowrank.read_gralora, writer=peft_lowrank.write_gralora, adapter_limits=peft_lowrank.gralora_together),
     # Bone (peft < 0.17, removed since): MiSS under its old name, read only (MiSS layers are written as MISS)
     "bone": PeftNames("miss", "BONE", {"bone_block": "block"}, reader=peft_lowrank.read_miss,
                       writer=peft_lowrank.write_miss),
     "fourierft": PeftNames("fourierft", "FOURIERFT", {"fourierft_spectrum": "values"},
                            reader=peft_lowrank.read_fourierft, writer=peft_lowrank.write_fourierft,
-                           limits=peft_lowrank.fourierft_limit, together=peft_lowrank.fourierft_together),
+                           limits=peft_lowrank.fourierft_limit, adapter_limits=peft_lowrank.fourierft_together),
     # LoRA on parameter tensors (target_parameters): a LORA file; peft.read_tensors sends it the parameter groups
     "expert_lora": PeftNames("expert_lora", "LORA", {"lora_A.weight": "a", "lora_B.weight": "b"},
                              reader=peft_params.read_layer, writer=write_lora),
+    # issue 14: other tuners (peft_other)
+    "waveft": PeftNames("waveft", "WAVEFT", {"waveft_spectrum": "values"}, reader=peft_other.read_waveft,
+                        writer=peft_other.write_waveft, adapter_limits=peft_other.waveft_limits),
+    "shira": PeftNames("shira", "SHIRA", {"shira_weight": "values", "shira_indices": "indices"},
+                       reader=peft_other.read_shira, writer=peft_other.write_shira, adapter_limits=peft_other.shira_limits),
+    "c3a": PeftNames("c3a", "C3A", {"c3a_kernel": "kernel"}, reader=peft_other.read_c3a, writer=peft_other.write_c3a,
+                     limits=peft_other.c3a_limit),
+    "oft": PeftNames("oft", "OFT", {"oft_R.weight": "weight", "oft_embedding_R.weight": "emb_weight", "oft_r": "old_r"},
+                     reader=peft_other.read_oft, writer=peft_other.write_oft, adapter_limits=peft_other.oft_limits),
+    "boft": PeftNames("boft", "BOFT", {"boft_R": "boft_r", "boft_s": "boft_s"}, reader=peft_other.read_boft,
+                      writer=peft_other.write_boft, adapter_limits=peft_other.boft_limits),
+    "hra": PeftNames("hra", "HRA", {"hra_u": "u"}, reader=peft_other.read_hra, writer=peft_other.write_hra,
+                     adapter_limits=peft_other.hra_limits),
+    # plain MiSS and "bat" share one MISS file; the reader dispatches on init_weights, the writer on the block
+    "miss": PeftNames("miss", "MISS", {"miss_block": "block"}, reader=peft_other.read_miss, writer=peft_other.write_miss,
+                      limits=peft_lowrank.miss_limit, adapter_limits=peft_other.miss_limits),
+    "miss_bat": PeftNames("miss_bat", "MISS", {"miss_block": "block"}, reader=peft_other.read_miss,
+                          writer=peft_other.write_miss),
+    "ln_tuning": PeftNames("ln_tuning", "LN_TUNING", {"ln_tuning_layers.weight": "weight",
+                                                      "ln_tuning_layers.bias": "bias"},
+                           reader=peft_other.read_ln_tuning, writer=peft_other.write_ln_tuning),
+    "trainable_tokens": PeftNames("trainable_tokens", "TRAINABLE_TOKENS", {"trainable_tokens_delta": "values"},
+                                  reader=peft_other.read_tokens, writer=peft_other.write_tokens,
+                                  adapter_limits=peft_other.tokens_limits, hosts=("LORA",),
+                                  host_writer=peft_other.write_token_adapters),
 }
 
 

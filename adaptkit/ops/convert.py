@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
-from ..core.kinds import Full
+from ..core.kinds import Full, LoRA
 from ..core.kinds.common import conv_or_linear
+from ..core.linalg import numerical_rank
 from ..core.params import RANK
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats import check_write_options, format_module, names, save
@@ -67,30 +68,6 @@ def report_frame(rows: list[LayerConversion]) -> Any:
 # ------------------------------------------------------------------------------------ kind conversion
 
 
-def _changes_on_base(adapter: Adapter, paths: list[str], base: str | os.PathLike) -> dict[str, Full]:
-    """The layers at ``paths`` as the dense change each makes to its base weight (and bias): ``apply(W) - W``.
-
-    Raises:
-        ConfigError: a path matches no base weight. ShapeMismatchError: a layer does not fit its base weight.
-    """
-    ws = open_base(base)
-    matches = match_paths(paths, ws.tensors)
-    out: dict[str, Full] = {}
-    with TensorReader() as reader:
-        for path in paths:
-            m = matches[path]
-            w = reader.read(ws.tensors[m.weight]).float()
-            b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
-            try:
-                layer = adapter.layers[path].fit(tuple(w.shape))
-            except ShapeMismatchError as e:
-                raise ShapeMismatchError(f"{path}: {e} (base tensor '{m.weight}')") from None
-            new_w, new_b = layer.apply(w, b)
-            diff_b = None if new_b is None or b is None or torch.equal(new_b, b) else new_b - b
-            out[path] = Full(diff=new_w - w, diff_b=diff_b, shape=tuple(w.shape), module_type=conv_or_linear(tuple(w.shape)))
-    return out
-
-
 def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, layers: list[str] | None = None,
             base: str | os.PathLike | None = None, return_report: bool = False,
             progress: bool | None = None) -> Adapter | tuple[Adapter, Any]:
@@ -130,11 +107,10 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
     unknown = [p for p in todo if p not in adapter.layers]
     if unknown:
         raise ConfigError(f"convert(layers=...) names {len(unknown)} path(s) the adapter does not have, e.g. {unknown[0]}")
+    if base is not None:  # open shapes fitted; layers with no LoRA form of their own become their change to the base
+        adapter = with_base(adapter, base, paths=todo)
     blocked = {p: adapter.layers[p].lora_obstacle() for p in todo}
     blocked = {p: why for p, why in blocked.items() if why}
-    if blocked and base is not None:
-        adapter = adapter.replace(layers={**adapter.layers, **_changes_on_base(adapter, list(blocked), base)})
-        blocked = {}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(
@@ -154,6 +130,55 @@ def convert(adapter: Adapter, kind: str = "lora", rank: int | None = None, *, la
         rows.append(LayerConversion(path, layer.kind, new.kind, new.rank, method, energy, error))
     result = adapter.replace(layers=out, format=None, config={})
     return (result, report_frame(rows)) if return_report else result
+
+
+def with_base(adapter: Adapter, base: str | os.PathLike, *, paths: Collection[str] | None = None,
+              changes: bool = True) -> Adapter:
+    """The adapter fitted to its base: layers whose file leaves the weight shape open (PEFT VeRA, OFT, WaveFT ...)
+    take the base tensor's shape, and (``changes``) every layer of ``paths`` (default: all) that has no LoRA form
+    without the base (``lora_obstacle()``: OFT, BOFT, HRA, LyCORIS OFT, GLoRA, MiSS "bat", trainable tokens, IA3,
+    per-input DoRA) is replaced by its exact change to that base, ``apply(W, b) - (W, b)`` (:func:`_change_layer`).
+
+    Exact at full rank; ``convert`` reports the energy a truncation keeps.
+
+    Raises:
+        ConfigError: a layer has no weight in the base. ShapeMismatchError: a layer does not fit its base weight.
+    """
+    wanted = set(adapter.layers if paths is None else paths)
+    todo = [p for p, l in adapter.layers.items()
+            if l.shape is None or (changes and p in wanted and l.lora_obstacle() is not None)]
+    if not todo:
+        return adapter
+    ws = open_base(base)
+    matches = match_paths(todo, ws.tensors)
+    layers = dict(adapter.layers)
+    with TensorReader() as reader:
+        for path in todo:
+            m = matches[path]
+            info = ws.tensors[m.weight]
+            try:
+                layer = layers[path].fit(tuple(info.shape))
+            except ShapeMismatchError as e:
+                raise ShapeMismatchError(f"{path}: {e} (base tensor '{m.weight}')") from None
+            if changes and path in wanted and layer.lora_obstacle() is not None:
+                w = reader.read(info).float()
+                b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+                new_w, new_b = layer.apply(w, b)
+                diff_b = None if new_b is None or b is None or torch.equal(new_b, b) else new_b - b
+                layer = _change_layer(new_w - w, diff_b, layer.module_type == "embedding")
+            layers[path] = layer
+    return adapter.replace(layers=layers)
+
+
+def _change_layer(diff: torch.Tensor, diff_b: torch.Tensor | None, embedding: bool) -> Any:
+    """A base-dependent layer's change to one base as an additive layer: a :class:`Full` difference, or for an
+    embedding (which PEFT holds as an embedding LoRA only) its exact SVD as an embedding LoRA at numerical rank."""
+    if not embedding:
+        return Full(diff=diff, shape=tuple(diff.shape), diff_b=diff_b, module_type=conv_or_linear(tuple(diff.shape)))
+    u, s, vh = torch.linalg.svd(diff.T.double(), full_matrices=False)  # math orientation (dim, num)
+    rank = max(1, numerical_rank(s, tuple(diff.T.shape)))
+    return LoRA.from_factors(u.float(), s.float(), vh.float(), shape=tuple(diff.shape), module_type="embedding",
+                             fan_in_fan_out=True, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------- format plans
@@ -215,18 +240,17 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         component = names.bare_base_component(adapter.layers, base)
     if dst == "peft" and component not in (None, "each"):
         adapter = select_component(adapter, component)  # the report lists what is written
-    todo = plan(adapter, dst)
+    kinds_before = {p: l.kind for p, l in adapter.layers.items()}
     lossy_ok = rank is not None or kind == "lora"
+    if base is not None:  # open shapes fitted; with --kind/--rank, base-dependent layers become their change to it
+        adapter = with_base(adapter, base, changes=lossy_ok)
+    todo = plan(adapter, dst)
     if kind is not None and kind != "lora":
         raise ConfigError(f"--kind {kind} is not supported; adaptkit converts to --kind lora")
     if kind == "lora":
         todo = {p: "--kind lora converts every layer" for p, l in adapter.layers.items()
                 if not l.keeps_as_lora(rank)} | todo
     blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
-    if blocked and isinstance(base, (str, os.PathLike)) and lossy_ok:
-        # with the base model's weights the change these layers make has a LoRA form: apply(W) - W
-        adapter = adapter.replace(layers={**adapter.layers, **_changes_on_base(adapter, list(blocked), base)})
-        blocked = {}
     if blocked:
         first = next(iter(blocked))
         raise UnsupportedError(
@@ -256,6 +280,7 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if leftover:
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
+    report["source_kind"] = [kinds_before.get(m, k) for m, k in zip(report[MODULE], report["source_kind"])]
     written = save(adapter, out, format=dst, overwrite=overwrite, component=component if component == "each" else None)
     lossless = bool((report["method"] != "svd").all())
     note = _component_note(adapter, component, str(written)) if dst == "peft" else None

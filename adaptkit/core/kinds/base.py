@@ -203,7 +203,7 @@ def cast_layer(layer: Layer, dtype: torch.dtype) -> Layer:
 
 #: why a layer without a weight shape cannot compute (PEFT VeRA, RandLoRA, MiSS and FourierFT files store none)
 NO_SHAPE = ("this layer was read from a file that does not store its module's weight shape (PEFT VeRA, RandLoRA, "
-            "MiSS, FourierFT); pass the base model (--base BASE on the command line, base= in Python) so the shape is "
+            "MiSS, FourierFT, OFT, WaveFT, SHiRA ...); pass the base model (--base BASE on the command line, base= in Python) so the shape is "
             "known, or fuse it into its base")
 
 

@@ -22,7 +22,7 @@ from .base import Layer, f32
 from .common import KindBase
 
 #: why a base-dependent layer has no LoRA form from the adapter file alone (convert asks for the base)
-NEEDS_BASE = "needs the base weight: pass --base"
+NEEDS_BASE = "needs the base weight: pass --base (base= in Python)"
 
 
 def cached(cache: dict | None, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -51,13 +51,14 @@ class BOFT(BaseDependent):
     Args:
         boft_r: ``boft_R`` ``(m, n_blocks, b, b)``.
         boft_s: ``boft_s`` (``(out, 1)`` or ``(1, out)``).
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation), or ``None`` until :meth:`fit` takes the base's (a
+            conv kernel size is not in the file).
         module_type: ``"linear"`` or ``"conv"``.
     """
 
     boft_r: torch.Tensor
     boft_s: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "linear"
 
     kind: ClassVar[str] = "boft"
@@ -68,8 +69,9 @@ class BOFT(BaseDependent):
     def __post_init__(self) -> None:
         check_floating(self)
         r = self.boft_r
-        n = math.prod(self.shape[1:])
-        if r.ndim != 4 or r.shape[2] != r.shape[3] or r.shape[1] * r.shape[2] != n or self.boft_s.numel() != self.shape[0]:
+        n = r.shape[1] * r.shape[2] if self.shape is None or r.ndim != 4 else math.prod(self.shape[1:])
+        out = self.boft_s.numel() if self.shape is None else self.shape[0]
+        if r.ndim != 4 or r.shape[2] != r.shape[3] or r.shape[1] * r.shape[2] != n or self.boft_s.numel() != out:
             raise ShapeMismatchError(f"BOFT tensors boft_R {tuple(r.shape)} / boft_s {tuple(self.boft_s.shape)} do not fit "
                                      f"a weight of shape {tuple(self.shape)}; boft_R is (factors, blocks, b, b) with "
                                      "blocks * b the input features")

@@ -19,6 +19,7 @@ import torch
 from ...errors import ShapeMismatchError, UnsupportedError
 from ..linalg import gram_inner, lowrank_singular_values
 from .base import (
+    NO_SHAPE,
     Layer,
     LayerRepr,
     cast_layer,
@@ -237,6 +238,11 @@ class DeltaMixin(KindBase):
     #: the layer may adapt an embedding whatever its module type (a dense difference)
     any_module: ClassVar[bool] = False
 
+    @property
+    def has_delta(self) -> bool:  # type: ignore[override]
+        """True once the weight shape is known (a PEFT WaveFT/SHiRA/MiSS file leaves it to the base)."""
+        return self.shape is not None
+
     def delta_math(self) -> torch.Tensor:
         """Float32 delta in the math orientation ``(out, in, *k)`` (each kind implements it)."""
         raise NotImplementedError
@@ -246,13 +252,20 @@ class DeltaMixin(KindBase):
         """False when a DoRA magnitude is present (the effect then depends on the base weight)."""
         return not self.dora
 
+    def _check_shaped(self) -> None:
+        """Refuse the delta of a layer whose file left the weight shape open (a PEFT WaveFT/SHiRA file)."""
+        if self.shape is None:
+            raise UnsupportedError(NO_SHAPE)
+
     def delta(self) -> torch.Tensor:
         """Float32 delta in the module orientation (PEFT's ``get_delta_weight``)."""
+        self._check_shaped()
         d = self.delta_math()
         return d.T if self.fan_in_fan_out else d
 
     def delta_matrix(self) -> torch.Tensor:
         """Float32 delta in the math orientation, flattened to ``(out, in * prod(kernel))``."""
+        self._check_shaped()
         d = self.delta_math()
         return d.reshape(d.shape[0], -1)
 
@@ -349,7 +362,9 @@ class DeltaMixin(KindBase):
     # ------------------------------------------------------------------ conversion to LoRA
 
     def lora_obstacle(self) -> str | None:
-        """A DoRA magnitude depends on the base weight; otherwise ``None``."""
+        """A DoRA magnitude depends on the base weight; a file that leaves the shape open needs it; else ``None``."""
+        if self.shape is None:
+            return "its file does not fix the weight shape, so its LoRA form needs the base weight: pass --base (base= in Python)"
         if self.dora:
             return "its DoRA magnitude depends on the base weight (fuse it instead)"
         return None

@@ -26,13 +26,13 @@ class HRA(BaseDependent):
 
     Args:
         u: ``hra_u`` ``(in * k, r)``.
-        shape: module weight shape.
+        shape: module weight shape, or ``None`` until :meth:`fit` takes the base's (a PEFT file omits ``out``).
         apply_gs: the config's ``apply_GS``.
         module_type: ``"linear"`` or ``"conv"``.
     """
 
     u: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     apply_gs: bool = False
     module_type: str = "linear"
 
@@ -43,9 +43,9 @@ class HRA(BaseDependent):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        if self.u.ndim != 2 or self.u.shape[0] != math.prod(self.shape[1:]):
+        if self.u.ndim != 2 or (self.shape is not None and self.u.shape[0] != math.prod(self.shape[1:])):
             raise ShapeMismatchError(f"HRA hra_u has shape {tuple(self.u.shape)}; for a weight of shape {tuple(self.shape)} "
-                                     f"it must be ({math.prod(self.shape[1:])}, r)")
+                                     f"it must be (in * k, r)")
 
     @property
     def rank(self) -> int:

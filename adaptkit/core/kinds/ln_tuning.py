@@ -54,6 +54,12 @@ class LNTuning(BaseDependent):
         """The tuned weight (float32), or the base weight when only the bias is tuned."""
         return weight if self.weight is None else f32(self.weight).clone()
 
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tuned ``(weight, bias)`` (float32); with ``bias=None`` only the weight (fuse applies the bias on its own;
+        :meth:`apply_bias` refuses a stored bias for a module without one)."""
+        self.check_weight(weight)
+        return self.apply_weight(f32(weight)), None if bias is None else self.apply_bias(bias)
+
     def apply_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The tuned bias (float32), or the module's own.
 

@@ -48,8 +48,10 @@ class MiSS(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self)
-        if self.shape is None:
-            return  # read from a PEFT file; fit() gives the shape and runs these checks
+        if self.shape is None:  # a PEFT file does not hold in_features: fit(shape) takes the base's
+            if self.block.ndim != 2:
+                raise ShapeMismatchError(f"MiSS block has shape {tuple(self.block.shape)}; it must be (r, out) or (r, mini_r)")
+            return
         if len(self.shape) != 2:
             raise ShapeMismatchError(f"MiSS adapts 2-D weights, got weight shape {tuple(self.shape)}")
         out, inp = math_shape(self.shape, self.fan_in_fan_out)
@@ -87,7 +89,7 @@ class MiSSBat(BaseDependent):
     """
 
     block: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "linear"
 
     kind: ClassVar[str] = "miss_bat"
@@ -98,7 +100,9 @@ class MiSSBat(BaseDependent):
     def __post_init__(self) -> None:
         check_floating(self)
         b = self.block
-        if (b.ndim != 3 or b.shape[1] != b.shape[2] or len(self.shape) != 2 or self.shape[0] != b.shape[0] * b.shape[2]
+        if self.shape is None and b.ndim == 3 and b.shape[1] == b.shape[2]:
+            return  # a PEFT file does not hold in_features: fit(shape) takes the base's
+        if (b.ndim != 3 or b.shape[1] != b.shape[2] or self.shape is None or len(self.shape) != 2 or self.shape[0] != b.shape[0] * b.shape[2]
                 or self.shape[1] % b.shape[2] != 0):
             raise ShapeMismatchError(f"MiSS bat block has shape {tuple(b.shape)}; for a weight of shape {tuple(self.shape)} "
                                      "it must be (out / r, r, r) with r dividing in")

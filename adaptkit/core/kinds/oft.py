@@ -58,7 +58,7 @@ class OFT(BaseDependent):
 
     Args:
         weight: ``oft_R.weight`` ``(n_blocks, b(b-1)/2)`` (``(1, ...)`` with ``block_share``).
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation), or ``None`` until :meth:`fit` takes the base's.
         module_type: ``"linear"``, ``"conv"`` or ``"embedding"``.
         coft: constrain the blocks' norms (``coft``) with ``eps``.
         eps: the COFT bound.
@@ -67,7 +67,7 @@ class OFT(BaseDependent):
     """
 
     weight: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "linear"
     coft: bool = False
     eps: float = 6e-5
@@ -84,6 +84,8 @@ class OFT(BaseDependent):
         if self.weight.ndim != 2:
             raise ShapeMismatchError(f"OFT weight has shape {tuple(self.weight.shape)}; it must be (n_blocks, b(b-1)/2)")
         b = block_size_of(int(self.weight.shape[1]))
+        if self.shape is None:  # a PEFT file does not fix the weight shape: fit(shape) takes the base's
+            return
         dim = self.rotated_features
         if dim % b != 0 or self.weight.shape[0] not in (1, dim // b):
             raise ShapeMismatchError(f"OFT blocks {tuple(self.weight.shape)} (block size {b}) do not fit a weight of shape "
@@ -101,7 +103,9 @@ class OFT(BaseDependent):
 
     @property
     def rank(self) -> int:
-        """The number of diagonal blocks (peft's ``r``)."""
+        """The number of diagonal blocks (peft's ``r``; the stored rows while the shape is open)."""
+        if self.shape is None:
+            return int(self.weight.shape[0])
         return self.rotated_features // self.block_size
 
     def rotation(self) -> torch.Tensor:

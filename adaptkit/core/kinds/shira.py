@@ -30,7 +30,7 @@ class SHiRA(AdditiveKind):
     Args:
         values: ``shira_weight`` ``(n,)``.
         indices: ``shira_indices`` ``(2, n)``, integer.
-        shape: module weight shape (module orientation).
+        shape: module weight shape (module orientation), or ``None`` until :meth:`fit` takes the base's.
         scaling: peft's ``scaling`` (1.0 as saved).
         fan_in_fan_out: the module stores the transpose (a ``Conv1D``; peft adapts ``nn.Linear`` only); the
             positions are then in the math orientation ``(out, in)``.
@@ -38,7 +38,7 @@ class SHiRA(AdditiveKind):
 
     values: torch.Tensor
     indices: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     scaling: float = 1.0
     module_type: str = "linear"
     fan_in_fan_out: bool = False
@@ -50,6 +50,9 @@ class SHiRA(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
+        if self.shape is None:  # a PEFT file does not hold the weight shape: fit(shape) takes the base's
+            check_positions("SHiRA", self.values, self.indices, 2 ** 62, 2 ** 62)
+            return
         if len(self.shape) != 2:
             raise ShapeMismatchError(f"SHiRA adapts 2-D weights, got weight shape {tuple(self.shape)}")
         check_positions("SHiRA", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))

@@ -27,12 +27,12 @@ class TrainableTokens(BaseDependent):
     Args:
         values: ``trainable_tokens_delta`` ``(k, dim)``, the rows' new values.
         token_indices: ``(k,)`` integer row numbers (the config's ``token_indices``).
-        shape: the module weight's shape ``(num_embeddings, dim)``.
+        shape: the module weight's shape ``(num_embeddings, dim)``, or ``None`` until :meth:`fit` takes the base's.
     """
 
     values: torch.Tensor
     token_indices: torch.Tensor
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     module_type: str = "embedding"
 
     kind: ClassVar[str] = "trainable_tokens"
@@ -43,6 +43,13 @@ class TrainableTokens(BaseDependent):
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
+        if self.shape is None:  # a PEFT file does not hold num_embeddings: fit(shape) takes the base's
+            if self.values.ndim != 2 or tuple(self.token_indices.shape) != (self.values.shape[0],):
+                raise ShapeMismatchError(f"trainable tokens: values {tuple(self.values.shape)} need one token index per "
+                                         f"row, got token_indices {tuple(self.token_indices.shape)}")
+            if self.token_indices.numel() and int(self.token_indices.min()) < 0:
+                raise ShapeMismatchError("trainable token indices are negative; the config's token_indices are damaged")
+            return
         if (self.values.ndim != 2 or len(self.shape) != 2 or self.values.shape[1] != self.shape[1]
                 or tuple(self.token_indices.shape) != (self.values.shape[0],)):
             raise ShapeMismatchError(f"trainable tokens: values {tuple(self.values.shape)} and token_indices "

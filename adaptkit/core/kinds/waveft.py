@@ -20,10 +20,10 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import UnsupportedError
+from ...errors import ShapeMismatchError, UnsupportedError
 from .additive import AdditiveKind
 from .base import check_floating, f32, math_shape
-from .positions import check_positions
+from .positions import check_positions, seeded_positions
 
 
 def _wavelet_tools():
@@ -42,23 +42,26 @@ class WaveFT(AdditiveKind):
 
     Args:
         values: ``waveft_spectrum`` ``(n,)``, the learned wavelet coefficients.
-        indices: ``(2, n)`` integer positions (drawn from ``random_loc_seed``).
+        indices: ``(2, n)`` integer positions, or ``None``: drawn from ``random_loc_seed`` once the shape is known
+            (a PEFT file holds neither; :meth:`fit` takes the base's shape).
         scaling: the config's ``scaling``.
         shape: module weight shape (module orientation).
         wavelet_family: the config's ``wavelet_family`` (``"db1"``, ``"sym4"``, ...).
         use_idwt: reconstruct with the inverse wavelet transform (peft's default) instead of using the
             coefficients as the delta.
         fan_in_fan_out: the module stores the transpose (``Conv1D``).
+        random_loc_seed: the config's seed the positions are drawn from (``None``: positions given).
     """
 
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     scaling: float
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     wavelet_family: str = "db1"
     use_idwt: bool = True
     fan_in_fan_out: bool = False
     module_type: str = "linear"
+    random_loc_seed: int | None = None
 
     kind: ClassVar[str] = "waveft"
     index_parts: ClassVar[frozenset[str]] = frozenset({"indices"})
@@ -67,6 +70,20 @@ class WaveFT(AdditiveKind):
 
     def __post_init__(self) -> None:
         check_floating(self, self.index_parts)
+        if self.indices is None:
+            if self.random_loc_seed is None:
+                raise ShapeMismatchError("a WaveFT layer needs its positions or the random_loc_seed they are drawn from")
+            if self.shape is None:  # a PEFT file holds neither the shape nor the positions: fit(shape) draws them
+                if self.values.ndim != 1:
+                    raise ShapeMismatchError(f"WaveFT waveft_spectrum has shape {tuple(self.values.shape)}; it must be (n,)")
+                return
+            out, inp = math_shape(tuple(self.shape), self.fan_in_fan_out)
+            if self.values.numel() > out * inp:
+                raise ShapeMismatchError(f"WaveFT has {self.values.numel()} coefficients, more than a ({out}, {inp}) weight "
+                                         "has entries; the adapter was made for another model")
+            object.__setattr__(self, "indices", seeded_positions(out, inp, self.values.numel(), self.random_loc_seed))
+        if self.shape is None:
+            raise ShapeMismatchError("a WaveFT layer with positions needs the weight shape they index")
         check_positions("WaveFT", self.values, self.indices, *math_shape(tuple(self.shape), self.fan_in_fan_out))
 
     @property
