@@ -242,7 +242,9 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         adapter = select_component(adapter, component)  # the report lists what is written
     kinds_before = {p: l.kind for p, l in adapter.layers.items()}
     lossy_ok = rank is not None or kind == "lora"
-    if base is not None:  # open shapes fitted; with --kind/--rank, base-dependent layers become their change to it
+    if isinstance(base, (str, os.PathLike)):
+        # a base on disk (a live module only resolves names): open shapes are fitted, and with --kind/--rank every
+        # layer without a LoRA form of its own becomes its exact change to the base
         adapter = with_base(adapter, base, changes=lossy_ok)
     todo = plan(adapter, dst)
     if kind is not None and kind != "lora":
