@@ -31,8 +31,14 @@ from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import names as _names
 from . import peft_lokr, peft_other, peft_params
-from .base import KindSupport, Selection, check_choice, check_storable
+from .base import KindSupport, Selection, check_storable
 from .patterns import ConfigPatterns
+from .peft_components import (
+    COMPONENTS,
+    check_component,
+    select_component,
+    split_components,
+)
 from .peft_layers import PEFT_NAMES, peft_types, row_of_type, settings_limits, split_key
 
 NAME = "peft"
@@ -490,61 +496,6 @@ def to_state_dict(adapter: Adapter, prefix: str = PREFIX) -> tuple[dict[str, tor
     """
     check_storable(sys.modules[__name__], adapter)  # type: ignore[arg-type]  # this module is the PEFT Format
     return _tensors_and_config(adapter, prefix)
-
-
-#: ``component=`` values of PEFT output: a pipeline component, or ``each`` for one adapter per component
-COMPONENTS = (*(c for c in _names.WRITE_PREFIXES if c), "each")
-
-
-def check_component(component: str | None) -> str | None:
-    """Validate a ``component=`` option of PEFT output (``None``: write every path as it is).
-
-    Raises:
-        ConfigError: not one of :data:`COMPONENTS`.
-    """
-    return check_choice(component, COMPONENTS, "PEFT component")
-
-
-def select_component(adapter: Adapter, component: str) -> Adapter:
-    """The layers (and extra tensors) of one pipeline component, in that model's own namespace.
-
-    ``unet.down_blocks.0...`` becomes ``down_blocks.0...``, what ``PeftModel.from_pretrained(unet, ...)``
-    expects; the component is recorded in the metadata (:data:`~adaptkit.converters.names.COMPONENT_KEY`).
-
-    Raises:
-        ConfigError: the adapter has no layers of that component (the message lists the ones it has).
-    """
-    prefix = component + "."
-    layers = {p[len(prefix):]: l for p, l in adapter.layers.items() if p.startswith(prefix)}
-    if not layers:
-        have = sorted({c for p in adapter.layers if (c := _names.component_of(p))})
-        what = f"its components are {', '.join(have)}" if have else "its module paths name no pipeline component"
-        raise ConfigError(f"the adapter has no {component} layers ({what}); pass one of its components, or no "
-                          "--component to write the paths as they are")
-    extras = {k[len(prefix):]: t for k, t in adapter.extras.items() if k.startswith(prefix)}
-    return adapter.replace(layers=layers, extras=extras, metadata={**adapter.metadata, _names.COMPONENT_KEY: component})
-
-
-def split_components(adapter: Adapter, component: str | None) -> dict[str, Adapter]:
-    """The PEFT adapters to write for ``component=``, by subfolder (``""``: the output directory itself).
-
-    ``None`` writes the adapter as it is; a component writes that component's layers in its own namespace
-    (:func:`select_component`); ``"each"`` writes one such adapter per component into ``<out>/<component>/``.
-
-    Raises:
-        ConfigError: an unknown component, one the adapter does not have, or ``each`` for paths outside any
-            component.
-    """
-    if check_component(component) is None:
-        return {"": adapter}
-    if component != "each":
-        return {"": select_component(adapter, component)}
-    loose = sorted(p for p in adapter.layers if _names.component_of(p) is None)
-    if loose:
-        raise ConfigError(f"component='each' writes one PEFT adapter per pipeline component, but {len(loose)} layer(s) "
-                          f"belong to none, e.g. {loose[0]}; write without --component")
-    comps = sorted({_names.component_of(p) or "" for p in adapter.layers})
-    return {c: select_component(adapter, c) for c in comps}
 
 
 def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, component: str | None = None,
