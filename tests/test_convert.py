@@ -93,6 +93,10 @@ def test_parse_spec():
             parse_spec(bad)
     with pytest.raises(ConfigError, match="contradicts"):
         parse_spec("kohya->peft", dst_format="diffusers")
+    # a kind or rank conversion without a target stays in the source's format (None: decided after reading)
+    assert parse_spec(None, same=True) == (None, None)
+    with pytest.raises(ConfigError, match="--kind lora / --rank R"):
+        parse_spec(None)
     assert isinstance(CONVERTERS, dict)
 
 
@@ -123,6 +127,14 @@ def test_cli_convert_lossless_and_lossy(tmp_path, lyco):
     assert payload["lossless"] is False and len(payload["layers"]) == 6
     assert all(0 < row["retained_energy"] <= 1 and row["method"] == "svd" for row in payload["layers"])
     assert ak.load(tmp_path / "p2").kinds == {"lora"}
+    # --kind lora without --to: a LoRA in the source's own format (a LyCORIS file here)
+    r = runner.invoke(main, ["convert", str(src), str(tmp_path / "same.safetensors"), "--kind", "lora", "--base", str(base)])
+    assert r.exit_code == 0, r.output
+    same = ak.load(tmp_path / "same.safetensors", base=base)
+    assert same.format == "kohya" and same.kinds == {"lora"}
+    original = ak.load(src, base=base)
+    for path, layer in same.layers.items():
+        torch.testing.assert_close(layer.delta(), original.layers[path].delta(), rtol=1e-5, atol=1e-6)
     # an existing output is refused, then replaced with --overwrite
     args = ["convert", "lycoris->peft", str(src), str(tmp_path / "peft"), "--base", str(base)]
     assert runner.invoke(main, args).exit_code == 1

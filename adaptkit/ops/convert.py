@@ -210,8 +210,10 @@ class ConversionResult:
     note: str | None = None
 
 
-def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str | None = None) -> tuple[str | None, str]:
-    """``'lycoris->peft'`` (or ``--from/--to``) into ``(source or None, target)``."""
+def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str | None = None, *,
+               same: bool = False) -> tuple[str | None, str | None]:
+    """``'lycoris->peft'`` (or ``--from/--to``) into ``(source or None, target)``; with ``same`` (a kind or rank
+    conversion) no target means the source's own format (``None``)."""
     if spec:
         if "->" not in spec:
             raise ConfigError(f"conversion spec {spec!r} needs the form 'from->to', e.g. 'lycoris->peft' (quote it in a shell)")
@@ -219,22 +221,27 @@ def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str 
         if (src_format and src_format.lower() != left) or (dst_format and dst_format.lower() != right):
             raise ConfigError(f"spec {spec!r} contradicts --from/--to; give one or the other")
         src_format, dst_format = left or None, right
-    if not dst_format:
-        raise ConfigError("no target format; pass 'from->to' or --to (peft, kohya/lycoris, diffusers)")
-    return (src_format.lower() if src_format else None), dst_format.lower()
+    if not dst_format and not same:
+        raise ConfigError("no target format; pass 'from->to' or --to (peft, kohya/lycoris, diffusers), or --kind lora / "
+                          "--rank R to convert within the source's format")
+    return (src_format.lower() if src_format else None), (dst_format.lower() if dst_format else None)
 
 
-def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str,
+def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str | None,
                     rank: int | None = None, kind: str | None = None, base: Any = None,
                     overwrite: bool = False, component: str | None = None,
                     progress: bool | None = None) -> ConversionResult:
-    """Convert a checkpoint between formats (see :func:`convert_checkpoint`)."""
+    """Convert a checkpoint between formats (see :func:`convert_checkpoint`); ``dst_format=None``: the source's."""
     check_output(out, overwrite, inputs=[source, base])
-    dst = format_module(dst_format).NAME
-    check_write_options(dst, component=component)
+    if dst_format is not None:
+        check_write_options(format_module(dst_format).NAME, component=component)  # before the source is read
     adapter = as_adapter(source, format=src_format, base=base)
     adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
+    if dst_format is None and not adapter.format:
+        raise ConfigError("the source's format is not known, so there is no format to convert within; pass --to")
+    dst = format_module(dst_format or adapter.format).NAME
+    check_write_options(dst, component=component)
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
         component = names.bare_base_component(adapter.layers, base)
@@ -255,9 +262,11 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
     if blocked:
         first = next(iter(blocked))
+        hint = "" if base is not None else "pass --base BASE with --kind lora (each becomes its exact change to it), or "
         raise UnsupportedError(
             f"{len(blocked)} layer(s) cannot be written as {dst}: {', '.join(list(blocked)[:4])}"
-            f"{' ...' if len(blocked) > 4 else ''} ({first}: {todo[first]}, and {blocked[first]}); write --to kohya"
+            f"{' ...' if len(blocked) > 4 else ''} ({first}: {todo[first]}, and {blocked[first]}); {hint}write a "
+            "format that holds the layer as it is ('adaptkit kinds' lists which)"
         )
     if todo and not lossy_ok:
         first = next(iter(todo))
@@ -371,12 +380,12 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         UnsupportedError: layers need a lossy step and neither ``rank`` nor ``kind`` allows it (listed).
         ConfigError / FormatError: bad spec, unknown formats, unreadable source; nothing is written.
     """
-    left, right = parse_spec(spec, src_format, dst_format)
+    left, right = parse_spec(spec, src_format, dst_format, same=kind is not None or rank is not None)
     if left in CONVERTERS:
         if component is not None:  # these write the PEFT adapter of the model the source was made on
             raise ConfigError(f"--component does not apply to '{left}->{right}': it writes a plain LoRA for the "
                               "model the source adapter was made on; drop it")
-        return CONVERTERS[left](source, out, dst_format=right, rank=rank, kind=kind, base=base,
+        return CONVERTERS[left](source, out, dst_format=right or "lora", rank=rank, kind=kind, base=base,
                                 overwrite=overwrite, progress=progress, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
                            overwrite=overwrite, component=component, progress=progress)
