@@ -363,6 +363,25 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     return Path(path)
 
 
-__all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LOOKED_FOR", "METADATA_KEY", "NAME", "WEIGHT_NAME", "WRITE_OPTIONS",
-           "can_name", "can_store", "can_store_adapter", "kind_support", "check_options", "detect", "detect_keys", "is_adapter_file", "read",
-           "read_tensors", "select_files", "write"]
+__all__ = [
+    "ALLOW_PATTERNS",
+    "COMPONENTS",
+    "LABEL",
+    "LOOKED_FOR",
+    "METADATA_KEY",
+    "NAME",
+    "WEIGHT_NAME",
+    "WRITE_OPTIONS",
+    "can_name",
+    "can_store",
+    "can_store_adapter",
+    "check_options",
+    "detect",
+    "detect_keys",
+    "is_adapter_file",
+    "kind_support",
+    "read",
+    "read_tensors",
+    "select_files",
+    "write",
+]

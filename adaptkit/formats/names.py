@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,7 @@ def inventory_dir() -> Path:
     return Path(str(resources.files("adaptkit") / "data" / "inventories"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def shipped(name: str) -> Inventory:
     """Load a shipped inventory (``sd15``, ``sdxl``, ``sd3``, ``flux``)."""
     path = inventory_dir() / f"{name}.json.gz"

@@ -1,13 +1,15 @@
 """Small helpers the PEFT readers and writers share (:mod:`~adaptkit.formats.peft_layers`,
-:mod:`~adaptkit.formats.peft_lowrank`)."""
+:mod:`~adaptkit.formats.peft_lowrank`, :mod:`~adaptkit.formats.peft_other`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import FormatError
+from .patterns import build_pattern
 
 
 def need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...] | Mapping[str, str], module: str) -> None:
@@ -27,10 +29,19 @@ def num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def one_per_adapter(layers: Mapping[str, Any], value: Callable[[Any], Any], what: str) -> dict[str, str]:
+    """``{path: reason}`` for the layers whose ``value(layer)`` differs from the most common one: a setting peft has
+    once per adapter (``what`` names it: ``r``, ``init_r``, ``fan_in_fan_out`` ...)."""
+    values = {p: value(layer) for p, layer in layers.items()}
+    common, odd = build_pattern(values)
+    return {p: f"peft has one {what} per adapter and this adapter's layers differ ({v!r} vs {common!r})"
+            for p, v in odd.items()}
+
+
 def shared_key(prefix: str, stem: str) -> str:
     """The key of a model-level tensor (VeRA's ``vera_A``): ``base_model.<stem>`` for PEFT files' ``base_model.model.``
     prefix, ``<stem>`` for state dicts named relative to the model."""
     return prefix.removesuffix("model.") + stem
 
 
-__all__ = ["need", "num", "shared_key"]
+__all__ = ["need", "num", "one_per_adapter", "shared_key"]

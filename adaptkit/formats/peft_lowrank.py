@@ -11,7 +11,7 @@ not fix the module's weight shape, so those layers are read with ``shape=None`` 
 
 Writers fill the config fields PEFT needs to rebuild the same modules (``init_r`` and a ``rank_pattern`` of masks
 for pruned AdaLoRA layers, ``save_only_topk_weights`` for VB-LoRA, ``random_loc_seed`` for FourierFT) and write a
-model-level tensor once under :func:`~adaptkit.formats.peft_common.shared_key`. ``together`` functions say what one
+model-level tensor once under :func:`~adaptkit.formats.peft_common.shared_key`. ``*_limits`` functions (a row's ``adapter_limits``) say what one
 config cannot hold (layers that disagree on a per-adapter setting or do not share the projections).
 """
 
@@ -27,16 +27,15 @@ from ..core.kinds import (
     DeLoRA,
     FourierFT,
     GraLoRA,
-    MiSS,
     RandLoRA,
     VBLoRA,
     VeRA,
 )
 from ..core.kinds.vblora import full_topk_weights
 from ..core.kinds.vera import require_projections
-from ..errors import ConfigError, FormatError, UnsupportedError
+from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, PatternMatcher, build_pattern
-from .peft_common import need, num, shared_key
+from .peft_common import need, num, one_per_adapter, shared_key
 
 Out = dict[str, torch.Tensor]
 
@@ -67,19 +66,6 @@ def _shared(p: Mapping[str, torch.Tensor], names: tuple[str, ...], stems: tuple[
                       "checkpoint is incomplete: re-save it with save_projection=True")
 
 
-def _same(layers: Mapping[str, Any], what: str, value: Any, peft_field: str) -> dict[str, str]:
-    """``{path: reason}`` for the layers whose ``value(layer)`` differs from the first layer's."""
-    reasons: dict[str, str] = {}
-    first = None
-    for path, layer in layers.items():
-        v = value(layer)
-        if first is None:
-            first = v
-        elif v != first:
-            reasons[path] = f"peft has one {peft_field} per adapter and this adapter's {what} differ"
-    return reasons
-
-
 def _same_tensor(layers: Mapping[str, Any], names: tuple[str, ...], kind: str) -> dict[str, str]:
     """``{path: reason}`` for layers whose shared tensors (``names``) are not the first layer's."""
     reasons: dict[str, str] = {}
@@ -94,7 +80,7 @@ def _same_tensor(layers: Mapping[str, Any], names: tuple[str, ...], kind: str) -
 
 
 def _write_shared(layers: Mapping[str, Any], names: Mapping[str, str], out: Out, prefix: str) -> None:
-    """The model-level tensors (``{field: stem}``) once, from the first layer (``together`` checked they agree)."""
+    """The model-level tensors (``{field: stem}``) once, from the first layer (``*_limits`` checked they agree)."""
     first = next(iter(layers.values()))
     for field, stem in names.items():
         out[shared_key(prefix, stem)] = getattr(first, field)
@@ -147,14 +133,14 @@ def read_adalora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
                    fan_in_fan_out=fan)
 
 
-def adalora_together(layers: Mapping[str, AdaLoRA]) -> dict[str, str]:
+def adalora_limits(layers: Mapping[str, AdaLoRA]) -> dict[str, str]:
     """One ``init_r`` (the divisor), one ``lora_alpha``, one ``fan_in_fan_out``; linear layers only."""
     reasons = {p: "peft's AdaLoRA files store a conv layer's kernel nowhere" for p, l in layers.items()
                if l.module_type != "linear"}
-    reasons |= _same(layers, "ranknum (init_r) values", lambda l: l.ranknum, "init_r")
+    reasons |= one_per_adapter(layers, lambda l: l.ranknum, "init_r")
     if not _alpha_is_rank(layers):  # lora_alpha=0: every layer's alpha is its rank
-        reasons |= _same(layers, "alphas", lambda l: l.alpha, "lora_alpha")
-    reasons |= _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out")
+        reasons |= one_per_adapter(layers, lambda l: l.alpha, "lora_alpha")
+    reasons |= one_per_adapter(layers, lambda l: l.fan_in_fan_out, "fan_in_fan_out")
     return reasons
 
 
@@ -200,10 +186,10 @@ def read_vera(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Conf
                 fan_in_fan_out=_fan(cfg))
 
 
-def vera_together(layers: Mapping[str, VeRA]) -> dict[str, str]:
+def vera_limits(layers: Mapping[str, VeRA]) -> dict[str, str]:
     """One ``r``, one projection pair, one orientation."""
-    return (_same(layers, "ranks", lambda l: l.rank, "r") | _same_tensor(layers, ("vera_a", "vera_b"), "VeRA")
-            | _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
+    return (one_per_adapter(layers, lambda l: l.rank, "r") | _same_tensor(layers, ("vera_a", "vera_b"), "VeRA")
+            | one_per_adapter(layers, lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
 
 
 def write_vera(layers: dict[str, VeRA], cfg: dict, out: Out, prefix: str) -> None:
@@ -230,11 +216,11 @@ def read_randlora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: 
                     alpha=float(alpha), shape=None, fan_in_fan_out=_fan(cfg))
 
 
-def randlora_together(layers: Mapping[str, RandLoRA]) -> dict[str, str]:
+def randlora_limits(layers: Mapping[str, RandLoRA]) -> dict[str, str]:
     """One ``r``, one ``randlora_alpha``, one pair of bases, one orientation."""
-    return (_same(layers, "ranks", lambda l: l.rank, "r") | _same(layers, "alphas", lambda l: l.alpha, "randlora_alpha")
+    return (one_per_adapter(layers, lambda l: l.rank, "r") | one_per_adapter(layers, lambda l: l.alpha, "randlora_alpha")
             | _same_tensor(layers, ("randlora_a", "randlora_b"), "RandLoRA")
-            | _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
+            | one_per_adapter(layers, lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
 
 
 def write_randlora(layers: dict[str, RandLoRA], cfg: dict, out: Out, prefix: str) -> None:
@@ -287,11 +273,11 @@ def read_vblora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
                   weights_b=full_topk_weights(p["tw_b"]), shape=shape, fan_in_fan_out=fan)
 
 
-def vblora_together(layers: Mapping[str, VBLoRA]) -> dict[str, str]:
+def vblora_limits(layers: Mapping[str, VBLoRA]) -> dict[str, str]:
     """One bank, one ``topk``, one ``r``, one orientation."""
-    return (_same_tensor(layers, ("bank",), "VB-LoRA") | _same(layers, "top-k sizes", lambda l: l.weights_a.shape[-1], "topk")
-            | _same(layers, "ranks", lambda l: l.rank, "r")
-            | _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
+    return (_same_tensor(layers, ("bank",), "VB-LoRA") | one_per_adapter(layers, lambda l: l.weights_a.shape[-1], "topk")
+            | one_per_adapter(layers, lambda l: l.rank, "r")
+            | one_per_adapter(layers, lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
 
 
 def _index_dtype(count: int) -> torch.dtype:
@@ -367,13 +353,12 @@ def read_gralora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
                    a_general=p.get("ga_general"), b_general=p.get("gb_general"), fan_in_fan_out=fan)
 
 
-def gralora_together(layers: Mapping[str, GraLoRA]) -> dict[str, str]:
+def gralora_limits(layers: Mapping[str, GraLoRA]) -> dict[str, str]:
     """One ``r``, ``gralora_k``, ``hybrid_r``, ``alpha`` and orientation."""
     out: dict[str, str] = {}
-    for what, value, field in (("ranks", lambda l: l.rank, "r"), ("grid sizes", lambda l: l.k, "gralora_k"),
-                               ("hybrid ranks", lambda l: l.hybrid_rank, "hybrid_r"), ("alphas", lambda l: l.alpha, "alpha"),
-                               ("orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out")):
-        out |= _same(layers, what, value, field)
+    for value, field in ((lambda l: l.rank, "r"), (lambda l: l.k, "gralora_k"), (lambda l: l.hybrid_rank, "hybrid_r"),
+                         (lambda l: l.alpha, "alpha"), (lambda l: l.fan_in_fan_out, "fan_in_fan_out")):
+        out |= one_per_adapter(layers, value, field)
     return out
 
 
@@ -389,45 +374,7 @@ def write_gralora(layers: dict[str, GraLoRA], cfg: dict, out: Out, prefix: str) 
             out[f"{key}.gralora_A_general.weight"], out[f"{key}.gralora_B_general.weight"] = l.a_general, l.b_general
 
 
-# ------------------------------------------------------------------------------------------- MiSS, FourierFT
-
-
-def read_miss(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> MiSS:
-    """A MiSS (or Bone) layer in the default or "mini" layout; its ``in`` is the base's (``shape=None``)."""
-    block = p["block"]
-    init = cfg.get("init_weights", True)
-    if init == "bat":
-        raise UnsupportedError(f"{module}: MiSS/Bone init_weights='bat' layers depend on the base weight and are not "
-                               "read from PEFT files yet; fuse with peft's merge_and_unload instead")
-    r = int(cfg.get("r", 64))
-    if block.ndim != 2 or block.shape[0] != r:
-        raise _mismatch(module, "block shape", tuple(block.shape), "r", r)
-    if init == "mini" and block.shape[1] != cfg.get("mini_r", 1):
-        raise _mismatch(module, "block width", block.shape[1], "mini_r", cfg.get("mini_r", 1))
-    return MiSS(block=block, shape=None)
-
-
-def miss_together(layers: Mapping[str, MiSS]) -> dict[str, str]:
-    """One ``r``."""
-    return _same(layers, "block sizes", lambda l: l.rank, "r")
-
-
-def write_miss(layers: dict[str, MiSS], cfg: dict, out: Out, prefix: str) -> None:
-    """MiSS: the blocks; a block narrower than its layer's output is peft's "mini" layout."""
-    first = next(iter(layers.values()))
-    mini = cfg.get("init_weights") == "mini" or any(l.shape is not None and l.block.shape[1] != l.shape[0]
-                                                    for l in layers.values())
-    cfg.update({"r": first.rank, "target_modules": sorted(layers)})
-    if mini:
-        cfg.update({"init_weights": "mini", "mini_r": int(first.block.shape[1])})
-    cfg.setdefault("init_weights", True)
-    for path, l in layers.items():
-        out[f"{prefix}{path}.miss_block"] = l.block
-
-
-def miss_limit(layer: MiSS) -> str | None:
-    """peft's MiSS adapts ``nn.Linear`` only."""
-    return "peft's MiSS adapts nn.Linear only (this layer is a Conv1D)" if layer.fan_in_fan_out else None
+# ------------------------------------------------------------------------------------------------- FourierFT
 
 
 def read_fourierft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> FourierFT:
@@ -447,10 +394,10 @@ def fourierft_limit(layer: FourierFT) -> str | None:
     return None
 
 
-def fourierft_together(layers: Mapping[str, FourierFT]) -> dict[str, str]:
+def fourierft_limits(layers: Mapping[str, FourierFT]) -> dict[str, str]:
     """One ``random_loc_seed``, one ``scaling``, one orientation."""
-    return (_same(layers, "seeds", lambda l: l.seed, "random_loc_seed") | _same(layers, "scalings", lambda l: l.scaling, "scaling")
-            | _same(layers, "orientations", lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
+    return (one_per_adapter(layers, lambda l: l.seed, "random_loc_seed") | one_per_adapter(layers, lambda l: l.scaling, "scaling")
+            | one_per_adapter(layers, lambda l: l.fan_in_fan_out, "fan_in_fan_out"))
 
 
 def write_fourierft(layers: dict[str, FourierFT], cfg: dict, out: Out, prefix: str) -> None:
@@ -463,9 +410,30 @@ def write_fourierft(layers: dict[str, FourierFT], cfg: dict, out: Out, prefix: s
         out[f"{prefix}{path}.fourierft_spectrum"] = l.values
 
 
-__all__ = ["adalora_limit", "adalora_patterns", "adalora_together", "delora_limit", "fourierft_limit",
-           "fourierft_together", "gralora_together", "miss_limit", "miss_together", "randlora_together",
-           "read_adalora", "read_delora", "read_fourierft", "read_gralora", "read_miss", "read_randlora",
-           "read_vblora", "read_vera", "vblora_limit", "vblora_together", "vera_together", "write_adalora",
-           "write_delora", "write_fourierft", "write_gralora", "write_miss", "write_randlora", "write_vblora",
-           "write_vera"]
+__all__ = [
+    "adalora_limit",
+    "adalora_limits",
+    "adalora_patterns",
+    "delora_limit",
+    "fourierft_limit",
+    "fourierft_limits",
+    "gralora_limits",
+    "randlora_limits",
+    "read_adalora",
+    "read_delora",
+    "read_fourierft",
+    "read_gralora",
+    "read_randlora",
+    "read_vblora",
+    "read_vera",
+    "vblora_limit",
+    "vblora_limits",
+    "vera_limits",
+    "write_adalora",
+    "write_delora",
+    "write_fourierft",
+    "write_gralora",
+    "write_randlora",
+    "write_vblora",
+    "write_vera",
+]

@@ -36,6 +36,7 @@ from ..core.kinds import (
 from ..core.kinds.oft import block_size_of
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, build_pattern, pattern_value
+from .peft_common import need, num, one_per_adapter
 
 #: where a LoRA file with ``trainable_token_indices`` keeps an embedding's tokens: ``<module>.token_adapter.<stem>``
 TOKEN_ADAPTER = ".token_adapter"
@@ -46,30 +47,12 @@ def _mismatch(module: str, field: str, value: Any, found: Any, what: str) -> Con
                        f"the config does not belong to these weights (fix {field})")
 
 
-def _need(module: str, parts: Mapping[str, torch.Tensor], *names: str) -> None:
-    missing = [n for n in names if n not in parts]
-    if missing:
-        raise FormatError(f"{module} lacks tensor(s) {missing}; the checkpoint is incomplete")
-
-
-def _same(layers: Mapping[str, Any], value: Any, what: str) -> dict[str, str]:
-    """``{path: reason}`` for the layers whose ``value(layer)`` differs from the most common one."""
-    values = {p: value(l) for p, l in layers.items()}
-    common, odd = build_pattern(values)
-    return {p: f"peft has one {what} per adapter and this adapter's layers differ ({v!r} vs {common!r})"
-            for p, v in odd.items()}
-
-
-def _num(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
 # ------------------------------------------------------------------------------------------ dense additive
 
 
 def read_waveft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> WaveFT:
     """WAVEFT: ``waveft_spectrum`` only; positions from ``random_loc_seed`` once the base fixes the shape."""
-    _need(module, p, "values")
+    need(p, ("values",), module)
     n = pattern_value(cfg.get("n_frequency_pattern"), module, cfg.get("n_frequency"))
     if n is not None and not cfg.get("proportional_parameters") and int(n) != p["values"].numel():
         raise _mismatch(module, "n_frequency", n, p["values"].numel(), "coefficients")
@@ -84,7 +67,7 @@ def write_waveft(layers: dict[str, WaveFT], cfg: dict, out: dict[str, torch.Tens
     first = next(iter(layers.values()))
     n, pattern = build_pattern({p: int(l.values.numel()) for p, l in layers.items()})
     cfg.update({"n_frequency": n, "n_frequency_pattern": pattern, "proportional_parameters": False,
-                "scaling": _num(first.scaling), "wavelet_family": first.wavelet_family, "use_idwt": first.use_idwt,
+                "scaling": num(first.scaling), "wavelet_family": first.wavelet_family, "use_idwt": first.use_idwt,
                 "random_loc_seed": first.random_loc_seed, "fan_in_fan_out": first.fan_in_fan_out,
                 "target_modules": sorted(layers)})
     cfg.setdefault("init_weights", True)
@@ -99,13 +82,13 @@ def waveft_limits(layers: Mapping[str, WaveFT]) -> dict[str, str]:
     for what, value in (("scaling", lambda l: l.scaling), ("wavelet_family", lambda l: l.wavelet_family),
                         ("use_idwt", lambda l: l.use_idwt), ("random_loc_seed", lambda l: l.random_loc_seed),
                         ("fan_in_fan_out", lambda l: l.fan_in_fan_out)):
-        reasons = _same(layers, value, what) | reasons
+        reasons = one_per_adapter(layers, value, what) | reasons
     return reasons
 
 
 def read_shira(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> SHiRA:
     """SHIRA: ``shira_weight`` + integer ``shira_indices``; the shape comes from the base."""
-    _need(module, p, "values", "indices")
+    need(p, ("values", "indices"), module)
     return SHiRA(values=p["values"], indices=p["indices"], shape=None,
                  fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
 
@@ -120,7 +103,7 @@ def write_shira(layers: dict[str, SHiRA], cfg: dict, out: dict[str, torch.Tensor
     """SHIRA config (``r``: peft sizes each layer ``r * (in + out)``) and the values and positions."""
     rs = {r for l in layers.values() if (r := _shira_r(l)) is not None}
     if rs:
-        cfg["r"] = _num(rs.pop())
+        cfg["r"] = num(rs.pop())
     cfg.update({"fan_in_fan_out": any(l.fan_in_fan_out for l in layers.values()), "target_modules": sorted(layers)})
     cfg.setdefault("mask_type", "random")
     for path, l in layers.items():
@@ -134,12 +117,12 @@ def shira_limits(layers: Mapping[str, SHiRA]) -> dict[str, str]:
                f"of in + out = {sum(l.shape)}" for p, l in layers.items()
                if l.shape is not None and not float(_shira_r(l)).is_integer()}
     known = {p: l for p, l in layers.items() if l.shape is not None and p not in reasons}
-    return _same(known, _shira_r, "r (SHiRA values per in + out)") | reasons
+    return one_per_adapter(known, _shira_r, "r (SHiRA values per in + out)") | reasons
 
 
 def read_c3a(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> C3A:
     """C3A: ``c3a_kernel (out / b, in / b, b)`` fixes the weight shape."""
-    _need(module, p, "kernel")
+    need(p, ("kernel",), module)
     k = p["kernel"]
     if k.ndim != 3:
         raise FormatError(f"{module}: c3a_kernel has shape {tuple(k.shape)}; it must be (out / b, in / b, b)")
@@ -216,7 +199,7 @@ def oft_limits(layers: Mapping[str, OFT]) -> dict[str, str]:
     for what, value in (("oft_block_size", lambda l: l.block_size), ("coft", lambda l: l.coft),
                         ("eps", lambda l: l.eps), ("use_cayley_neumann", lambda l: l.use_cayley_neumann),
                         ("num_cayley_neumann_terms", lambda l: l.num_cayley_neumann_terms)):
-        reasons = _same(layers, value, what) | reasons
+        reasons = one_per_adapter(layers, value, what) | reasons
     if any(_shared(l) for l in layers.values()):
         reasons |= {p: "peft has one block_share per adapter and this layer's blocks are not shared"
                     for p, l in layers.items() if l.weight.shape[0] != 1}
@@ -225,7 +208,7 @@ def oft_limits(layers: Mapping[str, OFT]) -> dict[str, str]:
 
 def read_boft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> BOFT:
     """BOFT: ``boft_R (m, n_blocks, b, b)`` and ``boft_s`` (``(out, 1)`` linear, ``(1, out)`` conv)."""
-    _need(module, p, "boft_r", "boft_s")
+    need(p, ("boft_r", "boft_s"), module)
     r, s = p["boft_r"], p["boft_s"]
     if r.ndim != 4 or s.ndim != 2:
         raise FormatError(f"{module}: boft_R {tuple(r.shape)} / boft_s {tuple(s.shape)} are not (m, blocks, b, b) / "
@@ -253,13 +236,13 @@ def write_boft(layers: dict[str, BOFT], cfg: dict, out: dict[str, torch.Tensor],
 
 def boft_limits(layers: Mapping[str, BOFT]) -> dict[str, str]:
     """One block size and number of butterfly factors per adapter."""
-    return _same(layers, lambda l: int(l.boft_r.shape[2]), "boft_block_size") | _same(
+    return one_per_adapter(layers, lambda l: int(l.boft_r.shape[2]), "boft_block_size") | one_per_adapter(
         layers, lambda l: l.factors_count, "boft_n_butterfly_factor")
 
 
 def read_hra(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> HRA:
     """HRA: ``hra_u (in * k, r)``; the output size comes from the base."""
-    _need(module, p, "u")
+    need(p, ("u",), module)
     u = p["u"]
     if u.ndim != 2:
         raise FormatError(f"{module}: hra_u has shape {tuple(u.shape)}; it must be (in * k, r)")
@@ -279,12 +262,12 @@ def write_hra(layers: dict[str, HRA], cfg: dict, out: dict[str, torch.Tensor], p
 
 def hra_limits(layers: Mapping[str, HRA]) -> dict[str, str]:
     """One ``r`` and ``apply_GS`` per adapter."""
-    return _same(layers, lambda l: l.rank, "r") | _same(layers, lambda l: l.apply_gs, "apply_GS")
+    return one_per_adapter(layers, lambda l: l.rank, "r") | one_per_adapter(layers, lambda l: l.apply_gs, "apply_GS")
 
 
 def read_miss(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> MiSS | MiSSBat:
     """MISS: ``miss_block``; ``init_weights="bat"`` is the base-dependent layout (:class:`MiSSBat`), else plain MiSS."""
-    _need(module, p, "block")
+    need(p, ("block",), module)
     block = p["block"]
     bat = cfg.get("init_weights") == "bat"
     r = cfg.get("r")
@@ -325,13 +308,18 @@ def write_miss(layers: dict[str, MiSS | MiSSBat], cfg: dict, out: dict[str, torc
         out[f"{prefix}{path}.miss_block"] = l.block
 
 
+def miss_limit(layer: MiSS) -> str | None:
+    """peft's MiSS adapts ``nn.Linear`` only."""
+    return "peft's MiSS adapts nn.Linear only (this layer is a Conv1D)" if layer.fan_in_fan_out else None
+
+
 def miss_limits(layers: Mapping[str, MiSS | MiSSBat]) -> dict[str, str]:
     """One layout (bat or not), ``r`` and ``mini_r`` per adapter."""
-    reasons = _same(layers, lambda l: "bat" if l.block.ndim == 3 else "plain", "MiSS layout (init_weights)")
+    reasons = one_per_adapter(layers, lambda l: "bat" if l.block.ndim == 3 else "plain", "MiSS layout (init_weights)")
     rest = {p: l for p, l in layers.items() if p not in reasons}
-    reasons |= _same(rest, lambda l: l.rank, "r")
+    reasons |= one_per_adapter(rest, lambda l: l.rank, "r")
     mini = {p: l for p, l in rest.items() if l.block.ndim == 2 and l.shape is not None and l.block.shape[1] != l.shape[0]}
-    return reasons | _same(mini, lambda l: int(l.block.shape[1]), "mini_r")
+    return reasons | one_per_adapter(mini, lambda l: int(l.block.shape[1]), "mini_r")
 
 
 # ------------------------------------------------------------------------------------------ replacements
@@ -370,7 +358,7 @@ def _token_indices(module: str, cfg: dict) -> list[int]:
 
 def read_tokens(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> TrainableTokens:
     """TRAINABLE_TOKENS: ``trainable_tokens_delta (k, dim)`` (the rows' new values) and the config's row numbers."""
-    _need(module, p, "values")
+    need(p, ("values",), module)
     v = p["values"]
     indices = _token_indices(module, cfg)
     if v.ndim != 2 or v.shape[0] != len(indices):
@@ -399,10 +387,37 @@ def write_token_adapters(layers: dict[str, TrainableTokens], cfg: dict, out: dic
 
 def tokens_limits(layers: Mapping[str, TrainableTokens]) -> dict[str, str]:
     """peft's TRAINABLE_TOKENS config has one ``token_indices`` list for every target."""
-    return _same(layers, lambda l: tuple(int(i) for i in l.token_indices), "token_indices")
+    return one_per_adapter(layers, lambda l: tuple(int(i) for i in l.token_indices), "token_indices")
 
 
-__all__ = ["TOKEN_ADAPTER", "boft_limits", "c3a_limit", "hra_limits", "miss_limits", "oft_limits", "read_boft",
-           "read_c3a", "read_hra", "read_ln_tuning", "read_miss", "read_oft", "read_shira", "read_tokens",
-           "read_waveft", "shira_limits", "tokens_limits", "waveft_limits", "write_boft", "write_token_adapters", "write_c3a", "write_hra",
-           "write_ln_tuning", "write_miss", "write_oft", "write_shira", "write_tokens", "write_waveft"]
+__all__ = [
+    "TOKEN_ADAPTER",
+    "boft_limits",
+    "c3a_limit",
+    "hra_limits",
+    "miss_limit",
+    "miss_limits",
+    "oft_limits",
+    "read_boft",
+    "read_c3a",
+    "read_hra",
+    "read_ln_tuning",
+    "read_miss",
+    "read_oft",
+    "read_shira",
+    "read_tokens",
+    "read_waveft",
+    "shira_limits",
+    "tokens_limits",
+    "waveft_limits",
+    "write_boft",
+    "write_c3a",
+    "write_hra",
+    "write_ln_tuning",
+    "write_miss",
+    "write_oft",
+    "write_shira",
+    "write_token_adapters",
+    "write_tokens",
+    "write_waveft",
+]
