@@ -262,7 +262,8 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
     if blocked:
         first = next(iter(blocked))
-        hint = "" if base is not None else "pass --base BASE with --kind lora (each becomes its exact change to it), or "
+        hint = "or " if base is not None or "--base" in blocked[first] else (
+            "pass --base BASE with --kind lora (each becomes its exact change to it), or ")
         raise UnsupportedError(
             f"{len(blocked)} layer(s) cannot be written as {dst}: {', '.join(list(blocked)[:4])}"
             f"{' ...' if len(blocked) > 4 else ''} ({first}: {todo[first]}, and {blocked[first]}); {hint}write a "
