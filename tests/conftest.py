@@ -19,6 +19,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
 
+def lycoris_network(model, targets=("Linear", "Conv2d"), **kwargs):
+    """``create_lycoris(model, 1.0, **kwargs)`` on the module types ``targets`` only, applied to ``model``; lycoris's
+    default target preset is restored afterwards (it is global state)."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({"target_module": list(targets)})
+    try:
+        net = create_lycoris(model, 1.0, **kwargs)
+    finally:
+        LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"]})
+    net.apply_to()
+    return net
+
+
 def tiny_llama_config(**overrides):
     """A 2-layer llama small enough to build in milliseconds."""
     from transformers import LlamaConfig
@@ -127,7 +141,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> Cli
     saved_env, saved_cwd, saved_constants = dict(os.environ), os.getcwd(), {}
     try:
         if env:
-            import huggingface_hub.constants as constants
+            from huggingface_hub import constants
 
             for key, convert in _HUB_CONSTANTS.items():
                 if key in env:
@@ -141,7 +155,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> Cli
         os.environ.clear()
         os.environ.update(saved_env)
         if saved_constants:
-            import huggingface_hub.constants as constants
+            from huggingface_hub import constants
 
             for key, value in saved_constants.items():
                 setattr(constants, key, value)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import adaptkit as ak
 
-from .conftest import make_peft_adapter, make_tiny_llama
+from .conftest import lycoris_network, make_peft_adapter, make_tiny_llama
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -254,20 +254,14 @@ def lycoris_merged(tmp_path: Path, bias: bool = True, seed: int = 0, **kwargs):
 
     from safetensors.torch import save_file
 
-    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("lycoris")
     from .test_kohya_lycoris import Small
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     torch.manual_seed(seed)
     model = Small(bias).eval()
     base = copy.deepcopy(model)
-    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
-    try:
-        net = lycoris.create_lycoris(model, 1.0, **kwargs)
-    finally:
-        lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm",
-                                                               "LayerNorm"]})
-    net.apply_to()
+    net = lycoris_network(model, ["Linear", "Conv2d"], **kwargs)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for _, p in net.named_parameters():
@@ -343,7 +337,7 @@ def lycoris_llama(tmp_path: Path, dtype=torch.bfloat16, seed: int = 0, **kwargs)
     """
     import logging
 
-    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("lycoris")
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     base_dir = tmp_path / "llama"
     make_tiny_llama(seed).to(dtype).save_pretrained(str(base_dir))
@@ -353,13 +347,7 @@ def lycoris_llama(tmp_path: Path, dtype=torch.bfloat16, seed: int = 0, **kwargs)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         base_logits = model(ids).logits
-    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear"]})
-    try:
-        net = lycoris.create_lycoris(model, 1.0, **kwargs)
-    finally:
-        lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm",
-                                                               "LayerNorm"]})
-    net.apply_to()
+    net = lycoris_network(model, ["Linear"], **kwargs)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for _, p in net.named_parameters():

@@ -22,7 +22,7 @@ from adaptkit.cli import main
 from adaptkit.errors import ConfigError
 from adaptkit.ops.convert import convert_checkpoint
 
-from .conftest import make_peft_adapter, make_tiny_llama
+from .conftest import lycoris_network, make_peft_adapter, make_tiny_llama
 
 pytest.importorskip("diffusers")
 from .test_diffusers_format import tiny_pipe, tiny_te, tiny_unet
@@ -175,7 +175,7 @@ def test_bare_component_detection():
 
 
 def test_other_bare_models_and_lycoris_sources_keep_lycoris_names(tmp_path):
-    from lycoris import LycorisNetwork, create_lycoris
+    pytest.importorskip("lycoris")
     from peft import LoraConfig
 
     make_peft_adapter(tmp_path / "llama", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -190,12 +190,7 @@ def test_other_bare_models_and_lycoris_sources_keep_lycoris_names(tmp_path):
 
     # a real LyCORIS network on the bare UNet names its modules lycoris_down_blocks_...: writing it again keeps them
     applied = copy.deepcopy(unet)
-    LycorisNetwork.apply_preset({"target_module": ["Linear"]})
-    try:
-        net = create_lycoris(applied, 1.0, linear_dim=2, linear_alpha=1, algo="lora")
-    finally:
-        LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"]})
-    net.apply_to()
+    net = lycoris_network(applied, ["Linear"], linear_dim=2, linear_alpha=1, algo="lora")
     net.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, None)
     src = load_file(str(tmp_path / "lyco.safetensors"))
     assert any(k.startswith("lycoris_down_blocks_0_attentions_0_") for k in src)

@@ -15,8 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from adaptkit.errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
+from adaptkit.errors import (
+    ConfigError,
+    FormatError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 from adaptkit.formats import load, save
+
+from .conftest import lycoris_network
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -50,17 +57,10 @@ TARGETS = ["Linear", "Conv2d"]
 
 def make_lycoris(tmp_path, bias=True, targets=TARGETS, seed=0, dtype=torch.float32, **kwargs):
     """A LyCORIS network with random (non-zero) weights; returns (file, base model, applied model, input)."""
-    from lycoris import LycorisNetwork, create_lycoris
-
     torch.manual_seed(seed)
     model = Small(bias).eval()
     base = copy.deepcopy(model)
-    LycorisNetwork.apply_preset({"target_module": targets})
-    try:
-        net = create_lycoris(model, 1.0, **kwargs)
-    finally:
-        LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"]})
-    net.apply_to()
+    net = lycoris_network(model, targets, **kwargs)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in net.named_parameters():

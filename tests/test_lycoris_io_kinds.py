@@ -22,7 +22,7 @@ from adaptkit.formats import load, save
 from adaptkit.formats.kohya import group_tensors
 from adaptkit.formats.kohya_layers import build_layer
 
-from .conftest import run_cli
+from .conftest import lycoris_network, run_cli
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -65,17 +65,10 @@ def _record(label: str, err: float) -> None:
 
 def make(tmp_path, algo: str, seed: int = 0, **kw):
     """A perturbed LyCORIS network saved as a file: ``(file, base model, applied model, network, input)``."""
-    from lycoris import LycorisNetwork, create_lycoris
-
     torch.manual_seed(seed)
     model = Net().eval()
     base = copy.deepcopy(model)
-    LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
-    try:
-        net = create_lycoris(model, 1.0, algo=algo, **kw)
-    finally:
-        LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"]})
-    net.apply_to()
+    net = lycoris_network(model, ["Linear", "Conv2d"], algo=algo, **kw)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in net.named_parameters():
