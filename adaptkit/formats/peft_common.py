@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 from .patterns import build_pattern
 
 
@@ -29,6 +29,13 @@ def num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def config_mismatch(module: str, field: str, value: Any, found: Any, what: str, fix: str | None = None) -> ConfigError:
+    """The error for a config field that contradicts the tensors: ``field=value`` in ``adapter_config.json`` against
+    ``what found`` in the weights (``fix``: the way out, default "fix <field>")."""
+    return ConfigError(f"{module}: adapter_config.json gives {field}={value!r} but the tensors have {what} {found}; "
+                       f"the config does not belong to these weights ({fix or 'fix ' + field})")
+
+
 def one_per_adapter(layers: Mapping[str, Any], value: Callable[[Any], Any], what: str) -> dict[str, str]:
     """``{path: reason}`` for the layers whose ``value(layer)`` differs from the most common one: a setting peft has
     once per adapter (``what`` names it: ``r``, ``init_r``, ``fan_in_fan_out`` ...)."""
@@ -44,4 +51,4 @@ def shared_key(prefix: str, stem: str) -> str:
     return prefix.removesuffix("model.") + stem
 
 
-__all__ = ["need", "num", "one_per_adapter", "shared_key"]
+__all__ = ["config_mismatch", "need", "num", "one_per_adapter", "shared_key"]

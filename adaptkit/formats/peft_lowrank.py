@@ -35,7 +35,7 @@ from ..core.kinds.vblora import full_topk_weights
 from ..core.kinds.vera import require_projections
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, PatternMatcher, build_pattern
-from .peft_common import need, num, one_per_adapter, shared_key
+from .peft_common import config_mismatch, need, num, one_per_adapter, shared_key
 
 Out = dict[str, torch.Tensor]
 
@@ -47,11 +47,6 @@ def _fan(cfg: Mapping[str, Any]) -> bool:
 def _shape(out: int, inp: int, fan: bool) -> tuple[int, int]:
     """The module weight shape of a linear layer of math shape ``(out, inp)`` (``Conv1D`` stores the transpose)."""
     return (inp, out) if fan else (out, inp)
-
-
-def _mismatch(module: str, what: str, found: Any, field: str, expected: Any, fix: str | None = None) -> ConfigError:
-    return ConfigError(f"{module} has {what} {found} in its tensors but adapter_config.json gives {field}={expected}; "
-                       f"the config does not match the weights ({fix or 'fix ' + field})")
 
 
 def _shared(p: Mapping[str, torch.Tensor], names: tuple[str, ...], stems: tuple[str, ...], cfg: Mapping[str, Any],
@@ -125,7 +120,7 @@ def read_adalora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
     if mask is not None and len(mask) != init_r:
         raise ConfigError(f"rank_pattern of {module} has {len(mask)} entries but init_r is {init_r}; fix rank_pattern")
     if rank != expected:
-        raise _mismatch(module, "rank", rank, "rank_pattern" if mask is not None else "init_r", expected)
+        raise config_mismatch(module, "rank_pattern" if mask is not None else "init_r", expected, rank, "rank")
     alpha = cfg.get("lora_alpha", 8)
     alpha = float(rank if alpha == 0 else alpha)  # peft's scaling: lora_alpha, or the rank when it is 0
     fan = _fan(cfg)
@@ -181,7 +176,8 @@ def read_vera(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Conf
     need(p, {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}, module)
     r = cfg.get("r", 256)
     if p["lambda_d"].numel() != r or p["vera_a"].shape[0] != r:
-        raise _mismatch(module, "rank (vera_lambda_d / vera_A)", (p["lambda_d"].numel(), p["vera_a"].shape[0]), "r", r)
+        raise config_mismatch(module, "r", r, (p["lambda_d"].numel(), p["vera_a"].shape[0]),
+                              "rank (vera_lambda_d / vera_A)")
     return VeRA(vera_a=p["vera_a"], vera_b=p["vera_b"], lambda_b=p["lambda_b"], lambda_d=p["lambda_d"], shape=None,
                 fan_in_fan_out=_fan(cfg))
 
@@ -209,8 +205,8 @@ def read_randlora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: 
     need(p, {"lam": "randlora_lambda", "gamma": "randlora_gamma"}, module)
     r = cfg.get("r", 32)
     if p["lam"].shape[0] != r or p["randlora_a"].shape[0] != r:
-        raise _mismatch(module, "rank (randlora_lambda / randlora_A)", (p["lam"].shape[0], p["randlora_a"].shape[0]),
-                        "r", r)
+        raise config_mismatch(module, "r", r, (p["lam"].shape[0], p["randlora_a"].shape[0]),
+                              "rank (randlora_lambda / randlora_A)")
     alpha = cfg.get("randlora_alpha", 640)
     return RandLoRA(randlora_a=p["randlora_a"], randlora_b=p["randlora_b"], lam=p["lam"], gamma=p["gamma"],
                     alpha=float(alpha), shape=None, fan_in_fan_out=_fan(cfg))
@@ -254,13 +250,14 @@ def read_vblora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
                               f"(r, in/L, {bank.shape[0]}) / (out/L, r, {bank.shape[0]}) for the vector bank "
                               f"{tuple(bank.shape)}; the checkpoint is damaged")
         if topk > bank.shape[0]:
-            raise _mismatch(module, "num_vectors", bank.shape[0], "topk", topk, "topk is at most num_vectors")
+            raise config_mismatch(module, "topk", topk, bank.shape[0], "num_vectors", "topk is at most num_vectors")
         shape = _shape(lb.shape[0] * bank.shape[1], la.shape[1] * bank.shape[1], fan)
         return VBLoRA.from_logits(bank, la, lb, topk, shape, fan)
     need(p, {f"{x}_{s.lower()}": f"vblora_logits_{s}_topk_{y}" for s in "AB"
               for x, y in (("indices", "indices"), ("tw", "weights"))}, module)
     if p["tw_a"].shape[-1] != topk - 1 or p["tw_b"].shape[-1] != topk - 1:
-        raise _mismatch(module, "top-k weights per piece (the last dropped)", p["tw_a"].shape[-1] + 1, "topk", topk)
+        raise config_mismatch(module, "topk", topk, p["tw_a"].shape[-1] + 1,
+                              "top-k weights per piece (the last dropped)")
     ia, ib = p["indices_a"], p["indices_b"]
     if ia.ndim != 3 or ib.ndim != 3:
         raise FormatError(f"{module}: top-k indices A {tuple(ia.shape)} / B {tuple(ib.shape)} are not 3-D; the "
@@ -317,7 +314,7 @@ def read_delora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
     a, b = p["a"], p["b"]
     expected = patterns.rank_for(module, cfg.get("r", 8))
     if int(a.shape[0]) != int(expected):
-        raise _mismatch(module, "rank", int(a.shape[0]), "r/rank_pattern", expected)
+        raise config_mismatch(module, "r/rank_pattern", expected, int(a.shape[0]), "rank")
     return DeLoRA(a=a, b=b, lam=p["lam"], w_norm=p["w_norm"], shape=(b.shape[0], a.shape[1]))
 
 
@@ -347,7 +344,7 @@ def read_gralora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
     for what, found, field, default in (("rank", a.shape[2], "r", 32), ("grid size", a.shape[0], "gralora_k", 2),
                                         ("hybrid rank", p["ga_general"].shape[0] if "ga_general" in p else 0, "hybrid_r", 0)):
         if int(found) != int(cfg.get(field, default)):
-            raise _mismatch(module, what, int(found), field, cfg.get(field, default))
+            raise config_mismatch(module, field, cfg.get(field, default), int(found), what)
     fan = _fan(cfg)
     return GraLoRA(a=a, b=b, alpha=float(cfg.get("alpha", 64)), shape=_shape(b.shape[0] * b.shape[2], a.shape[0] * a.shape[1], fan),
                    a_general=p.get("ga_general"), b_general=p.get("gb_general"), fan_in_fan_out=fan)
@@ -382,7 +379,7 @@ def read_fourierft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns:
     values = p["values"]
     n = PatternMatcher(cfg.get("n_frequency_pattern"), "n_frequency_pattern", "rank").value(module, cfg.get("n_frequency", 1000))
     if values.ndim != 1 or values.numel() != int(n):
-        raise _mismatch(module, "spectrum length", tuple(values.shape), "n_frequency/n_frequency_pattern", n)
+        raise config_mismatch(module, "n_frequency/n_frequency_pattern", n, tuple(values.shape), "spectrum length")
     return FourierFT(values=values, indices=None, scaling=float(cfg.get("scaling", 150.0)), shape=None,
                      fan_in_fan_out=_fan(cfg), seed=int(cfg.get("random_loc_seed", 777)))
 

@@ -17,7 +17,6 @@ Every config field that disagrees with the tensors is a :class:`~adaptkit.errors
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -36,15 +35,10 @@ from ..core.kinds import (
 from ..core.kinds.oft import block_size_of
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, build_pattern, pattern_value
-from .peft_common import need, num, one_per_adapter
+from .peft_common import config_mismatch, need, num, one_per_adapter
 
 #: where a LoRA file with ``trainable_token_indices`` keeps an embedding's tokens: ``<module>.token_adapter.<stem>``
 TOKEN_ADAPTER = ".token_adapter"
-
-
-def _mismatch(module: str, field: str, value: Any, found: Any, what: str) -> ConfigError:
-    return ConfigError(f"{module}: adapter_config.json gives {field}={value!r} but the tensors have {what} {found}; "
-                       f"the config does not belong to these weights (fix {field})")
 
 
 # ------------------------------------------------------------------------------------------ dense additive
@@ -55,7 +49,7 @@ def read_waveft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
     need(p, ("values",), module)
     n = pattern_value(cfg.get("n_frequency_pattern"), module, cfg.get("n_frequency"))
     if n is not None and not cfg.get("proportional_parameters") and int(n) != p["values"].numel():
-        raise _mismatch(module, "n_frequency", n, p["values"].numel(), "coefficients")
+        raise config_mismatch(module, "n_frequency", n, p["values"].numel(), "coefficients")
     return WaveFT(values=p["values"], indices=None, scaling=float(cfg.get("scaling", 25.0)), shape=None,
                   wavelet_family=cfg.get("wavelet_family", "db1"), use_idwt=bool(cfg.get("use_idwt", True)),
                   fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
@@ -128,7 +122,7 @@ def read_c3a(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Confi
         raise FormatError(f"{module}: c3a_kernel has shape {tuple(k.shape)}; it must be (out / b, in / b, b)")
     b = pattern_value(cfg.get("block_size_pattern"), module, cfg.get("block_size"))
     if b is not None and int(b) != k.shape[2]:
-        raise _mismatch(module, "block_size", b, k.shape[2], "block size")
+        raise config_mismatch(module, "block_size", b, k.shape[2], "block size")
     return C3A(kernel=k, shape=(k.shape[0] * k.shape[2], k.shape[1] * k.shape[2]))
 
 
@@ -162,13 +156,13 @@ def read_oft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Confi
     b = block_size_of(int(w.shape[1]))
     size = int(cfg.get("oft_block_size") or 0)
     if size and size != b:
-        raise _mismatch(module, "oft_block_size", size, b, "block size")
+        raise config_mismatch(module, "oft_block_size", size, b, "block size")
     share = bool(cfg.get("block_share", False))
     if share and w.shape[0] != 1:
-        raise _mismatch(module, "block_share", True, w.shape[0], "blocks")
+        raise config_mismatch(module, "block_share", True, w.shape[0], "blocks")
     r = int(cfg.get("r") or 0)
     if r and not share and not size and r != w.shape[0]:
-        raise _mismatch(module, "r", r, w.shape[0], "blocks")
+        raise config_mismatch(module, "r", r, w.shape[0], "blocks")
     return OFT(weight=w, shape=None, module_type="embedding" if emb else "linear", coft=bool(cfg.get("coft", False)),
                eps=float(cfg.get("eps", 6e-5)), use_cayley_neumann=bool(cfg.get("use_cayley_neumann", True)),
                num_cayley_neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)))
@@ -215,9 +209,9 @@ def read_boft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Conf
                           "(out, 1) or (1, out)")
     size, num = int(cfg.get("boft_block_size") or 0), int(cfg.get("boft_block_num") or 0)
     if size and size != r.shape[2]:
-        raise _mismatch(module, "boft_block_size", size, r.shape[2], "block size")
+        raise config_mismatch(module, "boft_block_size", size, r.shape[2], "block size")
     if num and num != r.shape[1]:
-        raise _mismatch(module, "boft_block_num", num, r.shape[1], "blocks")
+        raise config_mismatch(module, "boft_block_num", num, r.shape[1], "blocks")
     conv = s.shape[0] == 1 and s.shape[1] != 1
     shape = None if conv else (int(s.shape[0]), int(r.shape[1] * r.shape[2]))
     return BOFT(boft_r=r, boft_s=s, shape=shape, module_type="conv" if conv else "linear")
@@ -248,7 +242,7 @@ def read_hra(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Confi
         raise FormatError(f"{module}: hra_u has shape {tuple(u.shape)}; it must be (in * k, r)")
     r = cfg.get("r")
     if r is not None and int(r) != u.shape[1]:
-        raise _mismatch(module, "r", r, u.shape[1], "reflections")
+        raise config_mismatch(module, "r", r, u.shape[1], "reflections")
     return HRA(u=u, shape=None, apply_gs=bool(cfg.get("apply_GS", False)))
 
 
@@ -273,17 +267,17 @@ def read_miss(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Conf
     r = cfg.get("r")
     if bat:
         if block.ndim != 3 or block.shape[1] != block.shape[2]:
-            raise _mismatch(module, "init_weights", "bat", tuple(block.shape), "a block of shape (bat is (out / r, r, r))")
+            raise config_mismatch(module, "init_weights", "bat", tuple(block.shape), "a block of shape (bat is (out / r, r, r))")
         if r is not None and int(r) != block.shape[2]:
-            raise _mismatch(module, "r", r, block.shape[2], "tile size")
+            raise config_mismatch(module, "r", r, block.shape[2], "tile size")
         return MiSSBat(block=block, shape=None)
     if block.ndim != 2:
-        raise _mismatch(module, "init_weights", cfg.get("init_weights"), tuple(block.shape),
+        raise config_mismatch(module, "init_weights", cfg.get("init_weights"), tuple(block.shape),
                         "a 3-D block (init_weights='bat'?) of shape")
     if r is not None and int(r) != block.shape[0]:
-        raise _mismatch(module, "r", r, block.shape[0], "tile width")
+        raise config_mismatch(module, "r", r, block.shape[0], "tile width")
     if cfg.get("init_weights") == "mini" and block.shape[1] != cfg.get("mini_r", 1):
-        raise _mismatch(module, "mini_r", cfg.get("mini_r", 1), block.shape[1], "a block width")
+        raise config_mismatch(module, "mini_r", cfg.get("mini_r", 1), block.shape[1], "a block width")
     return MiSS(block=block, shape=None)
 
 
