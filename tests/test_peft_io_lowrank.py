@@ -338,6 +338,12 @@ def test_shapeless_layers_need_the_base(variant, tmp_path_factory):
     rows = ak.analyze(adapter)
     assert len(rows) == len(adapter.layers) and rows["fro_norm"].isna().all()
     assert rows["note"].str.contains("--base").all()
+    # merging needs the shape too: refused without the base, exact task arithmetic with it
+    with pytest.raises(UnsupportedError, match="no weight shape yet.*--base"):
+        ak.merge([adapter, adapter])
+    merged = ak.merge([fitted, fitted], weights=[0.7, -0.2])
+    for p, layer in fitted.layers.items():
+        torch.testing.assert_close(merged.layers[p].delta(), 0.5 * layer.delta(), rtol=1e-5, atol=1e-6)
     full = ak.analyze(fitted)
     want = [float(layer.delta().double().norm()) for _, layer in sorted(fitted.layers.items())]
     assert full.sort_values("module")["fro_norm"].tolist() == pytest.approx(want, rel=1e-5)

@@ -22,7 +22,7 @@ import torch
 
 from ...core.adapter import Adapter
 from ...core.kinds import Layer, LoRA, layer_dtype
-from ...core.kinds.base import MODULE_TYPES, tensor_is_finite
+from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
@@ -98,6 +98,9 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     used = METHODS["linear"] if requested.peft and len(loaded) == 1 and all_lora else requested
     if used.random and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    shapeless = sorted({p for a in loaded for p, layer in a.layers.items() if layer.additive and layer.shape is None})
+    if shapeless:  # a PEFT VeRA/WaveFT/... file read without its base: the delta needs the weight shape
+        raise UnsupportedError(f"{len(shapeless)} layer(s) have no weight shape yet (e.g. {shapeless[0]}): {NO_SHAPE}")
     if any(not layer.has_delta for layer in every):  # IA3: merged in its own parameters
         layers = _merge_own(loaded, w, requested, progress)
         out_rank = None
@@ -221,9 +224,11 @@ def _resolve_rank(m: Method, rank: int | None, adapters: list[Adapter], all_lora
     if rank is not None:
         return rank
     if m.output is Output.EXACT_OR_SVD:
-        if not all_lora:
+        dense = sorted({u.kind for a in adapters for layer in a.layers.values() for u in _units(layer)
+                        if u.factors() is None})
+        if dense:
             raise ConfigError(
-                "task_arithmetic keeps the sum exact with LoRA factors, but LoHa/LoKr/full layers have none; "
+                f"task_arithmetic keeps the sum exact with low-rank factors, but {'/'.join(dense)} layers have none; "
                 "pass rank=R (--rank R) to turn their sum into a LoRA of rank R"
             )
         return None
@@ -292,7 +297,7 @@ def _merge_own(adapters: list[Adapter], weights: list[float], m: Method, progres
     classes = {type(layer) for a in adapters for layer in a.layers.values()}
     if len(classes) > 1:
         names = sorted(c.__name__ for c in classes)
-        own = sorted(c.__name__ for c in classes if not c.has_delta)
+        own = sorted({type(layer).__name__ for a in adapters for layer in a.layers.values() if not layer.has_delta})
         raise UnsupportedError(
             f"{' and '.join(names)} layers cannot be merged into one adapter: {', '.join(own)} has no base-free delta "
             "to add to the others' (IA3 rescales weights, rotations and GLoRA act on the base weight); merge adapters "
@@ -372,7 +377,15 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
                 f"use '{m.name}_svd' if it exists, 'svd' or 'task_arithmetic' with a rank"
             )
         up, down = _factorwise(path, layers, weights, opts, gen)
-    elif m.operand is Operand.LOWRANK and opts.rank is None:  # cat / exact task arithmetic
+    elif m.operand is Operand.LOWRANK and opts.rank is None and m.output is Output.EXACT_OR_SVD:
+        # exact task arithmetic: sum_i w_i U_i V_i = [w_1 U_1 ...] [V_1; ...], for every kind with exact factors
+        ups, downs = [], []
+        for layer, w in zip(layers, weights):
+            u, v = layer.factors()
+            ups.append(u * w)
+            downs.append(v)
+        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    elif m.operand is Operand.LOWRANK and opts.rank is None:  # cat (PEFT's: on the stored B/A)
         if not loras:
             raise UnsupportedError(f"method '{m.name}' concatenates LoRA factors, but {path} is {_kinds(layers)}; "
                                    "pass a rank, or use 'svd'")
