@@ -154,6 +154,14 @@ def test_convert_without_base_names_base(made, case, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
+def test_convert_to_kohya_with_base_but_no_kind_says_to_add_kind(made, tmp_path):
+    """kohya holds no PEFT OFT: with the base on disk the way out is --kind lora, not --base again."""
+    with pytest.raises(UnsupportedError, match="add --kind lora"):
+        convert_checkpoint("peft->kohya", made["oft"]["root"] / "adapter", tmp_path / "o.safetensors",
+                           base=made["oft"]["root"] / "base", progress=False)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_ln_tuning_has_no_lora_form(made, tmp_path):
     with pytest.raises(UnsupportedError, match="norm|LoRA|lora"):
         convert_checkpoint("peft->peft", made["ln_tuning"]["root"] / "adapter", tmp_path / "lora", kind="lora",

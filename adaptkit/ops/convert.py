@@ -262,8 +262,12 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     blocked = {p: why for p in todo if (why := adapter.layers[p].lora_obstacle())}
     if blocked:
         first = next(iter(blocked))
-        hint = "or " if base is not None or "--base" in blocked[first] else (
-            "pass --base BASE with --kind lora (each becomes its exact change to it), or ")
+        if isinstance(base, (str, os.PathLike)) and not lossy_ok:
+            hint = "add --kind lora (or --rank R) to turn each into its exact change to the base, or "
+        elif "--base" in blocked[first] or isinstance(base, (str, os.PathLike)):
+            hint = "or "
+        else:
+            hint = "pass --base BASE with --kind lora (each becomes its exact change to it), or "
         raise UnsupportedError(
             f"{len(blocked)} layer(s) cannot be written as {dst}: {', '.join(list(blocked)[:4])}"
             f"{' ...' if len(blocked) > 4 else ''} ({first}: {todo[first]}, and {blocked[first]}); {hint}write a "
