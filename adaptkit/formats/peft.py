@@ -218,7 +218,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     extras: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
-    tokens: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    tokens: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    #: kinds whose layers ride in this file type (LoRA's trainable_token_indices), by their peft_type
+    riders = {r.peft_type: r for r in PEFT_NAMES.values() if ptype in r.hosts}
     for key, tensor in tensors.items():
         stem = key.removeprefix(SHARED_PREFIX)
         if stem in row.shared:  # a model-level tensor every layer uses (VeRA's projections, VB-LoRA's bank)
@@ -230,9 +232,8 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             extras[rel] = tensor
             continue
         module, key_type, part = split
-        if key_type != ptype and key_type == PEFT_NAMES["trainable_tokens"].peft_type \
-                and module.endswith(peft_other.TOKEN_ADAPTER):
-            tokens[module.removesuffix(peft_other.TOKEN_ADAPTER)][part] = tensor  # LoRA's trainable_token_indices
+        if key_type != ptype and key_type in riders and module.endswith(peft_other.TOKEN_ADAPTER):
+            tokens[key_type][module.removesuffix(peft_other.TOKEN_ADAPTER)][part] = tensor  # LoRA's trainable_token_indices
             continue
         if key_type != ptype:
             raise FormatError(
@@ -248,9 +249,8 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     if params:  # LoRA on parameter tensors (target_parameters), named by the parameter's path
         built = peft_params.orient(build_layers(params, cfg, patterns, PEFT_NAMES["expert_lora"]), cfg, metadata)
         layers = dict(sorted({**layers, **built}.items()))
-    if tokens:
-        built = build_layers(tokens, cfg, patterns, PEFT_NAMES["trainable_tokens"])
-        layers = dict(sorted({**layers, **built}.items()))
+    for key_type, rides in tokens.items():
+        layers = dict(sorted({**layers, **build_layers(rides, cfg, patterns, riders[key_type])}.items()))
     if not layers:
         raise FormatError(f"{file_name} contains no {ptype} adapter tensors; is it an adapter checkpoint?")
     return Adapter(
