@@ -356,7 +356,7 @@ def can_store(layer: Any, module: str) -> str | None:
 def kind_support() -> dict[str, KindSupport]:
     """The kinds PEFT files hold: one per :data:`~adaptkit.formats.peft_layers.PEFT_NAMES` row (registered ones too)."""
     return {kind: KindSupport(read=row.reader is not None, write=row.writer is not None, limited=row.limits is not None)
-            for kind, row in PEFT_NAMES.items()}
+            for kind, row in PEFT_NAMES.items() if kind == row.kind}  # not the aliases (BONE files read as MiSS)
 
 
 def can_name(module: str) -> str | None:

@@ -449,8 +449,7 @@ PEFT_NAMES: dict[str, PeftNames] = {
         "gralora_B_general.weight": "gb_general",
     }, reader=peft_lowrank.read_gralora, writer=peft_lowrank.write_gralora, adapter_limits=peft_lowrank.gralora_limits),
     # Bone (peft < 0.17, removed since): MiSS under its old name, read only (MiSS layers are written as MISS)
-    "bone": PeftNames("miss", "BONE", {"bone_block": "block"}, reader=peft_other.read_miss,
-                      writer=peft_other.write_miss),
+    "bone": PeftNames("miss", "BONE", {"bone_block": "block"}, reader=peft_other.read_miss),
     "fourierft": PeftNames("fourierft", "FOURIERFT", {"fourierft_spectrum": "values"},
                            reader=peft_lowrank.read_fourierft, writer=peft_lowrank.write_fourierft,
                            limits=peft_lowrank.fourierft_limit, adapter_limits=peft_lowrank.fourierft_limits),

@@ -299,7 +299,7 @@ def write_vblora(layers: dict[str, VBLoRA], cfg: dict, out: Out, prefix: str) ->
 
 
 def vblora_limit(layer: VBLoRA) -> str | None:
-    """peft's top-k weights are one softmax: they must be positive (a log is taken when loading)."""
+    """peft stores the top-k weights with the last one dropped (it is 1 - the rest): topk must be at least 2."""
     if layer.weights_a.shape[-1] < 2:
         return "peft's VB-LoRA files store top-k weights with the last one dropped; topk must be at least 2"
     return None

@@ -54,7 +54,7 @@ class CheckpointLayerRow:
 def delta_fro_norm(layer: Layer) -> float:
     """``||dW||_F`` of a layer (the kind's ``fro_norm``: Gram matrices where low rank, NaN for IA3 and for a layer
     read without its weight shape, which the delta depends on: PEFT VeRA, RandLoRA, MiSS, FourierFT files)."""
-    return float("nan") if layer.shape is None else layer.fro_norm()
+    return layer.fro_norm()
 
 
 def _shape_text(shape: Any) -> str:

@@ -32,11 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.kinds import Layer
-from ..core.kinds.base import nonfinite_fields
+from ..core.kinds.base import MODULE_TYPES, nonfinite_fields
 from ..errors import NonFiniteError, UnsupportedError
-
-#: the layers' ``module_type`` values the wrapper adapts (a "norm" or "experts" layer has no module to wrap)
-MODULE_TYPES = frozenset({"linear", "conv", "embedding"})
 
 
 def base_kind(module: nn.Module) -> str | None:

@@ -233,15 +233,16 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
                     progress: bool | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`); ``dst_format=None``: the source's."""
     check_output(out, overwrite, inputs=[source, base])
-    if dst_format is not None:
-        check_write_options(format_module(dst_format).NAME, component=component)  # before the source is read
+    if dst_format is not None:  # checked before the source is read; a convert within the format, once it is known
+        check_write_options(format_module(dst_format).NAME, component=component)
     adapter = as_adapter(source, format=src_format, base=base)
     adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
     if dst_format is None and not adapter.format:
         raise ConfigError("the source's format is not known, so there is no format to convert within; pass --to")
     dst = format_module(dst_format or adapter.format).NAME
-    check_write_options(dst, component=component)
+    if dst_format is None:
+        check_write_options(dst, component=component)
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
         component = names.bare_base_component(adapter.layers, base)
