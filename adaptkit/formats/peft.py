@@ -33,6 +33,7 @@ from . import names as _names
 from . import peft_lokr, peft_other, peft_params
 from .base import KindSupport, Selection, check_storable
 from .patterns import ConfigPatterns
+from .peft_common import same_tensor
 from .peft_components import (
     COMPONENTS,
     check_component,
@@ -275,7 +276,7 @@ def add_shared(module: str, parts: dict[str, torch.Tensor], shared: Mapping[str,
     """
     for part, t in shared.items():
         own = parts.get(part)
-        if own is not None and own is not t and (own.shape != t.shape or not torch.equal(own, t)):
+        if own is not None and not same_tensor(own, t):
             stem = row.display.get(part, part)
             raise FormatError(f"{file_name}: {module}.{stem} differs from the model-level base_model.{stem} it copies; "
                               "the checkpoint is damaged or mixes two adapters")

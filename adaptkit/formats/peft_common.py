@@ -24,6 +24,16 @@ def need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...] | Mapping[str
         raise FormatError(f"{module} lacks tensor(s) {missing}; the checkpoint is incomplete")
 
 
+def fan(cfg: Mapping[str, Any]) -> bool:
+    """The config's ``fan_in_fan_out`` (transformers ``Conv1D`` modules store the weight transposed)."""
+    return bool(cfg.get("fan_in_fan_out", False))
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` are the same tensor, or equal in shape, dtype and every value."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
 def num(x: float) -> int | float:
     """A number as JSON writes it best: an ``int`` when it is whole."""
     return int(x) if float(x).is_integer() else float(x)
@@ -51,4 +61,4 @@ def shared_key(prefix: str, stem: str) -> str:
     return prefix.removesuffix("model.") + stem
 
 
-__all__ = ["config_mismatch", "need", "num", "one_per_adapter", "shared_key"]
+__all__ = ["config_mismatch", "fan", "need", "num", "one_per_adapter", "same_tensor", "shared_key"]

@@ -24,6 +24,7 @@ from ..core.kinds import IA3, KINDS, LoHa, LoKr, LoRA
 from ..errors import ConfigError, FormatError
 from . import peft_lokr, peft_lowrank, peft_other, peft_params
 from .patterns import ConfigPatterns, build_pattern, matches_feedforward
+from .peft_common import fan as fan_of
 from .peft_common import need, num
 
 #: ``reader(module, {part: tensor}, config, patterns) -> layer``
@@ -96,7 +97,7 @@ def _check_rank(module: str, found: int, cfg: dict, patterns: ConfigPatterns) ->
 
 
 def _read_lora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> LoRA:
-    fan = bool(cfg.get("fan_in_fan_out", False))
+    fan = fan_of(cfg)
     alpha = patterns.alpha_for(module, cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     magnitude = p.get("magnitude")
@@ -176,7 +177,7 @@ def _read_lokr(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Con
 def _read_ia3(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: ConfigPatterns) -> IA3:
     vec = p["ia3"]
     on_input = matches_feedforward(cfg.get("feedforward_modules"), module)
-    fan = bool(cfg.get("fan_in_fan_out", False))
+    fan = fan_of(cfg)
     if vec.ndim == 2:
         # linear: (out, 1) scales outputs, (1, in) scales inputs; fan_in_fan_out stores the same shapes
         expected_input = vec.shape[0] == 1 and vec.shape[1] != 1

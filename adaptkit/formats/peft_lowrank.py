@@ -35,13 +35,17 @@ from ..core.kinds.vblora import full_topk_weights
 from ..core.kinds.vera import require_projections
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, PatternMatcher, build_pattern
-from .peft_common import config_mismatch, need, num, one_per_adapter, shared_key
+from .peft_common import (
+    config_mismatch,
+    need,
+    num,
+    one_per_adapter,
+    same_tensor,
+    shared_key,
+)
+from .peft_common import fan as fan_of
 
 Out = dict[str, torch.Tensor]
-
-
-def _fan(cfg: Mapping[str, Any]) -> bool:
-    return bool(cfg.get("fan_in_fan_out", False))
 
 
 def _shape(out: int, inp: int, fan: bool) -> tuple[int, int]:
@@ -68,7 +72,7 @@ def _same_tensor(layers: Mapping[str, Any], names: tuple[str, ...], kind: str) -
     for path, layer in layers.items():
         for n in names:
             a, b = getattr(layer, n), getattr(first, n)
-            if a is not b and (a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)):
+            if not same_tensor(a, b):
                 reasons[path] = f"peft stores one {n} per {kind} adapter and this layer's differs from the others'"
                 break
     return reasons
@@ -123,7 +127,7 @@ def read_adalora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
         raise config_mismatch(module, "rank_pattern" if mask is not None else "init_r", expected, rank, "rank")
     alpha = cfg.get("lora_alpha", 8)
     alpha = float(rank if alpha == 0 else alpha)  # peft's scaling: lora_alpha, or the rank when it is 0
-    fan = _fan(cfg)
+    fan = fan_of(cfg)
     return AdaLoRA(a=a, b=b, e=e, alpha=alpha, ranknum=float(init_r), shape=_shape(b.shape[0], a.shape[1], fan),
                    fan_in_fan_out=fan)
 
@@ -179,7 +183,7 @@ def read_vera(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Conf
         raise config_mismatch(module, "r", r, (p["lambda_d"].numel(), p["vera_a"].shape[0]),
                               "rank (vera_lambda_d / vera_A)")
     return VeRA(vera_a=p["vera_a"], vera_b=p["vera_b"], lambda_b=p["lambda_b"], lambda_d=p["lambda_d"], shape=None,
-                fan_in_fan_out=_fan(cfg))
+                fan_in_fan_out=fan_of(cfg))
 
 
 def vera_limits(layers: Mapping[str, VeRA]) -> dict[str, str]:
@@ -209,7 +213,7 @@ def read_randlora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: 
                               "rank (randlora_lambda / randlora_A)")
     alpha = cfg.get("randlora_alpha", 640)
     return RandLoRA(randlora_a=p["randlora_a"], randlora_b=p["randlora_b"], lam=p["lam"], gamma=p["gamma"],
-                    alpha=float(alpha), shape=None, fan_in_fan_out=_fan(cfg))
+                    alpha=float(alpha), shape=None, fan_in_fan_out=fan_of(cfg))
 
 
 def randlora_limits(layers: Mapping[str, RandLoRA]) -> dict[str, str]:
@@ -240,7 +244,7 @@ def read_vblora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
     if "bank" not in p:
         raise FormatError(f"{module}: the file lacks base_model.vblora_vector_bank, the vector bank every VB-LoRA "
                           "layer draws from; the checkpoint is incomplete")
-    bank, fan = p["bank"], _fan(cfg)
+    bank, fan = p["bank"], fan_of(cfg)
     topk = _config_int(cfg, "topk", "VB-LoRA")
     if "logits_a" in p or "logits_b" in p:
         need(p, {"logits_a": "vblora_logits_A", "logits_b": "vblora_logits_B"}, module)
@@ -345,7 +349,7 @@ def read_gralora(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: C
                                         ("hybrid rank", p["ga_general"].shape[0] if "ga_general" in p else 0, "hybrid_r", 0)):
         if int(found) != int(cfg.get(field, default)):
             raise config_mismatch(module, field, cfg.get(field, default), int(found), what)
-    fan = _fan(cfg)
+    fan = fan_of(cfg)
     return GraLoRA(a=a, b=b, alpha=float(cfg.get("alpha", 64)), shape=_shape(b.shape[0] * b.shape[2], a.shape[0] * a.shape[1], fan),
                    a_general=p.get("ga_general"), b_general=p.get("gb_general"), fan_in_fan_out=fan)
 
@@ -381,7 +385,7 @@ def read_fourierft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns:
     if values.ndim != 1 or values.numel() != int(n):
         raise config_mismatch(module, "n_frequency/n_frequency_pattern", n, tuple(values.shape), "spectrum length")
     return FourierFT(values=values, indices=None, scaling=float(cfg.get("scaling", 150.0)), shape=None,
-                     fan_in_fan_out=_fan(cfg), seed=int(cfg.get("random_loc_seed", 777)))
+                     fan_in_fan_out=fan_of(cfg), seed=int(cfg.get("random_loc_seed", 777)))
 
 
 def fourierft_limit(layer: FourierFT) -> str | None:

@@ -36,6 +36,7 @@ from ..core.kinds.oft import block_size_of
 from ..errors import ConfigError, FormatError
 from .patterns import ConfigPatterns, build_pattern, pattern_value
 from .peft_common import config_mismatch, need, num, one_per_adapter
+from .peft_common import fan as fan_of
 
 #: where a LoRA file with ``trainable_token_indices`` keeps an embedding's tokens: ``<module>.token_adapter.<stem>``
 TOKEN_ADAPTER = ".token_adapter"
@@ -52,7 +53,7 @@ def read_waveft(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Co
         raise config_mismatch(module, "n_frequency", n, p["values"].numel(), "coefficients")
     return WaveFT(values=p["values"], indices=None, scaling=float(cfg.get("scaling", 25.0)), shape=None,
                   wavelet_family=cfg.get("wavelet_family", "db1"), use_idwt=bool(cfg.get("use_idwt", True)),
-                  fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+                  fan_in_fan_out=fan_of(cfg),
                   random_loc_seed=int(cfg.get("random_loc_seed", 777)))
 
 
@@ -84,7 +85,7 @@ def read_shira(module: str, p: dict[str, torch.Tensor], cfg: dict, patterns: Con
     """SHIRA: ``shira_weight`` + integer ``shira_indices``; the shape comes from the base."""
     need(p, ("values", "indices"), module)
     return SHiRA(values=p["values"], indices=p["indices"], shape=None,
-                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
+                 fan_in_fan_out=fan_of(cfg))
 
 
 def _shira_r(layer: SHiRA) -> float | None:
