@@ -8,7 +8,7 @@ One row per kind of :data:`adaptkit.core.kinds.KINDS` (registered kinds included
 * ``fuse``, ``unfuse``, ``merge``, ``convert to LoRA``: the kind's own ``operations()`` (derived from the class:
   additive kinds in :class:`~adaptkit.core.kinds.common.KindBase`, IA3 and the base-dependent kinds override it).
 * ``inject``: whether the kind's layers adapt a module the live wrapper wraps
-  (:data:`adaptkit.live.wrappers.MODULE_TYPES`, against the kind's ``module_type``).
+  (:data:`adaptkit.core.kinds.base.MODULE_TYPES`, against the kind's ``declared_module_type()``).
 
 Nothing here names a kind, so the table cannot drift from the code: ``scripts/capability_table.py`` prints it,
 ``docs/formats.md`` holds it between markers, and ``tests/test_capabilities.py`` regenerates and compares.
@@ -16,14 +16,13 @@ Nothing here names a kind, so the table cannot drift from the code: ``scripts/ca
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pandas as pd
 
 from .core.kinds import KINDS
+from .core.kinds.base import MODULE_TYPES
 from .formats.registry import FORMATS
-from .live.wrappers import MODULE_TYPES
 
 #: the operations of the kind-level columns, in table order: operations() key -> column name
 KIND_OPERATIONS = {"fuse": "fuse", "unfuse": "unfuse", "merge": "merge", "lora": "convert to LoRA"}
@@ -38,19 +37,6 @@ LEGEND = (
     "this kind (saving refuses them and suggests converting to LoRA or fusing); merge is exact for `cat` / "
     "`task_arithmetic`, lossy (report) where an SVD compresses to a rank."
 )
-
-
-def _default(cls: type, name: str) -> Any:
-    """A class attribute, or the default of a dataclass field of that name (``None`` when neither is set)."""
-    if dataclasses.is_dataclass(cls):
-        for f in dataclasses.fields(cls):
-            if f.name == name:
-                return None if f.default is dataclasses.MISSING else f.default
-    for c in cls.__mro__:
-        if name in vars(c):
-            value = vars(c)[name]
-            return value if isinstance(value, str) else None  # a property: the kind decides per layer
-    return None
 
 
 def _format_cells(kind: str) -> dict[str, str]:
@@ -70,13 +56,12 @@ def _format_cells(kind: str) -> dict[str, str]:
 
 
 def _kind_cells(cls: type) -> dict[str, str]:
-    declared = getattr(cls, "operations", None)
-    ops = declared() if declared is not None else {}
+    ops = cls.operations()
     return {col: ops.get(key, "not declared") for key, col in KIND_OPERATIONS.items()}
 
 
 def _inject_cell(cls: type) -> str:
-    module_type = _default(cls, "module_type")
+    module_type = cls.declared_module_type()
     if module_type is None or module_type in MODULE_TYPES:
         return "exact"
     return f"refused: {module_type} layers (inject wraps Linear, Conv and Embedding modules)"

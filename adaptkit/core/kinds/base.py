@@ -354,6 +354,12 @@ class Layer(Protocol):
         """``(U, V)`` with ``U @ V == delta_matrix()`` where the kind is low rank, else ``None``."""
     def experts(self) -> dict[int, Layer] | None:
         """For a layer on a stacked experts parameter: expert index -> that expert's layer (a plain LoRA), else ``None``."""
+    @classmethod
+    def operations(cls) -> dict[str, str]:
+        """How fuse, unfuse, merge and convert-to-LoRA treat the kind (the capability table): ``"exact"``, ... ."""
+    @classmethod
+    def declared_module_type(cls) -> str | None:
+        """The ``module_type`` the kind declares for all its layers, or ``None`` when it is decided per layer."""
     def with_experts(self, experts: Sequence[Layer]) -> Layer:
         """A layer like this one on stacked experts whose expert ``e`` is ``experts[e]`` (LoRA layers, as merging one
         expert at a time gives); raises :class:`~adaptkit.errors.UnsupportedError` for a layer without experts."""

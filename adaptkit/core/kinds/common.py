@@ -80,6 +80,20 @@ class KindBase(LayerRepr):
     index_parts: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
+    def declared_module_type(cls) -> str | None:
+        """The ``module_type`` a class attribute or a dataclass field default declares for every layer of the kind
+        (``"experts"``, ``"norm"``), or ``None`` when a property decides it per layer or there is no default."""
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if f.name == "module_type":
+                    return None if f.default is dataclasses.MISSING else f.default
+        for c in cls.__mro__:
+            if "module_type" in vars(c):
+                value = vars(c)["module_type"]
+                return value if isinstance(value, str) else None
+        return None
+
+    @classmethod
     def operations(cls) -> dict[str, str]:
         """How fuse, unfuse, merge and convert-to-LoRA treat layers of this kind (the capability table of
         ``docs/formats.md``): ``"exact"``, ``"lossy (report)"``, ``"needs base"`` or ``"refused: <reason>"``.
