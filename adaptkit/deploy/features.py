@@ -154,6 +154,25 @@ def target_names(adapter: Adapter, ctx: Context) -> list[str]:
     return ["target_modules"]
 
 
+#: ``init_lora_weights`` values whose adapter only works on a base the init changed (PiSSA, OLoRA, CorDA, LoftQ, EVA)
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+#: PEFT config fields of LoRA variants runtimes do not implement
+VARIANT_FIELDS = ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora")
+
+
+def init_weights(adapter: Adapter, ctx: Context) -> list[str]:
+    """``init_lora_weights`` that changed the base when PEFT loads the adapter (PiSSA, OLoRA, CorDA, LoftQ ...)."""
+    init = adapter.config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        return [f"init_lora_weights={init}"]
+    return []
+
+
+def variants(adapter: Adapter, ctx: Context) -> list[str]:
+    """Config fields of LoRA variants (aLoRA, layer replication, BD-LoRA, QALoRA) that are set."""
+    return [f for f in VARIANT_FIELDS if adapter.config.get(f)]
+
+
 # ------------------------------------------------------------------------------ fused / split projections
 
 
@@ -224,6 +243,10 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
     Feature("target_names", "prefixed target_modules", target_names, "dotted or regex `target_modules`"),
     Feature("fused_names", "fused/split names", fused_names, "q/k/v or gate/up named apart on a packed base, or the "
             "reverse"),
+    Feature("init_weights", "PiSSA/OLoRA init", init_weights, "`init_lora_weights` that changes the base (PiSSA, "
+            "OLoRA, CorDA, LoftQ)"),
+    Feature("variants", "aLoRA/QALoRA/...", variants, "`alora_invocation_tokens`, `layer_replication`, `use_bdlora`, "
+            "`use_qalora`"),
     Feature("zero_layers", "no-op layers", zero_layers, "layers whose change is exactly zero"),
 )}
 

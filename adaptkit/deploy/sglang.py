@@ -48,6 +48,8 @@ RULES = (
           + " _KNOWN_LORA_TARGET_MODULES", finds=leaf_names_outside(MODULES)),
     _rule("target_names", "exact", "SGLang matches target_modules as bare module names (prefixed or regex names fail)",
           "leaf_targets", UTILS + " get_normalized_target_modules"),
+    _rule("init_weights", "refused", "SGLang applies the adapter to the unchanged base: PiSSA/OLoRA/CorDA/LoftQ inits "
+          "need adaptkit convert 'pissa->lora' --initial INITIAL first", source=ADAPTER),
     _rule("fused_names", "exact", "the adapter's projections are named apart from the base's packed ones (or the "
           "reverse): those layers match nothing", "fused", UTILS + " get_normalized_target_modules"),
     _rule("zero_layers", "exact", "no-op layers cost SGLang memory and compute for nothing", "drop_zero", ADAPTER),
