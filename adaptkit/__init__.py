@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
                      "SourceNotFoundError", "UnsupportedError"], ".errors"),
     "analyze": ".analysis.layers",
     "compare": ".analysis.compare",
+    **dict.fromkeys(["Certificate", "CoverageError", "coverage"], ".analysis.coverage"),
     "convert": ".ops.convert",
     **dict.fromkeys(["load", "save"], ".formats"),
     "loftq": ".ops.loftq",
@@ -54,6 +55,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .analysis.compare import compare
+    from .analysis.coverage import Certificate, CoverageError, coverage
     from .analysis.layers import analyze
     from .core.adapter import Adapter
     from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA

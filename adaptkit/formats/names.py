@@ -250,6 +250,11 @@ def _from_safetensors(files: Iterable[Path]) -> Listing:
 
 def _from_config(config_path: Path) -> Listing:
     """Build the model of a ``config.json`` on the meta device (no weights) and list its modules."""
+    return modules_of(meta_model(config_path))
+
+
+def meta_model(config_path: Path) -> Any:
+    """The model of a ``config.json`` (transformers or diffusers) built on the meta device: no weights."""
     cfg = json.loads(config_path.read_text())
     with torch.device("meta"):
         if "_class_name" in cfg:
@@ -266,7 +271,7 @@ def _from_config(config_path: Path) -> Listing:
             arch = (cfg.get("architectures") or [None])[0]
             cls = getattr(transformers, arch, None) if arch else None
             model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    return modules_of(model)
+    return model
 
 
 def _component_modules(directory: Path) -> Listing:

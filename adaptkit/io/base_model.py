@@ -227,15 +227,27 @@ class Match:
     bias: str | None
 
 
-def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
-    """Match adapter module paths to base weight keys.
+@dataclass(frozen=True)
+class Matching:
+    """The outcome of matching adapter paths to base weight keys, without raising.
 
-    Tried in order: ``<path>.weight`` exactly; ``<path>`` exactly (a layer on a parameter tensor); a unique key ending in ``.<path>.weight`` (the base adds a
-    prefix such as transformers' ``model.`` or a pipeline component); the path with leading parts
-    removed (the adapter was made on a wrapper the base does not have).
+    Args:
+        matched: adapter path -> :class:`Match`.
+        unmatched: paths that match no weight.
+        ambiguous: path -> the several weight keys it matches.
+    """
 
-    Raises:
-        ConfigError: some paths match no weight (listed), or match several.
+    matched: dict[str, Match]
+    unmatched: list[str]
+    ambiguous: dict[str, list[str]]
+
+
+def find_matches(paths: Iterable[str], keys: Iterable[str]) -> Matching:
+    """Match adapter module paths to base weight keys, reporting the paths that match none or several.
+
+    Tried in order: ``<path>.weight`` exactly; ``<path>`` exactly (a layer on a parameter tensor); a unique key
+    ending in ``.<path>.weight`` (the base adds a prefix such as transformers' ``model.`` or a pipeline
+    component); the path with leading parts removed (the adapter was made on a wrapper the base does not have).
     """
     keys = set(keys)
     by_suffix: dict[str, list[str]] = {}
@@ -246,7 +258,8 @@ def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
         for i in range(len(parts)):
             by_suffix.setdefault(".".join(parts[i:]), []).append(k)
     out: dict[str, Match] = {}
-    unmatched, ambiguous = [], []
+    unmatched: list[str] = []
+    ambiguous: dict[str, list[str]] = {}
     for path in paths:
         found: list[str] = []
         if path + ".weight" in keys:
@@ -262,19 +275,30 @@ def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
         if not found:
             unmatched.append(path)
         elif len(found) > 1:
-            ambiguous.append(f"{path} -> {found[:3]}")
+            ambiguous[path] = found
         else:
             bias = found[0].removesuffix(".weight") + ".bias"
             out[path] = Match(path, found[0], bias if bias in keys else None)
-    if unmatched:
-        more = f" (+{len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
+    return Matching(out, unmatched, ambiguous)
+
+
+def match_paths(paths: Iterable[str], keys: Iterable[str]) -> dict[str, Match]:
+    """Match adapter module paths to base weight keys (the rules of :func:`find_matches`).
+
+    Raises:
+        ConfigError: some paths match no weight (listed), or match several.
+    """
+    m = find_matches(paths, keys)
+    if m.unmatched:
+        more = f" (+{len(m.unmatched) - 5} more)" if len(m.unmatched) > 5 else ""
         raise ConfigError(
-            f"{len(unmatched)} adapter layer(s) match no weight of the base model: {', '.join(unmatched[:5])}{more}; "
+            f"{len(m.unmatched)} adapter layer(s) match no weight of the base model: {', '.join(m.unmatched[:5])}{more}; "
             "check that the adapter belongs to this base"
         )
-    if ambiguous:
-        raise ConfigError(f"adapter layer(s) match several base weights: {'; '.join(ambiguous[:3])}; use a base with one model")
-    return out
+    if m.ambiguous:
+        shown = "; ".join(f"{p} -> {f[:3]}" for p, f in list(m.ambiguous.items())[:3])
+        raise ConfigError(f"adapter layer(s) match several base weights: {shown}; use a base with one model")
+    return m.matched
 
 
 def pread_into(fd: int, buf: bytearray, info: TensorInfo) -> None:

@@ -1,0 +1,151 @@
+"""An adapter's coverage of a base model, from the base's tensor names and shapes only.
+
+:func:`certify_base` answers, before anything is fused, loaded or deployed: which of the adapter's layers find
+their base weight (by the matching rules of :func:`adaptkit.io.base_model.find_matches`: exact name, a prefix the
+base adds such as ``model.``, a wrapper the adapter was made on), whether the shapes agree, and which extra
+tensors (``modules_to_save`` weights, full embedding weights) have a counterpart. The base is never loaded:
+safetensors headers are read, or a ``config.json`` is built on the meta device, or a shipped inventory is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..core.coverage import Certificate, Outcome, certify
+from ..errors import ShapeMismatchError, SourceNotFoundError, UnsupportedError
+from ..io.base_model import find_matches, open_base
+from ..io.sources import resolve
+from . import names as _names
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def extra_module(key: str) -> str:
+    """The module an extra tensor belongs to: PEFT saves ``modules_to_save`` as ``<module>.weight``/``.bias`` and
+    full embedding weights as ``<module>.base_layer.weight``."""
+    return key.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer")
+
+
+def base_tensors(base: Any) -> tuple[str, Shapes]:
+    """``(name, {tensor key: shape})`` of a base model, from its headers or its config (no weights are read).
+
+    Args:
+        base: a hub id or directory (safetensors weights, or only ``config.json`` files: the model is built on the
+            meta device), a ``.safetensors`` file, the name of a shipped inventory (``"sdxl"``, ``"flux"``), an
+            :class:`~adaptkit.formats.names.Inventory`, an ``nn.Module``, or a mapping ``{tensor key: shape}``.
+            Pipelines use ``<component>.<name>`` keys (``unet.down_blocks.0...weight``).
+
+    Raises:
+        SourceNotFoundError: the base cannot be found. ConfigError: it lists no tensors.
+    """
+    if isinstance(base, _names.Inventory):
+        return base.name, _inventory_shapes(base)
+    if isinstance(base, Mapping):
+        return "mapping", {str(k): tuple(int(s) for s in v) for k, v in base.items()}
+    if hasattr(base, "named_parameters"):
+        shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+        shapes.update({n: tuple(b.shape) for n, b in base.named_buffers()})
+        return type(base).__name__, shapes
+    spec = str(base)
+    if spec in _names.shipped_available():
+        return spec, _inventory_shapes(_names.shipped(spec))
+    try:
+        ws = open_base(base)
+        return ws.provenance, {k: info.shape for k, info in ws.tensors.items()}
+    except (SourceNotFoundError, UnsupportedError):
+        pass
+    resolved = resolve(spec, allow_patterns=["*.json", "*/*.json"])
+    path = resolved.path
+    configs = _configs(path)
+    if not configs:
+        return spec, _inventory_shapes(_names.inventory_from_base(base))  # raises the inventory's own error
+    shapes: Shapes = {}
+    for prefix, cfg in configs:
+        model = _names.meta_model(cfg)
+        shapes.update({prefix + n: tuple(p.shape) for n, p in model.named_parameters()})
+    return resolved.provenance, shapes
+
+
+def _configs(path: Path) -> list[tuple[str, Path]]:
+    if path.is_file() and path.suffix == ".json":
+        return [("", path)]
+    if (path / "model_index.json").is_file():
+        return [(sub.name + ".", sub / "config.json") for sub in sorted(p for p in path.iterdir() if p.is_dir())
+                if (sub / "config.json").is_file()]
+    return [("", path / "config.json")] if (path / "config.json").is_file() else []
+
+
+def _inventory_shapes(inv: Any) -> Shapes:
+    out: Shapes = {}
+    for comp, mods in inv.modules.items():
+        prefix = f"{comp}." if comp else ""
+        for path, shape in mods.items():
+            out[f"{prefix}{path}.weight"] = tuple(shape)
+        for path in (inv.biases or {}).get(comp, ()):
+            out[f"{prefix}{path}.bias"] = ()
+    return out
+
+
+def match_layers(adapter: Any, shapes: Shapes, target: str) -> tuple[dict[str, Outcome], dict[str, Outcome]]:
+    """Outcomes per layer and per extra tensor of ``adapter`` against the tensors ``shapes`` of a base."""
+    found = find_matches(adapter.layers, shapes)
+    outcomes: dict[str, Outcome] = {}
+    for path in found.unmatched:
+        outcomes[path] = Outcome(None, "unmatched", f"no weight {path} in {target}")
+    for path, keys in found.ambiguous.items():
+        outcomes[path] = Outcome(None, "ambiguous", f"matches {len(keys)} weights ({', '.join(keys[:2])} ...)")
+    for path, m in found.matched.items():
+        outcomes[path] = _fits(adapter.layers[path], m.weight, shapes[m.weight])
+    extras: dict[str, Outcome] = {}
+    if adapter.extras:
+        modules = {k: extra_module(k) for k in adapter.extras}
+        emat = find_matches(sorted(set(modules.values())), shapes)
+        for key, mod in modules.items():
+            m = emat.matched.get(mod)
+            tensor = None if m is None else (m.bias if key.endswith(".bias") else m.weight)
+            if tensor is None:
+                extras[key] = Outcome(None, "unmatched", f"extra tensor with no counterpart {mod} in {target}")
+            elif shapes[tensor] and math.prod(shapes[tensor]) != adapter.extras[key].numel():
+                extras[key] = Outcome(None, "shape", f"shape {tuple(adapter.extras[key].shape)} vs base "
+                                      f"{tensor} {shapes[tensor]}")
+            else:
+                extras[key] = Outcome(tensor)
+    return outcomes, extras
+
+
+def _fits(layer: Any, key: str, shape: tuple[int, ...]) -> Outcome:
+    if not shape:  # an inventory that does not know the shape
+        return Outcome(key)
+    if layer.shape is not None and tuple(layer.shape) == tuple(shape):
+        return Outcome(key)
+    try:
+        layer.fit(tuple(shape))
+    except ShapeMismatchError as e:
+        return Outcome(None, "shape", f"base {key} is {tuple(shape)}: {e}")
+    return Outcome(key)
+
+
+def certify_base(adapter: Any, base: Any, *, operation: str = "check", drop: Iterable[str] | None = None) -> Certificate:
+    """Which layers of ``adapter`` land on ``base`` (names and shapes), and the share of its ΔW energy that does.
+
+    Args:
+        adapter: an :class:`~adaptkit.core.adapter.Adapter`.
+        base: anything :func:`base_tensors` takes (hub id, directory, file, shipped inventory name, module).
+        operation: the operation the certificate is for (``"check"``, ``"load"``, ``"fuse"`` ...).
+        drop: when given, :meth:`~adaptkit.core.coverage.Certificate.require` is applied with these patterns
+            (partial coverage raises :class:`~adaptkit.core.coverage.CoverageError`).
+
+    Returns:
+        A :class:`~adaptkit.core.coverage.Certificate`; extra tensors are part of it.
+
+    Example:
+        >>> cert = certify_base(ak.load("adapter/"), "meta-llama/Llama-3.2-1B")   # doctest: +SKIP
+        >>> cert.energy_share, [c.path for c in cert.missing]                         # doctest: +SKIP
+    """
+    name, shapes = base_tensors(base)
+    outcomes, extras = match_layers(adapter, shapes, name)
+    cert = certify(adapter, outcomes, operation=operation, target=name, extras=extras)
+    return cert if drop is None else cert.require(drop)
