@@ -14,7 +14,12 @@ import torch
 import adaptkit as ak
 from adaptkit.deploy import TARGETS, check, export
 from adaptkit.deploy.features import FEATURES
-from adaptkit.errors import AdaptkitError, ConfigError, OutputExistsError, UnsupportedError
+from adaptkit.errors import (
+    AdaptkitError,
+    ConfigError,
+    OutputExistsError,
+    UnsupportedError,
+)
 from tests.conftest import make_tiny_llama, run_cli
 from tests.deploy_util import (
     effective,

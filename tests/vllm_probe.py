@@ -26,7 +26,8 @@ def probe(job):
 
 
 def main():
-    jobs = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
     results = []
     for job in jobs:
         try:
