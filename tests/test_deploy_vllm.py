@@ -20,7 +20,7 @@ from tests.deploy_util import make_adapter, save_base
 
 peft = pytest.importorskip("peft")
 VLLM_PYTHON = os.environ.get("ADAPTKIT_VLLM_PYTHON", "/tmp/vllmvenv/bin/python")
-PROBE = Path(__file__).with_name("vllm_probe.py")
+PROBE = Path(__file__).resolve().parents[1] / "scripts" / "vllm_probe.py"
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON}")
