@@ -358,3 +358,12 @@ def test_a_registered_target_is_one_row(tmp_path):
             register_target(copy.copy(toy))
     finally:
         table.pop("toyrt")
+
+
+def test_trainable_tokens_of_a_tied_embedding_also_change_the_output_layer(tmp_path):
+    tied = make_tiny_llama(0, tie_word_embeddings=True)
+    base_dir = save_base(tmp_path / "base", tied)
+    src = make_adapter(tmp_path / "a", lora(trainable_token_indices={"embed_tokens": [1, 5, 7]}), model=tied)
+    result = export(src, tmp_path / "out", target="vllm", base=str(base_dir))
+    assert "lm_head" in result.adapter.layers and result.certificate.complete
+    assert rel(peft_logits(src, tied), peft_logits(tmp_path / "out", tied)) <= 1e-5

@@ -11,7 +11,14 @@ import torch
 
 from adaptkit import load
 from adaptkit.deploy import check, export
-from tests.test_diffusers_format import diffusers_saved, fused, outputs, tiny_pipe, tiny_te, tiny_unet
+from tests.test_diffusers_format import (
+    diffusers_saved,
+    fused,
+    outputs,
+    tiny_pipe,
+    tiny_te,
+    tiny_unet,
+)
 
 pytest.importorskip("diffusers")
 

@@ -12,7 +12,12 @@ import adaptkit as ak
 from adaptkit.deploy import TARGETS, check, export
 from adaptkit.errors import UnsupportedError
 from tests.conftest import make_tiny_llama
-from tests.deploy_util import make_adapter, save_base, tiny_phi3_from_llama, weight_error
+from tests.deploy_util import (
+    make_adapter,
+    save_base,
+    tiny_phi3_from_llama,
+    weight_error,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -98,7 +103,7 @@ def test_every_rule_has_an_adapter():
 
 @pytest.mark.parametrize("target, feature", RULES, ids=[f"{t}.{f}" for t, f in RULES])
 def test_rule(target, feature, made, tmp_path):
-    root, bases, adapters = made
+    _, bases, adapters = made
     src = adapters[feature]
     _, model, opts = ADAPTERS[feature]
     rule = TARGETS[target].rule(feature)
