@@ -45,7 +45,8 @@ def write_tokenizer(directory: Path) -> None:
     text = ("the quick brown fox jumps over the lazy dog " * 40 + "adapters land in llama cpp and peft " * 40).split()
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=40,
-                                   model_type="unigram", hard_vocab_limit=False, minloglevel=2)
+                                   model_type="unigram", hard_vocab_limit=False, minloglevel=2,
+                                   user_defined_symbols=["<|endoftext|>"])  # llama.cpp looks it up for phi3
     (directory / "tokenizer.model").write_bytes(buf.getvalue())
 
 
@@ -114,8 +115,8 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor
     return ids[len(prompt):], model(input_ids=torch.tensor([ids])).logits[0].double()
 
 
-def cpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """The same with a ``llama_cpp.Llama`` (``logits_all=True``): greedy tokens and the logits of the sequence."""
+def cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by ``n`` tokens with a ``llama_cpp.Llama``, one token per eval."""
     import numpy as np
 
     llm.reset()
@@ -125,4 +126,13 @@ def cpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         out.append(tok)
         llm.eval([tok])
-    return out, torch.from_numpy(np.array(llm.scores[: llm.n_tokens], dtype=np.float64))
+    return out
+
+
+def cpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    """The logits (float64) of every position of ``ids`` in one eval (``logits_all=True``)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
