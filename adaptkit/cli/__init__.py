@@ -10,7 +10,8 @@ Every command parses its arguments, calls ONE library function and renders the r
 * :mod:`._options`: options shared by several commands (``--json/--csv``, ``--quiet/--progress``, the fuse
   options) and options built from the parameter declarations of :mod:`adaptkit.core.params`;
 * one module per command group: :mod:`.info` (info, status), :mod:`.merge`, :mod:`.convert`, :mod:`.fuse`
-  (fuse, unfuse, extract), :mod:`.loftq`, :mod:`.analyze` (analyze, compare), :mod:`.demo`.
+  (fuse, unfuse, extract), :mod:`.loftq`, :mod:`.analyze` (analyze, compare), :mod:`.deploy` (check, export),
+  :mod:`.demo`.
 
 Commands that can take more than a second draw a progress bar on stderr when it is a terminal
 (:mod:`adaptkit.progress`); ``--quiet`` / ``-q`` turns bars and notes off, ``--progress`` forces the bar when piped.
@@ -27,7 +28,7 @@ import warnings
 import click
 
 from .._version import __version__
-from . import analyze, convert, demo, fuse, info, loftq, merge
+from . import analyze, convert, demo, deploy, fuse, info, loftq, merge
 from ._errors import AdaptkitGroup, debug
 from .merge import MERGE_METHODS
 
@@ -55,7 +56,7 @@ def main() -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-for _group in (info, merge, convert, fuse, loftq, analyze, demo):
+for _group in (info, merge, convert, fuse, loftq, analyze, deploy, demo):
     for _command in _group.COMMANDS:
         main.add_command(_command)
 

@@ -52,7 +52,9 @@ ALLOW_PATTERNS = [CONFIG_NAME, *WEIGHT_NAMES]
 #: what a folder holds when it is a PEFT adapter, for messages
 LOOKED_FOR = f"{CONFIG_NAME} + {WEIGHT_NAMES[0]}"
 #: the writer options PEFT output has
-WRITE_OPTIONS = ("component",)
+WRITE_OPTIONS = ("component", "target_names")
+#: how ``target_modules`` is written: the full module paths, or their bare last names (``q_proj``; SGLang)
+TARGET_NAMES = ("paths", "leaf")
 
 
 # --------------------------------------------------------------------------------------------- detect
@@ -436,9 +438,11 @@ def can_store_adapter(adapter: Adapter, component: str | None = None, **_: Any) 
     return out
 
 
-def check_options(component: str | None = None, **_: Any) -> None:
-    """Refuse a bad ``component=`` writer option (see :func:`check_component`)."""
+def check_options(component: str | None = None, target_names: str | None = None, **_: Any) -> None:
+    """Refuse a bad ``component=`` (see :func:`check_component`) or ``target_names=`` writer option."""
     check_component(component)
+    if target_names is not None and target_names not in TARGET_NAMES:
+        raise ConfigError(f"target_names={target_names!r}; use one of {', '.join(TARGET_NAMES)}")
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -500,7 +504,7 @@ def to_state_dict(adapter: Adapter, prefix: str = PREFIX) -> tuple[dict[str, tor
 
 
 def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, component: str | None = None,
-          **_: Any) -> Path:
+          target_names: str | None = None, **_: Any) -> Path:
     """Write an adapter as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 
     Args:
@@ -511,6 +515,9 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, compon
             component) writes only that component's layers, in its own namespace, for
             ``PeftModel.from_pretrained(unet, path)``; ``"each"`` writes one such adapter per component into
             ``path/<component>/``. ``None`` writes every path as it is.
+        target_names: ``"leaf"`` writes ``target_modules`` as bare module names (``q_proj``; PEFT then adapts every
+            module of that name, and modules without tensors keep their zero-initialised B), for runtimes that match
+            bare names only (SGLang); default ``"paths"``: the full module paths.
 
     Returns:
         The output directory.
@@ -524,6 +531,8 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, compon
     parts = {}
     for sub, part in split_components(adapter, component).items():
         tensors, cfg = _tensors_and_config(part, PREFIX)
+        if target_names == "leaf" and isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted({t.rsplit(".", 1)[-1] for t in cfg["target_modules"]})
         metadata = {k: v for k, v in part.metadata.items() if k != peft_params.ORIENTATION_KEY}
         metadata.update(peft_params.orientation_metadata(part.layers))  # what PEFT's files do not say
         metadata.setdefault("format", "pt")

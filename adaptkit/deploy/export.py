@@ -1,0 +1,229 @@
+"""``adaptkit export``: write an adapter a runtime accepts, with the same effect, and the certificate in its metadata.
+
+:func:`export_adapter` runs the target's rules (:mod:`adaptkit.deploy.check`), applies the fixes of every blocking
+finding in :data:`~adaptkit.deploy.fixes.FIX_ORDER` (exact ones by default, lossy ones only when their option is in
+``lossy``), repeats until no rule blocks, checks the coverage certificate against the base, and writes the result
+in the target's format atomically (an existing output is refused unless ``overwrite``). The fixes' per-layer rows
+(rank before/after, relative error of ``ΔW``) come back in the result; the certificate and a summary of the fixes go
+into the output's safetensors metadata (``adaptkit.export``, and the certificate's own keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..analysis.coverage import certify_base
+from ..core.adapter import Adapter
+from ..errors import ConfigError, UnsupportedError
+from ..formats import save
+from ..io.outputs import check_output
+from .check import CheckReport, build_report, make_context
+from .features import plain_lora
+from .fixes import FIX_ORDER, FIXES, LOSSY_OPTIONS, FixRow, uniform_scale
+from .rules import Context, Target
+from .targets import get_target
+
+#: rounds of fixing before export gives up (a fix can make another rule apply: a fold adds a rank pattern)
+MAX_ROUNDS = 4
+#: the ``adapter_config.json`` fields kept from the source (the writer rebuilds r, alpha, patterns and targets)
+KEEP_CONFIG = ("peft_type", "task_type", "base_model_name_or_path", "revision", "target_modules")
+#: the metadata key of the export summary
+METADATA_KEY = "adaptkit.export"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_adapter` wrote.
+
+    Args:
+        path: the output. target: the target's name. adapter: the adapter written.
+        fixes: one :class:`~adaptkit.deploy.fixes.FixRow` per layer a fix changed.
+        dropped: what ``drop`` removed. check: the check of the written adapter (``ok``).
+        certificate: the coverage certificate against the base, or ``None`` without a base.
+    """
+
+    path: Path
+    target: str
+    adapter: Adapter
+    fixes: tuple[FixRow, ...]
+    dropped: tuple[str, ...]
+    check: CheckReport
+    certificate: Any
+
+    def frame(self) -> pd.DataFrame:
+        """The per-layer fix report: module, fix, exact, rank_before, rank_after, rel_error, note."""
+        cols = [f.name for f in dataclasses.fields(FixRow)]
+        return pd.DataFrame([dataclasses.asdict(r) for r in self.fixes], columns=cols)
+
+    @property
+    def max_error(self) -> float:
+        """The largest measured relative error of any layer (0 when every fix was exact and measured)."""
+        errs = [r.rel_error for r in self.fixes if not math.isnan(r.rel_error)]
+        return max(errs, default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """The export's facts: target, output, fixes per name, dropped, lossy layers, max error, coverage."""
+        counts: dict[str, int] = {}
+        for r in self.fixes:
+            counts[r.fix] = counts.get(r.fix, 0) + 1
+        return {"target": self.target, "output": str(self.path), "layers": len(self.adapter.layers),
+                "fixes": counts, "dropped": list(self.dropped),
+                "lossy layers": sum(not r.exact for r in self.fixes), "max rel error": self.max_error,
+                "coverage": self.certificate.summary() if self.certificate is not None else
+                "not certified (pass --base BASE)"}
+
+
+def parse_lossy(lossy: Iterable[str] | str | None) -> frozenset[str]:
+    """The ``lossy`` options as a set (a comma-separated string or a list).
+
+    Raises:
+        ConfigError: a name that is not in :data:`~adaptkit.deploy.fixes.LOSSY_OPTIONS`.
+    """
+    if lossy is None:
+        return frozenset()
+    names = [n.strip() for n in (lossy.split(",") if isinstance(lossy, str) else lossy) if n.strip()]
+    bad = [n for n in names if n not in LOSSY_OPTIONS]
+    if bad:
+        raise ConfigError(f"--lossy {bad[0]} is not a lossy fix; choose from {', '.join(LOSSY_OPTIONS)}")
+    return frozenset(names)
+
+
+def drop_matching(adapter: Adapter, drop: Iterable[str]) -> tuple[Adapter, tuple[str, ...]]:
+    """The adapter without the layers and extra tensors a ``drop`` glob names (``fnmatch`` on the path).
+
+    Raises:
+        ConfigError: a glob that names nothing (a typo would otherwise drop nothing silently).
+    """
+    globs = tuple(drop)
+    if not globs:
+        return adapter, ()
+    names = list(adapter.layers) + list(adapter.extras)
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            raise ConfigError(f"--drop {g} names no layer or saved tensor of the adapter; check the glob "
+                              f"(paths look like {names[0] if names else '-'})")
+    gone = tuple(sorted(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)))
+    layers = {p: l for p, l in adapter.layers.items() if p not in gone}
+    if not layers:
+        raise ConfigError("--drop removes every layer of the adapter; there is nothing to export")
+    return adapter.replace(layers=layers, extras={k: v for k, v in adapter.extras.items() if k not in gone}), gone
+
+
+def _apply_round(adapter: Adapter, target: Target, ctx: Context, lossy: frozenset[str]) -> tuple[Adapter, list[FixRow]]:
+    """One pass over the target's rules in fix order: each blocking rule that still finds something gets its fix."""
+    rows: list[FixRow] = []
+    order = sorted((r for r in target.rules if r.fix is not None and r.verdict != "accepted"),
+                   key=lambda r: FIX_ORDER.index(r.fix))
+    for rule in order:
+        where = rule.finds(adapter, ctx)
+        if not where:
+            continue
+        fix = FIXES[rule.fix]
+        if not fix.exact and fix.option not in lossy:
+            raise UnsupportedError(
+                f"{target.label}: {rule.message} ({len(where)} place(s), e.g. {where[0]}); export fixes this only with "
+                f"a loss: pass --lossy {fix.option} (lossy=['{fix.option}']) to get it and a per-layer error report"
+            )
+        adapter, new_rows = fix.apply(adapter, ctx, sorted(where))
+        rows += new_rows
+    return adapter, rows
+
+
+def _refusals(report: CheckReport) -> None:
+    bad = [f for f in report.blocking if f.fix is None]
+    if bad:
+        f = bad[0]
+        raise UnsupportedError(f"{report.label} cannot take {len(f.where)} place(s) of this adapter ({f.rule}: "
+                               f"{f.message}; e.g. {f.where[0]}); no rewrite keeps them: pass --drop GLOB naming "
+                               "them to leave them out, or fuse the adapter into the base instead")
+
+
+def _trim_config(adapter: Adapter) -> Adapter:
+    if adapter.format != "peft":
+        return adapter.replace(config={})
+    return adapter.replace(config={k: adapter.config[k] for k in KEEP_CONFIG if k in adapter.config})
+
+
+def pad_to_bucket(adapter: Adapter, target: Target, ctx: Context) -> tuple[Adapter, list[FixRow]]:
+    """Every LoRA layer zero-padded (scale baked in) to the smallest of the target's rank buckets at or above the
+    adapter's rank.
+
+    Raises:
+        ConfigError: the target has no buckets, or the rank is above all of them.
+    """
+    if not target.rank_buckets:
+        raise ConfigError(f"{target.label} has no rank buckets; drop pad_to_bucket (--pad-to-bucket)")
+    top = max((l.rank for l in adapter.layers.values() if plain_lora(l)), default=None)
+    if top is None:
+        return adapter, []
+    bucket = next((b for b in target.rank_buckets if b >= top), None)
+    if bucket is None:
+        raise ConfigError(f"rank {top} is above {target.label}'s largest rank bucket {target.rank_buckets[-1]}")
+    return uniform_scale(adapter, ctx, list(adapter.layers), rank=bucket, name="pad_to_bucket")
+
+
+def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any = None, max_rank: int | None = None,
+                   lossy: Iterable[str] | str | None = None, drop: Iterable[str] = (), pad_bucket: bool = False,
+                   overwrite: bool = False) -> ExportResult:
+    """Write ``adapter`` for ``target`` with the same effect (see the module docstring).
+
+    Args:
+        adapter: the adapter. out: the output (a directory for PEFT output).
+        target: a :data:`~adaptkit.deploy.targets.TARGETS` name. base: the base model (needed by fixes that read it,
+            and for the coverage certificate). max_rank: the rank limit (default: the target's).
+        lossy: the lossy fixes allowed (``dora``, ``bias``, ``modules_to_save``, ``rank``).
+        drop: globs of layers / saved tensors to leave out (named in the metadata).
+        pad_bucket: zero-pad the rank to the target's next rank bucket. overwrite: replace an existing output.
+
+    Raises:
+        UnsupportedError: a rule no fix keeps (name it in ``drop``), or a lossy fix not allowed in ``lossy``.
+        ConfigError: a fix needs ``base``; a bad option. CoverageError: layers that land nowhere in the base.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    tgt = get_target(target)
+    allowed = parse_lossy(lossy)
+    check_output(out, overwrite, inputs=[adapter, base] if base is not None else [adapter])
+    adapter.check_finite("export")
+    adapter, dropped = drop_matching(adapter, drop)
+    ctx = make_context(tgt, base, max_rank)
+    rows: list[FixRow] = []
+    for _ in range(MAX_ROUNDS):
+        report = build_report(adapter, tgt, ctx)
+        _refusals(report)
+        if report.ok:
+            break
+        adapter, new_rows = _apply_round(adapter, tgt, ctx, allowed)
+        rows += new_rows
+    else:
+        raise UnsupportedError(f"export to {tgt.label} did not converge: {report.blocking[0].rule} still applies after "
+                               f"{MAX_ROUNDS} rounds of fixes; please report it")
+    if pad_bucket:
+        adapter, new_rows = pad_to_bucket(adapter, tgt, ctx)
+        rows += new_rows
+    certificate = None
+    if base is not None:
+        certificate = certify_base(adapter, base, operation="export").require(drop=tuple(drop))
+    final = build_report(adapter, tgt, ctx, certificate)
+    summary = {"target": tgt.name, "runtime": tgt.version, "fixes": sorted({r.fix for r in rows}),
+               "lossy": sorted(allowed), "dropped": list(dropped),
+               "lossy_layers": sum(not r.exact for r in rows),
+               "max_rel_error": max((r.rel_error for r in rows if not math.isnan(r.rel_error)), default=0.0)}
+    metadata = {**adapter.metadata, METADATA_KEY: json.dumps(summary, sort_keys=True)}
+    if certificate is not None:
+        metadata.update(certificate.metadata())
+    adapter = _trim_config(adapter).replace(metadata=metadata)
+    path = save(adapter, out, format=tgt.output_format, overwrite=overwrite, **tgt.write_options)
+    return ExportResult(Path(path), tgt.name, adapter, tuple(rows), dropped, final, certificate)
+
+
+__all__ = ["KEEP_CONFIG", "METADATA_KEY", "ExportResult", "drop_matching", "export_adapter", "pad_to_bucket",
+           "parse_lossy"]

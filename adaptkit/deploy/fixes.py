@@ -1,0 +1,418 @@
+"""The rewrites ``adaptkit export`` applies to make an adapter fit a runtime: small transforms on :class:`Adapter`.
+
+Each row of :data:`FIXES` is a :class:`Fix`: ``apply(adapter, ctx, paths) -> (adapter, rows)`` where ``paths`` are
+what the rule's detector found and ``rows`` report, per layer, the rank before and after and the relative error of
+the dense change ``||ΔW' - ΔW||_F / ||ΔW||_F`` (measured densely for exact fixes on layers up to
+:data:`DENSE_LIMIT` entries; the singular values' tail for truncations). Exact fixes run by default; lossy ones only
+when their ``option`` is in ``export(lossy=...)``. The math is the layers' own (``factors()``, ``to_lora()``,
+``apply()``) and :func:`adaptkit.core.linalg.numerical_rank`; the fixes only arrange it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core.adapter import Adapter
+from ..core.kinds import Layer, LoRA, layer_dtype
+from ..core.linalg import numerical_rank
+from ..errors import ConfigError, UnsupportedError
+from ..io.base_model import TensorReader, match_paths, open_base
+from ..ops.convert import with_base
+from .features import FUSED, fused_plan, plain_lora
+from .rules import Context
+
+#: exact fixes measure their error densely on layers of at most this many entries (else the row says NaN)
+DENSE_LIMIT = 1 << 24
+#: leaf names of embedding modules, for ``modules_to_save`` copies folded into LoRA (an embedding LoRA is stored apart)
+EMBEDDING_NAMES = frozenset({"embed_tokens", "wte", "word_embeddings", "embeddings", "tok_embeddings", "embed_in"})
+
+
+@dataclass(frozen=True)
+class FixRow:
+    """What one fix did to one layer.
+
+    Args:
+        module: the layer's path (the new path for fused/split layers). fix: the fix's name.
+        exact: the fix keeps the effect. rank_before / rank_after: the ranks (``None``: no rank, or dropped).
+        rel_error: ``||ΔW' - ΔW||_F / ||ΔW||_F`` (NaN where not measured). note: what happened, one line.
+    """
+
+    module: str
+    fix: str
+    exact: bool
+    rank_before: int | None
+    rank_after: int | None
+    rel_error: float
+    note: str = ""
+
+
+Apply = Callable[[Adapter, Context, list[str]], tuple[Adapter, list[FixRow]]]
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A rewrite.
+
+    Args:
+        name: the key rules use. exact: keeps the effect. option: the ``--lossy`` name that allows a lossy fix.
+        needs_base: the fix reads the base (DoRA, ``modules_to_save``, trainable tokens, fused names).
+        apply: the transform. description: one line for the docs.
+    """
+
+    name: str
+    exact: bool
+    apply: Apply
+    description: str
+    option: str | None = None
+    needs_base: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _dense(layer: Layer) -> torch.Tensor | None:
+    """The layer's flattened change (from its factors when it has them), or ``None`` without a base-free one."""
+    f = layer.factors()
+    if f is not None:
+        return f[0] @ f[1]
+    return layer.delta_matrix() if layer.has_delta else None
+
+
+def dense_error(old: Layer, new: Layer) -> float:
+    """``||ΔW' - ΔW||_F / ||ΔW||_F`` computed densely (NaN over :data:`DENSE_LIMIT` entries or without deltas)."""
+    if math.prod(old.shape or (DENSE_LIMIT + 1,)) > DENSE_LIMIT:
+        return float("nan")
+    a, b = _dense(old), _dense(new)
+    if a is None or b is None or a.shape != b.shape:
+        return float("nan")
+    norm = float(a.double().norm())
+    return float((b.double() - a.double()).norm()) / norm if norm > 0 else float((b.double()).norm())
+
+
+def scale_one(layer: Layer, rank: int | None = None) -> Layer:
+    """A plain LoRA layer with its scale baked into ``B`` (``alpha = r``, no rsLoRA), zero-padded to ``rank``.
+
+    The DoRA magnitude and the bias are kept (the bias at the new scale 1), so the effect is unchanged: ``B' A'`` is
+    ``scale * B A`` with zero rows/columns added.
+    """
+    u, v = layer.factors()
+    pad = 0 if rank is None else rank - u.shape[1]
+    if pad < 0:
+        raise ConfigError(f"cannot pad a rank-{u.shape[1]} layer to rank {rank}; truncate it instead")
+    if pad:
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+        v = torch.cat([v, v.new_zeros(pad, v.shape[1])], dim=0)
+    db = layer.delta_bias()
+    new = LoRA.from_factors(u, None, v, like=layer, bias=None if db is None else db.to(layer_dtype(layer)))
+    if layer.dora:
+        new = dataclasses.replace(new, magnitude=layer.magnitude, magnitude_axis=layer.magnitude_axis)
+    return new
+
+
+def diff_to_lora(diff: torch.Tensor, *, embedding: bool, rank: int | None, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None) -> tuple[LoRA, float]:
+    """A weight change ``diff`` (module orientation) as a LoRA of ``rank`` (``None``: its numerical rank) by an SVD
+    in float64; returns the layer and the relative error ``sqrt(1 - kept energy)``."""
+    math_diff = (diff.T if embedding else diff).double().reshape(diff.shape[1] if embedding else diff.shape[0], -1)
+    u, s, vh = torch.linalg.svd(math_diff, full_matrices=False)
+    full = numerical_rank(s, tuple(math_diff.shape))
+    r = full if rank is None else max(1, min(rank, full))
+    total = float((s ** 2).sum())
+    error = math.sqrt(max(0.0, 1.0 - float((s[:r] ** 2).sum()) / total)) if total > 0 else 0.0
+    layer = LoRA.from_factors(u.float(), s.float(), vh.float(), shape=tuple(diff.shape), rank=r,
+                              module_type="embedding" if embedding else None, fan_in_fan_out=embedding, dtype=dtype,
+                              bias=bias)
+    return layer, error
+
+
+def _need_base(ctx: Context, what: str) -> None:
+    if ctx.base is None:
+        raise ConfigError(f"{what} needs the base model's weights; pass --base BASE (base= in Python)")
+
+
+def _lora_rank(adapter: Adapter) -> int | None:
+    return max((l.rank for l in adapter.layers.values() if l.rank is not None), default=None)
+
+
+# -------------------------------------------------------------------------------------------------- fixes
+
+
+def through_base(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Base-dependent layers (trainable tokens, OFT, IA3 ...) become their exact change to the base: an embedding
+    LoRA of numerical rank (trainable tokens: rank = number of tokens), or a LoRA of the change's numerical rank."""
+    _need_base(ctx, "turning base-dependent layers (trainable tokens, OFT, IA3 ...) into LoRA")
+    fitted = with_base(adapter, ctx.base, paths=paths)
+    layers, rows = dict(fitted.layers), []
+    for p in paths:
+        new, _, err, method = fitted.layers[p].to_lora(None)
+        layers[p] = new
+        rows.append(FixRow(p, "through_base", True, adapter.layers[p].rank, new.rank, err,
+                           f"its change to the base as a LoRA ({method})"))
+    return adapter.replace(layers=layers), rows
+
+
+def to_lora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Additive layers of other kinds (LoHa, LoKr, full diffs, Tucker cores) as LoRA at their numerical rank."""
+    layers, rows = dict(adapter.layers), []
+    for p in paths:
+        new, _, err, method = adapter.layers[p].to_lora(None)
+        layers[p] = new
+        rows.append(FixRow(p, "to_lora", True, adapter.layers[p].rank, new.rank, err, method))
+    return adapter.replace(layers=layers), rows
+
+
+def _fold(adapter: Adapter, ctx: Context, paths: list[str], name: str) -> tuple[Adapter, list[FixRow]]:
+    """Layers replaced by a LoRA of their change to the base, ``apply(W, b) - (W, b)``, truncated to their rank."""
+    ws = open_base(ctx.base)
+    matches = match_paths(paths, ws.tensors)
+    layers, rows = dict(adapter.layers), []
+    with TensorReader() as reader:
+        for p in paths:
+            layer, m = adapter.layers[p], matches[p]
+            w = reader.read(ws.tensors[m.weight]).float()
+            b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+            new_w, new_b = layer.fit(tuple(w.shape)).apply(w, b)
+            db = None if new_b is None or b is None else (new_b - b).to(layer_dtype(layer))
+            rank = min(r for r in (layer.rank, ctx.max_rank) if r is not None)
+            new, err = diff_to_lora(new_w - w, embedding=layer.module_type == "embedding", rank=rank,
+                                    dtype=layer_dtype(layer), bias=db)
+            layers[p] = new
+            rows.append(FixRow(p, name, False, layer.rank, new.rank, err, "folded through the base, truncated SVD"))
+    return adapter.replace(layers=layers), rows
+
+
+def fold_dora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """DoRA layers as plain LoRA of their change to the base, at their own rank (lossy: the tail is reported)."""
+    _need_base(ctx, "folding DoRA into LoRA")
+    return _fold(adapter, ctx, paths, "fold_dora")
+
+
+def fold_saved(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """``modules_to_save`` weights as a LoRA of ``saved - base`` at the adapter's rank (or ``--max-rank``); saved
+    1-D tensors (biases, norms) are dropped. Lossy: every row reports what is lost."""
+    _need_base(ctx, "folding modules_to_save into LoRA")
+    ws = open_base(ctx.base)
+    rank = min((r for r in (_lora_rank(adapter), ctx.max_rank) if r is not None), default=None)
+    layers, extras, rows = dict(adapter.layers), dict(adapter.extras), []
+    weights = [k for k in paths if k.endswith(".weight") and adapter.extras[k].ndim == 2]
+    matches = match_paths([k.removesuffix(".weight") for k in weights], ws.tensors)
+    with TensorReader() as reader:
+        for key in paths:
+            saved = extras.pop(key)
+            module = key.removesuffix(".weight")
+            if key not in weights:
+                rows.append(FixRow(key, "fold_saved", False, None, None, 1.0, "dropped: a saved tensor that is no "
+                                   "2-D weight has no LoRA form"))
+                continue
+            base_w = reader.read(ws.tensors[matches[module].weight]).float()
+            if tuple(base_w.shape) != tuple(saved.shape):
+                raise UnsupportedError(f"modules_to_save {key} has shape {tuple(saved.shape)} but the base's weight has "
+                                       f"{tuple(base_w.shape)} (a resized vocabulary?); export cannot fold it")
+            new, err = diff_to_lora(saved.float() - base_w, embedding=module.rsplit(".", 1)[-1] in EMBEDDING_NAMES,
+                                    rank=rank, dtype=saved.dtype)
+            if module in layers:
+                raise UnsupportedError(f"{module} is both saved whole and adapted; export cannot fold both")
+            layers[module] = new
+            rows.append(FixRow(module, "fold_saved", False, None, new.rank, err, "saved - base as a truncated SVD"))
+    return adapter.replace(layers=dict(sorted(layers.items())), extras=extras), rows
+
+
+def drop_bias(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """LoRA biases removed; the error is the bias's share of the layer's change, ``||Δb|| / ||(ΔW, Δb)||``."""
+    layers, rows = dict(adapter.layers), []
+    for p in paths:
+        layer = adapter.layers[p]
+        if not plain_lora(layer):
+            raise UnsupportedError(f"{p}: only a plain LoRA's bias can be dropped; convert the layer first")
+        db = float(layer.delta_bias().double().norm())
+        dw = layer.fro_norm()
+        layers[p] = dataclasses.replace(layer, bias=None)
+        total = math.sqrt(db * db + dw * dw)
+        rows.append(FixRow(p, "drop_bias", False, layer.rank, layer.rank, db / total if total else 0.0, "bias dropped"))
+    return adapter.replace(layers=layers), rows
+
+
+def truncate_rank(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Layers above ``--max-rank`` truncated by an exact low-rank SVD (the kept energy's complement reported)."""
+    if ctx.max_rank is None:
+        raise ConfigError("truncating ranks needs a rank limit; pass --max-rank R")
+    layers, rows = dict(adapter.layers), []
+    for p in paths:
+        new, _, err, method = adapter.layers[p].to_lora(ctx.max_rank)
+        layers[p] = new
+        rows.append(FixRow(p, "truncate_rank", False, adapter.layers[p].rank, new.rank, err, method))
+    return adapter.replace(layers=layers), rows
+
+
+def drop_zero(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Layers whose change is exactly zero removed (exact: they do nothing)."""
+    layers = {p: l for p, l in adapter.layers.items() if p not in set(paths)}
+    if not layers:
+        raise UnsupportedError("every layer of the adapter is exactly zero; there is nothing to export")
+    rows = [FixRow(p, "drop_zero", True, adapter.layers[p].rank, None, 0.0, "no-op layer dropped") for p in paths]
+    return adapter.replace(layers=layers), rows
+
+
+def uniform_scale(adapter: Adapter, ctx: Context, paths: list[str], rank: int | None = None,
+                  name: str = "bake_scale") -> tuple[Adapter, list[FixRow]]:
+    """Every plain LoRA layer with its scale baked into ``B`` (``alpha = r``) and, with ``rank``, zero-padded to it:
+    one global ``r`` and ``lora_alpha`` then describe every layer exactly."""
+    layers, rows = dict(adapter.layers), []
+    for p, layer in adapter.layers.items():
+        if not plain_lora(layer):
+            continue
+        new = scale_one(layer, rank)
+        layers[p] = new
+        if p in paths:
+            rows.append(FixRow(p, name, True, layer.rank, new.rank, dense_error(layer, new),
+                               f"scale {layer.scale:g} baked into B" + (f", padded to rank {rank}" if rank else "")))
+    return adapter.replace(layers=layers), rows
+
+
+def bake_scale(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """rsLoRA / ``alpha_pattern`` scales baked into ``B`` so that ``lora_alpha = r`` is right for every layer."""
+    return uniform_scale(adapter, ctx, paths)
+
+
+def pad_rank(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Every LoRA layer zero-padded to the adapter's largest rank (scales baked in): one ``r`` for all."""
+    top = max(l.rank for l in adapter.layers.values() if plain_lora(l))
+    return uniform_scale(adapter, ctx, paths, rank=top, name="pad_rank")
+
+
+def leaf_targets(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """``target_modules`` written as bare module names (``q_proj``), which every runtime's matcher accepts."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in adapter.layers})
+    config = {**adapter.config, "target_modules": leaves}
+    return adapter.replace(config=config), [FixRow("target_modules", "leaf_targets", True, None, None, 0.0,
+                                                   f"target_modules = {leaves}")]
+
+
+# ------------------------------------------------------------------------------------- fused projections
+
+
+def _base_shapes(ctx: Context) -> dict[str, tuple[int, ...]]:
+    """Base module path suffix -> weight shape (every suffix of every path)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for c, mods in ctx.inventory.modules.items():
+        for p, shape in mods.items():
+            parts = (f"{c}.{p}" if c else p).split(".")
+            for i in range(len(parts)):
+                out.setdefault(".".join(parts[i:]), tuple(shape))
+    return out
+
+
+def _shape_of(shapes: dict[str, tuple[int, ...]], path: str) -> tuple[int, ...]:
+    parts = path.split(".")
+    for i in range(len(parts)):
+        if ".".join(parts[i:]) in shapes and shapes[".".join(parts[i:])]:
+            return shapes[".".join(parts[i:])]
+    raise UnsupportedError(f"the base does not give the weight shape of {path}; pass a base with safetensors or a "
+                           "config")
+
+
+def _check_fusable(path: str, layer: Layer) -> None:
+    if not plain_lora(layer) or layer.fan_in_fan_out or layer.module_type != "linear" or layer.dora:
+        raise UnsupportedError(f"{path}: only plain linear LoRA layers without DoRA are fused or split exactly; "
+                               "convert or fold the layer first")
+
+
+def fused(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
+    """Per-projection layers fused exactly where the base packs them (``A`` stacked, ``B`` block-diagonal, rank the
+    sum), packed layers split exactly where the base has them apart (``B``'s rows split, ``A`` shared)."""
+    _need_base(ctx, "renaming fused projections")
+    plan = fused_plan(adapter, ctx)
+    shapes = _base_shapes(ctx)
+    layers, rows = dict(adapter.layers), []
+    groups: dict[tuple[str, str], dict[str, Layer]] = {}
+    for p in sorted(plan):
+        layer = layers.pop(p)
+        _check_fusable(p, layer)
+        parent, _, leaf = p.rpartition(".")
+        if plan[p] == "split":
+            u, v = layer.factors()
+            sizes = [_shape_of(shapes, f"{parent}.{m}")[0] for m in FUSED[leaf]]
+            if sum(sizes) != u.shape[0]:
+                raise UnsupportedError(f"{p} has {u.shape[0]} output rows but the base's {', '.join(FUSED[leaf])} have "
+                                       f"{sum(sizes)}; the adapter does not belong to this base")
+            start = 0
+            for m, n in zip(FUSED[leaf], sizes):
+                new = LoRA.from_factors(u[start:start + n], None, v, shape=(n, v.shape[1]), module_type="linear",
+                                        fan_in_fan_out=False, dtype=layer_dtype(layer))
+                layers[f"{parent}.{m}"] = new
+                rows.append(FixRow(f"{parent}.{m}", "split", True, layer.rank, new.rank, 0.0, f"rows {start}:{start + n}"
+                                   f" of {p}"))
+                start += n
+        else:
+            fused_name = next(f for f, ms in FUSED.items() if leaf in ms)
+            groups.setdefault((parent, fused_name), {})[leaf] = layer
+    for (parent, name), members in groups.items():
+        total = _shape_of(shapes, f"{parent}.{name}")[0]
+        sizes = _member_sizes(name, members, total, f"{parent}.{name}")
+        ups, downs = [], []
+        for m in FUSED[name]:
+            if m in members:
+                u, v = members[m].factors()
+                ups.append((m, u))
+                downs.append(v)
+        rank = sum(v.shape[0] for v in downs)
+        big_u = torch.zeros(total, rank)
+        row = col = 0
+        for m in FUSED[name]:
+            if m in members:
+                u = dict(ups)[m]
+                big_u[row:row + sizes[m], col:col + u.shape[1]] = u
+                col += u.shape[1]
+            row += sizes[m]
+        first = next(iter(members.values()))
+        new = LoRA.from_factors(big_u, None, torch.cat(downs), shape=(total, downs[0].shape[1]), module_type="linear",
+                                fan_in_fan_out=False, dtype=layer_dtype(first))
+        layers[f"{parent}.{name}"] = new
+        rows.append(FixRow(f"{parent}.{name}", "fuse", True, None, rank, 0.0,
+                           f"{'+'.join(m for m in FUSED[name] if m in members)} stacked block-diagonally"))
+    return adapter.replace(layers=dict(sorted(layers.items()))), rows
+
+
+def _member_sizes(name: str, members: dict[str, Layer], total: int, where: str) -> dict[str, int]:
+    """The output rows of each member of a packed matrix of ``total`` rows (absent members: the rest, shared equally
+    by ``k_proj``/``v_proj`` and by ``gate_proj``/``up_proj``, which always have equal sizes)."""
+    sizes = {m: int(l.shape[0]) for m, l in members.items()}
+    missing = [m for m in FUSED[name] if m not in sizes]
+    rest = total - sum(sizes.values())
+    if missing and (rest <= 0 or rest % len(missing) or ("q_proj" in missing and len(missing) > 1)):
+        raise UnsupportedError(f"{where}: the sizes of the absent {', '.join(missing)} cannot be told from the base; "
+                               "give the adapter every projection")
+    sizes.update({m: rest // len(missing) for m in missing})
+    if sum(sizes.values()) != total:
+        raise UnsupportedError(f"{where} has {total} rows but the adapter's projections have {sum(sizes.values())}")
+    return sizes
+
+
+FIXES: dict[str, Fix] = {f.name: f for f in (
+    Fix("through_base", True, through_base, "the exact change to the base as LoRA (needs `--base`)", needs_base=True),
+    Fix("to_lora", True, to_lora, "exact SVD to LoRA at the numerical rank"),
+    Fix("fold_dora", False, fold_dora, "DoRA folded through the base into LoRA of the same rank", option="dora",
+        needs_base=True),
+    Fix("fold_saved", False, fold_saved, "`saved - base` as LoRA of the adapter's rank", option="modules_to_save",
+        needs_base=True),
+    Fix("fused", True, fused, "fused `qkv_proj`/`gate_up_proj` built (block-diagonal B) or split exactly",
+        needs_base=True),
+    Fix("drop_bias", False, drop_bias, "LoRA bias dropped", option="bias"),
+    Fix("truncate_rank", False, truncate_rank, "truncated SVD to `--max-rank`", option="rank"),
+    Fix("drop_zero", True, drop_zero, "no-op layers dropped"),
+    Fix("bake_scale", True, bake_scale, "scale baked into B, `lora_alpha = r`"),
+    Fix("pad_rank", True, pad_rank, "zero-padded to one rank"),
+    Fix("leaf_targets", True, leaf_targets, "`target_modules` as bare module names"),
+)}
+#: the order export applies fixes in (conversions first, naming next, rank and scale last)
+FIX_ORDER = tuple(FIXES)
+#: the ``--lossy`` names
+LOSSY_OPTIONS = tuple(f.option for f in FIXES.values() if f.option)
+
+__all__ = ["DENSE_LIMIT", "FIXES", "FIX_ORDER", "LOSSY_OPTIONS", "Fix", "FixRow", "dense_error", "diff_to_lora",
+           "scale_one", "uniform_scale"]
