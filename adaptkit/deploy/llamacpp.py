@@ -38,6 +38,7 @@ from ..formats.gguf import (
     GGUFAdapter,
     GGUFPair,
     exact_alpha,
+    gguf_module,
     modules_of,
     read_gguf_lora,
     write_gguf_lora,
@@ -45,6 +46,8 @@ from ..formats.gguf import (
 from ..formats.coverage import base_tensors, match_layers
 from ..io.base_model import TensorReader, open_base
 from ..io.sources import resolve
+from .features import FEATURES
+from .rules import Context, Rule, Target
 
 #: where the facts below were read (llama.cpp as vendored in llama-cpp-python 0.3.36, gguf-py 0.19.0)
 SOURCE = "llama.cpp (llama-cpp-python 0.3.36 vendor)"
@@ -130,14 +133,6 @@ class Plan:
     certificate: Certificate
 
 
-def _gguf():
-    try:
-        import gguf  # optional dependency (pip install 'adaptkit[gguf]')
-    except ImportError as e:
-        raise UnsupportedError("exporting for llama.cpp needs the gguf package; pip install 'adaptkit[gguf]'") from e
-    return gguf
-
-
 def base_config(base: str | os.PathLike) -> dict[str, Any]:
     """The base model's ``config.json`` (a transformers checkpoint directory or hub id).
 
@@ -180,7 +175,7 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
             or the architecture has no row in :data:`ARCHS`.
         CoverageError: another layer or extra tensor does not land and ``drop`` does not name it.
     """
-    gguf = _gguf()
+    gguf = gguf_module()
     config = base_config(base)
     arch = arch_of(config)
     name, shapes = base_tensors(base)
@@ -282,7 +277,7 @@ def gguf_pair(layer: Any, landing: Landing) -> GGUFPair:
 
 
 def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.PathLike, drop: Sequence[str] = (),
-                overwrite: bool = False, dtype: str = "f32") -> Path:
+                overwrite: bool = False, dtype: str = "f32", metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``adapter`` as a GGUF LoRA adapter llama.cpp loads onto the GGUF conversion of ``base``.
 
     Args:
@@ -292,6 +287,7 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.Path
         drop: globs of module paths to leave out on purpose (layers that do not land otherwise fail).
         overwrite: replace an existing ``out``.
         dtype: ``"f32"`` or ``"f16"`` factors.
+        metadata: more string KVs for the file (``adaptkit.export``); the certificate's own key is this export's.
 
     Raises:
         CoverageError: a layer does not land in the base or has no GGUF name, and no ``drop`` glob names it.
@@ -303,7 +299,8 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.Path
     pairs = {l.tensor: gguf_pair(adapter.layers[path], l) for path, l in landing.items()}
     rows = [[l.tensor, path, f"permute:{l.permute_heads}" if l.permute_heads else ("embedding" if l.embedding else "")]
             for path, l in landing.items()]
-    meta = {**p.certificate.metadata(), MODULES_KEY: json.dumps(rows), "adaptkit.version": __version__}
+    meta = {**(metadata or {}), **p.certificate.metadata(), MODULES_KEY: json.dumps(rows),
+            "adaptkit.version": __version__}
     if adapter.base_model:
         meta["adaptkit.base_model"] = str(adapter.base_model)
     return write_gguf_lora(GGUFAdapter(p.arch, exact_alpha(pairs), pairs, meta), out, overwrite=overwrite, dtype=dtype)
@@ -343,5 +340,96 @@ def load_gguf(path: str | os.PathLike) -> Adapter:
                    source=str(path))
 
 
-__all__ = ["ARCHS", "Arch", "Landing", "Plan", "arch_of", "base_config", "export_gguf", "gguf_pair", "layer_refusal",
-           "load_gguf", "permute_rows", "plan", "unpermute_rows"]
+# ---------------------------------------------------------------------------------------------- target
+
+
+def unnamed_layers(adapter: Adapter, ctx: Context) -> list[str]:
+    """Layers that match a base weight for which gguf's tensor-name map has no GGUF tensor (llama.cpp would never
+    look them up); empty without a base (the coverage certificate of ``export`` still checks)."""
+    if ctx.base is None:
+        return []
+    gguf = gguf_module()
+    config = base_config(ctx.base)
+    if str(config.get("model_type")) not in ARCHS:
+        return []
+    arch = ARCHS[str(config["model_type"])]
+    name, shapes = base_tensors(ctx.base)
+    outcomes, _ = match_layers(adapter, shapes, name)
+    g_arch = gguf.MODEL_ARCH[arch.gguf_arch]
+    tmap = gguf.get_tensor_name_map(g_arch, int(config["num_hidden_layers"]))
+    known = set(gguf.MODEL_TENSORS[g_arch])
+    out = []
+    for path, o in outcomes.items():
+        if o.target is not None:
+            found = tmap.get_type_and_name(o.target, try_suffixes=(".weight",))
+            if found is None or found[0] not in known:
+                out.append(path)
+    return sorted(out)
+
+
+def write_for_export(adapter: Adapter, out: str | os.PathLike, *, base: Any = None, overwrite: bool = False) -> Path:
+    """The llama.cpp target's writer (``adaptkit export --target llama.cpp``): :func:`export_gguf` with the
+    export's metadata.
+
+    Raises:
+        ConfigError: no ``base`` (the GGUF names, the q/k permutation and the coverage certificate need it).
+    """
+    if base is None:
+        raise ConfigError("llama.cpp export needs --base: the transformers checkpoint the GGUF base was converted "
+                          "from (its config gives the architecture, tensor names and q/k head counts)")
+    meta = {k: str(v) for k, v in adapter.metadata.items() if k.startswith("adaptkit.")}
+    return export_gguf(adapter, out, base=base, overwrite=overwrite, metadata=meta)
+
+
+ADAPTER_CPP = f"src/llama-adapter.cpp llama_adapter_lora_init_impl, {SOURCE}"
+GRAPH_CPP = f"src/llama-graph.cpp build_lora_mm / build_inp_embd, {SOURCE}"
+CONVERT_LORA = f"convert_lora_to_gguf.py, {SOURCE}"
+
+
+def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = ADAPTER_CPP,
+          finds: Any = None) -> Rule:
+    return Rule(f"llama.cpp.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
+
+
+#: llama.cpp's rule table: what ``--lora FILE.gguf`` does with each adapter feature (adaptkit's writer bakes every
+#: layer's scale into B and picks adapter.lora.alpha so that llama.cpp's ``alpha / r`` per tensor is exact)
+RULES = (
+    _rule("dora", "lossy", "llama.cpp has no DoRA: a GGUF adapter holds lora_a/lora_b pairs only", "fold_dora"),
+    _rule("bias", "lossy", "llama.cpp LoRA has no bias (tensors other than .lora_a/.lora_b/_norm.weight are an "
+          "error: 'unexpected suffix')", "drop_bias"),
+    _rule("modules_to_save", "lossy", "llama.cpp adapters hold LoRA pairs only, no saved modules", "fold_saved"),
+    _rule("trainable_tokens", "exact", "llama.cpp has no trainable-token rows; it applies LoRA on token_embd "
+          "(A gathered by token id)", "through_base", GRAPH_CPP),
+    _rule("base_dependent", "exact", "llama.cpp applies LoRA only (scale * B (A x))", "through_base", GRAPH_CPP),
+    _rule("target_parameters", "refused", "adaptkit writes no GGUF LoRA for stacked expert tensors (llama.cpp's "
+          "build_lora_mm_id) yet", source=GRAPH_CPP + " build_lora_mm_id"),
+    _rule("rslora", "exact", "llama.cpp scales by alpha / r with one adapter.lora.alpha; convert_lora_to_gguf.py "
+          "ignores use_rslora", "bake_scale", f"src/llama-adapter.h get_scale; {CONVERT_LORA}"),
+    _rule("alpha_pattern", "exact", "llama.cpp has one adapter.lora.alpha; convert_lora_to_gguf.py ignores "
+          "alpha_pattern", "bake_scale", f"src/llama-adapter.h get_scale; {CONVERT_LORA}"),
+    _rule("rank_pattern", "accepted", "llama.cpp takes r per tensor (lora_b ne[0]); adaptkit writes each layer's "
+          "scale into B (alpha = r, or 0 when ranks differ)", source=f"src/llama-adapter.h get_scale, {SOURCE}"),
+    _rule("other_kinds", "exact", "llama.cpp loads LoRA pairs only", "to_lora"),
+    _rule("module_type", "refused", "llama.cpp adapts 2-D weights only and skips norm LoRA ('TODO: add support "
+          "for norm vector')"),
+    _rule("module_names", "refused", "gguf's tensor-name map has no GGUF tensor for these base weights: llama.cpp "
+          "would never apply them", source=f"gguf-py/gguf/tensor_mapping.py TensorNameMap, {SOURCE}",
+          finds=unnamed_layers),
+    _rule("fused_names", "exact", "the adapter's projections are named apart from the base's packed ones (or the "
+          "reverse): those layers match no GGUF tensor", "fused",
+          f"conversion/phi.py Phi3MiniModel (qkv_proj -> attn_qkv), {SOURCE}"),
+    _rule("init_weights", "refused", "PiSSA/OLoRA/CorDA/LoftQ inits change the base: convert with adaptkit convert "
+          "'pissa->lora' --initial INITIAL first"),
+    _rule("variants", "refused", "aLoRA invocation tokens, layer_replication, BD-LoRA and QALoRA are not written to "
+          "GGUF by adaptkit"),
+    _rule("zero_layers", "exact", "no-op layers cost llama.cpp memory and compute for nothing", "drop_zero",
+          GRAPH_CPP),
+)
+
+TARGET = Target("llama.cpp", "llama.cpp", "gguf", RULES, version="llama.cpp (llama-cpp-python 0.3.36), gguf-py 0.19.0",
+                write=write_for_export)
+
+
+__all__ = ["ARCHS", "RULES", "TARGET", "Arch", "Landing", "Plan", "arch_of", "base_config", "export_gguf",
+           "gguf_pair", "layer_refusal", "load_gguf", "permute_rows", "plan", "unnamed_layers", "unpermute_rows",
+           "write_for_export"]

@@ -46,7 +46,12 @@ SUFFIX_A, SUFFIX_B = ".lora_a", ".lora_b"
 DTYPES = ("f32", "f16")
 
 
-def _gguf():
+def gguf_module():
+    """The gguf package (llama.cpp's gguf-py), imported on first use.
+
+    Raises:
+        UnsupportedError: it is not installed (the message names the extra).
+    """
     try:
         import gguf  # optional dependency (pip install 'adaptkit[gguf]')
     except ImportError as e:
@@ -118,7 +123,7 @@ def write_gguf_lora(adapter: GGUFAdapter, path: str | os.PathLike, *, overwrite:
         ConfigError/UnsupportedError: an unknown ``dtype``; the gguf package is missing.
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
     """
-    gguf = _gguf()
+    gguf = gguf_module()
     if dtype not in DTYPES:
         raise UnsupportedError(f"GGUF dtype {dtype!r} is not offered; use one of {', '.join(DTYPES)}")
     if not adapter.pairs:
@@ -152,7 +157,7 @@ def read_gguf_lora(path: str | os.PathLike) -> GGUFAdapter:
         FormatError: the file is not a GGUF LoRA adapter (``general.type``/``adapter.type``), a pair misses a
             factor, a tensor has another suffix, or the factor shapes disagree on the rank.
     """
-    gguf = _gguf()
+    gguf = gguf_module()
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError) as e:
@@ -193,5 +198,5 @@ def modules_of(adapter: GGUFAdapter) -> list[tuple[str, str, str]]:
         raise FormatError(f"the {MODULES_KEY} entry of the GGUF adapter is not valid JSON ({e}); rewrite the file") from e
 
 
-__all__ = ["COVERAGE_KEY", "DTYPES", "MODULES_KEY", "GGUFAdapter", "GGUFPair", "exact_alpha", "modules_of",
+__all__ = ["COVERAGE_KEY", "DTYPES", "MODULES_KEY", "GGUFAdapter", "GGUFPair", "exact_alpha", "gguf_module", "modules_of",
            "read_gguf_lora", "write_gguf_lora"]
