@@ -211,7 +211,7 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
         rows += new_rows
     certificate = None
     if base is not None:
-        certificate = certify_base(adapter, base, operation="export").require(drop=tuple(drop))
+        certificate = certify_base(adapter, base, operation="export").require()  # dropped layers are gone already
     final = build_report(adapter, tgt, ctx, certificate)
     summary = {"target": tgt.name, "runtime": tgt.version, "fixes": sorted({r.fix for r in rows}),
                "lossy": sorted(allowed), "dropped": list(dropped),
