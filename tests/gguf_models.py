@@ -68,14 +68,16 @@ def converter_dir() -> Path | None:
     return d if (d / "convert_hf_to_gguf.py").is_file() else None
 
 
-def convert_base(model_dir: Path, out: Path, converter: Path) -> Path:
-    """Convert a transformers checkpoint to GGUF f32 with llama.cpp's ``convert_hf_to_gguf.py``."""
-    run = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
-                          "--outfile", str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if run.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{run.stderr[-3000:]}")
-    return out
+def convert_bases(jobs: dict[Path, Path], converter: Path) -> None:
+    """Convert transformers checkpoints (``{model dir: out .gguf}``) to GGUF f32 with llama.cpp's
+    ``convert_hf_to_gguf.py``, all at once (each run is mostly interpreter start-up and imports)."""
+    runs = {src: subprocess.Popen([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(src), "--outtype",
+                                   "f32", "--outfile", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}) for src, out in jobs.items()}
+    for src, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        if run.returncode != 0:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed on {src.name}:\n{err[-3000:]}")
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1, std: float = 0.2, **lora) -> Path:

@@ -24,7 +24,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 import adaptkit as ak  # noqa: E402
 from adaptkit.deploy.llamacpp import export_gguf  # noqa: E402
 
-from .gguf_models import PROMPT, build_base, convert_base, converter_dir, cpp_greedy, cpp_logits, hf_greedy, make_adapter, peft_model  # noqa: E402,E501
+from .gguf_models import PROMPT, build_base, convert_bases, converter_dir, cpp_greedy, cpp_logits, hf_greedy, make_adapter, peft_model  # noqa: E402,E501
 
 N_NEW = 32
 RTOL = 1e-3
@@ -51,10 +51,8 @@ def gguf_bases(tmp_path_factory):
     if conv is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set ADAPTKIT_LLAMA_CPP_DIR; .ci/run extracts it)")
     root = tmp_path_factory.mktemp("llamacpp")
-    out = {}
-    for t in ("llama", "phi3"):
-        hf = build_base(root / t, t)
-        out[t] = (hf, convert_base(hf, root / f"{t}.gguf", conv))
+    out = {t: (build_base(root / t, t), root / f"{t}.gguf") for t in ("llama", "phi3")}
+    convert_bases(dict(out.values()), conv)
     return out
 
 
@@ -114,6 +112,31 @@ def test_convert_lora_to_gguf_style_single_alpha_would_be_wrong(gguf_bases, tmp_
     want_tokens, want = hf_greedy(peft_model(hf_dir, src), PROMPT, N_NEW)
     got = cpp_logits(_llama(gguf_path, bad), PROMPT + want_tokens)
     assert _rel(got, want) > 10 * RTOL
+
+
+@pytest.mark.parametrize("case", ["trainable-tokens", "rslora-patterns"])
+def test_deploy_export_path_matches_peft(gguf_bases, tmp_path, case):
+    """Through ``adaptkit export --target llama.cpp`` (the rules' fixes, then the GGUF writer): trainable tokens
+    become a token_embd LoRA (``through_base``), rsLoRA/patterns are baked (``bake_scale``); llama.cpp = peft."""
+    from adaptkit.deploy import export
+
+    hf_dir, gguf_path = gguf_bases["llama"]
+    if case == "trainable-tokens":
+        lora = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                    trainable_token_indices={"embed_tokens": [5, 17, 61]})
+    else:
+        lora = CASES["llama-rslora-patterns-all-linear"][1]
+    src = make_adapter(hf_dir, tmp_path / "adapter", **lora)
+    result = export(str(src), tmp_path / "adapter.gguf", target="llama.cpp", base=str(hf_dir))
+    assert result.check.ok and result.certificate.complete
+    want_tokens, want = hf_greedy(peft_model(hf_dir, src), PROMPT, N_NEW)
+    _, base_logits = hf_greedy(peft_model(hf_dir, None), PROMPT, N_NEW)
+    llm = _llama(gguf_path, result.path)
+    assert cpp_greedy(llm, PROMPT, N_NEW) == want_tokens
+    got = cpp_logits(llm, PROMPT + want_tokens)
+    FIGURES[f"export-{case}"] = (_rel(got, want), N_NEW, _rel(base_logits[: len(PROMPT)], want[: len(PROMPT)]))
+    assert _rel(base_logits[: len(PROMPT)], want[: len(PROMPT)]) > 100 * RTOL
+    assert _rel(got, want) < RTOL
 
 
 def test_zz_report_figures():
