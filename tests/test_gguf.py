@@ -230,3 +230,34 @@ def test_reader_refuses_a_model_file(bases, tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(FormatError, match="not a LoRA adapter"):
         load_gguf(tmp_path / "m.gguf")
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_check_and_export_llamacpp(bases, tmp_path):
+    """`adaptkit check --target llama.cpp` names the scales llama.cpp's one alpha cannot express (exit 1);
+    `adaptkit export ... --target llama.cpp` writes the GGUF file with the certificate; without --base: exit 1,
+    no file; DoRA without --lossy dora: exit 1, no file."""
+    from .conftest import run_cli
+
+    src = make_adapter(bases["llama"], tmp_path / "ad", r=4, lora_alpha=8, use_rslora=True,
+                       target_modules=["q_proj", "v_proj"], rank_pattern={"layers.1.self_attn.q_proj": 2})
+    r = run_cli("check", str(src), "--target", "llama.cpp", "--base", str(bases["llama"]), "--json")
+    assert r.returncode == 1, r.stderr
+    findings = {f["rule"]: f for f in json.loads(r.stdout)["findings"]}
+    assert findings["llama.cpp.rslora"]["verdict"] == "exact"
+    assert findings["llama.cpp.rank_pattern"]["verdict"] == "accepted"
+    out = tmp_path / "out.gguf"
+    r = run_cli("export", str(src), "-o", str(out), "--target", "llama.cpp", "--base", str(bases["llama"]))
+    assert r.returncode == 0, r.stderr
+    fields, tensors, _ = _read(out)
+    assert len(tensors) == 8 and fields["adapter.lora.alpha"] == 0.0
+    assert json.loads(fields["adaptkit.coverage"])["complete"]
+    assert json.loads(fields["adaptkit.export"])["target"] == "llama.cpp"
+    r = run_cli("export", str(src), "-o", str(tmp_path / "nobase.gguf"), "--target", "llama.cpp")
+    assert r.returncode == 1 and "needs --base" in r.stderr and not (tmp_path / "nobase.gguf").exists()
+    dora = make_adapter(bases["llama"], tmp_path / "dora", r=2, target_modules=["q_proj"], use_dora=True)
+    r = run_cli("export", str(dora), "-o", str(tmp_path / "dora.gguf"), "--target", "llama.cpp", "--base",
+                str(bases["llama"]))
+    assert r.returncode == 1 and "--lossy dora" in r.stderr and not (tmp_path / "dora.gguf").exists()

@@ -111,6 +111,8 @@ def test_convert_lora_to_gguf_style_single_alpha_would_be_wrong(gguf_bases, tmp_
     bad = write_gguf_lora(GGUFAdapter(g.arch, float(lora["lora_alpha"]), naive, {}), tmp_path / "naive.gguf")
     want_tokens, want = hf_greedy(peft_model(hf_dir, src), PROMPT, N_NEW)
     got = cpp_logits(_llama(gguf_path, bad), PROMPT + want_tokens)
+    FIGURES["control-one-global-alpha"] = (_rel(got, want), sum(a == b for a, b in zip(cpp_greedy(_llama(
+        gguf_path, bad), PROMPT, N_NEW), want_tokens)), float("nan"))
     assert _rel(got, want) > 10 * RTOL
 
 
