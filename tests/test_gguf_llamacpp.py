@@ -1,6 +1,6 @@
 """adaptkit's GGUF LoRA adapters in the real llama.cpp (llama-cpp-python built from source) against peft.
 
-Tiny llama and phi3 bases are converted to GGUF f32 by llama.cpp's own ``convert_hf_to_gguf.py`` (once per
+Tiny llama, qwen2 and phi3 bases are converted to GGUF f32 by llama.cpp's own ``convert_hf_to_gguf.py`` (once per
 session); real PEFT adapters (plain LoRA, rsLoRA with rank/alpha patterns over all linear layers, embed_tokens +
 lm_head, phi3's fused qkv/gate_up) are exported by adaptkit and loaded with ``Llama(lora_path=...)``. On the same
 prompt (token ids), llama.cpp and peft must agree on 32 greedy tokens and on every logit of the sequence within
@@ -37,6 +37,8 @@ CASES = {
         rank_pattern={"layers.1.self_attn.q_proj": 2, "layers.0.mlp.up_proj": 6},
         alpha_pattern={"layers.0.mlp.down_proj": 3, "layers.1.self_attn.k_proj": 20})),
     "llama-embed-lm_head": ("llama", dict(r=3, lora_alpha=6, target_modules=[*ALL, "embed_tokens", "lm_head"])),
+    "qwen2-all-linear": ("qwen2", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                       alpha_pattern={"layers.0.self_attn.k_proj": 2})),
     "phi3-fused-all-linear-rslora": ("phi3", dict(r=4, lora_alpha=4, use_rslora=True, target_modules="all-linear",
                                                   rank_pattern={"layers.0.self_attn.qkv_proj": 8})),
 }
@@ -51,7 +53,7 @@ def gguf_bases(tmp_path_factory):
     if conv is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set ADAPTKIT_LLAMA_CPP_DIR; .ci/run extracts it)")
     root = tmp_path_factory.mktemp("llamacpp")
-    out = {t: (build_base(root / t, t), root / f"{t}.gguf") for t in ("llama", "phi3")}
+    out = {t: (build_base(root / t, t), root / f"{t}.gguf") for t in ("llama", "qwen2", "phi3")}
     convert_bases(dict(out.values()), conv)
     return out
 
@@ -116,18 +118,15 @@ def test_convert_lora_to_gguf_style_single_alpha_would_be_wrong(gguf_bases, tmp_
     assert _rel(got, want) > 10 * RTOL
 
 
-@pytest.mark.parametrize("case", ["trainable-tokens", "rslora-patterns"])
-def test_deploy_export_path_matches_peft(gguf_bases, tmp_path, case):
+def test_deploy_export_path_matches_peft(gguf_bases, tmp_path):
     """Through ``adaptkit export --target llama.cpp`` (the rules' fixes, then the GGUF writer): trainable tokens
-    become a token_embd LoRA (``through_base``), rsLoRA/patterns are baked (``bake_scale``); llama.cpp = peft."""
+    become a token_embd LoRA (``through_base``) and rsLoRA is baked (``bake_scale``); llama.cpp = peft."""
     from adaptkit.deploy import export
 
     hf_dir, gguf_path = gguf_bases["llama"]
-    if case == "trainable-tokens":
-        lora = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                    trainable_token_indices={"embed_tokens": [5, 17, 61]})
-    else:
-        lora = CASES["llama-rslora-patterns-all-linear"][1]
+    case = "trainable-tokens"
+    lora = dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                trainable_token_indices={"embed_tokens": [5, 17, 61]})
     src = make_adapter(hf_dir, tmp_path / "adapter", **lora)
     result = export(str(src), tmp_path / "adapter.gguf", target="llama.cpp", base=str(hf_dir))
     assert result.check.ok and result.certificate.complete
