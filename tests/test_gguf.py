@@ -261,3 +261,28 @@ def test_cli_check_and_export_llamacpp(bases, tmp_path):
     r = run_cli("export", str(dora), "-o", str(tmp_path / "dora.gguf"), "--target", "llama.cpp", "--base",
                 str(bases["llama"]))
     assert r.returncode == 1 and "--lossy dora" in r.stderr and not (tmp_path / "dora.gguf").exists()
+
+
+def test_gguf_base_check_names_and_shapes(bases, tmp_path):
+    """``gguf_base=``: a model lacking a tensor, or holding it in another shape, is refused before writing."""
+    from adaptkit.errors import ShapeMismatchError
+
+    src = make_adapter(bases["llama"], tmp_path / "ad", r=2, target_modules=["q_proj"])
+    a = ak.load(src)
+
+    def model(path, shapes):
+        w = gguf.GGUFWriter(str(path), "llama")
+        for name, shape in shapes.items():
+            w.add_tensor(name, torch.zeros(shape).numpy())
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        return path
+
+    good = {f"blk.{i}.attn_q.weight": (64, 64) for i in range(2)}
+    export_gguf(a, tmp_path / "ok.gguf", base=bases["llama"], gguf_base=model(tmp_path / "good.gguf", good))
+    with pytest.raises(ShapeMismatchError, match="has no tensor blk.1.attn_q.weight"):
+        export_gguf(a, tmp_path / "x.gguf", base=bases["llama"],
+                    gguf_base=model(tmp_path / "short.gguf", {"blk.0.attn_q.weight": (64, 64)}))
+    with pytest.raises(ShapeMismatchError, match="does not fit"):
+        export_gguf(a, tmp_path / "x.gguf", base=bases["llama"],
+                    gguf_base=model(tmp_path / "wide.gguf", {**good, "blk.1.attn_q.weight": (64, 128)}))
+    assert not (tmp_path / "x.gguf").exists()

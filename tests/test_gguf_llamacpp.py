@@ -13,6 +13,8 @@ Skipped when llama_cpp, gguf, sentencepiece or the converter (``ADAPTKIT_LLAMA_C
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_llamacpp_matches_peft(gguf_bases, tmp_path, case):
     arch, lora = CASES[case]
     hf_dir, gguf_path = gguf_bases[arch]
     src = make_adapter(hf_dir, tmp_path / "adapter", **lora)
-    out = export_gguf(ak.load(src), tmp_path / "adapter.gguf", base=hf_dir)
+    out = export_gguf(ak.load(src), tmp_path / "adapter.gguf", base=hf_dir, gguf_base=gguf_path)
     want_tokens, want = hf_greedy(peft_model(hf_dir, src), PROMPT, N_NEW)
     _, base_logits = hf_greedy(peft_model(hf_dir, None), PROMPT, N_NEW)
     llm = _llama(gguf_path, out)
@@ -95,6 +97,26 @@ def test_llamacpp_matches_peft(gguf_bases, tmp_path, case):
     assert effect > 100 * RTOL, "the adapter barely changes the model: the comparison would prove nothing"
     assert tokens == want_tokens
     assert rel < RTOL
+
+
+def test_gguf_base_check_refuses_what_llama_cpp_refuses(gguf_bases, tmp_path):
+    """``gguf_base=`` runs llama.cpp's loader checks before writing: a llama adapter on the Phi-3 GGUF (another arch)
+    is refused. llama.cpp refuses it too, and llama-cpp-python 0.3.36 does not notice (it tests the NULL adapter
+    pointer with ``is None``) and the first eval crashes: run in a child process, it must not exit cleanly."""
+    from adaptkit.errors import ShapeMismatchError
+
+    hf_dir, llama_gguf = gguf_bases["llama"]
+    phi3_gguf = gguf_bases["phi3"][1]
+    src = make_adapter(hf_dir, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
+    a = ak.load(src)
+    with pytest.raises(ShapeMismatchError, match="arch"):
+        export_gguf(a, tmp_path / "x.gguf", base=hf_dir, gguf_base=phi3_gguf)
+    assert not (tmp_path / "x.gguf").exists()
+    ok = export_gguf(a, tmp_path / "ok.gguf", base=hf_dir, gguf_base=llama_gguf)
+    code = (f"import llama_cpp; l = llama_cpp.Llama(model_path={str(phi3_gguf)!r}, lora_path={str(ok)!r}, n_ctx=64, "
+            f"verbose=False); l.eval({PROMPT!r}); print('ran')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "ran" not in run.stdout
 
 
 def test_convert_lora_to_gguf_style_single_alpha_would_be_wrong(gguf_bases, tmp_path):

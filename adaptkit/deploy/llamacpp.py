@@ -37,6 +37,7 @@ from ..formats.gguf import (
     MODULES_KEY,
     GGUFAdapter,
     GGUFPair,
+    check_fits_base,
     exact_alpha,
     gguf_module,
     modules_of,
@@ -277,7 +278,8 @@ def gguf_pair(layer: Any, landing: Landing) -> GGUFPair:
 
 
 def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.PathLike, drop: Sequence[str] = (),
-                overwrite: bool = False, dtype: str = "f32", metadata: Mapping[str, str] | None = None) -> Path:
+                overwrite: bool = False, dtype: str = "f32", metadata: Mapping[str, str] | None = None,
+                gguf_base: str | os.PathLike | None = None) -> Path:
     """Write ``adapter`` as a GGUF LoRA adapter llama.cpp loads onto the GGUF conversion of ``base``.
 
     Args:
@@ -288,11 +290,14 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.Path
         overwrite: replace an existing ``out``.
         dtype: ``"f32"`` or ``"f16"`` factors.
         metadata: more string KVs for the file (``adaptkit.export``); the certificate's own key is this export's.
+        gguf_base: the converted ``.gguf`` model, to check every pair against its tensors as llama.cpp's loader
+            does (architecture, names, shapes) before writing.
 
     Raises:
         CoverageError: a layer does not land in the base or has no GGUF name, and no ``drop`` glob names it.
         UnsupportedError: a layer llama.cpp cannot hold (DoRA, bias, not low-rank) or an extra tensor
             (``modules_to_save``); the message names it and the fix.
+        ShapeMismatchError: with ``gguf_base``, a pair llama.cpp would refuse on it.
     """
     p = plan(adapter, base, drop=drop)
     landing = p.landings
@@ -303,7 +308,10 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, *, base: str | os.Path
             "adaptkit.version": __version__}
     if adapter.base_model:
         meta["adaptkit.base_model"] = str(adapter.base_model)
-    return write_gguf_lora(GGUFAdapter(p.arch, exact_alpha(pairs), pairs, meta), out, overwrite=overwrite, dtype=dtype)
+    g = GGUFAdapter(p.arch, exact_alpha(pairs), pairs, meta)
+    if gguf_base is not None:
+        check_fits_base(g, gguf_base)
+    return write_gguf_lora(g, out, overwrite=overwrite, dtype=dtype)
 
 
 def load_gguf(path: str | os.PathLike) -> Adapter:

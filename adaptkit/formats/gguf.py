@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 
 #: the KV adaptkit adds: a JSON list of [base tensor, module path, transform] (read back by :func:`read_gguf_lora`)
@@ -187,6 +187,43 @@ def read_gguf_lora(path: str | os.PathLike) -> GGUFAdapter:
     return GGUFAdapter(str(fields.get(gguf.Keys.General.ARCHITECTURE)), alpha, pairs, meta)
 
 
+def check_fits_base(adapter: GGUFAdapter, base: str | os.PathLike) -> None:
+    """Refuse an adapter that llama.cpp would refuse on the GGUF model ``base``, before it gets there.
+
+    The checks of ``llama_adapter_lora_init_impl``: the same ``general.architecture``, every pair's tensor in the
+    model, ``a.ne[0] = in`` and ``b.ne[1] = out`` of the model tensor (for ``token_embd``: ``b.ne[1] = n_embd``,
+    ``a.ne[1] = vocab``) and ``a.ne[1] = b.ne[0]``.
+
+    Raises:
+        FormatError: ``base`` is not a readable GGUF model.
+        ShapeMismatchError: another architecture, a tensor the model lacks, or a pair that does not fit it.
+    """
+    gguf = gguf_module()
+    try:
+        reader = gguf.GGUFReader(str(base))
+    except (ValueError, OSError, IndexError) as e:
+        raise FormatError(f"{Path(base).name} is not a readable GGUF model ({e}); give the .gguf llama.cpp loads") from e
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents() if gguf.Keys.General.ARCHITECTURE in reader.fields \
+        else None
+    if arch != adapter.arch:
+        raise ShapeMismatchError(f"the GGUF base {Path(base).name} is a {arch!r} model, the adapter is for "
+                                 f"{adapter.arch!r}; llama.cpp refuses it ('model arch and LoRA arch mismatch')")
+    ne = {t.name: [int(s) for s in t.shape] for t in reader.tensors}
+    for name, pair in adapter.pairs.items():
+        if name not in ne:
+            raise ShapeMismatchError(f"the GGUF base {Path(base).name} has no tensor {name}; llama.cpp refuses the "
+                                     "adapter ('does not exist in base model'): export against the base it came from")
+        model = ne[name]
+        a, b = [int(s) for s in reversed(pair.a.shape)], [int(s) for s in reversed(pair.b.shape)]
+        if name == "token_embd.weight":
+            fits = model[0] == b[1] and model[1] == a[1] and a[0] == b[0]
+        else:
+            fits = model[0] == a[0] and model[1] == b[1] and a[1] == b[0]
+        if not fits:
+            raise ShapeMismatchError(f"GGUF adapter pair {name} (lora_a ne {a}, lora_b ne {b}) does not fit the base "
+                                     f"tensor (ne {model}); the adapter belongs to another base")
+
+
 def modules_of(adapter: GGUFAdapter) -> list[tuple[str, str, str]]:
     """The ``[base tensor, module path, transform]`` rows adaptkit stored in ``adaptkit.modules`` (empty if none)."""
     raw = adapter.metadata.get(MODULES_KEY)
@@ -198,5 +235,5 @@ def modules_of(adapter: GGUFAdapter) -> list[tuple[str, str, str]]:
         raise FormatError(f"the {MODULES_KEY} entry of the GGUF adapter is not valid JSON ({e}); rewrite the file") from e
 
 
-__all__ = ["COVERAGE_KEY", "DTYPES", "MODULES_KEY", "GGUFAdapter", "GGUFPair", "exact_alpha", "gguf_module", "modules_of",
+__all__ = ["COVERAGE_KEY", "DTYPES", "MODULES_KEY", "GGUFAdapter", "GGUFPair", "check_fits_base", "exact_alpha", "gguf_module", "modules_of",
            "read_gguf_lora", "write_gguf_lora"]
