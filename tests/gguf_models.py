@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 #: the tiny shapes every base shares
-DIMS = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            tie_word_embeddings=False)
+DIMS = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False}
 #: the prompt (token ids) every comparison starts from
 PROMPT = [5, 17, 33, 8, 61, 42, 12, 90]
 

@@ -18,12 +18,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-import adaptkit as ak  # noqa: E402
-from adaptkit.core.coverage import CoverageError  # noqa: E402
-from adaptkit.deploy.llamacpp import export_gguf, load_gguf, permute_rows, unpermute_rows  # noqa: E402
-from adaptkit.errors import UnsupportedError  # noqa: E402
+import adaptkit as ak
+from adaptkit.core.coverage import CoverageError
+from adaptkit.deploy.llamacpp import export_gguf, load_gguf, permute_rows, unpermute_rows
+from adaptkit.errors import UnsupportedError
 
-from .gguf_models import build_base, make_adapter  # noqa: E402
+from .gguf_models import build_base, make_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -23,26 +23,36 @@ pytest.importorskip("gguf")
 pytest.importorskip("sentencepiece")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-import adaptkit as ak  # noqa: E402
-from adaptkit.deploy.llamacpp import export_gguf  # noqa: E402
+import adaptkit as ak
+from adaptkit.deploy.llamacpp import export_gguf
 
-from .gguf_models import PROMPT, build_base, convert_bases, converter_dir, cpp_greedy, cpp_logits, hf_greedy, make_adapter, peft_model  # noqa: E402,E501
+from .gguf_models import (
+    PROMPT,
+    build_base,
+    convert_bases,
+    converter_dir,
+    cpp_greedy,
+    cpp_logits,
+    hf_greedy,
+    make_adapter,
+    peft_model,
+)
 
 N_NEW = 32
 RTOL = 1e-3
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 CASES = {
-    "llama-plain": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
-    "llama-rslora-patterns-all-linear": ("llama", dict(
-        r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
-        rank_pattern={"layers.1.self_attn.q_proj": 2, "layers.0.mlp.up_proj": 6},
-        alpha_pattern={"layers.0.mlp.down_proj": 3, "layers.1.self_attn.k_proj": 20})),
-    "llama-embed-lm_head": ("llama", dict(r=3, lora_alpha=6, target_modules=[*ALL, "embed_tokens", "lm_head"])),
-    "qwen2-all-linear": ("qwen2", dict(r=4, lora_alpha=8, target_modules="all-linear",
-                                       alpha_pattern={"layers.0.self_attn.k_proj": 2})),
-    "phi3-fused-all-linear-rslora": ("phi3", dict(r=4, lora_alpha=4, use_rslora=True, target_modules="all-linear",
-                                                  rank_pattern={"layers.0.self_attn.qkv_proj": 8})),
+    "llama-plain": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    "llama-rslora-patterns-all-linear": ("llama", {
+        "r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": "all-linear",
+        "rank_pattern": {"layers.1.self_attn.q_proj": 2, "layers.0.mlp.up_proj": 6},
+        "alpha_pattern": {"layers.0.mlp.down_proj": 3, "layers.1.self_attn.k_proj": 20}}),
+    "llama-embed-lm_head": ("llama", {"r": 3, "lora_alpha": 6, "target_modules": [*ALL, "embed_tokens", "lm_head"]}),
+    "qwen2-all-linear": ("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                       "alpha_pattern": {"layers.0.self_attn.k_proj": 2}}),
+    "phi3-fused-all-linear-rslora": ("phi3", {"r": 4, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear",
+                                                  "rank_pattern": {"layers.0.self_attn.qkv_proj": 8}}),
 }
 
 #: figures of the last run, printed by the summary test (docs/deploy.md quotes them)
@@ -115,7 +125,7 @@ def test_gguf_base_check_refuses_what_llama_cpp_refuses(gguf_bases, tmp_path):
     ok = export_gguf(a, tmp_path / "ok.gguf", base=hf_dir, gguf_base=llama_gguf)
     code = (f"import llama_cpp; l = llama_cpp.Llama(model_path={str(phi3_gguf)!r}, lora_path={str(ok)!r}, n_ctx=64, "
             f"verbose=False); l.eval({PROMPT!r}); print('ran')")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "ran" not in run.stdout
 
 
@@ -147,8 +157,8 @@ def test_deploy_export_path_matches_peft(gguf_bases, tmp_path):
 
     hf_dir, gguf_path = gguf_bases["llama"]
     case = "trainable-tokens"
-    lora = dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                trainable_token_indices={"embed_tokens": [5, 17, 61]})
+    lora = {"r": 2, "lora_alpha": 4, "use_rslora": True, "target_modules": ["q_proj", "v_proj"],
+                "trainable_token_indices": {"embed_tokens": [5, 17, 61]}}
     src = make_adapter(hf_dir, tmp_path / "adapter", **lora)
     result = export(str(src), tmp_path / "adapter.gguf", target="llama.cpp", base=str(hf_dir))
     assert result.check.ok and result.certificate.complete

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..core.coverage import Certificate, Outcome, certify
 from ..core.adapter import Adapter
+from ..core.coverage import Certificate, Outcome, certify
 from ..core.kinds.lora import LoRA
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.coverage import base_tensors, match_layers
 from ..formats.gguf import (
     MODULES_KEY,
     GGUFAdapter,
@@ -44,7 +45,6 @@ from ..formats.gguf import (
     read_gguf_lora,
     write_gguf_lora,
 )
-from ..formats.coverage import base_tensors, match_layers
 from ..io.base_model import TensorReader, open_base
 from ..io.sources import resolve
 from .features import FEATURES
@@ -214,7 +214,6 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
         raise UnsupportedError(f"llama.cpp cannot load {len(refused)} part(s) of this adapter, e.g. {c.path}: "
                                f"{c.reason}; or leave them out with --drop PATTERN")
     cert = cert.require()
-    landings = {p: l for p, l in landings.items() if p in final and final[p].target is not None}
     return Plan(arch.gguf_arch.lower(), str(config["model_type"]), landings, cert)
 
 
