@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptkit.deploy.table import deploy_markdown, replace_block  # noqa: E402
+from adaptkit.deploy.table import deploy_markdown, replace_block
 
 DOC = ROOT / "docs" / "deploy.md"
 

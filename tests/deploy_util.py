@@ -77,7 +77,7 @@ def weight_error(before, after, model) -> float:
     worst = 0.0
     for path, w1 in a.items():
         w = model.get_submodule(path).weight.detach().float()
-        w2 = b[path] if path in b else w
+        w2 = b.get(path, w)
         change = float((w1 - w).double().norm())
         diff = float((w2 - w1).double().norm())
         worst = max(worst, diff / change if change > 0 else diff)  # a no-op layer: the absolute difference

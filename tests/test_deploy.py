@@ -14,7 +14,12 @@ import torch
 import adaptkit as ak
 from adaptkit.deploy import TARGETS, check, export
 from adaptkit.deploy.features import FEATURES
-from adaptkit.errors import AdaptkitError, ConfigError, OutputExistsError, UnsupportedError
+from adaptkit.errors import (
+    AdaptkitError,
+    ConfigError,
+    OutputExistsError,
+    UnsupportedError,
+)
 from tests.conftest import make_tiny_llama, run_cli
 from tests.deploy_util import (
     effective,
@@ -297,7 +302,7 @@ def test_export_writes_the_certificate_and_refuses_an_existing_output(base, tmp_
     assert payload["certificate"]["complete"] is True and payload["fixes"] == {"bake_scale": 4}
     meta = ak.load(tmp_path / "out").metadata
     assert json.loads(meta["adaptkit.export"])["fixes"] == ["bake_scale"]
-    assert set(payload["certificate"]) and any(k != "adaptkit.export" and k.startswith("adaptkit") for k in meta)
+    assert json.loads(meta["adaptkit.coverage"])["complete"] is True  # the certificate rides in the output
     with pytest.raises(OutputExistsError):
         export(src, tmp_path / "out", target="vllm")
     r = run_cli("export", str(src), "-o", str(tmp_path / "out"), "--target", "vllm")
@@ -353,3 +358,12 @@ def test_a_registered_target_is_one_row(tmp_path):
             register_target(copy.copy(toy))
     finally:
         table.pop("toyrt")
+
+
+def test_trainable_tokens_of_a_tied_embedding_also_change_the_output_layer(tmp_path):
+    tied = make_tiny_llama(0, tie_word_embeddings=True)
+    base_dir = save_base(tmp_path / "base", tied)
+    src = make_adapter(tmp_path / "a", lora(trainable_token_indices={"embed_tokens": [1, 5, 7]}), model=tied)
+    result = export(src, tmp_path / "out", target="vllm", base=str(base_dir))
+    assert "lm_head" in result.adapter.layers and result.certificate.complete
+    assert rel(peft_logits(src, tied), peft_logits(tmp_path / "out", tied)) <= 1e-5

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import adaptkit as ak
@@ -21,7 +20,7 @@ from tests.deploy_util import make_adapter, save_base
 
 peft = pytest.importorskip("peft")
 VLLM_PYTHON = os.environ.get("ADAPTKIT_VLLM_PYTHON", "/tmp/vllmvenv/bin/python")
-PROBE = Path(__file__).with_name("vllm_probe.py")
+PROBE = Path(__file__).resolve().parents[1] / "scripts" / "vllm_probe.py"
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON}")
@@ -61,7 +60,7 @@ def probed(tmp_path_factory):
             jobs.append({"dir": str(root / f"{case}-{kind}"), "max_rank": 16, "modules": MODULES,
                          "out": str(root / f"{case}-{kind}.deltas.safetensors")})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run = subprocess.run([VLLM_PYTHON, str(PROBE), str(root / "jobs.json")], capture_output=True, text=True,
+    run = subprocess.run([VLLM_PYTHON, str(PROBE), str(root / "jobs.json")], capture_output=True, text=True, check=False,
                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
     line = next((l for l in run.stdout.splitlines() if l.startswith("PROBE ")), None)
     assert line is not None, run.stderr[-3000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._options import base_option, output_options, overwrite_option
+from ._options import base_option, output_options, overwrite_option, progress_options
 from ._render import print_json, render_table
 
 TARGET_HELP = "Runtime: vllm, sglang, llama.cpp, peft, diffusers."
@@ -16,8 +16,10 @@ TARGET_HELP = "Runtime: vllm, sglang, llama.cpp, peft, diffusers."
 @click.option("--target", "-t", default="vllm", show_default=True, help=TARGET_HELP)
 @click.option("--max-rank", type=int, default=None, help="The rank the runtime serves (vLLM's --max-lora-rank; default "
               "the runtime's: 16 for vLLM, none elsewhere).")
+@progress_options
 @output_options
-def check(source: str, base: str | None, target: str, max_rank: int | None, as_json: bool, as_csv: bool) -> None:
+def check(source: str, base: str | None, target: str, max_rank: int | None, progress: bool | None, as_json: bool,
+          as_csv: bool) -> None:
     """Check that SOURCE would fully work on a runtime: one row per finding, with the fix export applies.
 
     Exit code 1 when anything would be refused, dropped or applied wrongly (rerun with `adaptkit export`).
@@ -54,9 +56,11 @@ def check(source: str, base: str | None, target: str, max_rank: int | None, as_j
 @click.option("--pad-to-bucket", "pad_bucket", is_flag=True, help="Zero-pad the rank to the runtime's next rank "
               "bucket (vLLM: 8, 16, 32, ...).")
 @overwrite_option()
+@progress_options
 @output_options
 def export(source: str, out: str, target: str, base: str | None, max_rank: int | None, lossy: str | None,
-           drop: tuple[str, ...], pad_bucket: bool, overwrite: bool, as_json: bool, as_csv: bool) -> None:
+           drop: tuple[str, ...], pad_bucket: bool, overwrite: bool, progress: bool | None, as_json: bool,
+           as_csv: bool) -> None:
     """Write SOURCE as an adapter the runtime accepts, with the same effect.
 
     Exact fixes run by default (scales baked into B, ranks zero-padded, fused projections built, trainable tokens as

@@ -1,6 +1,6 @@
 """diffusers' rule table: what ``pipe.load_lora_weights`` does with each adapter feature, kept as data.
 
-Read from diffusers' source (0.32-0.35): ``diffusers/loaders/peft.py`` (``load_lora_adapter`` builds a peft
+Read from the installed diffusers 0.42.1: ``diffusers/loaders/peft.py`` (``load_lora_adapter`` builds a peft
 ``LoraConfig`` from ``get_peft_kwargs`` in ``diffusers/utils/peft_utils.py``: ``r``, ``lora_alpha`` and per-module
 ``rank_pattern``/``alpha_pattern`` from the state dict and its ``.alpha`` entries, ``use_dora`` from
 ``lora_magnitude_vector`` keys, ``lora_bias`` from ``lora_B.bias``; ``use_rslora`` is never set), and
@@ -13,8 +13,8 @@ from __future__ import annotations
 from .features import FEATURES
 from .rules import Rule, Target
 
-PEFT_UTILS = "diffusers/utils/peft_utils.py get_peft_kwargs (diffusers 0.35)"
-LOADER = "diffusers/loaders/peft.py PeftAdapterMixin.load_lora_adapter (diffusers 0.35)"
+PEFT_UTILS = "diffusers/utils/peft_utils.py get_peft_kwargs (diffusers 0.42.1)"
+LOADER = "diffusers/loaders/peft.py PeftAdapterMixin.load_lora_adapter (diffusers 0.42.1)"
 
 
 def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = PEFT_UTILS) -> Rule:
@@ -39,6 +39,6 @@ RULES = (
     _rule("zero_layers", "exact", "no-op layers do nothing", "drop_zero", LOADER),
 )
 
-TARGET = Target("diffusers", "diffusers", "diffusers", RULES, version="diffusers 0.35")
+TARGET = Target("diffusers", "diffusers", "diffusers", RULES, version="diffusers 0.42.1")
 
 __all__ = ["RULES", "TARGET"]

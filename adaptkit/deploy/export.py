@@ -21,14 +21,22 @@ from typing import Any
 
 import pandas as pd
 
-from ..analysis.coverage import certify_base
+from ..analysis.coverage import base_tensors, certify, match_layers
 from ..core.adapter import Adapter
 from ..errors import ConfigError, UnsupportedError
 from ..formats import save
 from ..io.outputs import check_output
 from .check import CheckReport, build_report, make_context
 from .features import plain_lora
-from .fixes import FIX_ORDER, FIXES, LOSSY_OPTIONS, FixRow, uniform_scale
+from .fixes import (
+    FIX_ORDER,
+    FIXES,
+    LOSSY_OPTIONS,
+    TIED_OUTPUT,
+    FixRow,
+    tied_embeddings,
+    uniform_scale,
+)
 from .rules import Context, Target
 from .targets import get_target
 
@@ -171,6 +179,24 @@ def pad_to_bucket(adapter: Adapter, target: Target, ctx: Context) -> tuple[Adapt
     return uniform_scale(adapter, ctx, list(adapter.layers), rank=bucket, name="pad_to_bucket")
 
 
+def certify_export(adapter: Adapter, base: Any) -> Any:
+    """The coverage certificate of the exported adapter against ``base``, refusing partial coverage.
+
+    When the base ties its output layer to the input embedding (``tie_word_embeddings``), its files hold no
+    ``lm_head`` tensor; an output-layer LoRA (export adds one for trainable tokens of a tied embedding) is then
+    certified against the shape of the weight it shares.
+
+    Raises:
+        CoverageError: layers that land nowhere.
+    """
+    name, shapes = base_tensors(base)
+    out = adapter.layers.get(TIED_OUTPUT)
+    if out is not None and f"{TIED_OUTPUT}.weight" not in shapes and tied_embeddings(base):
+        shapes = {**shapes, f"{TIED_OUTPUT}.weight": tuple(out.shape)}
+    outcomes, extras = match_layers(adapter, shapes, name)
+    return certify(adapter, outcomes, operation="export", target=name, extras=extras).require()
+
+
 def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any = None, max_rank: int | None = None,
                    lossy: Iterable[str] | str | None = None, drop: Iterable[str] = (), pad_bucket: bool = False,
                    overwrite: bool = False) -> ExportResult:
@@ -211,7 +237,7 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
         rows += new_rows
     certificate = None
     if base is not None:
-        certificate = certify_base(adapter, base, operation="export").require()  # dropped layers are gone already
+        certificate = certify_export(adapter, base)  # dropped layers are gone already
     final = build_report(adapter, tgt, ctx, certificate)
     summary = {"target": tgt.name, "runtime": tgt.version, "fixes": sorted({r.fix for r in rows}),
                "lossy": sorted(allowed), "dropped": list(dropped),
@@ -228,5 +254,5 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
     return ExportResult(Path(path), tgt.name, adapter, tuple(rows), dropped, final, certificate)
 
 
-__all__ = ["KEEP_CONFIG", "METADATA_KEY", "ExportResult", "drop_matching", "export_adapter", "pad_to_bucket",
+__all__ = ["KEEP_CONFIG", "METADATA_KEY", "ExportResult", "certify_export", "drop_matching", "export_adapter", "pad_to_bucket",
            "parse_lossy"]

@@ -11,6 +11,7 @@ when their ``option`` is in ``export(lossy=...)``. The math is the layers' own (
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..core.kinds import Layer, LoRA, layer_dtype
 from ..core.linalg import numerical_rank
 from ..errors import ConfigError, UnsupportedError
 from ..io.base_model import TensorReader, match_paths, open_base
+from ..io.sources import resolve
 from ..ops.convert import with_base
 from .features import FUSED, fused_plan, plain_lora
 from .rules import Context
@@ -135,6 +137,23 @@ def _need_base(ctx: Context, what: str) -> None:
         raise ConfigError(f"{what} needs the base model's weights; pass --base BASE (base= in Python)")
 
 
+def tied_embeddings(base: object) -> bool:
+    """Whether the base's ``config.json`` ties the output layer to the input embedding (``tie_word_embeddings``);
+    ``False`` when there is no such config (a ``.safetensors`` file, a pipeline)."""
+    path = resolve(str(base), allow_patterns=["config.json"]).path
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("tie_word_embeddings", False))
+    except (OSError, ValueError):
+        return False
+
+
+#: the output layer a tied embedding's trainable tokens also change (transformers' causal LMs)
+TIED_OUTPUT = "lm_head"
+
+
 def _lora_rank(adapter: Adapter) -> int | None:
     return max((l.rank for l in adapter.layers.values() if l.rank is not None), default=None)
 
@@ -148,12 +167,21 @@ def through_base(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adap
     _need_base(ctx, "turning base-dependent layers (trainable tokens, OFT, IA3 ...) into LoRA")
     fitted = with_base(adapter, ctx.base, paths=paths)
     layers, rows = dict(fitted.layers), []
+    tied = any(adapter.layers[p].module_type == "embedding" for p in paths) and tied_embeddings(ctx.base)
     for p in paths:
         new, _, err, method = fitted.layers[p].to_lora(None)
         layers[p] = new
         rows.append(FixRow(p, "through_base", True, adapter.layers[p].rank, new.rank, err,
                            f"its change to the base as a LoRA ({method})"))
-    return adapter.replace(layers=layers), rows
+        if tied and new.module_type == "embedding":  # PEFT's trainable tokens change the tied output rows too
+            if TIED_OUTPUT in layers:
+                raise UnsupportedError(f"{p} holds trainable tokens of a tied embedding and the adapter adapts "
+                                       f"{TIED_OUTPUT} too; export cannot combine them")
+            out, _ = diff_to_lora(new.delta(), embedding=False, rank=None, dtype=layer_dtype(new))
+            layers[TIED_OUTPUT] = out
+            rows.append(FixRow(TIED_OUTPUT, "through_base", True, None, out.rank, 0.0,
+                               f"the rows {p}'s trainable tokens change, in the tied output layer"))
+    return adapter.replace(layers=dict(sorted(layers.items()))), rows
 
 
 def to_lora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:

@@ -1,4 +1,4 @@
-"""Run by vLLM's own interpreter (a separate venv, see tests/test_deploy_vllm.py), never imported by the test suite.
+"""Run by vLLM's own interpreter (a separate venv; tests/test_deploy_vllm.py runs it), never imported by adaptkit.
 
 ``python vllm_probe.py JOBS.json`` loads every adapter directory of the jobs the way ``vllm serve --enable-lora``
 does: ``PEFTHelper.from_local_dir`` + ``validate_legal(LoRAConfig(max_lora_rank=...))`` and
@@ -26,7 +26,8 @@ def probe(job):
 
 
 def main():
-    jobs = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
     results = []
     for job in jobs:
         try:
