@@ -286,3 +286,24 @@ def test_gguf_base_check_names_and_shapes(bases, tmp_path):
         export_gguf(a, tmp_path / "x.gguf", base=bases["llama"],
                     gguf_base=model(tmp_path / "wide.gguf", {**good, "blk.1.attn_q.weight": (64, 128)}))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_layer_without_a_gguf_name_does_not_land(bases, tmp_path, monkeypatch):
+    """A base weight that gguf's tensor-name map does not name for the architecture is never applied by llama.cpp:
+    check's llama.cpp.module_names rule names it and export's certificate refuses it (here q_proj under an
+    architecture row whose GGUF arch, GPT-2, has fused attn_qkv only)."""
+    from adaptkit.deploy import check
+    from adaptkit.deploy import llamacpp
+
+    src = make_adapter(bases["llama"], tmp_path / "ad", r=2, target_modules=["q_proj", "o_proj"])
+    monkeypatch.setitem(llamacpp.ARCHS, "llama", llamacpp.Arch("GPT2"))
+    report = check(str(src), base=str(bases["llama"]), target="llama.cpp")
+    names = next(f for f in report.findings if f.rule == "llama.cpp.module_names")
+    assert names.verdict == "refused" and names.where == ("model.layers.0.self_attn.q_proj",
+                                                          "model.layers.1.self_attn.q_proj")
+    with pytest.raises(CoverageError, match="tensor-name map has no tensor"):
+        export_gguf(ak.load(src), tmp_path / "x.gguf", base=bases["llama"])
+    out = export_gguf(ak.load(src), tmp_path / "x.gguf", base=bases["llama"], drop=["*q_proj"])
+    fields, tensors, _ = _read(out)
+    assert fields["general.architecture"] == "gpt2" and {n.rsplit(".", 2)[0] for n in tensors} == {
+        "blk.0.attn_output", "blk.1.attn_output"}
