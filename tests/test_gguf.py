@@ -292,8 +292,7 @@ def test_layer_without_a_gguf_name_does_not_land(bases, tmp_path, monkeypatch):
     """A base weight that gguf's tensor-name map does not name for the architecture is never applied by llama.cpp:
     check's llama.cpp.module_names rule names it and export's certificate refuses it (here q_proj under an
     architecture row whose GGUF arch, GPT-2, has fused attn_qkv only)."""
-    from adaptkit.deploy import check
-    from adaptkit.deploy import llamacpp
+    from adaptkit.deploy import check, llamacpp
 
     src = make_adapter(bases["llama"], tmp_path / "ad", r=2, target_modules=["q_proj", "o_proj"])
     monkeypatch.setitem(llamacpp.ARCHS, "llama", llamacpp.Arch("GPT2"))
