@@ -90,7 +90,9 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 1, std: float = 0.2, **l
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude" in name:  # DoRA: a trained magnitude stays near the weight norms it starts at
+                p.mul_(1 + torch.randn(p.shape, generator=g) * std)
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif "modules_to_save" in name:  # a trained copy differs from the base
                 p.add_(torch.randn(p.shape, generator=g) * std)

@@ -172,6 +172,27 @@ def test_deploy_export_path_matches_peft(gguf_bases, tmp_path):
     assert _rel(got, want) < RTOL
 
 
+def test_dora_folded_with_lossy_option(gguf_bases, tmp_path):
+    """``--lossy dora``: the DoRA layers folded through the base into LoRA (reported error per layer); llama.cpp runs
+    exactly the folded adapter (the same as peft with it), and differs from peft's DoRA by what the fold lost."""
+    from adaptkit.deploy import export
+
+    hf_dir, gguf_path = gguf_bases["llama"]
+    src = make_adapter(hf_dir, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                       use_dora=True, std=0.05)
+    result = export(str(src), tmp_path / "adapter.gguf", target="llama.cpp", base=str(hf_dir), lossy="dora")
+    assert {r.fix for r in result.fixes} >= {"fold_dora"} and result.max_error > 0
+    folded = ak.save(result.adapter, tmp_path / "folded", format="peft")
+    want_tokens, want = hf_greedy(peft_model(hf_dir, folded), PROMPT, N_NEW)
+    _, dora = hf_greedy(peft_model(hf_dir, src), PROMPT, N_NEW)
+    llm = _llama(gguf_path, result.path)
+    assert cpp_greedy(llm, PROMPT, N_NEW) == want_tokens
+    got = cpp_logits(llm, PROMPT + want_tokens)
+    FIGURES["dora-folded (effect: folded vs DoRA in peft)"] = (_rel(got, want), N_NEW,
+                                                               _rel(want[: len(PROMPT)], dora[: len(PROMPT)]))
+    assert _rel(got, want) < RTOL
+
+
 def test_zz_report_figures():
     """Print the measured figures (run with -s); they are quoted in docs/deploy.md."""
     if not FIGURES:
