@@ -42,7 +42,7 @@ def as_adapter(source: AdapterLike, *, against: Any = None, drop: Any = None, **
         return source
     gate = {} if drop is None else {"drop": drop, "strict_drop": False}
     if against is None:
-        return load(source, **load_options, **(gate if "base" in load_options else {}))
+        return load(source, **load_options, **(gate if load_options.get("base") is not None else {}))
     try:
         return load(source, base=str(against), **load_options, **gate)
     except ConfigError as against_base:
