@@ -186,7 +186,7 @@ class Certificate:
                 if hit:
                     used.update(hit)
                     if c.status != "dropped":
-                        reason = f"dropped on request ({hit[0]}): {c.reason or c.status}"
+                        reason = f"dropped on request ({hit[0]}); was {c.status}: {c.reason or c.status}"
                         c = replace(c, status="dropped", reason=reason)
             out.append(c)
         unused = [p for p in patterns if p not in used]

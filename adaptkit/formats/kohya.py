@@ -113,7 +113,8 @@ def select_files(listing: Sequence[str], named: str | None = None) -> Selection 
 # ----------------------------------------------------------------------------------------------- read
 
 
-def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -> Adapter:
+def read(path: Path, *, source: str | None = None, base: Any = None, drop: Iterable[str] | str | None = None,
+         **_: Any) -> Adapter:
     """Read a kohya/LyCORIS ``.safetensors`` file.
 
     Args:
@@ -121,6 +122,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         source: provenance string to record.
         base: base model used to resolve flattened names (hub id, directory, ``nn.Module``); without it
             the shipped inventories (SD 1.x, SDXL, SD3, Flux) are tried.
+        drop: with ``base``: names that may resolve to nothing (see :func:`read_tensors`).
 
     Raises:
         FormatError: unknown or mixed key schemes, tensors of several kinds for one module, incomplete layers.
@@ -134,7 +136,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the kohya/LyCORIS file itself")
         path = files[0]
     tensors, metadata = read_safetensors(path)
-    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name)
+    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name, drop=drop)
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,

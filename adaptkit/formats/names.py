@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..core.coverage import CoverageError, CoverageShapeError
+from ..errors import ConfigError
 from ..io.safetensors import read_safetensors_header
 from ..io.sources import resolve
 
@@ -425,8 +426,8 @@ def _try(inv: Inventory, names: Iterable[tuple[str, str]], shapes: Mapping[tuple
             continue
         if len(cands) > 1:
             ambiguous.append(f"{_kohya(comp, flat)} -> {', '.join(p for p, _ in cands)}")
-            unresolved[(comp, flat)] = ("ambiguous", f"fits several modules of {inv.name}: "
-                                        f"{', '.join(p for p, _ in cands[:2])}")
+            unresolved[(comp, flat)] = ("ambiguous", (f"fits several modules of {inv.name}: "
+                                                      f"{', '.join(p for p, _ in cands[:2])}"))
             continue
         path, alias = cands[0]
         want = shapes.get((comp, flat))
@@ -474,7 +475,7 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
         if partial:
             return Resolution(inv, paths, unresolved)
         if bad:
-            raise ShapeMismatchError(
+            raise CoverageShapeError(
                 f"{len(bad)} layer(s) contradict the base model's weight shapes, e.g. {'; '.join(bad[:3])}; "
                 "is this adapter for another base model? (or pass --drop GLOB naming them to leave them out)"
             )
@@ -504,13 +505,13 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
 
 def _raise_unresolved(missing: list[str], ambiguous: list[str], where: str) -> None:
     if missing:
-        raise ConfigError(
+        raise CoverageError(
             f"{len(missing)} module name(s) match no module of {where}: {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; is this adapter for another base model? (or pass --drop GLOB "
             "naming them to leave them out, e.g. --drop 'lora_te*')"
         )
     if ambiguous:
-        raise ConfigError(
+        raise CoverageError(
             f"{len(ambiguous)} flattened name(s) fit several modules of {where}: {'; '.join(ambiguous[:3])}; "
             "write the adapter in a format with dotted names (peft, diffusers) instead"
         )

@@ -598,15 +598,15 @@ def _detach(layer: Layer) -> Layer:
 
 __all__ = [
     "active_adapters",
-    "certify_inject",
-    "injected_coverage",
     "adapted_modules",
     "adapter_state_dict",
+    "certify_inject",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
     "get_adapter_state_dict",
     "inject",
+    "injected_coverage",
     "load_adapter",
     "merge_adapters",
     "named_modules",

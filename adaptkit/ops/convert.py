@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
-from ..core.coverage import Certificate, CoverageRefusedError, Outcome, certify, stamp
 from ..core.columns import MODULE, RETAINED_ENERGY
+from ..core.coverage import Certificate, CoverageRefusedError, Outcome, certify, stamp
 from ..core.kinds import Full, LoRA
 from ..core.kinds.common import conv_or_linear
 from ..core.linalg import numerical_rank
@@ -315,11 +315,13 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
 
 
 def _certify_base(adapter: Adapter, base: str | os.PathLike, drop: Any) -> Adapter:
-    """The adapter without the layers / extra tensors ``drop`` names that have no counterpart in ``base``; the
-    rows are carried (dropped) into the conversion's certificate. Without ``drop`` nothing is checked here: the
-    format certificate, :func:`with_base` and the writer refuse what does not fit."""
-    if drop is None:
-        return adapter
+    """The adapter without the layers / extra tensors ``drop`` names that have no counterpart in ``base`` (by the
+    rules of :func:`adaptkit.formats.coverage.match_layers`: names and shapes); the rows are carried (dropped)
+    into the conversion's certificate.
+
+    Raises:
+        CoverageError: layers or extras without a counterpart that ``drop`` does not name.
+    """
     name, shapes = base_tensors(base)
     outcomes, extras = match_layers(adapter, shapes, name)
     cert = certify(adapter, outcomes, operation="convert", target=name, extras=extras).require(drop, strict=False)

@@ -232,18 +232,13 @@ def _certify_one(ws: WeightSet, adapter: Adapter, operation: str) -> Certificate
     return certify(adapter, outcomes, operation=operation, target=ws.provenance, extras=extras)
 
 
-def certify_fuse(ws: WeightSet, adapters: list[Adapter], drop: Any = None, unfuse: bool = False) -> Certificate:
-    """The coverage certificate of fusing ``adapters`` into ``ws``, gated by ``drop`` (see :meth:`Certificate.require`).
-
-    Raises:
-        CoverageError: layers that would not land and are not named by ``drop`` (its shape / refused subclasses
-            when every such layer has another shape / is refused).
-    """
+def certify_fuse(ws: WeightSet, adapters: list[Adapter], unfuse: bool = False) -> Certificate:
+    """The coverage certificate of fusing ``adapters`` into ``ws`` (not gated: :func:`fuse` calls
+    :meth:`~adaptkit.core.coverage.Certificate.require` with its ``drop``); ``<label>:<path>`` rows for several."""
     op = "unfuse" if unfuse else "fuse"
     labels = [_label(a, i) for i, a in enumerate(adapters)]
-    cert = combine([(label, _certify_one(ws, a, op)) for label, a in zip(labels, adapters)], operation=op,
+    return combine([(label, _certify_one(ws, a, op)) for label, a in zip(labels, adapters)], operation=op,
                    target=ws.provenance)
-    return cert.require(drop)
 
 
 def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool, cert: Certificate):
@@ -314,7 +309,7 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
         check_output(out, overwrite, inputs=[base, adapters])
     ws = open_base(base)
     ads = _prepare(ws, ads, unfuse)
-    cert = certify_fuse(ws, ads, drop, unfuse)
+    cert = certify_fuse(ws, ads, unfuse).require(drop)
     transforms, names, kinds = _plan(ws, ads, weights, unfuse, cert)
     plan = _plan_frame(ws, transforms, names, kinds, out_dtype, unfuse)
     stamp = {METADATA_KEY: cert.to_json()}
@@ -447,6 +442,6 @@ def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None
                 drop=drop)
 
 
-from .extract import extract  # noqa: E402  (re-exported next to fuse/unfuse)
+from .extract import extract
 
-__all__ = ["FuseResult", "extract", "fuse", "parse_size", "unfuse"]
+__all__ = ["FuseResult", "certify_fuse", "extract", "fuse", "parse_size", "unfuse"]
