@@ -336,7 +336,7 @@ def test_every_drop_is_caught_and_certified(case: Case, env: dict, tmp_path: Pat
     assert set(dropped) == set(case.expect), (set(dropped), set(case.expect))
     assert [r for r in cd["not_landing"] if r["status"] != "dropped"] == []
     for path, status in case.expect.items():
-        assert f"; was {status}:" in dropped[path]["reason"], (path, dropped[path]["reason"])
+        assert dropped[path]["was"] == status and f"; was {status}:" in dropped[path]["reason"], dropped[path]
     assert cd["counts"]["dropped"] == len(case.expect) and not cd["complete"]
 
     # the energy share against dense float64 deltas of the adapter as given

@@ -66,6 +66,7 @@ class LayerCoverage:
         tensors: number of stored tensors of the layer.
         reason: why it does not land (empty for matched layers).
         extra: True for a tensor that is not an adapter layer (``modules_to_save`` weight, unknown key).
+        was: for a ``dropped`` layer, the status it had before it was dropped (``unmatched``, ``shape`` ...).
     """
 
     path: str
@@ -75,6 +76,7 @@ class LayerCoverage:
     tensors: int
     reason: str = ""
     extra: bool = False
+    was: str = ""
 
     @property
     def lands(self) -> bool:
@@ -165,8 +167,9 @@ class Certificate:
         """The certificate with every non-landing layer named by one of ``patterns`` marked ``dropped``.
 
         Patterns are shell globs (``fnmatch``) on the adapter path (``*lm_head*``, ``model.layers.3.*``) or on its
-        status (``status:unmatched``, ``status:shape``, ``status:refused``); a pattern that names no non-landing
-        layer is an error (a typo would otherwise hide a drop).
+        status (``status:unmatched``, ``status:shape``, ``status:refused``, ``status:ambiguous``; a dropped layer matches
+        the status it had); a pattern that names no non-landing layer is an error (a typo would otherwise hide a
+        drop).
 
         A pattern that names a layer dropped already (by an earlier operation, carried in the adapter's metadata)
         counts as used. ``strict=False`` allows patterns that name nothing here (an operation that certifies the
@@ -187,7 +190,7 @@ class Certificate:
                     used.update(hit)
                     if c.status != "dropped":
                         reason = f"dropped on request ({hit[0]}); was {c.status}: {c.reason or c.status}"
-                        c = replace(c, status="dropped", reason=reason)
+                        c = replace(c, status="dropped", reason=reason, was=c.status)
             out.append(c)
         unused = [p for p in patterns if p not in used]
         if unused and strict:
@@ -247,7 +250,8 @@ class Certificate:
             out["notes"] = list(self.notes)
         if layers:
             out["not_landing"] = [{"path": c.path, "status": c.status, "reason": c.reason, "tensors": c.tensors,
-                                   "extra": c.extra, "energy": None if math.isnan(c.energy) else c.energy}
+                                   "extra": c.extra, "energy": None if math.isnan(c.energy) else c.energy,
+                                   **({"was": c.was} if c.was else {})}
                                   for c in self.layers if not c.lands]
         out["matched_energy"] = self.matched_energy
         out["total_energy"] = self.total_energy
@@ -360,8 +364,8 @@ def split(cert: Certificate, labels: Sequence[str]) -> list[frozenset[str]]:
 
 
 def _names(c: LayerCoverage, pattern: str) -> bool:
-    if pattern.startswith("status:"):
-        return c.status == pattern.removeprefix("status:")
+    if pattern.startswith("status:"):  # a dropped layer keeps its status before the drop in `was`
+        return pattern.removeprefix("status:") in (c.status, c.was)
     return fnmatch.fnmatchcase(c.path, pattern)
 
 
@@ -430,11 +434,11 @@ def carried(adapter: Any) -> list[LayerCoverage]:
     rows = []
     for r in prior.get("not_landing") or ():
         if isinstance(r, dict) and r.get("status") == "dropped" and isinstance(r.get("path"), str):
-            energy = r.get("energy")
+            value = r.get("energy")  # JSON null: unknown
             rows.append(LayerCoverage(r["path"], None, "dropped",
-                                      math.nan if not isinstance(energy, (int, float)) else float(energy),
+                                      math.nan if not isinstance(value, (int, float)) else float(value),
                                       int(r.get("tensors") or 0), str(r.get("reason") or "dropped"),
-                                      bool(r.get("extra"))))
+                                      bool(r.get("extra")), str(r.get("was") or "")))
     present = set(adapter.layers) | set(adapter.extras)
     return [c for c in rows if c.path not in present]
 
