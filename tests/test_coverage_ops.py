@@ -229,3 +229,12 @@ def test_cli_convert_and_merge(setup, tmp_path):
     assert r.returncode == 0 and "coverage (merge): 8/8" in r.stdout and "ΔW energy 100%" in r.stdout
     r = run_cli("merge", str(deep), str(other), "-o", str(tmp_path / "m2"), "-q", "--drop", "x*")
     assert r.returncode == 1 and "names no layer" in r.stderr and not (tmp_path / "m2").exists()
+
+
+def test_cli_info_with_a_base_shows_the_coverage(setup):
+    t, base, deep, _ = setup
+    r = run_cli("info", str(deep), "--base", str(base), "--no-layers", "-q")
+    assert r.returncode == 0 and "4/6 layers land" in r.stdout and "NOT landing: model.layers.2" in r.stdout
+    cov = json.loads(run_cli("info", str(deep), "--base", str(base), "--no-layers", "-q", "--json").stdout)["coverage"]
+    assert cov["counts"]["unmatched"] == 2 and not cov["complete"]
+    assert [r["path"] for r in cov["not_landing"]] == DEEP

@@ -134,8 +134,14 @@ class Certificate:
 
     @property
     def unknown_energy(self) -> int:
-        """Number of layers whose energy is unknown without the base weights."""
-        return sum(math.isnan(c.energy) for c in self.layers)
+        """Number of layers (not extra tensors) whose energy is unknown without the base weights."""
+        return sum(math.isnan(c.energy) for c in self.layers if not c.extra)
+
+    @property
+    def extras(self) -> int:
+        """Number of extra tensors (whole-tensor replacements, unknown keys): counted in the layer and tensor
+        shares and the statuses, not in the energy share (a replaced tensor has no ``ΔW`` without the base)."""
+        return sum(c.extra for c in self.layers)
 
     @property
     def missing(self) -> list[LayerCoverage]:
@@ -244,7 +250,7 @@ class Certificate:
             "layers": len(self.layers), "counts": self.counts(),
             "energy_share": None if math.isnan(share) else share,
             "layer_share": self.layer_share, "tensor_share": self.tensor_share,
-            "unknown_energy_layers": self.unknown_energy,
+            "unknown_energy_layers": self.unknown_energy, "extra_tensors": self.extras,
         }
         if self.notes:
             out["notes"] = list(self.notes)
@@ -283,6 +289,8 @@ class Certificate:
                 f"ΔW energy {energy}")
         if self.unknown_energy:
             head += f" ({self.unknown_energy} layers' energy depends on the base)"
+        if self.extras:
+            head += f"; {self.extras} extra tensor(s) counted as layers, not in the energy"
         lines = [head]
         if counts["dropped"]:
             lines.append(f"  dropped on request: {counts['dropped']} ({', '.join(c.path for c in self.dropped[:3])}"
