@@ -36,14 +36,13 @@ from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats.inputs import as_adapter
 from ..formats.peft import to_state_dict
 from ..formats.state_dict import from_state_dict
+from .coverage import injected_coverage, keep_coverage
 from .saved_modules import ModulesToSaveWrapper, extra_outcomes
 from .saved_modules import plan as plan_saved
 from .wrappers import AdaptedModule, base_kind, fit_layer
 
 #: attribute on the root module: adapter name -> the injected Adapter's non-layer fields
 _REGISTRY_ATTR = "_adaptkit_adapters"
-#: attribute on the root module: adapter name -> the coverage certificate of its injection
-_COVERAGE_ATTR = "_adaptkit_coverage"
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lycoris_",
                    "lora_")
 
@@ -229,29 +228,6 @@ def certify_inject(ad: Adapter, modules: Mapping[str, nn.Module]) -> Certificate
     return certify(ad, outcomes, operation="inject", target="the model", extras=extras)
 
 
-def injected_coverage(module: Any, adapter_name: str = "default") -> Certificate:
-    """The coverage certificate :func:`inject` made for ``adapter_name`` in this model.
-
-    Raises:
-        ConfigError: no adapter of that name is injected.
-    """
-    certs = module.__dict__.get(_COVERAGE_ATTR) or {}
-    if adapter_name not in certs:
-        raise ConfigError(f"no adapter named {adapter_name!r} is injected; injected: {sorted(certs) or 'none'}")
-    return certs[adapter_name]
-
-
-def _keep_coverage(module: Any, name: str, cert: Certificate | None) -> None:
-    certs = module.__dict__.get(_COVERAGE_ATTR)
-    if certs is None:
-        certs = {}
-        object.__setattr__(module, _COVERAGE_ATTR, certs)
-    if cert is None:
-        certs.pop(name, None)
-    else:
-        certs[name] = cert
-
-
 # ----------------------------------------------------------------------------------------- inject
 
 
@@ -342,7 +318,7 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
             target = wrapper
         target.add(name, s.state, trainable=trainable)
     _registry(module)[name] = stamp(ad.replace(layers={}, extras={}), cert)
-    _keep_coverage(module, name, cert)
+    keep_coverage(module, name, cert)
     if active:
         set_adapter(module, name)
     return sorted(set(targets) | {s.path for s in saved})
@@ -470,7 +446,7 @@ def remove_adapter(module: Any, adapter_name: str) -> None:
             if not len(s.modules_to_save):
                 _set_submodule(module, path, s.original_module)
     _registry(module).pop(adapter_name, None)
-    _keep_coverage(module, adapter_name, None)
+    keep_coverage(module, adapter_name, None)
 
 
 def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
