@@ -94,7 +94,7 @@ def match_layers(adapter: Any, shapes: Shapes, target: str) -> tuple[dict[str, O
     found = find_matches(adapter.layers, shapes)
     outcomes: dict[str, Outcome] = {}
     for path in found.unmatched:
-        outcomes[path] = Outcome(None, "unmatched", f"matches no weight of {target}")
+        outcomes[path] = Outcome(None, "unmatched", "matches no weight of the base model")
     for path, keys in found.ambiguous.items():
         more = " ..." if len(keys) > 2 else ""
         outcomes[path] = Outcome(None, "ambiguous", f"matches several base weights: {', '.join(keys[:2])}{more}")

@@ -226,9 +226,6 @@ def _certify_one(ws: WeightSet, adapter: Adapter, operation: str) -> Certificate
     for key, o in extras.items():
         if o.status == "matched" and ws.tensors[o.target].dtype not in FLOAT_ST:
             extras[key] = Outcome(None, "refused", f"base tensor '{o.target}' is {ws.tensors[o.target].dtype}")
-    for path, o in outcomes.items():
-        if o.status == "unmatched":
-            outcomes[path] = Outcome(None, "unmatched", "matches no weight of the base model")
     return certify(adapter, outcomes, operation=operation, target=ws.provenance, extras=extras)
 
 
