@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "adaptkit"
 
 #: third-party packages a function may import lazily: the optional dependencies (peft, diffusers, transformers at
-#: run time, matplotlib), huggingface_hub (only hub sources need it; tests patch its functions where they are
+#: run time, matplotlib, gguf), huggingface_hub (only hub sources need it; tests patch its functions where they are
 #: looked up) and tqdm (adaptkit.progress is imported at CLI startup; the bar library only when a bar is drawn)
-LAZY_OK = {"peft", "diffusers", "transformers", "matplotlib", "huggingface_hub", "tqdm"}
+LAZY_OK = {"peft", "diffusers", "transformers", "matplotlib", "huggingface_hub", "tqdm", "gguf"}
 #: modules whose function-level imports are the lazy loading itself: the PEP 562 package namespace and the CLI
 #: command modules (``adaptkit --help`` must not import torch/pandas: each command imports what it runs)
 LAZY_MODULES = {"adaptkit", "adaptkit.cli.*"}

@@ -72,7 +72,7 @@ def test_lora_bias_into_a_bias_free_base_says_what_is_missing(tmp_path, llama_di
         ak.fuse(llama_dir, adapter_dir, tmp_path / "out", progress=False)
     msg = str(e.value)
     assert "does not belong" not in msg
-    assert "4 module(s) that have none" in msg and "model.layers.0.self_attn.q_proj" in msg
+    assert "4 of 4 adapter layers would not land" in msg and "model.layers.0.self_attn.q_proj" in msg
     assert "'model.layers.0.self_attn.q_proj.weight' has no bias" in msg
     assert "lora_bias" in msg and "ak.inject" in msg
     with pytest.raises(UnsupportedError, match="that have none"):

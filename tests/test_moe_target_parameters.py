@@ -323,7 +323,7 @@ def test_inject_refuses_parameter_layers_and_leaves_the_model_unchanged(saved):
     _, base, _, path = saved
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ak.UnsupportedError, match="adapt a parameter tensor rather than a module.*adaptkit fuse"):
+    with pytest.raises(ak.UnsupportedError, match="adapts a parameter tensor rather than a module.*adaptkit fuse"):
         ak.inject(model, str(path))
     assert not any("lora" in n for n, _ in model.named_modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

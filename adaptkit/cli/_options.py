@@ -7,7 +7,8 @@
 * :func:`progress_options`: ``--quiet`` / ``-q`` and ``--progress/--no-progress``, mapped to one ``progress``
   argument (see :mod:`adaptkit.progress`).
 * :func:`fuse_options`: the arguments and options ``fuse`` and ``unfuse`` share.
-* ``format_option``, ``base_option``, ``overwrite_option``, ``component_option``, ``report_option``.
+* ``format_option``, ``base_option``, ``overwrite_option``, ``component_option``, ``report_option``, ``drop_option``
+  (``--drop GLOB``, repeatable: the one name of the coverage gate's option, ``drop=[...]`` in Python).
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def component_option(peft_part: str) -> Decorator:
                         f"omitted. PEFT output: {peft_part}")
 
 
+drop_option = click.option(
+    "--drop", "drop", multiple=True, metavar="GLOB",
+    help="Accept losing the adapter layers this glob names when they do not land (repeatable): a glob on the layer "
+         "path ('*lm_head*', 'model.layers.3.*') or a status ('status:unmatched'); without it, any layer that does "
+         "not land is an error. A glob that names no such layer is an error too. See docs/coverage.md.")
+
 report_option = click.option("--report", default=None, help="Also write a self-contained HTML report with plots here "
                              "(needs: pip install 'adaptkit[plot]').")
 
@@ -154,10 +161,11 @@ def fuse_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dry-run", is_flag=True, help="List the tensors that would change; write nothing."),
         overwrite_option(),
         click.option("--fsync", is_flag=True, help="Flush files to disk before the rename (power-loss safe; slower)."),
+        drop_option,
     ]):
         fn = opt(fn)
     return fn
 
 
-__all__ = ["QUIET_KEY", "NumbersType", "base_option", "component_option", "declared", "format_option", "fuse_options",
+__all__ = ["QUIET_KEY", "NumbersType", "base_option", "component_option", "declared", "drop_option", "format_option", "fuse_options",
            "output_options", "overwrite_option", "progress_options", "report_option"]

@@ -35,6 +35,12 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def is_certificate(value: Any) -> bool:
+    """True for a coverage certificate (:class:`~adaptkit.core.coverage.Certificate`; told by its surface, so that
+    this module does not import the library)."""
+    return hasattr(value, "summary") and hasattr(value, "to_dict") and hasattr(value, "energy_share")
+
+
 def render_table(df: Any, as_json: bool = False, as_csv: bool = False, header: dict[str, Any] | None = None,
                  float_format: str = "{:.4g}") -> None:
     """Print a DataFrame (and an optional header dict) as text, JSON or CSV.
@@ -43,22 +49,29 @@ def render_table(df: Any, as_json: bool = False, as_csv: bool = False, header: d
         df: the table.
         as_json: print ``rows`` (or ``{**header, "layers": rows}``) as JSON.
         as_csv: print the rows as CSV (the header is left out).
-        header: ``key: value`` facts printed above a text table (dict values as ``a: b, c: d``).
+        header: ``key: value`` facts printed above a text table (dict values as ``a: b, c: d``); a coverage
+            certificate value prints as its summary lines (text) or its ``to_dict()`` (JSON).
         float_format: how text tables print floats.
     """
+    certificates = {k: v for k, v in (header or {}).items() if is_certificate(v)}
     if as_csv:
         click.echo(df.to_csv(index=False), nl=False)
         return
     if as_json:
         rows = [{k: _clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+        if header is not None:
+            header = {k: (v.to_dict() if k in certificates else v) for k, v in header.items()}
         print_json({**header, "layers": rows} if header is not None else rows)
         return
     if header:
-        width = max(len(k) for k in header)
-        for k, v in header.items():
+        plain = {k: v for k, v in header.items() if k not in certificates}
+        width = max((len(k) for k in plain), default=0)
+        for k, v in plain.items():
             if isinstance(v, dict):
                 v = ", ".join(f"{a}: {b}" for a, b in v.items()) or "-"
             click.echo(f"{k.ljust(width)}  {v}")
+        for cert in certificates.values():
+            click.echo(cert.summary())
         click.echo("")
     if df.empty:
         click.echo("(no rows)")
@@ -73,4 +86,4 @@ def note(message: str) -> None:
         click.echo(message, err=True)
 
 
-__all__ = ["json_default", "note", "print_json", "render_table"]
+__all__ = ["is_certificate", "json_default", "note", "print_json", "render_table"]

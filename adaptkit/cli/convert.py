@@ -12,6 +12,7 @@ from ._options import (
     base_option,
     component_option,
     declared,
+    drop_option,
     output_options,
     overwrite_option,
     progress_options,
@@ -74,12 +75,13 @@ def split_args(args: tuple[str, ...]) -> tuple[str | None, str, str]:
 @click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
 @component_option("write only this component's layers, in its own namespace (each: one adapter per component in "
                   "OUT/<component>/).")
+@drop_option
 @overwrite_option()
 @progress_options
 @output_options
 def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | None, rank: int | None, kind: str | None,
-            base: str | None, initial: str | None, component: str | None, overwrite: bool, progress: bool | None,
-            as_json: bool, as_csv: bool) -> None:
+            base: str | None, initial: str | None, component: str | None, drop: tuple[str, ...], overwrite: bool,
+            progress: bool | None, as_json: bool, as_csv: bool) -> None:
     """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO.
 
     FROM may be left out ('->kohya': detected); formats are peft, kohya (alias lycoris) and diffusers, and
@@ -93,15 +95,18 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
       adaptkit convert my_lokr.safetensors out/ --to diffusers --rank 32   # lossy: prints the loss table
       adaptkit convert 'lycoris->peft' my_oft.safetensors out/ --base ./base-model --kind lora
       adaptkit convert 'pissa->lora' runs/pissa-trained runs/as-lora --initial runs/pissa-init
+      adaptkit convert 'kohya->peft' sdxl_lora.safetensors out/ --base ./sdxl --drop 'lora_te2_*'   # see coverage
     """
     spec, source, out = split_args(args)
     from ..ops.convert import convert_checkpoint
 
     options = {"initial": initial} if initial is not None else {}
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
-                                base=base, overwrite=overwrite, component=component, progress=progress, **options)
+                                base=base, overwrite=overwrite, component=component, progress=progress,
+                                drop=list(drop) or None, **options)
     header = {"out": str(result.out), "from": result.source_format, "to": result.target_format,
-              "lossless": result.lossless, **({"note": result.note} if result.note else {})}
+              "lossless": result.lossless, **({"note": result.note} if result.note else {}),
+              **({"coverage": result.coverage} if result.coverage is not None else {})}
     render_table(result.report, as_json=as_json, as_csv=as_csv, header=header)
 
 

@@ -7,7 +7,7 @@ import click
 from ._options import base_option, output_options, overwrite_option, progress_options
 from ._render import print_json, render_table
 
-TARGET_HELP = "Runtime: vllm, sglang, peft, diffusers (and llama.cpp when its target is installed)."
+TARGET_HELP = "Runtime: vllm, sglang, llama.cpp, peft, diffusers."
 
 
 @click.command()
@@ -44,7 +44,7 @@ def check(source: str, base: str | None, target: str, max_rank: int | None, prog
 
 @click.command()
 @click.argument("source")
-@click.option("--out", "-o", required=True, help="Output directory.")
+@click.option("--out", "-o", required=True, help="Output directory (a .gguf file for llama.cpp).")
 @click.option("--target", "-t", required=True, help=TARGET_HELP)
 @base_option("for the coverage certificate (written into the output) and for fixes that read weights (DoRA, "
              "modules_to_save, trainable tokens, fused projections)")
@@ -72,6 +72,7 @@ def export(source: str, out: str, target: str, base: str | None, max_rank: int |
       adaptkit export ./my-adapter -o served/ --target vllm --base meta-llama/Llama-3.1-8B
       adaptkit export ./dora-adapter -o served/ --target vllm --base ./base --lossy dora
       adaptkit export ./r64 -o served/ --target vllm --max-rank 32 --lossy rank
+      adaptkit export ./my-adapter -o adapter.gguf --target llama.cpp --base ./base
     """
     from ..deploy import export as run_export
 

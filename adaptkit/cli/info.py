@@ -25,11 +25,15 @@ def info(source: str, fmt: str | None, base: str | None, layers: bool, progress:
     \b
       adaptkit info ./my-adapter                # format, kinds, ranks, size, per-layer table
       adaptkit info org/name@v1 --json          # the same for machines (also --csv)
-      adaptkit info lora.safetensors --base ./base-model --no-layers
+      adaptkit info lora.safetensors --base ./base-model --no-layers   # + coverage of that base
     """
     from ..live.status import describe_checkpoint
 
     table, header = describe_checkpoint(source, format=fmt, base=base, progress=progress)
+    if base is not None:  # which layers land on the base, from its headers/configs (informational: exit 0)
+        from ..analysis.coverage import coverage
+
+        header = {**header, "coverage": coverage(source, base)}
     if not layers:
         table = table.iloc[0:0]
     if not (as_json or as_csv):

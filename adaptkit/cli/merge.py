@@ -11,6 +11,7 @@ from ._options import (
     base_option,
     component_option,
     declared,
+    drop_option,
     overwrite_option,
     progress_options,
 )
@@ -32,11 +33,12 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
 @base_option("to resolve kohya/LyCORIS module names")
 @component_option("only this component's layers, in its own namespace (each: one adapter per component).")
+@drop_option
 @overwrite_option()
 @progress_options
 def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, method: str, density: float | None,
           rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, component: str | None,
-          overwrite: bool, progress: bool | None) -> None:
+          drop: tuple[str, ...], overwrite: bool, progress: bool | None) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods.
 
     Examples:
@@ -46,17 +48,24 @@ def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, metho
       adaptkit merge ./a ./b -o merged/         # task_arithmetic: the exact weighted sum
       adaptkit merge a.safetensors b.safetensors -o merged.safetensors --format kohya --weights 1,-1
     """
+    from ..core.coverage import read_metadata
     from ..ops.merging import PROVENANCE_KEY, merge_to
 
     merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=weights, method=method,
                       density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base,
-                      component=component, progress=progress)
+                      component=component, progress=progress, drop=list(drop) or None)
     ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")
     how = method if applied is None else f"{method} (applied as {applied}, as PEFT does for one adapter)"
     click.echo(f"merged {len(sources)} adapter{'s' * (len(sources) != 1)} with {how} into {out} ({fmt}): "
                f"{len(merged)} layers, kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
+    cert = read_metadata(merged.metadata)
+    if cert is not None:
+        share = cert["energy_share"]
+        click.echo(f"coverage (merge): {cert['counts']['matched']}/{cert['layers']} input layers and extra tensors "
+                   f"reach the output, ΔW energy {'n/a' if share is None else f'{100 * share:.4g}%'}"
+                   + (f", {cert['counts']['dropped']} dropped on request" if cert["counts"]["dropped"] else ""))
 
 
 COMMANDS = (merge,)

@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .kinds.base import tensor_fields
 
 #: statuses of a layer that lands
@@ -46,6 +46,14 @@ class CoverageError(ConfigError):
     """Part of an adapter would not land on the target (and was not named as dropped)."""
 
 
+class CoverageShapeError(CoverageError, ShapeMismatchError):
+    """Every layer that would not land has a counterpart of another shape (a :class:`ShapeMismatchError` too)."""
+
+
+class CoverageRefusedError(CoverageError, UnsupportedError):
+    """Every layer that would not land is refused by the target's rules (an :class:`UnsupportedError` too)."""
+
+
 @dataclass(frozen=True)
 class LayerCoverage:
     """The outcome of mapping one adapter layer (or extra tensor) onto a target.
@@ -58,6 +66,7 @@ class LayerCoverage:
         tensors: number of stored tensors of the layer.
         reason: why it does not land (empty for matched layers).
         extra: True for a tensor that is not an adapter layer (``modules_to_save`` weight, unknown key).
+        was: for a ``dropped`` layer, the status it had before it was dropped (``unmatched``, ``shape`` ...).
     """
 
     path: str
@@ -67,6 +76,7 @@ class LayerCoverage:
     tensors: int
     reason: str = ""
     extra: bool = False
+    was: str = ""
 
     @property
     def lands(self) -> bool:
@@ -124,8 +134,14 @@ class Certificate:
 
     @property
     def unknown_energy(self) -> int:
-        """Number of layers whose energy is unknown without the base weights."""
-        return sum(math.isnan(c.energy) for c in self.layers)
+        """Number of layers (not extra tensors) whose energy is unknown without the base weights."""
+        return sum(math.isnan(c.energy) for c in self.layers if not c.extra)
+
+    @property
+    def extras(self) -> int:
+        """Number of extra tensors (whole-tensor replacements, unknown keys): counted in the layer and tensor
+        shares and the statuses, not in the energy share (a replaced tensor has no ``ΔW`` without the base)."""
+        return sum(c.extra for c in self.layers)
 
     @property
     def missing(self) -> list[LayerCoverage]:
@@ -148,37 +164,49 @@ class Certificate:
 
     # ---------------------------------------------------------------------------------------- the gate
 
-    def drop(self, patterns: Iterable[str]) -> Certificate:
+    @property
+    def landing(self) -> frozenset[str]:
+        """The paths of the layers (and extra tensors) that land."""
+        return frozenset(c.path for c in self.layers if c.lands)
+
+    def drop(self, patterns: Iterable[str] | str | None, strict: bool = True) -> Certificate:
         """The certificate with every non-landing layer named by one of ``patterns`` marked ``dropped``.
 
         Patterns are shell globs (``fnmatch``) on the adapter path (``*lm_head*``, ``model.layers.3.*``) or on its
-        status (``status:unmatched``); a pattern that names no non-landing layer is an error (a typo would
-        otherwise hide a drop).
+        status (``status:unmatched``, ``status:shape``, ``status:refused``, ``status:ambiguous``; a dropped layer matches
+        the status it had); a pattern that names no non-landing layer is an error (a typo would otherwise hide a
+        drop).
+
+        A pattern that names a layer dropped already (by an earlier operation, carried in the adapter's metadata)
+        counts as used. ``strict=False`` allows patterns that name nothing here (an operation that certifies the
+        adapter again later checks them).
 
         Raises:
-            CoverageError: a pattern matches none of the layers that do not land.
+            CoverageError: (``strict``) a pattern matches none of the layers that do not land.
         """
-        patterns = [p for p in patterns if p]
+        patterns = check_drop(patterns)
         if not patterns:
             return self
         used: set[str] = set()
         out = []
         for c in self.layers:
-            if not c.lands and c.status != "dropped":
+            if not c.lands:
                 hit = [p for p in patterns if _names(c, p)]
                 if hit:
                     used.update(hit)
-                    c = replace(c, status="dropped", reason=c.reason or "dropped")
+                    if c.status != "dropped":
+                        reason = f"dropped on request ({hit[0]}); was {c.status}: {c.reason or c.status}"
+                        c = replace(c, status="dropped", reason=reason, was=c.status)
             out.append(c)
         unused = [p for p in patterns if p not in used]
-        if unused:
+        if unused and strict:
             raise CoverageError(
                 f"--drop {unused[0]!r} names no layer that fails to land on {self.target} ({self.operation}); "
-                f"remove it, or check the spelling against `adaptkit check`"
+                "remove it, or fix its spelling (`adaptkit info SOURCE --base BASE` lists what does not land)"
             )
         return replace(self, layers=tuple(out))
 
-    def require(self, drop: Iterable[str] = ()) -> Certificate:
+    def require(self, drop: Iterable[str] | str | None = (), strict: bool = True) -> Certificate:
         """Refuse partial coverage: every layer lands, or is named by a ``drop`` pattern.
 
         Args:
@@ -191,15 +219,22 @@ class Certificate:
             CoverageError: naming how many layers (and what share of the energy) would not land, the first
                 few with their reasons, and the option that drops them.
         """
-        cert = self.drop(drop)
+        cert = self.drop(drop, strict=strict)
         missing = cert.missing
         if not missing:
             return cert
-        shown = "; ".join(f"{c.path} ({c.reason or c.status})" for c in missing[:4])
+        first = missing[:4]
+        if len({c.reason or c.status for c in first}) == 1:
+            shown = f"{', '.join(c.path for c in first)} ({first[0].reason or first[0].status})"
+        else:
+            shown = "; ".join(f"{c.path} ({c.reason or c.status})" for c in first)
         more = f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""
         share = cert.energy_share
         energy = f", {100 * (1 - share):.3g}% of the adapter's ΔW energy" if not math.isnan(share) and share < 1 else ""
-        raise CoverageError(
+        statuses = {c.status for c in missing}
+        error = {frozenset({"shape"}): CoverageShapeError, frozenset({"refused"}): CoverageRefusedError}.get(
+            frozenset(statuses), CoverageError)
+        raise error(
             f"{len(missing)} of {len(cert.layers)} adapter layers would not land on {cert.target} ({cert.operation}"
             f"{energy}): {shown}{more}; fix the names or the base, or pass --drop PATTERN (drop=[...]) naming "
             "what to leave out"
@@ -215,14 +250,17 @@ class Certificate:
             "layers": len(self.layers), "counts": self.counts(),
             "energy_share": None if math.isnan(share) else share,
             "layer_share": self.layer_share, "tensor_share": self.tensor_share,
-            "unknown_energy_layers": self.unknown_energy,
+            "unknown_energy_layers": self.unknown_energy, "extra_tensors": self.extras,
         }
         if self.notes:
             out["notes"] = list(self.notes)
         if layers:
-            out["not_landing"] = [{"path": c.path, "status": c.status, "reason": c.reason,
-                                   "energy": None if math.isnan(c.energy) else c.energy}
+            out["not_landing"] = [{"path": c.path, "status": c.status, "reason": c.reason, "tensors": c.tensors,
+                                   "extra": c.extra, "energy": None if math.isnan(c.energy) else c.energy,
+                                   **({"was": c.was} if c.was else {})}
                                   for c in self.layers if not c.lands]
+        out["matched_energy"] = self.matched_energy
+        out["total_energy"] = self.total_energy
         return out
 
     def to_json(self) -> str:
@@ -251,6 +289,8 @@ class Certificate:
                 f"ΔW energy {energy}")
         if self.unknown_energy:
             head += f" ({self.unknown_energy} layers' energy depends on the base)"
+        if self.extras:
+            head += f"; {self.extras} extra tensor(s) counted as layers, not in the energy"
         lines = [head]
         if counts["dropped"]:
             lines.append(f"  dropped on request: {counts['dropped']} ({', '.join(c.path for c in self.dropped[:3])}"
@@ -263,9 +303,77 @@ class Certificate:
         return "\n".join(lines)
 
 
+def check_drop(patterns: Iterable[str] | str | None) -> list[str]:
+    """The drop patterns as a list (one string is one pattern); an empty or non-string pattern is an error.
+
+    Raises:
+        CoverageError: a pattern that is not a non-empty string.
+    """
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str) or not p.strip():
+            raise CoverageError(f"drop pattern {p!r} is not a non-empty glob; name the layers to leave out, e.g. "
+                                "--drop '*lm_head*' or --drop status:unmatched")
+    return out
+
+
+def read_metadata(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The certificate dict an output's metadata holds under :data:`METADATA_KEY` (``None`` when there is none).
+
+    Raises:
+        CoverageError: the entry is not valid JSON.
+    """
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise CoverageError(f"metadata entry {METADATA_KEY} is not valid JSON ({e}); rewrite the file") from None
+
+
+def combine(certs: Sequence[tuple[str, Certificate]], *, operation: str, target: str) -> Certificate:
+    """One certificate for several adapters mapped onto one target (fuse ``a b``, merge ``a b``).
+
+    With one adapter its certificate is returned as it is (paths unchanged); with several, each path becomes
+    ``<label>:<path>`` (labels made unique with ``#i``), so that a drop glob can name one adapter's layer.
+    """
+    if len(certs) == 1:
+        return replace(certs[0][1], operation=operation, target=target)
+    seen: dict[str, int] = {}
+    rows: list[LayerCoverage] = []
+    notes: list[str] = []
+    for i, (label, cert) in enumerate(certs):
+        if label in seen:
+            label = f"{label}#{i}"
+        seen[label] = i
+        rows.extend(replace(c, path=f"{label}:{c.path}") for c in cert.layers)
+        notes.extend(cert.notes)
+    return Certificate(operation, target, tuple(rows), tuple(dict.fromkeys(notes)))
+
+
+def split(cert: Certificate, labels: Sequence[str]) -> list[frozenset[str]]:
+    """The landing paths per adapter of a :func:`combine` d certificate (paths without the ``<label>:``)."""
+    if len(labels) == 1:
+        return [cert.landing]
+    out: list[set[str]] = [set() for _ in labels]
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label if label not in seen else f"{label}#{i}"] = i
+    for c in cert.layers:
+        if c.lands:
+            label, _, path = c.path.partition(":")
+            out[seen[label]].add(path)
+    return [frozenset(s) for s in out]
+
+
 def _names(c: LayerCoverage, pattern: str) -> bool:
-    if pattern.startswith("status:"):
-        return c.status == pattern.removeprefix("status:")
+    if pattern.startswith("status:"):  # a dropped layer keeps its status before the drop in `was`
+        return pattern.removeprefix("status:") in (c.status, c.was)
     return fnmatch.fnmatchcase(c.path, pattern)
 
 
@@ -308,7 +416,7 @@ def certify(adapter: Any, outcomes: Mapping[str, Outcome], *, operation: str, ta
             not part of the certificate, e.g. when the operation carries them through untouched).
         notes: lines added to the summary.
     """
-    rows = []
+    rows = carried(adapter)
     for path, layer in adapter.layers.items():
         o = outcomes.get(path) or Outcome(None, "unmatched", f"no counterpart in {target}")
         rows.append(LayerCoverage(path, o.target, o.status, layer_energy(layer), len(tensor_fields(layer)), o.reason))
@@ -317,6 +425,35 @@ def certify(adapter: Any, outcomes: Mapping[str, Outcome], *, operation: str, ta
             o = extras.get(key) or Outcome(None, "unmatched", f"no counterpart in {target}")
             rows.append(LayerCoverage(key, o.target, o.status, math.nan, 1, o.reason, extra=True))
     return Certificate(operation, target, tuple(rows), tuple(notes))
+
+
+def carried(adapter: Any) -> list[LayerCoverage]:
+    """The layers an earlier operation dropped on request, from the certificate in the adapter's metadata.
+
+    They are part of every later certificate (status ``dropped``, with their energy), so that the energy share of
+    ``load --drop`` then ``fuse`` is the share of the original adapter that reaches the model.
+    """
+    try:
+        prior = read_metadata(getattr(adapter, "metadata", None) or {})
+    except CoverageError:
+        return []
+    if not isinstance(prior, dict):
+        return []
+    rows = []
+    for r in prior.get("not_landing") or ():
+        if isinstance(r, dict) and r.get("status") == "dropped" and isinstance(r.get("path"), str):
+            value = r.get("energy")  # JSON null: unknown
+            rows.append(LayerCoverage(r["path"], None, "dropped",
+                                      math.nan if not isinstance(value, (int, float)) else float(value),
+                                      int(r.get("tensors") or 0), str(r.get("reason") or "dropped"),
+                                      bool(r.get("extra")), str(r.get("was") or "")))
+    present = set(adapter.layers) | set(adapter.extras)
+    return [c for c in rows if c.path not in present]
+
+
+def stamp(adapter: Any, cert: Certificate) -> Any:
+    """``adapter`` with ``cert`` in its metadata under :data:`METADATA_KEY` (what writers put into the file)."""
+    return adapter.replace(metadata={**adapter.metadata, **cert.metadata()})
 
 
 def all_matched(adapter: Any, *, operation: str, target: str, extras: bool = False) -> Certificate:

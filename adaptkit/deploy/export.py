@@ -255,7 +255,10 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
     if certificate is not None:
         metadata.update(certificate.metadata())
     adapter = _trim_config(adapter).replace(metadata=metadata)
-    path = save(adapter, out, format=tgt.output_format, overwrite=overwrite, **tgt.write_options)
+    if tgt.write is not None:
+        path = tgt.write(adapter, out, base=base, overwrite=overwrite)
+    else:
+        path = save(adapter, out, format=tgt.output_format, overwrite=overwrite, **tgt.write_options)
     return ExportResult(Path(path), tgt.name, adapter, tuple(rows), dropped, final, certificate)
 
 

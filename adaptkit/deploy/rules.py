@@ -87,6 +87,8 @@ class Target:
         rank_buckets: the ranks the runtime's rank limit may take (vLLM's ``MaxLoRARanks``); empty: any.
         version: the runtime version the table was read from, for the docs.
         write_options: options passed to the format writer (SGLang's leaf ``target_modules``).
+        write: a writer of the target's own, ``write(adapter, out, *, base, overwrite) -> Path``, used instead of
+            saving in ``output_format`` (llama.cpp's GGUF files need the base for their tensor names).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Target:
     rank_buckets: tuple[int, ...] = ()
     version: str = ""
     write_options: dict[str, Any] = field(default_factory=dict)
+    write: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         seen = [r.feature for r in self.rules]

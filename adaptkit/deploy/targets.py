@@ -7,11 +7,12 @@ Adding a runtime is one module with a ``TARGET`` (see :mod:`adaptkit.deploy.vllm
 from __future__ import annotations
 
 from ..errors import ConfigError
-from . import diffusers, peft, sglang, vllm
+from . import diffusers, llamacpp, peft, sglang, vllm
 from .rules import Target
 
 #: the one table of deploy targets; :func:`register_target` adds to it
-TARGETS: dict[str, Target] = {t.name: t for t in (vllm.TARGET, sglang.TARGET, peft.TARGET, diffusers.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (vllm.TARGET, sglang.TARGET, llamacpp.TARGET, peft.TARGET,
+                                                    diffusers.TARGET)}
 
 
 def register_target(target: Target) -> Target:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..core.adapter import Adapter
+from ..core.coverage import Certificate, CoverageError, LayerCoverage, read_metadata
 from ..errors import ArgumentTypeError
 from ..io.outputs import check_output
 from ..io.sources import resolve_selected
@@ -32,7 +34,8 @@ from .registry import (
 )
 
 
-def load(source: str | os.PathLike, format: str | None = None, base: str | None = None, **options: Any) -> Adapter:
+def load(source: str | os.PathLike, format: str | None = None, base: str | None = None,
+         drop: Sequence[str] | str | None = None, strict_drop: bool = True, **options: Any) -> Adapter:
     """Load an adapter checkpoint into an :class:`~adaptkit.graph.Adapter`.
 
     Args:
@@ -41,6 +44,12 @@ def load(source: str | os.PathLike, format: str | None = None, base: str | None 
             downloaded: the repo is listed first and the format chosen from the file names.
         format: ``"peft"``, ``"kohya"``/``"lycoris"``, ``"diffusers"`` or a registered format; detected when ``None``.
         base: base model (hub id or directory) used by formats whose module names need resolving.
+        drop: with ``base``: globs naming the flattened (kohya/LyCORIS) names that may resolve to no module of
+            the base (``"lora_te2_*"``, ``"status:unmatched"``); they are left out, and the adapter's metadata holds
+            the coverage certificate under ``adaptkit.coverage`` (later operations carry those rows as
+            ``dropped``). Without ``drop`` such names are an error. See docs/coverage.md.
+        strict_drop: a ``drop`` glob that names no left-out name is an error (``False``: allowed, for operations
+            that certify the adapter again, e.g. fuse).
         **options: passed to the format's reader.
 
     Returns:
@@ -54,9 +63,23 @@ def load(source: str | os.PathLike, format: str | None = None, base: str | None 
     select = functools.partial(_select_hub_files, format)
     resolved = resolve_selected(source, select, allow_patterns=allow_patterns(format))
     name = format_module(format).NAME if format else detect(resolved.path)
+    if drop is not None and base is None:
+        raise CoverageError("drop= (--drop) at load names module names that resolve to nothing in a base model; "
+                            "pass base= (--base) too")
     if base is not None:
         options["base"] = base
-    return FORMATS[name].read(resolved.path, source=resolved.provenance, subfolder=resolved.subfolder, **options)
+    if drop is not None:
+        options["drop"] = drop
+    adapter = FORMATS[name].read(resolved.path, source=resolved.provenance, subfolder=resolved.subfolder, **options)
+    if drop is not None and strict_drop:
+        dropped = [LayerCoverage(p, None, "dropped", 0.0, 0) for p in _dropped_paths(adapter)]
+        Certificate("load", str(base), tuple(dropped)).drop(drop)  # a glob that names nothing is an error
+    return adapter
+
+
+def _dropped_paths(adapter: Adapter) -> list[str]:
+    prior = read_metadata(adapter.metadata) or {}
+    return [r["path"] for r in prior.get("not_landing", ()) if r.get("status") == "dropped"]
 
 
 def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, **options: Any) -> Path:

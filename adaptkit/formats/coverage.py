@@ -94,9 +94,10 @@ def match_layers(adapter: Any, shapes: Shapes, target: str) -> tuple[dict[str, O
     found = find_matches(adapter.layers, shapes)
     outcomes: dict[str, Outcome] = {}
     for path in found.unmatched:
-        outcomes[path] = Outcome(None, "unmatched", f"no weight {path} in {target}")
+        outcomes[path] = Outcome(None, "unmatched", "matches no weight of the base model")
     for path, keys in found.ambiguous.items():
-        outcomes[path] = Outcome(None, "ambiguous", f"matches {len(keys)} weights ({', '.join(keys[:2])} ...)")
+        more = " ..." if len(keys) > 2 else ""
+        outcomes[path] = Outcome(None, "ambiguous", f"matches several base weights: {', '.join(keys[:2])}{more}")
     for path, m in found.matched.items():
         outcomes[path] = _fits(adapter.layers[path], m.weight, shapes[m.weight])
     extras: dict[str, Outcome] = {}

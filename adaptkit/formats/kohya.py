@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.adapter import Adapter
-from ..core.kinds import IA3
+from ..core.coverage import LayerCoverage, all_matched, layer_energy, stamp
+from ..core.kinds import IA3, tensor_fields
 from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import (
@@ -112,7 +113,8 @@ def select_files(listing: Sequence[str], named: str | None = None) -> Selection 
 # ----------------------------------------------------------------------------------------------- read
 
 
-def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -> Adapter:
+def read(path: Path, *, source: str | None = None, base: Any = None, drop: Iterable[str] | str | None = None,
+         **_: Any) -> Adapter:
     """Read a kohya/LyCORIS ``.safetensors`` file.
 
     Args:
@@ -120,6 +122,7 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
         source: provenance string to record.
         base: base model used to resolve flattened names (hub id, directory, ``nn.Module``); without it
             the shipped inventories (SD 1.x, SDXL, SD3, Flux) are tried.
+        drop: with ``base``: names that may resolve to nothing (see :func:`read_tensors`).
 
     Raises:
         FormatError: unknown or mixed key schemes, tensors of several kinds for one module, incomplete layers.
@@ -133,12 +136,12 @@ def read(path: Path, *, source: str | None = None, base: Any = None, **_: Any) -
             raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the kohya/LyCORIS file itself")
         path = files[0]
     tensors, metadata = read_safetensors(path)
-    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name)
+    return read_tensors(tensors, metadata, source=source or str(path), base=base, file_name=path.name, drop=drop)
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  config: Mapping[str, Any] | None = None, *, source: str | None = None, base: Any = None,
-                 file_name: str = "the tensors", **_: Any) -> Adapter:
+                 file_name: str = "the tensors", drop: Iterable[str] | str | None = None, **_: Any) -> Adapter:
     """A kohya/LyCORIS adapter from its tensors (``lora_unet_...lora_down.weight``) and header metadata.
 
     Args:
@@ -148,9 +151,13 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         source: provenance string to record.
         base: as :func:`read`.
         file_name: the file's name, for messages.
+        drop: with ``base``: globs on kohya names (``lora_te1_*``) or statuses (``status:unmatched``) naming the
+            names that may fail to resolve; they are left out and the adapter's metadata holds the coverage
+            certificate (``adaptkit.coverage``). Globs naming nothing here are allowed (``load`` checks them).
 
     Raises:
-        FormatError / ShapeMismatchError / ConfigError: as :func:`read`.
+        FormatError / ShapeMismatchError / ConfigError: as :func:`read`. CoverageError: (``drop`` given) names
+            that do not resolve and are not named by ``drop``.
     """
     tensors = dict(tensors)
     metadata = dict(metadata or {})
@@ -164,10 +171,16 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     if not layers:
         raise FormatError(f"{file_name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
-    resolution = _names.resolve_names(layers, base=base, shapes=shapes)
+    partial = drop is not None and base is not None
+    resolution = _names.resolve_names(layers, base=base, shapes=shapes, partial=partial)
+    unresolved = [LayerCoverage(_names.WRITE_PREFIXES.get(c, "lycoris_") + f, None, status, layer_energy(layers[(c, f)]),
+                                len(tensor_fields(layers[(c, f)])), reason)
+                  for (c, f), (status, reason) in sorted(resolution.unresolved.items())]
     out: dict[str, Any] = {}
     naming: dict[str, str] = {}
     for (comp, flat), layer in layers.items():
+        if (comp, flat) in resolution.unresolved:
+            continue
         mod_path, alias = resolution.paths[(comp, flat)]
         naming[comp] = _alias_rule(mod_path, alias) if alias is not None else naming.get(comp, "direct")
         inv = resolution.inventory
@@ -185,8 +198,13 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     cfg = {"kohya_prefixes": prefixes, "kohya_naming": naming, "inventory": resolution.inventory.name}
     # recorded in the metadata too, so that a trip through PEFT, diffusers or ak.convert writes the same names back
     metadata = {**metadata, NAMING_KEY: json.dumps({**naming, "inventory": resolution.inventory.name}, sort_keys=True)}
-    return Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
-                   config=cfg, extras=extras, format=NAME, source=source)
+    adapter = Adapter(layers=dict(sorted(out.items())), base_model=_base_model(metadata), metadata=metadata,
+                      config=cfg, extras=extras, format=NAME, source=source)
+    if not partial:
+        return adapter
+    cert = all_matched(adapter, operation="load", target=resolution.inventory.name)
+    cert = dataclasses.replace(cert, layers=cert.layers + tuple(unresolved)).require(drop, strict=False)
+    return stamp(adapter, cert)
 
 
 def _alias_rule(path: str, alias: str) -> str:

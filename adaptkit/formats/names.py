@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..core.coverage import CoverageError, CoverageShapeError
+from ..errors import ConfigError
 from ..io.safetensors import read_safetensors_header
 from ..io.sources import resolve
 
@@ -396,14 +397,18 @@ def bare_base_component(paths: Iterable[str], base: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Resolution:
-    """Result of resolving flattened names: ``paths[(component, flat)] = (path, alias used or None)``."""
+    """Result of resolving flattened names: ``paths[(component, flat)] = (path, alias used or None)``; with
+    ``partial=True``, ``unresolved[(component, flat)] = (status, reason)`` for the names that did not resolve
+    (status ``unmatched``, ``ambiguous`` or ``shape``, as in a coverage certificate)."""
 
     inventory: Inventory
     paths: Mapping[tuple[str, str], tuple[str, str | None]]
+    unresolved: Mapping[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
 
 def _try(inv: Inventory, names: Iterable[tuple[str, str]], shapes: Mapping[tuple[str, str], tuple[int, ...]],
-         strict_components: bool) -> tuple[dict, list[str], list[str], list[str]]:
+         strict_components: bool, unresolved: dict | None = None) -> tuple[dict, list[str], list[str], list[str]]:
+    unresolved = {} if unresolved is None else unresolved
     paths: dict[tuple[str, str], tuple[str, str | None]] = {}
     missing: list[str] = []
     ambiguous: list[str] = []
@@ -417,15 +422,19 @@ def _try(inv: Inventory, names: Iterable[tuple[str, str]], shapes: Mapping[tuple
         cands = inv.lookup(component, flat)
         if not cands:
             missing.append(_kohya(comp, flat))
+            unresolved[(comp, flat)] = ("unmatched", f"kohya name resolves to no module of {inv.name}")
             continue
         if len(cands) > 1:
             ambiguous.append(f"{_kohya(comp, flat)} -> {', '.join(p for p, _ in cands)}")
+            unresolved[(comp, flat)] = ("ambiguous", (f"fits several modules of {inv.name}: "
+                                                      f"{', '.join(p for p, _ in cands[:2])}"))
             continue
         path, alias = cands[0]
         want = shapes.get((comp, flat))
         have = inv.shape(component, path)
         if want and have and not _shapes_agree(want, have):
             bad_shape.append(f"{_kohya(comp, flat)} (adapter {tuple(want)}, base {tuple(have)})")
+            unresolved[(comp, flat)] = ("shape", f"{path}: adapter {tuple(want)}, base {tuple(have)}")
             continue
         paths[(comp, flat)] = (path, alias)
     return paths, missing, ambiguous, bad_shape
@@ -443,13 +452,15 @@ def _kohya(component: str, flat: str) -> str:
 
 
 def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
-                  shapes: Mapping[tuple[str, str], tuple[int, ...]] | None = None) -> Resolution:
+                  shapes: Mapping[tuple[str, str], tuple[int, ...]] | None = None, partial: bool = False) -> Resolution:
     """Map flattened kohya names to module paths.
 
     Args:
         names: ``(component, flattened name without prefix)`` pairs.
         base: a base model (see :func:`inventory_from_base`); ``None`` tries the shipped inventories.
         shapes: the weight shape each adapter layer implies, checked against the base.
+        partial: with a ``base``, return the names that do not resolve in ``Resolution.unresolved`` instead of
+            raising (the caller certifies them: ``load(..., base=..., drop=[...])``).
 
     Raises:
         ConfigError: names that resolve to nothing (listed), names that fit several modules, or no base
@@ -459,11 +470,14 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
     shapes = shapes or {}
     if base is not None:
         inv = inventory_from_base(base)
-        paths, missing, ambiguous, bad = _try(inv, names, shapes, strict_components=False)
+        unresolved: dict[tuple[str, str], tuple[str, str]] = {}
+        paths, missing, ambiguous, bad = _try(inv, names, shapes, strict_components=False, unresolved=unresolved)
+        if partial:
+            return Resolution(inv, paths, unresolved)
         if bad:
-            raise ShapeMismatchError(
+            raise CoverageShapeError(
                 f"{len(bad)} layer(s) contradict the base model's weight shapes, e.g. {'; '.join(bad[:3])}; "
-                "is this adapter for another base model?"
+                "is this adapter for another base model? (or pass --drop GLOB naming them to leave them out)"
             )
         _raise_unresolved(missing, ambiguous, where=f"base {inv.name}")
         return Resolution(inv, paths)
@@ -491,12 +505,13 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
 
 def _raise_unresolved(missing: list[str], ambiguous: list[str], where: str) -> None:
     if missing:
-        raise ConfigError(
+        raise CoverageError(
             f"{len(missing)} module name(s) match no module of {where}: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}; is this adapter for another base model?"
+            f"{' ...' if len(missing) > 5 else ''}; is this adapter for another base model? (or pass --drop GLOB "
+            "naming them to leave them out, e.g. --drop 'lora_te*')"
         )
     if ambiguous:
-        raise ConfigError(
+        raise CoverageError(
             f"{len(ambiguous)} flattened name(s) fit several modules of {where}: {'; '.join(ambiguous[:3])}; "
             "write the adapter in a format with dotted names (peft, diffusers) instead"
         )

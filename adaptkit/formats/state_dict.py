@@ -129,7 +129,7 @@ def from_peft_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping
 
 
 def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
-                    base: Any = None) -> Adapter:
+                    base: Any = None, drop: Any = None) -> Adapter:
     """Turn a raw adapter state dict in PEFT, kohya/LyCORIS or diffusers naming into an :class:`Adapter`.
 
     Args:
@@ -137,6 +137,7 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
         config: optional PEFT ``adapter_config.json`` dict for PEFT-named dicts.
         base: the model the dict is for (an ``nn.Module`` or ``{component: {path: shape}}``); formats with
             flattened names (kohya) resolve them against it.
+        drop: with ``base``: globs naming flattened names that may resolve to nothing (see :func:`adaptkit.load`).
 
     Returns:
         The adapter (module paths as named in the dict; :func:`adaptkit.inject` resolves them).
@@ -157,7 +158,8 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
     for fmt in others.values():
         if fmt.detect_keys(tensors):
             adapter = fmt.read_tensors(tensors, {}, None, source="state_dict", file_name="the state dict",
-                                       **({} if base is None else {"base": base}))
+                                       **({} if base is None else {"base": base}),
+                                       **({} if drop is None or base is None else {"drop": drop}))
             return adapter.replace(source="state_dict")
     sample = ", ".join(sorted(state_dict)[:5])
     raise FormatError(

@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.coverage import Certificate, Outcome, certify, stamp
 from ..core.kinds import Layer, tensor_fields
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats.inputs import as_adapter
 from ..formats.peft import to_state_dict
 from ..formats.state_dict import from_state_dict
-from .saved_modules import ModulesToSaveWrapper
+from .coverage import injected_coverage, keep_coverage
+from .saved_modules import ModulesToSaveWrapper, extra_outcomes
 from .saved_modules import plan as plan_saved
 from .wrappers import AdaptedModule, base_kind, fit_layer
 
@@ -157,11 +159,12 @@ def _inventory(obj: Any) -> Any:
             for prefix, root in roots(obj)}
 
 
-def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any) -> Adapter:
+def _to_adapter(adapter: Any, config: Mapping[str, Any] | None, module: Any, drop: Any = None) -> Adapter:
     if isinstance(adapter, (Adapter, str, os.PathLike)):
-        return as_adapter(adapter, base=_inventory(module))  # kohya's flattened names resolve against the model
+        # kohya's flattened names resolve against the model (names `drop` names may resolve to nothing)
+        return as_adapter(adapter, base=_inventory(module), drop=drop)
     if isinstance(adapter, Mapping):
-        return from_state_dict(adapter, config, base=_inventory(module))
+        return from_state_dict(adapter, config, base=_inventory(module), drop=drop)
     raise TypeError(f"adapter must be an Adapter, a source (hub id, directory, file) or a state dict, "
                     f"got {type(adapter).__name__}")
 
@@ -182,11 +185,55 @@ def _list(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
+# ----------------------------------------------------------------------------------------- coverage
+
+
+def certify_inject(ad: Adapter, modules: Mapping[str, nn.Module]) -> Certificate:
+    """Where each layer and extra tensor of ``ad`` lands among the model's ``modules`` (nothing is changed).
+
+    ``matched``: a module adaptkit can adapt, the layer fits it; ``unmatched``: no module (or several) by the
+    rules of :func:`resolve_paths`; ``shape``: the layer does not fit the module; ``refused``: a module type
+    adaptkit cannot adapt, or a parameter tensor (PEFT ``target_parameters``). Extra tensors: see
+    :func:`~adaptkit.live.saved_modules.extra_outcomes`.
+    """
+    resolved, unmatched = resolve_paths(list(ad.layers), modules)
+    outcomes: dict[str, Outcome] = {}
+    for p in unmatched:
+        if _is_parameter(p, modules):
+            outcomes[p] = Outcome(None, "refused", "adapts a parameter tensor rather than a module (PEFT "
+                                  "target_parameters, e.g. MoE experts); inject adapts modules only: fuse the adapter "
+                                  "into the base weights (adaptkit fuse) or load it with peft's PeftModel")
+        else:
+            outcomes[p] = Outcome(None, "unmatched", "matches no module of the model")
+    for p, m in resolved.items():
+        target = modules[m]
+        base = target.base_layer if isinstance(target, AdaptedModule) else target
+        if isinstance(target, ModulesToSaveWrapper):
+            outcomes[p] = Outcome(m)  # refused below with its own message: another adapter's whole copy
+            continue
+        if base_kind(base) is None:
+            outcomes[p] = Outcome(None, "refused", f"adaptkit cannot adapt {m} ({type(base).__name__}); it adapts "
+                                  "Linear, Conv1d/2d/3d, Embedding and transformers Conv1D")
+            continue
+        try:
+            fit_layer(ad.layers[p], base)
+        except UnsupportedError as e:
+            outcomes[p] = Outcome(None, "refused", str(e) if m == p else f"{m}: {e}")
+            continue
+        except ShapeMismatchError as e:
+            outcomes[p] = Outcome(None, "shape", str(e) if m == p else f"{m}: {e}")
+            continue
+        outcomes[p] = Outcome(m)
+    extras = extra_outcomes(ad, modules, lambda paths: resolve_paths(paths, modules, accept=lambda m: True)[0])
+    return certify(ad, outcomes, operation="inject", target="the model", extras=extras)
+
+
 # ----------------------------------------------------------------------------------------- inject
 
 
 def inject(module: Any, adapter: Any, name: str = "default", active: bool = True, replace: bool = False,
-           *, config: Mapping[str, Any] | None = None, trainable: bool = False) -> list[str]:
+           *, config: Mapping[str, Any] | None = None, trainable: bool = False,
+           drop: Sequence[str] | str | None = None) -> list[str]:
     """Inject an adapter into a live model (in place).
 
     Everything is checked before the model is changed: if anything is refused, nothing is injected.
@@ -202,17 +249,22 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
         config: for a raw PEFT state dict, its ``adapter_config.json`` dict (alpha, patterns, rsLoRA,
             ``modules_to_save`` ...).
         trainable: give the adapter's parameters (and its module copies) ``requires_grad=True``.
+        drop: globs naming the adapter layers / extra tensors that may be left out when they do not land
+            (``"*lm_head*"``, ``"status:unmatched"``, kohya names that resolve to nothing); a glob naming no such
+            layer is an error. The coverage certificate is kept: :func:`injected_coverage`.
 
     Returns:
         The model paths of the adapted modules and of the modules the adapter saves whole
         (``modules_to_save``, installed as PEFT installs them: see :mod:`adaptkit.saved_modules`).
 
     Raises:
-        ConfigError: adapter paths that match no module of the model (all are listed), or the name exists.
-        ShapeMismatchError: layers that do not fit their module (all are listed with both shapes), or saved
-            module tensors of another shape than the model's.
-        UnsupportedError: a targeted module is of a type adaptkit cannot adapt, or the adapter carries extra
-            tensors inject cannot apply (changed base weights, textual-inversion embeddings, unknown keys).
+        CoverageError: layers or extra tensors that would not land and are not named by ``drop``: no module of
+            the model (all are counted, the first listed), another shape (``CoverageShapeError``, also a
+            ShapeMismatchError), a module type adaptkit cannot adapt or a parameter tensor (``CoverageRefusedError``,
+            also an UnsupportedError), extra tensors inject cannot apply (changed base weights,
+            textual-inversion embeddings, unknown keys).
+        ConfigError: the name exists, or several adapter paths resolve to one module.
+        UnsupportedError: a saved module that overlaps adapted layers.
         NonFiniteError: the adapter holds NaN or Inf (factors, alpha or scale, saved modules).
 
     Example:
@@ -220,7 +272,7 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
         >>> ak.inject(model, state_dict, name="sd", active=False)
     """
     _check_name(name)
-    ad = _to_adapter(adapter, config, module)
+    ad = _to_adapter(adapter, config, module, drop)
     existing = set(_available(adapted_modules(module), saved_modules(module)))
     if name in existing and not replace:
         raise ConfigError(f"an adapter named '{name}' is already injected; pass replace=True or another name")
@@ -228,45 +280,21 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
         raise ConfigError("the adapter has no layers; there is nothing to inject")
     ad.check_finite("inject")
     modules = dict(named_modules(module))
-    resolved, unmatched = resolve_paths(list(ad.layers), modules)
-    on_params = sorted(p for p in unmatched if _is_parameter(p, modules))
-    if on_params:
-        raise UnsupportedError(
-            f"{len(on_params)} layer(s) adapt a parameter tensor rather than a module (PEFT target_parameters, e.g. MoE "
-            f"experts): {_list(on_params)}; inject adapts modules only: fuse the adapter into the base weights "
-            "(adaptkit fuse) or load it with peft's PeftModel.from_pretrained"
-        )
-    if unmatched:
-        raise ConfigError(
-            f"{len(unmatched)} adapter module(s) match no module of the model: {_list(sorted(unmatched))}; "
-            "check that the adapter belongs to this model (or pass the right submodule)"
-        )
+    cert = certify_inject(ad, modules).require(drop)
+    ad = ad.replace(layers={p: l for p, l in ad.layers.items() if p in cert.landing},
+                    extras={k: v for k, v in ad.extras.items() if k in cert.landing})
+    resolved = {c.path: c.target for c in cert.layers if c.lands and not c.extra}
     targets: dict[str, list[str]] = {}
     for p, m in resolved.items():
         targets.setdefault(m, []).append(p)
     dup = sorted(m for m, ps in targets.items() if len(ps) > 1)
     if dup:
         raise ConfigError(f"several adapter paths resolve to the same module: {_list(dup)}; pass full module paths")
-    bad_type, bad_shape = [], []
-    for p, m in resolved.items():
+    for m in resolved.values():
         target = modules[m]
         if isinstance(target, ModulesToSaveWrapper):
             raise UnsupportedError(f"{m} is replaced by the copy an injected adapter saved whole (modules_to_save, "
                                    f"adapters {sorted(target.modules_to_save)}); remove that adapter to adapt {m}")
-        base = target.base_layer if isinstance(target, AdaptedModule) else target
-        if base_kind(base) is None:
-            bad_type.append(f"{m} ({type(base).__name__})")
-            continue
-        try:
-            fit_layer(ad.layers[p], base)
-        except (ShapeMismatchError, UnsupportedError) as e:
-            bad_shape.append(f"{m}: {e}")
-    if bad_type:
-        raise UnsupportedError(f"adaptkit cannot adapt {len(bad_type)} targeted module(s): {_list(bad_type)}; "
-                               "it adapts Linear, Conv1d/2d/3d, Embedding and transformers Conv1D")
-    if bad_shape:
-        raise ShapeMismatchError(f"{len(bad_shape)} layer(s) do not fit their module: {'; '.join(bad_shape[:6])}"
-                                 f"{' ...' if len(bad_shape) > 6 else ''}; is this adapter for this model?")
     saved = plan_saved(ad, modules, lambda paths: resolve_paths(paths, modules, accept=lambda m: True)[0], resolved,
                        lambda m: isinstance(m, AdaptedModule))
     if name in existing:
@@ -289,7 +317,8 @@ def inject(module: Any, adapter: Any, name: str = "default", active: bool = True
             _set_submodule(module, s.path, wrapper)
             target = wrapper
         target.add(name, s.state, trainable=trainable)
-    _registry(module)[name] = ad.replace(layers={}, extras={})
+    _registry(module)[name] = stamp(ad.replace(layers={}, extras={}), cert)
+    keep_coverage(module, name, cert)
     if active:
         set_adapter(module, name)
     return sorted(set(targets) | {s.path for s in saved})
@@ -417,6 +446,7 @@ def remove_adapter(module: Any, adapter_name: str) -> None:
             if not len(s.modules_to_save):
                 _set_submodule(module, path, s.original_module)
     _registry(module).pop(adapter_name, None)
+    keep_coverage(module, adapter_name, None)
 
 
 def adapter_state_dict(module: Any, adapter_name: str | None = None) -> Adapter:
@@ -546,11 +576,13 @@ __all__ = [
     "active_adapters",
     "adapted_modules",
     "adapter_state_dict",
+    "certify_inject",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
     "get_adapter_state_dict",
     "inject",
+    "injected_coverage",
     "load_adapter",
     "merge_adapters",
     "named_modules",

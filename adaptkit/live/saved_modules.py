@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.coverage import Outcome
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from ..formats.patterns import saved_module_of
 
@@ -178,6 +179,54 @@ def check_state(path: str, module: nn.Module, state: Mapping[str, torch.Tensor])
                                      f"but the model's has {tuple(own[k].shape)}; is this adapter for this model?")
 
 
+def extra_outcomes(adapter: Adapter, modules: Mapping[str, nn.Module],
+                   resolve: Callable[[list[str]], dict[str, str]]) -> dict[str, Outcome]:
+    """Where each extra tensor of ``adapter`` lands in the model, for the coverage certificate (no error raised).
+
+    ``matched``: a saved module's tensor the model's module has with the same shape, or a saved base-weight copy
+    equal to the model's; ``unmatched``: no module of the model owns it (textual-inversion embeddings, unknown
+    keys, a module this model lacks) or the module has no such tensor; ``shape``: another shape; ``refused``: a
+    base-weight copy that differs from the model's (inject does not change base weights).
+    """
+    targets = _targets(adapter)
+    owners: dict[str, tuple[str | None, str]] = {}
+    for key in adapter.extras:
+        if ".base_layer." in key:
+            path, _, leaf = key.rpartition(".base_layer.")
+            owners[key] = (path, "base_layer." + leaf)
+        else:
+            owner = saved_module_of(key, targets) if targets else key.rpartition(".")[0] or None
+            owners[key] = (owner, key[len(owner) + 1:] if owner else key)
+    paths = resolve(sorted({o for o, _ in owners.values() if o}))
+    out: dict[str, Outcome] = {}
+    for key, (owner, leaf) in owners.items():
+        path = paths.get(owner or "")
+        if path is None:
+            out[key] = Outcome(None, "unmatched", "belongs to no module of this model (textual-inversion embedding, "
+                               "unknown key, or a module this model lacks)")
+            continue
+        module = modules[path]
+        tensor = adapter.extras[key]
+        if leaf.startswith("base_layer."):
+            base = getattr(module, "base_layer", module)
+            current = getattr(base, leaf.removeprefix("base_layer."), None)
+            same = (isinstance(current, torch.Tensor) and current.shape == tensor.shape
+                    and torch.equal(current.detach().cpu(), tensor.to(current.dtype)))
+            out[key] = Outcome(f"{path}.{leaf}") if same else Outcome(
+                None, "refused", "a copy of base weights that differ from this model's (inject does not change them)")
+            continue
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        own = original.state_dict()
+        if leaf not in own:
+            out[key] = Outcome(None, "unmatched", f"the model's {path} ({type(original).__name__}) has no tensor {leaf!r}")
+        elif tuple(own[leaf].shape) != tuple(tensor.shape):
+            out[key] = Outcome(None, "shape", f"saved whole (modules_to_save) with shape {tuple(tensor.shape)}, "
+                               f"the model's {path}.{leaf} is {tuple(own[leaf].shape)}")
+        else:
+            out[key] = Outcome(f"{path}.{leaf}")
+    return out
+
+
 def plan(adapter: Adapter, modules: Mapping[str, nn.Module],
          resolve: Callable[[list[str]], dict[str, str]], layer_paths: Mapping[str, str],
          is_adapted: Callable[[nn.Module], bool]) -> list[SavedModule]:
@@ -266,4 +315,4 @@ def plan(adapter: Adapter, modules: Mapping[str, nn.Module],
     return out
 
 
-__all__ = ["ModulesToSaveWrapper", "SavedModule", "check_state", "plan"]
+__all__ = ["ModulesToSaveWrapper", "SavedModule", "check_state", "extra_outcomes", "plan"]

@@ -24,12 +24,14 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.columns import MODULE, RETAINED_ENERGY
+from ..core.coverage import Certificate, CoverageRefusedError, Outcome, certify, stamp
 from ..core.kinds import Full, LoRA
 from ..core.kinds.common import conv_or_linear
 from ..core.linalg import numerical_rank
 from ..core.params import RANK
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ..formats import check_write_options, format_module, names, save
+from ..formats import check_storable, check_write_options, format_module, names, save
+from ..formats.coverage import base_tensors, match_layers
 from ..formats.inputs import as_adapter
 from ..formats.peft import select_component
 from ..formats.registry import refusals
@@ -199,8 +201,9 @@ def plan(adapter: Adapter, target: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """Outcome of :func:`convert_checkpoint`: where it was written, from/to formats, the per-layer report, and a
-    ``note`` on how to load the output where that needs saying (PEFT paths that keep pipeline components)."""
+    """Outcome of :func:`convert_checkpoint`: where it was written, from/to formats, the per-layer report, a
+    ``note`` on how to load the output where that needs saying (PEFT paths that keep pipeline components), and the
+    coverage certificate (also in the output's safetensors metadata under ``adaptkit.coverage``)."""
 
     out: Path
     source_format: str
@@ -208,6 +211,7 @@ class ConversionResult:
     report: Any
     lossless: bool
     note: str | None = None
+    coverage: Certificate | None = None
 
 
 def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str | None = None, *,
@@ -230,12 +234,12 @@ def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str 
 def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str | None,
                     rank: int | None = None, kind: str | None = None, base: Any = None,
                     overwrite: bool = False, component: str | None = None,
-                    progress: bool | None = None) -> ConversionResult:
+                    progress: bool | None = None, drop: Any = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`); ``dst_format=None``: the source's."""
     check_output(out, overwrite, inputs=[source, base])
     if dst_format is not None:  # checked before the source is read; a convert within the format, once it is known
         check_write_options(format_module(dst_format).NAME, component=component)
-    adapter = as_adapter(source, format=src_format, base=base)
+    adapter = as_adapter(source, format=src_format, base=base, drop=drop if base is not None else None)
     adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
     if dst_format is None and not adapter.format:
@@ -248,6 +252,8 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         component = names.bare_base_component(adapter.layers, base)
     if dst == "peft" and component not in (None, "each"):
         adapter = select_component(adapter, component)  # the report lists what is written
+    if isinstance(base, (str, os.PathLike)):
+        adapter = _certify_base(adapter, base, drop)  # layers without a counterpart in the base: refused or dropped
     kinds_before = {p: l.kind for p, l in adapter.layers.items()}
     lossy_ok = rank is not None or kind == "lora"
     if isinstance(base, (str, os.PathLike)):
@@ -298,10 +304,59 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
     report["source_kind"] = [kinds_before.get(m, k) for m, k in zip(report[MODULE], report["source_kind"])]
-    written = save(adapter, out, format=dst, overwrite=overwrite, component=component if component == "each" else None)
+    write_options = {"component": component if component == "each" else None}
+    adapter, cert = certify_format(adapter, dst, drop, target=dst if base is None else f"{dst} for {base}",
+                                   **write_options)
+    report = report[report[MODULE].isin(list(adapter.layers))].reset_index(drop=True)
+    written = save(stamp(adapter, cert), out, format=dst, overwrite=overwrite, **write_options)
     lossless = bool((report["method"] != "svd").all())
     note = _component_note(adapter, component, str(written)) if dst == "peft" else None
-    return ConversionResult(Path(written), source_format, dst, report, lossless, note)
+    return ConversionResult(Path(written), source_format, dst, report, lossless, note, cert)
+
+
+def _certify_base(adapter: Adapter, base: str | os.PathLike, drop: Any) -> Adapter:
+    """The adapter without the layers / extra tensors ``drop`` names that have no counterpart in ``base`` (by the
+    rules of :func:`adaptkit.formats.coverage.match_layers`: names and shapes); the rows are carried (dropped)
+    into the conversion's certificate.
+
+    Raises:
+        CoverageError: layers or extras without a counterpart that ``drop`` does not name.
+    """
+    name, shapes = base_tensors(base)
+    outcomes, extras = match_layers(adapter, shapes, name)
+    cert = certify(adapter, outcomes, operation="convert", target=name, extras=extras).require(drop, strict=False)
+    kept = cert.landing
+    return stamp(adapter.replace(layers={p: l for p, l in adapter.layers.items() if p in kept},
+                                 extras={k: v for k, v in adapter.extras.items() if k in kept}), cert)
+
+
+def certify_format(adapter: Adapter, fmt: str, drop: Any = None, *, target: str | None = None,
+                   operation: str = "convert", **options: Any) -> tuple[Adapter, Certificate]:
+    """What the format ``fmt`` holds of ``adapter``: every layer and extra tensor lands, except what the format
+    refuses (:func:`adaptkit.formats.refusals`: module paths it has no name for, layers and extras it cannot
+    store); ``drop`` names what may be left out.
+
+    Returns:
+        ``(adapter without the dropped parts, certificate)``.
+
+    Raises:
+        CoverageRefusedError: parts the format refuses and ``drop`` does not name (the format's own message,
+            also an UnsupportedError). CoverageError: a ``drop`` glob that names nothing.
+    """
+    name = format_module(fmt).NAME
+    why = refusals(name, adapter, **options)
+    outcomes = {p: Outcome(None, "refused", why[p]) if p in why else Outcome(p) for p in adapter.layers}
+    extras = {k: Outcome(None, "refused", why[k]) if k in why else Outcome(k) for k in adapter.extras}
+    cert = certify(adapter, outcomes, operation=operation, target=target or name, extras=extras).drop(drop)
+    if cert.missing:
+        try:
+            check_storable(name, adapter, **options)
+        except UnsupportedError as e:
+            raise CoverageRefusedError(f"{e} (or pass --drop GLOB, drop=[...], naming what to leave out)") from None
+        cert.require()
+    kept = cert.landing
+    return adapter.replace(layers={p: l for p, l in adapter.layers.items() if p in kept},
+                           extras={k: v for k, v in adapter.extras.items() if k in kept}), cert
 
 
 def _component_note(adapter: Adapter, component: str | None, out: str) -> str | None:
@@ -361,7 +416,7 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
                        src_format: str | None = None, dst_format: str | None = None, rank: int | None = None,
                        kind: str | None = None, base: Any = None, overwrite: bool = False,
                        component: str | None = None, progress: bool | None = None,
-                       **options: Any) -> ConversionResult:
+                       drop: Any = None, **options: Any) -> ConversionResult:
     """``adaptkit convert``: read a checkpoint, convert what the target cannot hold, write it.
 
     Args:
@@ -378,9 +433,12 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
             uses that component's namespace when ``base`` is that model alone (a ``UNet2DConditionModel``
             directory), and keeps the paths as they are otherwise (``ConversionResult.note`` says so).
         progress: a progress bar on stderr (``None``: only on a terminal; see :mod:`adaptkit.progress`).
+        drop: globs naming the layers / extra tensors that may be left out when they do not land: the target
+            format refuses them (a path it has no name for, an extra it does not carry), or (with ``base``) they
+            have no counterpart there, or their kohya name resolves to nothing. A glob naming nothing is an error.
 
     Returns:
-        A :class:`ConversionResult` with the per-layer report (retained energy, relative error).
+        A :class:`ConversionResult` with the per-layer report (retained energy, relative error) and ``coverage``.
 
     Raises:
         UnsupportedError: layers need a lossy step and neither ``rank`` nor ``kind`` allows it (listed).
@@ -391,10 +449,13 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         if component is not None:  # these write the PEFT adapter of the model the source was made on
             raise ConfigError(f"--component does not apply to '{left}->{right}': it writes a plain LoRA for the "
                               "model the source adapter was made on; drop it")
+        if drop:
+            raise ConfigError(f"--drop does not apply to '{left}->{right}': it maps no layer onto anything else; "
+                              "remove it")
         return CONVERTERS[left](source, out, dst_format=right or "lora", rank=rank, kind=kind, base=base,
                                 overwrite=overwrite, progress=progress, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
-                           overwrite=overwrite, component=component, progress=progress)
+                           overwrite=overwrite, component=component, progress=progress, drop=drop)
 
 
 __all__ = ["CONVERTERS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ import pandas as pd
 import torch
 
 from ..core.adapter import Adapter
+from ..core.coverage import METADATA_KEY, Certificate, Outcome, certify, combine, split
 from ..core.kinds import Layer, Replace
 from ..core.params import SHARD_SIZE, WEIGHTS, WORKERS, check_weights
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.coverage import extra_module, match_layers
 from ..formats.inputs import as_adapters
-from ..io.base_model import TensorInfo, WeightSet, match_paths, open_base, parse_dtype
+from ..io.base_model import TensorInfo, WeightSet, find_matches, open_base, parse_dtype
 from ..io.outputs import atomic_output, check_output
 from ..io.safetensors import FLOAT_ST
 from ..io.shard_writer import (
@@ -64,6 +66,9 @@ class FuseResult:
         bytes: bytes of tensor data written (or to write).
         seconds: wall time.
         skipped: base files not copied (weights in other formats, unused variants).
+        coverage: the coverage certificate: which adapter layers (and extra tensors) land on which base tensor,
+            which were dropped on request (``drop=``), and the share of the ΔW energy that is fused; also in
+            every output file's ``__metadata__`` under ``adaptkit.coverage``.
     """
 
     out: Path | None
@@ -73,22 +78,27 @@ class FuseResult:
     bytes: int
     seconds: float
     skipped: tuple[str, ...] = ()
+    coverage: Certificate | None = None
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers as a dict (for a CLI header)."""
         gib = self.bytes / 2**30
         size = f"{gib:.3f} GiB" if gib >= 1 else f"{self.bytes / 2**20:.1f} MiB"
-        return {"output": str(self.out) if self.out else "(dry run: nothing written)", "tensors": self.tensors,
-                "touched": self.touched, "size": size, "seconds": round(self.seconds, 2),
-                "throughput": f"{gib / self.seconds:.2f} GiB/s" if self.seconds > 0 and self.out else "-",
-                "skipped files": ", ".join(self.skipped) or "-"}
+        out = {"output": str(self.out) if self.out else "(dry run: nothing written)", "tensors": self.tensors,
+               "touched": self.touched, "size": size, "seconds": round(self.seconds, 2),
+               "throughput": f"{gib / self.seconds:.2f} GiB/s" if self.seconds > 0 and self.out else "-",
+               "skipped files": ", ".join(self.skipped) or "-"}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage
+        return out
 
 
 def _as_adapters(adapters: Adapter | str | os.PathLike | Sequence[Adapter | str | os.PathLike],
-                 base: str | os.PathLike) -> list[Adapter]:
+                 base: str | os.PathLike, drop: Any = None) -> list[Adapter]:
     # kohya/LyCORIS flattened names resolve against the base being fused (its safetensors headers, or its
-    # configs for a hub id), as inject resolves them against the live model
-    out = as_adapters(adapters, against=base)
+    # configs for a hub id), as inject resolves them against the live model; names `drop` allows to resolve to
+    # nothing are left out there and carried into fuse's certificate as dropped
+    out = as_adapters(adapters, against=base, drop=drop)
     if not out:
         raise ConfigError("no adapters given; pass at least one adapter to fuse")
     return out
@@ -167,30 +177,10 @@ def _bias_transform(ops: list[tuple[Layer, float]]) -> Transform:
     return transform
 
 
-def _refuse_bias_free(label: str, layers: list[tuple[str, str]]) -> None:
-    """Refuse an adapter that adds biases (PEFT ``lora_bias``) to base modules without one, naming them."""
-    more = f" (+{len(layers) - 3} more)" if len(layers) > 3 else ""
-    shown = ", ".join(f"{p} (base '{w}' has no bias)" for p, w in layers[:3])
-    raise UnsupportedError(
-        f"{label} changes the bias of {len(layers)} module(s) that have none in this base: {shown}{more}; "
-        "the bias part (PEFT lora_bias=True, a LyCORIS diff_b) cannot be fused into a bias-free module "
-        "(peft's merge_and_unload refuses it too): apply the adapter at runtime instead (ak.inject, or PeftModel without merging), "
-        "or fuse a copy with the biases dropped, which changes the outputs (see docs/fuse.md)"
-    )
-
-
-def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool):
-    """Map every adapter layer (and whole tensor it carries) to base tensors.
-
-    Returns:
-        ``(transforms, names, kinds)``: base key -> float32 transform, and the adapter labels and kinds
-        touching each key (for the plan table).
-    """
-    weight_ops: dict[str, list[tuple[Layer, float]]] = {}
-    bias_ops: dict[str, list[tuple[Layer, float]]] = {}
-    names: dict[str, list[str]] = {}
-    kinds: dict[str, list[str]] = {}
-    for i, (adapter, w) in enumerate(zip(adapters, weights)):
+def _prepare(ws: WeightSet, adapters: list[Adapter], unfuse: bool) -> list[Adapter]:
+    """The adapters as fuse applies them: per-expert layers, and (unfuse) checked to be subtractable."""
+    out = []
+    for i, adapter in enumerate(adapters):
         label = _label(adapter, i)
         if unfuse:
             bad = sorted(p for p, layer in adapter.layers.items() if not layer.additive)
@@ -207,43 +197,84 @@ def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: 
                     f"cannot unfuse {label}: it replaces whole tensors ({sorted(adapter.extras)[0]}, modules_to_save); "
                     "keep the unfused base instead"
                 )
-        sign = -1.0 if unfuse else 1.0
-        adapter = adapter.replace(layers=split_experts(adapter.layers, ws.tensors))  # per-expert checkpoints
-        matches = match_paths(adapter.layers, ws.tensors)
-        no_bias: list[tuple[str, str]] = []
-        for path, m in matches.items():
-            layer = adapter.layers[path]
-            info = ws.tensors[m.weight]
+        out.append(adapter.replace(layers=split_experts(adapter.layers, ws.tensors)))  # per-expert checkpoints
+    return out
+
+
+def _certify_one(ws: WeightSet, adapter: Adapter, operation: str) -> Certificate:
+    """Where each layer and extra tensor of ``adapter`` lands in ``ws`` (names, shapes, dtypes, biases)."""
+    shapes = {k: info.shape for k, info in ws.tensors.items()}
+    outcomes, extras = match_layers(adapter, shapes, ws.provenance)
+    found = find_matches([p for p, o in outcomes.items() if o.status == "matched"], ws.tensors)
+    for path, m in found.matched.items():
+        layer, info = adapter.layers[path], ws.tensors[m.weight]
+        try:
             layer = _check_fit(path, layer, info)
+        except UnsupportedError as e:
+            outcomes[path] = Outcome(None, "refused", str(e))
+            continue
+        except ShapeMismatchError as e:
+            outcomes[path] = Outcome(None, "shape", str(e))
+            continue
+        if layer.changes_bias and m.bias is None:
+            try:
+                layer.apply_bias(None)  # IA3: no bias to rescale, nothing to do
+            except UnsupportedError:
+                outcomes[path] = Outcome(None, "refused", f"base '{m.weight}' has no bias: the bias part (PEFT lora_bias, "
+                                         "a LyCORIS diff_b) cannot be fused into modules that have none (peft's "
+                                         "merge_and_unload refuses it too); apply it at runtime (ak.inject)")
+    for key, o in extras.items():
+        if o.status == "matched" and ws.tensors[o.target].dtype not in FLOAT_ST:
+            extras[key] = Outcome(None, "refused", f"base tensor '{o.target}' is {ws.tensors[o.target].dtype}")
+    return certify(adapter, outcomes, operation=operation, target=ws.provenance, extras=extras)
+
+
+def certify_fuse(ws: WeightSet, adapters: list[Adapter], unfuse: bool = False) -> Certificate:
+    """The coverage certificate of fusing ``adapters`` into ``ws`` (not gated: :func:`fuse` calls
+    :meth:`~adaptkit.core.coverage.Certificate.require` with its ``drop``); ``<label>:<path>`` rows for several."""
+    op = "unfuse" if unfuse else "fuse"
+    labels = [_label(a, i) for i, a in enumerate(adapters)]
+    return combine([(label, _certify_one(ws, a, op)) for label, a in zip(labels, adapters)], operation=op,
+                   target=ws.provenance)
+
+
+def _plan(ws: WeightSet, adapters: list[Adapter], weights: list[float], unfuse: bool, cert: Certificate):
+    """Map every landing adapter layer (and whole tensor it carries) to base tensors.
+
+    Returns:
+        ``(transforms, names, kinds)``: base key -> float32 transform, and the adapter labels and kinds
+        touching each key (for the plan table).
+    """
+    weight_ops: dict[str, list[tuple[Layer, float]]] = {}
+    bias_ops: dict[str, list[tuple[Layer, float]]] = {}
+    names: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}
+    landing = split(cert, [_label(a, i) for i, a in enumerate(adapters)])
+    for i, (adapter, w) in enumerate(zip(adapters, weights)):
+        label = _label(adapter, i)
+        sign = -1.0 if unfuse else 1.0
+        paths = [p for p in adapter.layers if p in landing[i]]
+        matches = find_matches(paths, ws.tensors).matched
+        for path, m in matches.items():
+            layer = _check_fit(path, adapter.layers[path], ws.tensors[m.weight])
             weight_ops.setdefault(m.weight, []).append((layer, sign * w))
             names.setdefault(m.weight, []).append(label)
             kinds.setdefault(m.weight, []).append(layer.kind + ("+dora" if layer.dora else ""))
             if layer.changes_bias:
                 if m.bias is None:
-                    try:
-                        layer.apply_bias(None)  # IA3: no bias to rescale, nothing to do
-                    except UnsupportedError:
-                        no_bias.append((path, m.weight))
-                    continue
+                    continue  # certified: a kind with nothing to do on a bias-free module
                 bias_ops.setdefault(m.bias, []).append((layer, sign * w))
                 names.setdefault(m.bias, []).append(label)
                 kinds.setdefault(m.bias, []).append(layer.kind + " bias")
-        if no_bias:
-            _refuse_bias_free(label, no_bias)
-        if adapter.extras:
+        extras = [k for k in adapter.extras if k in landing[i]]
+        if extras:
             # PEFT saves full embedding weights as `<module>.base_layer.weight` and modules_to_save as `<module>.weight`
-            modules = {k: k.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer") for k in adapter.extras}
-            extra_matches = match_paths(sorted(set(modules.values())), ws.tensors)
+            modules = {k: extra_module(k) for k in extras}
+            extra_matches = find_matches(sorted(set(modules.values())), ws.tensors).matched
             for key, mod in modules.items():
                 m = extra_matches[mod]
                 target = m.bias if key.endswith(".bias") else m.weight
-                if target is None:
-                    raise ConfigError(f"extra tensor {key} of {label} has no counterpart in the base; it cannot be fused")
-                value = adapter.extras[key]
-                if math.prod(value.shape) != math.prod(ws.tensors[target].shape):
-                    raise ShapeMismatchError(f"extra tensor {key} of {label} has shape {tuple(value.shape)} but base "
-                                             f"'{target}' has {ws.tensors[target].shape}")
-                weight_ops.setdefault(target, []).insert(0, (Replace(value), 1.0))
+                weight_ops.setdefault(target, []).insert(0, (Replace(adapter.extras[key]), 1.0))
                 names.setdefault(target, []).append(label)
                 kinds.setdefault(target, []).append("replace")
     transforms: dict[str, Transform] = {k: _WeightOps(v) for k, v in weight_ops.items()}
@@ -261,25 +292,31 @@ def _plan_frame(ws: WeightSet, transforms: dict, names: dict, kinds: dict, out_d
     return pd.DataFrame(rows, columns=["tensor", "file", "shape", "dtype", "out_dtype", "action", "adapters", "kinds"])
 
 
-def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse) -> FuseResult:
+def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse,
+         drop=None) -> FuseResult:
     start = time.perf_counter()
     workers, size, out_dtype = WORKERS.optional(workers), SHARD_SIZE.optional(shard_size), parse_dtype(dtype)
     if weights is not None:
         weights = WEIGHTS.check(weights)
-    ads = _as_adapters(adapters, base)
+    ads = _as_adapters(adapters, base, drop)
     for ad in ads:
         ad.check_finite("unfuse" if unfuse else "fuse")
     weights = check_weights(weights, len(ads))
     if out is not None and not dry_run:
         check_output(out, overwrite, inputs=[base, adapters])
     ws = open_base(base)
-    transforms, names, kinds = _plan(ws, ads, weights, unfuse)
+    ads = _prepare(ws, ads, unfuse)
+    cert = certify_fuse(ws, ads, unfuse).require(drop)
+    transforms, names, kinds = _plan(ws, ads, weights, unfuse, cert)
     plan = _plan_frame(ws, transforms, names, kinds, out_dtype, unfuse)
-    groups = [(g, plan_group_files(g, ws, out_dtype, transforms, size)) for g in ws.groups]
+    stamp = {METADATA_KEY: cert.to_json()}
+    groups = [(g, [replace(f, metadata={**f.metadata, **stamp})
+                   for f in plan_group_files(g, ws, out_dtype, transforms, size)]) for g in ws.groups]
     files = [f for _, fs in groups for f in fs]
     total = sum(f.data_bytes for f in files)
     if dry_run or out is None:
-        return FuseResult(None, plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
+        return FuseResult(None, plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped,
+                          cert)
     single = ws.is_file and Path(out).suffix == ".safetensors"
     with atomic_output(out, overwrite=overwrite, directory=not single) as tmp:
         targets = [(f, tmp if single else tmp / f.rel_path) for f in files]
@@ -290,7 +327,8 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
             for group, fs in groups:
                 write_index(group, fs, tmp)
             copy_side_files(ws, tmp)
-    return FuseResult(Path(out), plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped)
+    return FuseResult(Path(out), plan, len(ws.tensors), len(transforms), total, time.perf_counter() - start, ws.skipped,
+                      cert)
 
 
 def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool | None, workers: int | None,
@@ -342,8 +380,8 @@ def _write_all(targets: list[tuple[OutFile, Path]], total: int, progress: bool |
 
 def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
          dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
-         dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False
-         ) -> FuseResult:
+         dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False,
+         drop: Sequence[str] | str | None = None) -> FuseResult:
     """Fuse adapters into a base model's weights, streaming tensor by tensor.
 
     Args:
@@ -362,25 +400,32 @@ def fuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, 
         workers: output files written in parallel, at least 1 (default: one per core, at most 8).
         fsync: flush every output file to the disk before the rename (survives a power loss, not only a
             killed process; slower: the write-back is waited for).
+        drop: globs naming the adapter layers (or extra tensors) that may be left out when they do not land
+            (``"*lm_head*"``, ``"status:unmatched"``; ``<label>:<path>`` with several adapters); the layers they
+            name are not fused and are listed as ``dropped`` in the certificate. A glob naming no such layer
+            is an error.
 
     Returns:
-        A :class:`FuseResult`.
+        A :class:`FuseResult`; ``result.coverage`` is the coverage certificate, also written into every output
+        file's ``__metadata__`` under ``adaptkit.coverage``.
 
     Raises:
-        ConfigError: an adapter layer matches no base weight (all are listed), bad weights/dtype/size/workers.
-        ShapeMismatchError: an adapter layer does not fit its weight.
-        UnsupportedError: an adapter changes the bias of modules that have none in the base (PEFT ``lora_bias``).
+        CoverageError: layers that would not land and are not named by ``drop``: no base weight (all are
+            listed), several, another shape (:class:`~adaptkit.core.coverage.CoverageShapeError`, also a
+            ShapeMismatchError), a bias the base module lacks or a quantized base tensor (also an UnsupportedError).
+        ConfigError: bad weights/dtype/size/workers.
         NonFiniteError: an adapter holds NaN or Inf (tensors, alpha or scale), or a fused tensor is not
             finite (nothing is written).
         FormatError: a base shard is corrupt or truncated. OutputExistsError: ``out`` exists.
     """
-    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=False)
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=False,
+                drop=drop)
 
 
 def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None, weights: Sequence[float] | None = None,
            dtype: str | torch.dtype | None = None, shard_size: int | str | None = None, overwrite: bool = False,
-           dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False
-         ) -> FuseResult:
+           dry_run: bool = False, progress: bool | None = None, workers: int | None = None, fsync: bool = False,
+         drop: Sequence[str] | str | None = None) -> FuseResult:
     """Subtract fused additive adapters again: ``W - sum_i w_i * dW_i`` (the inverse of :func:`fuse`).
 
     Takes the same arguments as :func:`fuse`, with ``base`` the fused model. Fuse then unfuse returns the
@@ -390,9 +435,10 @@ def unfuse(base: str | os.PathLike, adapters: Any, out: str | os.PathLike | None
         UnsupportedError: an adapter has DoRA or IA3 layers (they rescale the weight and cannot be
             subtracted) or replaces whole tensors; plus everything :func:`fuse` raises.
     """
-    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=True)
+    return _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, progress, workers, fsync, unfuse=True,
+                drop=drop)
 
 
-from .extract import extract  # noqa: E402  (re-exported next to fuse/unfuse)
+from .extract import extract
 
-__all__ = ["FuseResult", "extract", "fuse", "parse_size", "unfuse"]
+__all__ = ["FuseResult", "certify_fuse", "extract", "fuse", "parse_size", "unfuse"]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ...core.adapter import Adapter
+from ...core.coverage import Certificate, Outcome, certify
+from ...core.coverage import combine as combine_certificates
 from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
@@ -48,7 +50,7 @@ class _Options:
 def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[float] | None = None,
           method: str = "task_arithmetic", density: float | None = None, rank: int | None = None,
           majority_sign: str = "total", seed: int | None = None, progress: bool | None = None,
-          base: str | os.PathLike | None = None) -> Adapter:
+          base: str | os.PathLike | None = None, drop: Sequence[str] | str | None = None) -> Adapter:
     """Merge adapters into one, with PEFT's ``add_weighted_adapter`` numbers for PEFT's method names.
 
     Args:
@@ -68,10 +70,14 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         progress: show a progress bar (``None``: only on a terminal).
         base: base model (hub id or directory) used to resolve module names when loading sources whose
             names need it (kohya/LyCORIS files of models without a shipped inventory, e.g. LLMs).
+        drop: globs naming input layers that may be missing from the output (see docs/coverage.md); every
+            method here keeps every layer of every input (the union of the paths), so a glob only names kohya
+            names that resolve to nothing in ``base``; a glob naming nothing is an error.
 
     Returns:
         The merged adapter (LoRA layers, or IA3 for IA3 inputs), not yet written; save it with
-        :func:`adaptkit.save`.
+        :func:`adaptkit.save`. Its metadata holds the coverage certificate (``adaptkit.coverage``: every input
+        layer and extra tensor reaches the output, ``<input label>:<path>`` rows).
 
     Raises:
         ConfigError: unknown method, missing or misplaced density/rank, wrong number of weights, different
@@ -84,7 +90,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     density, rank, majority_sign, seed = _check_options(requested, density, rank, majority_sign, seed)
     if weights is not None:
         weights = WEIGHTS.check(weights)
-    loaded = as_adapters(list(adapters), base=base)
+    loaded = as_adapters(list(adapters), base=base, drop=drop)
     if not loaded:
         raise ConfigError("merge needs at least one adapter")
     for a in loaded:
@@ -120,16 +126,35 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
                     for a in loaded],
     }
     first = loaded[0]
+    extras = _merge_extras(loaded)
+    cert = certify_merge(loaded, layers, extras, requested.name).require(drop)
     return Adapter(
         layers=layers,
         base_model=base,
-        metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)},
+        metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **cert.metadata()},
         config=_output_config(first.config),
-        extras=_merge_extras(loaded),
+        extras=extras,
         format=first.format,
         source=None,
         name="merged",
     )
+
+
+def certify_merge(inputs: Sequence[Adapter], layers: Mapping[str, Any], extras: Mapping[str, Any],
+                  method: str) -> Certificate:
+    """Which input layers and extra tensors reach the merged output (``<label>:<path>`` rows for several inputs).
+
+    A method that leaves a layer out makes it ``unmatched`` here; the caller's ``require(drop)`` then refuses it
+    unless it is named.
+    """
+    labels = [Path(str(a.source)).name if a.source else f"adapter{i}" for i, a in enumerate(inputs)]
+    gone = f"not in the output of merge method {method}"
+    certs = [(label, certify(a, {p: Outcome(p) if p in layers else Outcome(None, "unmatched", gone) for p in a.layers},
+                             operation="merge", target="the merged adapter",
+                             extras={k: Outcome(k) if k in extras else Outcome(None, "unmatched", gone)
+                                     for k in a.extras}))
+             for label, a in zip(labels, inputs)]
+    return combine_certificates(certs, operation="merge", target=f"the merged adapter ({method})")
 
 
 def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathLike, format: str = "peft",
