@@ -24,6 +24,7 @@ _LAZY: dict[str, str] = {
     "compare": ".analysis.compare",
     **dict.fromkeys(["Certificate", "CoverageError", "coverage"], ".analysis.coverage"),
     "convert": ".ops.convert",
+    **dict.fromkeys(["check", "export"], ".deploy"),
     **dict.fromkeys(["load", "save"], ".formats"),
     "loftq": ".ops.loftq",
     "pissa_to_lora": ".ops.reparam",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .analysis.compare import compare
     from .analysis.coverage import Certificate, CoverageError, coverage
     from .analysis.layers import analyze
+    from .deploy import check, export
     from .core.adapter import Adapter
     from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
     from .errors import (

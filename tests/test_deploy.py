@@ -20,7 +20,7 @@ from adaptkit.errors import (
     OutputExistsError,
     UnsupportedError,
 )
-from tests.conftest import make_tiny_llama, run_cli
+from tests.conftest import make_tiny_llama, run_cli, tiny_llama_config
 from tests.deploy_util import (
     effective,
     make_adapter,
@@ -367,3 +367,14 @@ def test_trainable_tokens_of_a_tied_embedding_also_change_the_output_layer(tmp_p
     result = export(src, tmp_path / "out", target="vllm", base=str(base_dir))
     assert "lm_head" in result.adapter.layers and result.certificate.complete
     assert rel(peft_logits(src, tied), peft_logits(tmp_path / "out", tied)) <= 1e-5
+
+
+def test_a_classification_head_saved_whole_is_what_vllm_takes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    clf = transformers.LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).eval()
+    src = make_adapter(tmp_path / "a", lora(modules_to_save=["score"], task_type="SEQ_CLS"), model=clf)
+    assert "vllm.modules_to_save" not in [f.rule for f in check(src, target="vllm").findings]
+    export(src, tmp_path / "out", target="vllm")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["score"] and "score.weight" in ak.load(tmp_path / "out").extras

@@ -12,16 +12,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import adaptkit as ak
 from adaptkit.deploy import export
-from tests.deploy_util import make_adapter, save_base
+from tests.conftest import make_tiny_llama
+from tests.deploy_util import make_adapter, save_base, tiny_phi3_from_llama
 
 peft = pytest.importorskip("peft")
 VLLM_PYTHON = os.environ.get("ADAPTKIT_VLLM_PYTHON", "/tmp/vllmvenv/bin/python")
 PROBE = Path(__file__).resolve().parents[1] / "scripts" / "vllm_probe.py"
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+MODULES = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj",
+           "embed_tokens", "lm_head"]
 
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(), reason=f"no vLLM interpreter at {VLLM_PYTHON}")
 
@@ -42,6 +45,10 @@ CASES = {
     "loha": (lambda: peft.LoHaConfig(r=3, alpha=6, target_modules=["q_proj", "v_proj"]), {}, None),
     "rslora_patterns": (lambda: lora(use_rslora=True, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 5}), {},
                         None),
+    # q/k/v and gate/up of a llama adapter, exported onto a Phi-3 base (packed qkv_proj / gate_up_proj)
+    "fused_phi3": (lambda: lora(r=4, lora_alpha=8,
+                                target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]),
+                   {"base": "phi3"}, None),
 }
 
 
@@ -49,12 +56,13 @@ CASES = {
 def probed(tmp_path_factory):
     """Every case's original and exported adapter, loaded by vLLM in one run of its interpreter."""
     root = tmp_path_factory.mktemp("vllm")
-    base = save_base(root / "base")
+    bases = {True: save_base(root / "base"), "phi3": save_base(root / "phi3", tiny_phi3_from_llama(make_tiny_llama(0)))}
     jobs, dirs = [], {}
     for case, (config, opts, _) in CASES.items():
         src = make_adapter(root / f"{case}-src", config())
         kw = {k: v for k, v in opts.items() if k != "base"}
-        export(src, root / f"{case}-out", target="vllm", base=str(base) if opts.get("base") else None, **kw)
+        base = bases.get(opts.get("base"))
+        export(src, root / f"{case}-out", target="vllm", base=str(base) if base else None, **kw)
         for kind in ("src", "out"):
             dirs[(case, kind)] = root / f"{case}-{kind}"
             jobs.append({"dir": str(root / f"{case}-{kind}"), "max_rank": 16, "modules": MODULES,
@@ -78,6 +86,16 @@ def test_vllm_loads_the_export_and_applies_the_same_delta(case, probed):
     for path, layer in out.layers.items():  # vLLM's scaling * B @ A is adaptkit's delta of what it wrote
         want = layer.delta_matrix()
         assert float((deltas[path] - want).norm() / want.norm()) <= 1e-6, path
+    if case == "fused_phi3":  # vLLM's packed deltas are the per-projection deltas stacked
+        src = ak.load(deltas_file.parent / f"{case}-src")
+        for layer_i in (0, 1):
+            attn, mlp = f"model.layers.{layer_i}.self_attn", f"model.layers.{layer_i}.mlp"
+            for parent, packed, members in ((attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                            (mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+                want = torch.cat([src[f"{parent}.{m}"].delta_matrix() for m in members])
+                got = deltas[f"{parent}.{packed}"]
+                assert float((got - want).norm() / want.norm()) <= 1e-6, (parent, packed)
+        return
     if CASES[case][1].get("lossy") is None:  # exact fixes: vLLM applies the original adapter's delta
         src = ak.load(deltas_file.parent / f"{case}-src")
         for path, layer in src.layers.items():

@@ -156,9 +156,17 @@ def _refusals(report: CheckReport) -> None:
 
 
 def _trim_config(adapter: Adapter) -> Adapter:
+    """The config fields the writer should keep: :data:`KEEP_CONFIG`, and the ``modules_to_save`` entries whose saved
+    tensors are still there (a classification head vLLM takes whole)."""
     if adapter.format != "peft":
         return adapter.replace(config={})
-    return adapter.replace(config={k: adapter.config[k] for k in KEEP_CONFIG if k in adapter.config})
+    config = {k: adapter.config[k] for k in KEEP_CONFIG if k in adapter.config}
+    modules = {k.removesuffix(".weight").removesuffix(".bias") for k in adapter.extras}
+    saved = list(dict.fromkeys(m for m in adapter.config.get("modules_to_save") or ()
+                               if isinstance(m, str) and any(p == m or p.endswith("." + m) for p in modules)))
+    if saved:
+        config["modules_to_save"] = saved
+    return adapter.replace(config=config)
 
 
 def pad_to_bucket(adapter: Adapter, target: Target, ctx: Context) -> tuple[Adapter, list[FixRow]]:

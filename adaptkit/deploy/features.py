@@ -63,6 +63,19 @@ def modules_to_save(adapter: Adapter, ctx: Context) -> list[str]:
     return sorted(adapter.extras)
 
 
+def saved_outside(allowed: Iterable[str]) -> Detector:
+    """A detector of saved tensors (``modules_to_save``) of modules other than ``allowed`` (vLLM loads a classification
+    head, ``score`` / ``classifier``, whole)."""
+    names = frozenset(allowed)
+
+    def detect(adapter: Adapter, ctx: Context) -> list[str]:
+        return sorted(k for k in adapter.extras
+                      if k.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1] not in names)
+
+    detect.__doc__ = f"Saved tensors of modules other than {', '.join(sorted(names))}."
+    return detect
+
+
 def trainable_tokens(adapter: Adapter, ctx: Context) -> list[str]:
     """Embedding layers that replace rows instead of adding to them (PEFT ``trainable_tokens_delta``)."""
     return _paths(adapter, lambda l: not l.additive and not l.dora and l.module_type == "embedding")
@@ -251,4 +264,4 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
 )}
 
 __all__ = ["FEATURES", "FUSED", "Detector", "Feature", "base_paths", "fused_plan", "in_base", "leaf_names_outside",
-           "plain_lora"]
+           "plain_lora", "saved_outside"]

