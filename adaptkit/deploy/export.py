@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..analysis.coverage import base_tensors, certify, match_layers
+from ..analysis.coverage import certify_base
 from ..core.adapter import Adapter
 from ..errors import ConfigError, UnsupportedError
 from ..formats import save
@@ -32,9 +32,7 @@ from .fixes import (
     FIX_ORDER,
     FIXES,
     LOSSY_OPTIONS,
-    TIED_OUTPUT,
     FixRow,
-    tied_embeddings,
     uniform_scale,
 )
 from .rules import Context, Target
@@ -188,21 +186,13 @@ def pad_to_bucket(adapter: Adapter, target: Target, ctx: Context) -> tuple[Adapt
 
 
 def certify_export(adapter: Adapter, base: Any) -> Any:
-    """The coverage certificate of the exported adapter against ``base``, refusing partial coverage.
-
-    When the base ties its output layer to the input embedding (``tie_word_embeddings``), its files hold no
-    ``lm_head`` tensor; an output-layer LoRA (export adds one for trainable tokens of a tied embedding) is then
-    certified against the shape of the weight it shares.
+    """The coverage certificate of the exported adapter against ``base``, refusing partial coverage (a base that
+    ties ``lm_head`` to the input embedding counts its output layer: :func:`~adaptkit.formats.coverage.base_tensors`).
 
     Raises:
         CoverageError: layers that land nowhere.
     """
-    name, shapes = base_tensors(base)
-    out = adapter.layers.get(TIED_OUTPUT)
-    if out is not None and f"{TIED_OUTPUT}.weight" not in shapes and tied_embeddings(base):
-        shapes = {**shapes, f"{TIED_OUTPUT}.weight": tuple(out.shape)}
-    outcomes, extras = match_layers(adapter, shapes, name)
-    return certify(adapter, outcomes, operation="export", target=name, extras=extras).require()
+    return certify_base(adapter, base, operation="export", drop=())
 
 
 def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any = None, max_rank: int | None = None,

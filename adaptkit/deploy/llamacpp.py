@@ -179,7 +179,7 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
     gguf = gguf_module()
     config = base_config(base)
     arch = arch_of(config)
-    name, shapes = base_tensors(base)
+    name, shapes = base_tensors(base, tied_output=False)  # a tied model's GGUF has no output tensor
     outcomes, extra_outcomes = match_layers(adapter, shapes, name)
     g_arch = gguf.MODEL_ARCH[arch.gguf_arch]
     tmap = gguf.get_tensor_name_map(g_arch, int(config["num_hidden_layers"]))

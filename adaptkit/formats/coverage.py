@@ -9,6 +9,7 @@ safetensors headers are read, or a ``config.json`` is built on the meta device, 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ def extra_module(key: str) -> str:
     return key.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer")
 
 
-def base_tensors(base: Any) -> tuple[str, Shapes]:
+def base_tensors(base: Any, *, tied_output: bool = True) -> tuple[str, Shapes]:
     """``(name, {tensor key: shape})`` of a base model, from its headers or its config (no weights are read).
 
     Args:
@@ -37,6 +38,9 @@ def base_tensors(base: Any) -> tuple[str, Shapes]:
             meta device), a ``.safetensors`` file, the name of a shipped inventory (``"sdxl"``, ``"flux"``), an
             :class:`~adaptkit.formats.names.Inventory`, an ``nn.Module``, or a mapping ``{tensor key: shape}``.
             Pipelines use ``<component>.<name>`` keys (``unet.down_blocks.0...weight``).
+        tied_output: list ``lm_head.weight`` for a model whose config ties it to the input embedding (its files
+            hold the tensor once, under the embedding's name). False for targets that keep the two apart
+            (llama.cpp's GGUF of a tied model has no ``output`` tensor).
 
     Raises:
         SourceNotFoundError: the base cannot be found. ConfigError: it lists no tensors.
@@ -46,7 +50,7 @@ def base_tensors(base: Any) -> tuple[str, Shapes]:
     if isinstance(base, Mapping):
         return "mapping", {str(k): tuple(int(s) for s in v) for k, v in base.items()}
     if hasattr(base, "named_parameters"):
-        shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+        shapes = {n: tuple(p.shape) for n, p in base.named_parameters(remove_duplicate=not tied_output)}
         shapes.update({n: tuple(b.shape) for n, b in base.named_buffers()})
         return type(base).__name__, shapes
     spec = str(base)
@@ -54,7 +58,8 @@ def base_tensors(base: Any) -> tuple[str, Shapes]:
         return spec, _inventory_shapes(_names.shipped(spec))
     try:
         ws = open_base(base)
-        return ws.provenance, {k: info.shape for k, info in ws.tensors.items()}
+        shapes = {k: info.shape for k, info in ws.tensors.items()}
+        return ws.provenance, with_tied_output(shapes, ws.root) if tied_output else shapes
     except (SourceNotFoundError, UnsupportedError):
         pass
     resolved = resolve(spec, allow_patterns=["*.json", "*/*.json"])
@@ -65,8 +70,30 @@ def base_tensors(base: Any) -> tuple[str, Shapes]:
     shapes: Shapes = {}
     for prefix, cfg in configs:
         model = _names.meta_model(cfg)
-        shapes.update({prefix + n: tuple(p.shape) for n, p in model.named_parameters()})
+        params = model.named_parameters(remove_duplicate=not tied_output)  # a tied lm_head is listed (or not)
+        shapes.update({prefix + n: tuple(p.shape) for n, p in params})
     return resolved.provenance, shapes
+
+
+#: where transformers' causal LMs keep their output layer and their input embedding
+TIED_OUTPUT = "lm_head.weight"
+INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight",
+                    "model.language_model.embed_tokens.weight", "transformer.word_embeddings.weight")
+
+
+def with_tied_output(shapes: Shapes, root: Path) -> Shapes:
+    """``shapes`` plus ``lm_head.weight`` when the model's ``config.json`` ties it to the input embedding
+    (``tie_word_embeddings``): its files store the shared tensor once, under the embedding's name, yet an
+    adapter on ``lm_head`` lands (transformers' ``lm_head`` module holds that very tensor)."""
+    config = root / "config.json" if root.is_dir() else None
+    if TIED_OUTPUT in shapes or config is None or not config.is_file():
+        return shapes
+    try:
+        tied = json.loads(config.read_text()).get("tie_word_embeddings", False)
+    except (OSError, ValueError):
+        return shapes
+    embed = next((k for k in INPUT_EMBEDDINGS if k in shapes), None)
+    return {**shapes, TIED_OUTPUT: shapes[embed]} if tied is True and embed is not None else shapes
 
 
 def _configs(path: Path) -> list[tuple[str, Path]]:
