@@ -6,8 +6,9 @@ These are the element-wise building blocks of TIES, DARE and magnitude pruning, 
 
 How they are fast without changing a number:
 
-* Magnitude pruning finds the ``k``-th largest magnitude by selection inside a bracket taken from a strided
-  sample (no sort and no ``topk`` of the whole tensor), then keeps ``|x| >= t``. Only when several entries
+* Magnitude pruning finds the ``k``-th largest magnitude ``t`` by a radix histogram of the float bits, or for
+  large tensors by selection inside a bracket taken from a strided sample (no sort and no ``topk`` of the
+  whole tensor), then keeps ``|x| >= t``. Only when several entries
   of magnitude ``t > 0`` straddle the ``k``-th place does it call ``torch.topk`` on the same magnitudes as PEFT
   does: PEFT keeps the tied entries that ``torch.topk`` returns, and on CPU that choice comes from
   ``std::nth_element`` (ATen's ``topk_impl_loop``), neither the first nor the last in index order, so no
@@ -35,9 +36,10 @@ from ...errors import ConfigError
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
 SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN.choices
 
-#: from this many entries the k-th largest magnitude is selected inside a sampled bracket
-_BRACKET_MIN = 1 << 16
-#: at most this many entries in the strided sample that brackets the threshold (at least 1/32 of them)
+#: float32 tensors of this many entries or fewer (and at least ``_RADIX_MIN``) select by a 16-bit radix histogram
+_RADIX_MAX = 1 << 22
+_RADIX_MIN = 1 << 10
+#: larger ones select inside a bracket taken from a strided sample of at most this many entries
 _SAMPLE = 16384
 
 
@@ -112,15 +114,24 @@ def magnitude_prune_(tensor: torch.Tensor, density: float, scratch: torch.Tensor
 
 
 def _kth_largest(flat: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``k``-th largest value of a 1-D tensor (exact).
+    """The ``k``-th largest value of a 1-D tensor of magnitudes (exact, no sort of the whole tensor).
 
-    Large tensors first bracket the answer with quantiles of a strided sample, then select inside the
-    bracket only; when the bracket misses (checked by counting) it selects over everything. ``scratch``:
-    optional bool buffer with ``flat``'s number of entries.
+    Float32 tensors up to ``_RADIX_MAX`` entries: a histogram of the top 16 bits (for non-negative floats the
+    bit pattern orders like the value) finds the bucket that holds the answer, and ``kthvalue`` selects inside
+    it. Larger ones bracket the answer with quantiles of a strided sample and select inside the bracket; when
+    the bracket misses (checked by counting) they select over everything. ``scratch``: optional bool buffer
+    with ``flat``'s number of entries.
     """
     n = flat.numel()
-    if n < _BRACKET_MIN:
+    if n < _RADIX_MIN or flat.dtype != torch.float32 or not flat.is_contiguous():
         return torch.kthvalue(flat, n - k + 1).values
+    if n <= _RADIX_MAX:
+        key = flat.view(torch.int32) >> 16  # 0 .. 32767 for non-negative floats, ordered like the values
+        from_top = torch.bincount(key, minlength=1 << 15).flip(0).cumsum(0)  # entries in this bucket or above
+        j = int(torch.searchsorted(from_top, k))
+        above = int(from_top[j - 1]) if j > 0 else 0
+        inside = flat[key == (1 << 15) - 1 - j]
+        return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
     sample = flat[:: max(n // _SAMPLE, 32)].sort().values
     m = sample.numel()
     pos = (n - k) / n * (m - 1)  # where the answer sits in the sorted sample
