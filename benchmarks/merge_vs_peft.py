@@ -12,10 +12,11 @@ different seeds) are made with peft on a llama with TinyLlama-1.1B's shapes (hid
   files peft saved (the same numbers: the adapters are peft's).
 * **adaptkit, from files**: ``ak.merge(dirs, ...)``: reading the three adapter directories is included.
 
-Each timing is the median of ``--repeats`` runs (min-max spread printed); the three are interleaved per run
-so that load from other jobs hits them alike. Peak memory: the extra resident memory during the call (peak RSS
-minus RSS before it, sampled every 5 ms from a thread, after returning freed memory to the OS), the largest
-over the runs. The last column is the largest per-layer relative Frobenius difference between peft's merged
+Each timing is the median of ``--repeats`` runs or more (fast calls repeat for 2 s, up to 41 runs; min-max spread and the number of runs n printed); a tool
+stops repeating one method after ``--budget`` seconds (peft's SVD methods take about a minute a run, so they
+may get fewer runs). Peak memory: the extra resident memory during one call (peak RSS minus RSS before it,
+sampled every 5 ms from a thread, after returning freed memory to the OS); that sampled run is not timed
+unless it took over 10 s (the sampler slows short, Python-heavy calls). The last column is the largest per-layer relative Frobenius difference between peft's merged
 ΔW and adaptkit's (DARE draws differ, so there it is the difference of two random draws, not an error).
 
 TinyLlama has 22 decoder layers; by default this builds 1 (``--layers``) with a 256-token vocabulary: every
@@ -125,9 +126,24 @@ def peft_deltas(pm, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def runs(make, repeats: int, budget: float):
+    """Time ``make()()`` (``make`` does the untimed setup and returns the call): first one run with the memory
+    sampler (counted as a timed run only when it took over 10 s, where the sampler's cost is below 0.1%), then
+    plain runs until ``repeats`` timed runs (at least 2 s of them, up to 41 runs, for calls of milliseconds) or
+    ``budget`` seconds of them. Returns (result, times, MiB)."""
+    result, seconds, mib = measure(make())
+    times = [seconds] if seconds > 10 else []
+    while (len(times) < repeats or (sum(times) < 2.0 and len(times) < 41)) and sum(times) < budget:
+        fn = make()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return result, times, mib
+
+
 def _stat(times: list[float]) -> str:
     med = statistics.median(times)
-    return f"{med:8.3f} ({min(times):.3f}-{max(times):.3f})"
+    return f"{med:8.3f} ({min(times):.3f}-{max(times):.3f}) n={len(times)}"
 
 
 def main() -> None:
@@ -137,6 +153,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="decoder layers to build (TinyLlama has 22)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both tools (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and method (median reported)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="stop repeating a tool's runs of one method after this many seconds (SVD methods in peft)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the eleven")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,35 +165,34 @@ def main() -> None:
         print(f"TinyLlama-shaped llama, {args.layers} decoder layer(s), {len(adapters[0])} LoRA layers per adapter, "
               f"r={RANK}, 3 adapters, weights {WEIGHTS}, density {DENSITY}, rank {RANK}, torch "
               f"{torch.__version__} threads {torch.get_num_threads()}, {args.repeats} runs each: median (min-max) s")
-        print(f"{'method':<20}{'peft s':>24}{'adaptkit s':>24}{'x':>7}{'from files s':>24}{'x':>7}"
+        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>7}{'from files s':>28}{'x':>7}"
               f"{'peft MiB':>10}{'ak MiB':>8}{'max rel diff':>13}", flush=True)
         rows = []
         for method in methods:
             peft_kw, ak_kw = options(method)
             name = f"m_{method}"
-            times = {"peft": [], "ak": [], "files": []}
-            mem = {"peft": 0.0, "ak": 0.0}
-            merged = None
-            for run in range(args.repeats):
-                merged, s, mb = measure(lambda: ak.merge(adapters, WEIGHTS, method=method, progress=False, **ak_kw))
-                times["ak"].append(s)
-                mem["ak"] = max(mem["ak"], mb)
-                _, s, _ = measure(lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw))
-                times["files"].append(s)
-                _, s, mb = measure(lambda: pm.add_weighted_adapter(["a0", "a1", "a2"], WEIGHTS, name,
-                                                                   combination_type=method, **peft_kw))
-                times["peft"].append(s)
-                mem["peft"] = max(mem["peft"], mb)
-                if run < args.repeats - 1:
-                    pm.delete_adapter(name)
+            def peft_call():
+                if name in pm.peft_config:
+                    pm.delete_adapter(name)  # (not timed)
+                return lambda: pm.add_weighted_adapter(["a0", "a1", "a2"], WEIGHTS, name, combination_type=method,
+                                                       **peft_kw)
+
+            merged, times_ak, mb_ak = runs(lambda: lambda: ak.merge(adapters, WEIGHTS, method=method, progress=False,
+                                                                    **ak_kw), args.repeats, args.budget)
+            _, times_files, _ = runs(lambda: lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw),
+                                     args.repeats, args.budget)
+            _, times_peft, mb_peft = runs(peft_call, args.repeats, args.budget)
+            times = {"peft": times_peft, "ak": times_ak, "files": times_files}
+            mem = {"peft": mb_peft, "ak": mb_ak}
             ref = peft_deltas(pm, name)
             diff = max(((merged.layers[p].delta() - d).norm() / d.norm()).item() for p, d in ref.items())
             pm.delete_adapter(name)
             del ref
             p, a, f = (statistics.median(times[k]) for k in ("peft", "ak", "files"))
             rows.append((method, p / a, p / f))
-            print(f"{method:<20}{_stat(times['peft']):>24}{_stat(times['ak']):>24}{p / a:>6.1f}x{_stat(times['files']):>24}"
-                  f"{p / f:>6.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff:>13.1e}", flush=True)
+            diff_text = f"{diff:.1e}" + (" (DARE)" if "dare" in method else "")
+            print(f"{method:<20}{_stat(times['peft']):>28}{_stat(times['ak']):>28}{p / a:>6.1f}x{_stat(times['files']):>28}"
+                  f"{p / f:>6.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
         worst = min(rows, key=lambda r: r[1])
         print(f"smallest speed-up in memory: {worst[0]} {worst[1]:.1f}x; from files: "
               f"{min(rows, key=lambda r: r[2])[0]} {min(r[2] for r in rows):.1f}x")

@@ -23,7 +23,11 @@ from enum import StrEnum
 import torch
 
 from ...errors import ConfigError
-from .primitives import disjoint_mean_, elected_sign, prune, weighted_sum, weighted_sum_
+from .primitives import check_density, disjoint_mean_, elected_sign, magnitude_prune_rows_, prune, weighted_sum, weighted_sum_
+
+
+#: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
+_STACK_MAX = 1 << 22
 
 
 class Operand(StrEnum):
@@ -164,15 +168,20 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     if method.sparsify is not None:
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
-        rescale = method.sparsify is Sparsify.RANDOM
-        for i, t in enumerate(tensors):
-            if not owned and density >= 1:  # pruning keeps everything and returns its input: copy it to own it
-                t = t.clone(memory_format=torch.contiguous_format)
-            elif not owned:  # the first pruning step writes a new tensor, which is then owned
-                tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator)
-                continue
-            tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator, inplace=True,
-                               scratch=scratch, mask=mask)
+        random = method.sparsify is Sparsify.RANDOM
+        if not owned and first.numel() <= _STACK_MAX:  # small tensors (factors): prune them stacked, then own them
+            rows = torch.stack(tensors)
+            if random:
+                prune(rows, density, "random", rescale=True, generator=generator, inplace=True)
+            else:
+                check_density(density)
+                magnitude_prune_rows_(rows, density)
+            tensors[:] = list(rows)
+        else:
+            for i, t in enumerate(tensors):
+                t = t if owned else t.clone(memory_format=torch.contiguous_format)
+                tensors[i] = prune(t, density, method.sparsify, rescale=random, generator=generator, inplace=True,
+                                   scratch=scratch, mask=mask)
     elif not owned:
         tensors[:] = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
     if not method.consensus:

@@ -113,11 +113,54 @@ def magnitude_prune_(tensor: torch.Tensor, density: float, scratch: torch.Tensor
     return tensor.masked_fill_(drop_mask(magnitudes, k, mask), 0)
 
 
+def magnitude_prune_rows_(rows: torch.Tensor, density: float) -> torch.Tensor:
+    """:func:`magnitude_prune` of each ``rows[i]`` on its own, in place on a stacked tensor the caller owns.
+
+    One histogram for all rows (the rows' keys offset into disjoint ranges) instead of one selection per
+    tensor: the same thresholds, a third of the operations for the factor-wise methods' small tensors.
+
+    Args:
+        rows: contiguous float32 tensor ``(k, ...)``, one task tensor per row.
+        density: fraction of each row's entries to keep.
+
+    Returns:
+        ``rows``, pruned.
+    """
+    count, n = rows.shape[0], rows[0].numel()
+    keep = kept_entries(density, n)
+    if density >= 1:
+        return rows
+    if keep <= 0:
+        return rows.zero_()
+    magnitudes = rows.abs().reshape(count, n)
+    if not _RADIX_MIN <= n <= _RADIX_MAX or rows.dtype != torch.float32:
+        for i in range(count):
+            rows[i].masked_fill_(drop_mask(magnitudes[i], keep).view(rows[i].shape), 0)
+        return rows
+    bits = min(15, n.bit_length() - 4)
+    key = magnitudes.view(torch.int32) >> (31 - bits)
+    key += torch.arange(count, dtype=torch.int32).unsqueeze(1) << bits  # row i: buckets i * 2^bits ...
+    hist = torch.bincount(key.view(-1), minlength=count << bits).view(count, 1 << bits)
+    from_top = hist.flip(1).cumsum(1)
+    j = torch.searchsorted(from_top, torch.full((count, 1), keep, dtype=from_top.dtype))
+    above = torch.where(j > 0, from_top.gather(1, (j - 1).clamp_(min=0)), 0).view(-1).tolist()
+    buckets = ((torch.arange(count) << bits) + (1 << bits) - 1 - j.view(-1)).tolist()
+    drop = torch.empty(magnitudes.shape, dtype=torch.bool)
+    for i in range(count):
+        inside = magnitudes[i][key[i] == buckets[i]]
+        threshold = torch.kthvalue(inside, inside.numel() - (keep - above[i]) + 1).values
+        torch.lt(magnitudes[i], threshold, out=drop[i])
+        if float(threshold) > 0 and n - int(torch.count_nonzero(drop[i])) != keep:  # ties straddle: PEFT's topk
+            drop[i].fill_(True)
+            drop[i][torch.topk(magnitudes[i], k=keep, largest=True).indices] = False
+    return rows.masked_fill_(drop.view(rows.shape), 0)
+
+
 def _kth_largest(flat: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k``-th largest value of a 1-D tensor of magnitudes (exact, no sort of the whole tensor).
 
-    Float32 tensors up to ``_RADIX_MAX`` entries: a histogram of the top 16 bits (for non-negative floats the
-    bit pattern orders like the value) finds the bucket that holds the answer, and ``kthvalue`` selects inside
+    Float32 tensors up to ``_RADIX_MAX`` entries: a histogram of the top 7 to 16 bits (for non-negative floats
+    the bit pattern orders like the value) finds the bucket that holds the answer, and ``kthvalue`` selects inside
     it. Larger ones bracket the answer with quantiles of a strided sample and select inside the bracket; when
     the bracket misses (checked by counting) they select over everything. ``scratch``: optional bool buffer
     with ``flat``'s number of entries.
@@ -126,11 +169,12 @@ def _kth_largest(flat: torch.Tensor, k: int, scratch: torch.Tensor | None = None
     if n < _RADIX_MIN or flat.dtype != torch.float32 or not flat.is_contiguous():
         return torch.kthvalue(flat, n - k + 1).values
     if n <= _RADIX_MAX:
-        key = flat.view(torch.int32) >> 16  # 0 .. 32767 for non-negative floats, ordered like the values
-        from_top = torch.bincount(key, minlength=1 << 15).flip(0).cumsum(0)  # entries in this bucket or above
+        bits = min(15, n.bit_length() - 4)  # about 16 entries per bucket on average, at most 32768 buckets
+        key = flat.view(torch.int32) >> (31 - bits)  # for non-negative floats: ordered like the values
+        from_top = torch.bincount(key, minlength=1 << bits).flip(0).cumsum(0)  # entries in this bucket or above
         j = int(torch.searchsorted(from_top, k))
         above = int(from_top[j - 1]) if j > 0 else 0
-        inside = flat[key == (1 << 15) - 1 - j]
+        inside = flat[key == (1 << bits) - 1 - j]
         return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
     sample = flat[:: max(n // _SAMPLE, 32)].sort().values
     m = sample.numel()
@@ -186,6 +230,16 @@ def random_prune_(tensor: torch.Tensor, density: float, rescale: bool = True,
     return tensor.div_(density) if rescale else tensor
 
 
+def check_density(density: float) -> None:
+    """Refuse what PEFT's ``prune`` refuses, a negative density (0 keeps nothing, 1 or more keeps everything).
+
+    Raises:
+        ConfigError: ``density < 0``.
+    """
+    if density < 0:
+        raise DENSITY.error(density, "a number of at least 0 (PEFT's prune: 1 or more keeps everything)")
+
+
 def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = False,
           generator: torch.Generator | None = None, inplace: bool = False,
           scratch: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,8 +252,7 @@ def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = Fal
     Raises:
         ConfigError: unknown method or a negative density.
     """
-    if density < 0:  # PEFT's prune refuses only this: 0 keeps nothing, 1 or more keeps everything
-        raise DENSITY.error(density, "a number of at least 0 (PEFT's prune: 1 or more keeps everything)")
+    check_density(density)
     if method == "magnitude":
         return magnitude_prune_(tensor, density, scratch, mask) if inplace else magnitude_prune(tensor, density)
     if method == "random":
@@ -315,12 +368,14 @@ def weighted_sum_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tenso
 __all__ = [
     "SIGN_METHODS",
     "agrees",
+    "check_density",
     "disjoint_mean",
     "disjoint_mean_",
     "drop_mask",
     "elected_sign",
     "magnitude_prune",
     "magnitude_prune_",
+    "magnitude_prune_rows_",
     "majority_sign",
     "prune",
     "random_prune",
