@@ -165,7 +165,7 @@ def main() -> None:
         print(f"TinyLlama-shaped llama, {args.layers} decoder layer(s), {len(adapters[0])} LoRA layers per adapter, "
               f"r={RANK}, 3 adapters, weights {WEIGHTS}, density {DENSITY}, rank {RANK}, torch "
               f"{torch.__version__} threads {torch.get_num_threads()}, {args.repeats} runs each: median (min-max) s")
-        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>7}{'from files s':>28}{'x':>7}"
+        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>9}{'from files s':>28}{'x':>9}"
               f"{'peft MiB':>10}{'ak MiB':>8}{'max rel diff':>13}", flush=True)
         rows = []
         for method in methods:
@@ -191,8 +191,8 @@ def main() -> None:
             p, a, f = (statistics.median(times[k]) for k in ("peft", "ak", "files"))
             rows.append((method, p / a, p / f))
             diff_text = f"{diff:.1e}" + (" (DARE)" if "dare" in method else "")
-            print(f"{method:<20}{_stat(times['peft']):>28}{_stat(times['ak']):>28}{p / a:>6.1f}x{_stat(times['files']):>28}"
-                  f"{p / f:>6.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
+            print(f"{method:<20}{_stat(times['peft']):>28}{_stat(times['ak']):>28}{p / a:>8.1f}x{_stat(times['files']):>28}"
+                  f"{p / f:>8.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
         worst = min(rows, key=lambda r: r[1])
         print(f"smallest speed-up in memory: {worst[0]} {worst[1]:.1f}x; from files: "
               f"{min(rows, key=lambda r: r[2])[0]} {min(r[2] for r in rows):.1f}x")
