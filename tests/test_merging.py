@@ -99,7 +99,7 @@ def test_ties_at_the_threshold_are_broken_exactly_as_peft(shape):
     last in index order); every selection path (kthvalue, radix, bracket) keeps exactly those, in place too."""
     from peft.utils import merge_utils as mu
 
-    from adaptkit.ops.merging.primitives import magnitude_prune_
+    from adaptkit.ops.merging.primitives import magnitude_prune_, magnitude_prune_rows_
 
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randint(-4, 5, shape, generator=g) * 0.25).float()  # nine levels: thousands of ties everywhere
@@ -112,6 +112,9 @@ def test_ties_at_the_threshold_are_broken_exactly_as_peft(shape):
         assert torch.equal(magnitude_prune(x, density), ref)
         owned = x.clone()
         assert torch.equal(magnitude_prune_(owned, density), ref) and torch.equal(owned, ref)
+        other = x.flip(0) * -0.5
+        rows = magnitude_prune_rows_(torch.stack([x, other]), density)  # the factor-wise methods' stacked path
+        assert torch.equal(rows[0], ref) and torch.equal(rows[1], mu.prune(other, density, "magnitude"))
     zeros = torch.zeros(shape)
     zeros.view(-1)[:: 7] = 1.0  # ties at 0 straddle the threshold: any choice keeps the same values
     assert torch.equal(magnitude_prune(zeros, 0.5), mu.prune(zeros, 0.5, "magnitude"))

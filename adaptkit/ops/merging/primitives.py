@@ -38,7 +38,7 @@ from ...errors import ConfigError
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
 SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN.choices
 
-#: float32 tensors of this many entries or fewer (and at least ``_RADIX_MIN``) select by a 16-bit radix histogram
+#: float32 tensors of this many entries or fewer (and at least ``_RADIX_MIN``) select by a radix histogram (7-16 bits)
 _RADIX_MAX = 1 << 22
 _RADIX_MIN = 1 << 10
 #: larger ones select inside a bracket taken from a strided sample of at most this many entries
