@@ -1,20 +1,30 @@
-"""Benchmark: adaptkit's merge against peft's ``add_weighted_adapter`` on TinyLlama-shaped adapters.
+"""Benchmark: adaptkit's merge against peft's ``add_weighted_adapter``, all eleven combination types, TinyLlama shapes.
 
-Three LoRA adapters (r=16 on q/k/v/o/gate/up/down, random non-zero weights, different seeds) are made with
-peft on a llama with TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632, 32 heads, 4 KV heads). Both
-tools merge the same adapters in the same process for ``svd`` (rank 16), ``ties_svd`` (density 0.2, rank 16)
-and ``cat``; peft works on the live model, adaptkit on the ``Adapter`` objects read from the files peft
-saved. Reported per method: wall time of the merge call only (model building and loading excluded;
-adaptkit: best of several runs without the memory sampler, peft: one run), the speed-up, the extra
-resident memory during the call (peak RSS minus RSS before it, sampled every 10 ms from another thread,
-after returning freed memory to the OS; adaptkit measured in a separate run), and the largest per-layer
-relative Frobenius difference between the two merged deltas (the "equal accuracy" check).
+Three LoRA adapters (r=16 on q/k/v/o/gate/up/down, ``init_lora_weights=False``: random non-zero A and B,
+different seeds) are made with peft on a llama with TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632,
+32 heads, 4 KV heads: k/v are 256 x 2048) and saved. Then, for each of PEFT's eleven ``combination_type``s
+(weights 1.0, 0.6, -0.4; density 0.2 where used; rank 16 for the SVD methods), in the same process:
 
-TinyLlama has 22 decoder layers; by default this builds 2 (``--layers``) with a 256-token vocabulary to
-keep memory (~1 GB) and peft's run time modest. Every layer costs the same, so the ratios do not depend
-on the layer count.
+* **peft**: ``PeftModel.add_weighted_adapter(["a0", "a1", "a2"], ...)`` on the already-loaded model (what a
+  notebook calls); the time to build the model and load the adapters is not counted, and deleting the merged
+  adapter afterwards is not timed.
+* **adaptkit, in memory**: ``ak.merge(adapters, ...)`` on the three ``Adapter`` objects already read from the
+  files peft saved (the same numbers: the adapters are peft's).
+* **adaptkit, from files**: ``ak.merge(dirs, ...)``: reading the three adapter directories is included.
 
-Run: ``python benchmarks/merge_vs_peft.py [--layers N] [--threads T]``.
+Each timing is the median of ``--repeats`` runs or more (fast calls repeat for 2 s, up to 41 runs; min-max spread and the number of runs n printed); a tool
+stops repeating one method after ``--budget`` seconds (peft's SVD methods take about a minute a run, so they
+may get fewer runs). Peak memory: the extra resident memory during one call (peak RSS minus RSS before it,
+sampled every 5 ms from a thread, after returning freed memory to the OS); that sampled run is not timed
+unless it took over 10 s (the sampler slows short, Python-heavy calls). The last column is the largest per-layer relative Frobenius difference between peft's merged
+ΔW and adaptkit's (DARE draws differ, so there it is the difference of two random draws, not an error).
+
+TinyLlama has 22 decoder layers; by default this builds 1 (``--layers``) with a 256-token vocabulary: every
+decoder layer costs the same, so the ratios do not depend on the layer count, and peft's SVD methods take
+about a minute per layer. ``--threads`` defaults to 1 (a shared machine gives unstable multi-thread timings
+of small tensor operations; both tools run with the same setting).
+
+Run: ``python benchmarks/merge_vs_peft.py [--layers N] [--threads T] [--repeats R] [--methods svd,cat,...]``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -35,9 +46,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHTS = [1.0, 0.6, -0.4]
-CASES = [("svd", {"svd_rank": 16}, {"rank": 16}),
-         ("ties_svd", {"svd_rank": 16, "density": 0.2}, {"rank": 16, "density": 0.2}),
-         ("cat", {}, {})]
+DENSITY = 0.2
+RANK = 16
+METHODS = ["svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+
+
+def options(method: str) -> tuple[dict, dict]:
+    """(peft kwargs, adaptkit kwargs) for a method."""
+    peft_kw, ak_kw = {}, {}
+    if any(s in method for s in ("ties", "dare", "prune")):
+        peft_kw["density"] = ak_kw["density"] = DENSITY
+    if method == "svd" or method.endswith("_svd"):
+        peft_kw["svd_rank"] = ak_kw["rank"] = RANK
+    if "dare" in method:
+        ak_kw["seed"] = 0
+    return peft_kw, ak_kw
 
 
 def _rss() -> int:
@@ -52,13 +76,6 @@ def _trim() -> None:
         pass
 
 
-def timed(fn):
-    """Run ``fn()``; return (result, seconds)."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def measure(fn):
     """Run ``fn()``; return (result, seconds, extra peak RSS in MiB)."""
     _trim()
@@ -69,7 +86,7 @@ def measure(fn):
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], _rss())
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -90,13 +107,13 @@ def build(layers: int, root: Path):
                       num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    lcfg = dict(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    lcfg = dict(r=RANK, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
     torch.manual_seed(1)
     pm = get_peft_model(model, LoraConfig(**lcfg), adapter_name="a0")
     for i in (1, 2):
         torch.manual_seed(1 + i)
         pm.add_adapter(f"a{i}", LoraConfig(**lcfg))
-    pm.save_pretrained(str(root))  # a0 at the root... peft puts non-default names in subfolders
+    pm.save_pretrained(str(root))  # a0 at the root, peft puts the other names in subfolders
     dirs = [root / f"a{i}" if (root / f"a{i}").exists() else root for i in range(3)]
     return pm, dirs
 
@@ -109,37 +126,76 @@ def peft_deltas(pm, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def runs(make, repeats: int, budget: float):
+    """Time ``make()()`` (``make`` does the untimed setup and returns the call): first one run with the memory
+    sampler (counted as a timed run only when it took over 10 s, where the sampler's cost is below 0.1%), then
+    plain runs until ``repeats`` timed runs (at least 2 s of them, up to 41 runs, for calls of milliseconds) or
+    ``budget`` seconds of them. Returns (result, times, MiB)."""
+    result, seconds, mib = measure(make())
+    times = [seconds] if seconds > 10 else []
+    while (len(times) < repeats or (sum(times) < 2.0 and len(times) < 41)) and sum(times) < budget:
+        fn = make()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return result, times, mib
+
+
+def _stat(times: list[float]) -> str:
+    med = statistics.median(times)
+    return f"{med:8.3f} ({min(times):.3f}-{max(times):.3f}) n={len(times)}"
+
+
 def main() -> None:
     import adaptkit as ak
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers to build (TinyLlama has 22)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--layers", type=int, default=1, help="decoder layers to build (TinyLlama has 22)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both tools (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and method (median reported)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="stop repeating a tool's runs of one method after this many seconds (SVD methods in peft)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the eleven")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         pm, dirs = build(args.layers, Path(tmp))
         adapters = [ak.load(d) for d in dirs]
-        print(f"TinyLlama-shaped llama, {args.layers} decoder layers, {len(adapters[0])} LoRA layers per adapter, "
-              f"r=16, 3 adapters, weights {WEIGHTS}, torch threads {torch.get_num_threads()}")
-        print(f"{'method':<10}{'peft s':>10}{'adaptkit s':>12}{'speed-up':>10}{'peft +MiB':>11}"
-              f"{'adaptkit +MiB':>15}{'max rel diff':>14}")
-        for method, peft_kw, ak_kw in CASES:
-            def ours():
-                return ak.merge(adapters, WEIGHTS, method=method, progress=False, **ak_kw)
-
-            ak_s = min(timed(ours)[1] for _ in range(3 if method == "ties_svd" else 7))  # no sampler running
-            merged, _, ak_mb = measure(ours)
+        print(f"TinyLlama-shaped llama, {args.layers} decoder layer(s), {len(adapters[0])} LoRA layers per adapter, "
+              f"r={RANK}, 3 adapters, weights {WEIGHTS}, density {DENSITY}, rank {RANK}, torch "
+              f"{torch.__version__} threads {torch.get_num_threads()}, {args.repeats} runs each: median (min-max) s")
+        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>9}{'from files s':>28}{'x':>9}"
+              f"{'peft MiB':>10}{'ak MiB':>8}{'max rel diff':>13}", flush=True)
+        rows = []
+        for method in methods:
+            peft_kw, ak_kw = options(method)
             name = f"m_{method}"
-            _, peft_s, peft_mb = measure(lambda: pm.add_weighted_adapter(
-                ["a0", "a1", "a2"], WEIGHTS, name, combination_type=method, **peft_kw))
+            def peft_call():
+                if name in pm.peft_config:
+                    pm.delete_adapter(name)  # (not timed)
+                return lambda: pm.add_weighted_adapter(["a0", "a1", "a2"], WEIGHTS, name, combination_type=method,
+                                                       **peft_kw)
+
+            merged, times_ak, mb_ak = runs(lambda: lambda: ak.merge(adapters, WEIGHTS, method=method, progress=False,
+                                                                    **ak_kw), args.repeats, args.budget)
+            _, times_files, _ = runs(lambda: lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw),
+                                     args.repeats, args.budget)
+            _, times_peft, mb_peft = runs(peft_call, args.repeats, args.budget)
+            times = {"peft": times_peft, "ak": times_ak, "files": times_files}
+            mem = {"peft": mb_peft, "ak": mb_ak}
             ref = peft_deltas(pm, name)
             diff = max(((merged.layers[p].delta() - d).norm() / d.norm()).item() for p, d in ref.items())
             pm.delete_adapter(name)
             del ref
-            print(f"{method:<10}{peft_s:>10.3f}{ak_s:>12.4f}{peft_s / ak_s:>9.0f}x{peft_mb:>11.0f}{ak_mb:>15.0f}"
-                  f"{diff:>14.1e}", flush=True)
+            p, a, f = (statistics.median(times[k]) for k in ("peft", "ak", "files"))
+            rows.append((method, p / a, p / f))
+            diff_text = f"{diff:.1e}" + (" (DARE)" if "dare" in method else "")
+            print(f"{method:<20}{_stat(times['peft']):>28}{_stat(times['ak']):>28}{p / a:>8.1f}x{_stat(times['files']):>28}"
+                  f"{p / f:>8.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
+        worst = min(rows, key=lambda r: r[1])
+        print(f"smallest speed-up in memory: {worst[0]} {worst[1]:.1f}x; from files: "
+              f"{min(rows, key=lambda r: r[2])[0]} {min(r[2] for r in rows):.1f}x")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def test_magnitude_prune_ties_keep_exactly_k():
 
 @pytest.mark.parametrize("values", ["normal", "few_levels"])
 def test_magnitude_prune_large_tensor_selects_exactly(values):
-    """Tensors over 1M entries take the bracketed selection path: same result as peft's topk pruning."""
+    """Tensors over 1M entries take the radix (float32) or bracketed selection path: the same result as peft's
+    topk pruning, bit for bit, ties at the threshold included."""
     from peft.utils import merge_utils as mu
 
     torch.manual_seed(4)
@@ -87,11 +88,56 @@ def test_magnitude_prune_large_tensor_selects_exactly(values):
         got = magnitude_prune(t, density)
         kept = got != 0
         assert int(kept.sum()) == min(int(density * t.numel()), int((t != 0).sum()))
-        if values == "normal":  # no ties: the very same entries as peft
-            assert torch.equal(got, mu.prune(t, density, "magnitude"))
-        else:  # ties at the threshold: same kept magnitudes
-            ref = mu.prune(t, density, "magnitude")
-            assert torch.equal(got.abs().flatten().sort().values, ref.abs().flatten().sort().values)
+        assert torch.equal(got, mu.prune(t, density, "magnitude"))
+    big = t.repeat(4, 1)[:, :900]  # 4.3M entries: the sampled-bracket path
+    assert torch.equal(magnitude_prune(big, 0.2), mu.prune(big, 0.2, "magnitude"))
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (64, 512), (1300, 1000), (2200, 2000)])
+def test_ties_at_the_threshold_are_broken_exactly_as_peft(shape):
+    """PEFT keeps the tied entries torch.topk returns (std::nth_element order on CPU: neither the first nor the
+    last in index order); every selection path (kthvalue, radix, bracket) keeps exactly those, in place too."""
+    from peft.utils import merge_utils as mu
+
+    from adaptkit.ops.merging.primitives import magnitude_prune_, magnitude_prune_rows_
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randint(-4, 5, shape, generator=g) * 0.25).float()  # nine levels: thousands of ties everywhere
+    x[: shape[0] // 3] *= 1e-3  # and a second cluster of magnitudes
+    for density in (0.1, 0.35):
+        ref = mu.prune(x, density, "magnitude")
+        k = int(density * x.numel())
+        threshold = ref.abs().flatten().kthvalue(x.numel() - k + 1).values
+        assert int((x.abs() == threshold).sum()) > 1 and int((x.abs() >= threshold).sum()) > k  # ties straddle
+        assert torch.equal(magnitude_prune(x, density), ref)
+        owned = x.clone()
+        assert torch.equal(magnitude_prune_(owned, density), ref) and torch.equal(owned, ref)
+        other = x.flip(0) * -0.5
+        rows = magnitude_prune_rows_(torch.stack([x, other]), density)  # the factor-wise methods' stacked path
+        assert torch.equal(rows[0], ref) and torch.equal(rows[1], mu.prune(other, density, "magnitude"))
+    zeros = torch.zeros(shape)
+    zeros.view(-1)[:: 7] = 1.0  # ties at 0 straddle the threshold: any choice keeps the same values
+    assert torch.equal(magnitude_prune(zeros, 0.5), mu.prune(zeros, 0.5, "magnitude"))
+
+
+def test_random_prune_draws_peft_bernoulli_mask():
+    """The DARE mask is torch.bernoulli(full_like(t, density)) for the same generator state (PEFT's draw), in place
+    too, and combine gives the same result whether it may overwrite its inputs or not."""
+    from adaptkit.ops.merging.primitives import random_prune_
+
+    t = torch.randn(700, 300)
+    for density in (0.1, 0.5, 0.9):
+        mask = torch.bernoulli(torch.full_like(t, density), generator=torch.Generator().manual_seed(3))
+        ref = t * mask / density
+        assert torch.equal(random_prune(t, density, generator=torch.Generator().manual_seed(3)), ref)
+        assert torch.equal(random_prune_(t.clone(), density, generator=torch.Generator().manual_seed(3)), ref)
+    ts = [torch.randn(300, 200) for _ in range(3)]
+    for name in ("ties", "dare_ties", "dare_linear", "magnitude_prune", "linear"):
+        for sign in ("total", "frequency"):
+            args = (torch.tensor([1.0, -0.7, 0.3]), METHODS[name], 0.3, sign)
+            ref = combine([t.clone() for t in ts], *args, generator=torch.Generator().manual_seed(1))
+            got = combine([t.clone() for t in ts], *args, generator=torch.Generator().manual_seed(1), owned=True)
+            assert torch.equal(got, ref), (name, sign)
 
 
 def test_random_prune_density_rescale_and_generator():

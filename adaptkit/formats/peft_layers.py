@@ -542,13 +542,27 @@ def row_of_type(peft_type: str) -> PeftNames:
     return next(r for r in PEFT_NAMES.values() if r.peft_type == peft_type)
 
 
+#: (the rows of PEFT_NAMES, their stems longest first) as last sorted by :func:`_stems_longest_first`
+_STEMS: list[tuple[tuple[PeftNames, ...], tuple[tuple[str, PeftNames], ...]]] = [((), ())]
+
+
+def _stems_longest_first() -> tuple[tuple[str, PeftNames], ...]:
+    """Every tensor-name stem of :data:`PEFT_NAMES` with its row, longest first: sorted again only when the table's
+    rows changed (registration), not for every key."""
+    rows = tuple(PEFT_NAMES.values())
+    seen, stems = _STEMS[0]
+    if len(rows) != len(seen) or any(a is not b for a, b in zip(rows, seen)):
+        stems = tuple(sorted(((stem, r) for r in rows for stem in r.parts), key=lambda s: len(s[0]), reverse=True))
+        _STEMS[0] = (rows, stems)
+    return stems
+
+
 def split_key(key: str) -> tuple[str, str, str] | None:
     """``(module_path, peft_type, part)`` for an adapter tensor key, ``None`` for anything else.
 
     The longest matching stem wins (``lora_magnitude_vector.weight`` before ``lora_magnitude_vector``).
     """
-    stems = sorted(((stem, r) for r in PEFT_NAMES.values() for stem in r.parts), key=lambda s: len(s[0]), reverse=True)
-    for stem, row in stems:
+    for stem, row in _stems_longest_first():
         if key.endswith("." + stem):
             return key[: -len(stem) - 1], row.peft_type, row.parts[stem]
     return None

@@ -24,7 +24,7 @@ from ...core.adapter import Adapter
 from ...core.coverage import Certificate, Outcome, certify
 from ...core.coverage import combine as combine_certificates
 from ...core.kinds import Layer, LoRA, layer_dtype
-from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_is_finite
+from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
@@ -432,10 +432,20 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
             total = sum(w * layer.delta_matrix() for layer, w in zip(layers, weights))
             up, down = dense_svd(total, opts.rank)
     else:  # element-wise work on dense deltas, then SVD
-        deltas = [layer.delta_matrix() for layer in layers]
-        combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen)
+        deltas = [_own_delta(layer) for layer in layers]
+        combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True)
         up, down = dense_svd(combined, opts.rank)
     return _lora_like(path, template, up, down, _bias(layers, weights))
+
+
+def _own_delta(layer: Layer) -> torch.Tensor:
+    """The layer's dense float32 delta as a contiguous tensor that shares no memory with the layer (so that the
+    merge can work on it in place); a copy only where ``delta_matrix`` returns stored memory (e.g. full diffs)."""
+    d = layer.delta_matrix()
+    stored = {t.untyped_storage().data_ptr() for t in tensor_fields(layer).values()}
+    if not d.is_contiguous() or d.untyped_storage().data_ptr() in stored:
+        d = d.clone(memory_format=torch.contiguous_format)
+    return d
 
 
 def _kinds(layers: list[Layer]) -> str:

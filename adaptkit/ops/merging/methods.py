@@ -23,7 +23,11 @@ from enum import StrEnum
 import torch
 
 from ...errors import ConfigError
-from .primitives import disjoint_mean, majority_sign, prune, weighted_sum
+from .primitives import check_density, disjoint_mean_, elected_sign, magnitude_prune_rows_, prune, weighted_sum, weighted_sum_
+
+
+#: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
+_STACK_MAX = 1 << 22
 
 
 class Operand(StrEnum):
@@ -133,34 +137,58 @@ def get_method(name: str) -> Method:
 
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
-            majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+            majority_sign_method: str = "total", generator: torch.Generator | None = None,
+            owned: bool = False) -> torch.Tensor:
     """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
 
     Equal to ``peft.utils.merge_utils`` (``ties``, ``dare_*``, ``magnitude_prune``, ``task_arithmetic``) but
-    streams over the inputs instead of stacking them (see :mod:`.primitives`).
+    streams over the inputs instead of stacking them, and works in place on the pruned (or ``owned``)
+    tensors with one float and one bool scratch buffer for all of them (see :mod:`.primitives`).
 
     Args:
-        tensors: one tensor per input (float32). The list is consumed: its entries are replaced by their
-            pruned versions so that the originals can be freed.
+        tensors: one tensor per input (float32, contiguous). The list is consumed: its entries are replaced
+            by their pruned versions so that the originals can be freed.
         weights: one weight per input (1-D float tensor).
         method: the method whose ``sparsify`` and ``consensus`` parts apply.
         density: keep fraction for sparsification.
         majority_sign_method: ``"total"`` or ``"frequency"`` (TIES).
         generator: random generator for DARE.
+        owned: the tensors belong to the caller's computation (e.g. freshly built deltas) and may be
+            overwritten; otherwise they are read only.
 
     Returns:
         The combined tensor.
     """
+    w = [weights[i].to(tensors[i].dtype) for i in range(len(tensors))]
+    if method.sparsify is None and not method.consensus:
+        return weighted_sum_(tensors, w) if owned else weighted_sum(tensors, w)
+    first = tensors[0]
+    scratch = torch.empty_like(first, memory_format=torch.contiguous_format)
+    mask = torch.empty(first.shape, dtype=torch.bool)
     if method.sparsify is not None:
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
-        rescale = method.sparsify is Sparsify.RANDOM
-        for i, t in enumerate(tensors):
-            tensors[i] = prune(t, density, method.sparsify, rescale=rescale, generator=generator)
-    w = [weights[i].to(tensors[i].dtype) for i in range(len(tensors))]
+        random = method.sparsify is Sparsify.RANDOM
+        if not owned and first.numel() <= _STACK_MAX:  # small tensors (factors): prune them stacked, then own them
+            rows = torch.stack(tensors)
+            if random:
+                prune(rows, density, "random", rescale=True, generator=generator, inplace=True)
+            else:
+                check_density(density)
+                magnitude_prune_rows_(rows, density)
+            tensors[:] = list(rows)
+        else:
+            for i, t in enumerate(tensors):
+                t = t if owned else t.clone(memory_format=torch.contiguous_format)
+                tensors[i] = prune(t, density, method.sparsify, rescale=random, generator=generator, inplace=True,
+                                   scratch=scratch, mask=mask)
+    elif not owned:
+        tensors[:] = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
     if not method.consensus:
-        return weighted_sum(tensors, w)
-    return disjoint_mean(tensors, w, majority_sign(tensors, majority_sign_method))
+        return weighted_sum_(tensors, w)
+    sign = elected_sign(tensors, majority_sign_method, out=scratch, scratch=torch.empty_like(scratch)
+                        if majority_sign_method == "frequency" and len(tensors) > 1 else None)
+    return disjoint_mean_(tensors, w, sign, mask)
 
 
 __all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "get_method"]
