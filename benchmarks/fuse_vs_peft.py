@@ -215,7 +215,7 @@ def main() -> None:
                     res[job] = {"wall": min(r["wall"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs),
                                 "work_mb": max(r["work_mb"] for r in runs)}
                 copy = res["copy"]
-                key = f"model.layers.0.self_attn.q_proj.weight"
+                key = "model.layers.0.self_attn.q_proj.weight"
                 ulps = check_same(root / f"out-adaptkit-{n}", root / f"out-peft-{n}", key)
                 for job in ("adaptkit", "peft"):
                     shutil.rmtree(root / f"out-{job}-{n}", ignore_errors=True)
