@@ -99,16 +99,17 @@ def capability_markdown() -> str:
     return "\n".join([*lines, "", LEGEND]) + "\n"
 
 
-def replace_between_markers(text: str, table: str) -> str:
-    """``text`` with what lies between :data:`START` and :data:`END` replaced by ``table``.
+def replace_between_markers(text: str, table: str, start: str = START, end: str = END) -> str:
+    """``text`` with what lies between the ``start`` and ``end`` markers (by default this table's) replaced by
+    ``table``; the generated tables of the docs (capabilities, deploy) share it.
 
     Raises:
         ValueError: the markers are missing or out of order.
     """
-    i, j = text.find(START), text.find(END)
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"the text has no {START} ... {END} block; add the two markers where the table goes")
-    return text[: i + len(START)] + "\n" + table + text[j:]
+        raise ValueError(f"the text has no {start} ... {end} block; add the two markers where the table goes")
+    return text[: i + len(start)] + "\n" + table + text[j:]
 
 
 __all__ = ["END", "KIND_OPERATIONS", "LEGEND", "START", "capability_markdown", "capability_rows", "capability_table",

@@ -3,6 +3,7 @@ refused) and the list of rules with their sources, generated from the rule table
 
 from __future__ import annotations
 
+from ..capabilities import replace_between_markers
 from .features import FEATURES
 from .fixes import FIXES
 from .targets import TARGETS
@@ -51,10 +52,7 @@ def replace_block(text: str, table: str) -> str:
     Raises:
         ValueError: the markers are missing or out of order.
     """
-    i, j = text.find(START), text.find(END)
-    if i < 0 or j < i:
-        raise ValueError(f"the text has no {START} ... {END} block; add the two markers where the table goes")
-    return text[: i + len(START)] + "\n" + table + text[j:]
+    return replace_between_markers(text, table, START, END)
 
 
 __all__ = ["CELLS", "END", "NO_RULE", "START", "deploy_markdown", "replace_block"]
