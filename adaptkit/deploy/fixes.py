@@ -197,7 +197,8 @@ def to_lora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, 
 
 
 def _fold(adapter: Adapter, ctx: Context, paths: list[str], name: str) -> tuple[Adapter, list[FixRow]]:
-    """Layers replaced by a LoRA of their change to the base, ``apply(W, b) - (W, b)``, truncated to their rank."""
+    """Layers replaced by a LoRA of their change to the base, ``apply(W, b) - (W, b)``, truncated to the target's rank
+    limit (the layer's rank when the target has none)."""
     ws = open_base(ctx.base)
     matches = match_paths(paths, ws.tensors)
     layers, rows = dict(adapter.layers), []
@@ -208,16 +209,20 @@ def _fold(adapter: Adapter, ctx: Context, paths: list[str], name: str) -> tuple[
             b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
             new_w, new_b = layer.fit(tuple(w.shape)).apply(w, b)
             db = None if new_b is None or b is None else (new_b - b).to(layer_dtype(layer))
-            rank = min(r for r in (layer.rank, ctx.max_rank) if r is not None)
+            # the change to the base is full rank (DoRA's magnitude rescales every row): use all the rank the
+            # runtime serves (its limit, or --max-rank), else the layer's own
+            rank = ctx.max_rank if ctx.max_rank is not None else layer.rank
             new, err = diff_to_lora(new_w - w, embedding=layer.module_type == "embedding", rank=rank,
                                     dtype=layer_dtype(layer), bias=db)
             layers[p] = new
-            rows.append(FixRow(p, name, False, layer.rank, new.rank, err, "folded through the base, truncated SVD"))
+            rows.append(FixRow(p, name, False, layer.rank, new.rank, err,
+                               f"folded through the base, truncated SVD at rank {new.rank}"))
     return adapter.replace(layers=layers), rows
 
 
 def fold_dora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
-    """DoRA layers as plain LoRA of their change to the base, at their own rank (lossy: the tail is reported)."""
+    """DoRA layers as plain LoRA of their change to the base, at the target's rank limit (``--max-rank``; the
+    layer's own rank for a target without one); lossy: the tail is reported."""
     _need_base(ctx, "folding DoRA into LoRA")
     return _fold(adapter, ctx, paths, "fold_dora")
 
@@ -426,7 +431,7 @@ def _member_sizes(name: str, members: dict[str, Layer], total: int, where: str) 
 FIXES: dict[str, Fix] = {f.name: f for f in (
     Fix("through_base", True, through_base, "the exact change to the base as LoRA (needs `--base`)", needs_base=True),
     Fix("to_lora", True, to_lora, "exact SVD to LoRA at the numerical rank"),
-    Fix("fold_dora", False, fold_dora, "DoRA folded through the base into LoRA of the same rank", option="dora",
+    Fix("fold_dora", False, fold_dora, "DoRA folded through the base into LoRA at the target's rank limit", option="dora",
         needs_base=True),
     Fix("fold_saved", False, fold_saved, "`saved - base` as LoRA of the adapter's rank", option="modules_to_save",
         needs_base=True),

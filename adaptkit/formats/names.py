@@ -268,10 +268,14 @@ def meta_model(config_path: Path) -> Any:
         else:
             import transformers
 
-            config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
-            arch = (cfg.get("architectures") or [None])[0]
-            cls = getattr(transformers, arch, None) if arch else None
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            try:
+                config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
+                arch = (cfg.get("architectures") or [None])[0]
+                cls = getattr(transformers, arch, None) if arch else None
+                model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ConfigError(f"{config_path} is not a config transformers can build a model from ({e}); pass "
+                                  "a model directory with its own config.json") from e
     return model
 
 
