@@ -202,7 +202,7 @@ class Certificate:
         if unused and strict:
             raise CoverageError(
                 f"--drop {unused[0]!r} names no layer that fails to land on {self.target} ({self.operation}); "
-                "remove it, or fix its spelling (`adaptkit info SOURCE --base BASE` lists what does not land)"
+                "remove it, or fix its spelling (`adaptkit check SOURCE --base BASE` lists what does not land)"
             )
         return replace(self, layers=tuple(out))
 
