@@ -227,6 +227,10 @@ def test_cli_convert_and_merge(setup, tmp_path):
     assert payload["coverage"]["counts"]["dropped"] == 2 and len(payload["layers"]) == 4
     r = run_cli("merge", str(deep), str(other), "-o", str(tmp_path / "m"), "-q")
     assert r.returncode == 0 and "coverage (merge): 8/8" in r.stdout and "ΔW energy 100%" in r.stdout
+    r = run_cli("merge", str(deep), str(other), "-o", str(tmp_path / "mj"), "-q", "--json")
+    payload = json.loads(r.stdout)
+    assert r.returncode == 0 and payload["coverage"]["complete"] and payload["coverage"]["layers"] == 8
+    assert payload["layers"] == 8 and payload["method"] == "task_arithmetic" and (tmp_path / "mj").is_dir()
     r = run_cli("merge", str(deep), str(other), "-o", str(tmp_path / "m2"), "-q", "--drop", "x*")
     assert r.returncode == 1 and "names no layer" in r.stderr and not (tmp_path / "m2").exists()
 

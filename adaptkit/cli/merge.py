@@ -15,6 +15,7 @@ from ._options import (
     overwrite_option,
     progress_options,
 )
+from ._render import print_json
 
 #: merge method names for help texts (the table itself is adaptkit.ops.merging.METHODS; a test keeps them equal)
 MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
@@ -36,9 +37,10 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @drop_option
 @overwrite_option()
 @progress_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result (layers, rank, coverage certificate) as JSON.")
 def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, method: str, density: float | None,
           rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, component: str | None,
-          drop: tuple[str, ...], overwrite: bool, progress: bool | None) -> None:
+          drop: tuple[str, ...], overwrite: bool, progress: bool | None, as_json: bool) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods.
 
     Examples:
@@ -58,9 +60,14 @@ def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, metho
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     applied = json.loads(merged.metadata[PROVENANCE_KEY]).get("applied_method")
     how = method if applied is None else f"{method} (applied as {applied}, as PEFT does for one adapter)"
+    cert = read_metadata(merged.metadata)
+    if as_json:
+        print_json({"output": out, "format": fmt, "method": method, "applied_method": applied,
+                    "sources": list(sources), "layers": len(merged), "kinds": sorted(merged.kinds),
+                    "ranks": ranks, "coverage": cert})
+        return
     click.echo(f"merged {len(sources)} adapter{'s' * (len(sources) != 1)} with {how} into {out} ({fmt}): "
                f"{len(merged)} layers, kind {', '.join(sorted(merged.kinds))}, rank {rank_text}")
-    cert = read_metadata(merged.metadata)
     if cert is not None:
         share = cert["energy_share"]
         click.echo(f"coverage (merge): {cert['counts']['matched']}/{cert['layers']} input layers and extra tensors "
