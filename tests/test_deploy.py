@@ -207,6 +207,15 @@ def test_moe_target_parameters_are_refused_unless_dropped(tmp_path):
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
     meta = json.loads(ak.load(tmp_path / "out").metadata["adaptkit.export"])
     assert meta["dropped"] == sorted(finding.where)
+    # the certificate lists what drop= removed, and its energy share is the share of the original that is written
+    cert = result.certificate
+    original = ak.load(src)
+    energy = {p: layer.fro_norm() ** 2 for p, layer in original.layers.items()}
+    assert sorted(c.path for c in cert.dropped) == sorted(finding.where) and not cert.missing
+    kept = sum(energy[p] for p in result.adapter.layers)
+    assert cert.energy_share == pytest.approx(kept / sum(energy.values()), rel=1e-9) and cert.energy_share < 1
+    written = json.loads(ak.load(tmp_path / "out").metadata["adaptkit.coverage"])
+    assert written["counts"]["dropped"] == len(finding.where)
 
 
 def test_conv_and_unknown_module_names(tmp_path):

@@ -80,8 +80,8 @@ def export(source: str, out: str, target: str, base: str | None, max_rank: int |
                         pad_bucket=pad_bucket, overwrite=overwrite)
     summary = result.summary()
     if as_json:
-        print_json({**summary, "certificate": result.certificate.to_dict() if result.certificate is not None else None,
-                    "layers": result.frame().to_dict(orient="records")})
+        print_json({**summary, "certificate": result.certificate.to_dict(),
+                    "fixed_layers": result.frame().to_dict(orient="records")})
         return
     render_table(result.frame(), as_csv=as_csv, header=None if as_csv else summary)
 

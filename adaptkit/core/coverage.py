@@ -31,7 +31,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..errors import (
+    ArgumentTypeError,
+    ConfigError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 from .kinds.base import tensor_fields
 
 #: statuses of a layer that lands
@@ -401,7 +406,7 @@ class Outcome:
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(f"unknown coverage status {self.status!r}; expected one of {STATUSES}")
+            raise ArgumentTypeError(f"unknown coverage status {self.status!r}; use one of {', '.join(STATUSES)}")
 
 
 def certify(adapter: Any, outcomes: Mapping[str, Outcome], *, operation: str, target: str,

@@ -21,8 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from ..analysis.coverage import certify_base
+from ..analysis.coverage import certify, certify_base
 from ..core.adapter import Adapter
+from ..core.coverage import Outcome, stamp
 from ..errors import ConfigError, UnsupportedError
 from ..formats import save
 from ..io.outputs import check_output
@@ -42,6 +43,8 @@ from .targets import get_target
 MAX_ROUNDS = 4
 #: the ``adapter_config.json`` fields kept from the source (the writer rebuilds r, alpha, patterns and targets)
 KEEP_CONFIG = ("peft_type", "task_type", "base_model_name_or_path", "revision", "target_modules")
+#: the certificate's note when no base was given (the layers were not matched against a model)
+NO_BASE_NOTE = "not checked against a base model: pass --base BASE to certify that every layer lands"
 #: the metadata key of the export summary
 METADATA_KEY = "adaptkit.export"
 
@@ -54,7 +57,8 @@ class ExportResult:
         path: the output. target: the target's name. adapter: the adapter written.
         fixes: one :class:`~adaptkit.deploy.fixes.FixRow` per layer a fix changed.
         dropped: what ``drop`` removed. check: the check of the written adapter (``ok``).
-        certificate: the coverage certificate against the base, or ``None`` without a base.
+        certificate: the coverage certificate (against the base when one is given, else of the written layers; the
+            layers `drop` removed are in it as `dropped`).
     """
 
     path: Path
@@ -84,8 +88,7 @@ class ExportResult:
         return {"target": self.target, "output": str(self.path), "layers": len(self.adapter.layers),
                 "fixes": counts, "dropped": list(self.dropped),
                 "lossy layers": sum(not r.exact for r in self.fixes), "max rel error": self.max_error,
-                "coverage": self.certificate.summary() if self.certificate is not None else
-                "not certified (pass --base BASE)"}
+                "coverage": self.certificate.summary()}
 
 
 def parse_lossy(lossy: Iterable[str] | str | None) -> frozenset[str]:
@@ -103,8 +106,12 @@ def parse_lossy(lossy: Iterable[str] | str | None) -> frozenset[str]:
     return frozenset(names)
 
 
-def drop_matching(adapter: Adapter, drop: Iterable[str]) -> tuple[Adapter, tuple[str, ...]]:
+def drop_matching(adapter: Adapter, drop: Iterable[str], target: str = "export") -> tuple[Adapter, tuple[str, ...]]:
     """The adapter without the layers and extra tensors a ``drop`` glob names (``fnmatch`` on the path).
+
+    Export's ``drop`` may name layers that would land on the base but that the target refuses (a DoRA layer no fix
+    keeps); they are recorded as ``dropped`` in the adapter's coverage metadata, so the certificate of the written
+    adapter lists them and its energy share is the share of the original adapter that still reaches the model.
 
     Raises:
         ConfigError: a glob that names nothing (a typo would otherwise drop nothing silently).
@@ -117,11 +124,19 @@ def drop_matching(adapter: Adapter, drop: Iterable[str]) -> tuple[Adapter, tuple
         if not any(fnmatch.fnmatchcase(n, g) for n in names):
             raise ConfigError(f"--drop {g} names no layer or saved tensor of the adapter; check the glob "
                               f"(paths look like {names[0] if names else '-'})")
-    gone = tuple(sorted(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)))
-    layers = {p: l for p, l in adapter.layers.items() if p not in gone}
+    which = {n: next(g for g in globs if fnmatch.fnmatchcase(n, g)) for n in names
+             if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+    gone = tuple(sorted(which))
+    layers = {p: l for p, l in adapter.layers.items() if p not in which}
     if not layers:
         raise ConfigError("--drop removes every layer of the adapter; there is nothing to export")
-    return adapter.replace(layers=layers, extras={k: v for k, v in adapter.extras.items() if k not in gone}), gone
+    outcomes = {p: Outcome(None, "dropped", f"dropped on request ({which[p]})") if p in which else Outcome(p)
+                for p in adapter.layers}
+    extras = {k: Outcome(None, "dropped", f"dropped on request ({which[k]})") if k in which else Outcome(k)
+              for k in adapter.extras}
+    record = certify(adapter, outcomes, operation="export", target=target, extras=extras)
+    kept = adapter.replace(layers=layers, extras={k: v for k, v in adapter.extras.items() if k not in which})
+    return stamp(kept, record), gone
 
 
 def _apply_round(adapter: Adapter, target: Target, ctx: Context, lossy: frozenset[str]) -> tuple[Adapter, list[FixRow]]:
@@ -217,7 +232,7 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
     allowed = parse_lossy(lossy)
     check_output(out, overwrite, inputs=[adapter, base] if base is not None else [adapter])
     adapter.check_finite("export")
-    adapter, dropped = drop_matching(adapter, drop)
+    adapter, dropped = drop_matching(adapter, drop, tgt.label)
     ctx = make_context(tgt, base, max_rank)
     rows: list[FixRow] = []
     for _ in range(MAX_ROUNDS):
@@ -233,17 +248,18 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
     if pad_bucket:
         adapter, new_rows = pad_to_bucket(adapter, tgt, ctx)
         rows += new_rows
-    certificate = None
-    if base is not None:
-        certificate = certify_export(adapter, base)  # dropped layers are gone already
+    # against the base when there is one; else every written layer lands in the target's file. Either way the
+    # layers drop= removed are in it (carried from the metadata drop_matching wrote)
+    certificate = certify_export(adapter, base) if base is not None else certify(
+        adapter, {p: Outcome(p) for p in adapter.layers}, operation="export", target=tgt.label,
+        extras={k: Outcome(k) for k in adapter.extras}, notes=(NO_BASE_NOTE,))
     final = build_report(adapter, tgt, ctx, certificate)
     summary = {"target": tgt.name, "runtime": tgt.version, "fixes": sorted({r.fix for r in rows}),
                "lossy": sorted(allowed), "dropped": list(dropped),
                "lossy_layers": sum(not r.exact for r in rows),
                "max_rel_error": max((r.rel_error for r in rows if not math.isnan(r.rel_error)), default=0.0)}
     metadata = {**adapter.metadata, METADATA_KEY: json.dumps(summary, sort_keys=True)}
-    if certificate is not None:
-        metadata.update(certificate.metadata())
+    metadata.update(certificate.metadata())
     adapter = _trim_config(adapter).replace(metadata=metadata)
     if tgt.write is not None:
         path = tgt.write(adapter, out, base=base, overwrite=overwrite)
