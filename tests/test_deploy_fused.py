@@ -14,7 +14,13 @@ from adaptkit.deploy import check, export
 from adaptkit.deploy import fixes as fixes_module
 from adaptkit.errors import UnsupportedError
 from tests.conftest import make_tiny_llama
-from tests.deploy_util import make_adapter, peft_logits, rel, save_base, tiny_phi3_from_llama
+from tests.deploy_util import (
+    make_adapter,
+    peft_logits,
+    rel,
+    save_base,
+    tiny_phi3_from_llama,
+)
 
 peft = pytest.importorskip("peft")
 export_module = importlib.import_module("adaptkit.deploy.export")
@@ -45,7 +51,7 @@ def test_a_lora_bias_is_fused_into_qkv_proj(models, tmp_path):
     assert _bias_layers(ak.load(src)) == 6
     result = export(src, tmp_path / "out", target="peft", base=str(phi_dir))
     out = ak.load(tmp_path / "out")
-    assert set(p.rsplit(".", 1)[-1] for p in out.layers) == {"qkv_proj"} and _bias_layers(out) == 2
+    assert {p.rsplit(".", 1)[-1] for p in out.layers} == {"qkv_proj"} and _bias_layers(out) == 2
     rows = [r for r in result.fixes if r.fix == "fuse"]
     assert len(rows) == 2 and all(0.0 <= r.rel_error <= 1e-6 for r in rows)
     assert rel(peft_logits(src, llama), peft_logits(tmp_path / "out", phi)) <= 1e-5
@@ -77,7 +83,7 @@ def test_a_packed_lora_bias_is_split_into_the_members(models, tmp_path):
 
 
 def test_vllm_still_asks_for_lossy_bias_after_fusing(models, tmp_path):
-    llama, phi, _, phi_dir = models
+    llama, _, _, phi_dir = models
     src = make_adapter(tmp_path / "a", lora(target_modules=QKV, lora_bias=True), model=llama)
     with pytest.raises(UnsupportedError, match="--lossy bias"):
         export(src, tmp_path / "refused", target="vllm", base=str(phi_dir))

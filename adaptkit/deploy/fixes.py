@@ -505,7 +505,7 @@ FIXES: dict[str, Fix] = {f.name: f for f in (
         needs_base=True),
     Fix("fold_saved", False, fold_saved, "`saved - base` as LoRA of the adapter's rank", option="modules_to_save",
         needs_base=True),
-    Fix("fused", True, fused, "fused `qkv_proj`/`gate_up_proj` built (block-diagonal B) or split exactly",
+    Fix("fused", True, fused, "fused `qkv_proj`/`gate_up_proj` built (block-diagonal B, biases stacked) or split exactly",
         needs_base=True),
     Fix("drop_bias", False, drop_bias, "LoRA bias dropped", option="bias"),
     Fix("truncate_rank", False, truncate_rank, "truncated SVD to `--max-rank`", option="rank"),
