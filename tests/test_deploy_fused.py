@@ -136,3 +136,17 @@ def test_an_export_fixed_in_its_last_round_converges(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "MAX_ROUNDS", 1)  # one round fixes rsLoRA: the check after it is ok
     result = export(src, tmp_path / "out", target="vllm")
     assert result.check.ok and [r.fix for r in result.fixes] == ["bake_scale"] * len(result.fixes)
+
+
+def test_a_packed_dora_layer_folds_against_the_stacked_projections(models, tmp_path):
+    llama, phi, llama_dir, phi_dir = models
+    src = make_adapter(tmp_path / "a", lora(target_modules=["qkv_proj"], use_dora=True), model=phi)
+    apart = export(src, tmp_path / "apart", target="vllm", base=str(llama_dir), lossy=["dora"], max_rank=64)
+    packed = export(src, tmp_path / "packed", target="vllm", base=str(phi_dir), lossy=["dora"], max_rank=64)
+    assert {r.fix for r in apart.fixes} >= {"fold_dora", "split"}
+    for path, layer in packed.adapter.layers.items():
+        parent = path.rpartition(".")[0]
+        got = torch.cat([apart.adapter.layers[f"{parent}.{m}"].delta().double() for m in QKV])
+        want = layer.delta().double()
+        assert float((got - want).norm() / want.norm()) <= 1e-6
+    assert rel(peft_logits(src, phi), peft_logits(tmp_path / "apart", llama)) <= 1e-5
