@@ -242,7 +242,10 @@ def export_adapter(adapter: Adapter, out: str | Path, *, target: str, base: Any 
             break
         adapter, new_rows = _apply_round(adapter, tgt, ctx, allowed)
         rows += new_rows
-    else:
+    else:  # the last round's fixes may have been the ones that made it ok
+        report = build_report(adapter, tgt, ctx)
+        _refusals(report)
+    if not report.ok:
         raise UnsupportedError(f"export to {tgt.label} did not converge: {report.blocking[0].rule} still applies after "
                                f"{MAX_ROUNDS} rounds of fixes; please report it")
     if pad_bucket:

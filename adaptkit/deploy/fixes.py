@@ -196,17 +196,60 @@ def to_lora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, 
     return adapter.replace(layers=layers), rows
 
 
+def _base_sources(adapter: Adapter, ctx: Context, paths: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+    """Where each layer's base weight is: ``[(base module, member or None)]``. A per-projection layer the base packs
+    (``q_proj`` on ``qkv_proj``) reads its member's rows of the packed weight; a packed layer on a base that has the
+    projections apart reads them stacked in the packed order; any other layer reads its own module."""
+    plan = fused_plan(adapter, ctx)
+    out: dict[str, list[tuple[str, str | None]]] = {}
+    for p in paths:
+        parent, _, leaf = p.rpartition(".")
+        if plan.get(p) == "fuse":
+            name = next(f for f, ms in FUSED.items() if leaf in ms)
+            out[p] = [(f"{parent}.{name}", leaf)]
+        elif plan.get(p) == "split":
+            out[p] = [(f"{parent}.{m}", None) for m in FUSED[leaf]]
+        else:
+            out[p] = [(p, None)]
+    return out
+
+
+def _read_base(adapter: Adapter, sources: list[tuple[str, str | None]], matches: dict, ws: object,
+               reader: TensorReader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base weight and bias (float32) a layer changes, from :func:`_base_sources`' list: rows of a packed weight,
+    or weights stacked (a missing bias among present ones reads as zeros)."""
+    weights, bs = [], []
+    for module, member in sources:
+        m = matches[module]
+        w = reader.read(ws.tensors[m.weight]).float()
+        b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+        if member is not None:  # the member's rows of the packed weight
+            parent, _, name = module.rpartition(".")
+            members = {k: adapter.layers[f"{parent}.{k}"] for k in FUSED[name] if f"{parent}.{k}" in adapter.layers}
+            sizes = _member_sizes(name, members, int(w.shape[0]), module)
+            start = sum(sizes[k] for k in FUSED[name][:FUSED[name].index(member)])
+            w = w[start:start + sizes[member]]
+            b = None if b is None else b[start:start + sizes[member]]
+        weights.append(w)
+        bs.append(b)
+    bias = None
+    if any(b is not None for b in bs):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, bs)])
+    return torch.cat(weights), bias
+
+
 def _fold(adapter: Adapter, ctx: Context, paths: list[str], name: str) -> tuple[Adapter, list[FixRow]]:
     """Layers replaced by a LoRA of their change to the base, ``apply(W, b) - (W, b)``, truncated to the target's rank
-    limit (the layer's rank when the target has none)."""
+    limit (the layer's rank when the target has none). A layer the ``fused`` fix renames next folds against its rows
+    of the packed weight (or the stacked projections), so that check's fold-then-fuse plan is what export does."""
     ws = open_base(ctx.base)
-    matches = match_paths(paths, ws.tensors)
+    sources = _base_sources(adapter, ctx, paths)
+    matches = match_paths(sorted({m for src in sources.values() for m, _ in src}), ws.tensors)
     layers, rows = dict(adapter.layers), []
     with TensorReader() as reader:
         for p in paths:
-            layer, m = adapter.layers[p], matches[p]
-            w = reader.read(ws.tensors[m.weight]).float()
-            b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+            layer = adapter.layers[p]
+            w, b = _read_base(adapter, sources[p], matches, ws, reader)
             new_w, new_b = layer.fit(tuple(w.shape)).apply(w, b)
             db = None if new_b is None or b is None else (new_b - b).to(layer_dtype(layer))
             # the change to the base is full rank (DoRA's magnitude rescales every row): use all the rank the
@@ -357,9 +400,27 @@ def _check_fusable(path: str, layer: Layer) -> None:
                                "convert or fold the layer first")
 
 
+def _block_error(want_w: torch.Tensor, want_b: torch.Tensor | None, new: Layer) -> float:
+    """``||(ΔW', Δb') - (ΔW, Δb)||_F / ||(ΔW, Δb)||_F`` in float64 for a fused or split layer against the rows of the
+    originals it replaces (``want_b`` ``None``: no bias change); NaN over :data:`DENSE_LIMIT` entries."""
+    if want_w.numel() > DENSE_LIMIT:
+        return float("nan")
+    got_w, got_b = _dense(new).double(), new.delta_bias()
+    if got_w.shape != want_w.shape:
+        return float("nan")
+    zeros = want_w.new_zeros(want_w.shape[0])
+    want_b = zeros if want_b is None else want_b.double()
+    got_b = zeros if got_b is None else got_b.double()
+    diff = math.hypot(float((got_w - want_w.double()).norm()), float((got_b - want_b).norm()))
+    norm = math.hypot(float(want_w.double().norm()), float(want_b.norm()))
+    return diff / norm if norm > 0 else diff
+
+
 def fused(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
     """Per-projection layers fused exactly where the base packs them (``A`` stacked, ``B`` block-diagonal, rank the
-    sum), packed layers split exactly where the base has them apart (``B``'s rows split, ``A`` shared)."""
+    sum, the LoRA biases stacked in row order with zeros for members without one), packed layers split exactly where
+    the base has them apart (``B``'s rows and the bias split, ``A`` shared). Each row reports the measured error of
+    the new layer's ``(ΔW, Δb)`` against the original rows."""
     _need_base(ctx, "renaming fused projections")
     plan = fused_plan(adapter, ctx)
     shapes = _base_shapes(ctx)
@@ -371,16 +432,20 @@ def fused(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, li
         parent, _, leaf = p.rpartition(".")
         if plan[p] == "split":
             u, v = layer.factors()
+            db = layer.delta_bias()
+            want = _dense(layer).double()
             sizes = [_shape_of(shapes, f"{parent}.{m}")[0] for m in FUSED[leaf]]
             if sum(sizes) != u.shape[0]:
                 raise UnsupportedError(f"{p} has {u.shape[0]} output rows but the base's {', '.join(FUSED[leaf])} have "
                                        f"{sum(sizes)}; the adapter does not belong to this base")
             start = 0
             for m, n in zip(FUSED[leaf], sizes):
+                part = None if db is None else db[start:start + n].to(layer_dtype(layer))
                 new = LoRA.from_factors(u[start:start + n], None, v, shape=(n, v.shape[1]), module_type="linear",
-                                        fan_in_fan_out=False, dtype=layer_dtype(layer))
+                                        fan_in_fan_out=False, dtype=layer_dtype(layer), bias=part)
                 layers[f"{parent}.{m}"] = new
-                rows.append(FixRow(f"{parent}.{m}", "split", True, layer.rank, new.rank, 0.0, f"rows {start}:{start + n}"
+                err = _block_error(want[start:start + n], None if db is None else db[start:start + n], new)
+                rows.append(FixRow(f"{parent}.{m}", "split", True, layer.rank, new.rank, err, f"rows {start}:{start + n}"
                                    f" of {p}"))
                 start += n
         else:
@@ -389,27 +454,32 @@ def fused(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, li
     for (parent, name), members in groups.items():
         total = _shape_of(shapes, f"{parent}.{name}")[0]
         sizes = _member_sizes(name, members, total, f"{parent}.{name}")
-        ups, downs = [], []
-        for m in FUSED[name]:
-            if m in members:
-                u, v = members[m].factors()
-                ups.append((m, u))
-                downs.append(v)
-        rank = sum(v.shape[0] for v in downs)
+        present = [m for m in FUSED[name] if m in members]
+        factors = {m: members[m].factors() for m in present}
+        rank = sum(factors[m][1].shape[0] for m in present)
+        cols = factors[present[0]][1].shape[1]
         big_u = torch.zeros(total, rank)
         row = col = 0
         for m in FUSED[name]:
             if m in members:
-                u = dict(ups)[m]
+                u = factors[m][0]
                 big_u[row:row + sizes[m], col:col + u.shape[1]] = u
                 col += u.shape[1]
             row += sizes[m]
-        first = next(iter(members.values()))
-        new = LoRA.from_factors(big_u, None, torch.cat(downs), shape=(total, downs[0].shape[1]), module_type="linear",
-                                fan_in_fan_out=False, dtype=layer_dtype(first))
+        biases = {m: members[m].delta_bias() for m in present}
+        bias = None
+        if any(b is not None for b in biases.values()):
+            bias = torch.cat([biases[m] if biases.get(m) is not None else torch.zeros(sizes[m]) for m in FUSED[name]])
+        want_w = torch.cat([_dense(members[m]).double() if m in members else
+                            torch.zeros(sizes[m], cols, dtype=torch.float64) for m in FUSED[name]])
+        first = members[present[0]]
+        new = LoRA.from_factors(big_u, None, torch.cat([factors[m][1] for m in present]), shape=(total, cols),
+                                module_type="linear", fan_in_fan_out=False, dtype=layer_dtype(first),
+                                bias=None if bias is None else bias.to(layer_dtype(first)))
         layers[f"{parent}.{name}"] = new
-        rows.append(FixRow(f"{parent}.{name}", "fuse", True, None, rank, 0.0,
-                           f"{'+'.join(m for m in FUSED[name] if m in members)} stacked block-diagonally"))
+        rows.append(FixRow(f"{parent}.{name}", "fuse", True, None, rank, _block_error(want_w, bias, new),
+                           f"{'+'.join(present)} stacked block-diagonally" + (", biases stacked" if bias is not None
+                                                                               else "")))
     return adapter.replace(layers=dict(sorted(layers.items()))), rows
 
 
@@ -435,7 +505,7 @@ FIXES: dict[str, Fix] = {f.name: f for f in (
         needs_base=True),
     Fix("fold_saved", False, fold_saved, "`saved - base` as LoRA of the adapter's rank", option="modules_to_save",
         needs_base=True),
-    Fix("fused", True, fused, "fused `qkv_proj`/`gate_up_proj` built (block-diagonal B) or split exactly",
+    Fix("fused", True, fused, "fused `qkv_proj`/`gate_up_proj` built (block-diagonal B, biases stacked) or split exactly",
         needs_base=True),
     Fix("drop_bias", False, drop_bias, "LoRA bias dropped", option="bias"),
     Fix("truncate_rank", False, truncate_rank, "truncated SVD to `--max-rank`", option="rank"),
