@@ -156,20 +156,29 @@ def unchanged_extras(adapter: Any, base: Any) -> list[str]:
     base has no weight files (a config, an inventory), since equality cannot be told then."""
     if not adapter.extras or base is None or isinstance(base, (Mapping, _names.Inventory)):
         return []
+    if hasattr(base, "named_parameters"):  # a module: its own tensors (a tied lm_head is listed)
+        tensors: dict[str, Any] = {n: t.detach() for n, t in base.named_parameters(remove_duplicate=False)}
+        return _equal_extras(adapter, tensors, lambda t: t)
+    if str(base) in _names.shipped_available():
+        return []
     try:
         tensors = with_tied_output(open_base(base).tensors, base)
     except (SourceNotFoundError, UnsupportedError, ConfigError):
         return []
+    with TensorReader() as reader:
+        return _equal_extras(adapter, tensors, reader.read)
+
+
+def _equal_extras(adapter: Any, tensors: Mapping[str, Any], read: Any) -> list[str]:
     modules = {k: extra_module(k) for k in adapter.extras}
     found = find_matches(sorted(set(modules.values())), tensors)
     out = []
-    with TensorReader() as reader:
-        for key, mod in modules.items():
-            m = found.matched.get(mod)
-            tensor = None if m is None else (m.bias if key.endswith(".bias") else m.weight)
-            if tensor is not None and tuple(tensors[tensor].shape) == tuple(adapter.extras[key].shape) \
-                    and same_as_base(adapter.extras[key], reader.read(tensors[tensor])):
-                out.append(key)
+    for key, mod in modules.items():
+        m = found.matched.get(mod)
+        tensor = None if m is None else (m.bias if key.endswith(".bias") else m.weight)
+        if tensor is not None and tuple(tensors[tensor].shape) == tuple(adapter.extras[key].shape) \
+                and same_as_base(adapter.extras[key], read(tensors[tensor]).cpu()):
+            out.append(key)
     return sorted(out)
 
 
@@ -244,7 +253,8 @@ def certify_base(adapter: Any, base: Any, *, operation: str = "check", drop: Ite
             (partial coverage raises :class:`~adaptkit.core.coverage.CoverageError`).
 
     Returns:
-        A :class:`~adaptkit.core.coverage.Certificate`; extra tensors are part of it.
+        A :class:`~adaptkit.core.coverage.Certificate`; extra tensors are part of it (a copy equal to the base's
+        tensor, :func:`unchanged_extras`, is marked "equal to the base: nothing to load").
 
     Example:
         >>> cert = certify_base(ak.load("adapter/"), "meta-llama/Llama-3.2-1B")   # doctest: +SKIP
@@ -252,5 +262,7 @@ def certify_base(adapter: Any, base: Any, *, operation: str = "check", drop: Ite
     """
     name, shapes = base_tensors(base)
     outcomes, extras = match_layers(adapter, shapes, name)
+    for key in unchanged_extras(adapter, base):  # a save_embedding_layers copy: lands, and changes nothing
+        extras[key] = Outcome(f"{extras[key].target} (equal to the base: nothing to load)")
     cert = certify(adapter, outcomes, operation=operation, target=name, extras=extras)
     return cert if drop is None else cert.require(drop)
