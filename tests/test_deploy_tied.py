@@ -25,7 +25,7 @@ import adaptkit as ak
 from adaptkit.deploy import check, export
 from adaptkit.errors import UnsupportedError
 from adaptkit.formats.coverage import base_tensors, ties_output, unchanged_extras
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, run_cli
 from tests.deploy_util import make_adapter, peft_logits, rel, save_base
 
 
@@ -187,3 +187,29 @@ def test_lycoris_named_llm_lora_is_checked_against_the_base(tmp_path):
     name = "lycoris_model_layers_1_self_attn_v_proj"
     want = tensors[f"{name}.lora_up.weight"].double() @ tensors[f"{name}.lora_down.weight"].double()  # alpha = r
     assert rel(want, _dense(result.adapter.layers["model.layers.1.self_attn.v_proj"])) < 1e-6
+
+
+def test_tied_lm_head_lora_is_reported_by_check_for_llamacpp(tied, tmp_path):
+    """check and export agree: an lm_head LoRA on a tied base has no GGUF tensor; before, check passed (the tied
+    listing mapped it to ``output.weight``) and export failed."""
+    pytest.importorskip("gguf")
+    root, model = tied
+    src = make_adapter(tmp_path / "ad", peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]), model=model)
+    report = check(str(src), base=str(root / "base"), target="llama.cpp")
+    assert {f.rule: f.where for f in report.blocking}["llama.cpp.tied_embeddings"] == ("lm_head",)
+    out = export(str(src), tmp_path / "x.gguf", target="llama.cpp", base=str(root / "base"), drop=["lm_head*"])
+    assert out.check.ok and "lm_head" not in out.adapter.layers
+
+
+def test_cli_refusals_exit_1_without_output(tied, embed_copy, tmp_path):
+    root, model = tied
+    src = make_adapter(tmp_path / "ad", peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                        trainable_token_indices={"embed_tokens": [3, 9]}), model=model)
+    r = run_cli("export", str(src), "-o", str(tmp_path / "x.gguf"), "--target", "llama.cpp", "--base",
+                str(root / "base"))
+    assert r.returncode == 1 and "tied" in r.stderr and not (tmp_path / "x.gguf").exists()
+    r = run_cli("check", str(src), "--target", "llama.cpp", "--base", str(root / "base"))
+    assert r.returncode == 1 and "tied_embeddings" in r.stdout + r.stderr
+    eroot, _, esrc = embed_copy
+    r = run_cli("export", str(esrc), "-o", str(tmp_path / "v"), "--target", "vllm", "--base", str(eroot / "base"))
+    assert r.returncode == 0, r.stderr

@@ -231,7 +231,7 @@ def test_tied_token_embd_lora_aborts_llama_cpp(gguf_bases, tmp_path):
     control = export_gguf(fitted.replace(layers={p: l for p, l in fitted.layers.items() if "embed" not in p}),
                           tmp_path / "control.gguf", base=untied)
     runs = {name: subprocess.run([sys.executable, "-c", _RUN_LORA, str(gguf_path), str(f), ",".join(map(str, PROMPT))],
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=120, check=False)
             for name, f in (("forced", forced), ("control", control))}
     assert runs["control"].returncode == 0 and "ran" in runs["control"].stdout, runs["control"].stderr[-2000:]
     assert runs["forced"].returncode != 0 and "ggml_can_mul_mat" in runs["forced"].stderr, runs["forced"].stderr[-2000:]

@@ -245,12 +245,13 @@ def fold_saved(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapte
                                        f"{tuple(base_w.shape)} (a resized vocabulary?); export cannot fold it")
             layer = layers.get(module)
             if layer is None:
-                diff, embedding, note = saved.float() - base_w, module.rsplit(".", 1)[-1] in EMBEDDING_NAMES, \
-                    "saved - base as a truncated SVD"
+                diff = saved.float() - base_w
+                embedding = module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+                note = "saved - base as a truncated SVD"
             else:  # a changed save_embedding_layers copy beside its LoRA: PEFT applies the layer on the copy
                 diff = layer.fit(tuple(base_w.shape)).apply(saved.float(), None)[0] - base_w
-                embedding, note = layer.module_type == "embedding", "saved copy with its layer's change, minus the " \
-                    "base, as a truncated SVD"
+                embedding = layer.module_type == "embedding"
+                note = "saved copy with its layer's change, minus the base, as a truncated SVD"
             new, err = diff_to_lora(diff, embedding=embedding, rank=rank, dtype=saved.dtype)
             layers[module] = new
             rows.append(FixRow(module, "fold_saved", False, None if layer is None else layer.rank, new.rank, err, note))

@@ -19,7 +19,12 @@ from typing import Any, TypeVar
 import torch
 
 from ..core.coverage import Certificate, Outcome, certify
-from ..errors import ConfigError, ShapeMismatchError, SourceNotFoundError, UnsupportedError
+from ..errors import (
+    ConfigError,
+    ShapeMismatchError,
+    SourceNotFoundError,
+    UnsupportedError,
+)
 from ..io.base_model import TensorReader, find_matches, open_base
 from ..io.sources import resolve
 from . import names as _names
