@@ -110,11 +110,12 @@ def ties_output(base: Any) -> bool:
     root = root if root.is_dir() else root.parent
     if not (root / "config.json").is_file() or (root / "model_index.json").is_file():
         return False
-    return _ties_config(str(root))
+    return _ties_config(str(root), (root / "config.json").stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=32)
-def _ties_config(root: str) -> bool:
+def _ties_config(root: str, mtime: int) -> bool:
+    """The tie of one config directory (cached per file version: ``mtime`` is part of the key)."""
     import transformers
 
     try:
