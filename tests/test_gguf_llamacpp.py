@@ -66,6 +66,7 @@ def gguf_bases(tmp_path_factory):
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set ADAPTKIT_LLAMA_CPP_DIR; .ci/run extracts it)")
     root = tmp_path_factory.mktemp("llamacpp")
     out = {t: (build_base(root / t, t), root / f"{t}.gguf") for t in ("llama", "qwen2", "phi3")}
+    out["llama-tied"] = (build_base(root / "llama-tied", "llama", tie_word_embeddings=True), root / "llama-tied.gguf")
     convert_bases(dict(out.values()), conv)
     return out
 
@@ -191,6 +192,49 @@ def test_dora_folded_with_lossy_option(gguf_bases, tmp_path):
     FIGURES["dora-folded (effect: folded vs DoRA in peft)"] = (_rel(got, want), N_NEW,
                                                                _rel(want[: len(PROMPT)], dora[: len(PROMPT)]))
     assert _rel(got, want) < RTOL
+
+
+_RUN_LORA = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], lora_path=sys.argv[2], n_ctx=64, n_batch=64, n_threads=2, verbose=False)
+llm.eval([int(t) for t in sys.argv[3].split(",")])
+print("ran")
+"""
+
+
+def test_tied_token_embd_lora_aborts_llama_cpp(gguf_bases, tmp_path):
+    """Why ``llama.cpp.tied_embeddings`` refuses: a tied model's GGUF has no ``output`` tensor, llama.cpp uses
+    ``token_embd`` for the output matmul and looks LoRA pairs up by that tensor's name, so the token_embd pair of
+    trainable tokens is applied there too and aborts the process (GGML_ASSERT ggml_can_mul_mat). export refuses it;
+    the same pair forced into a file (planned on an untied copy of the config) aborts, and the file without it runs."""
+    from adaptkit.deploy import export
+    from adaptkit.deploy.fixes import through_base
+    from adaptkit.deploy.rules import Context
+    from adaptkit.errors import UnsupportedError
+
+    hf_dir, gguf_path = gguf_bases["llama-tied"]
+    src = make_adapter(hf_dir, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"],
+                       trainable_token_indices={"embed_tokens": [5, 17, 30]})
+    with pytest.raises(UnsupportedError, match="tied"):
+        export(str(src), tmp_path / "refused.gguf", target="llama.cpp", base=str(hf_dir))
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    for f in hf_dir.iterdir():
+        if f.is_file():
+            (untied / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    adapter = ak.load(src)
+    fitted, _ = through_base(adapter, Context("llama.cpp", None, None, str(untied)), ["model.embed_tokens"])
+    assert set(fitted.layers) == set(adapter.layers)  # no lm_head added on the untied copy
+    forced = export_gguf(fitted, tmp_path / "forced.gguf", base=untied)
+    control = export_gguf(fitted.replace(layers={p: l for p, l in fitted.layers.items() if "embed" not in p}),
+                          tmp_path / "control.gguf", base=untied)
+    runs = {name: subprocess.run([sys.executable, "-c", _RUN_LORA, str(gguf_path), str(f), ",".join(map(str, PROMPT))],
+                                 capture_output=True, text=True, timeout=120, check=False)
+            for name, f in (("forced", forced), ("control", control))}
+    assert runs["control"].returncode == 0 and "ran" in runs["control"].stdout, runs["control"].stderr[-2000:]
+    assert runs["forced"].returncode != 0 and "ggml_can_mul_mat" in runs["forced"].stderr, runs["forced"].stderr[-2000:]
 
 
 def test_zz_report_figures():

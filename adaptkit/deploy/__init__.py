@@ -24,7 +24,7 @@ from .targets import TARGETS, get_target, register_target
 def check(adapter: Any, base: Any = None, target: str = "vllm", max_rank: int | None = None) -> CheckReport:
     """Check an adapter (path, hub id or :class:`~adaptkit.core.adapter.Adapter`) against a runtime's rules and,
     with ``base``, the coverage certificate; see :func:`adaptkit.deploy.check.check_adapter`."""
-    return check_adapter(as_adapter(adapter), base, target, max_rank)
+    return check_adapter(as_adapter(adapter, against=base), base, target, max_rank)
 
 
 def export(adapter: Any, out: str | os.PathLike, *, target: str, base: Any = None, max_rank: int | None = None,
@@ -32,8 +32,9 @@ def export(adapter: Any, out: str | os.PathLike, *, target: str, base: Any = Non
            overwrite: bool = False) -> ExportResult:
     """Write an adapter (path, hub id or Adapter) that ``target`` accepts with the same effect; see
     :func:`adaptkit.deploy.export.export_adapter`."""
-    return export_adapter(as_adapter(adapter), out, target=target, base=base, max_rank=max_rank, lossy=lossy,
-                          drop=drop, pad_bucket=pad_bucket, overwrite=overwrite)
+    drop = tuple(drop)
+    return export_adapter(as_adapter(adapter, against=base, drop=list(drop) or None), out, target=target, base=base,
+                          max_rank=max_rank, lossy=lossy, drop=drop, pad_bucket=pad_bucket, overwrite=overwrite)
 
 
 __all__ = ["TARGETS", "VERDICTS", "CheckReport", "Context", "ExportResult", "Finding", "Rule", "Target", "check",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..core.adapter import Adapter
 from ..core.kinds import Layer
+from ..formats.coverage import extra_module, unchanged_extras
 from .rules import Context
 
 Detector = Callable[[Adapter, Context], list[str]]
@@ -58,9 +59,17 @@ def bias(adapter: Adapter, ctx: Context) -> list[str]:
     return _paths(adapter, lambda l: l.additive and l.has_delta and l.delta_bias() is not None)
 
 
+def _changed_extras(adapter: Adapter, ctx: Context) -> list[str]:
+    """The extra tensors that change something: all of them, less the copies equal to the base
+    (:func:`adaptkit.formats.coverage.unchanged_extras`, which needs the base's weights)."""
+    same = set(unchanged_extras(adapter, ctx.base)) if ctx.base is not None else set()
+    return sorted(k for k in adapter.extras if k not in same)
+
+
 def modules_to_save(adapter: Adapter, ctx: Context) -> list[str]:
-    """Whole tensors saved beside the layers (PEFT ``modules_to_save`` copies, saved embeddings)."""
-    return sorted(adapter.extras)
+    """Whole tensors saved beside the layers (PEFT ``modules_to_save`` copies, saved embeddings) that differ from
+    the base (an unchanged ``save_embedding_layers`` copy is a no-op: :func:`zero_layers`)."""
+    return _changed_extras(adapter, ctx)
 
 
 def saved_outside(allowed: Iterable[str]) -> Detector:
@@ -69,8 +78,7 @@ def saved_outside(allowed: Iterable[str]) -> Detector:
     names = frozenset(allowed)
 
     def detect(adapter: Adapter, ctx: Context) -> list[str]:
-        return sorted(k for k in adapter.extras
-                      if k.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1] not in names)
+        return [k for k in _changed_extras(adapter, ctx) if extra_module(k).rsplit(".", 1)[-1] not in names]
 
     detect.__doc__ = f"Saved tensors of modules other than {', '.join(sorted(names))}."
     return detect
@@ -139,9 +147,11 @@ def module_type(adapter: Adapter, ctx: Context) -> list[str]:
 
 
 def zero_layers(adapter: Adapter, ctx: Context) -> list[str]:
-    """Additive layers whose change is exactly zero (no-op parts; a rank-0 pattern, an untrained B)."""
-    return _paths(adapter, lambda l: l.additive and l.has_delta and l.fro_norm() == 0.0
+    """Additive layers whose change is exactly zero (no-op parts; a rank-0 pattern, an untrained B), and saved
+    tensors equal to the base's (:func:`adaptkit.formats.coverage.unchanged_extras`; known with a base only)."""
+    zero = _paths(adapter, lambda l: l.additive and l.has_delta and l.fro_norm() == 0.0
                   and (l.delta_bias() is None or float(l.delta_bias().abs().max()) == 0.0))
+    return sorted(zero + (unchanged_extras(adapter, ctx.base) if ctx.base is not None else []))
 
 
 def leaf_names_outside(allowed: Iterable[str]) -> Detector:
@@ -253,6 +263,8 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
     Feature("other_kinds", "LoHa/LoKr/full", other_kinds, "additive kinds other than plain LoRA"),
     Feature("module_type", "conv/norm modules", module_type, "layers on convolutions or norms"),
     Feature("module_names", "module names", lambda a, c: [], "modules outside the runtime's LoRA module list"),
+    Feature("tied_embeddings", "tied embeddings", lambda a, c: [], "layers on the embedding or lm_head of a base "
+            "that ties them (`tie_word_embeddings`)"),
     Feature("target_names", "prefixed target_modules", target_names, "dotted or regex `target_modules`"),
     Feature("fused_names", "fused/split names", fused_names, "q/k/v or gate/up named apart on a packed base, or the "
             "reverse"),
@@ -260,7 +272,8 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             "OLoRA, CorDA, LoftQ)"),
     Feature("variants", "aLoRA/QALoRA/...", variants, "`alora_invocation_tokens`, `layer_replication`, `use_bdlora`, "
             "`use_qalora`"),
-    Feature("zero_layers", "no-op layers", zero_layers, "layers whose change is exactly zero"),
+    Feature("zero_layers", "no-op layers", zero_layers, "layers whose change is exactly zero, saved copies "
+            "equal to the base"),
 )}
 
 __all__ = ["FEATURES", "FUSED", "Detector", "Feature", "base_paths", "fused_plan", "in_base", "leaf_names_outside",

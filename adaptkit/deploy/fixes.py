@@ -11,7 +11,6 @@ when their ``option`` is in ``export(lossy=...)``. The math is the layers' own (
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from ..core.adapter import Adapter
 from ..core.kinds import Layer, LoRA, layer_dtype
 from ..core.linalg import numerical_rank, truncated_svd
 from ..errors import ConfigError, UnsupportedError
-from ..io.base_model import TensorReader, match_paths, open_base
-from ..io.sources import resolve
+from ..formats.coverage import TIED_OUTPUT as TIED_OUTPUT_WEIGHT
+from ..formats.coverage import extra_module, ties_output, with_tied_output
+from ..io.base_model import TensorInfo, TensorReader, match_paths, open_base
 from ..ops.convert import with_base
 from .features import FUSED, fused_plan, plain_lora
 from .rules import Context
@@ -139,21 +139,14 @@ def _need_base(ctx: Context, what: str) -> None:
         raise ConfigError(f"{what} needs the base model's weights; pass --base BASE (base= in Python)")
 
 
-def tied_embeddings(base: object) -> bool:
-    """Whether the base's ``config.json`` ties the output layer to the input embedding (``tie_word_embeddings``);
-    ``False`` when there is no such config (a ``.safetensors`` file, a pipeline)."""
-    path = resolve(str(base), allow_patterns=["config.json"]).path
-    config = path / "config.json" if path.is_dir() else None
-    if config is None or not config.is_file():
-        return False
-    try:
-        return bool(json.loads(config.read_text()).get("tie_word_embeddings", False))
-    except (OSError, ValueError):
-        return False
-
-
 #: the output layer a tied embedding's trainable tokens also change (transformers' causal LMs)
-TIED_OUTPUT = "lm_head"
+TIED_OUTPUT = TIED_OUTPUT_WEIGHT.removesuffix(".weight")
+
+
+def base_weights(base: object) -> dict[str, TensorInfo]:
+    """The base's tensors by key, a tied ``lm_head.weight`` read as the input embedding's tensor
+    (:func:`adaptkit.formats.coverage.with_tied_output`)."""
+    return with_tied_output(open_base(base).tensors, base)
 
 
 def _lora_rank(adapter: Adapter) -> int | None:
@@ -169,7 +162,7 @@ def through_base(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adap
     _need_base(ctx, "turning base-dependent layers (trainable tokens, OFT, IA3 ...) into LoRA")
     fitted = with_base(adapter, ctx.base, paths=paths)
     layers, rows = dict(fitted.layers), []
-    tied = any(adapter.layers[p].module_type == "embedding" for p in paths) and tied_embeddings(ctx.base)
+    tied = any(adapter.layers[p].module_type == "embedding" for p in paths) and ties_output(ctx.base)
     for p in paths:
         new, _, err, method = fitted.layers[p].to_lora(None)
         layers[p] = new
@@ -214,15 +207,15 @@ def _base_sources(adapter: Adapter, ctx: Context, paths: list[str]) -> dict[str,
     return out
 
 
-def _read_base(adapter: Adapter, sources: list[tuple[str, str | None]], matches: dict, ws: object,
-               reader: TensorReader) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _read_base(adapter: Adapter, sources: list[tuple[str, str | None]], matches: dict,
+               tensors: dict[str, TensorInfo], reader: TensorReader) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The base weight and bias (float32) a layer changes, from :func:`_base_sources`' list: rows of a packed weight,
     or weights stacked (a missing bias among present ones reads as zeros)."""
     weights, bs = [], []
     for module, member in sources:
         m = matches[module]
-        w = reader.read(ws.tensors[m.weight]).float()
-        b = reader.read(ws.tensors[m.bias]).float() if m.bias is not None else None
+        w = reader.read(tensors[m.weight]).float()
+        b = reader.read(tensors[m.bias]).float() if m.bias is not None else None
         if member is not None:  # the member's rows of the packed weight
             parent, _, name = module.rpartition(".")
             members = {k: adapter.layers[f"{parent}.{k}"] for k in FUSED[name] if f"{parent}.{k}" in adapter.layers}
@@ -242,14 +235,14 @@ def _fold(adapter: Adapter, ctx: Context, paths: list[str], name: str) -> tuple[
     """Layers replaced by a LoRA of their change to the base, ``apply(W, b) - (W, b)``, truncated to the target's rank
     limit (the layer's rank when the target has none). A layer the ``fused`` fix renames next folds against its rows
     of the packed weight (or the stacked projections), so that check's fold-then-fuse plan is what export does."""
-    ws = open_base(ctx.base)
+    tensors = base_weights(ctx.base)  # a tied lm_head reads the embedding
     sources = _base_sources(adapter, ctx, paths)
-    matches = match_paths(sorted({m for src in sources.values() for m, _ in src}), ws.tensors)
+    matches = match_paths(sorted({m for src in sources.values() for m, _ in src}), tensors)
     layers, rows = dict(adapter.layers), []
     with TensorReader() as reader:
         for p in paths:
             layer = adapter.layers[p]
-            w, b = _read_base(adapter, sources[p], matches, ws, reader)
+            w, b = _read_base(adapter, sources[p], matches, tensors, reader)
             new_w, new_b = layer.fit(tuple(w.shape)).apply(w, b)
             db = None if new_b is None or b is None else (new_b - b).to(layer_dtype(layer))
             # the change to the base is full rank (DoRA's magnitude rescales every row): use all the rank the
@@ -271,32 +264,40 @@ def fold_dora(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter
 
 
 def fold_saved(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
-    """``modules_to_save`` weights as a LoRA of ``saved - base`` at the adapter's rank (or ``--max-rank``); saved
-    1-D tensors (biases, norms) are dropped. Lossy: every row reports what is lost."""
+    """``modules_to_save`` weights as a LoRA of ``saved - base`` at the adapter's rank (or ``--max-rank``); a changed
+    ``save_embedding_layers`` copy (``<module>.base_layer.weight``) is folded with its module's layer
+    (``layer(saved) - base``); saved 1-D tensors (biases, norms) are dropped. Lossy: every row reports what is lost.
+    A tied ``lm_head`` reads the embedding's tensor (:func:`base_weights`)."""
     _need_base(ctx, "folding modules_to_save into LoRA")
-    ws = open_base(ctx.base)
+    tensors = base_weights(ctx.base)
     rank = min((r for r in (_lora_rank(adapter), ctx.max_rank) if r is not None), default=None)
     layers, extras, rows = dict(adapter.layers), dict(adapter.extras), []
     weights = [k for k in paths if k.endswith(".weight") and adapter.extras[k].ndim == 2]
-    matches = match_paths([k.removesuffix(".weight") for k in weights], ws.tensors)
+    matches = match_paths(sorted({extra_module(k) for k in weights}), tensors)
     with TensorReader() as reader:
         for key in paths:
             saved = extras.pop(key)
-            module = key.removesuffix(".weight")
+            module = extra_module(key)
             if key not in weights:
                 rows.append(FixRow(key, "fold_saved", False, None, None, 1.0, "dropped: a saved tensor that is no "
                                    "2-D weight has no LoRA form"))
                 continue
-            base_w = reader.read(ws.tensors[matches[module].weight]).float()
+            base_w = reader.read(tensors[matches[module].weight]).float()
             if tuple(base_w.shape) != tuple(saved.shape):
                 raise UnsupportedError(f"modules_to_save {key} has shape {tuple(saved.shape)} but the base's weight has "
                                        f"{tuple(base_w.shape)} (a resized vocabulary?); export cannot fold it")
-            new, err = diff_to_lora(saved.float() - base_w, embedding=module.rsplit(".", 1)[-1] in EMBEDDING_NAMES,
-                                    rank=rank, dtype=saved.dtype)
-            if module in layers:
-                raise UnsupportedError(f"{module} is both saved whole and adapted; export cannot fold both")
+            layer = layers.get(module)
+            if layer is None:
+                diff = saved.float() - base_w
+                embedding = module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+                note = "saved - base as a truncated SVD"
+            else:  # a changed save_embedding_layers copy beside its LoRA: PEFT applies the layer on the copy
+                diff = layer.fit(tuple(base_w.shape)).apply(saved.float(), None)[0] - base_w
+                embedding = layer.module_type == "embedding"
+                note = "saved copy with its layer's change, minus the base, as a truncated SVD"
+            new, err = diff_to_lora(diff, embedding=embedding, rank=rank, dtype=saved.dtype)
             layers[module] = new
-            rows.append(FixRow(module, "fold_saved", False, None, new.rank, err, "saved - base as a truncated SVD"))
+            rows.append(FixRow(module, "fold_saved", False, None if layer is None else layer.rank, new.rank, err, note))
     return adapter.replace(layers=dict(sorted(layers.items())), extras=extras), rows
 
 
@@ -328,12 +329,16 @@ def truncate_rank(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Ada
 
 
 def drop_zero(adapter: Adapter, ctx: Context, paths: list[str]) -> tuple[Adapter, list[FixRow]]:
-    """Layers whose change is exactly zero removed (exact: they do nothing)."""
-    layers = {p: l for p, l in adapter.layers.items() if p not in set(paths)}
+    """Layers whose change is exactly zero and saved copies equal to the base removed (exact: they do nothing)."""
+    gone = set(paths)
+    layers = {p: l for p, l in adapter.layers.items() if p not in gone}
     if not layers:
         raise UnsupportedError("every layer of the adapter is exactly zero; there is nothing to export")
-    rows = [FixRow(p, "drop_zero", True, adapter.layers[p].rank, None, 0.0, "no-op layer dropped") for p in paths]
-    return adapter.replace(layers=layers), rows
+    rows = [FixRow(p, "drop_zero", True, adapter.layers[p].rank, None, 0.0, "no-op layer dropped")
+            if p in adapter.layers else FixRow(p, "drop_zero", True, None, None, 0.0, "saved copy equal to the base "
+                                               "dropped") for p in paths]
+    extras = {k: v for k, v in adapter.extras.items() if k not in gone}
+    return adapter.replace(layers=layers, extras=extras), rows
 
 
 def uniform_scale(adapter: Adapter, ctx: Context, paths: list[str], rank: int | None = None,
@@ -509,7 +514,7 @@ FIXES: dict[str, Fix] = {f.name: f for f in (
         needs_base=True),
     Fix("drop_bias", False, drop_bias, "LoRA bias dropped", option="bias"),
     Fix("truncate_rank", False, truncate_rank, "truncated SVD to `--max-rank`", option="rank"),
-    Fix("drop_zero", True, drop_zero, "no-op layers dropped"),
+    Fix("drop_zero", True, drop_zero, "no-op layers and saved copies equal to the base dropped"),
     Fix("bake_scale", True, bake_scale, "scale baked into B, `lora_alpha = r`"),
     Fix("pad_rank", True, pad_rank, "zero-padded to one rank"),
     Fix("leaf_targets", True, leaf_targets, "`target_modules` as bare module names"),

@@ -33,7 +33,14 @@ from ..core.adapter import Adapter
 from ..core.coverage import Certificate, Outcome, certify
 from ..core.kinds.lora import LoRA
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ..formats.coverage import base_tensors, match_layers
+from ..formats.coverage import (
+    TIED_OUTPUT,
+    base_tensors,
+    match_layers,
+    tied_output_source,
+    unchanged_extras,
+    with_tied_output,
+)
 from ..formats.gguf import (
     MODULES_KEY,
     GGUFAdapter,
@@ -45,7 +52,6 @@ from ..formats.gguf import (
     read_gguf_lora,
     write_gguf_lora,
 )
-from ..io.base_model import TensorReader, open_base
 from ..io.sources import resolve
 from .features import FEATURES
 from .rules import Context, Rule, Target
@@ -181,6 +187,7 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
     arch = arch_of(config)
     name, shapes = base_tensors(base, tied_output=False)  # a tied model's GGUF has no output tensor
     outcomes, extra_outcomes = match_layers(adapter, shapes, name)
+    tied_embed = tied_output_source(shapes, base)  # token_embd is the output projection too: tied_layers
     g_arch = gguf.MODEL_ARCH[arch.gguf_arch]
     tmap = gguf.get_tensor_name_map(g_arch, int(config["num_hidden_layers"]))
     known = set(gguf.MODEL_TENSORS[g_arch])
@@ -198,6 +205,9 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
             continue
         if (why := layer_refusal(layer)) is not None:
             final[path] = Outcome(None, "refused", why)
+            continue
+        if tied_embed is not None and o.target == tied_embed:
+            final[path] = Outcome(None, "refused", TIED_MESSAGE)
             continue
         kind, tensor = found
         heads = int(config.get(arch.permute[kind.name]) or config["num_attention_heads"]) \
@@ -222,25 +232,19 @@ def plan(adapter: Adapter, base: str | os.PathLike, *, drop: Sequence[str] = ())
 
 def extra_outcomes_for_llamacpp(adapter: Adapter, base: str | os.PathLike,
                                 outcomes: Mapping[str, Outcome]) -> dict[str, Outcome]:
-    """The extra tensors' outcomes: a copy of a base weight (PEFT's ``save_embedding_layers`` saves the full
-    embedding and lm_head beside their LoRA) changes nothing and lands as a no-op; any other extra is refused,
-    since llama.cpp adapters hold LoRA pairs only."""
+    """The extra tensors' outcomes: a copy equal to the base weight (PEFT's ``save_embedding_layers``;
+    :func:`adaptkit.formats.coverage.unchanged_extras`) changes nothing and lands as a no-op; any other extra is
+    refused, since llama.cpp adapters hold LoRA pairs only."""
     refused = Outcome(None, "refused", "llama.cpp adapters hold LoRA pairs only (modules_to_save, changed token "
                       "weights); fuse the adapter into the base instead")
+    same = set(unchanged_extras(adapter, base))
     out: dict[str, Outcome] = {}
-    weights = None
-    with TensorReader() as reader:
-        for key, tensor in adapter.extras.items():
-            o = outcomes.get(key)
-            if o is None or o.target is None:  # no counterpart in the base: the base certificate's outcome
-                out[key] = o or refused
-                continue
-            if weights is None:
-                weights = open_base(base)
-            info = weights.tensors.get(o.target)
-            same = info is not None and tuple(info.shape) == tuple(tensor.shape) and torch.equal(
-                reader.read(info).to(torch.float32), tensor.to(torch.float32))
-            out[key] = Outcome(f"{o.target} (equal to the base: nothing to load)") if same else refused
+    for key in adapter.extras:
+        o = outcomes.get(key)
+        if o is None or o.target is None:  # no counterpart in the base: the base certificate's outcome
+            out[key] = o or refused
+        else:
+            out[key] = Outcome(f"{o.target} (equal to the base: nothing to load)") if key in same else refused
     return out
 
 
@@ -374,6 +378,30 @@ def unnamed_layers(adapter: Adapter, ctx: Context) -> list[str]:
     return sorted(out)
 
 
+#: why llama.cpp cannot take a LoRA on a tied embedding or output layer (:func:`tied_layers`)
+TIED_MESSAGE = ("a tied base's GGUF has no output tensor: llama.cpp applies a token_embd LoRA to the output matmul "
+                "too and aborts (GGML_ASSERT ggml_can_mul_mat), and has no tensor for an output LoRA; fuse the "
+                "adapter into the base, or leave the embedding/lm_head layers out with --drop")
+
+
+def tied_layers(adapter: Adapter, ctx: Context) -> list[str]:
+    """Layers on the input embedding or the output layer of a base that ties them (``tie_word_embeddings``).
+
+    llama.cpp's GGUF of a tied model has no ``output`` tensor: the output projection is ``token_embd`` itself, and
+    ``build_lora_mm`` looks adapters up by the base tensor's name, so a ``token_embd`` pair is also applied to the
+    output matmul, in the embedding's orientation: ``GGML_ASSERT(ggml_can_mul_mat(a, b))`` aborts the process
+    (measured with llama-cpp-python 0.3.36). An ``output`` pair has no tensor to land on. Empty without a base.
+    """
+    if ctx.base is None:
+        return []
+    name, shapes = base_tensors(ctx.base, tied_output=False)
+    embed = tied_output_source(shapes, ctx.base)
+    if embed is None:
+        return []
+    outcomes, _ = match_layers(adapter, with_tied_output(shapes, ctx.base), name)
+    return sorted(p for p, o in outcomes.items() if o.target in (embed, TIED_OUTPUT))
+
+
 def write_for_export(adapter: Adapter, out: str | os.PathLike, *, base: Any = None, overwrite: bool = False) -> Path:
     """The llama.cpp target's writer (``adaptkit export --target llama.cpp``): :func:`export_gguf` with the
     export's metadata.
@@ -419,6 +447,8 @@ RULES = (
     _rule("other_kinds", "exact", "llama.cpp loads LoRA pairs only", "to_lora"),
     _rule("module_type", "refused", "llama.cpp adapts 2-D weights only and skips norm LoRA ('TODO: add support "
           "for norm vector')"),
+    Rule("llama.cpp.tied_embeddings", "tied_embeddings", "refused", tied_layers, TIED_MESSAGE, None, f"src/llama-model.cpp (output = token_embd, TENSOR_DUPLICATED), src/llama-adapter.cpp get_weight, "
+         f"{SOURCE}"),
     _rule("module_names", "refused", "gguf's tensor-name map has no GGUF tensor for these base weights: llama.cpp "
           "would never apply them", source=f"gguf-py/gguf/tensor_mapping.py TensorNameMap, {SOURCE}",
           finds=unnamed_layers),
@@ -438,5 +468,5 @@ TARGET = Target("llama.cpp", "llama.cpp", "gguf", RULES, version="llama.cpp (lla
 
 
 __all__ = ["ARCHS", "RULES", "TARGET", "Arch", "Landing", "Plan", "arch_of", "base_config", "export_gguf",
-           "gguf_pair", "layer_refusal", "load_gguf", "permute_rows", "plan", "unnamed_layers", "unpermute_rows",
+           "gguf_pair", "layer_refusal", "load_gguf", "permute_rows", "plan", "tied_layers", "unnamed_layers", "unpermute_rows",
            "write_for_export"]

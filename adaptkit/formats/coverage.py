@@ -9,15 +9,23 @@ safetensors headers are read, or a ``config.json`` is built on the meta device, 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 from ..core.coverage import Certificate, Outcome, certify
-from ..errors import ShapeMismatchError, SourceNotFoundError, UnsupportedError
-from ..io.base_model import find_matches, open_base
+from ..errors import (
+    ConfigError,
+    ShapeMismatchError,
+    SourceNotFoundError,
+    UnsupportedError,
+)
+from ..io.base_model import TensorReader, find_matches, open_base
 from ..io.sources import resolve
 from . import names as _names
 
@@ -59,7 +67,7 @@ def base_tensors(base: Any, *, tied_output: bool = True) -> tuple[str, Shapes]:
     try:
         ws = open_base(base)
         shapes = {k: info.shape for k, info in ws.tensors.items()}
-        return ws.provenance, with_tied_output(shapes, ws.root) if tied_output else shapes
+        return ws.provenance, with_tied_output(shapes, base) if tied_output else shapes
     except (SourceNotFoundError, UnsupportedError):
         pass
     resolved = resolve(spec, allow_patterns=["*.json", "*/*.json"])
@@ -80,20 +88,104 @@ TIED_OUTPUT = "lm_head.weight"
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight",
                     "model.language_model.embed_tokens.weight", "transformer.word_embeddings.weight")
 
+T = TypeVar("T")
 
-def with_tied_output(shapes: Shapes, root: Path) -> Shapes:
-    """``shapes`` plus ``lm_head.weight`` when the model's ``config.json`` ties it to the input embedding
-    (``tie_word_embeddings``): its files store the shared tensor once, under the embedding's name, yet an
-    adapter on ``lm_head`` lands (transformers' ``lm_head`` module holds that very tensor)."""
-    config = root / "config.json" if root.is_dir() else None
-    if TIED_OUTPUT in shapes or config is None or not config.is_file():
-        return shapes
+
+def ties_output(base: Any) -> bool:
+    """Whether the base model ties its output layer (``lm_head``) to its input embedding.
+
+    Decided by the model's config class (``transformers.AutoConfig`` on its ``config.json``, no weights), as
+    transformers does: a ``config.json`` without ``tie_word_embeddings`` gets its class's default (``False`` for
+    ``LlamaConfig`` / ``Qwen2Config`` in transformers 5, ``True`` for ``GemmaConfig``). ``False`` for a base without a
+    ``config.json`` (a ``.safetensors`` file, a mapping, a pipeline) or one transformers cannot read.
+    """
+    if hasattr(base, "get_output_embeddings") and hasattr(base, "config"):
+        return bool(getattr(base.config, "tie_word_embeddings", False))
+    if isinstance(base, (Mapping, _names.Inventory)) or str(base) in _names.shipped_available():
+        return False
     try:
-        tied = json.loads(config.read_text()).get("tie_word_embeddings", False)
-    except (OSError, ValueError):
-        return shapes
-    embed = next((k for k in INPUT_EMBEDDINGS if k in shapes), None)
-    return {**shapes, TIED_OUTPUT: shapes[embed]} if tied is True and embed is not None else shapes
+        root = resolve(str(base), allow_patterns=["config.json"]).path
+    except (SourceNotFoundError, UnsupportedError):
+        return False
+    root = root if root.is_dir() else root.parent
+    if not (root / "config.json").is_file() or (root / "model_index.json").is_file():
+        return False
+    return _ties_config(str(root), (root / "config.json").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _ties_config(root: str, mtime: int) -> bool:
+    """The tie of one config directory (cached per file version: ``mtime`` is part of the key)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(root)
+    except (ValueError, KeyError, TypeError, OSError):
+        try:
+            return json.loads((Path(root) / "config.json").read_text()).get("tie_word_embeddings") is True
+        except (OSError, ValueError):
+            return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+
+def tied_output_source(keys: Iterable[str], base: Any) -> str | None:
+    """The tensor key a tied ``lm_head.weight`` reads, for a base whose files store the shared tensor once (under
+    the input embedding's name): the embedding's key when :func:`ties_output` and the files lack
+    ``lm_head.weight``; ``None`` otherwise (untied, or an ``lm_head.weight`` of its own)."""
+    keys = set(keys)
+    if TIED_OUTPUT in keys or not ties_output(base):
+        return None
+    return next((k for k in INPUT_EMBEDDINGS if k in keys), None)
+
+
+def with_tied_output(tensors: Mapping[str, T], base: Any) -> dict[str, T]:
+    """``tensors`` (shapes, or :class:`~adaptkit.io.base_model.TensorInfo` entries) plus ``lm_head.weight`` as the
+    input embedding's entry when the model ties them (:func:`tied_output_source`): an adapter on ``lm_head`` lands
+    (transformers' ``lm_head`` module holds that very tensor), a fold reads the embedding as ``lm_head``'s weight.
+    The one place adaptkit resolves a tied output layer: the certificate, the export fixes and llama.cpp use it."""
+    embed = tied_output_source(tensors, base)
+    return dict(tensors) if embed is None else {**tensors, TIED_OUTPUT: tensors[embed]}
+
+
+def same_as_base(saved: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether an extra tensor equals the base's tensor it would replace (PEFT's ``save_embedding_layers`` saves the
+    full embedding and ``lm_head`` beside their LoRA): loading it changes nothing. The one judgement of a no-op copy
+    (the deploy detectors, ``fold_saved``, llama.cpp's extras and live injection use it). Compared in the base's
+    dtype, the precision the runtime holds the weight in."""
+    return tuple(saved.shape) == tuple(current.shape) and torch.equal(current, saved.to(current.dtype))
+
+
+def unchanged_extras(adapter: Any, base: Any) -> list[str]:
+    """The keys of ``adapter``'s extra tensors that equal the base tensor they match (:func:`same_as_base`), read
+    from the base's weight files (a tied ``lm_head`` reads the embedding: :func:`with_tied_output`). Empty when the
+    base has no weight files (a config, an inventory), since equality cannot be told then."""
+    if not adapter.extras or base is None or isinstance(base, (Mapping, _names.Inventory)):
+        return []
+    if hasattr(base, "named_parameters"):  # a module: its own tensors (a tied lm_head is listed)
+        tensors: dict[str, Any] = {n: t.detach() for n, t in base.named_parameters(remove_duplicate=False)}
+        return _equal_extras(adapter, tensors, lambda t: t)
+    if str(base) in _names.shipped_available():
+        return []
+    try:
+        tensors = with_tied_output(open_base(base).tensors, base)
+    except (SourceNotFoundError, UnsupportedError, ConfigError):
+        return []
+    with TensorReader() as reader:
+        return _equal_extras(adapter, tensors, reader.read)
+
+
+def _equal_extras(adapter: Any, tensors: Mapping[str, Any], read: Any) -> list[str]:
+    modules = {k: extra_module(k) for k in adapter.extras}
+    found = find_matches(sorted(set(modules.values())), tensors)
+    out = []
+    for key, mod in modules.items():
+        m = found.matched.get(mod)
+        tensor = None if m is None else (m.bias if key.endswith(".bias") else m.weight)
+        if tensor is not None and tuple(tensors[tensor].shape) == tuple(adapter.extras[key].shape) \
+                and same_as_base(adapter.extras[key], read(tensors[tensor]).cpu()):
+            out.append(key)
+    return sorted(out)
 
 
 def _configs(path: Path) -> list[tuple[str, Path]]:
@@ -167,7 +259,8 @@ def certify_base(adapter: Any, base: Any, *, operation: str = "check", drop: Ite
             (partial coverage raises :class:`~adaptkit.core.coverage.CoverageError`).
 
     Returns:
-        A :class:`~adaptkit.core.coverage.Certificate`; extra tensors are part of it.
+        A :class:`~adaptkit.core.coverage.Certificate`; extra tensors are part of it (a copy equal to the base's
+        tensor, :func:`unchanged_extras`, is marked "equal to the base: nothing to load").
 
     Example:
         >>> cert = certify_base(ak.load("adapter/"), "meta-llama/Llama-3.2-1B")   # doctest: +SKIP
@@ -175,5 +268,7 @@ def certify_base(adapter: Any, base: Any, *, operation: str = "check", drop: Ite
     """
     name, shapes = base_tensors(base)
     outcomes, extras = match_layers(adapter, shapes, name)
+    for key in unchanged_extras(adapter, base):  # a save_embedding_layers copy: lands, and changes nothing
+        extras[key] = Outcome(f"{extras[key].target} (equal to the base: nothing to load)")
     cert = certify(adapter, outcomes, operation=operation, target=name, extras=extras)
     return cert if drop is None else cert.require(drop)

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.adapter import Adapter
 from ..core.coverage import Outcome
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.coverage import same_as_base
 from ..formats.patterns import saved_module_of
 
 _OWN = ("original_module", "modules_to_save", "_requested", "_disabled")
@@ -210,8 +211,7 @@ def extra_outcomes(adapter: Adapter, modules: Mapping[str, nn.Module],
         if leaf.startswith("base_layer."):
             base = getattr(module, "base_layer", module)
             current = getattr(base, leaf.removeprefix("base_layer."), None)
-            same = (isinstance(current, torch.Tensor) and current.shape == tensor.shape
-                    and torch.equal(current.detach().cpu(), tensor.to(current.dtype)))
+            same = isinstance(current, torch.Tensor) and same_as_base(tensor, current.detach().cpu())
             out[key] = Outcome(f"{path}.{leaf}") if same else Outcome(
                 None, "refused", "a copy of base weights that differ from this model's (inject does not change them)")
             continue
