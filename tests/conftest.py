@@ -51,6 +51,15 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+def perturb_saved_copies(peft_model, scale: float = 0.5) -> None:
+    """Move a PEFT model's ``modules_to_save`` copies away from the base (seeded by the caller), as training does."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if type(module).__name__ == "ModulesToSaveWrapper":
+                for p in module.modules_to_save["default"].parameters():
+                    p.add_(scale * torch.randn_like(p))
+
+
 def make_peft_adapter(path: Path, peft_config, seed: int = 0, model_seed: int = 0, model=None) -> Path:
     """Create an adapter with real peft on a tiny llama (random, non-zero init) and save it to ``path``."""
     from peft import get_peft_model

@@ -35,7 +35,7 @@ import adaptkit as ak
 from adaptkit.core.coverage import METADATA_KEY, read_metadata
 from adaptkit.ops.convert import convert_checkpoint
 
-from .conftest import make_peft_adapter, make_tiny_llama
+from .conftest import make_peft_adapter, make_tiny_llama, perturb_saved_copies
 
 LORA = dict(r=2, lora_alpha=4, init_lora_weights=False)
 
@@ -71,11 +71,7 @@ def tiny_classifier():
 def peft_dir(path: Path, model, seed: int = 1, **cfg) -> Path:
     torch.manual_seed(seed)
     pm = get_peft_model(model, LoraConfig(**{**LORA, **cfg}))
-    with torch.no_grad():  # saved module copies that differ from the base, as after training
-        for module in pm.modules():
-            if type(module).__name__ == "ModulesToSaveWrapper":
-                for p in module.modules_to_save["default"].parameters():
-                    p.add_(0.5 * torch.randn_like(p))
+    perturb_saved_copies(pm)  # saved module copies that differ from the base, as after training
     pm.save_pretrained(str(path))
     return path
 

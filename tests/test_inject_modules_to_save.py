@@ -18,7 +18,7 @@ import adaptkit as ak
 from adaptkit.live.inject import adapted_modules, saved_modules
 from adaptkit.live.saved_modules import ModulesToSaveWrapper
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, perturb_saved_copies
 from .test_inject import _transformers_adapter_state_dict
 
 ATOL = 1e-6
@@ -31,11 +31,7 @@ def _make(path, seed, modules_to_save=("lm_head",), targets=("q_proj", "v_proj")
     pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type=task_type,
                                          modules_to_save=list(modules_to_save) if modules_to_save else None,
                                          init_lora_weights=False))
-    with torch.no_grad():
-        for module in pm.modules():
-            if type(module).__name__ == "ModulesToSaveWrapper":
-                for p in module.modules_to_save["default"].parameters():
-                    p.add_(0.5 * torch.randn_like(p))
+    perturb_saved_copies(pm)
     pm.save_pretrained(str(path))
     return path
 
