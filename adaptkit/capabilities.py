@@ -10,7 +10,7 @@ One row per kind of :data:`adaptkit.core.kinds.KINDS` (registered kinds included
 * ``inject``: whether the kind's layers adapt a module the live wrapper wraps
   (:data:`adaptkit.core.kinds.base.MODULE_TYPES`, against the kind's ``declared_module_type()``).
 
-Nothing here names a kind, so the table cannot drift from the code: ``scripts/capability_table.py`` prints it,
+Nothing here names a kind, so the table cannot drift from the code: ``scripts/doc_tables.py capabilities`` prints it,
 ``docs/formats.md`` holds it between markers, and ``tests/test_capabilities.py`` regenerates and compares.
 """
 

@@ -43,7 +43,7 @@ def test_docs_table_is_the_generated_one():
     text = DOC.read_text()
     assert START in text and END in text
     want = replace_between_markers(text, capability_markdown())
-    assert text == want, "docs/formats.md's capability table is stale: run python scripts/capability_table.py --write"
+    assert text == want, "docs/formats.md's capability table is stale: run python scripts/doc_tables.py capabilities --write"
 
 
 def test_frame_has_a_row_per_kind_and_a_column_pair_per_format():

@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 def test_docs_table_is_the_generated_one():
     text = DOC.read_text()
     assert replace_block(text, deploy_markdown()) == text, \
-        "docs/deploy.md's deploy table is stale: run python scripts/deploy_table.py --write"
+        "docs/deploy.md's deploy table is stale: run python scripts/doc_tables.py deploy --write"
 
 
 def test_cells_follow_the_rules():

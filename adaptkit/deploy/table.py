@@ -1,5 +1,5 @@
 """The deploy table of docs/deploy.md (adapter feature × target -> accepted / fixed exactly / fixed with loss /
-refused) and the list of rules with their sources, generated from the rule tables (``scripts/deploy_table.py``)."""
+refused) and the list of rules with their sources, generated from the rule tables (``scripts/doc_tables.py deploy``)."""
 
 from __future__ import annotations
 
