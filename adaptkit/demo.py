@@ -8,6 +8,7 @@ writes its outputs under one directory (``./adaptkit-demo`` by default). Each st
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -20,6 +21,8 @@ import torch
 
 from .analysis.compare import compare_adapters
 from .analysis.layers import analyze_adapter
+from .deploy import check as deploy_check
+from .deploy import export as deploy_export
 from .errors import OutputExistsError
 from .formats import load, save
 from .io.outputs import check_output
@@ -128,6 +131,26 @@ def _step_convert(ctx: DemoContext) -> None:
     ctx.echo(f"  wrote {result.out}: {len(result.report)} LoHa layers, lossless: {result.lossless}")
 
 
+def _step_deploy(ctx: DemoContext) -> None:
+    ctx.section("deploy: will the adapters work in vLLM / llama.cpp? check, then export what they accept")
+    base = ctx.out / "base"
+    if not base.exists():
+        build_example_base(base)
+    report = deploy_check(example("dora_style"), base=str(base), target="vllm")
+    for f in report.blocking:
+        ctx.echo(f"  check dora_style -> vLLM: {f.rule} ({f.verdict}, {len(f.where)} layers): {f.message}; "
+                 f"export fixes it with {f.needs or f.fix}")
+    result = deploy_export(example("lora_code"), ctx.out / "lora_code_vllm", target="vllm", base=str(base))
+    fixes = ", ".join(f"{k}: {n}" for k, n in result.summary()["fixes"].items()) or "none needed"
+    ctx.echo(f"  wrote {result.path} for vLLM (exact fixes {fixes}); "
+             f"{result.certificate.summary().splitlines()[0]}")
+    if importlib.util.find_spec("gguf") is None:
+        ctx.echo("  no GGUF export for llama.cpp: the gguf package is not installed (pip install 'adaptkit[gguf]')")
+        return
+    gguf = deploy_export(example("lora_code"), ctx.out / "lora_code.gguf", target="llama.cpp", base=str(base))
+    ctx.echo(f"  wrote {gguf.path} for llama.cpp: tensor names from gguf's map, each layer's scale baked into B")
+
+
 def _step_analyze(ctx: DemoContext) -> None:
     ctx.section("analyze: spectra of 'lora_math' (low-rank, dW never built); how the bundled adapters interfere")
     try:
@@ -159,6 +182,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("merge", _step_merge),
     ("fuse", _step_fuse),
     ("convert", _step_convert),
+    ("deploy", _step_deploy),
     ("analyze", _step_analyze),
 ]
 

@@ -52,6 +52,9 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert len(saved) == 8
     assert "== analyze" in res.stdout and "suggested merge method for all three: none" in res.stdout  # ends with analysis
     assert "lora_math  lora_code" in res.stdout and "ties_svd" in res.stdout  # ranks 8 vs 4: the dense-delta TIES
+    assert "vllm.dora (lossy, 4 layers)" in res.stdout and "8/8 layers land" in res.stdout  # check, then export
+    assert ak.load(tmp_path / "demo" / "lora_code_vllm").config["lora_alpha"] == 8  # one global alpha, scales in B
+    assert (tmp_path / "demo" / "lora_code.gguf").stat().st_size > 0  # gguf is a test extra
     for report in ("analysis_report.html", "compare_report.html"):  # matplotlib is a test extra
         assert "data:image/png;base64," in (tmp_path / "demo" / report).read_text()
     again, term = run_cli_on_tty(monkeypatch, "demo", "--out", str(tmp_path / "demo"), "-q")  # replaces its own output
