@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -160,7 +162,6 @@ def test_seed_reproducible_and_recorded(adapters):
     p = "model.layers.0.self_attn.q_proj"
     assert torch.equal(a.layers[p].delta(), b.layers[p].delta())
     assert rel(c.layers[p].delta(), a.layers[p].delta()) > 1e-3
-    import json
     prov = json.loads(a.metadata[PROVENANCE_KEY])
     assert prov["seed"] == 11 and prov["epsilon"] == 0.1 and prov["method"] == "della"
     assert merge(adapters, method="breadcrumbs", density=0.5, rank=4).layers[p].rank == 4

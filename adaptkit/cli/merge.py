@@ -28,7 +28,7 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--out", "-o", required=True, help="Output directory (PEFT, diffusers) or file (kohya).")
 @declared(WEIGHTS, default=None, help="Comma-separated weights, one per source (default 1 each); negative subtracts.")
 @click.option("--method", default="task_arithmetic", show_default=True, help="One of: " + ", ".join(MERGE_METHODS) + ".")
-@declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*).")
+@declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*, breadcrumbs*, della*).")
 @declared(RANK, default=None, help="Output rank (svd, *_svd, task_arithmetic).")
 @declared(MAJORITY_SIGN, default="total", show_default=True, help="TIES sign election: total or frequency.")
 @declared(GAMMA, default=None, help="Fraction of largest entries dropped as outliers (breadcrumbs*; default 0.01).")

@@ -192,7 +192,7 @@ def _number(value: Any, param: Param, whole: Any = None) -> float:
 # --------------------------------------------------------------------------------------------- the declarations
 
 RANK = Param("rank", ParamType.INTEGER, "LoRA rank: the number of rank-one components per layer", "--rank", low=1)
-DENSITY = Param("density", ParamType.NUMBER, "fraction of entries kept (TIES, DARE, magnitude pruning)", "--density",
+DENSITY = Param("density", ParamType.NUMBER, "fraction of entries kept (TIES, DARE, magnitude pruning, breadcrumbs, DELLA)", "--density",
                 low=0, high=1, low_open=True)
 WEIGHTS = Param("weights", ParamType.NUMBERS, "one multiplier per adapter (default 1 each); negative subtracts",
                 "--weights")

@@ -26,7 +26,16 @@ from ...core.coverage import combine as combine_certificates
 from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
-from ...core.params import DENSITY, EPSILON, GAMMA, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
+from ...core.params import (
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    MAJORITY_SIGN,
+    RANK,
+    SEED,
+    WEIGHTS,
+    check_weights,
+)
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ...formats import check_write_options, save
 from ...formats.inputs import as_adapters
@@ -61,13 +70,13 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         weights: one weight per adapter (default: all 1.0). Negative weights subtract an adapter.
         method: ``task_arithmetic`` (default: the exact sum of weighted deltas), or one of PEFT's
             ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_ties``,
-            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``
-            (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
+            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``, or mergekit's
+            ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
         density: fraction of entries to keep, for the TIES / DARE / pruning methods (required there).
         rank: output rank for ``svd``, ``*_svd`` (default: the largest input rank) and ``task_arithmetic``
             (default: exact, rank = sum of input ranks).
         majority_sign: ``"total"`` or ``"frequency"``: how TIES elects the sign.
-        seed: seed for the DARE methods' random drop; each layer draws from its own generator seeded by
+        seed: seed for the DARE and DELLA methods' random drop; each layer draws from its own generator seeded by
             ``(seed, layer path)``, so results do not depend on layer order. ``None`` draws a seed from
             torch's global RNG (recorded in the provenance).
         progress: show a progress bar (``None``: only on a terminal).
@@ -219,7 +228,7 @@ def _check_options(m: Method, density: Any, rank: Any, majority_sign: Any, seed:
             raise ConfigError(f"method '{m.name}' needs density: the fraction of entries to keep (0 < density <= 1)")
         density = DENSITY.check(density)
     elif density is not None:
-        raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
+        raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*/breadcrumbs/della")
     if rank is not None:
         if not m.takes_rank:
             own = "its rank is the sum of the inputs' ranks" if m.output is Output.CONCAT else "it keeps the inputs' rank"
