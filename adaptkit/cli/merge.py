@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS
+from ..core.params import DENSITY, EPSILON, GAMMA, MAJORITY_SIGN, RANK, SEED, WEIGHTS
 from ._options import (
     base_option,
     component_option,
@@ -19,7 +19,8 @@ from ._render import print_json
 
 #: merge method names for help texts (the table itself is adaptkit.ops.merging.METHODS; a test keeps them equal)
 MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
-                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "breadcrumbs",
+                 "breadcrumbs_ties", "della", "della_linear")
 
 
 @click.command()
@@ -27,10 +28,12 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @click.option("--out", "-o", required=True, help="Output directory (PEFT, diffusers) or file (kohya).")
 @declared(WEIGHTS, default=None, help="Comma-separated weights, one per source (default 1 each); negative subtracts.")
 @click.option("--method", default="task_arithmetic", show_default=True, help="One of: " + ", ".join(MERGE_METHODS) + ".")
-@declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*).")
+@declared(DENSITY, default=None, help="Fraction of entries to keep (ties, dare_*, magnitude_prune*, breadcrumbs*, della*).")
 @declared(RANK, default=None, help="Output rank (svd, *_svd, task_arithmetic).")
 @declared(MAJORITY_SIGN, default="total", show_default=True, help="TIES sign election: total or frequency.")
-@declared(SEED, default=None, help="Seed for the DARE methods' random drop.")
+@declared(GAMMA, default=None, help="Fraction of largest entries dropped as outliers (breadcrumbs*; default 0.01).")
+@declared(EPSILON, default=None, help="DELLA keep probabilities span density +- epsilon (della*; default 0.1).")
+@declared(SEED, default=None, help="Seed for the random drop (dare_*, della*).")
 @click.option("--format", "fmt", default="peft", show_default=True, help="Output format (peft, kohya, diffusers).")
 @base_option("to resolve kohya/LyCORIS module names")
 @component_option("only this component's layers, in its own namespace (each: one adapter per component).")
@@ -39,7 +42,7 @@ MERGE_METHODS = ("task_arithmetic", "svd", "linear", "cat", "ties", "ties_svd", 
 @progress_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result (layers, rank, coverage certificate) as JSON.")
 def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, method: str, density: float | None,
-          rank: int | None, majority_sign: str, seed: int | None, fmt: str, base: str | None, component: str | None,
+          rank: int | None, majority_sign: str, gamma: float | None, epsilon: float | None, seed: int | None, fmt: str, base: str | None, component: str | None,
           drop: tuple[str, ...], overwrite: bool, progress: bool | None, as_json: bool) -> None:
     """Merge adapters (SOURCE... are hub ids, directories or files) into one, with PEFT's merge methods.
 
@@ -54,7 +57,7 @@ def merge(sources: tuple[str, ...], out: str, weights: list[float] | None, metho
     from ..ops.merging import PROVENANCE_KEY, merge_to
 
     merged = merge_to(list(sources), out, format=fmt, overwrite=overwrite, weights=weights, method=method,
-                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base,
+                      density=density, rank=rank, majority_sign=majority_sign, seed=seed, base=base, gamma=gamma, epsilon=epsilon,
                       component=component, progress=progress, drop=list(drop) or None)
     ranks = sorted({layer.rank for layer in merged.layers.values() if layer.rank is not None})
     rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"

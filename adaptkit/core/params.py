@@ -192,10 +192,14 @@ def _number(value: Any, param: Param, whole: Any = None) -> float:
 # --------------------------------------------------------------------------------------------- the declarations
 
 RANK = Param("rank", ParamType.INTEGER, "LoRA rank: the number of rank-one components per layer", "--rank", low=1)
-DENSITY = Param("density", ParamType.NUMBER, "fraction of entries kept (TIES, DARE, magnitude pruning)", "--density",
+DENSITY = Param("density", ParamType.NUMBER, "fraction of entries kept (TIES, DARE, magnitude pruning, breadcrumbs, DELLA)", "--density",
                 low=0, high=1, low_open=True)
 WEIGHTS = Param("weights", ParamType.NUMBERS, "one multiplier per adapter (default 1 each); negative subtracts",
                 "--weights")
+GAMMA = Param("gamma", ParamType.NUMBER, "fraction of largest-magnitude entries dropped as outliers (breadcrumbs)",
+              "--gamma", low=0, high=1)
+EPSILON = Param("epsilon", ParamType.NUMBER, "spread of DELLA's keep probabilities around density (density +- epsilon)",
+                "--epsilon", low=0, high=1)
 SEED = Param("seed", ParamType.INTEGER, "seed of the random draws (DARE's drop, sampling, randomized SVD)", "--seed")
 WORKERS = Param("workers", ParamType.INTEGER, "output files written in parallel", "--workers", low=1,
                 hint="leave it out for one per core (at most 8)")

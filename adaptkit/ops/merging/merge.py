@@ -26,7 +26,16 @@ from ...core.coverage import combine as combine_certificates
 from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
-from ...core.params import DENSITY, MAJORITY_SIGN, RANK, SEED, WEIGHTS, check_weights
+from ...core.params import (
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    MAJORITY_SIGN,
+    RANK,
+    SEED,
+    WEIGHTS,
+    check_weights,
+)
 from ...errors import ConfigError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from ...formats import check_write_options, save
 from ...formats.inputs import as_adapters
@@ -45,12 +54,15 @@ class _Options:
     rank: int | None
     majority_sign: str
     seed: int | None
+    gamma: float | None = None
+    epsilon: float | None = None
 
 
 def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[float] | None = None,
           method: str = "task_arithmetic", density: float | None = None, rank: int | None = None,
           majority_sign: str = "total", seed: int | None = None, progress: bool | None = None,
-          base: str | os.PathLike | None = None, drop: Sequence[str] | str | None = None) -> Adapter:
+          base: str | os.PathLike | None = None, drop: Sequence[str] | str | None = None,
+          gamma: float | None = None, epsilon: float | None = None) -> Adapter:
     """Merge adapters into one, with PEFT's ``add_weighted_adapter`` numbers for PEFT's method names.
 
     Args:
@@ -58,16 +70,19 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         weights: one weight per adapter (default: all 1.0). Negative weights subtract an adapter.
         method: ``task_arithmetic`` (default: the exact sum of weighted deltas), or one of PEFT's
             ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_ties``,
-            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``
-            (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
+            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``, or mergekit's
+            ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
         density: fraction of entries to keep, for the TIES / DARE / pruning methods (required there).
         rank: output rank for ``svd``, ``*_svd`` (default: the largest input rank) and ``task_arithmetic``
             (default: exact, rank = sum of input ranks).
         majority_sign: ``"total"`` or ``"frequency"``: how TIES elects the sign.
-        seed: seed for the DARE methods' random drop; each layer draws from its own generator seeded by
+        seed: seed for the DARE and DELLA methods' random drop; each layer draws from its own generator seeded by
             ``(seed, layer path)``, so results do not depend on layer order. ``None`` draws a seed from
             torch's global RNG (recorded in the provenance).
         progress: show a progress bar (``None``: only on a terminal).
+        gamma: ``breadcrumbs*`` only: fraction of the largest entries dropped as outliers (default 0.01).
+        epsilon: ``della*`` only: keep probabilities run from ``density - epsilon`` (smallest entry of a row)
+            to ``density + epsilon`` (largest) (default 0.1 if ``density`` allows it, see docs/merging.md).
         base: base model (hub id or directory) used to resolve module names when loading sources whose
             names need it (kohya/LyCORIS files of models without a shipped inventory, e.g. LLMs).
         drop: globs naming input layers that may be missing from the output (see docs/coverage.md); every
@@ -88,6 +103,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     """
     requested = get_method(method)
     density, rank, majority_sign, seed = _check_options(requested, density, rank, majority_sign, seed)
+    gamma, epsilon = _check_gamma_epsilon(requested, density, gamma, epsilon)
     if weights is not None:
         weights = WEIGHTS.check(weights)
     loaded = as_adapters(list(adapters), base=base, drop=drop)
@@ -112,7 +128,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         out_rank = None
     else:
         out_rank = _resolve_rank(used, rank, loaded, all_lora)
-        opts = _Options(used, density, out_rank, majority_sign, seed)
+        opts = _Options(used, density, out_rank, majority_sign, seed, gamma, epsilon)
         layers = _merge_loras(loaded, w, opts, progress)
     provenance = {
         "method": requested.name,
@@ -122,6 +138,8 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         "rank": out_rank,
         "majority_sign": majority_sign if used.consensus else None,
         "seed": seed if used.random else None,
+        **({"gamma": gamma} if gamma is not None else {}),
+        **({"epsilon": epsilon} if epsilon is not None else {}),
         "sources": [{"source": _source_text(a.source), "format": a.format, "name": a.name, "base_model": a.base_model}
                     for a in loaded],
     }
@@ -210,7 +228,7 @@ def _check_options(m: Method, density: Any, rank: Any, majority_sign: Any, seed:
             raise ConfigError(f"method '{m.name}' needs density: the fraction of entries to keep (0 < density <= 1)")
         density = DENSITY.check(density)
     elif density is not None:
-        raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*")
+        raise ConfigError(f"method '{m.name}' does not prune, so density does not apply; drop it or pick ties/dare_*/breadcrumbs/della")
     if rank is not None:
         if not m.takes_rank:
             own = "its rank is the sum of the inputs' ranks" if m.output is Output.CONCAT else "it keeps the inputs' rank"
@@ -220,6 +238,24 @@ def _check_options(m: Method, density: Any, rank: Any, majority_sign: Any, seed:
             )
         rank = RANK.check(rank)
     return density, rank, MAJORITY_SIGN.check(majority_sign), SEED.optional(seed)
+
+
+def _check_gamma_epsilon(m: Method, density: float | None, gamma: Any, epsilon: Any
+                         ) -> tuple[float | None, float | None]:
+    """``gamma`` / ``epsilon`` checked by their declarations, refused where the method has no use for them."""
+    if gamma is not None and not m.needs_gamma:
+        raise ConfigError(f"method '{m.name}' drops no outliers, so gamma does not apply; drop it or pick breadcrumbs*")
+    if epsilon is not None and not m.needs_epsilon:
+        raise ConfigError(f"method '{m.name}' has no rank-based keep probabilities, so epsilon does not apply; "
+                          "drop it or pick della*")
+    if m.needs_gamma:
+        gamma = 0.01 if gamma is None else GAMMA.check(gamma)
+    if m.needs_epsilon:
+        epsilon = (min(0.1, density / 2, (1 - density) / 2) if epsilon is None else EPSILON.check(epsilon))
+        if density is not None and density < 1 and (density - epsilon <= 0 or density + epsilon > 1):
+            raise EPSILON.error(epsilon, f"a number with density - epsilon > 0 and density + epsilon <= 1 "
+                                         f"(density is {density})")
+    return gamma, epsilon
 
 
 def _check_base_models(adapters: list[Adapter]) -> str | None:
@@ -433,7 +469,8 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
             up, down = dense_svd(total, opts.rank)
     else:  # element-wise work on dense deltas, then SVD
         deltas = [_own_delta(layer) for layer in layers]
-        combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True)
+        combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True,
+                           gamma=opts.gamma, epsilon=opts.epsilon)
         up, down = dense_svd(combined, opts.rank)
     return _lora_like(path, template, up, down, _bias(layers, weights))
 

@@ -5,8 +5,10 @@
   ``sqrt(|w s|)`` on each (the sign on ``A``); the result keeps the inputs' rank. ``"delta"``: the dense
   ``dW_i = s_i B_i A_i`` are combined element-wise, then truncated by SVD. ``"lowrank"``: a plain weighted
   sum that never leaves factor form (concatenation, or the exact low-rank SVD of :mod:`.lowrank`).
-* ``sparsify``: ``None``, ``"magnitude"`` (keep the top ``density``) or ``"random"`` (DARE: keep with
-  probability ``density``, rescale by ``1/density``).
+* ``sparsify``: ``None``, ``"magnitude"`` (keep the top ``density``), ``"random"`` (DARE: keep with
+  probability ``density``, rescale by ``1/density``), ``"outliers"`` (Model Breadcrumbs: drop the top ``gamma``
+  and the smallest, ``density`` remains) or ``"rank_magnitude"`` (DELLA: keep with a probability that grows with
+  the magnitude rank in the row, ``density +- epsilon``, rescale by ``1/p``).
 * ``consensus``: TIES sign election + disjoint mean instead of a weighted sum.
 * ``output``: ``"same"`` (rank of the inputs), ``"concat"`` (sum of ranks, exact), ``"svd"`` (truncated to
   ``rank``), ``"exact_or_svd"`` (concat without ``rank``, low-rank SVD with one).
@@ -23,7 +25,17 @@ from enum import StrEnum
 import torch
 
 from ...errors import ConfigError
-from .primitives import check_density, disjoint_mean_, elected_sign, magnitude_prune_rows_, prune, weighted_sum, weighted_sum_
+from .primitives import (
+    check_density,
+    disjoint_mean_,
+    elected_sign,
+    magnitude_prune_rows_,
+    outlier_prune,
+    prune,
+    rank_magnitude_prune,
+    weighted_sum,
+    weighted_sum_,
+)
 
 
 #: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
@@ -43,6 +55,8 @@ class Sparsify(StrEnum):
 
     MAGNITUDE = "magnitude"
     RANDOM = "random"
+    OUTLIERS = "outliers"
+    RANK_MAGNITUDE = "rank_magnitude"
 
 
 class Output(StrEnum):
@@ -89,7 +103,17 @@ class Method:
     @property
     def random(self) -> bool:
         """Whether the method draws random numbers (``seed`` applies)."""
-        return self.sparsify is Sparsify.RANDOM
+        return self.sparsify in (Sparsify.RANDOM, Sparsify.RANK_MAGNITUDE)
+
+    @property
+    def needs_gamma(self) -> bool:
+        """Whether ``gamma`` (the outlier fraction of Model Breadcrumbs) applies."""
+        return self.sparsify is Sparsify.OUTLIERS
+
+    @property
+    def needs_epsilon(self) -> bool:
+        """Whether ``epsilon`` (DELLA's spread of keep probabilities) applies."""
+        return self.sparsify is Sparsify.RANK_MAGNITUDE
 
     @property
     def equal_ranks(self) -> bool:
@@ -118,6 +142,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _m("magnitude_prune_svd", "delta", "magnitude", False, "svd", "magnitude pruning of dense deltas, SVD to rank"),
     _m("task_arithmetic", "lowrank", None, False, "exact_or_svd",
        "exact sum of weighted deltas: concatenated factors, or exact low-rank SVD to rank", peft=False),
+    _m("breadcrumbs", "delta", "outliers", False, "svd",
+       "Model Breadcrumbs on dense deltas: drop top gamma and smallest, weighted sum, SVD to rank", peft=False),
+    _m("breadcrumbs_ties", "delta", "outliers", True, "svd",
+       "Model Breadcrumbs on dense deltas, then TIES sign merge, SVD to rank", peft=False),
+    _m("della", "delta", "rank_magnitude", True, "svd",
+       "DELLA MagPrune (rank-based keep p, rescale 1/p) on dense deltas, TIES sign merge, SVD", peft=False),
+    _m("della_linear", "delta", "rank_magnitude", False, "svd",
+       "DELLA MagPrune on dense deltas, weighted sum, SVD to rank", peft=False),
 )}
 
 #: PEFT's combination types, in the order of its documentation
@@ -138,7 +170,7 @@ def get_method(name: str) -> Method:
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
             majority_sign_method: str = "total", generator: torch.Generator | None = None,
-            owned: bool = False) -> torch.Tensor:
+            owned: bool = False, gamma: float | None = None, epsilon: float | None = None) -> torch.Tensor:
     """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
 
     Equal to ``peft.utils.merge_utils`` (``ties``, ``dare_*``, ``magnitude_prune``, ``task_arithmetic``) but
@@ -155,6 +187,9 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         generator: random generator for DARE.
         owned: the tensors belong to the caller's computation (e.g. freshly built deltas) and may be
             overwritten; otherwise they are read only.
+        gamma: outlier fraction (``"outliers"`` sparsification, default 0).
+        epsilon: spread of keep probabilities (``"rank_magnitude"`` sparsification, default 0). Each tensor
+            draws from ``generator`` in list order.
 
     Returns:
         The combined tensor.
@@ -169,7 +204,14 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
         random = method.sparsify is Sparsify.RANDOM
-        if not owned and first.numel() <= _STACK_MAX:  # small tensors (factors): prune them stacked, then own them
+        if method.sparsify is Sparsify.OUTLIERS:
+            check_density(density)
+            tensors[:] = [outlier_prune(t if owned else t.clone(), density, gamma or 0.0) for t in tensors]
+        elif method.sparsify is Sparsify.RANK_MAGNITUDE:
+            check_density(density)
+            tensors[:] = [rank_magnitude_prune(t if owned else t.clone(), density, epsilon or 0.0, generator)
+                          for t in tensors]
+        elif not owned and first.numel() <= _STACK_MAX:  # small tensors (factors): prune them stacked, then own them
             rows = torch.stack(tensors)
             if random:
                 prune(rows, density, "random", rescale=True, generator=generator, inplace=True)

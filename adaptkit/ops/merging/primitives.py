@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ...core.params import DENSITY, MAJORITY_SIGN, kept_entries
+from ...core.params import DENSITY, EPSILON, MAJORITY_SIGN, kept_entries
 from ...errors import ConfigError
 
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
@@ -232,6 +232,71 @@ def random_prune_(tensor: torch.Tensor, density: float, rescale: bool = True,
     return tensor.div_(density) if rescale else tensor
 
 
+def outlier_prune(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask (mergekit's ``magnitude_outliers``): drop the ``int(gamma * n)`` largest magnitudes
+    and the smallest ones, so that ``int(density * n)`` entries remain; no rescale.
+
+    When ``density + gamma > 1`` fewer outliers are dropped (mergekit's rule). Magnitudes are ranked by a
+    stable ascending sort (ties: the lower index ranks lower).
+
+    Args:
+        tensor: any tensor (not modified).
+        density: fraction of entries kept; ``>= 1`` keeps everything.
+        gamma: fraction of the largest entries dropped.
+
+    Returns:
+        A new tensor of the same shape and dtype (``tensor`` itself when ``density >= 1``).
+    """
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    keep = kept_entries(density, n)
+    top = min(int(gamma * n), n - keep)
+    bottom = n - keep - top
+    order = torch.sort(tensor.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(n, dtype=tensor.dtype)
+    mask[order[bottom:n - top]] = 1
+    return tensor * mask.view(tensor.shape)
+
+
+def rank_keep_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities: ``p = density - epsilon + 2 epsilon (r - 1) / (m - 1)`` where ``r`` is an
+    entry's magnitude rank (1 = smallest, stable sort) within its row of ``m`` entries (1-D tensors: one row).
+
+    Raises:
+        ConfigError: ``density +- epsilon`` leaves ``(0, 1]``.
+    """
+    if density - epsilon <= 0 or density + epsilon > 1:
+        raise EPSILON.error(epsilon, f"a number with density - epsilon > 0 and density + epsilon <= 1 "
+                                     f"(density is {density})")
+    rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+    m = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m).expand_as(order))
+    norm = ranks.to(tensor.dtype) / max(m - 1, 1)
+    return (density - epsilon + 2 * epsilon * norm).view(tensor.shape)
+
+
+def rank_magnitude_prune(tensor: torch.Tensor, density: float, epsilon: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with its :func:`rank_keep_probabilities` ``p`` and divide it by ``p``.
+
+    The draws are ``torch.rand(tensor.shape, generator=generator) < p`` (one uniform per entry, row-major).
+
+    Args:
+        tensor: any tensor (not modified).
+        density: mean keep probability; ``>= 1`` keeps everything.
+        epsilon: half-width of the keep probabilities (0: DARE with rank-independent ``p``).
+        generator: random generator; torch's global one when ``None``.
+    """
+    if density >= 1:
+        return tensor
+    p = rank_keep_probabilities(tensor, density, epsilon)
+    keep = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) < p
+    return torch.where(keep, tensor / p, torch.zeros((), dtype=tensor.dtype))
+
+
 def check_density(density: float) -> None:
     """Refuse what PEFT's ``prune`` refuses, a negative density (0 keeps nothing, 1 or more keeps everything).
 
@@ -379,9 +444,12 @@ __all__ = [
     "magnitude_prune_",
     "magnitude_prune_rows_",
     "majority_sign",
+    "outlier_prune",
     "prune",
     "random_prune",
     "random_prune_",
+    "rank_keep_probabilities",
+    "rank_magnitude_prune",
     "weighted_sum",
     "weighted_sum_",
 ]
