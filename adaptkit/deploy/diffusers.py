@@ -10,15 +10,14 @@ does not convert is dropped without error: the coverage certificate against the 
 
 from __future__ import annotations
 
-from .features import FEATURES
-from .rules import Rule, Target
+from .features import rule_maker
+from .rules import Target
 
 PEFT_UTILS = "diffusers/utils/peft_utils.py get_peft_kwargs (diffusers 0.42.1)"
 LOADER = "diffusers/loaders/peft.py PeftAdapterMixin.load_lora_adapter (diffusers 0.42.1)"
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = PEFT_UTILS) -> Rule:
-    return Rule(f"diffusers.{feature}", feature, verdict, FEATURES[feature].detect, message, fix, source)
+_rule = rule_maker("diffusers", PEFT_UTILS)
 
 
 RULES = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..core.adapter import Adapter
 from ..core.kinds import Layer
 from ..formats.coverage import extra_module, unchanged_extras
-from .rules import Context
+from .rules import Context, Rule
 
 Detector = Callable[[Adapter, Context], list[str]]
 
@@ -276,5 +276,17 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             "equal to the base"),
 )}
 
-__all__ = ["FEATURES", "FUSED", "Detector", "Feature", "base_paths", "fused_plan", "in_base", "leaf_names_outside",
+
+def rule_maker(target: str, source: str) -> Callable[..., Rule]:
+    """The rule constructor of one runtime's table: ``make(feature, verdict, message, fix=None, source=<default>,
+    finds=None)`` builds ``Rule("<target>.<feature>", ...)`` whose detector is the feature's own unless ``finds``
+    replaces it (every table writes its rows this way)."""
+
+    def make(feature: str, verdict: str, message: str, fix: str | None = None, source: str = source,
+             finds: Detector | None = None) -> Rule:
+        return Rule(f"{target}.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
+
+    return make
+
+__all__ = ["FEATURES", "FUSED", "Detector", "Feature", "base_paths", "fused_plan", "in_base", "leaf_names_outside", "rule_maker",
            "plain_lora", "saved_outside"]

@@ -53,7 +53,7 @@ from ..formats.gguf import (
     write_gguf_lora,
 )
 from ..io.sources import resolve
-from .features import FEATURES
+from .features import rule_maker
 from .rules import Context, Rule, Target
 
 #: where the facts below were read (llama.cpp as vendored in llama-cpp-python 0.3.36, gguf-py 0.19.0)
@@ -421,9 +421,7 @@ GRAPH_CPP = f"src/llama-graph.cpp build_lora_mm / build_inp_embd, {SOURCE}"
 CONVERT_LORA = f"convert_lora_to_gguf.py, {SOURCE}"
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = ADAPTER_CPP,
-          finds: Any = None) -> Rule:
-    return Rule(f"llama.cpp.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
+_rule = rule_maker("llama.cpp", ADAPTER_CPP)
 
 
 #: llama.cpp's rule table: what ``--lora FILE.gguf`` does with each adapter feature (adaptkit's writer bakes every

@@ -8,15 +8,14 @@ finds it) and no-op layers; a rank limit applies only when one is given.
 
 from __future__ import annotations
 
-from .features import FEATURES
-from .rules import Rule, Target
+from .features import rule_maker
+from .rules import Target
 
 LORA = "peft/tuners/lora/model.py LoraModel (peft 0.17)"
 SAVE = "peft/utils/save_and_load.py set_peft_model_state_dict (peft 0.17)"
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = LORA) -> Rule:
-    return Rule(f"peft.{feature}", feature, verdict, FEATURES[feature].detect, message, fix, source)
+_rule = rule_maker("peft", LORA)
 
 
 RULES = (

