@@ -4,8 +4,9 @@ Each model is built from its published architecture config **on the meta device*
 downloads): diffusers ``UNet2DConditionModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``
 and transformers CLIP / T5 text encoders. The original (non-diffusers) names kohya trainers use are
 added from the architectures' rules: LDM ``input_blocks``/``middle_block``/``output_blocks`` names as
-aliases of the UNet's diffusers names, and the BFL (Flux) / SAI (SD3 MMDiT) module lists under the
-``unet`` component (sd-scripts writes those with ``lora_unet_``).
+aliases of the UNet's diffusers names, and the original module lists of the diffusion transformers under the
+``unet`` component (sd-scripts and musubi-tuner write those with ``lora_unet_``): the SAI SD3 MMDiT list by hand, every
+``adaptkit.formats.arch.ARCHS`` row's from its module map (its config gives the diffusers ``transformer``).
 
 Run: ``python scripts/make_inventories.py`` (takes a few seconds).
 """
@@ -38,9 +39,6 @@ SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_pe
 SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True)
 
 
 def listing(model: torch.nn.Module) -> tuple[dict[str, list[int]], list[str]]:
@@ -124,28 +122,6 @@ def ldm_aliases(mods: dict[str, list[int]], cfg: dict) -> dict[str, str]:
     return out
 
 
-def bfl_flux() -> dict[str, list[int]]:
-    """Flux-dev module names in the original BFL checkpoint layout (sd-scripts ``lora_unet_`` names)."""
-    h, mlp = 3072, 12288
-    mods: dict[str, list[int]] = {
-        "img_in": [h, 64], "txt_in": [h, 4096], "time_in.in_layer": [h, 256], "time_in.out_layer": [h, h],
-        "vector_in.in_layer": [h, 768], "vector_in.out_layer": [h, h], "guidance_in.in_layer": [h, 256],
-        "guidance_in.out_layer": [h, h], "final_layer.linear": [64, h], "final_layer.adaLN_modulation.1": [2 * h, h],
-    }
-    for i in range(19):
-        for s in ("img", "txt"):
-            mods[f"double_blocks.{i}.{s}_mod.lin"] = [6 * h, h]
-            mods[f"double_blocks.{i}.{s}_attn.qkv"] = [3 * h, h]
-            mods[f"double_blocks.{i}.{s}_attn.proj"] = [h, h]
-            mods[f"double_blocks.{i}.{s}_mlp.0"] = [mlp, h]
-            mods[f"double_blocks.{i}.{s}_mlp.2"] = [h, mlp]
-    for i in range(38):
-        mods[f"single_blocks.{i}.linear1"] = [3 * h + mlp, h]
-        mods[f"single_blocks.{i}.linear2"] = [h, h + mlp]
-        mods[f"single_blocks.{i}.modulation.lin"] = [3 * h, h]
-    return mods
-
-
 def sai_sd3(depth: int = 24) -> dict[str, list[int]]:
     """SD3-medium MMDiT module names in the original SAI layout (sd-scripts ``lora_unet_`` names)."""
     h = 64 * depth
@@ -183,8 +159,29 @@ def write(name: str, components: dict, aliases: dict | None = None) -> None:
           f"{(OUT / f'{name}.json.gz').stat().st_size} bytes")
 
 
+def arch_components(arch) -> dict:
+    """``transformer`` (diffusers names, built from the row's config on the meta device) and ``unet`` (the original
+    names, derived from the row's module map) of an ``ARCHS`` row."""
+    import diffusers
+
+    from adaptkit.formats.arch import original_listing
+
+    cls = getattr(diffusers, arch.model_class)
+    mods, biases = build(lambda: cls(**arch.config))
+    orig = original_listing(arch, {p: tuple(s) for p, s in mods.items()})
+    orig_biases = [p for p in orig if any(m in biases for m in arch.to_diffusers(p)[1])]
+    return {"transformer": (mods, biases), "unet": ({p: list(s) for p, s in orig.items()}, orig_biases)}
+
+
+#: text encoders LoRAs for an architecture touch, per ``ARCHS`` row (component -> model factory)
+def text_encoders(name: str) -> dict:
+    return {"flux": {"text_encoder": clip(CLIP_L, False), "text_encoder_2": t5()}}.get(name, {})
+
+
 def main() -> None:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
+
+    from adaptkit.formats.arch import ARCHS
 
     sd15 = build(unet(SD15_UNET))
     write("sd15", {"unet": sd15, "text_encoder": build(clip(CLIP_L, False))},
@@ -196,8 +193,10 @@ def main() -> None:
     write("sd3", {"transformer": build(lambda: SD3Transformer2DModel(**SD3_TRANSFORMER)), "unet": (sai_sd3(), None),
                   "text_encoder": build(clip(CLIP_L, True)), "text_encoder_2": build(clip(CLIP_G, True)),
                   "text_encoder_3": t5_xxl})
-    write("flux", {"transformer": build(lambda: FluxTransformer2DModel(**FLUX_TRANSFORMER)), "unet": (bfl_flux(), None),
-                   "text_encoder": build(clip(CLIP_L, False)), "text_encoder_2": t5_xxl})
+    for arch in ARCHS.values():
+        comps = arch_components(arch)
+        comps.update({c: build(f) for c, f in text_encoders(arch.name).items()})
+        write(arch.name, comps)
 
 
 if __name__ == "__main__":

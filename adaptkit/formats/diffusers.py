@@ -32,6 +32,7 @@ from ..io.outputs import atomic_output
 from ..io.safetensors import read_safetensors_header, read_weights, write_safetensors
 from . import peft as _peft
 from .base import KindSupport, Selection
+from .names import bare_component
 from .patterns import ConfigPatterns
 from .peft_layers import dora_limit, write_lora
 
@@ -81,8 +82,15 @@ def _parse(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _with_component(module: str) -> str:
-    return module if module.split(".", 1)[0] in COMPONENTS else f"unet.{module}"
+def _with_component(module: str, default: str = "unet") -> str:
+    return module if module.split(".", 1)[0] in COMPONENTS else f"{default}.{module}"
+
+
+def _bare_default(modules: Collection[str]) -> str:
+    """The component of a file without component prefixes (``save_lora_adapter`` of one model): ``transformer`` when
+    every path is a diffusion transformer's, else ``unet``."""
+    bare = [m for m in modules if m.split(".", 1)[0] not in COMPONENTS]
+    return "transformer" if bare and bare_component(bare) == "transformer" else "unet"
 
 
 # --------------------------------------------------------------------------------------------- detect
@@ -167,13 +175,15 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     configs = _configs(metadata, file_name) or {k: dict(v) for k, v in (config or {}).items()}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bad = []
+    parsed_keys = {key: _parse(key) for key in tensors}
+    default = _bare_default([p[0] for p in parsed_keys.values() if p is not None])
     for key, t in tensors.items():
-        parsed = _parse(key)
+        parsed = parsed_keys[key]
         if parsed is None:
             bad.append(key)
             continue
         module, part = parsed
-        groups[_with_component(module)][part] = t
+        groups[_with_component(module, default)][part] = t
     if bad:
         raise FormatError(
             f"{file_name} holds keys diffusers LoRA files do not have, e.g. '{bad[0]}' ({len(bad)} such keys); "

@@ -20,6 +20,7 @@ Inventories come from
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -37,6 +38,7 @@ from ..core.coverage import CoverageError, CoverageShapeError
 from ..errors import ConfigError
 from ..io.safetensors import read_safetensors_header
 from ..io.sources import resolve
+from .arch import ARCHS, DIFFUSERS, ORIGINAL, Arch, arch_of_model, original_listing
 
 #: kohya/LyCORIS name prefix -> pipeline component ("" = the model itself, no component)
 PREFIXES: dict[str, str] = {
@@ -77,8 +79,11 @@ BARE_MODELS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "unet": (frozenset({*UNET_INPUTS, "down_blocks", "up_blocks", "mid_block", *UNET_OUTPUTS}),
              frozenset({"down_blocks", "up_blocks", "mid_block", "conv_in", "time_embedding"})),
     "transformer": (frozenset({*TRANSFORMER_INPUTS, "transformer_blocks", "single_transformer_blocks",
-                               *TRANSFORMER_OUTPUTS}),  # SD3 and Flux
-                    frozenset({"transformer_blocks", "single_transformer_blocks"})),
+                               *TRANSFORMER_OUTPUTS, *(d.split(".", 1)[0] for a in ARCHS.values() for r in a.rules
+                                                        for d in r.diffusers)}),  # SD3, Flux and the ARCHS table
+                    frozenset({"transformer_blocks", "single_transformer_blocks",
+                               *(d.split(".", 1)[0] for a in ARCHS.values() for r in a.rules for d in r.diffusers
+                                 if "{i}" in d)})),
 }
 #: module paths of a CLIP text encoder made alone (``text_model.`` in transformers 4 and with a projection)
 _CLIP_PATH = re.compile(r"text_model\.|text_projection$|embeddings\.|final_layer_norm$"
@@ -304,8 +309,9 @@ def inventory_from_base(base: Any) -> Inventory:
         return Inventory(name="mapping", modules={c: {p: tuple(s) for p, s in m.items()} for c, m in base.items()})
     if hasattr(base, "named_modules"):
         mods, biases = modules_of(base)
-        return Inventory(name=type(base).__name__, modules={"": mods}, biases={"": frozenset(biases)},
-                         aliases={"": text_model_aliases(mods)})
+        inv = Inventory(name=type(base).__name__, modules={"": mods}, biases={"": frozenset(biases)},
+                        aliases={"": text_model_aliases(mods)})
+        return with_original_names(inv, arch_of_model(base))
     resolved = resolve(str(base), allow_patterns=["*.json", "*/*.json"])
     path = resolved.path
     listings: dict[str, Listing] = {}
@@ -332,7 +338,45 @@ def inventory_from_base(base: Any) -> Inventory:
             f"base {base} holds neither *.safetensors weights nor a config.json to list its modules; "
             "pass a model directory or hub id"
         )
-    return Inventory(name=str(base), modules=modules, biases=biases, aliases=aliases)
+    return with_original_names(Inventory(name=str(base), modules=modules, biases=biases, aliases=aliases))
+
+
+def _listing_arch(listing: Mapping[str, tuple[int, ...]]) -> Arch | None:
+    """The architecture whose module map covers most of a diffusers listing's modules (``None``: none covers any)."""
+    best, score = None, 0
+    for arch in ARCHS.values():
+        n = len(original_listing(arch, listing))
+        if n > score:
+            best, score = arch, n
+    return best
+
+
+def with_original_names(inv: Inventory, arch: Arch | None = None) -> Inventory:
+    """The inventory with the original module names of its diffusion transformer added under ``unet`` (BFL's
+    ``double_blocks.0.img_attn.qkv`` for a Flux transformer), so that kohya / ComfyUI files in original names resolve
+    against a diffusers base. Unchanged when it has an ``unet`` component already or no known transformer."""
+    if ORIGINAL in inv.modules:
+        return inv
+    comp = next((c for c in (DIFFUSERS, "") if inv.modules.get(c)), None)
+    if comp is None:
+        return inv
+    listing = inv.modules[comp]
+    arch = arch or _listing_arch(listing)
+    if arch is None:
+        return inv
+    orig = original_listing(arch, listing)
+    if not orig:
+        return inv
+    biases = None
+    if inv.biases is not None:
+        have = inv.biases.get(comp, frozenset())
+        with_bias = set()
+        for path in orig:
+            hit = arch.to_diffusers(path)
+            if hit is not None and any(m in have for m in hit[1]):
+                with_bias.add(path)
+        biases = {**inv.biases, ORIGINAL: frozenset(with_bias)}
+    return dataclasses.replace(inv, modules={**inv.modules, ORIGINAL: orig}, biases=biases)
 
 
 #: key prefixes of original (LDM / "single file") Stable Diffusion checkpoints -> pipeline component
@@ -418,12 +462,15 @@ def _try(inv: Inventory, names: Iterable[tuple[str, str]], shapes: Mapping[tuple
     ambiguous: list[str] = []
     bad_shape: list[str] = []
     for comp, flat in names:
-        component = comp
-        if component not in inv.modules and component == "unet" and "transformer" in inv.modules and not strict_components:
-            component = "transformer"
-        if component not in inv.modules and len(inv.modules) == 1:
-            component = next(iter(inv.modules))  # a single model given as base serves every prefix
-        cands = inv.lookup(component, flat)
+        component, cands = comp, inv.lookup(comp, flat)
+        order = [c for c in (comp, "transformer" if comp == "unet" and not strict_components else None,
+                             "" if comp != "" else None) if c is not None and c in inv.modules]
+        if len(inv.modules) == 1:
+            order.append(next(iter(inv.modules)))  # a single model given as base serves every prefix
+        for c in order:  # a model given alone (component "") serves every prefix
+            if (found := inv.lookup(c, flat)):
+                component, cands = c, found
+                break
         if not cands:
             missing.append(_kohya(comp, flat))
             unresolved[(comp, flat)] = ("unmatched", f"kohya name resolves to no module of {inv.name}")

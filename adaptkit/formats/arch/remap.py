@@ -1,0 +1,300 @@
+"""Move an adapter between an architecture's original and diffusers namespaces, exactly, with a certificate.
+
+``to_namespace(adapter, "diffusers")`` maps every ``unet.<original path>`` layer of a known architecture to its
+diffusers modules under ``transformer.`` (a packed weight's layer is split by :func:`adaptkit.core.blocks.split_rows`),
+``to_namespace(adapter, "original")`` the other way (members stacked into a block LoRA by
+:func:`~adaptkit.core.blocks.stack_rows`). Layers of other components (text encoders) are kept. Every layer must map:
+one that no rule covers is an error naming it (unless ``drop`` names it), and the result carries the coverage
+certificate of the mapping in its metadata (``adaptkit.coverage``).
+
+The architecture comes from ``arch=``, from the adapter (the shipped inventory a kohya file resolved against, or the
+``adaptkit.arch`` metadata entry), or from the module paths and shapes; paths that fit several architectures which
+map them differently are an error listing the candidates. Member sizes of packed weights come from ``base`` (a
+diffusers model, directory or inventory) or from the architecture's shipped inventory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...core.adapter import Adapter
+from ...core.blocks import split_rows, stack_rows, swap_halves
+from ...core.coverage import Outcome, certify, stamp
+from ...errors import ConfigError, UnsupportedError
+from .. import names as _names
+from . import ARCHS, DIFFUSERS, ORIGINAL, Arch, arch_of_model, get_arch
+
+#: metadata entry naming the architecture an adapter was mapped for
+ARCH_KEY = "adaptkit.arch"
+NAMESPACES = ("diffusers", "original")
+
+
+@dataclass(frozen=True)
+class MapRow:
+    """One step of a namespace change: which source layers became which target layer, how, and the measured error.
+
+    ``error`` is ``‖ΔW' - ΔW‖_F / ‖ΔW‖_F`` (biases included) in float64, computed from the factors.
+    """
+
+    source: str
+    target: str
+    action: str  # rename | swap | split:blocks | split:shared | stack
+    rank_in: int | None
+    rank_out: int | None
+    error: float
+
+
+def _component_paths(adapter: Adapter, component: str) -> list[str]:
+    return [p for p in adapter.layers if p.startswith(component + ".")]
+
+
+def _fits(arch: Arch, paths: list[str], direction: str) -> dict[str, Any] | None:
+    out = {}
+    for p in paths:
+        rel = p.partition(".")[2]
+        hit = arch.to_diffusers(rel) if direction == "diffusers" else arch.to_original(rel)
+        if hit is None:
+            return None
+        out[p] = (hit[0].original, hit[0].diffusers, hit[0].swap, hit[1] if direction == "diffusers" else hit[1:3])
+    return out
+
+
+def _listing(arch: Arch, base: Any) -> dict[str, tuple[int, ...]]:
+    """The diffusers module shapes of the architecture: from ``base`` when given, else its shipped inventory."""
+    inv = _names.inventory_from_base(base) if base is not None else _names.shipped(arch.name)
+    for comp in (DIFFUSERS, ""):
+        if inv.modules.get(comp):
+            return {p: tuple(s) for p, s in inv.modules[comp].items()}
+    raise ConfigError(f"the base {inv.name} has no diffusers transformer modules to size the {arch.label} projections "
+                      "by; pass the transformer (a diffusers directory or model) as --base")
+
+
+def _shape_ok(arch: Arch, adapter: Adapter, paths: list[str], direction: str) -> bool:
+    """The adapter's layer shapes agree with the architecture's shipped inventory (decides between sizes)."""
+    try:
+        inv = _names.shipped(arch.name)
+    except ConfigError:
+        return True
+    comp = ORIGINAL if direction == "diffusers" else DIFFUSERS
+    mods = inv.modules.get(comp, {})
+    for p in paths:
+        shape = mods.get(p.partition(".")[2])
+        layer = adapter.layers[p]
+        if shape and layer.shape is not None and tuple(layer.shape)[:2] != tuple(shape)[:2]:
+            return False
+    return True
+
+
+def pick_arch(adapter: Adapter, direction: str, arch: str | Arch | None = None, base: Any = None) -> Arch | None:
+    """The architecture to map ``adapter`` with (``None``: nothing to map, no layer is in the source namespace).
+
+    Raises:
+        ConfigError: the paths fit several architectures that map them differently (the message lists them).
+    """
+    if isinstance(arch, Arch):
+        return arch
+    if arch is not None:
+        return get_arch(arch)
+    src = ORIGINAL if direction == "diffusers" else DIFFUSERS
+    paths = _component_paths(adapter, src)
+    if not paths:
+        return None
+    known = adapter.metadata.get(ARCH_KEY) or adapter.config.get("inventory")
+    if known in ARCHS:
+        return ARCHS[known]
+    if base is not None and hasattr(base, "named_modules") and (hit := arch_of_model(base)) is not None:
+        return hit
+    fits = {name: m for name, a in ARCHS.items() if (m := _fits(a, paths, direction)) is not None}
+    if base is None and len(fits) > 1:
+        fits = {n: m for n, m in fits.items() if _shape_ok(ARCHS[n], adapter, paths, direction)} or fits
+    if not fits:
+        return None
+    distinct = {tuple(sorted((k, str(v)) for k, v in m.items())) for m in fits.values()}
+    if len(distinct) > 1:
+        raise ConfigError(f"the adapter's {src} modules fit several architectures that name them differently: "
+                          f"{', '.join(fits)}; pass arch=NAME (--arch NAME) to say which")
+    return ARCHS[next(iter(fits))]
+
+
+def _relerr(old: list[tuple[torch.Tensor, torch.Tensor]], new: list[tuple[torch.Tensor, torch.Tensor]],
+            bias_old: torch.Tensor | None, bias_new: torch.Tensor | None) -> float:
+    """``‖Σ U_new V_new - Σ U_old V_old‖ / ‖Σ U_old V_old‖`` from the factors (Gram matrices, float64, no m x n)."""
+    def sq(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        u = torch.cat([p[0] for p in pairs], dim=1).double()
+        v = torch.cat([p[1] for p in pairs], dim=0).double()
+        return float(((u.T @ u) * (v @ v.T)).sum())
+    diff = sq(new + [(-u, v) for u, v in old])
+    base = sq(old)
+    if bias_old is not None or bias_new is not None:
+        n = (bias_old if bias_old is not None else bias_new).shape[0]
+        bo = torch.zeros(n, dtype=torch.float64) if bias_old is None else bias_old.double()
+        bn = torch.zeros(n, dtype=torch.float64) if bias_new is None else bias_new.double()
+        diff += float((bn - bo).square().sum())
+        base += float(bo.square().sum())
+    diff = max(diff, 0.0)
+    return math.sqrt(diff / base) if base > 0 else math.sqrt(diff)
+
+
+def _rows_of(layer: Any, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    u, v = layer.factors()
+    return u[rows], v
+
+
+def _dense_free_error(layer: Any, parts: list[Any], sizes: list[int]) -> float:
+    """Error of split parts against the packed layer's rows, all slices together."""
+    old, new, start = [], [], 0
+    total = sum(sizes)
+    for part, n in zip(parts, sizes):
+        u, v = _rows_of(layer, slice(start, start + n))
+        pad = torch.zeros(total, u.shape[1])
+        pad[start:start + n] = u
+        old.append((pad, v))
+        if part is not None:
+            pu, pv = part.factors()
+            padn = torch.zeros(total, pu.shape[1])
+            padn[start:start + n] = pu
+            new.append((padn, pv))
+        start += n
+    bo = layer.delta_bias()
+    bn = None
+    if any(p is not None and p.delta_bias() is not None for p in parts):
+        bn = torch.cat([p.delta_bias() if p is not None and p.delta_bias() is not None else torch.zeros(n)
+                        for p, n in zip(parts, sizes)])
+    if not new:
+        new = [(torch.zeros(total, 1), torch.zeros(1, old[0][1].shape[1]))]
+    return _relerr(old, new, bo, bn)
+
+
+def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = None, base: Any = None,
+                 drop: Iterable[str] | str | None = None) -> tuple[Adapter, tuple[MapRow, ...]]:
+    """The adapter with its layers in one namespace of their architecture.
+
+    Args:
+        adapter: the adapter.
+        namespace: ``"diffusers"`` (``transformer.<diffusers path>``) or ``"original"`` (``unet.<original path>``).
+        arch: the architecture (name or :class:`Arch`); found from the adapter when ``None``.
+        base: the diffusers model (module, directory, inventory) that sizes packed projections; the shipped
+            inventory of the architecture when ``None``.
+        drop: globs naming layers that may be left out because no rule maps them (see docs/coverage.md).
+
+    Returns:
+        ``(adapter, rows)``: the mapped adapter (unchanged when nothing is in the other namespace) with the
+        certificate in its metadata, and one :class:`MapRow` per target layer.
+
+    Raises:
+        CoverageError: a layer no rule maps (not named by ``drop``). UnsupportedError: a layer on a packed
+            weight that cannot be split or stacked (base-dependent kinds), or sizes that disagree.
+        ConfigError: an unknown namespace or architecture, or paths that fit several architectures.
+    """
+    if namespace not in NAMESPACES:
+        raise ConfigError(f"unknown namespace {namespace!r}; use one of {', '.join(NAMESPACES)}")
+    found = pick_arch(adapter, namespace, arch, base)
+    if found is None:
+        return adapter, ()
+    src, dst = (ORIGINAL, DIFFUSERS) if namespace == "diffusers" else (DIFFUSERS, ORIGINAL)
+    listing = _listing(found, base)
+    layers: dict[str, Any] = {}
+    rows: list[MapRow] = []
+    outcomes: dict[str, Outcome] = {}
+    groups: dict[str, dict[int, str]] = {}
+    group_rule: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    for path, layer in adapter.layers.items():
+        comp, _, rel = path.partition(".")
+        if comp != src:
+            layers[path] = layer
+            outcomes[path] = Outcome(path)
+            continue
+        if namespace == "diffusers":
+            hit = found.to_diffusers(rel)
+            if hit is None:
+                outcomes[path] = Outcome(None, "unmatched", f"no {found.label} rule maps {rel} to diffusers")
+                continue
+            rule, members = hit
+            targets = [f"{dst}.{m}" for m in members]
+            if not rule.fused:
+                new = swap_halves(layer, path) if rule.swap else layer
+                layers[targets[0]] = new
+                rows.append(MapRow(path, targets[0], "swap" if rule.swap else "rename", layer.rank, new.rank,
+                                   _relerr_swap(layer, new) if rule.swap else 0.0))
+                outcomes[path] = Outcome(targets[0])
+                continue
+            sizes = [_size(listing, m, found) for m in members]
+            split = split_rows(layer, sizes, path)
+            err = _dense_free_error(layer, list(split.layers), sizes)
+            for t, part in zip(targets, split.layers):
+                if part is not None:
+                    layers[t] = part
+                    rows.append(MapRow(path, t, f"split:{split.method}", layer.rank, part.rank, err))
+            outcomes[path] = Outcome("+".join(targets))
+        else:
+            hit = found.to_original(rel)
+            if hit is None:
+                outcomes[path] = Outcome(None, "unmatched", f"no {found.label} rule maps {rel} to original names")
+                continue
+            rule, orig, k, members = hit
+            target = f"{dst}.{orig}"
+            if not rule.fused:
+                new = swap_halves(layer, path) if rule.swap else layer
+                layers[target] = new
+                rows.append(MapRow(path, target, "swap" if rule.swap else "rename", layer.rank, new.rank,
+                                   _relerr_swap(layer, new) if rule.swap else 0.0))
+                outcomes[path] = Outcome(target)
+                continue
+            groups.setdefault(target, {})[k] = path
+            group_rule[target] = (rule, members)
+            outcomes[path] = Outcome(target)
+    for target, present in groups.items():
+        rule, members = group_rule[target]
+        sizes = [_size(listing, m, found) for m in members]
+        given = [adapter.layers[present[k]] if k in present else None for k in range(len(members))]
+        in_features = int(next(g for g in given if g is not None).shape[1])
+        new = stack_rows(given, sizes, in_features, target)
+        layers[target] = new
+        err = _stack_error(given, sizes, new)
+        rows.append(MapRow("+".join(present[k] for k in sorted(present)), target, "stack",
+                           sum(g.rank for g in given if g is not None), new.rank, err))
+    cert = certify(adapter, outcomes, operation=f"to {namespace} names", target=found.label).require(drop)
+    out = adapter.replace(layers=dict(sorted(layers.items())), metadata={**adapter.metadata, ARCH_KEY: found.name})
+    return stamp(out, cert), tuple(rows)
+
+
+def _relerr_swap(old: Any, new: Any) -> float:
+    u, v = old.factors()
+    n = u.shape[0]
+    perm = torch.cat([torch.arange(n // 2, n), torch.arange(0, n // 2)])
+    nu, nv = new.factors()
+    bo, bn = old.delta_bias(), new.delta_bias()
+    return _relerr([(u[perm], v)], [(nu, nv)], None if bo is None else bo[perm], bn)
+
+
+def _stack_error(given: list[Any], sizes: list[int], new: Any) -> float:
+    total = sum(sizes)
+    old, start = [], 0
+    bias = None
+    if any(g is not None and g.delta_bias() is not None for g in given):
+        bias = torch.cat([g.delta_bias() if g is not None and g.delta_bias() is not None else torch.zeros(n)
+                          for g, n in zip(given, sizes)])
+    for g, n in zip(given, sizes):
+        if g is not None:
+            u, v = g.factors()
+            pad = torch.zeros(total, u.shape[1])
+            pad[start:start + n] = u
+            old.append((pad, v))
+        start += n
+    return _relerr(old, [new.factors()], bias, new.delta_bias())
+
+
+def _size(listing: Mapping[str, tuple[int, ...]], member: str, arch: Arch) -> int:
+    shape = listing.get(member)
+    if not shape:
+        raise UnsupportedError(f"the {arch.label} model has no module {member} to size a packed projection by; pass "
+                               "the transformer it belongs to as --base")
+    return int(shape[0])
+
+
+__all__ = ["ARCH_KEY", "NAMESPACES", "MapRow", "pick_arch", "to_namespace"]
