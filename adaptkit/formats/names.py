@@ -63,7 +63,7 @@ WRITE_PREFIXES: dict[str, str] = {
 #: (``component="text_encoder_2"``), so that writing kohya again picks that component's prefix
 COMPONENT_KEY = "adaptkit.component"
 #: shipped inventories, tried in this order when no base is given
-SHIPPED = ("sd15", "sdxl", "sd3", "flux")
+SHIPPED = ("sd15", "sdxl", "sd3", *(a for a in ARCHS if a != "sd3"))
 
 #: top-level modules of a diffusers UNet before the first down block and after the last up block
 UNET_INPUTS = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
