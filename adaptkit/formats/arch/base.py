@@ -4,7 +4,8 @@ A diffusion transformer ships in two namespaces: diffusers' (``transformer_block
 PEFT adapters name) and the original one its authors released (BFL's ``double_blocks.0.img_attn.qkv``, Wan's
 ``blocks.0.self_attn.q``; what ComfyUI loads natively and what kohya sd-scripts / musubi-tuner train on). One
 :class:`Rule` maps one original module to the diffusers modules it holds, in row order: one module is a rename, several
-are a packed (fused) weight. ``{i}``/``{j}`` in the names stand for block indices.
+are a packed (fused) weight. ``{i}``/``{j}`` in the names stand for block indices, ``{path}`` for any rest of a path
+(``Rule("{path}", ("{path}",))``: the two namespaces agree, only the file prefix differs).
 
 adaptkit keeps original names under the ``unet`` component (kohya's ``lora_unet_`` prefix names them so) and diffusers
 names under ``transformer``; :mod:`adaptkit.formats.arch.remap` moves an adapter between the two.
@@ -21,14 +22,18 @@ from typing import Any
 #: the component that holds each namespace's paths in adaptkit's graph
 ORIGINAL = "unet"
 DIFFUSERS = "transformer"
-_SLOT = re.compile(r"\{([a-z])\}")
+_SLOT = re.compile(r"\{([a-z]+)\}")
 
 
 def _compile(template: str) -> re.Pattern[str]:
+    """A template's regex: one-letter slots (``{i}``) match a block index, ``{path}`` any dotted rest."""
     parts = _SLOT.split(template)
     out = []
     for k, part in enumerate(parts):
-        out.append(f"(?P<{part}>\\d+)" if k % 2 else re.escape(part))
+        if k % 2:
+            out.append(f"(?P<{part}>\\d+)" if len(part) == 1 else f"(?P<{part}>.+)")
+        else:
+            out.append(re.escape(part))
     return re.compile("".join(out) + "$")
 
 
