@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.adapter import Adapter
 from ..errors import ConfigError, FormatError
-from . import base, comfyui, diffusers, kohya, peft
+from . import aitoolkit, base, comfyui, diffusers, kohya, peft, xlabs
 from .base import Format
 
 #: the one table of formats: name -> format (a module or object with the :class:`~adaptkit.formats.base.Format`
@@ -23,10 +23,12 @@ FORMATS: dict[str, Format] = {
     "kohya": kohya,  # type: ignore[dict-item]
     "diffusers": diffusers,  # type: ignore[dict-item]
     "comfyui": comfyui,  # type: ignore[dict-item]
+    "xlabs": xlabs,  # type: ignore[dict-item]
+    "ai-toolkit": aitoolkit,  # type: ignore[dict-item]
 }
 #: other names users type for a format
 ALIASES: dict[str, str] = {"lycoris": "kohya", "musubi": "kohya", "sd-scripts": "kohya", "original": "comfyui",
-                           "bfl": "comfyui", "comfy": "comfyui"}
+                           "bfl": "comfyui", "comfy": "comfyui", "aitoolkit": "ai-toolkit", "ostris": "ai-toolkit"}
 
 
 def register_format(fmt: Any, *, aliases: tuple[str, ...] = ()) -> Any:
