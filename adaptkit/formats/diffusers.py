@@ -177,6 +177,8 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     bad = []
     parsed_keys = {key: _parse(key) for key in tensors}
     default = _bare_default([p[0] for p in parsed_keys.values() if p is not None])
+    if "" in configs:  # the unpacked config of a file written by one model's save_lora_adapter
+        configs[default] = configs.pop("")
     for key, t in tensors.items():
         parsed = parsed_keys[key]
         if parsed is None:
@@ -221,6 +223,8 @@ def _configs(metadata: dict[str, str], fname: str) -> dict[str, dict[str, Any]]:
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{fname}: the {METADATA_KEY} header entry is not valid JSON ({e}); re-export the file") from e
+    if isinstance(flat, dict) and ("r" in flat or "lora_alpha" in flat):  # one model's own config (save_lora_adapter)
+        return {"": dict(flat)}
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     for key, value in flat.items():
         comp, _, field = key.partition(".")

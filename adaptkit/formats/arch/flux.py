@@ -43,8 +43,9 @@ EMBEDDER_RULES: tuple[Rule, ...] = (
     Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
     Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
     Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
-    Rule("final_layer.linear", ("proj_out",)),
-    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
+    # diffusers' kohya converter drops these modules' alphas ("TODO: alphas"): written with scale 1
+    Rule("final_layer.linear", ("proj_out",), scale_one=True),
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True, scale_one=True),
 )
 
 FLUX = Arch(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ...core.adapter import Adapter
-from ...core.blocks import split_rows, stack_rows, swap_halves
+from ...core.blocks import split_rows, stack_rows, swap_halves, unit_scale
 from ...core.coverage import Outcome, certify, stamp
 from ...errors import ConfigError, UnsupportedError
 from .. import names as _names
@@ -256,6 +256,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
             target = f"{dst}.{orig}"
             if not rule.fused:
                 new = swap_halves(layer, path) if rule.swap else layer
+                new = unit_scale(new, path) if rule.scale_one else new
                 layers[target] = new
                 rows.append(MapRow(path, target, "swap" if rule.swap else "rename", layer.rank, new.rank,
                                    _relerr_swap(layer, new) if rule.swap else 0.0))
