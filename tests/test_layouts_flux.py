@@ -346,3 +346,20 @@ def test_cli_converts_kohya_flux_to_diffusers_and_comfyui(flux, tmp_path):
     res = run_cli("convert", "->comfyui", str(tmp_path / "d"), str(tmp_path / "c.safetensors"), "--base",
                   str(base_dir))
     assert res.returncode == 1 and "exists" in res.stderr
+
+
+def test_kohya_names_two_models_spell_differently_are_an_error_naming_both(tmp_path, monkeypatch):
+    """``lora_unet_double_blocks_0_img_attn_qkv`` is Flux's ``double_blocks.0.img_attn.qkv`` and HunyuanVideo's
+    ``double_blocks.0.img_attn_qkv``, at the same shape: without a base that is an error listing both."""
+    from adaptkit.formats import names
+
+    invs = {"flux_like": names.Inventory("flux_like", {"unet": {"double_blocks.0.img_attn.qkv": (24, 8)}}),
+            "hunyuan_like": names.Inventory("hunyuan_like", {"unet": {"double_blocks.0.img_attn_qkv": (24, 8)}})}
+    monkeypatch.setattr(names, "shipped_available", lambda: list(invs))
+    monkeypatch.setattr(names, "shipped", lambda n: invs[n])
+    f = tmp_path / "k.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(24, 2)}, str(f))
+    with pytest.raises(ak.ConfigError, match="flux_like, hunyuan_like"):
+        ak.load(f)
+    assert list(ak.load(f, base="hunyuan_like").layers) == ["unet.double_blocks.0.img_attn_qkv"]
