@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,12 @@ def test_kohya_names_two_models_spell_differently_are_an_error_naming_both(tmp_p
     with pytest.raises(ak.ConfigError, match="flux_like, hunyuan_like"):
         ak.load(f)
     assert list(ak.load(f, base="hunyuan_like").layers) == ["unet.double_blocks.0.img_attn_qkv"]
+
+
+def test_docs_architecture_table_is_the_generated_one():
+    from adaptkit.capabilities import replace_between_markers
+    from adaptkit.formats.arch import table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    assert replace_between_markers(doc, table.arch_markdown(), table.START, table.END) == doc, \
+        "docs/formats.md's architecture table is stale: run python scripts/doc_tables.py architectures --write"

@@ -58,6 +58,7 @@ FLUX = Arch(
     pipeline="FluxPipeline",
     layouts=("diffusers", "kohya", "comfyui", "xlabs", "ai-toolkit"),
     text_encoders=("text_encoder", "text_encoder_2"),
+    extra={"diffusers_reads": ("diffusers", "kohya", "xlabs", "ai-toolkit")},
     notes="diffusers `_convert_kohya_flux_lora_to_diffusers`, `_convert_xlabs_flux_lora_to_diffusers`; ComfyUI "
           "`comfy/utils.py` `flux_to_diffusers`",
 )
