@@ -373,3 +373,27 @@ def test_docs_architecture_table_is_the_generated_one():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
     assert replace_between_markers(doc, table.arch_markdown(), table.START, table.END) == doc, \
         "docs/formats.md's architecture table is stale: run python scripts/doc_tables.py architectures --write"
+
+
+def test_fuse_a_comfyui_or_kohya_flux_lora_into_a_diffusers_transformer(flux, tmp_path):
+    """Original names fused into a diffusers transformer directory: mapped first (qkv split exactly); the fused
+    weights equal PEFT's merge of the adapter the file came from."""
+    import glob
+
+    base, tuned, adapter = flux
+    base.save_pretrained(str(tmp_path / "base"))
+    from peft.tuners.lora import LoraLayer
+
+    ref = {}
+    for name, module in copy.deepcopy(tuned).named_modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+            ref[f"{name}.weight"] = module.base_layer.weight.detach()
+    for fmt, options in [("comfyui", {}), ("kohya", {"naming": "original"})]:
+        src = ak.save(adapter, tmp_path / f"{fmt}.safetensors", format=fmt, **options)
+        out = tmp_path / f"fused_{fmt}"
+        ak.fuse(tmp_path / "base", src, out)
+        fused = load_file(glob.glob(str(out / "*.safetensors"))[0])
+        assert set(ref) <= set(fused)
+        for k, w in ref.items():
+            torch.testing.assert_close(fused[k], w, rtol=1e-5, atol=1e-6)
