@@ -70,7 +70,7 @@ def ref_tsv(deltas, weights, keep):
     us, ss, vs = [], [], []
     for d, w in zip(deltas, weights):
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        k = max(1, round(keep * nrank(s, tuple(d.shape))))
+        k = max(1, int(keep * nrank(s, tuple(d.shape))))
         us.append(u[:, :k])
         ss.append(w * s[:k])
         vs.append(vh[:k])

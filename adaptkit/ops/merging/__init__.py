@@ -5,7 +5,7 @@ breadcrumbs / DELLA and the LoRA-native KnOTS, TSV-M, Iso-C/CTS and core-space m
 * :mod:`.primitives`: pruning, majority sign, disjoint mean (element-wise parts); :mod:`.methods`: their combination.
 * :mod:`.subspace`: the methods that align factors in shared bases (KnOTS, TSV-M, Iso-C/CTS, core space).
 * :mod:`.lowrank`: exact truncated SVDs that stay low rank.
-* :mod:`.merge`: :func:`merge` (adapters in, adapter out) and :func:`merge_to` (sources in, files out).
+* :mod:`.driver`: :func:`merge` (adapters in, adapter out) and :func:`merge_to` (sources in, files out).
 
 The names below load lazily, so that importing :mod:`.catalog` stays torch-free.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"PROVENANCE_KEY": "merge", "merge": "merge", "merge_to": "merge", "METHODS": "catalog",
+_LAZY = {"PROVENANCE_KEY": "driver", "merge": "driver", "merge_to": "driver", "METHODS": "catalog",
          "PEFT_METHODS": "catalog", "Method": "catalog", "get_method": "catalog"}
 
 

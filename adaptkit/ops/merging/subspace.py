@@ -92,7 +92,7 @@ def tsv(factors: list[Factors], weights: Sequence[float], opts: SubspaceOptions)
     us, ss, vs = [], [], []
     for (u, v), w in zip(factors, weights):
         left, s, right = _task_svd(u, v)
-        k = max(1, int(round(frac * s.numel()))) if s.numel() else 0
+        k = max(1, int(frac * s.numel())) if s.numel() else 0  # the authors truncate: int(r / T)
         us.append(left[:, :k])
         ss.append(float(w) * s[:k])
         vs.append(right[:k])
