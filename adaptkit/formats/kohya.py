@@ -166,7 +166,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise FormatError(f"{file_name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
     partial = drop is not None and base is not None
-    resolution = _names.resolve_names(layers, base=base, shapes=shapes, partial=partial)
+    hint = " ".join(str(metadata.get(k, "")) for k in ("ss_sd_model_name", "modelspec.architecture",
+                                                         "ss_base_model_version", "ss_network_module"))
+    resolution = _names.resolve_names(layers, base=base, shapes=shapes, partial=partial, hint=hint)
     unresolved = [LayerCoverage(_names.WRITE_PREFIXES.get(c, "lycoris_") + f, None, status, layer_energy(layers[(c, f)]),
                                 len(tensor_fields(layers[(c, f)])), reason)
                   for (c, f), (status, reason) in sorted(resolution.unresolved.items())]
