@@ -11,9 +11,12 @@ from typing import Any
 
 from ...errors import ConfigError
 from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
+from .chroma import CHROMA
 from .flux import FLUX
+from .flux2 import FLUX2
+from .sd3 import SD3, SD35_LARGE, SD35_MEDIUM
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX,)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MEDIUM, SD35_LARGE)}
 
 
 def get_arch(name: str) -> Arch:
