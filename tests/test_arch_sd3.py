@@ -176,3 +176,30 @@ def test_bad_inputs(case):
                                LoRA(down=torch.randn(2, 32), up=torch.randn(64, 2), alpha=2.0, shape=(64, 32))})
     with pytest.raises(UnsupportedError, match="context_block.attn.qkv"):
         to_namespace(bad, "diffusers", arch=TINY, base=case["base"])
+
+
+def test_rows_of_one_class_are_told_apart_by_the_config():
+    """A base model of each released SD3 config picks its own row (the last block's swap depends on it)."""
+    from diffusers import SD3Transformer2DModel
+
+    from adaptkit.formats.arch import arch_of_model
+
+    for row in SD3_ROWS:
+        with torch.device("meta"):
+            model = SD3Transformer2DModel(**ARCHS[row].config)
+        assert arch_of_model(model) is ARCHS[row]
+    h = 2432
+    layers = {f"transformer.transformer_blocks.{i}.norm1_context.linear":
+              LoRA(down=torch.randn(2, h), up=torch.randn(n * h, 2), alpha=2.0, shape=(n * h, h))
+              for i, n in ((23, 6), (37, 2))}
+    # (a module Flux.1 has at another width: remap's shape check passes paths a shipped inventory lacks, so with only
+    # blocks 23 and 37 the file would fit Flux.1's 19-block map as well)
+    layers["transformer.transformer_blocks.0.attn.to_q"] = LoRA(down=torch.randn(2, h), up=torch.randn(h, 2), alpha=2.0,
+                                                                shape=(h, h))
+    d = ak.Adapter(layers=layers)
+    o, rows = to_namespace(d, "original", base=model)  # the SD3.5-large model from the loop
+    assert {r.target: r.action for r in rows if "adaLN" in r.target} == {
+        "unet.joint_blocks.23.context_block.adaLN_modulation.1": "rename",
+        "unet.joint_blocks.37.context_block.adaLN_modulation.1": "swap"}
+    o2, rows2 = to_namespace(d, "original")  # no base: the shipped inventories' shapes pick sd35_large too
+    assert [r.action for r in rows2] == [r.action for r in rows]
