@@ -134,3 +134,9 @@ def original_state(adapter, style: str) -> dict[str, torch.Tensor]:
             out[f"{key}.lora_up.weight"] = layer.up.float().contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
     return out
+
+
+def report(what: str, value: float) -> float:
+    """Print a measured figure (``pytest -s tests/test_arch_*.py | grep '\\[arch\\]'`` collects them for the docs)."""
+    print(f"[arch] {what}: {value:.2e}")
+    return value
