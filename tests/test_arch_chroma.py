@@ -202,7 +202,8 @@ def test_bad_inputs(case):
         to_namespace(odd, "diffusers", arch="chroma", base=case["base"])
     kept, _ = to_namespace(odd, "diffusers", arch="chroma", base=case["base"], drop="*img_mod*")
     assert set(kept.layers) == set(case["a"].layers)
+    # linear1 rows that fit neither the base (224 = 3 x 32 + 128) nor q, k, v of the input width plus an MLP part
     bad = orig.replace(layers={**orig.layers, "unet.single_blocks.0.linear1":
-                               LoRA(down=torch.randn(2, 32), up=torch.randn(200, 2), alpha=2.0, shape=(200, 32))})
+                               LoRA(down=torch.randn(2, 32), up=torch.randn(90, 2), alpha=2.0, shape=(90, 32))})
     with pytest.raises(UnsupportedError, match="linear1"):
         to_namespace(bad, "diffusers", base=case["base"])

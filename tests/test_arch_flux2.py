@@ -160,8 +160,8 @@ def test_bad_inputs(case):
         to_namespace(odd, "diffusers", base=case["base"])
     kept, _ = to_namespace(odd, "diffusers", base=case["base"], drop="*query_norm*")
     assert set(kept.layers) == set(case["a"].layers)
-    # a packed qkv whose rows disagree with the base's q/k/v (96 rows): refused, naming it
+    # a packed qkv whose rows neither match the base's q/k/v (96 rows) nor split in three: refused, naming it
     bad = orig.replace(layers={**orig.layers, "unet.double_blocks.0.img_attn.qkv":
-                               LoRA(down=torch.randn(2, 32), up=torch.randn(90, 2), alpha=2.0, shape=(90, 32))})
+                               LoRA(down=torch.randn(2, 32), up=torch.randn(91, 2), alpha=2.0, shape=(91, 32))})
     with pytest.raises(UnsupportedError, match="img_attn.qkv"):
         to_namespace(bad, "diffusers", base=case["base"])
