@@ -15,8 +15,8 @@ FLUX2_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=
                   num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, mlp_ratio=3.0,
                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
 CHROMA_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
-                   approximator_hidden_dim=32, approximator_layers=2)
+                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+                   approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
 #: two joint blocks: block 0 has SD3.5's dual attention (attn2), block 1 is the last one (pre-only text stream)
 SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
@@ -140,3 +140,26 @@ def report(what: str, value: float) -> float:
     """Print a measured figure (``pytest -s tests/test_arch_*.py | grep '\\[arch\\]'`` collects them for the docs)."""
     print(f"[arch] {what}: {value:.2e}")
     return value
+
+
+def bake_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``lora_A/lora_B + alpha`` state dict with each ``alpha / r`` multiplied into ``lora_B`` and the alphas
+    dropped (what diffusers' ``diffusion_model.`` converters read: they refuse ``.alpha`` keys)."""
+    out = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    for k, alpha in state.items():
+        if k.endswith(".alpha"):
+            mod = k[:-len(".alpha")]
+            r = out[f"{mod}.lora_A.weight"].shape[0]
+            out[f"{mod}.lora_B.weight"] = out[f"{mod}.lora_B.weight"] * (float(alpha) / r)
+    return out
+
+
+def load_written_diffusers(model: torch.nn.Module, directory, pipeline: str) -> torch.nn.Module:
+    """A diffusers-layout directory read by ``<pipeline>.lora_state_dict`` (with its metadata) and loaded into
+    ``model`` with ``load_lora_adapter``, as ``load_lora_weights`` does for the transformer."""
+    import diffusers
+
+    state, meta = getattr(diffusers, pipeline).lora_state_dict(str(directory), return_lora_metadata=True)
+    kw = {"metadata": meta.get("transformer", meta)} if meta else {}
+    model.load_lora_adapter(state, prefix="transformer", adapter_name="x", **kw)
+    return model

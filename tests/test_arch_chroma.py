@@ -21,9 +21,8 @@ from adaptkit.errors import UnsupportedError
 from adaptkit.formats import names
 from adaptkit.formats.arch import get_arch
 from adaptkit.formats.arch.remap import to_namespace
-from tests.arch_models import (CHROMA_TINY, add_lora, deltas, max_rel, original_state, peft_deltas, rel,
-                               report, save_pipeline_lora, state_deltas, tiny,
-                               weight_modules)
+from tests.arch_models import (CHROMA_TINY, add_lora, deltas, load_written_diffusers, max_rel, original_state,
+                               peft_deltas, rel, report, save_pipeline_lora, state_deltas, tiny, weight_modules)
 
 ALPHAS = {"transformer_blocks.0.attn.to_v": 2.0, "single_transformer_blocks.0.proj_mlp": 16.0,
           "distilled_guidance_layer.layers.1.linear_2": 1.0}
@@ -35,7 +34,8 @@ NOT_KOHYA_TINY = ("single_transformer_blocks.0.attn.to_q", "single_transformer_b
 
 def inputs():
     g = torch.Generator().manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
                 timestep=torch.tensor([0.5]), img_ids=torch.randint(0, 4, (4, 3), generator=g).float(),
                 txt_ids=torch.zeros(3, 3))
 
@@ -207,3 +207,43 @@ def test_bad_inputs(case):
                                LoRA(down=torch.randn(2, 32), up=torch.randn(90, 2), alpha=2.0, shape=(90, 32))})
     with pytest.raises(UnsupportedError, match="linear1"):
         to_namespace(bad, "diffusers", base=case["base"])
+
+
+def test_public_api_writes_every_layout(case, released, tmp_path):
+    """``ak.save`` to comfyui / kohya (original names) / diffusers, read back by layout detection; diffusers' loaders
+    on the written files (kohya and comfyui at the released sizes, which Flux.1's converter hardcodes)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    a, orig, base = case["a"], case["orig"], case["base"]
+    want_orig = deltas(orig, "unet")
+    comfy = ak.save(a, tmp_path / "comfy.safetensors", format="comfyui")
+    kohya = ak.save(a, tmp_path / "kohya.safetensors", format="kohya", naming="original")
+    diff = ak.save(orig, tmp_path / "diffusers", format="diffusers")
+    c, k, d = ak.load(comfy), ak.load(kohya, base=base), ak.load(diff)
+    assert (c.format, k.format, d.format) == ("comfyui", "kohya", "diffusers")
+    assert report("chroma e2e comfyui read back rel dW", max_rel(deltas(c, "unet"), want_orig)) < 1e-6
+    assert report("chroma e2e kohya read back rel dW", max_rel(deltas(k, "unet"), want_orig)) < 1e-6
+    got = deltas(d, "transformer")
+    assert report("chroma e2e diffusers read back rel dW", max_rel(got, deltas(a, "transformer"))) < 1e-6
+    fresh = load_written_diffusers(copy.deepcopy(base), diff, "ChromaPipeline")
+    out, ref = run(fresh), run(case["model"])
+    report("chroma e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+
+    # released sizes: the blocks and embedders (diffusers refuses the approximator's keys, see above)
+    blocks = released["diff"].replace(layers={p: v for p, v in released["diff"].layers.items() if "distilled" not in p})
+    x: dict = {}
+    want = {p.partition(".")[2]: probe(*layer.factors(), x) for p, layer in blocks.layers.items()}
+    scale = released["orig"].layers["unet.final_layer.linear"].scale
+    want["proj_out"] = want["proj_out"] / scale  # diffusers reads final_layer's factors without alpha / rank
+    kohya = ak.save(blocks, tmp_path / "kohya_released.safetensors", format="kohya", naming="original", arch="chroma")
+    comfy = ak.save(blocks, tmp_path / "comfy_released.safetensors", format="comfyui", arch="chroma")
+    # ComfyUI's kohya-style tensor names in the comfyui layout (lora_down/up + alpha) are what Flux.1's loader reads
+    comfy_kohya = {k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+                   for k, v in load_file(str(comfy)).items()}
+    for what, state in (("kohya", load_file(str(kohya))), ("comfyui (lora_down/up)", comfy_kohya)):
+        conv = diffusers.ChromaPipeline.lora_state_dict(state)
+        got = {k.removeprefix("transformer.")[:-len(".lora_A.weight")]: probe(conv[k.replace("lora_A", "lora_B")], v, x)
+               for k, v in conv.items() if k.endswith(".lora_A.weight")}
+        assert report(f"chroma e2e {what} file at released sizes -> diffusers rel dW probes", max_rel(got, want)) < 1e-5

@@ -18,8 +18,23 @@ from adaptkit.core.kinds import LoRA
 from adaptkit.errors import UnsupportedError
 from adaptkit.formats.arch import ARCHS, get_arch
 from adaptkit.formats.arch.remap import to_namespace
-from tests.arch_models import (FLUX2_TINY, add_lora, deltas, max_rel, original_state, peft_deltas, rel,
-                               report, save_pipeline_lora, state_deltas, swap_rows, tiny, weight_modules)
+from tests.arch_models import (
+    FLUX2_TINY,
+    add_lora,
+    bake_alphas,
+    deltas,
+    load_written_diffusers,
+    max_rel,
+    original_state,
+    peft_deltas,
+    rel,
+    report,
+    save_pipeline_lora,
+    state_deltas,
+    swap_rows,
+    tiny,
+    weight_modules,
+)
 
 ALPHAS = {"transformer_blocks.0.attn.to_k": 2.0, "transformer_blocks.0.attn.add_v_proj": 16.0,
           "single_transformer_blocks.0.attn.to_qkv_mlp_proj": 3.0}
@@ -30,7 +45,8 @@ DROPPED_BY_KOHYA = {"double_stream_modulation_img.linear", "double_stream_modula
 
 def inputs():
     g = torch.Generator().manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
                 timestep=torch.tensor([0.5]), img_ids=torch.randint(0, 4, (4, 4), generator=g).float(),
                 txt_ids=torch.zeros(3, 4), guidance=torch.tensor([3.5]))
 
@@ -165,3 +181,37 @@ def test_bad_inputs(case):
                                LoRA(down=torch.randn(2, 32), up=torch.randn(91, 2), alpha=2.0, shape=(91, 32))})
     with pytest.raises(UnsupportedError, match="img_attn.qkv"):
         to_namespace(bad, "diffusers", base=case["base"])
+
+
+def test_public_api_writes_every_layout(case, tmp_path):
+    """``ak.save`` to comfyui / kohya (original names) / diffusers, read back by layout detection, and diffusers'
+    loaders on the written files."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    a, orig, base = case["a"], case["orig"], case["base"]
+    want_orig = deltas(orig, "unet")
+    comfy = ak.save(a, tmp_path / "comfy.safetensors", format="comfyui")
+    kohya = ak.save(a, tmp_path / "kohya.safetensors", format="kohya", naming="original")
+    diff = ak.save(orig, tmp_path / "diffusers", format="diffusers")
+    c, k, d = ak.load(comfy), ak.load(kohya, base=base), ak.load(diff)
+    assert (c.format, k.format, d.format) == ("comfyui", "kohya", "diffusers")
+    assert report("flux2 e2e comfyui read back rel dW", max_rel(deltas(c, "unet"), want_orig)) < 1e-6
+    assert report("flux2 e2e kohya read back rel dW", max_rel(deltas(k, "unet"), want_orig)) < 1e-6
+    got = deltas(d, "transformer")
+    assert report("flux2 e2e diffusers read back rel dW", max_rel(got, deltas(a, "transformer"))) < 1e-6
+    want = deltas(a, "transformer")
+    # diffusers' Flux.2 `diffusion_model.` converter refuses the `.alpha` keys ComfyUI reads; with them baked in:
+    with pytest.raises(ValueError, match="alpha"):
+        diffusers.Flux2Pipeline.lora_state_dict(load_file(str(comfy)))
+    got = state_deltas(diffusers.Flux2Pipeline.lora_state_dict(bake_alphas(load_file(str(comfy)))))
+    assert rel(got.pop("norm_out.linear"), swap_rows(want["norm_out.linear"])) < 1e-6
+    assert report("flux2 e2e comfyui file -> diffusers rel dW", max_rel(got, {n: w for n, w in want.items()
+                                                                               if n != "norm_out.linear"})) < 1e-5
+    got = state_deltas(diffusers.Flux2Pipeline.lora_state_dict(load_file(str(kohya))))
+    assert report("flux2 e2e kohya file -> diffusers rel dW", max_rel(got, {n: w for n, w in want.items()
+                                                                             if n not in DROPPED_BY_KOHYA})) < 1e-5
+    fresh = load_written_diffusers(copy.deepcopy(base), diff, "Flux2Pipeline")
+    out, ref = run(fresh), run(case["model"])
+    report("flux2 e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)

@@ -23,8 +23,8 @@ from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS, get_arch
 from adaptkit.formats.arch.remap import to_namespace
 from adaptkit.formats.arch.sd3 import SD3, sd3_rules
-from tests.arch_models import (SD3_TINY, add_lora, deltas, max_rel, peft_deltas, rel, report, save_pipeline_lora,
-                               tiny, weight_modules)
+from tests.arch_models import (SD3_TINY, add_lora, deltas, load_written_diffusers, max_rel, peft_deltas, rel, report,
+                               save_pipeline_lora, tiny, weight_modules)
 
 SD3_ROWS = ("sd3", "sd35_medium", "sd35_large")
 TINY = dataclasses.replace(SD3, name="sd3_tiny", rules=sd3_rules(2))
@@ -54,7 +54,8 @@ def sai_sd3(depth: int = 24) -> dict[str, list[int]]:
 
 def inputs():
     g = torch.Generator().manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
                 pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([500.0]))
 
 
@@ -203,9 +204,29 @@ def test_rows_of_one_class_are_told_apart_by_the_config():
     layers["transformer.transformer_blocks.0.attn.to_q"] = LoRA(down=torch.randn(2, h), up=torch.randn(h, 2), alpha=2.0,
                                                                 shape=(h, h))
     d = ak.Adapter(layers=layers)
-    o, rows = to_namespace(d, "original", base=model)  # the SD3.5-large model from the loop
+    _, rows = to_namespace(d, "original", base=model)  # the SD3.5-large model from the loop
     assert {r.target: r.action for r in rows if "adaLN" in r.target} == {
         "unet.joint_blocks.23.context_block.adaLN_modulation.1": "rename",
         "unet.joint_blocks.37.context_block.adaLN_modulation.1": "swap"}
-    o2, rows2 = to_namespace(d, "original")  # no base: the shipped inventories' shapes pick sd35_large too
+    _, rows2 = to_namespace(d, "original")  # no base: the shipped inventories' shapes pick sd35_large too
     assert [r.action for r in rows2] == [r.action for r in rows]
+
+
+def test_public_api_writes_every_layout(case, tmp_path):
+    """``ak.save`` to comfyui / kohya (original names) / diffusers, read back by layout detection; the written
+    diffusers file loads into the tiny model (diffusers reads no other SD3 layout)."""
+    a, orig, base = case["a"], case["orig"], case["base"]
+    want_orig = deltas(orig, "unet")
+    comfy = ak.save(a, tmp_path / "comfy.safetensors", format="comfyui", arch=TINY, base=base)
+    kohya = ak.save(a, tmp_path / "kohya.safetensors", format="kohya", naming="original", arch=TINY, base=base)
+    diff = ak.save(orig, tmp_path / "diffusers", format="diffusers", arch=TINY, base=base)
+    c, k, d = ak.load(comfy), ak.load(kohya, base=base), ak.load(diff)
+    assert (c.format, k.format, d.format) == ("comfyui", "kohya", "diffusers")
+    assert report("sd3 e2e comfyui read back rel dW", max_rel(deltas(c, "unet"), want_orig)) < 1e-6
+    assert report("sd3 e2e kohya read back rel dW", max_rel(deltas(k, "unet"), want_orig)) < 1e-6
+    got = deltas(d, "transformer")
+    assert report("sd3 e2e diffusers read back rel dW", max_rel(got, deltas(a, "transformer"))) < 1e-6
+    fresh = load_written_diffusers(copy.deepcopy(base), diff, "StableDiffusion3Pipeline")
+    out, ref = run(fresh), run(case["model"])
+    report("sd3 e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)

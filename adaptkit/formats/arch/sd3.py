@@ -42,8 +42,8 @@ def sd3_rules(depth: int) -> tuple[Rule, ...]:
         Rule(J + "context_block.attn.proj", (T + "attn.to_add_out",)),
         Rule(J + "context_block.mlp.fc1", (T + "ff_context.net.0.proj",)),
         Rule(J + "context_block.mlp.fc2", (T + "ff_context.net.2",)),
-        Rule(f"joint_blocks.{last}.context_block.adaLN_modulation.1", (f"transformer_blocks.{last}.norm1_context.linear",),
-             swap=True),
+        Rule(f"joint_blocks.{last}.context_block.adaLN_modulation.1",
+             (f"transformer_blocks.{last}.norm1_context.linear",), swap=True),
         Rule(J + "context_block.adaLN_modulation.1", (T + "norm1_context.linear",)),
         Rule("x_embedder.proj", ("pos_embed.proj",)),
         Rule("context_embedder", ("context_embedder",)),
@@ -102,4 +102,4 @@ SD35_LARGE = Arch(
     **_COMMON,
 )
 
-__all__ = ["SD35_LARGE", "SD35_MEDIUM", "SD3", "sd3_rules"]
+__all__ = ["SD3", "SD35_LARGE", "SD35_MEDIUM", "sd3_rules"]
