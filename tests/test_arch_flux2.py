@@ -187,7 +187,7 @@ def test_public_api_writes_every_layout(case, tmp_path):
     """``ak.save`` to comfyui / kohya (original names) / diffusers, read back by layout detection, and diffusers'
     loaders on the written files."""
     import diffusers
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     a, orig, base = case["a"], case["orig"], case["base"]
     want_orig = deltas(orig, "unet")
@@ -204,7 +204,12 @@ def test_public_api_writes_every_layout(case, tmp_path):
     # diffusers' Flux.2 `diffusion_model.` converter refuses the `.alpha` keys ComfyUI reads; with them baked in:
     with pytest.raises(ValueError, match="alpha"):
         diffusers.Flux2Pipeline.lora_state_dict(load_file(str(comfy)))
-    got = state_deltas(diffusers.Flux2Pipeline.lora_state_dict(bake_alphas(load_file(str(comfy)))))
+    baked = bake_alphas(load_file(str(comfy)))  # = ai-toolkit's Flux.2 files: diffusion_model.<BFL name>, no alphas
+    save_file(baked, str(tmp_path / "aitk.safetensors"))
+    t = ak.load(tmp_path / "aitk.safetensors")
+    assert t.format == "comfyui"
+    assert report("flux2 e2e ai-toolkit (no alpha) file read rel dW", max_rel(deltas(t, "unet"), want_orig)) < 1e-6
+    got = state_deltas(diffusers.Flux2Pipeline.lora_state_dict(baked))
     assert rel(got.pop("norm_out.linear"), swap_rows(want["norm_out.linear"])) < 1e-6
     assert report("flux2 e2e comfyui file -> diffusers rel dW", max_rel(got, {n: w for n, w in want.items()
                                                                                if n != "norm_out.linear"})) < 1e-5
