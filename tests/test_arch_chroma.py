@@ -247,3 +247,23 @@ def test_public_api_writes_every_layout(case, released, tmp_path):
         got = {k.removeprefix("transformer.")[:-len(".lora_A.weight")]: probe(conv[k.replace("lora_A", "lora_B")], v, x)
                for k, v in conv.items() if k.endswith(".lora_A.weight")}
         assert report(f"chroma e2e {what} file at released sizes -> diffusers rel dW probes", max_rel(got, want)) < 1e-5
+
+
+def test_kohya_files_resolve_without_a_base(tmp_path):
+    """A Chroma1-HD kohya file resolves against the shipped inventories by its names and shapes: with approximator
+    keys only Chroma's fits; block keys alone fit Flux.1's too, which maps them identically."""
+    from safetensors.torch import save_file
+
+    entries = {"lora_unet_distilled_guidance_layer_layers_4_out_layer": (5120, 5120),
+               "lora_unet_double_blocks_18_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_37_linear1": (21504, 3072)}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (out, inp) in entries.items():
+        state |= {f"{name}.lora_down.weight": torch.randn(2, inp, generator=g),
+                  f"{name}.lora_up.weight": torch.randn(out, 2, generator=g), f"{name}.alpha": torch.tensor(1.0)}
+    save_file(state, str(tmp_path / "a.safetensors"))
+    a = ak.load(tmp_path / "a.safetensors")
+    assert a.config["inventory"] == "chroma"
+    d, rows = to_namespace(a, "diffusers")
+    assert "transformer.distilled_guidance_layer.layers.4.linear_2" in d.layers and len(d.layers) == 1 + 3 + 4
+    assert report("chroma kohya file (released sizes) -> diffusers MapRow max error", max(r.error for r in rows)) < 1e-6

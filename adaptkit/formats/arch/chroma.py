@@ -12,8 +12,9 @@ Sources (read, not copied): diffusers 0.42.1 ``loaders/single_file_utils.py``
 ``ChromaPipeline`` reads LoRAs with ``FluxLoraLoaderMixin.lora_state_dict``, i.e. Flux.1's converters
 (``_convert_kohya_flux_lora_to_diffusers`` for sd-scripts files: it maps the blocks and rejects the approximator's
 keys); ComfyUI loads Chroma LoRAs by its own (BFL) module names (``comfy/lora.py`` ``model_lora_keys_unet``:
-``diffusion_model.<name>`` and ``lora_unet_<name flattened>``, no diffusers-name branch for Chroma); Forge's
-``backend/nn/chroma.py`` ``Approximator`` (``in_proj``, ``layers`` of ``MLPEmbedder``, ``norms``, ``out_proj``).
+``diffusion_model.<name>`` and ``lora_unet_<name flattened>`` for every weight of the model, and has no diffusers-name
+branch for Chroma); Forge's Chroma port (``Approximator``: ``in_proj``, ``layers`` of ``MLPEmbedder`` with
+``in_layer``/``out_layer``, ``norms``, ``out_proj``), which follows ComfyUI's.
 """
 
 from __future__ import annotations
