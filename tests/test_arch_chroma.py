@@ -230,6 +230,14 @@ def test_public_api_writes_every_layout(case, released, tmp_path):
     out, ref = run(fresh), run(case["model"])
     report("chroma e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    # ai-toolkit: one file, diffusers keys, scales baked (written from the original names: mapped back exactly)
+    aitk = ak.save(orig, tmp_path / "aitk.safetensors", format="ai-toolkit")
+    fresh = copy.deepcopy(base)
+    fresh.load_lora_adapter(diffusers.ChromaPipeline.lora_state_dict(load_file(str(aitk))), prefix="transformer",
+                            adapter_name="x")
+    out = run(fresh)
+    report("chroma e2e ai-toolkit file -> lora_state_dict -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
     # released sizes: the blocks and embedders (diffusers refuses the approximator's keys, see above)
     blocks = released["diff"].replace(layers={p: v for p, v in released["diff"].layers.items() if "distilled" not in p})

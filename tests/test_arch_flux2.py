@@ -220,3 +220,11 @@ def test_public_api_writes_every_layout(case, tmp_path):
     out, ref = run(fresh), run(case["model"])
     report("flux2 e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    # ai-toolkit: one file, diffusers keys, scales baked (written from the original names: mapped back exactly)
+    aitk = ak.save(orig, tmp_path / "written_aitk.safetensors", format="ai-toolkit")
+    fresh = copy.deepcopy(base)
+    fresh.load_lora_adapter(diffusers.Flux2Pipeline.lora_state_dict(load_file(str(aitk))), prefix="transformer",
+                            adapter_name="x")
+    out = run(fresh)
+    report("flux2 e2e ai-toolkit file -> lora_state_dict -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)

@@ -215,6 +215,9 @@ def test_rows_of_one_class_are_told_apart_by_the_config():
 def test_public_api_writes_every_layout(case, tmp_path):
     """``ak.save`` to comfyui / kohya (original names) / diffusers, read back by layout detection; the written
     diffusers file loads into the tiny model (diffusers reads no other SD3 layout)."""
+    import diffusers
+    from safetensors.torch import load_file
+
     a, orig, base = case["a"], case["orig"], case["base"]
     want_orig = deltas(orig, "unet")
     comfy = ak.save(a, tmp_path / "comfy.safetensors", format="comfyui", arch=TINY, base=base)
@@ -229,4 +232,12 @@ def test_public_api_writes_every_layout(case, tmp_path):
     fresh = load_written_diffusers(copy.deepcopy(base), diff, "StableDiffusion3Pipeline")
     out, ref = run(fresh), run(case["model"])
     report("sd3 e2e diffusers file -> load_lora_adapter, output", rel(out, ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    # ai-toolkit: one file, diffusers keys, scales baked (written from the original names: mapped back exactly)
+    aitk = ak.save(orig, tmp_path / "aitk.safetensors", format="ai-toolkit", arch=TINY, base=base)
+    fresh = copy.deepcopy(base)
+    fresh.load_lora_adapter(diffusers.StableDiffusion3Pipeline.lora_state_dict(load_file(str(aitk))), prefix="transformer",
+                            adapter_name="x")
+    out = run(fresh)
+    report("sd3 e2e ai-toolkit file -> lora_state_dict -> load_lora_adapter, output", rel(out, ref))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)

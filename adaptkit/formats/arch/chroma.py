@@ -46,7 +46,9 @@ CHROMA = Arch(
                 approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5),
     rules=BLOCK_RULES + APPROXIMATOR_RULES + EMBEDDER_RULES,
     pipeline="ChromaPipeline",
-    layouts=("diffusers", "kohya", "comfyui"),
+    layouts=("diffusers", "kohya", "comfyui", "ai-toolkit"),
+    # kohya: the blocks and embedders; Flux.1's converter refuses the approximator's keys
+    extra={"diffusers_reads": ("diffusers", "kohya", "ai-toolkit")},
     notes="diffusers `convert_chroma_transformer_checkpoint_to_diffusers` (single_file_utils); ChromaPipeline reads "
           "LoRAs with FluxLoraLoaderMixin (`_convert_kohya_flux_lora_to_diffusers`); ComfyUI `model_lora_keys_unet` "
           "(BFL names only)",

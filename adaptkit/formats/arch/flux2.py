@@ -63,6 +63,8 @@ FLUX2 = Arch(
     rules=RULES,
     pipeline="Flux2Pipeline",
     layouts=("diffusers", "kohya", "comfyui", "ai-toolkit"),
+    # comfyui: diffusers reads ai-toolkit's alpha-free `diffusion_model.` files, not ones with `.alpha` keys
+    extra={"diffusers_reads": ("diffusers", "kohya", "ai-toolkit")},
     notes="diffusers `_convert_non_diffusers_flux2_lora_to_diffusers`, `_convert_kohya_flux2_lora_to_diffusers`, "
           "`convert_flux2_transformer_checkpoint_to_diffusers` (single_file_utils)",
 )

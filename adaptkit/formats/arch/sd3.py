@@ -58,7 +58,8 @@ def sd3_rules(depth: int) -> tuple[Rule, ...]:
 
 _COMMON = dict(
     pipeline="StableDiffusion3Pipeline",
-    layouts=("diffusers", "kohya", "comfyui"),
+    layouts=("diffusers", "kohya", "comfyui", "ai-toolkit"),
+    extra={"diffusers_reads": ("diffusers", "ai-toolkit")},
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     notes="diffusers `convert_sd3_transformer_checkpoint_to_diffusers` (single_file_utils); ComfyUI `comfy/utils.py` "
           "`mmdit_to_diffusers`, `comfy/lora.py` `model_lora_keys_unet`; diffusers converts no non-diffusers SD3 LoRA",
