@@ -1,12 +1,12 @@
-"""Generate the module inventories shipped in ``adaptkit/data/inventories`` (SD 1.x, SDXL, SD3, Flux).
+"""Generate the module inventories shipped in ``adaptkit/data/inventories`` (SD 1.x, SDXL and every ``ARCHS`` row).
 
 Each model is built from its published architecture config **on the meta device** (no weights, no
-downloads): diffusers ``UNet2DConditionModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``
+downloads): diffusers ``UNet2DConditionModel`` and each ``ARCHS`` row's transformer class
 and transformers CLIP / T5 text encoders. The original (non-diffusers) names kohya trainers use are
 added from the architectures' rules: LDM ``input_blocks``/``middle_block``/``output_blocks`` names as
 aliases of the UNet's diffusers names, and the original module lists of the diffusion transformers under the
-``unet`` component (sd-scripts and musubi-tuner write those with ``lora_unet_``): the SAI SD3 MMDiT list by hand, every
-``adaptkit.formats.arch.ARCHS`` row's from its module map (its config gives the diffusers ``transformer``).
+``unet`` component (sd-scripts and musubi-tuner write those with ``lora_unet_``): every ``adaptkit.formats.arch.ARCHS``
+row's (SD3/SD3.5, Flux.1, Flux.2, Chroma, ...) from its module map (its config gives the diffusers ``transformer``).
 
 Run: ``python scripts/make_inventories.py`` (takes a few seconds).
 """
@@ -36,9 +36,6 @@ SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_pe
                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816)
-SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 
 
 def listing(model: torch.nn.Module) -> tuple[dict[str, list[int]], list[str]]:
@@ -122,26 +119,6 @@ def ldm_aliases(mods: dict[str, list[int]], cfg: dict) -> dict[str, str]:
     return out
 
 
-def sai_sd3(depth: int = 24) -> dict[str, list[int]]:
-    """SD3-medium MMDiT module names in the original SAI layout (sd-scripts ``lora_unet_`` names)."""
-    h = 64 * depth
-    mods: dict[str, list[int]] = {
-        "x_embedder.proj": [h, 16, 2, 2], "context_embedder": [h, 4096], "t_embedder.mlp.0": [h, 256],
-        "t_embedder.mlp.2": [h, h], "y_embedder.mlp.0": [h, 2048], "y_embedder.mlp.2": [h, h],
-        "final_layer.linear": [64, h], "final_layer.adaLN_modulation.1": [2 * h, h],
-    }
-    for i in range(depth):
-        for blk in ("x_block", "context_block"):
-            pre_only = blk == "context_block" and i == depth - 1
-            mods[f"joint_blocks.{i}.{blk}.attn.qkv"] = [3 * h, h]
-            mods[f"joint_blocks.{i}.{blk}.adaLN_modulation.1"] = [(2 if pre_only else 6) * h, h]
-            if not pre_only:
-                mods[f"joint_blocks.{i}.{blk}.attn.proj"] = [h, h]
-                mods[f"joint_blocks.{i}.{blk}.mlp.fc1"] = [4 * h, h]
-                mods[f"joint_blocks.{i}.{blk}.mlp.fc2"] = [h, 4 * h]
-    return mods
-
-
 def write(name: str, components: dict, aliases: dict | None = None) -> None:
     from adaptkit.formats.names import text_model_aliases
 
@@ -175,12 +152,12 @@ def arch_components(arch) -> dict:
 
 #: text encoders LoRAs for an architecture touch, per ``ARCHS`` row (component -> model factory)
 def text_encoders(name: str) -> dict:
-    return {"flux": {"text_encoder": clip(CLIP_L, False), "text_encoder_2": t5()}}.get(name, {})
+    sd3 = {"text_encoder": clip(CLIP_L, True), "text_encoder_2": clip(CLIP_G, True), "text_encoder_3": t5()}
+    return {"flux": {"text_encoder": clip(CLIP_L, False), "text_encoder_2": t5()}, "sd3": sd3,
+            "sd35_medium": sd3, "sd35_large": sd3}.get(name, {})
 
 
 def main() -> None:
-    from diffusers import SD3Transformer2DModel
-
     from adaptkit.formats.arch import ARCHS
 
     sd15 = build(unet(SD15_UNET))
@@ -189,10 +166,6 @@ def main() -> None:
     sdxl = build(unet(SDXL_UNET))
     write("sdxl", {"unet": sdxl, "text_encoder": build(clip(CLIP_L, False)), "text_encoder_2": build(clip(CLIP_G, True))},
           {"unet": ldm_aliases(sdxl[0], SDXL_UNET)})
-    t5_xxl = build(t5())
-    write("sd3", {"transformer": build(lambda: SD3Transformer2DModel(**SD3_TRANSFORMER)), "unet": (sai_sd3(), None),
-                  "text_encoder": build(clip(CLIP_L, True)), "text_encoder_2": build(clip(CLIP_G, True)),
-                  "text_encoder_3": t5_xxl})
     for arch in ARCHS.values():
         comps = arch_components(arch)
         comps.update({c: build(f) for c, f in text_encoders(arch.name).items()})

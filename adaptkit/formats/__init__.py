@@ -86,6 +86,8 @@ def to_format_namespace(adapter: Adapter, format: str, *, arch: str | None = Non
     ns = namespace_of(format, **options)
     if ns is None:
         return adapter, ()
+    # a layout of one architecture only (XLabs: Flux.1) maps with it, whatever other rows the paths would fit
+    arch = arch or getattr(format_module(format), "ARCH", None)
     return to_namespace(adapter, ns, arch=arch, base=base, drop=drop)
 
 

@@ -11,9 +11,12 @@ from typing import Any
 
 from ...errors import ConfigError
 from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
+from .chroma import CHROMA
 from .flux import FLUX
+from .flux2 import FLUX2
+from .sd3 import SD3, SD35_LARGE, SD35_MEDIUM
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX,)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MEDIUM, SD35_LARGE)}
 
 
 def get_arch(name: str) -> Arch:
@@ -25,14 +28,27 @@ def get_arch(name: str) -> Arch:
 
 
 def arch_of_model(model: Any) -> Arch | None:
-    """The architecture of a diffusers model instance (by its class name), else ``None``."""
-    name = type(model).__name__
-    return next((a for a in ARCHS.values() if a.model_class == name), None)
+    """The architecture of a diffusers model instance (by its class name and config), else ``None``."""
+    return arch_of_class(type(model).__name__, getattr(model, "config", None))
 
 
-def arch_of_class(class_name: str | None) -> Arch | None:
-    """The architecture whose diffusers class is ``class_name`` (a ``config.json``'s ``_class_name``), else ``None``."""
-    return next((a for a in ARCHS.values() if a.model_class == class_name), None)
+def arch_of_class(class_name: str | None, config: Any = None) -> Arch | None:
+    """The architecture whose diffusers class is ``class_name`` (a ``config.json``'s ``_class_name``), else ``None``.
+
+    Several rows of one class (SD3-medium, SD3.5-medium, SD3.5-large) are told apart by ``config``: the row whose
+    ``num_layers`` and then most other entries agree with it wins (the first row of the class without a config)."""
+    rows = [a for a in ARCHS.values() if a.model_class == class_name]
+    if len(rows) < 2 or not config:
+        return rows[0] if rows else None
+
+    def _same(a: Any, b: Any) -> bool:
+        return (tuple(a) if isinstance(a, list | tuple) else a) == (tuple(b) if isinstance(b, list | tuple) else b)
+
+    def score(arch: Arch) -> tuple[bool, int]:
+        agree = sum(k in config and _same(config[k], v) for k, v in arch.config.items())
+        return "num_layers" in config and _same(config["num_layers"], arch.config.get("num_layers")), agree
+
+    return max(rows, key=score)  # max keeps the first of equal scores
 
 
 __all__ = ["ARCHS", "DIFFUSERS", "ORIGINAL", "Arch", "Rule", "arch_of_class", "arch_of_model", "get_arch",
