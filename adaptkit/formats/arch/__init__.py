@@ -12,8 +12,11 @@ from typing import Any
 from ...errors import ConfigError
 from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
 from .flux import FLUX
+from .lumina2 import LUMINA2
+from .qwen_image import QWEN_IMAGE
+from .wan import WAN
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX,)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, WAN, QWEN_IMAGE, LUMINA2)}
 
 
 def get_arch(name: str) -> Arch:
