@@ -25,7 +25,8 @@ def block_rules(prefix: str, modulated: bool) -> tuple[Rule, ...]:
     """The rules of one block family (``"layers"``, ``"noise_refiner"``, ``"context_refiner"``)."""
     o, d = f"{prefix}.{{i}}.", f"{prefix}.{{i}}."
     rules = [
-        Rule(o + "attention.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")),
+        # q has the hidden size (= the input features), k and v share the rest
+        Rule(o + "attention.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), sizes=("in", "kv", "kv")),
         Rule(o + "attention.out", (d + "attn.to_out.0",)),
         Rule(o + "attention.q_norm", (d + "attn.norm_q",)),
         Rule(o + "attention.k_norm", (d + "attn.norm_k",)),
