@@ -115,12 +115,15 @@ def assert_deltas_match(adapter: ak.Adapter, deltas: dict[str, torch.Tensor]) ->
     return worst
 
 
-def loaded_outputs_match(reference: torch.nn.Module, base: torch.nn.Module, converted: dict[str, torch.Tensor],
+def loaded_outputs_match(reference: torch.nn.Module, base: torch.nn.Module, converted: dict[str, torch.Tensor] | str,
                          inputs: dict, adapter_name: str = "oracle") -> float:
     """``load_lora_adapter(converted)`` on a fresh copy of ``base`` gives the reference PEFT model's outputs (rtol
     1e-4); returns the relative output error (and checks the LoRA changes the output at all)."""
     fresh = copy.deepcopy(base)
-    fresh.load_lora_adapter(converted, adapter_name=adapter_name)
+    if isinstance(converted, dict):
+        fresh.load_lora_adapter(converted, adapter_name=adapter_name)
+    else:  # a written diffusers directory: diffusers reads its file and lora_adapter_metadata
+        fresh.load_lora_adapter(converted, weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
     fresh.eval()
     with torch.no_grad():
         want = reference(**inputs, return_dict=False)[0]
@@ -130,3 +133,40 @@ def loaded_outputs_match(reference: torch.nn.Module, base: torch.nn.Module, conv
     err = float((got - want).norm() / want.norm())
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), err
     return err
+
+
+def same_deltas(got: ak.Adapter, want: ak.Adapter) -> float:
+    """The same layer paths and ΔW (biases included) per layer to 1e-6 relative; returns the worst error."""
+    assert set(got.layers) == set(want.layers)
+    worst = 0.0
+    for path, layer in want.layers.items():
+        d0, d1 = layer.delta_matrix(), got.layers[path].delta_matrix().reshape(layer.delta_matrix().shape)
+        err = float((d1 - d0).norm() / d0.norm())
+        assert err < 1e-6, (path, err)
+        worst = max(worst, err)
+    return worst
+
+
+def written_layouts(a: ak.Adapter, base: torch.nn.Module, tmp: Path) -> tuple[dict[str, Path], float]:
+    """Through the public API: ``ak.save`` of the diffusers-named adapter as ``comfyui`` and as ``kohya`` with
+    original names, and of its original-named form as ``diffusers``; each read back with ``ak.load`` (layout detected
+    from the keys; the kohya names resolve against the tiny model saved as a directory) and compared layer by layer
+    with the adapter in the namespace the file holds. Returns the files and the worst ΔW error."""
+    base_dir = tmp / "base"
+    base.save_pretrained(str(base_dir))
+    orig, _ = to_namespace(a, "original", base=base)
+    files = {"comfyui": ak.save(a, tmp / "comfyui.safetensors", format="comfyui", base=base),
+             "kohya": ak.save(a, tmp / "kohya.safetensors", format="kohya", naming="original", base=base),
+             "diffusers": ak.save(orig, tmp / "diffusers", format="diffusers", base=base)}
+    worst = max(same_deltas(ak.load(str(files["comfyui"])), orig),
+                same_deltas(ak.load(str(files["kohya"]), base=str(base_dir)), orig),
+                same_deltas(ak.load(str(files["diffusers"])), a))
+    return files, worst
+
+
+def file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a written ``.safetensors`` file (or of the one in a written directory)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    return load_file(str(path if path.is_file() else next(path.glob("*.safetensors"))))

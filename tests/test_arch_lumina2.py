@@ -14,13 +14,16 @@ import pytest
 import torch
 from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
 
+import adaptkit as ak
+
 from adaptkit.core.coverage import CoverageError
 from adaptkit.errors import UnsupportedError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, loaded_outputs_match, original_state_dict,
-                             read_peft, roundtrip_check, weight_modules, with_lora)
+from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
+                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
+                             written_layouts)
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_refiner_layers=1,
             num_attention_heads=2, num_kv_heads=1, multiple_of=16, cap_feat_dim=16, axes_dim_rope=(8, 12, 12),
@@ -118,3 +121,29 @@ def test_fused_rows_that_disagree_with_the_base(base, tmp_path):
     cut = dataclasses.replace(qkv, up=qkv.up[:127], shape=(127, 64))
     with pytest.raises(UnsupportedError, match=r"layers\.0\.attention\.qkv"):
         to_namespace(orig.replace(layers={"unet.layers.0.attention.qkv": cut}), "diffusers", arch="lumina2", base=base)
+
+
+def test_written_layouts(base, tmp_path):
+    """ak.save as comfyui / kohya (original names) / diffusers, read back by ak.load (qkv stacked on the way out,
+    split on the way back); load_lora_adapter reads the diffusers directory and gives the PEFT model's outputs.
+    diffusers reads no kohya Lumina2 file, and its comfyui reader takes no ``.alpha`` (see the next test)."""
+    peft_model = with_lora(base, weight_modules(base), ALPHAS, seed=4)
+    a = read_peft(peft_model, tmp_path / "in", Lumina2Pipeline)
+    files, worst = written_layouts(a, base, tmp_path / "out")
+    assert "diffusion_model.context_refiner.0.attention.qkv.lora_A.weight" in file_tensors(files["comfyui"])
+    assert "lora_unet_noise_refiner_0_attention_qkv.lora_down.weight" in file_tensors(files["kohya"])
+    err = loaded_outputs_match(peft_model, base, str(files["diffusers"]), _inputs())
+    print(f"lumina2 written layouts: read-back ΔW worst {worst:.1e}; diffusers dir outputs rel err {err:.1e}")
+
+
+def test_written_comfyui_file_is_refused_by_diffusers_for_its_alphas(tmp_path):
+    """adaptkit writes an ``.alpha`` per layer; diffusers' Lumina2 converter pops none and refuses the file (at the
+    released attention sizes, where its hardcoded qkv split fits). The same tensors without the alphas, scales baked
+    into B, are the hand-built file of test_comfyui_layout_oracle, which diffusers reads."""
+    torch.manual_seed(0)
+    big = Lumina2Transformer2DModel(**RELEASED_ATTN).eval()
+    blocks = [n for n in weight_modules(big) if n.startswith(("layers.", "noise_refiner.", "context_refiner."))]
+    a = read_peft(with_lora(big, blocks, {}), tmp_path / "in", Lumina2Pipeline)
+    out = ak.save(a, tmp_path / "c.safetensors", format="comfyui", base=big)
+    with pytest.raises(ValueError, match=r"alpha"):
+        Lumina2Pipeline.lora_state_dict(file_tensors(out))

@@ -13,8 +13,9 @@ from adaptkit.core.coverage import CoverageError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import pick_arch, to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, loaded_outputs_match, original_state_dict,
-                             read_peft, roundtrip_check, weight_modules, with_lora)
+from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
+                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
+                             written_layouts)
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=12, axes_dims_rope=(4, 6, 6))
@@ -91,3 +92,20 @@ def test_rules_do_not_claim_other_architectures(lora):
     flux_like = a.replace(layers={"unet.double_blocks.0.img_attn.proj": one}, metadata={}, config={})
     assert pick_arch(flux_like, "diffusers") is ARCHS["flux"]
     assert ARCHS["qwen_image"].to_diffusers("double_blocks.0.img_attn.proj") is None
+
+
+def test_written_layouts_and_diffusers_reads_them(base, inputs, lora, tmp_path):
+    """ak.save as comfyui / kohya (original names) / diffusers, read back by ak.load; diffusers reads all three
+    (QwenImagePipeline.lora_state_dict for the two single files, load_lora_adapter for the directory) and each gives
+    the PEFT model's outputs."""
+    peft_model, a = lora
+    files, worst = written_layouts(a, base, tmp_path)
+    assert "lora_unet_transformer_blocks_0_img_mlp_net_0_proj.alpha" in file_tensors(files["kohya"])
+    errs = []
+    for layout in ("comfyui", "kohya"):
+        converted = QwenImagePipeline.lora_state_dict(file_tensors(files[layout]))
+        assert_deltas_match(a, converted_deltas(converted))
+        errs.append(loaded_outputs_match(peft_model, base, converted, inputs))
+    errs.append(loaded_outputs_match(peft_model, base, str(files["diffusers"]), inputs))
+    print(f"qwen written layouts: read-back ΔW worst {worst:.1e}; diffusers outputs (comfyui, kohya, diffusers dir) "
+          f"rel err {', '.join(f'{e:.1e}' for e in errs)}")

@@ -12,8 +12,9 @@ from adaptkit.core.coverage import CoverageError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, loaded_outputs_match, original_state_dict,
-                             read_peft, roundtrip_check, weight_modules, with_lora)
+from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
+                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
+                             written_layouts)
 
 # 2 blocks, I2V-shaped (image_dim / added_kv_proj_dim set: k_img, v_img, img_emb exist), tiny dims
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -119,3 +120,28 @@ def test_save_lora_adapter_file_keeps_alphas(base, tmp_path):
     a = ak.load(str(tmp_path), format="diffusers")
     assert a.layers["transformer.blocks.0.attn1.to_q"].alpha == 8.0
     assert a.layers["transformer.blocks.0.attn1.to_k"].alpha == 2.0
+
+
+def test_written_layouts_and_diffusers_reads_them(base, inputs, tmp_path):
+    """ak.save as comfyui / kohya (musubi names) / diffusers, read back by ak.load; diffusers' converters read the
+    comfyui and musubi files of a block LoRA (what musubi-tuner trains), and load_lora_adapter reads the diffusers
+    directory of a LoRA on every Linear/Conv3d, each giving the PEFT model's outputs."""
+    blocks = [n for n in weight_modules(base) if n.startswith("blocks.")]
+    peft_blocks = with_lora(base, blocks, ALPHAS, seed=5)
+    a = read_peft(peft_blocks, tmp_path / "blocks", WanPipeline)
+    files, worst = written_layouts(a, base, tmp_path / "out_blocks")
+    assert "lora_unet_blocks_1_cross_attn_k_img.alpha" in file_tensors(files["kohya"])
+    errs = []
+    for layout in ("comfyui", "kohya"):
+        converted = WanPipeline.lora_state_dict(file_tensors(files[layout]))
+        assert_deltas_match(a, converted_deltas(converted))
+        errs.append(loaded_outputs_match(peft_blocks, base, converted, inputs))
+    peft_all = with_lora(base, weight_modules(base), ALPHAS, seed=6)
+    a_all = read_peft(peft_all, tmp_path / "all", WanPipeline)
+    files_all, worst_all = written_layouts(a_all, base, tmp_path / "out_all")
+    errs.append(loaded_outputs_match(peft_all, base, str(files_all["diffusers"]), inputs))
+    # diffusers' comfyui-layout reader takes no alpha outside the blocks and no patch_embedding key
+    with pytest.raises(ValueError, match="should be empty"):
+        WanPipeline.lora_state_dict(file_tensors(files_all["comfyui"]))
+    print(f"wan written layouts: read-back ΔW worst {max(worst, worst_all):.1e}; diffusers outputs (comfyui, musubi, "
+          f"diffusers dir) rel err {', '.join(f'{e:.1e}' for e in errs)}")
