@@ -56,9 +56,9 @@ def test_every_linear_maps(base):
     assert not missing
     rule, members = lumina.to_diffusers("context_refiner.0.attention.qkv")
     assert rule.fused and members == tuple(f"context_refiner.0.attn.to_{x}" for x in "qkv")
-    assert lumina.to_diffusers("final_layer.adaLN_modulation.1")[1] == ("norm_out.linear_1",)
-    assert lumina.to_diffusers("context_refiner.1.attention_norm1")[1] == ("context_refiner.1.norm1",)
-    assert lumina.to_diffusers("layers.1.attention_norm1")[1] == ("layers.1.norm1.norm",)
+    assert lumina.to_diffusers("final_layer.adaLN_modulation.1")[1] == ("norm_out.linear_1")
+    assert lumina.to_diffusers("context_refiner.1.attention_norm1")[1] == ("context_refiner.1.norm1")
+    assert lumina.to_diffusers("layers.1.attention_norm1")[1] == ("layers.1.norm1.norm")
 
 
 def test_roundtrip_every_module(base, tmp_path):
@@ -147,3 +147,15 @@ def test_written_comfyui_file_is_refused_by_diffusers_for_its_alphas(tmp_path):
     out = ak.save(a, tmp_path / "c.safetensors", format="comfyui", base=big)
     with pytest.raises(ValueError, match=r"alpha"):
         Lumina2Pipeline.lora_state_dict(file_tensors(out))
+
+
+def test_shipped_inventory_is_fully_mapped():
+    from adaptkit.formats import names
+
+    inv = names.shipped("lumina2")
+    assert all(ARCHS["lumina2"].to_original(p) for p in inv.modules["transformer"])
+    # 30 blocks x (to_q, to_k, to_v -> one qkv): 425 diffusers modules, 365 original ones
+    assert (len(inv.modules["transformer"]), len(inv.modules["unet"])) == (425, 365)
+    assert inv.modules["unet"]["layers.25.attention.qkv"] == (2304 + 768 + 768, 2304)
+    assert inv.modules["unet"]["cap_embedder.1"] == (2304, 2304)
+    assert inv.modules["unet"]["final_layer.adaLN_modulation.1"] == (2304, 1024)

@@ -109,3 +109,13 @@ def test_written_layouts_and_diffusers_reads_them(base, inputs, lora, tmp_path):
     errs.append(loaded_outputs_match(peft_model, base, str(files["diffusers"]), inputs))
     print(f"qwen written layouts: read-back ΔW worst {worst:.1e}; diffusers outputs (comfyui, kohya, diffusers dir) "
           f"rel err {', '.join(f'{e:.1e}' for e in errs)}")
+
+
+def test_shipped_inventory_is_fully_mapped():
+    from adaptkit.formats import names
+
+    inv = names.shipped("qwen_image")
+    assert inv.modules["unet"] == inv.modules["transformer"]  # identical names and shapes
+    assert len(inv.modules["transformer"]) == 1087
+    assert inv.modules["unet"]["transformer_blocks.59.img_mod.1"] == (6 * 3072, 3072)
+    assert inv.modules["unet"]["txt_in"] == (3072, 3584)

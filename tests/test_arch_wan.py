@@ -44,9 +44,9 @@ def test_every_linear_and_conv_maps(base):
     missing = [n for n in names if wan.to_original(n) is None]
     assert not missing
     # the original names are diffusers' single-file key map (convert_wan_transformer_to_diffusers)
-    assert wan.to_diffusers("blocks.3.cross_attn.k_img")[1] == ("blocks.3.attn2.add_k_proj",)
-    assert wan.to_diffusers("blocks.0.norm3")[1] == ("blocks.0.norm2",)
-    assert wan.to_diffusers("head.head")[1] == ("proj_out",)
+    assert wan.to_diffusers("blocks.3.cross_attn.k_img")[1] == ("blocks.3.attn2.add_k_proj")
+    assert wan.to_diffusers("blocks.0.norm3")[1] == ("blocks.0.norm2")
+    assert wan.to_diffusers("head.head")[1] == ("proj_out")
 
 
 def test_roundtrip_every_module(base, tmp_path):
@@ -145,3 +145,32 @@ def test_written_layouts_and_diffusers_reads_them(base, inputs, tmp_path):
         WanPipeline.lora_state_dict(file_tensors(files_all["comfyui"]))
     print(f"wan written layouts: read-back ΔW worst {max(worst, worst_all):.1e}; diffusers outputs (comfyui, musubi, "
           f"diffusers dir) rel err {', '.join(f'{e:.1e}' for e in errs)}")
+
+
+# Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers and Wan-AI/Wan2.2-I2V-A14B-Diffusers (each
+# expert) transformer configs, built on the meta device: the same class and module names as the shipped T2V-14B row
+RELEASES = {
+    "2.1-I2V-14B": dict(ARCHS["wan"].config, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+    "2.2-TI2V-5B": dict(ARCHS["wan"].config, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336,
+                        num_layers=30),
+    "2.2-I2V-A14B": dict(ARCHS["wan"].config, in_channels=36),
+}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_released_variants_share_the_map(release):
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**RELEASES[release])
+    weighted = [n for n, m in model.named_modules() if n and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    assert not [n for n in weighted if ARCHS["wan"].to_original(n) is None]
+
+
+def test_shipped_inventory_is_fully_mapped():
+    from adaptkit.formats import names
+
+    inv = names.shipped("wan")
+    assert len(inv.modules["transformer"]) == len(inv.modules["unet"]) == 607
+    assert all(ARCHS["wan"].to_original(p) for p in inv.modules["transformer"])
+    assert inv.modules["unet"]["blocks.39.cross_attn.k"] == (5120, 5120)
+    assert inv.modules["unet"]["text_embedding.0"] == (5120, 4096)
+    assert inv.modules["unet"]["patch_embedding"] == (5120, 16, 1, 2, 2)
