@@ -56,9 +56,9 @@ def test_every_linear_maps(base):
     assert not missing
     rule, members = lumina.to_diffusers("context_refiner.0.attention.qkv")
     assert rule.fused and members == tuple(f"context_refiner.0.attn.to_{x}" for x in "qkv")
-    assert lumina.to_diffusers("final_layer.adaLN_modulation.1")[1] == ("norm_out.linear_1")
-    assert lumina.to_diffusers("context_refiner.1.attention_norm1")[1] == ("context_refiner.1.norm1")
-    assert lumina.to_diffusers("layers.1.attention_norm1")[1] == ("layers.1.norm1.norm")
+    assert lumina.to_diffusers("final_layer.adaLN_modulation.1")[1] == ("norm_out.linear_1",)
+    assert lumina.to_diffusers("context_refiner.1.attention_norm1")[1] == ("context_refiner.1.norm1",)
+    assert lumina.to_diffusers("layers.1.attention_norm1")[1] == ("layers.1.norm1.norm",)
 
 
 def test_roundtrip_every_module(base, tmp_path):

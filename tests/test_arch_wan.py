@@ -44,9 +44,9 @@ def test_every_linear_and_conv_maps(base):
     missing = [n for n in names if wan.to_original(n) is None]
     assert not missing
     # the original names are diffusers' single-file key map (convert_wan_transformer_to_diffusers)
-    assert wan.to_diffusers("blocks.3.cross_attn.k_img")[1] == ("blocks.3.attn2.add_k_proj")
-    assert wan.to_diffusers("blocks.0.norm3")[1] == ("blocks.0.norm2")
-    assert wan.to_diffusers("head.head")[1] == ("proj_out")
+    assert wan.to_diffusers("blocks.3.cross_attn.k_img")[1] == ("blocks.3.attn2.add_k_proj",)
+    assert wan.to_diffusers("blocks.0.norm3")[1] == ("blocks.0.norm2",)
+    assert wan.to_diffusers("head.head")[1] == ("proj_out",)
 
 
 def test_roundtrip_every_module(base, tmp_path):
