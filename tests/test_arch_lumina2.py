@@ -15,15 +15,23 @@ import torch
 from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
 
 import adaptkit as ak
-
 from adaptkit.core.coverage import CoverageError
 from adaptkit.errors import UnsupportedError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
-                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
-                             written_layouts)
+from .arch_b_helpers import (
+    assert_deltas_match,
+    converted_deltas,
+    file_tensors,
+    loaded_outputs_match,
+    original_state_dict,
+    read_peft,
+    roundtrip_check,
+    weight_modules,
+    with_lora,
+    written_layouts,
+)
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_refiner_layers=1,
             num_attention_heads=2, num_kv_heads=1, multiple_of=16, cap_feat_dim=16, axes_dim_rope=(8, 12, 12),

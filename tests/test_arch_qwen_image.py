@@ -13,9 +13,18 @@ from adaptkit.core.coverage import CoverageError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import pick_arch, to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
-                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
-                             written_layouts)
+from .arch_b_helpers import (
+    assert_deltas_match,
+    converted_deltas,
+    file_tensors,
+    loaded_outputs_match,
+    original_state_dict,
+    read_peft,
+    roundtrip_check,
+    weight_modules,
+    with_lora,
+    written_layouts,
+)
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=12, axes_dims_rope=(4, 6, 6))

@@ -12,9 +12,18 @@ from adaptkit.core.coverage import CoverageError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_b_helpers import (assert_deltas_match, converted_deltas, file_tensors, loaded_outputs_match,
-                             original_state_dict, read_peft, roundtrip_check, weight_modules, with_lora,
-                             written_layouts)
+from .arch_b_helpers import (
+    assert_deltas_match,
+    converted_deltas,
+    file_tensors,
+    loaded_outputs_match,
+    original_state_dict,
+    read_peft,
+    roundtrip_check,
+    weight_modules,
+    with_lora,
+    written_layouts,
+)
 
 # 2 blocks, I2V-shaped (image_dim / added_kv_proj_dim set: k_img, v_img, img_emb exist), tiny dims
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
