@@ -10,6 +10,7 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
 from adaptkit.core.coverage import CoverageError
+from adaptkit.errors import ConfigError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import pick_arch, to_namespace
 
@@ -101,6 +102,11 @@ def test_rules_do_not_claim_other_architectures(lora):
     flux_like = a.replace(layers={"unet.double_blocks.0.img_attn.proj": one}, metadata={}, config={})
     assert pick_arch(flux_like, "diffusers") is ARCHS["flux"]
     assert ARCHS["qwen_image"].to_diffusers("double_blocks.0.img_attn.proj") is None
+    # an attention-only diffusers LoRA is a genuine Flux / Qwen-Image ambiguity: an error naming both
+    attn_only = a.replace(layers={"transformer.transformer_blocks.0.attn.to_q": one}, metadata={}, config={})
+    with pytest.raises(ConfigError, match=r"flux, qwen_image"):
+        pick_arch(attn_only, "original")
+    assert pick_arch(attn_only, "original", arch="qwen_image") is ARCHS["qwen_image"]
 
 
 def test_written_layouts_and_diffusers_reads_them(base, inputs, lora, tmp_path):
