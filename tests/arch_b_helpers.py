@@ -33,15 +33,18 @@ def with_lora(model: torch.nn.Module, targets: list[str], alpha_pattern: dict[st
 
 
 def read_peft(model: torch.nn.Module, tmp: Path, pipeline: type) -> ak.Adapter:
-    """The PEFT LoRA written by diffusers (``<Pipeline>.save_lora_weights``: ``transformer.`` keys, the PEFT config
-    packed into ``lora_adapter_metadata``), then ``ak.load(format="diffusers")``: layers at ``transformer.<path>``.
-
-    (The bare model's ``save_lora_adapter`` file is read with the alphas lost: see the xfail test in
-    test_arch_wan.py.)
-    """
-    pipeline.save_lora_weights(str(tmp), transformer_lora_layers=get_peft_model_state_dict(model),
+    """The PEFT LoRA as diffusers writes it, read by ``ak.load(format="diffusers")`` (layers at
+    ``transformer.<path>``): the bare model's ``save_lora_adapter`` file (unprefixed keys and config), and the
+    pipeline's ``save_lora_weights`` file (``transformer.`` keys, packed config) read the same."""
+    model.save_lora_adapter(str(tmp / "model"))
+    pipeline.save_lora_weights(str(tmp / "pipeline"), transformer_lora_layers=get_peft_model_state_dict(model),
                                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
-    return ak.load(str(tmp), format="diffusers")
+    a = ak.load(str(tmp / "model"), format="diffusers")
+    b = ak.load(str(tmp / "pipeline"), format="diffusers")
+    assert set(a.layers) == set(b.layers)
+    for path, layer in a.layers.items():
+        assert layer.alpha == b.layers[path].alpha and torch.equal(layer.delta_matrix(), b.layers[path].delta_matrix())
+    return a
 
 
 def roundtrip_check(adapter: ak.Adapter, base: torch.nn.Module) -> tuple[ak.Adapter, float]:

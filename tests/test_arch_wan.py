@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
+import adaptkit as ak
 from adaptkit.core.coverage import CoverageError
 from adaptkit.formats.arch import ARCHS, arch_of_model
 from adaptkit.formats.arch.remap import to_namespace
@@ -118,12 +119,8 @@ def test_unmapped_path_is_a_coverage_error(base, tmp_path):
         to_namespace(wrong, "original", arch="wan", base=base)
 
 
-@pytest.mark.xfail(strict=True, reason="formats/diffusers.py reads a bare model's save_lora_adapter file (unprefixed "
-                   "keys, unprefixed lora_adapter_metadata) with every alpha = rank: the PEFT config lands under "
-                   "component '' while the layers are put under 'transformer'")
 def test_save_lora_adapter_file_keeps_alphas(base, tmp_path):
-    import adaptkit as ak
-
+    """A bare model's save_lora_adapter file (unprefixed keys and lora_adapter_metadata) keeps its alphas."""
     peft_model = with_lora(base, ["blocks.0.attn1.to_q", "blocks.0.attn1.to_k"], {"attn1.to_k": 2.0})
     peft_model.save_lora_adapter(str(tmp_path))
     a = ak.load(str(tmp_path), format="diffusers")

@@ -46,6 +46,7 @@ QWEN_IMAGE = Arch(
     rules=RULES,
     pipeline="QwenImagePipeline",
     layouts=("diffusers", "kohya", "comfyui"),
+    extra={"diffusers_reads": ("diffusers", "kohya", "comfyui")},
     notes="diffusers `_convert_non_diffusers_qwen_lora_to_diffusers`; ComfyUI `comfy/lora.py` "
           "`model_lora_keys_unet` (QwenImage: names as in diffusers); musubi-tuner/ai-toolkit train the transformer "
           "only (not Qwen2.5-VL)",

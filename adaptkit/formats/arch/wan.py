@@ -71,6 +71,8 @@ WAN = Arch(
     rules=BLOCK_RULES + EMBEDDER_RULES,
     pipeline="WanPipeline",
     layouts=("diffusers", "kohya", "comfyui"),
+    # comfyui: block LoRAs (diffusers reads no embedder/head alpha and no patch_embedding key)
+    extra={"diffusers_reads": ("diffusers", "kohya", "comfyui")},
     notes="diffusers `_convert_non_diffusers_wan_lora_to_diffusers`, `_convert_musubi_wan_lora_to_diffusers`, "
           "`convert_wan_transformer_to_diffusers`; ComfyUI `comfy/lora.py` `model_lora_keys_unet` (native names); "
           "musubi-tuner trains the transformer only (not umT5)",
