@@ -397,3 +397,25 @@ def test_fuse_a_comfyui_or_kohya_flux_lora_into_a_diffusers_transformer(flux, tm
         assert set(ref) <= set(fused)
         for k, w in ref.items():
             torch.testing.assert_close(fused[k], w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainers_metadata_decides_between_models_that_spell_names_differently(tmp_path, monkeypatch):
+    from adaptkit.formats import names
+
+    invs = {"flux": names.Inventory("flux", {"unet": {"double_blocks.0.img_attn.qkv": (24, 8)}}),
+            "hunyuan_video": names.Inventory("hunyuan_video", {"unet": {"double_blocks.0.img_attn_qkv": (24, 8)}})}
+    monkeypatch.setattr(names, "shipped_available", lambda: list(invs))
+    monkeypatch.setattr(names, "shipped", lambda n: invs[n])
+    f = tmp_path / "k.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(24, 2)}, str(f),
+              metadata={"ss_base_model_version": "hunyuan_video"})
+    assert list(ak.load(f).layers) == ["unet.double_blocks.0.img_attn_qkv"]
+
+
+def test_a_module_in_both_namespaces_is_an_error(flux):
+    base, _, adapter = flux
+    orig, _ = to_namespace(adapter, "original", base=base)
+    both = orig.replace(layers={**orig.layers, "transformer.x_embedder": adapter.layers["transformer.x_embedder"]})
+    with pytest.raises(FormatError, match="transformer.x_embedder"):
+        to_namespace(both, "diffusers", base=base)

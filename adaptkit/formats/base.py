@@ -35,7 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..core.adapter import Adapter
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError, FormatError, UnsupportedError
+from ..io.safetensors import read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,30 @@ def missing_members(fmt: Any) -> list[str]:
 MODEL_WEIGHTS = re.compile(
     r"^(?:(?:model|pytorch_model|diffusion_pytorch_model|consolidated)(?:\.fp16|\.bf16)?|.+-\d{5}-of-\d{5})\.safetensors$"
 )
+
+
+def single_file(path: Path, *, strict: bool = False) -> Path | None:
+    """The one ``.safetensors`` adapter file of a path: the path itself, or the only one in a directory (that holds
+    no ``*.json`` config). ``None`` when there is none (``strict``: :class:`FormatError` naming the count)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1 or (not strict and any(path.glob("*.json"))):
+            if strict:
+                raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the adapter file itself")
+            return None
+        path = files[0]
+    return path if path.is_file() and path.suffix == ".safetensors" else None
+
+
+def detect_file(path: Path, detect_keys: Any) -> bool:
+    """Whether ``path`` is (or a directory holds just) one ``.safetensors`` file whose keys ``detect_keys`` accepts;
+    only the header is read."""
+    f = single_file(path)
+    if f is None:
+        return False
+    header, _ = read_safetensors_header(f)
+    return bool(detect_keys(header))
 
 
 def is_model_weights(name: str) -> bool:

@@ -28,12 +28,11 @@ from ..errors import FormatError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import (
     read_safetensors,
-    read_safetensors_header,
     write_safetensors,
 )
 from . import kohya
 from .arch import ORIGINAL
-from .base import KindSupport, Selection
+from .base import KindSupport, Selection, detect_file, single_file
 from .kohya_layers import BUILDERS, DIFF_B, LIMITS, TENSORS, build_layer, layer_tensors
 
 NAME = "comfyui"
@@ -77,15 +76,7 @@ def detect_keys(keys: Collection[str]) -> bool:
 
 def detect(path: Path) -> bool:
     """True for a ``.safetensors`` file (or a directory holding just one) in this layout."""
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1 or any(path.glob("*.json")):
-            return False
-        path = files[0]
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return False
-    header, _ = read_safetensors_header(path)
-    return detect_keys(header)
+    return detect_file(path, detect_keys)
 
 
 def is_adapter_file(name: str) -> bool:
@@ -104,12 +95,7 @@ def read(path: Path, *, source: str | None = None, **_: Any) -> Adapter:
     Raises:
         FormatError: keys of another layout, incomplete or contradictory layers.
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FormatError(f"{path} holds {len(files)} .safetensors files; pass the adapter file itself")
-        path = files[0]
+    path = single_file(path, strict=True) or Path(path)
     tensors, metadata = read_safetensors(path)
     return read_tensors(tensors, metadata, source=source or str(path), file_name=path.name)
 

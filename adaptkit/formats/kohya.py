@@ -37,7 +37,6 @@ from ..errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedEr
 from ..io.outputs import atomic_output
 from ..io.safetensors import (
     read_safetensors,
-    read_safetensors_header,
     write_safetensors,
 )
 from . import names as _names
@@ -46,6 +45,7 @@ from .base import (
     KindSupport,
     Selection,
     check_choice,
+    detect_file,
     is_model_weights,
 )
 from .kohya_layers import BUILDERS, LIMITS, TENSORS, build_layer, layer_tensors
@@ -82,15 +82,7 @@ def detect_keys(keys: Collection[str]) -> bool:
 
 def detect(path: Path) -> bool:
     """True for a ``.safetensors`` file (or a directory holding just one) whose keys use kohya/LyCORIS prefixes."""
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1 or any(path.glob("*.json")):
-            return False
-        path = files[0]
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return False
-    header, _ = read_safetensors_header(path)
-    return detect_keys(header)
+    return detect_file(path, detect_keys)
 
 
 def is_adapter_file(name: str) -> bool:
@@ -174,7 +166,9 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise FormatError(f"{file_name} contains no kohya/LyCORIS adapter tensors; is it an adapter checkpoint?")
     shapes = {k: tuple(l.shape) for k, l in layers.items() if l.shape is not None}
     partial = drop is not None and base is not None
-    resolution = _names.resolve_names(layers, base=base, shapes=shapes, partial=partial)
+    hint = " ".join(str(metadata.get(k, "")) for k in ("ss_sd_model_name", "modelspec.architecture",
+                                                         "ss_base_model_version", "ss_network_module"))
+    resolution = _names.resolve_names(layers, base=base, shapes=shapes, partial=partial, hint=hint)
     unresolved = [LayerCoverage(_names.WRITE_PREFIXES.get(c, "lycoris_") + f, None, status, layer_energy(layers[(c, f)]),
                                 len(tensor_fields(layers[(c, f)])), reason)
                   for (c, f), (status, reason) in sorted(resolution.unresolved.items())]

@@ -504,8 +504,16 @@ def _kohya(component: str, flat: str) -> str:
     return WRITE_PREFIXES.get(component, "lycoris_") + flat
 
 
+def _hinted(name: str, hint: str) -> bool:
+    """Whether a file's metadata (``ss_base_model_version: flux1``, ``modelspec.architecture: hunyuan-video``) names
+    the model of a shipped inventory."""
+    squash = re.sub(r"[^a-z0-9]", "", hint.lower())
+    return bool(squash) and re.sub(r"[^a-z0-9]", "", name.lower()) in squash
+
+
 def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
-                  shapes: Mapping[tuple[str, str], tuple[int, ...]] | None = None, partial: bool = False) -> Resolution:
+                  shapes: Mapping[tuple[str, str], tuple[int, ...]] | None = None, partial: bool = False,
+                  hint: str = "") -> Resolution:
     """Map flattened kohya names to module paths.
 
     Args:
@@ -514,6 +522,8 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
         shapes: the weight shape each adapter layer implies, checked against the base.
         partial: with a ``base``, return the names that do not resolve in ``Resolution.unresolved`` instead of
             raising (the caller certifies them: ``load(..., base=..., drop=[...])``).
+        hint: the file's metadata text (trainer's model name / architecture); when the names fit several shipped
+            models that spell their modules differently, the one the hint names is taken.
 
     Raises:
         ConfigError: names that resolve to nothing (listed), names that fit several modules, or no base
@@ -542,6 +552,9 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
         if not (missing or ambiguous or bad):
             if fits and paths != fits[0].paths:  # the same names mean other modules in another model
                 others = [f.inventory.name for f in fits] + [name]
+                named = [f for f in [*fits, Resolution(inv, paths)] if _hinted(f.inventory.name, hint)]
+                if len(named) == 1:
+                    return named[0]
                 raise ConfigError(
                     f"the adapter's module names fit several models that name their modules differently "
                     f"({', '.join(others)}); pass the base model with base=... (--base), or the model's shipped "

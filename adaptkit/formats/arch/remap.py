@@ -25,7 +25,7 @@ import torch
 from ...core.adapter import Adapter
 from ...core.blocks import split_rows, stack_rows, swap_halves, unit_scale
 from ...core.coverage import Outcome, certify, stamp
-from ...errors import ConfigError, UnsupportedError
+from ...errors import ConfigError, FormatError, UnsupportedError
 from .. import names as _names
 from . import ARCHS, DIFFUSERS, ORIGINAL, Arch, arch_of_model, get_arch
 
@@ -275,6 +275,10 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
         err = _stack_error(given, sizes, new)
         rows.append(MapRow("+".join(present[k] for k in sorted(present)), target, "stack",
                            sum(g.rank for g in given if g is not None), new.rank, err))
+    clashes = sorted({r.target for r in rows if r.target in adapter.layers and r.target.startswith(dst + ".")})
+    if clashes:
+        raise FormatError(f"the adapter has {clashes[0]} in both namespaces (as it is and mapped from {src} names); "
+                          "it holds the same module twice: keep one of them (drop the other with --drop)")
     cert = certify(adapter, outcomes, operation=f"to {namespace} names", target=found.label).require(drop)
     out = adapter.replace(layers=dict(sorted(layers.items())), metadata={**adapter.metadata, ARCH_KEY: found.name})
     return stamp(out, cert), tuple(rows)
