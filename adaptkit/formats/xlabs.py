@@ -39,8 +39,6 @@ from .base import KindSupport, Selection, detect_file, single_file
 
 NAME = "xlabs"
 LABEL = "XLabs (Flux)"
-#: the one architecture XLabs files exist for: writing maps diffusers names with Flux.1's rules
-ARCH = "flux"
 ALLOW_PATTERNS = ["*.safetensors"]
 LOOKED_FOR = "one .safetensors file with double_blocks.N.processor.*_lora* keys"
 WRITE_OPTIONS: tuple[str, ...] = ()

@@ -14,9 +14,13 @@ from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
 from .chroma import CHROMA
 from .flux import FLUX
 from .flux2 import FLUX2
+from .lumina2 import LUMINA2
+from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3, SD35_LARGE, SD35_MEDIUM
+from .wan import WAN
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MEDIUM, SD35_LARGE)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MEDIUM, SD35_LARGE, WAN, QWEN_IMAGE,
+                                             LUMINA2)}
 
 
 def get_arch(name: str) -> Arch:
