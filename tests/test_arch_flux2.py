@@ -21,7 +21,6 @@ from adaptkit.formats.arch.remap import to_namespace
 from tests.arch_models import (
     FLUX2_TINY,
     add_lora,
-    bake_alphas,
     deltas,
     load_written_diffusers,
     max_rel,
@@ -159,7 +158,9 @@ def test_diffusers_layout_loads_into_the_tiny_model(case):
 
 def test_checkpoint_converter_oracle(case):
     """diffusers' Flux.2 checkpoint converter on the dense ΔW in BFL names == adaptkit's diffusers ΔW."""
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers,
+    )
 
     ckpt = {f"{p.partition('.')[2]}.weight": d for p, d in
             ((p, layer.factors()[0] @ layer.factors()[1]) for p, layer in case["orig"].layers.items())}
@@ -201,10 +202,10 @@ def test_public_api_writes_every_layout(case, tmp_path):
     got = deltas(d, "transformer")
     assert report("flux2 e2e diffusers read back rel dW", max_rel(got, deltas(a, "transformer"))) < 1e-6
     want = deltas(a, "transformer")
-    # diffusers' Flux.2 `diffusion_model.` converter refuses the `.alpha` keys ComfyUI reads; with them baked in:
-    with pytest.raises(ValueError, match="alpha"):
-        diffusers.Flux2Pipeline.lora_state_dict(load_file(str(comfy)))
-    baked = bake_alphas(load_file(str(comfy)))  # = ai-toolkit's Flux.2 files: diffusion_model.<BFL name>, no alphas
+    # diffusers' Flux.2 `diffusion_model.` converter refuses `.alpha` keys: adaptkit's comfyui writer bakes the scale
+    # into lora_B and writes none, as ai-toolkit's Flux.2 files do (diffusion_model.<BFL name>, no alphas)
+    baked = load_file(str(comfy))
+    assert not any(k.endswith(".alpha") for k in baked)
     save_file(baked, str(tmp_path / "aitk.safetensors"))
     t = ak.load(tmp_path / "aitk.safetensors")
     assert t.format == "comfyui"

@@ -144,17 +144,17 @@ def test_written_layouts(base, tmp_path):
     print(f"lumina2 written layouts: read-back ΔW worst {worst:.1e}; diffusers dir outputs rel err {err:.1e}")
 
 
-def test_written_comfyui_file_is_refused_by_diffusers_for_its_alphas(tmp_path):
-    """adaptkit writes an ``.alpha`` per layer; diffusers' Lumina2 converter pops none and refuses the file (at the
-    released attention sizes, where its hardcoded qkv split fits). The same tensors without the alphas, scales baked
-    into B, are the hand-built file of test_comfyui_layout_oracle, which diffusers reads."""
+def test_written_comfyui_file_is_read_by_diffusers(tmp_path):
+    """diffusers' Lumina2 converter pops no ``.alpha`` key (it refuses a file that has them); adaptkit's comfyui writer
+    bakes each scale into lora_B and writes none, so diffusers reads the file (at the released attention sizes, where
+    its hardcoded qkv split fits) to the same deltas."""
     torch.manual_seed(0)
     big = Lumina2Transformer2DModel(**RELEASED_ATTN).eval()
     blocks = [n for n in weight_modules(big) if n.startswith(("layers.", "noise_refiner.", "context_refiner."))]
     a = read_peft(with_lora(big, blocks, {}), tmp_path / "in", Lumina2Pipeline)
     out = ak.save(a, tmp_path / "c.safetensors", format="comfyui", base=big)
-    with pytest.raises(ValueError, match=r"alpha"):
-        Lumina2Pipeline.lora_state_dict(file_tensors(out))
+    assert not any(k.endswith(".alpha") for k in file_tensors(out))
+    assert_deltas_match(a, converted_deltas(Lumina2Pipeline.lora_state_dict(file_tensors(out))))
 
 
 def test_shipped_inventory_is_fully_mapped():

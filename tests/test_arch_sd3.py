@@ -23,8 +23,19 @@ from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS, get_arch
 from adaptkit.formats.arch.remap import to_namespace
 from adaptkit.formats.arch.sd3 import SD3, sd3_rules
-from tests.arch_models import (SD3_TINY, add_lora, deltas, load_written_diffusers, max_rel, peft_deltas, rel, report,
-                               save_pipeline_lora, tiny, weight_modules)
+from tests.arch_models import (
+    SD3_TINY,
+    add_lora,
+    deltas,
+    load_written_diffusers,
+    max_rel,
+    peft_deltas,
+    rel,
+    report,
+    save_pipeline_lora,
+    tiny,
+    weight_modules,
+)
 
 SD3_ROWS = ("sd3", "sd35_medium", "sd35_large")
 TINY = dataclasses.replace(SD3, name="sd3_tiny", rules=sd3_rules(2))
@@ -138,7 +149,9 @@ def test_round_trip_is_exact(case):
 
 def test_checkpoint_converter_oracle(case):
     """diffusers' SD3 checkpoint converter on the dense ΔW in SAI names == adaptkit's diffusers ΔW."""
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
 
     ckpt = {"pos_embed": torch.zeros(1, 16, 32)}
     for p, layer in case["orig"].layers.items():

@@ -67,10 +67,11 @@ def swap_halves(layer: Layer, where: str) -> Layer:
 
 
 def unit_scale(layer: Layer, where: str) -> Layer:
-    """The layer with scale 1 (``alpha = r``, the scale baked into ``up`` and the bias): the same ΔW."""
-    lora = _as_lora(layer, where)
-    if lora.scale == 1.0 and not lora.rslora:
-        return lora
+    """A LoRA layer (linear or conv) with scale 1 (``alpha = r``, the scale baked into ``up`` and the bias): the same
+    ΔW. Layers of other kinds are returned as they are."""
+    lora = layer if layer.keeps_as_lora(None) else None
+    if lora is None or not hasattr(lora, "up") or (lora.scale == 1.0 and not lora.rslora):
+        return layer
     s = lora.scale
     return dataclasses.replace(lora, up=(lora.up.float() * s).to(lora.up.dtype), alpha=float(lora.rank), rslora=False,
                                bias=None if lora.bias is None else (lora.bias.float() * s).to(lora.bias.dtype))

@@ -11,7 +11,9 @@ HiDream, Qwen-Image and Flux.2 trainers (ai-toolkit, musubi's converter, DiffSyn
 
 Paths are kept in the original namespace under adaptkit's ``unet`` component; writing it from diffusers names maps
 them first (:mod:`adaptkit.formats.arch.remap`, packed projections stacked as block LoRAs). Written: LoRA tensors as
-``lora_A.weight`` / ``lora_B.weight`` + ``alpha``, LoRA biases as ``diff_b``, other kinds with the LyCORIS names.
+``lora_A.weight`` / ``lora_B.weight`` with the scale baked into ``lora_B`` and no ``alpha`` key (what ai-toolkit
+writes; diffusers' Wan, Lumina2 and Flux.2 readers refuse alphas on some or all modules, and without one every reader
+takes scale 1: the same ΔW), LoRA biases as ``diff_b``, other kinds with the LyCORIS names (and their alphas).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from ..core.adapter import Adapter
+from ..core.blocks import unit_scale
 from ..errors import FormatError, UnsupportedError
 from ..io.outputs import atomic_output
 from ..io.safetensors import (
@@ -53,6 +56,8 @@ PARTS: dict[str, str] = {
 _BY_LENGTH = sorted(PARTS, key=len, reverse=True)
 #: kohya kinds this layout does not hold (IA3's bare ``weight`` tensor would read as a model weight)
 _NOT_HELD = frozenset({"ia3"})
+#: kinds written with scale 1 and no ``alpha`` key (the scale baked into the up factor)
+_SCALE_ONE = {"lora": unit_scale}
 #: kind -> why one layer of it may not fit (``None``: every layer fits); LoRA biases fit, as ``diff_b``
 _LIMITS = {k: (DIFF_B[k][0] if k in DIFF_B else v) for k, v in LIMITS.items() if k not in _NOT_HELD}
 
@@ -195,12 +200,17 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
     tensors: dict[str, torch.Tensor] = {}
     for p, layer in adapter.layers.items():
         module = PREFIX + p.partition(".")[2]
+        bake = _SCALE_ONE.get(layer.kind)
+        if bake is not None:  # LoRA: the scale in lora_B, no alpha key (diffusers' Wan/Lumina2/Flux.2 readers refuse
+            layer = bake(layer, p)  # alphas where ComfyUI takes them; without one every reader takes scale 1)
         split = DIFF_B.get(layer.kind)
         if split is not None:
             layer, diff_b = split[2](layer)
             if diff_b is not None:
                 tensors[f"{module}.diff_b"] = diff_b
         for tname, t in layer_tensors(layer).items():
+            if bake is not None and tname == "alpha":
+                continue
             name = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(tname, tname)
             tensors[f"{module}.{name}"] = t
     metadata = {k: v for k, v in adapter.metadata.items() if k not in ("lora_adapter_metadata", kohya.NAMING_KEY)}

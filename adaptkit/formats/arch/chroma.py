@@ -33,7 +33,7 @@ APPROXIMATOR_RULES: tuple[Rule, ...] = (
 EMBEDDER_RULES: tuple[Rule, ...] = (
     Rule("img_in", ("x_embedder",)),
     Rule("txt_in", ("context_embedder",)),
-    Rule("final_layer.linear", ("proj_out",)),
+    Rule("final_layer.linear", ("proj_out",), scale_one=True),  # Flux.1's kohya converter drops its alpha
 )
 
 CHROMA = Arch(
