@@ -12,8 +12,11 @@ from typing import Any
 from ...errors import ConfigError
 from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
 from .flux import FLUX
+from .hidream import HIDREAM
+from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx_video import LTX_VIDEO
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX,)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, HUNYUAN_VIDEO, LTX_VIDEO, HIDREAM)}
 
 
 def get_arch(name: str) -> Arch:
