@@ -23,14 +23,22 @@ from __future__ import annotations
 
 from .base import Arch, Rule
 
+B = "transformer_blocks.{i}."
+
+#: explicit names (no catch-all), so that other architectures' diffusers paths (Flux's ``transformer_blocks.{i}.attn``)
+#: do not fit LTX-Video's map
 RULES: tuple[Rule, ...] = (
     Rule("patchify_proj", ("proj_in",)),
-    Rule("adaln_single.{path}", ("time_embed.{path}",)),
-    Rule("caption_projection.{path}", ("caption_projection.{path}",)),
+    Rule("adaln_single.emb.timestep_embedder.linear_1", ("time_embed.emb.timestep_embedder.linear_1",)),
+    Rule("adaln_single.emb.timestep_embedder.linear_2", ("time_embed.emb.timestep_embedder.linear_2",)),
+    Rule("adaln_single.linear", ("time_embed.linear",)),
+    Rule("caption_projection.linear_1", ("caption_projection.linear_1",)),
+    Rule("caption_projection.linear_2", ("caption_projection.linear_2",)),
+    *(Rule(B + f"{a}.{p}", (B + f"{a}.{p}",)) for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
     # the q/k norms (no LoRA target, but norm-diff layers name them): original ``q_norm``, diffusers ``norm_q``
-    *(Rule(f"transformer_blocks.{{i}}.{a}.{n}_norm", (f"transformer_blocks.{{i}}.{a}.norm_{n}",))
-      for a in ("attn1", "attn2") for n in ("q", "k")),
-    Rule("transformer_blocks.{path}", ("transformer_blocks.{path}",)),
+    *(Rule(B + f"{a}.{n}_norm", (B + f"{a}.norm_{n}",)) for a in ("attn1", "attn2") for n in ("q", "k")),
+    Rule(B + "ff.net.0.proj", (B + "ff.net.0.proj",)),
+    Rule(B + "ff.net.2", (B + "ff.net.2",)),
     Rule("proj_out", ("proj_out",)),
 )
 
