@@ -145,5 +145,14 @@ def load_converted(base: torch.nn.Module, converted: Mapping[str, torch.Tensor])
     return fresh.eval()
 
 
-__all__ = ["coverage_gaps", "converted_deltas", "load_converted", "lora_targets", "oracle_mismatches",
-           "original_state_dict", "peft_adapter", "rel", "round_trip"]
+__all__ = [
+    "converted_deltas",
+    "coverage_gaps",
+    "load_converted",
+    "lora_targets",
+    "oracle_mismatches",
+    "original_state_dict",
+    "peft_adapter",
+    "rel",
+    "round_trip",
+]

@@ -19,8 +19,16 @@ from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_c_helpers import (coverage_gaps, load_converted, lora_targets, oracle_mismatches, original_state_dict,
-                             peft_adapter, rel, round_trip)
+from .arch_c_helpers import (
+    coverage_gaps,
+    load_converted,
+    lora_targets,
+    oracle_mismatches,
+    original_state_dict,
+    peft_adapter,
+    rel,
+    round_trip,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")

@@ -26,8 +26,17 @@ from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_c_helpers import (coverage_gaps, converted_deltas, load_converted, lora_targets, oracle_mismatches,
-                             original_state_dict, peft_adapter, rel, round_trip)
+from .arch_c_helpers import (
+    converted_deltas,
+    coverage_gaps,
+    load_converted,
+    lora_targets,
+    oracle_mismatches,
+    original_state_dict,
+    peft_adapter,
+    rel,
+    round_trip,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -168,6 +177,29 @@ def test_fused_rows_disagree(setup):
     wrong = Adapter(layers={"unet.double_blocks.0.img_attn_qkv": _lora(40, 16, 2, 2.0, 5)})
     with pytest.raises(UnsupportedError, match=r"double_blocks\.0\.img_attn_qkv has 40 output rows"):
         to_namespace(wrong, "diffusers", base=base)
+
+
+def test_musubi_kohya_file_reads(setup, tmp_path):
+    """A musubi-tuner style file (``lora_unet_<flattened original path>.lora_down/lora_up/alpha``, what musubi writes
+    for HunyuanVideo) reads with the tiny model as base into original names, and maps to diffusers' ΔW exactly."""
+    from safetensors.torch import save_file
+
+    import adaptkit as ak
+
+    base, _, a = setup
+    orig, _ = to_namespace(a, "original", base=base)
+    sd = {}
+    for path, layer in orig.layers.items():
+        key = "lora_unet_" + path.partition(".")[2].replace(".", "_")
+        sd[key + ".lora_down.weight"] = layer.down.contiguous()
+        sd[key + ".lora_up.weight"] = layer.up.contiguous()
+        sd[key + ".alpha"] = torch.tensor(float(layer.alpha))
+    save_file(sd, str(tmp_path / "musubi.safetensors"))
+    read = ak.load(str(tmp_path / "musubi.safetensors"), base=base)
+    assert read.format == "kohya" and set(read.layers) == set(orig.layers)
+    back, _ = to_namespace(read, "diffusers", base=base)
+    assert set(back.layers) == set(a.layers)
+    assert max(rel(back.layers[p].delta_matrix(), a.layers[p].delta_matrix()) for p in a.layers) < 1e-6
 
 
 # ------------------------------------------------------------------ kohya names shared with Flux.1

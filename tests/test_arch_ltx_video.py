@@ -20,8 +20,16 @@ from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS
 from adaptkit.formats.arch.remap import to_namespace
 
-from .arch_c_helpers import (coverage_gaps, load_converted, lora_targets, oracle_mismatches, original_state_dict,
-                             peft_adapter, rel, round_trip)
+from .arch_c_helpers import (
+    coverage_gaps,
+    load_converted,
+    lora_targets,
+    oracle_mismatches,
+    original_state_dict,
+    peft_adapter,
+    rel,
+    round_trip,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -45,8 +53,9 @@ def tiny():
 
 def forward(model):
     g = torch.Generator().manual_seed(3)
-    kw = dict(hidden_states=torch.randn(1, 2 * 2 * 2, 4, generator=g), encoder_hidden_states=torch.randn(1, 5, 12, generator=g),
-              timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 5), num_frames=2, height=2, width=2)
+    kw = dict(hidden_states=torch.randn(1, 2 * 2 * 2, 4, generator=g),
+              encoder_hidden_states=torch.randn(1, 5, 12, generator=g), timestep=torch.tensor([500]),
+              encoder_attention_mask=torch.ones(1, 5), num_frames=2, height=2, width=2)
     with torch.no_grad():
         return model(**kw).sample
 

@@ -10,8 +10,8 @@ parameter, not a Linear) is not a LoRA target.
 
 Sources (no code copied): diffusers 0.42 ``loaders/lora_conversion_utils.py``
 ``_convert_non_diffusers_hidream_lora_to_diffusers`` (``HiDreamImagePipeline.lora_state_dict``: strips
-``diffusion_model.``, adds ``transformer.``), ``loaders/single_file_utils.py`` ``convert_hidream_transformer_to_diffusers``
-(no renames); ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` (HiDream branch: ``transformer.<path>`` and
+``diffusion_model.``, adds ``transformer.``), ``loaders/single_file_utils.py``
+``convert_hidream_transformer_to_diffusers`` (no renames); ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` (HiDream branch: ``transformer.<path>`` and
 SimpleTuner's ``lycoris_<flattened path>`` keys name ComfyUI's own modules) and ``comfy/ldm/hidream/model.py``.
 """
 
@@ -31,7 +31,7 @@ HIDREAM = Arch(
     config=dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
                 attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
                 num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
-                llama_layers=list(range(32))),
+                llama_layers=[*range(32), *[31] * 16]),  # one Llama layer per block (48)
     rules=RULES,
     pipeline="HiDreamImagePipeline",
     layouts=("diffusers", "kohya", "comfyui"),

@@ -34,7 +34,8 @@ RULES: tuple[Rule, ...] = (
     Rule("adaln_single.linear", ("time_embed.linear",)),
     Rule("caption_projection.linear_1", ("caption_projection.linear_1",)),
     Rule("caption_projection.linear_2", ("caption_projection.linear_2",)),
-    *(Rule(B + f"{a}.{p}", (B + f"{a}.{p}",)) for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(Rule(B + f"{a}.{p}", (B + f"{a}.{p}",))
+      for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
     # the q/k norms (no LoRA target, but norm-diff layers name them): original ``q_norm``, diffusers ``norm_q``
     *(Rule(B + f"{a}.{n}_norm", (B + f"{a}.norm_{n}",)) for a in ("attn1", "attn2") for n in ("q", "k")),
     Rule(B + "ff.net.0.proj", (B + "ff.net.0.proj",)),
@@ -54,8 +55,8 @@ LTX_VIDEO = Arch(
     rules=RULES,
     pipeline="LTXPipeline",
     layouts=("diffusers", "comfyui"),
-    notes="diffusers `convert_ltx_transformer_checkpoint_to_diffusers`, `_convert_non_diffusers_ltxv_lora_to_diffusers`; "
-          "ComfyUI `comfy/ldm/lightricks/model.py` `LTXVModel`",
+    notes="diffusers `convert_ltx_transformer_checkpoint_to_diffusers`, "
+          "`_convert_non_diffusers_ltxv_lora_to_diffusers`; ComfyUI `comfy/ldm/lightricks/model.py` `LTXVModel`",
 )
 
 __all__ = ["LTX_VIDEO", "RULES"]
