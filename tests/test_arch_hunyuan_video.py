@@ -167,8 +167,8 @@ def test_unmapped_path_and_drop(setup):
     out, _ = to_namespace(bad, "original", base=base, drop="transformer.not_a_module")
     assert not any("not_a_module" in p for p in out.layers) and len(out.layers) == 32
     orig, _ = to_namespace(a, "original", base=base)
-    bad_orig = orig.replace(layers={**orig.layers, "unet.double_blocks.0.img_attn.qkv": extra})
-    with pytest.raises(CoverageError, match=r"double_blocks\.0\.img_attn\.qkv"):
+    bad_orig = orig.replace(layers={**orig.layers, "unet.double_blocks.0.img_attn.q": extra})
+    with pytest.raises(CoverageError, match=r"double_blocks\.0\.img_attn\.q\b"):
         to_namespace(bad_orig, "diffusers", base=base)
 
 
@@ -200,6 +200,33 @@ def test_musubi_kohya_file_reads(setup, tmp_path):
     back, _ = to_namespace(read, "diffusers", base=base)
     assert set(back.layers) == set(a.layers)
     assert max(rel(back.layers[p].delta_matrix(), a.layers[p].delta_matrix()) for p in a.layers) < 1e-6
+
+
+#: ComfyUI's own (Flux-layer) names for HunyuanVideo modules, the inverse of its key map's replacements
+#: (comfy/lora.py model_lora_keys_unet) plus MLPEmbedder's in_layer/out_layer (comfy/ldm/hunyuan_video/model.py)
+COMFY = (("_mod.linear", "_mod.lin"), ("_attn_qkv", "_attn.qkv"), ("_attn_proj", "_attn.proj"), ("mlp.fc1", "mlp.0"),
+         ("mlp.fc2", "mlp.2"), (".modulation.linear", ".modulation.lin"))
+
+
+def _comfy_name(path):
+    for old, new in COMFY:
+        path = path.replace(old, new)
+    if path.startswith(("unet.time_in.", "unet.guidance_in.", "unet.txt_in.t_embedder.")):
+        path = path.replace("mlp.0", "in_layer").replace("mlp.2", "out_layer")
+    return path.replace("c_embedder.linear_1", "c_embedder.in_layer").replace("c_embedder.linear_2", "c_embedder.out_layer")
+
+
+def test_comfyui_internal_names_read_as_aliases(setup):
+    """Files in ComfyUI's own HunyuanVideo names (Flux-style) map to the same diffusers ΔW; adaptkit writes Tencent's."""
+    base, _, a = setup
+    orig, _ = to_namespace(a, "original", base=base)
+    comfy = orig.replace(layers={_comfy_name(p): layer for p, layer in orig.layers.items()})
+    assert len(set(comfy.layers) - set(orig.layers)) == 23
+    back, _ = to_namespace(comfy, "diffusers", base=base)
+    assert set(back.layers) == set(a.layers)
+    assert max(rel(back.layers[p].delta_matrix(), a.layers[p].delta_matrix()) for p in a.layers) == 0.0
+    again, _ = to_namespace(back, "original", base=base)
+    assert set(again.layers) == set(orig.layers)
 
 
 # ------------------------------------------------------------------ kohya names shared with Flux.1

@@ -12,8 +12,11 @@ Sources (the map is theirs; no code is copied):
 * ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` (HunyuanVideo branch): ``diffusion_model.<original path>`` and
   ``transformer.<original path>`` keys in these names ("diffusion-pipe lora format"), e.g.
   ``double_blocks.0.img_attn_qkv``, ``img_mod.linear``, ``img_mlp.fc1``, ``single_blocks.0.modulation.linear``.
-* musubi-tuner (``networks/lora.py`` on ``hunyuan_model/models.py``) trains these modules and writes
-  ``lora_unet_<flattened original path>`` (kohya naming).
+* musubi-tuner (``networks/lora.py``, ``HUNYUAN_TARGET_REPLACE_MODULES``: the double/single stream blocks, the
+  modulation layers excluded by default) trains these modules and writes ``lora_unet_<flattened original path>``.
+* ComfyUI ``comfy/ldm/hunyuan_video/model.py``: ComfyUI's own HunyuanVideo is built from Flux's layers, so its generic
+  keys name ``img_attn.qkv``, ``img_mod.lin``, ``img_mlp.0``, ``time_in.in_layer``...; those are read as aliases
+  (:data:`COMFY_ALIAS_RULES`).
 
 The flattened kohya names of the attention and single-block modules (``double_blocks_0_img_attn_qkv``,
 ``single_blocks_0_linear1``, ``final_layer_linear``) are the same strings as Flux.1's at the same shapes
@@ -75,6 +78,35 @@ EMBEDDER_RULES: tuple[Rule, ...] = (
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
 )
 
+#: ComfyUI's own module names for HunyuanVideo (``comfy/ldm/hunyuan_video/model.py`` builds it from Flux's layers:
+#: ``img_attn.qkv``, ``img_mod.lin``, ``img_mlp.0``, ``MLPEmbedder``'s ``in_layer``/``out_layer``), which its generic
+#: ``diffusion_model.<path>`` / ``lora_unet_<flat>`` keys name; read as aliases (the Tencent names above come first,
+#: so they are what adaptkit writes: diffusers' converter and ComfyUI's HunyuanVideo key map both read those)
+COMFY_ALIAS_RULES: tuple[Rule, ...] = (
+    *(Rule(D + f"{s}_attn.qkv", rule.diffusers) for s, rule in (("img", DOUBLE_RULES[0]), ("txt", DOUBLE_RULES[5]))),
+    Rule(D + "img_attn.proj", (T + "attn.to_out.0",)),
+    Rule(D + "img_mlp.0", (T + "ff.net.0.proj",)),
+    Rule(D + "img_mlp.2", (T + "ff.net.2",)),
+    Rule(D + "img_mod.lin", (T + "norm1.linear",)),
+    Rule(D + "txt_attn.proj", (T + "attn.to_add_out",)),
+    Rule(D + "txt_mlp.0", (T + "ff_context.net.0.proj",)),
+    Rule(D + "txt_mlp.2", (T + "ff_context.net.2",)),
+    Rule(D + "txt_mod.lin", (T + "norm1_context.linear",)),
+    Rule(S + "modulation.lin", (ST + "norm.linear",)),
+    Rule(R + "self_attn.qkv", REFINER_RULES[0].diffusers),
+    Rule(R + "self_attn.proj", (RD + "attn.to_out.0",)),
+    Rule(R + "mlp.0", (RD + "ff.net.0.proj",)),
+    Rule(R + "mlp.2", (RD + "ff.net.2",)),
+    Rule("txt_in.t_embedder.in_layer", ("context_embedder.time_text_embed.timestep_embedder.linear_1",)),
+    Rule("txt_in.t_embedder.out_layer", ("context_embedder.time_text_embed.timestep_embedder.linear_2",)),
+    Rule("txt_in.c_embedder.in_layer", ("context_embedder.time_text_embed.text_embedder.linear_1",)),
+    Rule("txt_in.c_embedder.out_layer", ("context_embedder.time_text_embed.text_embedder.linear_2",)),
+    Rule("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    Rule("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+)
+
 HUNYUAN_VIDEO = Arch(
     name="hunyuan_video",
     label="HunyuanVideo",
@@ -84,11 +116,11 @@ HUNYUAN_VIDEO = Arch(
                 num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                 qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
                 rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
-    rules=DOUBLE_RULES + SINGLE_RULES + REFINER_RULES + EMBEDDER_RULES,
+    rules=DOUBLE_RULES + SINGLE_RULES + REFINER_RULES + EMBEDDER_RULES + COMFY_ALIAS_RULES,
     pipeline="HunyuanVideoPipeline",
     layouts=("diffusers", "kohya", "comfyui"),
     notes="diffusers `_convert_hunyuan_video_lora_to_diffusers`, `convert_hunyuan_video_transformer_to_diffusers`; "
           "ComfyUI `comfy/lora.py` `model_lora_keys_unet` (HunyuanVideo branch); musubi-tuner `lora_unet_` names",
 )
 
-__all__ = ["DOUBLE_RULES", "EMBEDDER_RULES", "HUNYUAN_VIDEO", "REFINER_RULES", "SINGLE_RULES"]
+__all__ = ["COMFY_ALIAS_RULES", "DOUBLE_RULES", "EMBEDDER_RULES", "HUNYUAN_VIDEO", "REFINER_RULES", "SINGLE_RULES"]
