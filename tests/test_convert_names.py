@@ -161,11 +161,13 @@ def test_text_model_names_round_trip(tmp_path):
     assert set(load_file(str(out))) == set(load_file(str(f)))
 
 
-def test_original_flux_names_are_not_written_as_diffusers(tmp_path):
+def test_original_flux_names_are_written_as_diffusers_by_splitting_qkv(tmp_path):
     flux = load(lora_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, rank=1))
-    with pytest.raises(UnsupportedError, match="kohya"):
-        save(flux, tmp_path / "d", format="diffusers")
-    assert not (tmp_path / "d").exists()
+    out = load(save(flux, tmp_path / "d", format="diffusers"))
+    layer = flux.layers["unet.double_blocks.0.img_attn.qkv"]
+    for k, name in enumerate(("to_q", "to_k", "to_v")):
+        got = out.layers[f"transformer.transformer_blocks.0.attn.{name}"]
+        torch.testing.assert_close(got.delta_math(), layer.delta_math()[3072 * k:3072 * (k + 1)], rtol=0, atol=0)
     save(flux, tmp_path / "k.safetensors", format="kohya")
     assert set(load_file(str(tmp_path / "k.safetensors"))) == set(load_file(str(tmp_path / "f.safetensors")))
 

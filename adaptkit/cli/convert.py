@@ -75,17 +75,23 @@ def split_args(args: tuple[str, ...]) -> tuple[str | None, str, str]:
 @click.option("--initial", default=None, help="pissa/olora/corda->lora: the adapter saved before training.")
 @component_option("write only this component's layers, in its own namespace (each: one adapter per component in "
                   "OUT/<component>/).")
+@click.option("--arch", default=None, help="Diffusion architecture (flux, wan, ...; `adaptkit formats` lists them) whose "
+              "module map moves layers between original and diffusers names; found from the adapter when omitted.")
+@click.option("--naming", default=None, help="kohya output: 'original' names (sd-scripts / musubi-tuner) or "
+              "'diffusers' names; default: the source's.")
 @drop_option
 @overwrite_option()
 @progress_options
 @output_options
 def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | None, rank: int | None, kind: str | None,
-            base: str | None, initial: str | None, component: str | None, drop: tuple[str, ...], overwrite: bool,
-            progress: bool | None, as_json: bool, as_csv: bool) -> None:
+            base: str | None, initial: str | None, component: str | None, arch: str | None, naming: str | None,
+            drop: tuple[str, ...], overwrite: bool, progress: bool | None, as_json: bool, as_csv: bool) -> None:
     """Convert a checkpoint: convert 'FROM->TO' SOURCE OUT (quote the spec), or SOURCE OUT --to TO.
 
-    FROM may be left out ('->kohya': detected); formats are peft, kohya (alias lycoris) and diffusers, and
-    'pissa->lora' (olora, corda) undoes a PiSSA-style initialisation. Options go before or after the arguments.
+    FROM may be left out ('->kohya': detected from the keys); formats are peft, kohya (aliases lycoris, musubi),
+    diffusers and comfyui (original names under diffusion_model.), and 'pissa->lora' (olora, corda) undoes a
+    PiSSA-style initialisation. Diffusion-transformer layers move between original and diffusers names as the target
+    needs (Flux's qkv/linear1 stacked or split exactly). Options go before or after the arguments.
 
     Examples:
 
@@ -96,11 +102,15 @@ def convert(args: tuple[str, ...], src_format: str | None, dst_format: str | Non
       adaptkit convert 'lycoris->peft' my_oft.safetensors out/ --base ./base-model --kind lora
       adaptkit convert 'pissa->lora' runs/pissa-trained runs/as-lora --initial runs/pissa-init
       adaptkit convert 'kohya->peft' sdxl_lora.safetensors out/ --base ./sdxl --drop 'lora_te2_*'   # see coverage
+      adaptkit convert 'kohya->diffusers' flux_lora.safetensors out/    # BFL names -> diffusers, qkv split
+      adaptkit convert 'diffusers->comfyui' ./flux-lora flux_comfy.safetensors
+      adaptkit convert 'diffusers->kohya' ./flux-lora flux_sd_scripts.safetensors --naming original
     """
     spec, source, out = split_args(args)
     from ..ops.convert import convert_checkpoint
 
     options = {"initial": initial} if initial is not None else {}
+    options.update({k: v for k, v in (("arch", arch), ("naming", naming)) if v is not None})
     result = convert_checkpoint(spec, source, out, src_format=src_format, dst_format=dst_format, rank=rank, kind=kind,
                                 base=base, overwrite=overwrite, component=component, progress=progress,
                                 drop=list(drop) or None, **options)

@@ -19,6 +19,7 @@ from ..core.coverage import Certificate, CoverageError, LayerCoverage, read_meta
 from ..errors import ArgumentTypeError
 from ..io.outputs import check_output
 from ..io.sources import resolve_selected
+from .arch.remap import to_namespace
 from .hub import allow_patterns
 from .hub import select_hub_files as _select_hub_files
 from .registry import (
@@ -29,6 +30,7 @@ from .registry import (
     check_write_options,
     detect,
     format_module,
+    namespace_of,
     refusals,
     register_format,
 )
@@ -77,12 +79,23 @@ def load(source: str | os.PathLike, format: str | None = None, base: str | None 
     return adapter
 
 
+def to_format_namespace(adapter: Adapter, format: str, *, arch: str | None = None, base: Any = None,
+                        drop: Sequence[str] | str | None = None, **options: Any) -> tuple[Adapter, tuple]:
+    """The adapter with its diffusion-transformer layers in the namespace ``format`` writes (see :func:`save`), and
+    the :class:`~adaptkit.formats.arch.remap.MapRow` of each mapped layer (empty when nothing moved)."""
+    ns = namespace_of(format, **options)
+    if ns is None:
+        return adapter, ()
+    return to_namespace(adapter, ns, arch=arch, base=base, drop=drop)
+
+
 def _dropped_paths(adapter: Adapter) -> list[str]:
     prior = read_metadata(adapter.metadata) or {}
     return [r["path"] for r in prior.get("not_landing", ()) if r.get("status") == "dropped"]
 
 
-def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, **options: Any) -> Path:
+def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, *,
+         arch: str | None = None, base: Any = None, drop: Sequence[str] | str | None = None, **options: Any) -> Path:
     """Write an adapter in a format, atomically (nothing is left behind on error).
 
     Args:
@@ -90,6 +103,12 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
         path: output directory (PEFT, diffusers) or file (kohya ``.safetensors``).
         format: ``"peft"``, ``"kohya"``/``"lycoris"``, ``"diffusers"`` or a registered format.
         overwrite: replace an existing output.
+        arch: the diffusion architecture (``"flux"``, ``"wan"`` ...; ``adaptkit.formats.arch.ARCHS``) whose module
+            map moves the layers to the namespace the format writes (diffusers, PEFT: diffusers names; ``comfyui``:
+            original names; kohya: as ``naming`` says); found from the adapter when ``None``.
+        base: the diffusers model that sizes packed projections when they are split (default: the architecture's
+            shipped inventory, or the sizes the layer itself implies).
+        drop: globs naming layers no module map covers that may be left out (see docs/coverage.md).
         **options: writer options; kohya's ``naming``, and ``component`` for kohya and PEFT (see
             :func:`adaptkit.converters.kohya.write` and :func:`adaptkit.converters.peft.write`).
 
@@ -113,9 +132,10 @@ def save(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwr
     fmt = format_module(format)
     check_write_options(fmt.NAME, **options)
     check_output(path, overwrite, inputs=[adapter])
+    adapter, _ = to_format_namespace(adapter, fmt.NAME, arch=arch, base=base, drop=drop, **options)
     check_storable(fmt.NAME, adapter, **options)
     return fmt.write(adapter, path, overwrite=overwrite, **options)
 
 
 __all__ = ["ALIASES", "FORMATS", "adapter_subfolders", "check_storable", "check_write_options", "detect",
-           "format_module", "load", "refusals", "register_format", "save"]
+           "format_module", "load", "namespace_of", "refusals", "register_format", "save", "to_format_namespace"]

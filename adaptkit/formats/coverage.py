@@ -28,8 +28,36 @@ from ..errors import (
 from ..io.base_model import TensorReader, find_matches, open_base
 from ..io.sources import resolve
 from . import names as _names
+from .arch import DIFFUSERS, ORIGINAL
 
 Shapes = dict[str, tuple[int, ...]]
+
+
+def with_original_weights(shapes: Shapes) -> Shapes:
+    """``shapes`` with the original-name weights of a diffusion transformer added (``double_blocks.0.img_attn.qkv.
+    weight`` of a Flux transformer's ``transformer_blocks.0.attn.to_q.weight`` ...: packed weights have their members'
+    rows), under adaptkit's original-names component ``unet.``, so that adapters in original names are certified
+    against a diffusers base; a transformer given alone also lists its keys under ``transformer.``. Unchanged for other models."""
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        comp, _, rest = module.partition(".")
+        if comp == DIFFUSERS and rest:
+            groups.setdefault(DIFFUSERS, {})[rest] = tuple(shape)
+        else:
+            groups.setdefault("", {})[module] = tuple(shape)
+    out = dict(shapes)
+    for comp, listing in groups.items():
+        inv = _names.with_original_names(_names.Inventory(name="base", modules={comp: listing}))
+        prefix = f"{ORIGINAL}."  # adaptkit's component of original names
+        for path, shape in inv.modules.get(ORIGINAL, {}).items():
+            out.setdefault(f"{prefix}{path}.weight", tuple(shape))
+        if comp == "" and ORIGINAL in inv.modules:  # a transformer given alone: its diffusers names under transformer.
+            for path, shape in listing.items():
+                out.setdefault(f"{DIFFUSERS}.{path}.weight", shape)
+    return out
 
 
 def extra_module(key: str) -> str:

@@ -289,6 +289,11 @@ def can_store_adapter(adapter: Adapter, **_: Any) -> dict[str, str]:
     return reasons
 
 
+def namespace(**_: Any) -> str:
+    """Diffusion-transformer layers are written in diffusers' module names (original names are mapped first)."""
+    return "diffusers"
+
+
 def check_options(**_: Any) -> None:
     """diffusers output has no writer options of its own (unknown ones are refused by :func:`adaptkit.formats.save`)."""
 
@@ -374,6 +379,7 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, **_: A
 
 
 __all__ = [
+    "namespace",
     "ALLOW_PATTERNS",
     "COMPONENTS",
     "LABEL",

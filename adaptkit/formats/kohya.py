@@ -60,6 +60,8 @@ WRITE_OPTIONS = ("naming", "component")
 
 #: metadata entry other formats write so that a kohya file converted there and back keeps its names
 NAMING_KEY = "adaptkit.kohya_naming"
+#: ``naming=`` values of the writer
+NAMINGS = ("original", "ldm", "diffusers")
 #: keys that are not adapter layers but belong in kohya files (pivotal-tuning embeddings), carried through
 EXTRA_PREFIXES = ("bundle_emb.", "emb_params")
 
@@ -311,8 +313,16 @@ def check_options(naming: str | None = None, component: str | None = None, **_: 
 
 
 def _check_naming(naming: str | None) -> None:
-    if naming is not None and naming not in ("ldm", "diffusers"):
-        raise ConfigError(f"unknown kohya naming {naming!r}; use 'ldm' (input_blocks_...) or 'diffusers' (down_blocks_...)")
+    if naming is not None and naming not in NAMINGS:
+        raise ConfigError(f"unknown kohya naming {naming!r}; use 'original' (sd-scripts / musubi-tuner: SDXL "
+                          "input_blocks_..., Flux double_blocks_..., Wan blocks_...) or 'diffusers' (down_blocks_..., "
+                          "transformer_blocks_...); 'ldm' is 'original'")
+
+
+def namespace(naming: str | None = None, **_: Any) -> str | None:
+    """The namespace diffusion-transformer layers are written in: ``naming="original"`` (or ``"ldm"``) the original
+    names sd-scripts and musubi-tuner use, ``"diffusers"`` diffusers' names, by default the adapter's own."""
+    return {"original": "original", "ldm": "original", "diffusers": "diffusers"}.get(naming or "")
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -322,7 +332,7 @@ def _naming(adapter: Adapter, naming: str | None) -> dict[str, str]:
     inventory = str(adapter.config.get("inventory", "sdxl")) if adapter.format == NAME else "sdxl"
     if naming is not None:
         _check_naming(naming)
-        return {"unet": naming, "inventory": inventory}
+        return {"unet": "ldm" if naming == "original" else naming, "inventory": inventory}
     if adapter.format == NAME:
         cfg = dict(adapter.config.get("kohya_naming") or {})
     else:  # a kohya file converted to another format and back records its naming in the metadata
@@ -453,5 +463,5 @@ def write(adapter: Adapter, path: str | Path, *, overwrite: bool = False, naming
 
 __all__ = ["ALLOW_PATTERNS", "COMPONENTS", "LABEL", "LIMITS", "LOOKED_FOR", "NAME", "TENSORS", "WRITE_OPTIONS", "bare_target",
            "build_layer", "can_name", "can_store", "can_store_adapter", "check_component", "check_options", "detect", "detect_keys",
-           "group_tensors", "is_adapter_file", "kind_support", "layer_tensors", "module_name", "read", "read_tensors", "select_files",
+           "group_tensors", "is_adapter_file", "kind_support", "layer_tensors", "module_name", "namespace", "read", "read_tensors", "select_files",
            "write"]

@@ -9,6 +9,7 @@ GLoRA ``a1.weight``...``b2.weight``/``bm.weight``) to its kind and canonical par
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -328,4 +329,25 @@ LIMITS: dict[str, Any] = {"lora": _lora_limit, "loha": _fan_limit, "lokr": _fan_
                           "lycoris_oft": None, "glora": None}
 
 
-__all__ = ["BUILDERS", "LIMITS", "TENSORS", "WRITERS", "build_layer", "layer_tensors"]
+def _lora_diff_b_limit(layer: LoRA) -> str | None:
+    if layer.module_type == "embedding":
+        return _fan_limit(layer) or "the layout has no embedding LoRA"
+    return _fan_limit(layer)
+
+
+def _lora_with_diff_b(layer: LoRA, diff_b: torch.Tensor) -> LoRA:
+    return dataclasses.replace(layer, bias=(diff_b.float() / layer.scale).to(diff_b.dtype))
+
+
+def _lora_split_diff_b(layer: LoRA) -> tuple[LoRA, torch.Tensor | None]:
+    if layer.bias is None:
+        return layer, None
+    return dataclasses.replace(layer, bias=None), layer.delta_bias().to(layer.bias.dtype)
+
+
+#: kinds whose bias change a layout stores as a separate ``diff_b`` tensor (ComfyUI's original-names files):
+#: kind -> (why a layer may not fit, layer + read ``diff_b`` -> layer, layer -> (layer without bias, ``diff_b``))
+DIFF_B: dict[str, tuple[Any, Any, Any]] = {"lora": (_lora_diff_b_limit, _lora_with_diff_b, _lora_split_diff_b)}
+
+
+__all__ = ["BUILDERS", "DIFF_B", "LIMITS", "TENSORS", "WRITERS", "build_layer", "layer_tensors"]

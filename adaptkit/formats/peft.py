@@ -438,6 +438,11 @@ def can_store_adapter(adapter: Adapter, component: str | None = None, **_: Any) 
     return out
 
 
+def namespace(**_: Any) -> str:
+    """Diffusion-transformer layers are written in diffusers' module names (original names are mapped first)."""
+    return "diffusers"
+
+
 def check_options(component: str | None = None, target_names: str | None = None, **_: Any) -> None:
     """Refuse a bad ``component=`` (see :func:`check_component`) or ``target_names=`` writer option."""
     check_component(component)
@@ -553,6 +558,7 @@ def _json_default(o: Any) -> Any:
 
 
 __all__ = [
+    "namespace",
     "ALLOW_PATTERNS",
     "COMPONENTS",
     "LABEL",

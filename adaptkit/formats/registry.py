@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.adapter import Adapter
 from ..errors import ConfigError, FormatError
-from . import base, diffusers, kohya, peft
+from . import aitoolkit, base, comfyui, diffusers, kohya, peft, xlabs
 from .base import Format
 
 #: the one table of formats: name -> format (a module or object with the :class:`~adaptkit.formats.base.Format`
@@ -22,9 +22,13 @@ FORMATS: dict[str, Format] = {
     "peft": peft,  # type: ignore[dict-item]
     "kohya": kohya,  # type: ignore[dict-item]
     "diffusers": diffusers,  # type: ignore[dict-item]
+    "comfyui": comfyui,  # type: ignore[dict-item]
+    "xlabs": xlabs,  # type: ignore[dict-item]
+    "ai-toolkit": aitoolkit,  # type: ignore[dict-item]
 }
 #: other names users type for a format
-ALIASES: dict[str, str] = {"lycoris": "kohya"}
+ALIASES: dict[str, str] = {"lycoris": "kohya", "musubi": "kohya", "sd-scripts": "kohya", "original": "comfyui",
+                           "bfl": "comfyui", "comfy": "comfyui", "aitoolkit": "ai-toolkit", "ostris": "ai-toolkit"}
 
 
 def register_format(fmt: Any, *, aliases: tuple[str, ...] = ()) -> Any:
@@ -71,19 +75,30 @@ def format_module(name: str) -> Format:
 
 
 def detect(path: Path) -> str:
-    """Name of the format a local path is in.
+    """Name of the format a local path is in, from its files and keys (never from the file name).
 
     Raises:
         FormatError: no format recognises it (the message lists what was looked for, and the subfolders that
-            hold adapters, if any, with how to load one as ``'DIR:sub'``).
+            hold adapters, if any, with how to load one as ``'DIR:sub'``), or several do (the message lists
+            them and says to pass ``format=``).
     """
-    for name, fmt in FORMATS.items():
-        if fmt.detect(path):
-            return name
+    found = [name for name, fmt in FORMATS.items() if fmt.detect(path)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise FormatError(f"{path} fits several adapter layouts ({', '.join(found)}); pass format=... (--format / "
+                          "'from->to') to say which")
     subs = adapter_subfolders(path)
     hint = (f"it holds adapters in subfolders {subs}: load one as '{path}:{subs[0]}'" if subs
             else "pass format=... (--format on the command line) if you know what it is")
     raise FormatError(f"{path} is not a recognised adapter checkpoint (looked for: {', '.join(FORMATS)}); {hint}")
+
+
+def namespace_of(format: str, **options: Any) -> str | None:
+    """The namespace (``"diffusers"`` / ``"original"``) a format writes diffusion-transformer layers in, ``None``
+    for "as they are" (a format without a ``namespace`` function, or kohya without ``naming``)."""
+    fn = getattr(format_module(format), "namespace", None)
+    return fn(**options) if fn is not None else None
 
 
 def adapter_subfolders(path: str | os.PathLike) -> list[str]:
@@ -142,4 +157,4 @@ def check_storable(format: str, adapter: Adapter, **options: Any) -> None:
 
 
 __all__ = ["ALIASES", "FORMATS", "adapter_subfolders", "check_storable", "check_write_options", "detect",
-           "format_module", "refusals", "register_format"]
+           "format_module", "namespace_of", "refusals", "register_format"]

@@ -30,8 +30,16 @@ from ..core.kinds.common import conv_or_linear
 from ..core.linalg import numerical_rank
 from ..core.params import RANK
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
-from ..formats import check_storable, check_write_options, format_module, names, save
-from ..formats.coverage import base_tensors, match_layers
+from ..formats import (
+    check_storable,
+    check_write_options,
+    format_module,
+    names,
+    save,
+    to_format_namespace,
+)
+from ..formats.arch.remap import ARCH_KEY
+from ..formats.coverage import base_tensors, match_layers, with_original_weights
 from ..formats.inputs import as_adapter
 from ..formats.peft import select_component
 from ..formats.registry import refusals
@@ -234,11 +242,12 @@ def parse_spec(spec: str | None, src_format: str | None = None, dst_format: str 
 def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_format: str | None, dst_format: str | None,
                     rank: int | None = None, kind: str | None = None, base: Any = None,
                     overwrite: bool = False, component: str | None = None,
-                    progress: bool | None = None, drop: Any = None) -> ConversionResult:
+                    progress: bool | None = None, drop: Any = None, arch: str | None = None,
+                    naming: str | None = None) -> ConversionResult:
     """Convert a checkpoint between formats (see :func:`convert_checkpoint`); ``dst_format=None``: the source's."""
     check_output(out, overwrite, inputs=[source, base])
     if dst_format is not None:  # checked before the source is read; a convert within the format, once it is known
-        check_write_options(format_module(dst_format).NAME, component=component)
+        check_write_options(format_module(dst_format).NAME, component=component, naming=naming)
     adapter = as_adapter(source, format=src_format, base=base, drop=drop if base is not None else None)
     adapter.check_finite("convert")
     source_format = adapter.format or (src_format or "?")
@@ -246,14 +255,18 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
         raise ConfigError("the source's format is not known, so there is no format to convert within; pass --to")
     dst = format_module(dst_format or adapter.format).NAME
     if dst_format is None:
-        check_write_options(dst, component=component)
+        check_write_options(dst, component=component, naming=naming)
+    # diffusion transformers: original <-> diffusers names (packed projections stacked / split exactly)
+    adapter, mapped = to_format_namespace(adapter, dst, arch=arch, base=base, drop=drop, naming=naming)
+    if mapped and base is None:  # the mapped layers against the architecture's shipped inventory (names, shapes)
+        adapter = _certify_base(adapter, adapter.metadata[ARCH_KEY], drop)
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
         component = names.bare_base_component(adapter.layers, base)
     if dst == "peft" and component not in (None, "each"):
         adapter = select_component(adapter, component)  # the report lists what is written
-    if isinstance(base, (str, os.PathLike)):
-        adapter = _certify_base(adapter, base, drop)  # layers without a counterpart in the base: refused or dropped
+    if isinstance(base, (str, os.PathLike)):  # layers without a counterpart in the base: refused or dropped
+        adapter = _certify_base(adapter, base, drop, original_names=ARCH_KEY in adapter.metadata)
     kinds_before = {p: l.kind for p, l in adapter.layers.items()}
     lossy_ok = rank is not None or kind == "lora"
     if isinstance(base, (str, os.PathLike)):
@@ -297,14 +310,17 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
                 r[MODULE]: r for r in extra.to_dict("records") if r[MODULE] in more}
             report = report_frame([LayerConversion(**rows[p]) for p in adapter.layers])
     else:
-        report = report_frame([LayerConversion(p, l.kind, l.kind, l.rank, "kept")
+        how = {r.target: r.action for r in mapped}
+        report = report_frame([LayerConversion(p, l.kind, l.kind, l.rank, how.get(p, "kept"),
+                                                relative_error=_map_error(mapped, p))
                                for p, l in adapter.layers.items()])
     leftover = plan(adapter, dst)
     if leftover:
         first = next(iter(leftover))
         raise UnsupportedError(f"{first} still cannot be written as {dst} after conversion: {leftover[first]}")
     report["source_kind"] = [kinds_before.get(m, k) for m, k in zip(report[MODULE], report["source_kind"])]
-    write_options = {"component": component if component == "each" else None}
+    write_options = {"component": component if component == "each" else None,
+                     **({"naming": naming} if naming is not None else {})}
     adapter, cert = certify_format(adapter, dst, drop, target=dst if base is None else f"{dst} for {base}",
                                    **write_options)
     report = report[report[MODULE].isin(list(adapter.layers))].reset_index(drop=True)
@@ -314,7 +330,12 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     return ConversionResult(Path(written), source_format, dst, report, lossless, note, cert)
 
 
-def _certify_base(adapter: Adapter, base: str | os.PathLike, drop: Any) -> Adapter:
+def _map_error(rows: tuple, path: str) -> float:
+    """The measured ΔW error of the namespace mapping that produced ``path`` (0.0 when it was not mapped)."""
+    return max((r.error for r in rows if r.target == path), default=0.0)
+
+
+def _certify_base(adapter: Adapter, base: str | os.PathLike, drop: Any, original_names: bool = False) -> Adapter:
     """The adapter without the layers / extra tensors ``drop`` names that have no counterpart in ``base`` (by the
     rules of :func:`adaptkit.formats.coverage.match_layers`: names and shapes); the rows are carried (dropped)
     into the conversion's certificate.
@@ -323,6 +344,8 @@ def _certify_base(adapter: Adapter, base: str | os.PathLike, drop: Any) -> Adapt
         CoverageError: layers or extras without a counterpart that ``drop`` does not name.
     """
     name, shapes = base_tensors(base)
+    if original_names:  # layers in a diffusion transformer's original names, against a diffusers base
+        shapes = with_original_weights(shapes)
     outcomes, extras = match_layers(adapter, shapes, name)
     cert = certify(adapter, outcomes, operation="convert", target=name, extras=extras).require(drop, strict=False)
     kept = cert.landing
@@ -436,6 +459,10 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         drop: globs naming the layers / extra tensors that may be left out when they do not land: the target
             format refuses them (a path it has no name for, an extra it does not carry), or (with ``base``) they
             have no counterpart there, or their kohya name resolves to nothing. A glob naming nothing is an error.
+        **options: ``arch=`` (a diffusion architecture of ``adaptkit.formats.arch.ARCHS``, found from the adapter
+            when not given) and ``naming=`` (kohya output: ``"original"`` / ``"diffusers"`` module names) for
+            diffusion transformers, whose layers move between original and diffusers names as the target needs
+            (packed projections stacked or split exactly; the report's ``method`` says how, with the measured error).
 
     Returns:
         A :class:`ConversionResult` with the per-layer report (retained energy, relative error) and ``coverage``.
@@ -455,7 +482,8 @@ def convert_checkpoint(spec: str | None, source: str | os.PathLike, out: str | o
         return CONVERTERS[left](source, out, dst_format=right or "lora", rank=rank, kind=kind, base=base,
                                 overwrite=overwrite, progress=progress, **options)
     return convert_formats(source, out, src_format=left, dst_format=right, rank=rank, kind=kind, base=base,
-                           overwrite=overwrite, component=component, progress=progress, drop=drop)
+                           overwrite=overwrite, component=component, progress=progress, drop=drop,
+                           **{k: options[k] for k in ("arch", "naming") if k in options})
 
 
 __all__ = ["CONVERTERS", "ConversionResult", "LayerConversion", "convert", "convert_checkpoint",

@@ -46,11 +46,38 @@ class Rule:
         diffusers: the diffusers module path templates, in the packed weight's row order.
         swap: the two halves of the output rows are swapped between the namespaces (``(shift, scale)`` vs
             ``(scale, shift)`` of the final adaptive norm).
+        sizes: how the packed rows divide when no model lists the members, one token per member: ``"in"`` = the
+            weight's input features (Flux's ``linear1`` is ``("in", "in", "in", "mlp")``), members with the same
+            other token have equal sizes, and one group may be the rest of the rows. ``None``: all equal.
     """
 
     original: str
     diffusers: tuple[str, ...]
     swap: bool = False
+    sizes: tuple[str, ...] | None = None
+
+    def member_sizes(self, in_features: int, total: int | None = None,
+                     known: Mapping[int, int] | None = None) -> list[int] | None:
+        """The rows of each member from the size tokens, the packed ``total`` (splitting) and the rows of the
+        members at hand (``known``: index -> rows, stacking); ``None`` when they do not determine them."""
+        tokens = self.sizes or ("=",) * len(self.diffusers)
+        known = dict(known or {})
+        group: dict[str, int] = {"in": in_features}
+        for i, rows in known.items():
+            if group.setdefault(tokens[i], rows) != rows:
+                return None
+        open_groups = {t for t in tokens if t not in group}
+        if open_groups:
+            if total is None or len(open_groups) != 1:
+                return None
+            (t,) = open_groups
+            rest = total - sum(group[x] for x in tokens if x in group)
+            count = tokens.count(t)
+            if rest <= 0 or rest % count:
+                return None
+            group[t] = rest // count
+        sizes = [group[t] for t in tokens]
+        return sizes if total is None or sum(sizes) == total else None
 
     @cached_property
     def original_re(self) -> re.Pattern[str]:

@@ -25,7 +25,8 @@ BLOCK_RULES: tuple[Rule, ...] = (
     Rule(D + "txt_attn.proj", (T + "attn.to_add_out",)),
     Rule(D + "txt_mlp.0", (T + "ff_context.net.0.proj",)),
     Rule(D + "txt_mlp.2", (T + "ff_context.net.2",)),
-    Rule(S + "linear1", (ST + "attn.to_q", ST + "attn.to_k", ST + "attn.to_v", ST + "proj_mlp")),
+    Rule(S + "linear1", (ST + "attn.to_q", ST + "attn.to_k", ST + "attn.to_v", ST + "proj_mlp"),
+         sizes=("in", "in", "in", "mlp")),
     Rule(S + "linear2", (ST + "proj_out",)),
 )
 MODULATION_RULES: tuple[Rule, ...] = (

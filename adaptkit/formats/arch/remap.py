@@ -54,14 +54,30 @@ def _component_paths(adapter: Adapter, component: str) -> list[str]:
 
 
 def _fits(arch: Arch, paths: list[str], direction: str) -> dict[str, Any] | None:
+    """How the architecture maps each path (``None``: some path has no rule). A catch-all ``{path}`` rule (the
+    namespaces agree) fits only paths the architecture's shipped inventory has, so that it claims no other model's."""
     out = {}
+    known: set[str] | None = None
     for p in paths:
         rel = p.partition(".")[2]
         hit = arch.to_diffusers(rel) if direction == "diffusers" else arch.to_original(rel)
         if hit is None:
             return None
+        if "{path}" in hit[0].original:
+            if known is None:
+                known = _known_paths(arch)
+            if rel not in known:
+                return None
         out[p] = (hit[0].original, hit[0].diffusers, hit[0].swap, hit[1] if direction == "diffusers" else hit[1:3])
     return out
+
+
+def _known_paths(arch: Arch) -> set[str]:
+    try:
+        inv = _names.shipped(arch.name)
+    except ConfigError:
+        return set()
+    return {p for comp in (DIFFUSERS, ORIGINAL) for p in inv.modules.get(comp, {})}
 
 
 def _listing(arch: Arch, base: Any) -> dict[str, tuple[int, ...]]:
@@ -223,7 +239,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
                                    _relerr_swap(layer, new) if rule.swap else 0.0))
                 outcomes[path] = Outcome(targets[0])
                 continue
-            sizes = [_size(listing, m, found) for m in members]
+            sizes = _split_sizes(rule, members, listing, layer, path)
             split = split_rows(layer, sizes, path)
             err = _dense_free_error(layer, list(split.layers), sizes)
             for t, part in zip(targets, split.layers):
@@ -250,9 +266,9 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
             outcomes[path] = Outcome(target)
     for target, present in groups.items():
         rule, members = group_rule[target]
-        sizes = [_size(listing, m, found) for m in members]
         given = [adapter.layers[present[k]] if k in present else None for k in range(len(members))]
         in_features = int(next(g for g in given if g is not None).shape[1])
+        sizes = _stack_sizes(rule, members, listing, given, in_features, target)
         new = stack_rows(given, sizes, in_features, target)
         layers[target] = new
         err = _stack_error(given, sizes, new)
@@ -289,12 +305,35 @@ def _stack_error(given: list[Any], sizes: list[int], new: Any) -> float:
     return _relerr(old, [new.factors()], bias, new.delta_bias())
 
 
-def _size(listing: Mapping[str, tuple[int, ...]], member: str, arch: Arch) -> int:
-    shape = listing.get(member)
-    if not shape:
-        raise UnsupportedError(f"the {arch.label} model has no module {member} to size a packed projection by; pass "
-                               "the transformer it belongs to as --base")
-    return int(shape[0])
+def _split_sizes(rule: Any, members: tuple[str, ...], listing: Mapping[str, tuple[int, ...]], layer: Any,
+                 where: str) -> list[int]:
+    """The rows of each member of a packed layer: the model's listing when it agrees with the layer, else the rule's
+    size tokens."""
+    total, in_features = int(layer.shape[0]), int(layer.shape[1])
+    listed = [listing.get(m) for m in members]
+    if all(listed) and sum(int(s[0]) for s in listed) == total and all(int(s[1]) == in_features for s in listed):
+        return [int(s[0]) for s in listed]
+    sizes = rule.member_sizes(in_features, total=total)
+    if sizes is None:
+        raise UnsupportedError(f"{where}: the sizes of {', '.join(m.rsplit('.', 1)[-1] for m in members)} in its "
+                               f"{total} rows cannot be told without the model; pass the transformer as --base")
+    return sizes
+
+
+def _stack_sizes(rule: Any, members: tuple[str, ...], listing: Mapping[str, tuple[int, ...]], given: list[Any],
+                 in_features: int, where: str) -> list[int]:
+    """The rows of each member of a packed weight being built: the listing when it agrees with the members at hand,
+    else the rule's size tokens from them."""
+    known = {i: int(g.shape[0]) for i, g in enumerate(given) if g is not None}
+    listed = [listing.get(m) for m in members]
+    if all(listed) and all(int(listed[i][0]) == r and int(listed[i][1]) == in_features for i, r in known.items()):
+        return [int(s[0]) for s in listed]
+    sizes = rule.member_sizes(in_features, known=known)
+    if sizes is None:
+        absent = [m.rsplit(".", 1)[-1] for i, m in enumerate(members) if i not in known]
+        raise UnsupportedError(f"{where}: the sizes of the absent {', '.join(absent)} cannot be told without the "
+                               "model; pass the transformer as --base, or give the adapter every projection")
+    return sizes
 
 
 __all__ = ["ARCH_KEY", "NAMESPACES", "MapRow", "pick_arch", "to_namespace"]
