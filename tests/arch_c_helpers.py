@@ -145,9 +145,42 @@ def load_converted(base: torch.nn.Module, converted: Mapping[str, torch.Tensor])
     return fresh.eval()
 
 
+def written_round_trips(a: ak.Adapter, base: torch.nn.Module, out: Path) -> dict[str, object]:
+    """Through the public API: ``ak.save`` to comfyui (original names), kohya (``naming="original"``) and, from the
+    original namespace, diffusers; ``ak.load`` of each (layout detected from the keys; kohya's flattened names need
+    the tiny base to resolve). Returns ``{layout: max ΔW error against a}`` and the written paths."""
+    orig, _ = to_namespace(a, "original", base=base)
+    figures: dict[str, object] = {}
+    paths = {"comfyui": ak.save(a, out / "comfyui", format="comfyui", base=base),
+             "kohya": ak.save(a, out / "kohya", format="kohya", naming="original", base=base),
+             "diffusers": ak.save(orig, out / "diffusers", format="diffusers", base=base)}
+    for layout, path in paths.items():
+        read = ak.load(str(path), base=base) if layout == "kohya" else ak.load(str(path))
+        assert read.format == layout, (layout, read.format)
+        want = set(a.layers) if layout == "diffusers" else set(orig.layers)
+        assert set(read.layers) == want, (layout, sorted(set(read.layers) ^ want)[:3])
+        back, _ = to_namespace(read, "diffusers", base=base)
+        assert set(back.layers) == set(a.layers)
+        figures[layout] = max(rel(back.layers[p].delta_matrix(), a.layers[p].delta_matrix()) for p in a.layers)
+    figures["paths"] = paths
+    return figures
+
+
+def diffusers_loaded(base: torch.nn.Module, pipeline: str, path: Path) -> torch.nn.Module:
+    """A fresh copy of ``base`` with a written diffusers file loaded as ``load_lora_weights`` does: the pipeline's
+    ``lora_state_dict`` (with the file's metadata), then ``load_lora_adapter``."""
+    import diffusers
+
+    sd, metadata = getattr(diffusers, pipeline).lora_state_dict(str(path), return_lora_metadata=True)
+    fresh = copy.deepcopy(base)
+    fresh.load_lora_adapter(sd, prefix="transformer", adapter_name="written", metadata=metadata)
+    return fresh.eval()
+
+
 __all__ = [
     "converted_deltas",
     "coverage_gaps",
+    "diffusers_loaded",
     "load_converted",
     "lora_targets",
     "oracle_mismatches",
@@ -155,4 +188,5 @@ __all__ = [
     "peft_adapter",
     "rel",
     "round_trip",
+    "written_round_trips",
 ]

@@ -48,7 +48,8 @@ DOUBLE_RULES: tuple[Rule, ...] = (
     Rule(D + "txt_mod.linear", (T + "norm1_context.linear",)),
 )
 SINGLE_RULES: tuple[Rule, ...] = (
-    Rule(S + "linear1", (ST + "attn.to_q", ST + "attn.to_k", ST + "attn.to_v", ST + "proj_mlp")),
+    Rule(S + "linear1", (ST + "attn.to_q", ST + "attn.to_k", ST + "attn.to_v", ST + "proj_mlp"),
+         sizes=("in", "in", "in", "mlp")),
     Rule(S + "linear2", (ST + "proj_out",)),
     Rule(S + "modulation.linear", (ST + "norm.linear",)),
 )
