@@ -18,6 +18,8 @@ import copy
 import pytest
 import torch
 
+import adaptkit as ak
+
 from adaptkit.core.adapter import Adapter
 from adaptkit.core.coverage import CoverageError
 from adaptkit.core.kinds import LoRA
@@ -29,6 +31,7 @@ from adaptkit.formats.arch.remap import to_namespace
 from .arch_c_helpers import (
     converted_deltas,
     coverage_gaps,
+    diffusers_loaded,
     load_converted,
     lora_targets,
     oracle_mismatches,
@@ -36,6 +39,7 @@ from .arch_c_helpers import (
     peft_adapter,
     rel,
     round_trip,
+    written_round_trips,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -184,8 +188,6 @@ def test_musubi_kohya_file_reads(setup, tmp_path):
     for HunyuanVideo) reads with the tiny model as base into original names, and maps to diffusers' ΔW exactly."""
     from safetensors.torch import save_file
 
-    import adaptkit as ak
-
     base, _, a = setup
     orig, _ = to_namespace(a, "original", base=base)
     sd = {}
@@ -227,6 +229,33 @@ def test_comfyui_internal_names_read_as_aliases(setup):
     assert max(rel(back.layers[p].delta_matrix(), a.layers[p].delta_matrix()) for p in a.layers) == 0.0
     again, _ = to_namespace(back, "original", base=base)
     assert set(again.layers) == set(orig.layers)
+
+
+def test_written_layouts(setup, tmp_path):
+    """comfyui / kohya (original names) / diffusers files written by ak.save read back (layout detected) to the same
+    ΔW; the diffusers file (written from the original namespace: packed layers split back) loads in diffusers and
+    gives the PEFT model's outputs with every module adapted."""
+    base, model, a = setup
+    fig = written_round_trips(a, base, tmp_path)
+    fresh = diffusers_loaded(base, ARCH.pipeline, fig.pop("paths")["diffusers"])
+    err = rel(forward(fresh), forward(model))
+    print("hunyuan_video written layouts: max ΔW error", fig, "diffusers file outputs", err)
+    assert max(fig.values()) < 1e-6
+    torch.testing.assert_close(forward(fresh), forward(model), rtol=1e-4, atol=1e-5)
+
+
+def test_written_comfyui_file_in_diffusers(setup, tmp_path):
+    """diffusers' HunyuanVideo converter cannot read the comfyui file adaptkit writes: it chunks the scalar ``alpha``
+    of ``img_attn_qkv`` like a weight (diffusion-pipe's files carry no alphas)."""
+    from diffusers import HunyuanVideoPipeline
+    from safetensors.torch import load_file
+
+    base, _, a = setup
+    path = ak.save(a, tmp_path / "c", format="comfyui", base=base)
+    sd = load_file(str(path))
+    assert "diffusion_model.double_blocks.0.img_attn_qkv.alpha" in sd
+    with pytest.raises(RuntimeError, match="chunk"):
+        HunyuanVideoPipeline.lora_state_dict(sd)
 
 
 # ------------------------------------------------------------------ kohya names shared with Flux.1
