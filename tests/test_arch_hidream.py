@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import adaptkit as ak
-
 from adaptkit.core.coverage import CoverageError
 from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import adaptkit as ak
-
 from adaptkit.core.adapter import Adapter
 from adaptkit.core.coverage import CoverageError
 from adaptkit.core.kinds import LoRA

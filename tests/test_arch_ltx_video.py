@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import adaptkit as ak
-
 from adaptkit.core.coverage import CoverageError
 from adaptkit.formats import names
 from adaptkit.formats.arch import ARCHS
