@@ -178,7 +178,16 @@ def test_unmapped_path_and_drop(setup):
 def test_fused_rows_disagree(setup):
     base, _, _ = setup
     wrong = Adapter(layers={"unet.double_blocks.0.img_attn_qkv": _lora(40, 16, 2, 2.0, 5)})
-    with pytest.raises(UnsupportedError, match=r"double_blocks\.0\.img_attn_qkv has 40 output rows"):
+    with pytest.raises(UnsupportedError, match=r"double_blocks\.0\.img_attn_qkv.* 40 rows"):
+        to_namespace(wrong, "diffusers", base=base)
+
+
+@pytest.mark.xfail(strict=True, reason="remap._split_sizes falls back to the rule's equal-size tokens when the base's "
+                                       "members disagree with the packed rows (42 = 3 x 14 against the base's 3 x 16)")
+def test_fused_rows_disagree_divisible(setup):
+    base, _, _ = setup
+    wrong = Adapter(layers={"unet.double_blocks.0.img_attn_qkv": _lora(42, 16, 2, 2.0, 5)})
+    with pytest.raises(UnsupportedError, match=r"double_blocks\.0\.img_attn_qkv"):
         to_namespace(wrong, "diffusers", base=base)
 
 
