@@ -59,9 +59,9 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .analysis.compare import compare
     from .analysis.coverage import Certificate, CoverageError, coverage
     from .analysis.layers import analyze
-    from .deploy import check, export
     from .core.adapter import Adapter
     from .core.kinds import IA3, KINDS, Full, LoHa, LoKr, LoRA
+    from .deploy import check, export
     from .errors import (
         AdaptkitError,
         ArgumentTypeError,

@@ -1,15 +1,18 @@
 """Print the generated tables of the docs, or write them between their markers.
 
-Two tables are generated from the code's own declarations, so that the docs cannot drift from the code:
+Three tables are generated from the code's own declarations, so that the docs cannot drift from the code:
 
 * ``capabilities``: docs/formats.md's kinds × operations table (:func:`adaptkit.capabilities.capability_markdown`),
   between ``<!-- capabilities:start -->`` and ``<!-- capabilities:end -->``; rerun after adding a kind or a format row
   (``tests/test_capabilities.py`` fails while the copy is stale);
 * ``deploy``: docs/deploy.md's feature × runtime table and rule list (:func:`adaptkit.deploy.table.deploy_markdown`),
   between ``<!-- deploy:start -->`` and ``<!-- deploy:end -->``; rerun after changing a rule or adding a runtime
-  (``tests/test_deploy_table.py``).
+  (``tests/test_deploy_table.py``);
+* ``architectures``: docs/formats.md's diffusion architecture × layout table
+  (:func:`adaptkit.formats.arch.table.arch_markdown`), between ``<!-- architectures:start -->`` and
+  ``<!-- architectures:end -->``; rerun after adding an ``ARCHS`` row (``tests/test_layouts_flux.py``).
 
-Usage: ``python scripts/doc_tables.py [capabilities|deploy]`` prints the Markdown; ``--write`` replaces the blocks
+Usage: ``python scripts/doc_tables.py [capabilities|deploy|architectures]`` prints the Markdown; ``--write`` replaces the blocks
 (all tables when none is named).
 """
 
@@ -25,12 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from adaptkit import capabilities  # noqa: E402
 from adaptkit.deploy import table as deploy_table  # noqa: E402
+from adaptkit.formats.arch import table as arch_table  # noqa: E402
 
 #: table name -> (the doc it lives in, what makes it, its start and end markers)
 TABLES: dict[str, tuple[Path, Callable[[], str], str, str]] = {
     "capabilities": (ROOT / "docs" / "formats.md", capabilities.capability_markdown, capabilities.START,
                      capabilities.END),
     "deploy": (ROOT / "docs" / "deploy.md", deploy_table.deploy_markdown, deploy_table.START, deploy_table.END),
+    "architectures": (ROOT / "docs" / "formats.md", arch_table.arch_markdown, arch_table.START, arch_table.END),
 }
 
 

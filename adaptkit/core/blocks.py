@@ -66,6 +66,16 @@ def swap_halves(layer: Layer, where: str) -> Layer:
         magnitude=None if lora.magnitude is None or lora.magnitude_axis != 0 else lora.magnitude[perm].contiguous())
 
 
+def unit_scale(layer: Layer, where: str) -> Layer:
+    """The layer with scale 1 (``alpha = r``, the scale baked into ``up`` and the bias): the same ΔW."""
+    lora = _as_lora(layer, where)
+    if lora.scale == 1.0 and not lora.rslora:
+        return lora
+    s = lora.scale
+    return dataclasses.replace(lora, up=(lora.up.float() * s).to(lora.up.dtype), alpha=float(lora.rank), rslora=False,
+                               bias=None if lora.bias is None else (lora.bias.float() * s).to(lora.bias.dtype))
+
+
 def _blocks(up: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor] | None:
     """Column index sets of ``up``'s row slices when they are disjoint (a block structure), else ``None``."""
     used: list[torch.Tensor] = []
@@ -183,4 +193,4 @@ def stack_rows(members: Sequence[Layer | None], sizes: Sequence[int], in_feature
                 rslora=rs, magnitude=torch.cat(mags) if mags else None, bias=bias)
 
 
-__all__ = ["Split", "split_rows", "stack_rows", "swap_halves"]
+__all__ = ["Split", "split_rows", "stack_rows", "swap_halves", "unit_scale"]

@@ -64,8 +64,14 @@ def read_tensors(*args: Any, **kwargs: Any) -> Adapter:
     return _diffusers.read_tensors(*args, **kwargs)
 
 
+#: the kinds written
+KINDS_STORED = frozenset({"lora"})
+
+
 def can_store(layer: Any, module: str) -> str | None:
     """Plain linear or conv LoRA layers (no DoRA, no Tucker core)."""
+    if layer.kind not in KINDS_STORED:
+        return f"{LABEL} files have no {layer.kind} layers"
     if not layer.keeps_as_lora(None) or layer.dora or layer.module_type == "embedding":
         return f"{LABEL} files hold plain LoRA layers only (convert --kind lora, or fold DoRA first)"
     return None

@@ -123,6 +123,9 @@ def detect(path: Path) -> bool:
     if path.is_dir() and (path / _peft.CONFIG_NAME).is_file():
         return False
     header, _ = read_safetensors_header(f)
+    if f.name == WEIGHT_NAME:  # one model's save_lora_adapter: its own paths, no component prefix
+        keys = [k for k in header if k != "__metadata__"]
+        return bool(keys) and all(_parse(k) for k in keys)
     return detect_keys(header)
 
 
@@ -177,6 +180,8 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     bad = []
     parsed_keys = {key: _parse(key) for key in tensors}
     default = _bare_default([p[0] for p in parsed_keys.values() if p is not None])
+    if "" in configs:  # the unpacked config of a file written by one model's save_lora_adapter
+        configs[default] = configs.pop("")
     for key, t in tensors.items():
         parsed = parsed_keys[key]
         if parsed is None:
@@ -221,6 +226,8 @@ def _configs(metadata: dict[str, str], fname: str) -> dict[str, dict[str, Any]]:
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{fname}: the {METADATA_KEY} header entry is not valid JSON ({e}); re-export the file") from e
+    if isinstance(flat, dict) and ("r" in flat or "lora_alpha" in flat):  # one model's own config (save_lora_adapter)
+        return {"": dict(flat)}
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     for key, value in flat.items():
         comp, _, field = key.partition(".")

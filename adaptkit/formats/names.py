@@ -305,6 +305,8 @@ def inventory_from_base(base: Any) -> Inventory:
     """
     if isinstance(base, Inventory):
         return base
+    if isinstance(base, str) and base in shipped_available():
+        return shipped(base)
     if isinstance(base, Mapping):
         return Inventory(name="mapping", modules={c: {p: tuple(s) for p, s in m.items()} for c, m in base.items()})
     if hasattr(base, "named_modules"):
@@ -533,14 +535,24 @@ def resolve_names(names: Iterable[tuple[str, str]], base: Any = None,
         _raise_unresolved(missing, ambiguous, where=f"base {inv.name}")
         return Resolution(inv, paths)
     best: tuple[int, str, list[str], list[str], list[str]] | None = None
+    fits: list[Resolution] = []
     for name in shipped_available():
         inv = shipped(name)
         paths, missing, ambiguous, bad = _try(inv, names, shapes, strict_components=True)
         if not (missing or ambiguous or bad):
-            return Resolution(inv, paths)
+            if fits and paths != fits[0].paths:  # the same names mean other modules in another model
+                others = [f.inventory.name for f in fits] + [name]
+                raise ConfigError(
+                    f"the adapter's module names fit several models that name their modules differently "
+                    f"({', '.join(others)}); pass the base model with base=... (--base), or the model's shipped "
+                    f"inventory name (--base {others[0]})")
+            fits.append(Resolution(inv, paths))
+            continue
         score = len(paths)
         if best is None or score > best[0]:
             best = (score, name, missing, ambiguous, bad)
+    if fits:
+        return fits[0]
     examples = []
     if best is not None and best[0] > 0:
         examples = best[2] or best[3] or best[4]

@@ -273,9 +273,16 @@ def saved_module_of(key: str, modules_to_save: Iterable[str] | None) -> str | No
 def build_pattern(values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Pick the most common value as the default and a pattern of full paths for the rest.
 
-    Full module paths match only themselves under PEFT's rule, so the pattern is exact.
+    A full module path matches itself under PEFT's rule and also every path it is a dotted suffix of (``proj_out``
+    matches ``single_transformer_blocks.0.proj_out``); such a path is written anchored, ``^proj_out``, which PEFT's
+    ``re.match(rf"(.*\.)?({key})$", path)`` matches only at the start. So the pattern is exact.
     """
     if not values:
         return None, {}
     default = Counter(values.values()).most_common(1)[0][0]
-    return default, {path: v for path, v in values.items() if v != default}
+    out = {}
+    for path, v in values.items():
+        if v != default:
+            shadows = any(other != path and other.endswith("." + path) for other in values)
+            out["^" + path if shadows else path] = v
+    return default, out

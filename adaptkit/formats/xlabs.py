@@ -29,7 +29,11 @@ from ..core.kinds import LoRA
 from ..core.kinds.base import check_factors, layer_dtype
 from ..errors import FormatError, ShapeMismatchError, UnsupportedError
 from ..io.outputs import atomic_output
-from ..io.safetensors import read_safetensors, read_safetensors_header, write_safetensors
+from ..io.safetensors import (
+    read_safetensors,
+    read_safetensors_header,
+    write_safetensors,
+)
 from . import kohya
 from .arch import ORIGINAL
 from .base import KindSupport, Selection
@@ -137,8 +141,14 @@ def read_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                    config={"layout": NAME, "inventory": "flux"}, format=NAME, source=source)
 
 
+#: the kinds written
+KINDS_STORED = frozenset({"lora"})
+
+
 def can_store(layer: Any, module: str) -> str | None:
     """XLabs holds plain linear LoRA layers (no DoRA, bias, Tucker core) on the attention projections."""
+    if layer.kind not in KINDS_STORED:
+        return f"{LABEL} files have no {layer.kind} layers"
     if not layer.keeps_as_lora(None) or layer.dora or layer.module_type != "linear" or layer.fan_in_fan_out:
         return f"{LABEL} files hold plain linear LoRA layers only (convert --kind lora, or --lossy dora)"
     if layer.delta_bias() is not None:

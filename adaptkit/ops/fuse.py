@@ -27,6 +27,7 @@ from ..core.coverage import METADATA_KEY, Certificate, Outcome, certify, combine
 from ..core.kinds import Layer, Replace
 from ..core.params import SHARD_SIZE, WEIGHTS, WORKERS, check_weights
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..formats.arch.remap import to_base_names
 from ..formats.coverage import extra_module, match_layers
 from ..formats.inputs import as_adapters
 from ..io.base_model import TensorInfo, WeightSet, find_matches, open_base, parse_dtype
@@ -305,6 +306,8 @@ def _run(base, adapters, out, weights, dtype, shard_size, overwrite, dry_run, pr
     if out is not None and not dry_run:
         check_output(out, overwrite, inputs=[base, adapters])
     ws = open_base(base)
+    shapes = {k: tuple(info.shape) for k, info in ws.tensors.items()}
+    ads = [to_base_names(a, shapes, drop) for a in ads]  # a Flux LoRA in BFL names onto a diffusers transformer ...
     ads = _prepare(ws, ads, unfuse)
     cert = certify_fuse(ws, ads, unfuse).require(drop)
     transforms, names, kinds = _plan(ws, ads, weights, unfuse, cert)

@@ -46,6 +46,8 @@ class Rule:
         diffusers: the diffusers module path templates, in the packed weight's row order.
         swap: the two halves of the output rows are swapped between the namespaces (``(shift, scale)`` vs
             ``(scale, shift)`` of the final adaptive norm).
+        scale_one: in original names the layer is written with scale 1 (alpha = rank, the scale baked into ``up``),
+            because a reader of that layout ignores its alpha (diffusers' kohya Flux converter, for the final layer).
         sizes: how the packed rows divide when no model lists the members, one token per member: ``"in"`` = the
             weight's input features (Flux's ``linear1`` is ``("in", "in", "in", "mlp")``), members with the same
             other token have equal sizes, and one group may be the rest of the rows. ``None``: all equal.
@@ -54,6 +56,7 @@ class Rule:
     original: str
     diffusers: tuple[str, ...]
     swap: bool = False
+    scale_one: bool = False
     sizes: tuple[str, ...] | None = None
 
     def member_sizes(self, in_features: int, total: int | None = None,

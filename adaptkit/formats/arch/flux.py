@@ -43,8 +43,9 @@ EMBEDDER_RULES: tuple[Rule, ...] = (
     Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
     Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
     Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
-    Rule("final_layer.linear", ("proj_out",)),
-    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
+    # diffusers' kohya converter drops these modules' alphas ("TODO: alphas"): written with scale 1
+    Rule("final_layer.linear", ("proj_out",), scale_one=True),
+    Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True, scale_one=True),
 )
 
 FLUX = Arch(
@@ -57,6 +58,7 @@ FLUX = Arch(
     pipeline="FluxPipeline",
     layouts=("diffusers", "kohya", "comfyui", "xlabs", "ai-toolkit"),
     text_encoders=("text_encoder", "text_encoder_2"),
+    extra={"diffusers_reads": ("diffusers", "kohya", "xlabs", "ai-toolkit")},
     notes="diffusers `_convert_kohya_flux_lora_to_diffusers`, `_convert_xlabs_flux_lora_to_diffusers`; ComfyUI "
           "`comfy/utils.py` `flux_to_diffusers`",
 )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ...core.adapter import Adapter
-from ...core.blocks import split_rows, stack_rows, swap_halves
+from ...core.blocks import split_rows, stack_rows, swap_halves, unit_scale
 from ...core.coverage import Outcome, certify, stamp
 from ...errors import ConfigError, UnsupportedError
 from .. import names as _names
@@ -256,6 +256,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
             target = f"{dst}.{orig}"
             if not rule.fused:
                 new = swap_halves(layer, path) if rule.swap else layer
+                new = unit_scale(new, path) if rule.scale_one else new
                 layers[target] = new
                 rows.append(MapRow(path, target, "swap" if rule.swap else "rename", layer.rank, new.rank,
                                    _relerr_swap(layer, new) if rule.swap else 0.0))
@@ -336,4 +337,44 @@ def _stack_sizes(rule: Any, members: tuple[str, ...], listing: Mapping[str, tupl
     return sizes
 
 
-__all__ = ["ARCH_KEY", "NAMESPACES", "MapRow", "pick_arch", "to_namespace"]
+def to_base_names(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
+                  drop: Iterable[str] | str | None = None) -> Adapter:
+    """The adapter in the namespace of a base's weights: original-name layers mapped to diffusers names for a diffusers
+    base (``transformer_blocks.0.attn.to_q.weight``), diffusers-name layers to original names for an original
+    checkpoint (BFL's ``flux1-dev.safetensors``); unchanged when its names are the base's already or no architecture
+    maps them. Packed projections are sized by the base's own shapes. For a transformer saved alone (keys without a
+    ``transformer.`` prefix) the mapped paths lose the component too, so that one-part names (``x_embedder``) match.
+
+    Args:
+        adapter: the adapter.
+        shapes: the base's tensor keys and shapes (``{key: shape}``).
+        drop: as :func:`to_namespace`.
+    """
+    prefixed = any(k.startswith(DIFFUSERS + ".") for k in shapes)
+    modules: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if key.endswith(".weight"):
+            module = key[: -len(".weight")]
+            modules[module.partition(".")[2] if module.startswith(DIFFUSERS + ".") else module] = tuple(shape)
+    out = adapter
+    for namespace, src in (("diffusers", ORIGINAL), ("original", DIFFUSERS)):
+        paths = _component_paths(adapter, src)
+        if not paths or any(p.partition(".")[2] in modules for p in paths):
+            continue
+        arch = pick_arch(adapter, namespace)
+        if arch is None:
+            continue
+        hits = [arch.to_diffusers(p.partition(".")[2]) if namespace == "diffusers" else arch.to_original(
+            p.partition(".")[2]) for p in paths]
+        targets = [m for h in hits if h is not None for m in (h[1] if namespace == "diffusers" else (h[1],))]
+        if targets and all(t in modules for t in targets):
+            out, _ = to_namespace(adapter, namespace, arch=arch, base={"": modules}, drop=drop)
+            break
+    if not prefixed:  # a model saved alone: its own paths
+        bare = {p.partition(".")[2]: layer for p, layer in out.layers.items() if p.startswith(DIFFUSERS + ".")}
+        if bare and len(bare) == len(out.layers) and all(p in modules for p in bare):
+            out = out.replace(layers=bare)
+    return out
+
+
+__all__ = ["ARCH_KEY", "NAMESPACES", "MapRow", "pick_arch", "to_base_names", "to_namespace"]

@@ -37,7 +37,6 @@ from .primitives import (
     weighted_sum_,
 )
 
-
 #: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
 _STACK_MAX = 1 << 22
 
