@@ -32,10 +32,7 @@ def peft_adapter(model: torch.nn.Module, out: Path, pipeline: str, *, targets: I
                  name: str = "default") -> ak.Adapter:
     """A perturbed LoRA added to ``model`` in place (adapter ``name``, made active), saved by the diffusers pipeline
     class's own ``save_lora_weights`` and read back with ``ak.load(format="diffusers")``; checks that every layer's
-    scale is PEFT's.
-
-    (``model.save_lora_adapter`` writes its ``lora_adapter_metadata`` without the ``transformer.`` prefix, which
-    adaptkit's diffusers reader does not take as the transformer's config: every scale would read as 1.)"""
+    scale is PEFT's."""
     import diffusers
     import peft
     from peft.utils import get_peft_model_state_dict

@@ -294,9 +294,11 @@ def test_kohya_names_fit_flux_and_hunyuan_video():
     assert _resolve("hunyuan_video", ["double_blocks_0_img_mod_linear", "double_blocks_0_img_mlp_fc1"]).paths
 
 
-@pytest.mark.xfail(strict=True, reason="kohya resolution without a base takes the first shipped inventory that fits "
-                                       "(Flux.1) instead of reporting the ambiguity; the coordinator's to fix")
 def test_kohya_names_shared_with_flux_are_ambiguous_without_base():
     keys = [("unet", f) for f in SHARED]
-    with pytest.raises(ConfigError, match="hunyuan_video"):
-        names.resolve_names(keys, shapes={k: SHARED[k[1]] for k in keys})
+    shapes = {k: SHARED[k[1]] for k in keys}
+    with pytest.raises(ConfigError, match=r"flux.*hunyuan_video|hunyuan_video.*flux"):
+        names.resolve_names(keys, shapes=shapes)
+    picked = names.resolve_names(keys, base="hunyuan_video", shapes=shapes)
+    assert picked.paths[("unet", "single_blocks_0_linear1")][0] == "single_blocks.0.linear1"
+    assert picked.paths[("unet", "double_blocks_0_img_attn_qkv")][0] == "double_blocks.0.img_attn_qkv"

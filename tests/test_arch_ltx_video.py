@@ -174,8 +174,6 @@ def test_written_comfyui_file_in_diffusers(setup, tmp_path):
     assert misread > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="model.save_lora_adapter writes lora_adapter_metadata without the component "
-                                       "prefix; the diffusers reader takes each field for a component (every scale 1)")
 def test_save_lora_adapter_metadata_gives_peft_scales(tmp_path):
     import peft
 

@@ -35,6 +35,9 @@ HIDREAM = Arch(
     rules=RULES,
     pipeline="HiDreamImagePipeline",
     layouts=("diffusers", "kohya", "comfyui"),
+    # diffusers reads its own layout; its converter for the original layout reads no alphas (HunyuanVideo's raises on
+    # them), so the comfyui files adaptkit writes (with alpha) are not listed (docs/arch_arch-c.md has the figures)
+    extra={"diffusers_reads": ("diffusers",)},
     notes="diffusers `_convert_non_diffusers_hidream_lora_to_diffusers`; ComfyUI `comfy/lora.py` "
           "`model_lora_keys_unet` (HiDream branch; SimpleTuner `lycoris_` names)",
 )

@@ -54,7 +54,11 @@ LTX_VIDEO = Arch(
                 attention_bias=True, attention_out_bias=True),
     rules=RULES,
     pipeline="LTXPipeline",
-    layouts=("diffusers", "comfyui"),
+    # kohya: ComfyUI's generic key map reads `lora_unet_<flattened path>` for every model
+    layouts=("diffusers", "kohya", "comfyui"),
+    # diffusers reads its own layout; its converter for the original layout reads no alphas (HunyuanVideo's raises on
+    # them), so the comfyui files adaptkit writes (with alpha) are not listed (docs/arch_arch-c.md has the figures)
+    extra={"diffusers_reads": ("diffusers",)},
     notes="diffusers `convert_ltx_transformer_checkpoint_to_diffusers`, "
           "`_convert_non_diffusers_ltxv_lora_to_diffusers`; ComfyUI `comfy/ldm/lightricks/model.py` `LTXVModel`",
 )
