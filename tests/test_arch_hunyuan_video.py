@@ -81,8 +81,12 @@ def setup(tmp_path_factory):
 
 
 def test_rules_cover_every_module(setup):
+    from diffusers import HunyuanVideoTransformer3DModel
+
     base, _, a = setup
     assert coverage_gaps(ARCH, base) == []
+    for i2v in ("token_replace", "latent_concat"):  # HunyuanVideo-I2V's blocks name the same modules
+        assert coverage_gaps(ARCH, HunyuanVideoTransformer3DModel(**CFG, image_condition_type=i2v)) == []
     assert len(a.layers) == len(lora_targets(base)) == 41
     unet = names.shipped("hunyuan_video").modules["unet"]
     assert tuple(unet["double_blocks.19.img_attn_qkv"]) == (9216, 3072)
