@@ -17,7 +17,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = {"adaptkit", "tests", "conftest", *(p.stem for p in ROOT.joinpath("scripts").glob("*.py"))}
+LOCAL = {"adaptkit", "tests", "conftest", *(p.stem for p in ROOT.joinpath("scripts").glob("*.py")), "benchmarks"}
 
 
 def _declared() -> set[str]:

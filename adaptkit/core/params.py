@@ -200,6 +200,10 @@ GAMMA = Param("gamma", ParamType.NUMBER, "fraction of largest-magnitude entries 
               "--gamma", low=0, high=1)
 EPSILON = Param("epsilon", ParamType.NUMBER, "spread of DELLA's keep probabilities around density (density +- epsilon)",
                 "--epsilon", low=0, high=1)
+KEEP = Param("keep", ParamType.NUMBER, "fraction of each task's singular components kept (TSV-M)", "--keep",
+             low=0, high=1, low_open=True)
+COMMON = Param("common", ParamType.NUMBER, "fraction of the merged rank given to the common subspace (Iso-CTS)",
+               "--common", low=0, high=1)
 SEED = Param("seed", ParamType.INTEGER, "seed of the random draws (DARE's drop, sampling, randomized SVD)", "--seed")
 WORKERS = Param("workers", ParamType.INTEGER, "output files written in parallel", "--workers", low=1,
                 hint="leave it out for one per core (at most 8)")

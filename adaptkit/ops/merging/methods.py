@@ -1,17 +1,4 @@
-"""The one table of merge methods, each built from parts: operand x sparsify x sign consensus x output.
-
-* ``operand``: what the combination works on. ``"factors"``: PEFT's ``linear``/``ties``/``dare_*``/
-  ``magnitude_prune`` combine the ``A`` matrices and the ``B`` matrices separately, with weight
-  ``sqrt(|w s|)`` on each (the sign on ``A``); the result keeps the inputs' rank. ``"delta"``: the dense
-  ``dW_i = s_i B_i A_i`` are combined element-wise, then truncated by SVD. ``"lowrank"``: a plain weighted
-  sum that never leaves factor form (concatenation, or the exact low-rank SVD of :mod:`.lowrank`).
-* ``sparsify``: ``None``, ``"magnitude"`` (keep the top ``density``), ``"random"`` (DARE: keep with
-  probability ``density``, rescale by ``1/density``), ``"outliers"`` (Model Breadcrumbs: drop the top ``gamma``
-  and the smallest, ``density`` remains) or ``"rank_magnitude"`` (DELLA: keep with a probability that grows with
-  the magnitude rank in the row, ``density +- epsilon``, rescale by ``1/p``).
-* ``consensus``: TIES sign election + disjoint mean instead of a weighted sum.
-* ``output``: ``"same"`` (rank of the inputs), ``"concat"`` (sum of ranks, exact), ``"svd"`` (truncated to
-  ``rank``), ``"exact_or_svd"`` (concat without ``rank``, low-rank SVD with one).
+"""The element-wise combination the method table's rows drive (:mod:`.catalog` holds the table).
 
 :func:`combine` runs sparsify -> elect -> weigh -> combine on a list of same-shaped tensors, exactly as
 ``peft.utils.merge_utils`` orders those steps (the sign is elected on the unweighted, pruned tensors).
@@ -19,12 +6,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
-
 import torch
 
 from ...errors import ConfigError
+from .catalog import (
+    METHODS,
+    PEFT_METHODS,
+    Method,
+    Operand,
+    Output,
+    Sparsify,
+    get_method,
+)
 from .primitives import (
     check_density,
     disjoint_mean_,
@@ -39,132 +32,6 @@ from .primitives import (
 
 #: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
 _STACK_MAX = 1 << 22
-
-
-class Operand(StrEnum):
-    """What a method combines (see the module docstring)."""
-
-    FACTORS = "factors"
-    DELTA = "delta"
-    LOWRANK = "lowrank"
-
-
-class Sparsify(StrEnum):
-    """How a method drops entries before combining: keep the largest, or DARE's random keep + rescale."""
-
-    MAGNITUDE = "magnitude"
-    RANDOM = "random"
-    OUTLIERS = "outliers"
-    RANK_MAGNITUDE = "rank_magnitude"
-
-
-class Output(StrEnum):
-    """The rank of a method's result."""
-
-    SAME = "same"
-    CONCAT = "concat"
-    SVD = "svd"
-    EXACT_OR_SVD = "exact_or_svd"
-
-
-@dataclass(frozen=True)
-class Method:
-    """One merge method, described by its parts.
-
-    Args:
-        name: the method's name (PEFT's ``combination_type`` where PEFT has it).
-        operand: ``"factors"``, ``"delta"`` or ``"lowrank"`` (see the module docstring).
-        sparsify: ``None``, ``"magnitude"`` or ``"random"``.
-        consensus: TIES sign election and disjoint mean.
-        output: ``"same"``, ``"concat"``, ``"svd"`` or ``"exact_or_svd"``.
-        peft: PEFT's ``add_weighted_adapter`` has it (and its single-adapter rule applies).
-        summary: one line for help texts.
-    """
-
-    name: str
-    operand: Operand
-    sparsify: Sparsify | None
-    consensus: bool
-    output: Output
-    peft: bool
-    summary: str
-
-    @property
-    def needs_density(self) -> bool:
-        """Whether ``density`` is required."""
-        return self.sparsify is not None
-
-    @property
-    def takes_rank(self) -> bool:
-        """Whether ``rank`` means something (the output is truncated by SVD)."""
-        return self.output in (Output.SVD, Output.EXACT_OR_SVD)
-
-    @property
-    def random(self) -> bool:
-        """Whether the method draws random numbers (``seed`` applies)."""
-        return self.sparsify in (Sparsify.RANDOM, Sparsify.RANK_MAGNITUDE)
-
-    @property
-    def needs_gamma(self) -> bool:
-        """Whether ``gamma`` (the outlier fraction of Model Breadcrumbs) applies."""
-        return self.sparsify is Sparsify.OUTLIERS
-
-    @property
-    def needs_epsilon(self) -> bool:
-        """Whether ``epsilon`` (DELLA's spread of keep probabilities) applies."""
-        return self.sparsify is Sparsify.RANK_MAGNITUDE
-
-    @property
-    def equal_ranks(self) -> bool:
-        """Whether every input must have the same rank at a layer (factor-wise combination)."""
-        return self.operand is Operand.FACTORS
-
-
-def _m(name: str, operand: str, sparsify: str | None, consensus: bool, output: str, summary: str,
-       peft: bool = True) -> Method:
-    return Method(name, Operand(operand), None if sparsify is None else Sparsify(sparsify), consensus, Output(output),
-                  peft, summary)
-
-
-#: every merge method, by name
-METHODS: dict[str, Method] = {m.name: m for m in (
-    _m("svd", "lowrank", None, False, "svd", "weighted sum of deltas, truncated SVD to rank (exact low-rank SVD)"),
-    _m("linear", "factors", None, False, "same", "weighted sum of A's and of B's separately (cross terms; same rank)"),
-    _m("cat", "lowrank", None, False, "concat", "concatenate weighted factors: the exact sum, rank = sum of ranks"),
-    _m("ties", "factors", "magnitude", True, "same", "TIES on A's and B's separately: trim, elect sign, disjoint mean"),
-    _m("ties_svd", "delta", "magnitude", True, "svd", "TIES on the dense deltas, then truncated SVD to rank"),
-    _m("dare_linear", "factors", "random", False, "same", "DARE drop + rescale on A's and B's, weighted sum"),
-    _m("dare_ties", "factors", "random", True, "same", "DARE drop + rescale on A's and B's, then TIES sign merge"),
-    _m("dare_linear_svd", "delta", "random", False, "svd", "DARE on the dense deltas, weighted sum, truncated SVD"),
-    _m("dare_ties_svd", "delta", "random", True, "svd", "DARE on the dense deltas, TIES sign merge, truncated SVD"),
-    _m("magnitude_prune", "factors", "magnitude", False, "same", "magnitude pruning of A's and B's, weighted sum"),
-    _m("magnitude_prune_svd", "delta", "magnitude", False, "svd", "magnitude pruning of dense deltas, SVD to rank"),
-    _m("task_arithmetic", "lowrank", None, False, "exact_or_svd",
-       "exact sum of weighted deltas: concatenated factors, or exact low-rank SVD to rank", peft=False),
-    _m("breadcrumbs", "delta", "outliers", False, "svd",
-       "Model Breadcrumbs on dense deltas: drop top gamma and smallest, weighted sum, SVD to rank", peft=False),
-    _m("breadcrumbs_ties", "delta", "outliers", True, "svd",
-       "Model Breadcrumbs on dense deltas, then TIES sign merge, SVD to rank", peft=False),
-    _m("della", "delta", "rank_magnitude", True, "svd",
-       "DELLA MagPrune (rank-based keep p, rescale 1/p) on dense deltas, TIES sign merge, SVD", peft=False),
-    _m("della_linear", "delta", "rank_magnitude", False, "svd",
-       "DELLA MagPrune on dense deltas, weighted sum, SVD to rank", peft=False),
-)}
-
-#: PEFT's combination types, in the order of its documentation
-PEFT_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.peft)
-
-
-def get_method(name: str) -> Method:
-    """The :class:`Method` called ``name``.
-
-    Raises:
-        ConfigError: unknown name (the message lists the known ones).
-    """
-    key = name.strip().lower()
-    if key not in METHODS:
-        raise ConfigError(f"unknown merge method '{name}'; choose one of: {', '.join(METHODS)}")
-    return METHODS[key]
 
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,

@@ -27,9 +27,11 @@ from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
 from ...core.params import (
+    COMMON,
     DENSITY,
     EPSILON,
     GAMMA,
+    KEEP,
     MAJORITY_SIGN,
     RANK,
     SEED,
@@ -42,6 +44,7 @@ from ...formats.inputs import as_adapters
 from ...io.outputs import check_output
 from ...progress import bar
 from .methods import METHODS, Method, Operand, Output, combine, get_method
+from .subspace import SUBSPACE, SubspaceOptions
 
 #: metadata key holding the provenance JSON of a merged adapter
 PROVENANCE_KEY = "adaptkit.merge"
@@ -56,13 +59,16 @@ class _Options:
     seed: int | None
     gamma: float | None = None
     epsilon: float | None = None
+    keep: float | None = None
+    common: float | None = None
 
 
 def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[float] | None = None,
           method: str = "task_arithmetic", density: float | None = None, rank: int | None = None,
           majority_sign: str = "total", seed: int | None = None, progress: bool | None = None,
           base: str | os.PathLike | None = None, drop: Sequence[str] | str | None = None,
-          gamma: float | None = None, epsilon: float | None = None) -> Adapter:
+          gamma: float | None = None, epsilon: float | None = None, keep: float | None = None,
+          common: float | None = None) -> Adapter:
     """Merge adapters into one, with PEFT's ``add_weighted_adapter`` numbers for PEFT's method names.
 
     Args:
@@ -71,7 +77,10 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         method: ``task_arithmetic`` (default: the exact sum of weighted deltas), or one of PEFT's
             ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_ties``,
             ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``, or mergekit's
-            ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` (see ``docs/merging.md``). As in PEFT, a single adapter with a PEFT method is merged ``linear``.
+            ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, or the LoRA-native ``knots``,
+            ``knots_dare``, ``tsv``, ``iso_c``, ``iso_cts``, ``core_linear``, ``core_ties`` (see ``docs/merging.md``;
+            ``adaptkit merge --help`` lists the table). As in PEFT, a single adapter with a PEFT method is merged
+            ``linear``.
         density: fraction of entries to keep, for the TIES / DARE / pruning methods (required there).
         rank: output rank for ``svd``, ``*_svd`` (default: the largest input rank) and ``task_arithmetic``
             (default: exact, rank = sum of input ranks).
@@ -81,6 +90,8 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
             torch's global RNG (recorded in the provenance).
         progress: show a progress bar (``None``: only on a terminal).
         gamma: ``breadcrumbs*`` only: fraction of the largest entries dropped as outliers (default 0.01).
+        keep: ``tsv`` only: the fraction of each task's singular components kept (default ``1 / len(adapters)``).
+        common: ``iso_cts`` only: the fraction of the merged rank given to the common subspace (default 0.8).
         epsilon: ``della*`` only: keep probabilities run from ``density - epsilon`` (smallest entry of a row)
             to ``density + epsilon`` (largest) (default 0.1 if ``density`` allows it, see docs/merging.md).
         base: base model (hub id or directory) used to resolve module names when loading sources whose
@@ -104,6 +115,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     requested = get_method(method)
     density, rank, majority_sign, seed = _check_options(requested, density, rank, majority_sign, seed)
     gamma, epsilon = _check_gamma_epsilon(requested, density, gamma, epsilon)
+    keep, common = _check_keep_common(requested, keep, common)
     if weights is not None:
         weights = WEIGHTS.check(weights)
     loaded = as_adapters(list(adapters), base=base, drop=drop)
@@ -128,7 +140,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         out_rank = None
     else:
         out_rank = _resolve_rank(used, rank, loaded, all_lora)
-        opts = _Options(used, density, out_rank, majority_sign, seed, gamma, epsilon)
+        opts = _Options(used, density, out_rank, majority_sign, seed, gamma, epsilon, keep, common)
         layers = _merge_loras(loaded, w, opts, progress)
     provenance = {
         "method": requested.name,
@@ -140,6 +152,8 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         "seed": seed if used.random else None,
         **({"gamma": gamma} if gamma is not None else {}),
         **({"epsilon": epsilon} if epsilon is not None else {}),
+        **({"keep": keep} if keep is not None else {}),
+        **({"common": common} if common is not None else {}),
         "sources": [{"source": _source_text(a.source), "format": a.format, "name": a.name, "base_model": a.base_model}
                     for a in loaded],
     }
@@ -256,6 +270,15 @@ def _check_gamma_epsilon(m: Method, density: float | None, gamma: Any, epsilon: 
             raise EPSILON.error(epsilon, f"a number with density - epsilon > 0 and density + epsilon <= 1 "
                                          f"(density is {density})")
     return gamma, epsilon
+
+
+def _check_keep_common(m: Method, keep: Any, common: Any) -> tuple[float | None, float | None]:
+    """``keep`` / ``common`` checked by their declarations, refused where the method has no use for them."""
+    for name, value, param in (("keep", keep, KEEP), ("common", common, COMMON)):
+        if value is not None and name not in m.extra:
+            users = ", ".join(x.name for x in METHODS.values() if name in x.extra)
+            raise ConfigError(f"method '{m.name}' has no {name} parameter; drop it or pick {users}")
+    return (None if keep is None else KEEP.check(keep)), (None if common is None else COMMON.check(common))
 
 
 def _check_base_models(adapters: list[Adapter]) -> str | None:
@@ -467,6 +490,15 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
         else:
             total = sum(w * layer.delta_matrix() for layer, w in zip(layers, weights))
             up, down = dense_svd(total, opts.rank)
+    elif m.operand is Operand.SUBSPACE:  # aligned in shared bases from the exact factors; no m x n matrix
+        # small matrices: float64 throughout; a kind without exact factors (LoHa, LoKr, full) gives its exact LoRA
+        # form at its numerical rank
+        factors = [layer.factors(torch.float64) or layer.to_lora(None)[0].factors(torch.float64) for layer in layers]
+        sub = SubspaceOptions(m, opts.density, opts.majority_sign, gen, opts.keep, opts.common)
+        up, down = SUBSPACE[m.subspace](list(factors), weights, sub)
+        up, down = up.float(), down.float()
+        if opts.rank is not None:
+            up, down = lowrank_svd([up], [down], opts.rank)
     else:  # element-wise work on dense deltas, then SVD
         deltas = [_own_delta(layer) for layer in layers]
         combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True,
