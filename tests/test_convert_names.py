@@ -162,7 +162,9 @@ def test_text_model_names_round_trip(tmp_path):
 
 
 def test_original_flux_names_are_written_as_diffusers_by_splitting_qkv(tmp_path):
-    flux = load(lora_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, rank=1))
+    # one img_attn_qkv key fits Flux.1 and HunyuanVideo (same flattened name and shape): the base names the model
+    flux = load(lora_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, rank=1),
+                base="flux")
     out = load(save(flux, tmp_path / "d", format="diffusers"))
     layer = flux.layers["unet.double_blocks.0.img_attn.qkv"]
     for k, name in enumerate(("to_q", "to_k", "to_v")):

@@ -14,13 +14,16 @@ from .base import DIFFUSERS, ORIGINAL, Arch, Rule, original_listing
 from .chroma import CHROMA
 from .flux import FLUX
 from .flux2 import FLUX2
+from .hidream import HIDREAM
+from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx_video import LTX_VIDEO
 from .lumina2 import LUMINA2
 from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3, SD35_LARGE, SD35_MEDIUM
 from .wan import WAN
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MEDIUM, SD35_LARGE, WAN, QWEN_IMAGE,
-                                             LUMINA2)}
+                                             LUMINA2, HUNYUAN_VIDEO, LTX_VIDEO, HIDREAM)}
 
 
 def get_arch(name: str) -> Arch:
