@@ -19,7 +19,6 @@ from ..core.coverage import Certificate, CoverageError, LayerCoverage, read_meta
 from ..errors import ArgumentTypeError
 from ..io.outputs import check_output
 from ..io.sources import resolve_selected
-from .arch import ARCHS
 from .arch.remap import to_namespace
 from .hub import allow_patterns
 from .hub import select_hub_files as _select_hub_files
@@ -87,10 +86,8 @@ def to_format_namespace(adapter: Adapter, format: str, *, arch: str | None = Non
     ns = namespace_of(format, **options)
     if ns is None:
         return adapter, ()
-    if arch is None:  # a layout only one architecture has (XLabs: Flux) names it, whatever other rows share paths
-        only = [a.name for a in ARCHS.values() if format in a.layouts]
-        arch = only[0] if len(only) == 1 else None
-    return to_namespace(adapter, ns, arch=arch, base=base, drop=drop)
+    # the layout narrows the architectures the paths are matched against (XLabs files exist for Flux.1 only)
+    return to_namespace(adapter, ns, arch=arch, base=base, drop=drop, layout=format_module(format).NAME)
 
 
 def _dropped_paths(adapter: Adapter) -> list[str]:

@@ -80,18 +80,31 @@ def _known_paths(arch: Arch) -> set[str]:
     return {p for comp in (DIFFUSERS, ORIGINAL) for p in inv.modules.get(comp, {})}
 
 
-def _listing(arch: Arch, base: Any) -> dict[str, tuple[int, ...]]:
+@dataclass(frozen=True)
+class _Listing:
+    """The diffusers module shapes that size packed projections, and whether they are the user's base (then a
+    disagreeing layer is refused) or the architecture's shipped inventory (then the rule's size tokens decide)."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    given: bool
+
+    def get(self, path: str) -> tuple[int, ...] | None:
+        return self.shapes.get(path)
+
+
+def _listing(arch: Arch, base: Any) -> _Listing:
     """The diffusers module shapes of the architecture: from ``base`` when given, else its shipped inventory."""
     inv = _names.inventory_from_base(base) if base is not None else _names.shipped(arch.name)
     for comp in (DIFFUSERS, ""):
         if inv.modules.get(comp):
-            return {p: tuple(s) for p, s in inv.modules[comp].items()}
+            return _Listing({p: tuple(s) for p, s in inv.modules[comp].items()}, base is not None)
     raise ConfigError(f"the base {inv.name} has no diffusers transformer modules to size the {arch.label} projections "
                       "by; pass the transformer (a diffusers directory or model) as --base")
 
 
 def _shape_ok(arch: Arch, adapter: Adapter, paths: list[str], direction: str) -> bool:
-    """The adapter's layer shapes agree with the architecture's shipped inventory (decides between sizes)."""
+    """The adapter's layers are modules of the architecture's shipped inventory with the same shapes (decides between
+    model sizes and block counts: HunyuanVideo's ``transformer_blocks.19`` is not Flux.1's, which has 19)."""
     try:
         inv = _names.shipped(arch.name)
     except ConfigError:
@@ -101,13 +114,17 @@ def _shape_ok(arch: Arch, adapter: Adapter, paths: list[str], direction: str) ->
     for p in paths:
         shape = mods.get(p.partition(".")[2])
         layer = adapter.layers[p]
-        if shape and layer.shape is not None and tuple(layer.shape)[:2] != tuple(shape)[:2]:
+        if shape is None or (shape and layer.shape is not None and tuple(layer.shape)[:2] != tuple(shape)[:2]):
             return False
     return True
 
 
-def pick_arch(adapter: Adapter, direction: str, arch: str | Arch | None = None, base: Any = None) -> Arch | None:
+def pick_arch(adapter: Adapter, direction: str, arch: str | Arch | None = None, base: Any = None,
+              layout: str | None = None) -> Arch | None:
     """The architecture to map ``adapter`` with (``None``: nothing to map, no layer is in the source namespace).
+
+    ``layout``: the target format; architectures whose adapters never ship in it (XLabs: Flux.1 only) are not
+    candidates when others are.
 
     Raises:
         ConfigError: the paths fit several architectures that map them differently (the message lists them).
@@ -126,6 +143,8 @@ def pick_arch(adapter: Adapter, direction: str, arch: str | Arch | None = None, 
     if base is not None and hasattr(base, "named_modules") and (hit := arch_of_model(base)) is not None:
         return hit
     fits = {name: m for name, a in ARCHS.items() if (m := _fits(a, paths, direction)) is not None}
+    if layout is not None and len(fits) > 1:
+        fits = {n: m for n, m in fits.items() if layout in ARCHS[n].layouts} or fits
     if base is None and len(fits) > 1:
         fits = {n: m for n, m in fits.items() if _shape_ok(ARCHS[n], adapter, paths, direction)} or fits
     if not fits:
@@ -187,7 +206,7 @@ def _dense_free_error(layer: Any, parts: list[Any], sizes: list[int]) -> float:
 
 
 def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = None, base: Any = None,
-                 drop: Iterable[str] | str | None = None) -> tuple[Adapter, tuple[MapRow, ...]]:
+                 drop: Iterable[str] | str | None = None, layout: str | None = None) -> tuple[Adapter, tuple[MapRow, ...]]:
     """The adapter with its layers in one namespace of their architecture.
 
     Args:
@@ -197,6 +216,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
         base: the diffusers model (module, directory, inventory) that sizes packed projections; the shipped
             inventory of the architecture when ``None``.
         drop: globs naming layers that may be left out because no rule maps them (see docs/coverage.md).
+        layout: the format the result is for (narrows the architectures the paths are matched against).
 
     Returns:
         ``(adapter, rows)``: the mapped adapter (unchanged when nothing is in the other namespace) with the
@@ -209,7 +229,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
     """
     if namespace not in NAMESPACES:
         raise ConfigError(f"unknown namespace {namespace!r}; use one of {', '.join(NAMESPACES)}")
-    found = pick_arch(adapter, namespace, arch, base)
+    found = pick_arch(adapter, namespace, arch, base, layout)
     if found is None:
         return adapter, ()
     src, dst = (ORIGINAL, DIFFUSERS) if namespace == "diffusers" else (DIFFUSERS, ORIGINAL)
@@ -310,22 +330,28 @@ def _stack_error(given: list[Any], sizes: list[int], new: Any) -> float:
     return _relerr(old, [new.factors()], bias, new.delta_bias())
 
 
-def _split_sizes(rule: Any, members: tuple[str, ...], listing: Mapping[str, tuple[int, ...]], layer: Any,
-                 where: str) -> list[int]:
-    """The rows of each member of a packed layer: the model's listing when it agrees with the layer, else the rule's
-    size tokens."""
+def _split_sizes(rule: Any, members: tuple[str, ...], listing: _Listing, layer: Any, where: str) -> list[int]:
+    """The rows of each member of a packed layer: the model's listing when it agrees with the layer (a user's base
+    that disagrees is an error), else the rule's size tokens."""
     total, in_features = int(layer.shape[0]), int(layer.shape[1])
     listed = [listing.get(m) for m in members]
-    if all(listed) and sum(int(s[0]) for s in listed) == total and all(int(s[1]) == in_features for s in listed):
-        return [int(s[0]) for s in listed]
+    if all(listed):
+        if sum(int(s[0]) for s in listed) == total and all(int(s[1]) == in_features for s in listed):
+            return [int(s[0]) for s in listed]
+        if listing.given:
+            want = " + ".join(str(int(s[0])) for s in listed)
+            raise UnsupportedError(f"{where} has {total} x {in_features} but the base's "
+                                   f"{', '.join(m.rsplit('.', 1)[-1] for m in members)} are {want} rows x "
+                                   f"{int(listed[0][1])}; is the adapter for another model (or size)?")
     sizes = rule.member_sizes(in_features, total=total)
     if sizes is None:
+        fix = "its base lists no such modules" if listing.given else "pass the transformer as --base"
         raise UnsupportedError(f"{where}: the sizes of {', '.join(m.rsplit('.', 1)[-1] for m in members)} in its "
-                               f"{total} rows cannot be told without the model; pass the transformer as --base")
+                               f"{total} rows cannot be told without the model; {fix}")
     return sizes
 
 
-def _stack_sizes(rule: Any, members: tuple[str, ...], listing: Mapping[str, tuple[int, ...]], given: list[Any],
+def _stack_sizes(rule: Any, members: tuple[str, ...], listing: _Listing, given: list[Any],
                  in_features: int, where: str) -> list[int]:
     """The rows of each member of a packed weight being built: the listing when it agrees with the members at hand,
     else the rule's size tokens from them."""
