@@ -35,9 +35,9 @@ HIDREAM = Arch(
     rules=RULES,
     pipeline="HiDreamImagePipeline",
     layouts=("diffusers", "kohya", "comfyui"),
-    # diffusers reads its own layout; its converter for the original layout reads no alphas (HunyuanVideo's raises on
-    # them), so the comfyui files adaptkit writes (with alpha) are not listed (docs/arch_arch-c.md has the figures)
-    extra={"diffusers_reads": ("diffusers",)},
+    # diffusers' converter for the original layout reads no alphas (HunyuanVideo's raised on them): adaptkit's comfyui
+    # files carry none (scale baked into lora_B), so it reads them (docs/architectures.md has the figures and limits)
+    extra={"diffusers_reads": ("diffusers", "comfyui")},
     notes="diffusers `_convert_non_diffusers_hidream_lora_to_diffusers`; ComfyUI `comfy/lora.py` "
           "`model_lora_keys_unet` (HiDream branch; SimpleTuner `lycoris_` names)",
 )

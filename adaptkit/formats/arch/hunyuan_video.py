@@ -120,9 +120,9 @@ HUNYUAN_VIDEO = Arch(
     rules=DOUBLE_RULES + SINGLE_RULES + REFINER_RULES + EMBEDDER_RULES + COMFY_ALIAS_RULES,
     pipeline="HunyuanVideoPipeline",
     layouts=("diffusers", "kohya", "comfyui"),
-    # diffusers reads its own layout; its converter for the original layout reads no alphas (HunyuanVideo's raises on
-    # them), so the comfyui files adaptkit writes (with alpha) are not listed (docs/arch_arch-c.md has the figures)
-    extra={"diffusers_reads": ("diffusers",)},
+    # diffusers' converter for the original layout reads no alphas (HunyuanVideo's raised on them): adaptkit's comfyui
+    # files carry none (scale baked into lora_B), so it reads them (docs/architectures.md has the figures and limits)
+    extra={"diffusers_reads": ("diffusers", "comfyui")},
     notes="diffusers `_convert_hunyuan_video_lora_to_diffusers`, `convert_hunyuan_video_transformer_to_diffusers`; "
           "ComfyUI `comfy/lora.py` `model_lora_keys_unet` (HunyuanVideo branch); musubi-tuner `lora_unet_` names",
 )

@@ -56,9 +56,9 @@ LTX_VIDEO = Arch(
     pipeline="LTXPipeline",
     # kohya: ComfyUI's generic key map reads `lora_unet_<flattened path>` for every model
     layouts=("diffusers", "kohya", "comfyui"),
-    # diffusers reads its own layout; its converter for the original layout reads no alphas (HunyuanVideo's raises on
-    # them), so the comfyui files adaptkit writes (with alpha) are not listed (docs/arch_arch-c.md has the figures)
-    extra={"diffusers_reads": ("diffusers",)},
+    # diffusers' converter for the original layout reads no alphas (HunyuanVideo's raised on them): adaptkit's comfyui
+    # files carry none (scale baked into lora_B), so it reads them (docs/architectures.md has the figures and limits)
+    extra={"diffusers_reads": ("diffusers", "comfyui")},
     notes="diffusers `convert_ltx_transformer_checkpoint_to_diffusers`, "
           "`_convert_non_diffusers_ltxv_lora_to_diffusers`; ComfyUI `comfy/ldm/lightricks/model.py` `LTXVModel`",
 )

@@ -64,8 +64,8 @@ LUMINA2 = Arch(
     rules=RULES,
     pipeline="Lumina2Pipeline",
     layouts=("diffusers", "kohya", "comfyui"),
-    # its comfyui reader takes no `.alpha`, which adaptkit writes on every layer
-    extra={"diffusers_reads": ("diffusers",)},
+    # its comfyui reader takes no `.alpha` (adaptkit writes none) and the released qkv split only
+    extra={"diffusers_reads": ("diffusers", "comfyui")},
     notes="diffusers `_convert_non_diffusers_lumina2_lora_to_diffusers`, `convert_lumina2_to_diffusers`; ComfyUI "
           "`comfy/lora.py` `model_lora_keys_unet` (native names); sd-scripts `networks/lora_lumina.py`",
 )
