@@ -57,7 +57,8 @@ def ref_knots(deltas, weights, density):
     c = torch.cat(deltas, dim=1)
     u, s, vh = torch.linalg.svd(c, full_matrices=False)
     k = nrank(s, tuple(c.shape))
-    vs = [vh[:k, i * N:(i + 1) * N] for i in range(len(deltas))]
+    n = deltas[0].shape[1]
+    vs = [vh[:k, i * n:(i + 1) * n] for i in range(len(deltas))]
     return u[:, :k] @ torch.diag(s[:k]) @ ref_ties(vs, weights, density)
 
 
