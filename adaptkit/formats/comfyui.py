@@ -34,7 +34,7 @@ from ..io.safetensors import (
     write_safetensors,
 )
 from . import kohya
-from .arch import ORIGINAL
+from .arch import ARCHS, ORIGINAL
 from .base import KindSupport, Selection, detect_file, single_file
 from .kohya_layers import BUILDERS, DIFF_B, LIMITS, TENSORS, build_layer, layer_tensors
 
@@ -163,6 +163,10 @@ def can_name(module: str) -> str | None:
     if not module.startswith(ORIGINAL + "."):
         return (f"{LABEL} files hold the diffusion model only, in its original names; write the text encoder's "
                 "layers as kohya (lora_te_...), which ComfyUI loads too")
+    rel = module.partition(".")[2]
+    if not any(arch.to_diffusers(rel) is not None for arch in ARCHS.values()):
+        return (f"{rel} is no diffusion transformer module in original names (an SD 1.x / SDXL UNet's diffusers "
+                "name?), which ComfyUI would not map; write kohya for UNet LoRAs")
     return None
 
 

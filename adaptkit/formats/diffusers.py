@@ -123,8 +123,9 @@ def detect(path: Path) -> bool:
     if path.is_dir() and (path / _peft.CONFIG_NAME).is_file():
         return False
     header, _ = read_safetensors_header(f)
-    if f.name == WEIGHT_NAME:  # one model's save_lora_adapter: its own paths, no component prefix
-        keys = [k for k in header if k != "__metadata__"]
+    keys = [k for k in header if k != "__metadata__"]
+    if METADATA_KEY in (header.get("__metadata__") or {}) and not any(k.startswith("diffusion_model.") for k in keys):
+        # one model's save_lora_adapter: its own paths (no component prefix) and its LoraConfig in the metadata
         return bool(keys) and all(_parse(k) for k in keys)
     return detect_keys(header)
 

@@ -257,9 +257,9 @@ def convert_formats(source: str | os.PathLike, out: str | os.PathLike, *, src_fo
     if dst_format is None:
         check_write_options(dst, component=component, naming=naming)
     # diffusion transformers: original <-> diffusers names (packed projections stacked / split exactly)
+    # (without --base the module map is the certificate: every layer is covered by a rule, or the mapping failed; the
+    # shipped inventory is one release and would refuse its variants, Wan I2V's k_img / LTX 13B's extra blocks)
     adapter, mapped = to_format_namespace(adapter, dst, arch=arch, base=base, drop=drop, naming=naming)
-    if mapped and base is None:  # the mapped layers against the architecture's shipped inventory (names, shapes)
-        adapter = _certify_base(adapter, adapter.metadata[ARCH_KEY], drop)
     if dst == "peft" and component is None and base is not None:
         # one component's adapter (lora_unet_...) for a base that is that model alone: PEFT paths in its namespace
         component = names.bare_base_component(adapter.layers, base)

@@ -289,7 +289,9 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
         rule, members = group_rule[target]
         given = [adapter.layers[present[k]] if k in present else None for k in range(len(members))]
         in_features = int(next(g for g in given if g is not None).shape[1])
-        sizes = _stack_sizes(rule, members, listing, given, in_features, target)
+        packed = listing.get(target.partition(".")[2])  # a base in original names lists the packed weight itself
+        sizes = _stack_sizes(rule, members, listing, given, in_features, target,
+                             total=int(packed[0]) if packed else None)
         new = stack_rows(given, sizes, in_features, target)
         layers[target] = new
         err = _stack_error(given, sizes, new)
@@ -352,14 +354,14 @@ def _split_sizes(rule: Any, members: tuple[str, ...], listing: _Listing, layer: 
 
 
 def _stack_sizes(rule: Any, members: tuple[str, ...], listing: _Listing, given: list[Any],
-                 in_features: int, where: str) -> list[int]:
+                 in_features: int, where: str, total: int | None = None) -> list[int]:
     """The rows of each member of a packed weight being built: the listing when it agrees with the members at hand,
-    else the rule's size tokens from them."""
+    else the rule's size tokens from them (and the packed weight's ``total`` rows when the base lists it)."""
     known = {i: int(g.shape[0]) for i, g in enumerate(given) if g is not None}
     listed = [listing.get(m) for m in members]
     if all(listed) and all(int(listed[i][0]) == r and int(listed[i][1]) == in_features for i, r in known.items()):
         return [int(s[0]) for s in listed]
-    sizes = rule.member_sizes(in_features, known=known)
+    sizes = rule.member_sizes(in_features, total=total, known=known)
     if sizes is None:
         absent = [m.rsplit(".", 1)[-1] for i, m in enumerate(members) if i not in known]
         raise UnsupportedError(f"{where}: the sizes of the absent {', '.join(absent)} cannot be told without the "
@@ -389,17 +391,20 @@ def to_base_names(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
     out = adapter
     for namespace, src in (("diffusers", ORIGINAL), ("original", DIFFUSERS)):
         paths = _component_paths(adapter, src)
-        if not paths or any(p.partition(".")[2] in modules for p in paths):
+        if not paths or all(p.partition(".")[2] in modules for p in paths):
             continue
-        arch = pick_arch(adapter, namespace)
-        if arch is None:
-            continue
-        hits = [arch.to_diffusers(p.partition(".")[2]) if namespace == "diffusers" else arch.to_original(
-            p.partition(".")[2]) for p in paths]
-        targets = [m for h in hits if h is not None for m in (h[1] if namespace == "diffusers" else (h[1],))]
-        if targets and all(t in modules for t in targets):
-            out, _ = to_namespace(adapter, namespace, arch=arch, base={"": modules}, drop=drop)
-            break
+        # the architecture whose map sends every path to a module the base has: the base's own names decide
+        # (Flux's img_attn.qkv against HunyuanVideo's img_attn_qkv), not the paths alone
+        for arch in ARCHS.values():
+            rels = [p.partition(".")[2] for p in paths]
+            hits = [arch.to_diffusers(r) if namespace == "diffusers" else arch.to_original(r) for r in rels]
+            if any(h is None for h in hits):
+                continue
+            targets = [m for h in hits for m in (h[1] if namespace == "diffusers" else (h[1],))]
+            if all(t in modules for t in targets):
+                out, _ = to_namespace(adapter, namespace, arch=arch, base={"": modules}, drop=drop)
+                break
+        break
     if not prefixed:  # a model saved alone: its own paths
         bare = {p.partition(".")[2]: layer for p, layer in out.layers.items() if p.startswith(DIFFUSERS + ".")}
         if bare and len(bare) == len(out.layers) and all(p in modules for p in bare):

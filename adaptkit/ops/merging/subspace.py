@@ -85,14 +85,15 @@ def _task_svd(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def tsv(factors: list[Factors], weights: Sequence[float], opts: SubspaceOptions) -> Factors:
-    """TSV-M (Gargiulo et al., CVPR 2025): each task's SVD ``U_i Σ_i V_i^T`` cut to its top ``keep`` fraction of
-    components (default ``1/T``, at least one), ``U = [U_1 ... U_T]`` and ``V = [V_1 ... V_T]`` replaced by their
+    """TSV-M (Gargiulo et al., CVPR 2025): each task's SVD ``U_i Σ_i V_i^T`` cut to its top ``int(keep min(m, n))``
+    components (``keep`` default ``1/T``, as the authors' code; at most the task's rank, at least one), ``U = [U_1 ... U_T]`` and ``V = [V_1 ... V_T]`` replaced by their
     nearest orthogonal matrices (whitening: ``P Q^T`` of ``P D Q^T``), ``ΔW = U⊥ diag(w_i Σ_i) V⊥^T``."""
     frac = opts.keep if opts.keep is not None else 1.0 / len(factors)
     us, ss, vs = [], [], []
     for (u, v), w in zip(factors, weights):
         left, s, right = _task_svd(u, v)
-        k = max(1, int(frac * s.numel())) if s.numel() else 0  # the authors truncate: int(r / T)
+        # the authors keep int(min(m, n) / T) components of each task: all of a LoRA's when T r <= min(m, n)
+        k = min(s.numel(), max(1, int(frac * min(u.shape[0], v.shape[1]))))
         us.append(left[:, :k])
         ss.append(float(w) * s[:k])
         vs.append(right[:k])
