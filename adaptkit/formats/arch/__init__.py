@@ -26,12 +26,18 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (FLUX, FLUX2, CHROMA, SD3, SD35_MED
                                              LUMINA2, HUNYUAN_VIDEO, LTX_VIDEO, HIDREAM)}
 
 
+def _key(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
 def get_arch(name: str) -> Arch:
-    """The architecture called ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    key = name.lower().replace("-", "_").replace(".", "")
-    if key not in ARCHS:
-        raise ConfigError(f"unknown architecture '{name}'; known: {', '.join(ARCHS)}")
-    return ARCHS[key]
+    """The architecture called ``name`` or labelled so (``"flux"``, ``"Flux.1"``, ``"wan"``, ``"Wan 2.x"``);
+    :class:`ConfigError` listing the known ones otherwise."""
+    key = _key(name)
+    for arch in ARCHS.values():
+        if key in (_key(arch.name), _key(arch.label)):
+            return arch
+    raise ConfigError(f"unknown architecture '{name}'; known: {', '.join(ARCHS)}")
 
 
 def arch_of_model(model: Any) -> Arch | None:
