@@ -66,6 +66,28 @@ def save_pipeline_lora(model: torch.nn.Module, pipeline: str, out: Path) -> Path
     return out
 
 
+def make_case(class_name: str, config: dict, pipeline: str, out: Path, alphas: dict, arch: str | None = None) -> dict:
+    """The shared fixture: a tiny model, a PEFT LoRA on every weight module (per-module ``alphas``) saved as the
+    pipeline saves it, read by adaptkit, mapped to original names and back."""
+    import copy
+
+    import adaptkit as ak
+    from adaptkit.formats.arch.remap import to_namespace
+
+    base = tiny(class_name, config)
+    model = add_lora(copy.deepcopy(base), alpha_pattern=alphas)
+    a = ak.load(save_pipeline_lora(model, pipeline, out), format="diffusers")
+    orig, rows_o = to_namespace(a, "original", arch=arch, base=base)
+    back, rows_d = to_namespace(orig, "diffusers", arch=arch, base=base)
+    return dict(base=base, model=model, a=a, orig=orig, back=back, rows=rows_o + rows_d)
+
+
+def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """One forward without gradients; the first output."""
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
 def peft_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """ΔW of every LoRA module of a PEFT-injected model, by module path (flattened to 2-D)."""
     out = {}

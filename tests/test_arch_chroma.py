@@ -23,15 +23,15 @@ from adaptkit.formats.arch import get_arch
 from adaptkit.formats.arch.remap import to_namespace
 from tests.arch_models import (
     CHROMA_TINY,
-    add_lora,
     deltas,
     load_written_diffusers,
+    make_case,
     max_rel,
     original_state,
     peft_deltas,
     rel,
     report,
-    save_pipeline_lora,
+    run_model,
     state_deltas,
     tiny,
     weight_modules,
@@ -54,19 +54,13 @@ def inputs():
 
 
 def run(model):
-    with torch.no_grad():
-        return model(**inputs(), return_dict=False)[0]
+    return run_model(model, inputs())
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    base = tiny("ChromaTransformer2DModel", CHROMA_TINY)
-    model = add_lora(copy.deepcopy(base), alpha_pattern=ALPHAS)
-    src = save_pipeline_lora(model, "ChromaPipeline", tmp_path_factory.mktemp("chroma"))
-    a = ak.load(src, format="diffusers")
-    orig, rows_o = to_namespace(a, "original", base=base)
-    back, rows_d = to_namespace(orig, "diffusers", base=base)
-    return dict(base=base, model=model, a=a, orig=orig, back=back, rows=rows_o + rows_d)
+    return make_case("ChromaTransformer2DModel", CHROMA_TINY, "ChromaPipeline", tmp_path_factory.mktemp("chroma"),
+                     ALPHAS)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,13 @@ from tests.arch_models import (
     add_lora,
     deltas,
     load_written_diffusers,
+    make_case,
     max_rel,
     original_state,
     peft_deltas,
     rel,
     report,
-    save_pipeline_lora,
+    run_model,
     state_deltas,
     swap_rows,
     tiny,
@@ -51,19 +52,13 @@ def inputs():
 
 
 def run(model):
-    with torch.no_grad():
-        return model(**inputs(), return_dict=False)[0]
+    return run_model(model, inputs())
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    base = tiny("Flux2Transformer2DModel", FLUX2_TINY)
-    model = add_lora(copy.deepcopy(base), alpha_pattern=ALPHAS)
-    src = save_pipeline_lora(model, "Flux2Pipeline", tmp_path_factory.mktemp("flux2"))
-    a = ak.load(src, format="diffusers")
-    orig, rows_o = to_namespace(a, "original", base=base)
-    back, rows_d = to_namespace(orig, "diffusers", base=base)
-    return dict(base=base, model=model, a=a, orig=orig, back=back, rows=rows_o + rows_d)
+    return make_case("Flux2Transformer2DModel", FLUX2_TINY, "Flux2Pipeline", tmp_path_factory.mktemp("flux2"),
+                     ALPHAS)
 
 
 def test_every_weight_module_maps():

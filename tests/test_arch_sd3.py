@@ -25,14 +25,14 @@ from adaptkit.formats.arch.remap import to_namespace
 from adaptkit.formats.arch.sd3 import SD3, sd3_rules
 from tests.arch_models import (
     SD3_TINY,
-    add_lora,
     deltas,
     load_written_diffusers,
+    make_case,
     max_rel,
     peft_deltas,
     rel,
     report,
-    save_pipeline_lora,
+    run_model,
     tiny,
     weight_modules,
 )
@@ -71,19 +71,13 @@ def inputs():
 
 
 def run(model):
-    with torch.no_grad():
-        return model(**inputs(), return_dict=False)[0]
+    return run_model(model, inputs())
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    base = tiny("SD3Transformer2DModel", SD3_TINY)
-    model = add_lora(copy.deepcopy(base), alpha_pattern=ALPHAS)
-    src = save_pipeline_lora(model, "StableDiffusion3Pipeline", tmp_path_factory.mktemp("sd3"))
-    a = ak.load(src, format="diffusers")
-    orig, rows_o = to_namespace(a, "original", arch=TINY, base=base)
-    back, rows_d = to_namespace(orig, "diffusers", arch=TINY, base=base)
-    return dict(base=base, model=model, a=a, orig=orig, back=back, rows=rows_o + rows_d)
+    return make_case("SD3Transformer2DModel", SD3_TINY, "StableDiffusion3Pipeline", tmp_path_factory.mktemp("sd3"),
+                     ALPHAS, arch=TINY)
 
 
 def test_shipped_sd3_inventory_keeps_the_hand_written_list():
