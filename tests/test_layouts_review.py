@@ -96,3 +96,12 @@ def test_to_base_names_maps_when_only_some_original_names_coincide():
                       metadata={"adaptkit.arch": "ltx_video"})
     shapes = {"transformer.transformer_blocks.0.attn1.to_q.weight": (8, 8), "transformer.proj_in.weight": (8, 4)}
     assert "transformer.proj_in" in to_base_names(adapter, shapes).layers
+
+
+def test_bare_paths_of_other_models_are_not_taken_for_a_diffusion_transformer():
+    from adaptkit.formats.names import bare_component
+
+    assert bare_component(["blocks.0.attn.qkv", "blocks.1.mlp.fc1"]) is None  # a timm ViT
+    assert bare_component(["layers.0.self_attn.q_proj"]) is None  # a bare LLM decoder
+    assert bare_component(["blocks.0.attn1.to_q", "blocks.0.ffn.net.0.proj"]) == "transformer"  # Wan
+    assert bare_component(["layers.0.attn.to_q", "noise_refiner.0.attn.to_k"]) == "transformer"  # Lumina2

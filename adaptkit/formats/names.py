@@ -79,11 +79,8 @@ BARE_MODELS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "unet": (frozenset({*UNET_INPUTS, "down_blocks", "up_blocks", "mid_block", *UNET_OUTPUTS}),
              frozenset({"down_blocks", "up_blocks", "mid_block", "conv_in", "time_embedding"})),
     "transformer": (frozenset({*TRANSFORMER_INPUTS, "transformer_blocks", "single_transformer_blocks",
-                               *TRANSFORMER_OUTPUTS, *(d.split(".", 1)[0] for a in ARCHS.values() for r in a.rules
-                                                        for d in r.diffusers)}),  # SD3, Flux and the ARCHS table
-                    frozenset({"transformer_blocks", "single_transformer_blocks",
-                               *(d.split(".", 1)[0] for a in ARCHS.values() for r in a.rules for d in r.diffusers
-                                 if "{i}" in d)})),
+                               *TRANSFORMER_OUTPUTS}),  # SD3 and Flux; the other ARCHS rows: by their module maps
+                    frozenset({"transformer_blocks", "single_transformer_blocks"})),
 }
 #: module paths of a CLIP text encoder made alone (``text_model.`` in transformers 4 and with a projection)
 _CLIP_PATH = re.compile(r"text_model\.|text_projection$|embeddings\.|final_layer_norm$"
@@ -105,7 +102,7 @@ def bare_component(paths: Iterable[str]) -> str | None:
     """The pipeline component a set of module paths without one obviously belongs to, else ``None``.
 
     ``unet`` for a diffusers UNet's paths (``down_blocks.0...``), ``transformer`` for an SD3/Flux transformer's
-    (``transformer_blocks.0...``), ``text_encoder`` for a CLIP text encoder's (``text_model.encoder...`` or
+    (``transformer_blocks.0...``) or one whose paths a module map of the ``ARCHS`` table covers (Wan, Lumina2 ...), ``text_encoder`` for a CLIP text encoder's (``text_model.encoder...`` or
     ``encoder.layers.0.self_attn.q_proj``); every path has to fit the same model.
     """
     paths = list(paths)
@@ -115,6 +112,10 @@ def bare_component(paths: Iterable[str]) -> str | None:
     for component, (allowed, marks) in BARE_MODELS.items():
         if tops <= allowed and tops & marks:
             return component
+    # a diffusion transformer of the ARCHS table: one module map covers every path (Wan's blocks.0.attn1.to_q; a
+    # timm ViT's blocks.0.attn.qkv is no architecture's)
+    if any(all(arch.to_original(p) is not None for p in paths) for arch in ARCHS.values()):
+        return "transformer"
     if all(_CLIP_PATH.match(p) for p in paths) and any(p.startswith(("text_model.", "encoder.")) for p in paths):
         return "text_encoder"
     return None
