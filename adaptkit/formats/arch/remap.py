@@ -175,34 +175,32 @@ def _relerr(old: list[tuple[torch.Tensor, torch.Tensor]], new: list[tuple[torch.
     return math.sqrt(diff / base) if base > 0 else math.sqrt(diff)
 
 
-def _rows_of(layer: Any, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    u, v = layer.factors()
-    return u[rows], v
-
-
-def _dense_free_error(layer: Any, parts: list[Any], sizes: list[int]) -> float:
-    """Error of split parts against the packed layer's rows, all slices together."""
-    old, new, start = [], [], 0
-    total = sum(sizes)
-    for part, n in zip(parts, sizes):
-        u, v = _rows_of(layer, slice(start, start + n))
-        pad = torch.zeros(total, u.shape[1])
-        pad[start:start + n] = u
-        old.append((pad, v))
-        if part is not None:
-            pu, pv = part.factors()
-            padn = torch.zeros(total, pu.shape[1])
-            padn[start:start + n] = pu
-            new.append((padn, pv))
+def _placed(members: list[Any], sizes: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """The members' factors with their ``U`` placed at their rows of the packed weight, and their scaled biases stacked
+    (zeros for a member without one; ``None`` when none has one). ``None`` members are all-zero rows."""
+    total, start = sum(sizes), 0
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m, n in zip(members, sizes):
+        if m is not None:
+            u, v = m.factors()
+            pad = torch.zeros(total, u.shape[1])
+            pad[start:start + n] = u
+            pairs.append((pad, v))
         start += n
-    bo = layer.delta_bias()
-    bn = None
-    if any(p is not None and p.delta_bias() is not None for p in parts):
-        bn = torch.cat([p.delta_bias() if p is not None and p.delta_bias() is not None else torch.zeros(n)
-                        for p, n in zip(parts, sizes)])
+    biases = [None if m is None else m.delta_bias() for m in members]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([torch.zeros(n) if b is None else b for b, n in zip(biases, sizes)])
+    return pairs, bias
+
+
+def _split_error(layer: Any, parts: list[Any], sizes: list[int]) -> float:
+    """Error of split parts against the packed layer they came from."""
+    new, bias = _placed(parts, sizes)
+    u, v = layer.factors()
     if not new:
-        new = [(torch.zeros(total, 1), torch.zeros(1, old[0][1].shape[1]))]
-    return _relerr(old, new, bo, bn)
+        new = [(torch.zeros(u.shape[0], 1), torch.zeros(1, v.shape[1]))]
+    return _relerr([(u, v)], new, layer.delta_bias(), bias)
 
 
 def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = None, base: Any = None,
@@ -261,7 +259,7 @@ def to_namespace(adapter: Adapter, namespace: str, *, arch: str | Arch | None = 
                 continue
             sizes = _split_sizes(rule, members, listing, layer, path)
             split = split_rows(layer, sizes, path)
-            err = _dense_free_error(layer, list(split.layers), sizes)
+            err = _split_error(layer, list(split.layers), sizes)
             for t, part in zip(targets, split.layers):
                 if part is not None:
                     layers[t] = part
@@ -316,19 +314,8 @@ def _relerr_swap(old: Any, new: Any) -> float:
 
 
 def _stack_error(given: list[Any], sizes: list[int], new: Any) -> float:
-    total = sum(sizes)
-    old, start = [], 0
-    bias = None
-    if any(g is not None and g.delta_bias() is not None for g in given):
-        bias = torch.cat([g.delta_bias() if g is not None and g.delta_bias() is not None else torch.zeros(n)
-                          for g, n in zip(given, sizes)])
-    for g, n in zip(given, sizes):
-        if g is not None:
-            u, v = g.factors()
-            pad = torch.zeros(total, u.shape[1])
-            pad[start:start + n] = u
-            old.append((pad, v))
-        start += n
+    """Error of a stacked block LoRA against the members it was built from."""
+    old, bias = _placed(given, sizes)
     return _relerr(old, [new.factors()], bias, new.delta_bias())
 
 
