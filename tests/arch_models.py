@@ -82,6 +82,21 @@ def make_case(class_name: str, config: dict, pipeline: str, out: Path, alphas: d
     return dict(base=base, model=model, a=a, orig=orig, back=back, rows=rows_o + rows_d)
 
 
+def check_round_trip(case: dict, label: str) -> None:
+    """The shared checks of a :func:`make_case`: the mapping's measured errors, every layer's ΔW after original and
+    back (each within 1e-6, the worst reported), and adaptkit's reading against PEFT's deltas."""
+    a, back = case["a"], case["back"]
+    assert report(f"{label} MapRow max error", max(r.error for r in case["rows"])) < 1e-6
+    errs = []
+    for p, layer in a.layers.items():
+        u, v = layer.factors()
+        u2, v2 = back.layers[p].factors()
+        errs.append(rel(u2 @ v2, u @ v))
+        assert errs[-1] < 1e-6, p
+    report(f"{label} round trip max rel dW", max(errs))
+    assert report(f"{label} adaptkit vs PEFT dW", max_rel(deltas(a, "transformer"), peft_deltas(case["model"]))) < 1e-6
+
+
 def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """One forward without gradients; the first output."""
     with torch.no_grad():

@@ -23,12 +23,12 @@ from adaptkit.formats.arch import get_arch
 from adaptkit.formats.arch.remap import to_namespace
 from tests.arch_models import (
     CHROMA_TINY,
+    check_round_trip,
     deltas,
     load_written_diffusers,
     make_case,
     max_rel,
     original_state,
-    peft_deltas,
     rel,
     report,
     run_model,
@@ -111,15 +111,7 @@ def test_round_trip_is_exact(case):
         "unet.distilled_guidance_layer.in_proj", "unet.distilled_guidance_layer.out_proj",
         *(f"unet.distilled_guidance_layer.layers.{i}.{n}" for i in (0, 1) for n in ("in_layer", "out_layer"))}
     assert orig.layers["unet.single_blocks.0.linear1"].rank == 16  # q, k, v, mlp stacked: 4 + 4 + 4 + 4
-    assert report("chroma MapRow max error", max(r.error for r in case["rows"])) < 1e-6
-    for p, layer in a.layers.items():
-        u, v = layer.factors()
-        u2, v2 = back.layers[p].factors()
-        assert rel(u2 @ v2, u @ v) < 1e-6, p
-    err = max(rel(back.layers[p].factors()[0] @ back.layers[p].factors()[1], lay.factors()[0] @ lay.factors()[1])
-              for p, lay in a.layers.items())
-    report("chroma round trip max rel dW", err)
-    assert report("chroma adaptkit vs PEFT dW", max_rel(deltas(a, "transformer"), peft_deltas(case["model"]))) < 1e-6
+    check_round_trip(case, "chroma")
 
 
 def test_kohya_converter_at_released_sizes(released):
