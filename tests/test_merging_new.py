@@ -13,7 +13,7 @@ import adaptkit as ak
 from adaptkit.cli import main
 from adaptkit.ops.merging import PROVENANCE_KEY, merge
 from adaptkit.ops.merging.driver import _layer_generator
-from adaptkit.ops.merging.primitives import outlier_prune, rank_magnitude_prune
+from adaptkit.ops.merging.primitives import outlier_prune, rank_magnitude_prune, uniform
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = 64  # at least min(shape) of every tiny-llama layer: the SVD output is lossless
@@ -75,7 +75,7 @@ def reference(adapters, weights, method, density, seed=None, gamma=0.01, epsilon
             pruned = [ref_breadcrumbs(d, density, gamma) for d in ds]
         else:
             gen = _layer_generator(seed, path)  # the merge's per-layer generator: one uniform per entry, input order
-            pruned = [ref_della(d, density, epsilon, torch.rand(d.shape, generator=gen)) for d in ds]
+            pruned = [ref_della(d, density, epsilon, uniform(d.shape, torch.float32, gen).double()) for d in ds]
         ties = method in ("breadcrumbs_ties", "della")
         out[path] = ref_ties(pruned, weights) if ties else sum(w * x for w, x in zip(weights, pruned))
     return out

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ...errors import ShapeMismatchError, UnsupportedError
-from ..linalg import lowrank_svd_parts, numerical_rank
+from ..linalg import gram_energy, lowrank_svd_parts, numerical_rank
 from .base import (
     MODULE_TYPES,
     Layer,
@@ -127,6 +127,14 @@ class LoRA(DeltaMixin):
             v = torch.einsum("ab...,bi->ai...", self.mid.to(dtype), d)  # (r, in, *k)
             down = v.reshape(self.rank, -1)
         return up, down
+
+    def fro_norm(self) -> float:
+        """``||scale * B A||_F`` in float64 from the stored factors' Grams (``|scale|`` applied to the norm, so the
+        factors are not rescaled first); a Tucker core or DoRA takes the generic path."""
+        if self.mid is not None or not self.has_delta:
+            return super().fro_norm()
+        up = self.up.reshape(self.up.shape[0], self.rank)
+        return abs(self.scale) * math.sqrt(max(gram_energy(up, self.down.reshape(self.rank, -1)), 0.0))
 
     def lora_ab(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``B`` as stored (unscaled, float32, ``(out, r)``) and ``A`` (float32 ``(r, in * k)``, a Tucker core folded in)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...core.adapter import Adapter
@@ -48,6 +49,9 @@ from .subspace import SUBSPACE, SubspaceOptions
 
 #: metadata key holding the provenance JSON of a merged adapter
 PROVENANCE_KEY = "adaptkit.merge"
+#: the random streams of DARE / DELLA merges, recorded in the provenance: one NumPy PCG64 generator per layer,
+#: seeded by ``sha256(f"{seed}:{path}")`` (until December 2026 a torch generator: a seed then gave other draws)
+RNG = "pcg64-sha256(seed:path)"
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
         "rank": out_rank,
         "majority_sign": majority_sign if used.consensus else None,
         "seed": seed if used.random else None,
+        **({"rng": RNG} if used.random else {}),
         **({"gamma": gamma} if gamma is not None else {}),
         **({"epsilon": epsilon} if epsilon is not None else {}),
         **({"keep": keep} if keep is not None else {}),
@@ -358,9 +363,10 @@ def _layer_entries(adapters: list[Adapter], weights: list[float]) -> dict[str, l
     return dict(sorted(entries.items()))
 
 
-def _layer_generator(seed: int, path: str) -> torch.Generator:
+def _layer_generator(seed: int, path: str) -> np.random.Generator:
+    """The layer's own random stream: NumPy PCG64 seeded by ``sha256(f"{seed}:{path}")`` (see :data:`RNG`)."""
     digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
 def _finite(path: str, *tensors: torch.Tensor | None) -> None:
@@ -522,7 +528,7 @@ def _kinds(layers: list[Layer]) -> str:
 
 
 def _factorwise(path: str, layers: list[LoRA], weights: list[float], opts: _Options,
-                gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                gen: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``_generalized_task_arithmetic_weighted_adapter``: combine A's and B's separately."""
     ranks = sorted({layer.rank for layer in layers})
     if len(ranks) > 1:

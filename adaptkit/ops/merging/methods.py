@@ -19,6 +19,7 @@ from .catalog import (
     get_method,
 )
 from .primitives import (
+    Draws,
     check_density,
     disjoint_mean_,
     elected_sign,
@@ -35,7 +36,7 @@ _STACK_MAX = 1 << 22
 
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
-            majority_sign_method: str = "total", generator: torch.Generator | None = None,
+            majority_sign_method: str = "total", generator: Draws = None,
             owned: bool = False, gamma: float | None = None, epsilon: float | None = None) -> torch.Tensor:
     """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
 
@@ -50,7 +51,7 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         method: the method whose ``sparsify`` and ``consensus`` parts apply.
         density: keep fraction for sparsification.
         majority_sign_method: ``"total"`` or ``"frequency"`` (TIES).
-        generator: random generator for DARE.
+        generator: random generator for DARE / DELLA (torch or NumPy, see :data:`.primitives.Draws`).
         owned: the tensors belong to the caller's computation (e.g. freshly built deltas) and may be
             overwritten; otherwise they are read only.
         gamma: outlier fraction (``"outliers"`` sparsification, default 0).
@@ -89,7 +90,7 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
             for i, t in enumerate(tensors):
                 t = t if owned else t.clone(memory_format=torch.contiguous_format)
                 tensors[i] = prune(t, density, method.sparsify, rescale=random, generator=generator, inplace=True,
-                                   scratch=scratch, mask=mask)
+                                   scratch=scratch)
     elif not owned:
         tensors[:] = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
     if not method.consensus:

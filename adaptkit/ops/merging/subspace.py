@@ -22,6 +22,7 @@ import torch
 from ...core.linalg import lowrank_svd_parts
 from .catalog import Method
 from .methods import combine
+from .primitives import Draws
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,7 +34,7 @@ class SubspaceOptions:
     method: Method
     density: float | None = None
     majority_sign: str = "total"
-    generator: torch.Generator | None = None
+    generator: Draws = None
     keep: float | None = None
     common: float | None = None
 
