@@ -410,7 +410,8 @@ class Outcome:
 
 
 def certify(adapter: Any, outcomes: Mapping[str, Outcome], *, operation: str, target: str,
-            extras: Mapping[str, Outcome] | None = None, notes: Sequence[str] = ()) -> Certificate:
+            extras: Mapping[str, Outcome] | None = None, notes: Sequence[str] = (),
+            energies: bool = True) -> Certificate:
     """A certificate from the outcome of each layer (a layer without an outcome did not land: ``unmatched``).
 
     Args:
@@ -420,11 +421,14 @@ def certify(adapter: Any, outcomes: Mapping[str, Outcome], *, operation: str, ta
         extras: extra tensor name -> :class:`Outcome` for the adapter's extra tensors (``None``: extras are
             not part of the certificate, e.g. when the operation carries them through untouched).
         notes: lines added to the summary.
+        energies: measure each layer's ``‖ΔW‖²`` (``False``: ``nan``, for a statuses-only gate whose figures are
+            measured later).
     """
     rows = carried(adapter)
     for path, layer in adapter.layers.items():
         o = outcomes.get(path) or Outcome(None, "unmatched", f"no counterpart in {target}")
-        rows.append(LayerCoverage(path, o.target, o.status, layer_energy(layer), len(tensor_fields(layer)), o.reason))
+        energy = layer_energy(layer) if energies else math.nan
+        rows.append(LayerCoverage(path, o.target, o.status, energy, len(tensor_fields(layer)), o.reason))
     if extras is not None:
         for key in adapter.extras:
             o = extras.get(key) or Outcome(None, "unmatched", f"no counterpart in {target}")

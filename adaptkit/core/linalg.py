@@ -227,13 +227,15 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
     d = delta.T if wide else delta  # (long, short)
     gen = torch.Generator().manual_seed(0)
     q = torch.linalg.qr(d @ torch.randn(d.shape[1], k, generator=gen, dtype=d.dtype), mode="reduced").Q
+    y = d.T @ q
     previous = float("inf")
     previous_ratio = None
     for it in range(budget):
-        q = torch.linalg.qr(d @ torch.linalg.qr(d.T @ q, mode="reduced").Q, mode="reduced").Q
+        q = torch.linalg.qr(d @ torch.linalg.qr(y, mode="reduced").Q, mode="reduced").Q
+        y = d.T @ q  # the next step's product, and (transposed) the Rayleigh-Ritz matrix Q^T D of this one
         if it < 2:
             continue
-        u_small, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)  # Rayleigh-Ritz
+        u_small, s, vh = torch.linalg.svd(y.T, full_matrices=False)  # Rayleigh-Ritz
         u = q @ u_small
         residual = torch.linalg.matrix_norm(d @ vh[:rank].T - u[:, :rank] * s[:rank]).item()
         ratio = residual / max((s[rank - 1] - s[rank]).item(), 1e-30)

@@ -14,6 +14,7 @@ Conventions used by all kinds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -28,11 +29,17 @@ MODULE_TYPES = ("linear", "conv", "embedding")
 def tensor_fields(layer: Layer) -> dict[str, torch.Tensor]:
     """Return the named tensors of a layer dataclass (fields holding a tensor, ``None`` skipped)."""
     out = {}
-    for f in dataclasses.fields(layer):
-        value = getattr(layer, f.name)
+    for name in _field_names(type(layer)):
+        value = getattr(layer, name)
         if isinstance(value, torch.Tensor):
-            out[f.name] = value
+            out[name] = value
     return out
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A layer class's dataclass field names (``dataclasses.fields`` rebuilds its tuple on every call)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 #: the factor tensors of the kinds, by the part names the format readers use, all at least 2-D

@@ -13,8 +13,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from ...core.adapter import Adapter
-from ...core.coverage import Certificate, Outcome, certify
+from ...core.coverage import METADATA_KEY, Certificate, Outcome, certify
 from ...core.coverage import combine as combine_certificates
+from ...core.deferred import DeferredMetadata
 from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
 from ...core.linalg import dense_svd, lowrank_svd
@@ -46,6 +48,7 @@ from ...io.outputs import check_output
 from ...progress import bar
 from .methods import METHODS, Method, Operand, Output, combine, get_method
 from .subspace import SUBSPACE, SubspaceOptions
+from .workspace import Workspace
 
 #: metadata key holding the provenance JSON of a merged adapter
 PROVENANCE_KEY = "adaptkit.merge"
@@ -164,11 +167,17 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     }
     first = loaded[0]
     extras = _merge_extras(loaded)
-    cert = certify_merge(loaded, layers, extras, requested.name).require(drop)
+    info = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
+    if all_lora:  # the gate now; the energies (float64 Grams of every input layer) when the metadata is read
+        certify_merge(loaded, layers, extras, requested.name, energies=False).require(drop)
+        metadata: Mapping[str, str] = DeferredMetadata(info, {METADATA_KEY: partial(
+            _coverage_json, loaded, frozenset(layers), frozenset(extras), requested.name, drop)})
+    else:
+        metadata = {**info, **certify_merge(loaded, layers, extras, requested.name).require(drop).metadata()}
     return Adapter(
         layers=layers,
         base_model=base,
-        metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **cert.metadata()},
+        metadata=metadata,
         config=_output_config(first.config),
         extras=extras,
         format=first.format,
@@ -177,21 +186,27 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     )
 
 
-def certify_merge(inputs: Sequence[Adapter], layers: Mapping[str, Any], extras: Mapping[str, Any],
-                  method: str) -> Certificate:
+def certify_merge(inputs: Sequence[Adapter], layers: Collection[str], extras: Collection[str],
+                  method: str, energies: bool = True) -> Certificate:
     """Which input layers and extra tensors reach the merged output (``<label>:<path>`` rows for several inputs).
 
     A method that leaves a layer out makes it ``unmatched`` here; the caller's ``require(drop)`` then refuses it
-    unless it is named.
+    unless it is named. ``energies=False`` leaves the rows' ``‖ΔW‖²`` unmeasured (``nan``).
     """
     labels = [Path(str(a.source)).name if a.source else f"adapter{i}" for i, a in enumerate(inputs)]
     gone = f"not in the output of merge method {method}"
     certs = [(label, certify(a, {p: Outcome(p) if p in layers else Outcome(None, "unmatched", gone) for p in a.layers},
                              operation="merge", target="the merged adapter",
                              extras={k: Outcome(k) if k in extras else Outcome(None, "unmatched", gone)
-                                     for k in a.extras}))
+                                     for k in a.extras}, energies=energies))
              for label, a in zip(labels, inputs)]
     return combine_certificates(certs, operation="merge", target=f"the merged adapter ({method})")
+
+
+def _coverage_json(inputs: Sequence[Adapter], layers: frozenset[str], extras: frozenset[str], method: str,
+                   drop: Sequence[str] | str | None) -> str:
+    """The merge's whole certificate (energies measured) as the metadata value, for :class:`DeferredMetadata`."""
+    return certify_merge(inputs, layers, extras, method).require(drop).to_json()
 
 
 def merge_to(sources: Sequence[Adapter | str | os.PathLike], out: str | os.PathLike, format: str = "peft",
@@ -425,9 +440,10 @@ def _merge_loras(adapters: list[Adapter], weights: list[float], opts: _Options,
                  progress: bool | None) -> dict[str, Layer]:
     entries = _layer_entries(adapters, weights)
     out: dict[str, Layer] = {}
+    ws = Workspace()  # the dense methods' deltas and scratch, reused from layer to layer
     for path, items in bar(entries.items(), total=len(entries), desc=f"merge ({opts.method.name})", unit="layer",
                            progress=progress):
-        out[path] = _merge_entry(path, items, opts)
+        out[path] = _merge_entry(path, items, opts, ws)
     return out
 
 
@@ -437,21 +453,21 @@ def _units(layer: Layer) -> list[Layer]:
     return [layer] if experts is None else [experts[e] for e in sorted(experts)]
 
 
-def _merge_entry(path: str, items: list[tuple[int, Layer, float]], opts: _Options) -> Layer:
+def _merge_entry(path: str, items: list[tuple[int, Layer, float]], opts: _Options, ws: Workspace) -> Layer:
     """One path's merge: layers on stacked experts (PEFT ``target_parameters``) merge expert by expert, with the
     method's numbers for each expert's LoRA, and are stacked again; any other layer merges as a whole."""
     per_layer = [layer.experts() for _, layer, _ in items]
     if all(e is None for e in per_layer):
-        return _merge_layer(path, items, opts)
+        return _merge_layer(path, items, opts, ws)
     if any(e is None for e in per_layer) or len({len(e) for e in per_layer}) > 1:
         raise ShapeMismatchError(f"{path} is a parameter on stacked experts, but the adapters give it different "
                                  "numbers of experts (or adapt it as a module); they are not for the same model")
     merged = [_merge_layer(f"{path} (expert {e})", [(i, experts[e], w) for (i, _, w), experts in zip(items, per_layer)],
-                           opts) for e in sorted(per_layer[0])]
+                           opts, ws) for e in sorted(per_layer[0])]
     return items[0][1].with_experts(merged)
 
 
-def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Options) -> LoRA:
+def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Options, ws: Workspace) -> LoRA:
     m = opts.method
     layers = [layer for _, layer, _ in items]
     weights = [w for _, _, w in items]
@@ -506,16 +522,20 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
         if opts.rank is not None:
             up, down = lowrank_svd([up], [down], opts.rank)
     else:  # element-wise work on dense deltas, then SVD
-        deltas = [_own_delta(layer) for layer in layers]
+        deltas = [_own_delta(layer, ws, f"delta{i}") for i, layer in enumerate(layers)]
         combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True,
-                           gamma=opts.gamma, epsilon=opts.epsilon)
+                           gamma=opts.gamma, epsilon=opts.epsilon, workspace=ws)
         up, down = dense_svd(combined, opts.rank)
     return _lora_like(path, template, up, down, _bias(layers, weights))
 
 
-def _own_delta(layer: Layer) -> torch.Tensor:
+def _own_delta(layer: Layer, ws: Workspace, name: str) -> torch.Tensor:
     """The layer's dense float32 delta as a contiguous tensor that shares no memory with the layer (so that the
-    merge can work on it in place); a copy only where ``delta_matrix`` returns stored memory (e.g. full diffs)."""
+    merge can work on it in place); a copy only where ``delta_matrix`` returns stored memory (e.g. full diffs).
+    A plain LoRA's ``U @ V`` (``delta_matrix``'s product) is written into the workspace slot ``name``."""
+    if isinstance(layer, LoRA) and layer.mid is None and layer.shape is not None:
+        u, v = layer.factors()
+        return torch.matmul(u, v, out=ws.buffer(name, (u.shape[0], v.shape[1])))
     d = layer.delta_matrix()
     stored = {t.untyped_storage().data_ptr() for t in tensor_fields(layer).values()}
     if not d.is_contiguous() or d.untyped_storage().data_ptr() in stored:

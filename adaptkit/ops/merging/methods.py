@@ -30,6 +30,7 @@ from .primitives import (
     weighted_sum,
     weighted_sum_,
 )
+from .workspace import Workspace
 
 #: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
 _STACK_MAX = 1 << 22
@@ -37,7 +38,8 @@ _STACK_MAX = 1 << 22
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, density: float | None = None,
             majority_sign_method: str = "total", generator: Draws = None,
-            owned: bool = False, gamma: float | None = None, epsilon: float | None = None) -> torch.Tensor:
+            owned: bool = False, gamma: float | None = None, epsilon: float | None = None,
+            workspace: Workspace | None = None) -> torch.Tensor:
     """Combine same-shaped tensors with a method's element-wise parts (sparsify, elect, weigh, combine).
 
     Equal to ``peft.utils.merge_utils`` (``ties``, ``dare_*``, ``magnitude_prune``, ``task_arithmetic``) but
@@ -57,6 +59,8 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         gamma: outlier fraction (``"outliers"`` sparsification, default 0).
         epsilon: spread of keep probabilities (``"rank_magnitude"`` sparsification, default 0). Each tensor
             draws from ``generator`` in list order.
+        workspace: where the scratch buffers come from (reused across the layers of one merge); a fresh one when
+            ``None``.
 
     Returns:
         The combined tensor.
@@ -65,8 +69,9 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     if method.sparsify is None and not method.consensus:
         return weighted_sum_(tensors, w) if owned else weighted_sum(tensors, w)
     first = tensors[0]
-    scratch = torch.empty_like(first, memory_format=torch.contiguous_format)
-    mask = torch.empty(first.shape, dtype=torch.bool)
+    ws = workspace or Workspace()
+    scratch = ws.buffer("scratch", first.shape, first.dtype)
+    mask = ws.buffer("mask", first.shape, torch.bool)
     if method.sparsify is not None:
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
@@ -95,9 +100,9 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         tensors[:] = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
     if not method.consensus:
         return weighted_sum_(tensors, w)
-    sign = elected_sign(tensors, majority_sign_method, out=scratch, scratch=torch.empty_like(scratch)
+    sign = elected_sign(tensors, majority_sign_method, out=scratch, scratch=ws.buffer("votes", first.shape, first.dtype)
                         if majority_sign_method == "frequency" and len(tensors) > 1 else None)
-    return disjoint_mean_(tensors, w, sign, mask)
+    return disjoint_mean_(tensors, w, sign, mask, ws.buffer("count", first.shape, torch.int16))
 
 
 __all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "get_method"]

@@ -128,8 +128,12 @@ def uniform(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, generator: 
     return torch.rand(shape, generator=generator, dtype=dtype)
 
 
-def _keep_threshold(density: float) -> np.uint64:
-    return np.uint64(min(round(density * 2.0**32), 2**32 - 1))
+#: 64-bit words drawn at a time for a NumPy generator's mask (the stream does not depend on it)
+_CHUNK = 1 << 20
+
+
+def _keep_threshold(density: float) -> np.uint32:
+    return np.uint32(min(round(density * 2.0**32), 2**32 - 1))  # uint32: the comparison stays a uint32 loop
 
 
 def _random_mask(tensor: torch.Tensor, density: float, generator: Draws,
@@ -144,8 +148,13 @@ def _random_mask(tensor: torch.Tensor, density: float, generator: Draws,
     """
     if isinstance(generator, np.random.Generator):
         n = tensor.numel()
-        words = generator.bit_generator.random_raw((n + 1) // 2).astype("<u8", copy=False).view("<u4")[:n]
-        return torch.from_numpy(words < _keep_threshold(density)).view(tensor.shape)
+        keep = np.empty(n, dtype=bool)
+        bits, limit = generator.bit_generator, _keep_threshold(density)
+        for start in range(0, n, 2 * _CHUNK):  # chunks keep the draws' buffer small (heap, not fresh pages)
+            stop = min(n, start + 2 * _CHUNK)
+            words = bits.random_raw((stop - start + 1) // 2).astype("<u8", copy=False).view("<u4")
+            np.less(words[:stop - start], limit, out=keep[start:stop])
+        return torch.from_numpy(keep).view(tensor.shape)
     draws = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype, out=_buffer(tensor, scratch))
     if draws.dtype in _NUMPY:
         return torch.from_numpy(np.less(draws.numpy(), draws.numpy().dtype.type(density)))
@@ -350,7 +359,8 @@ def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tenso
 
 
 def disjoint_mean_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
-                   sign: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   sign: torch.Tensor, mask: torch.Tensor | None = None,
+                   count: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`disjoint_mean` in place: consumes ``tensors`` (owned by the caller) and returns the first, overwritten.
 
     ``sum_i w_i x_i [x_i agrees] / max(1, #agree)`` with ``w x [x e > 0] = e (w relu(x e))`` for the elected
@@ -362,10 +372,11 @@ def disjoint_mean_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tens
         weights: one weight per tensor.
         sign: the elected sign, ``+1`` / ``-1`` (not modified).
         mask: optional bool buffer of the tensors' shape.
+        count: optional int16 buffer of the tensors' shape (overwritten).
     """
     first = tensors[0]
     agree = _buffer(first, mask, torch.bool)
-    count = torch.zeros(first.shape, dtype=torch.int16)
+    count = _buffer(first, count, torch.int16).zero_()
     fast = first.dtype in _NUMPY and all(t.is_contiguous() and not t.requires_grad for t in tensors)
     for t, w in zip(tensors, weights):
         t.mul_(sign)  # x e: positive exactly where x agrees with the elected sign

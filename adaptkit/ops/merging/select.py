@@ -1,8 +1,8 @@
 """Exact top-``k`` magnitude selection for pruning: PEFT's ``torch.topk`` choice without a ``topk`` or a sort.
 
 PEFT's ``magnitude_based_pruning`` keeps the ``k`` entries of largest magnitude that ``torch.topk`` returns.
-Here the ``k``-th largest magnitude ``t`` is found by selection inside a bracket taken from a strided
-sample (a sort of about 2,000 sampled entries, one counting pass and one gathering pass, then
+Here the ``k``-th largest magnitude ``t`` is found by selection inside a bracket taken from a random
+sample (a sort of about 2,000 sampled entries, or n / 256, one counting pass and one gathering pass, then
 ``np.partition`` of the few percent of entries inside the bracket; when the bracket misses, checked by
 counting, it selects over everything), and the entries with ``|x| >= t`` are kept. That is ``topk``'s set
 whenever at most ``k`` entries reach ``t``. Only when tied entries of magnitude ``t > 0`` straddle the
@@ -19,6 +19,7 @@ negative entry's zero (``-0.0``), as PEFT's ``tensor * mask`` does. Other dtypes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,8 +49,7 @@ def kth_largest(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
     if n <= _SMALL:
         t = np.partition(magnitudes, n - k)[n - k]
         return float(t), int(np.count_nonzero(magnitudes >= t))
-    m_target = max(_SAMPLE, n // _PER_SAMPLE)
-    sample = np.sort(magnitudes[:: max(n // m_target, 1)])
+    sample = np.sort(magnitudes[_sample_indices(n, min(n, max(_SAMPLE, n // _PER_SAMPLE)))])
     m = sample.size
     p = k / n
     pos = (1 - p) * (m - 1)  # where the answer sits in the sorted sample
@@ -66,6 +66,16 @@ def kth_largest(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
             return float(t), above + int(np.count_nonzero(inside >= t))
     t = np.partition(magnitudes, n - k)[n - k]  # the bracket missed (a few in 10^4 draws): select over everything
     return float(t), int(np.count_nonzero(magnitudes >= t))
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_indices(n: int, m: int) -> np.ndarray:
+    """``m`` sorted positions in ``range(n)`` drawn from a generator seeded by ``n`` (the same for every call).
+
+    Random rather than strided: a LoRA delta's magnitudes follow its rows and columns, and a stride sharing a
+    factor with the row length samples a few columns only (then the bracket misses and costs a full selection).
+    """
+    return np.sort(np.random.default_rng(n).integers(0, n, m))
 
 
 def _numpy_ok(t: torch.Tensor) -> bool:
