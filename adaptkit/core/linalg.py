@@ -194,7 +194,8 @@ def _full_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float = 1e-4,
-              max_iter: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+              max_iter: int = 30, guess: tuple[torch.Tensor, torch.Tensor] | None = None,
+              first_check: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD of a dense 2-D matrix, as ``(B, A)`` with ``B @ A`` the best rank-``rank`` approximation.
 
     For a small rank this runs block subspace iteration (``k = 2 rank + oversample`` directions, a fixed
@@ -213,6 +214,10 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
         oversample: extra directions carried by the iteration.
         tol: convergence threshold on residual / spectral gap.
         max_iter: most iterations before falling back to the full SVD.
+        guess: ``(U0, V0)``, ``(m, j)`` and ``(n, j)`` bases of a nearby matrix's dominant column and row spaces
+            (e.g. the unpruned weighted sum of the merged LoRAs) to start from instead of a random block (padded
+            with random columns up to ``k``); it only changes how many steps the stopping rule needs.
+        first_check: the first step whose Ritz values are tested.
 
     Returns:
         ``(B, A)`` as in :func:`lowrank_svd`.
@@ -226,14 +231,18 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
     wide = n > m
     d = delta.T if wide else delta  # (long, short)
     gen = torch.Generator().manual_seed(0)
-    q = torch.linalg.qr(d @ torch.randn(d.shape[1], k, generator=gen, dtype=d.dtype), mode="reduced").Q
+    start = None if guess is None else (guess[0] if wide else guess[1])[:, :k].to(d.dtype)
+    if start is None or start.shape[1] < k:
+        fill = torch.randn(d.shape[1], k - (0 if start is None else start.shape[1]), generator=gen, dtype=d.dtype)
+        start = fill if start is None else torch.cat([start, fill * start.norm() / fill.norm()], dim=1)
+    q = torch.linalg.qr(d @ start, mode="reduced").Q
     y = d.T @ q
     previous = float("inf")
     previous_ratio = None
     for it in range(budget):
         q = torch.linalg.qr(d @ torch.linalg.qr(y, mode="reduced").Q, mode="reduced").Q
         y = d.T @ q  # the next step's product, and (transposed) the Rayleigh-Ritz matrix Q^T D of this one
-        if it < 2:
+        if it < first_check:
             continue
         u_small, s, vh = torch.linalg.svd(y.T, full_matrices=False)  # Rayleigh-Ritz
         u = q @ u_small

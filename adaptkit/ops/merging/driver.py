@@ -28,7 +28,7 @@ from ...core.coverage import combine as combine_certificates
 from ...core.deferred import DeferredMetadata
 from ...core.kinds import Layer, LoRA, layer_dtype
 from ...core.kinds.base import MODULE_TYPES, NO_SHAPE, tensor_fields, tensor_is_finite
-from ...core.linalg import dense_svd, lowrank_svd
+from ...core.linalg import dense_svd, lowrank_svd, lowrank_svd_parts
 from ...core.params import (
     COMMON,
     DENSITY,
@@ -522,20 +522,45 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: _Option
         if opts.rank is not None:
             up, down = lowrank_svd([up], [down], opts.rank)
     else:  # element-wise work on dense deltas, then SVD
+        guess = _start_guess(layers, weights, opts.rank)
         deltas = [_own_delta(layer, ws, f"delta{i}") for i, layer in enumerate(layers)]
         combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True,
                            gamma=opts.gamma, epsilon=opts.epsilon, workspace=ws)
-        up, down = dense_svd(combined, opts.rank)
+        up, down = dense_svd(combined, opts.rank, guess=guess, first_check=1 if guess is not None else 2)
     return _lora_like(path, template, up, down, _bias(layers, weights))
+
+
+def _start_guess(layers: list[Layer], weights: list[float], rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where the truncated SVD of a pruned / sign-elected combination starts: the exact singular bases of the
+    unpruned weighted sum (from the factors, ``O((m + n) R^2)``); ``None`` when a layer has no exact factors or
+    their summed rank ``R`` is over 4x the iteration's block (LoHa/LoKr products), where it would cost more
+    than it saves.
+
+    The result is the same certified SVD whatever the start; a start near the answer takes 2-3 subspace steps
+    instead of 4-5 on TinyLlama's MLP matrices.
+    """
+    ups, downs = [], []
+    if sum(layer.rank or 0 for layer in layers) > 4 * (2 * rank + 16):
+        return None
+    for layer, w in zip(layers, weights):
+        f = layer.factors()
+        if f is None or f[0].shape[1] > 4 * (2 * rank + 16):
+            return None
+        ups.append(f[0] * w)
+        downs.append(f[1])
+    u, _, vh = lowrank_svd_parts(ups, downs)
+    return u, vh.T
 
 
 def _own_delta(layer: Layer, ws: Workspace, name: str) -> torch.Tensor:
     """The layer's dense float32 delta as a contiguous tensor that shares no memory with the layer (so that the
     merge can work on it in place); a copy only where ``delta_matrix`` returns stored memory (e.g. full diffs).
-    A plain LoRA's ``U @ V`` (``delta_matrix``'s product) is written into the workspace slot ``name``."""
-    if isinstance(layer, LoRA) and layer.mid is None and layer.shape is not None:
-        u, v = layer.factors()
-        return torch.matmul(u, v, out=ws.buffer(name, (u.shape[0], v.shape[1])))
+    A layer stored as LoRA factors has ``delta_matrix() == (scale B) @ A``: that product is written into the
+    workspace slot ``name``."""
+    ab = layer.lora_ab()
+    if ab is not None and layer.shape is not None:
+        b, a = ab
+        return torch.matmul(b * layer.scale, a, out=ws.buffer(name, (b.shape[0], a.shape[1])))
     d = layer.delta_matrix()
     stored = {t.untyped_storage().data_ptr() for t in tensor_fields(layer).values()}
     if not d.is_contiguous() or d.untyped_storage().data_ptr() in stored:
