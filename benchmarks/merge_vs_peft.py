@@ -11,6 +11,8 @@ different seeds) are made with peft on a llama with TinyLlama-1.1B's shapes (hid
 * **adaptkit, in memory**: ``ak.merge(adapters, ...)`` on the three ``Adapter`` objects already read from the
   files peft saved (the same numbers: the adapters are peft's).
 * **adaptkit, from files**: ``ak.merge(dirs, ...)``: reading the three adapter directories is included.
+* **adaptkit + certificate**: in memory, then reading the merged adapter's metadata, which measures the coverage
+  certificate's float64 ``‖ΔW‖²`` of every input layer (deferred until read; ``ak.save`` reads it).
 
 Each timing is the median of ``--repeats`` runs or more (fast calls repeat for 2 s, up to 41 runs; min-max spread and the number of runs n printed); a tool
 stops repeating one method after ``--budget`` seconds (peft's SVD methods take about a minute a run, so they
@@ -165,7 +167,7 @@ def main() -> None:
         print(f"TinyLlama-shaped llama, {args.layers} decoder layer(s), {len(adapters[0])} LoRA layers per adapter, "
               f"r={RANK}, 3 adapters, weights {WEIGHTS}, density {DENSITY}, rank {RANK}, torch "
               f"{torch.__version__} threads {torch.get_num_threads()}, {args.repeats} runs each: median (min-max) s")
-        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>9}{'from files s':>28}{'x':>9}"
+        print(f"{'method':<20}{'peft s':>28}{'adaptkit s':>28}{'x':>9}{'from files s':>28}{'x':>9}{'+cert x':>9}"
               f"{'peft MiB':>10}{'ak MiB':>8}{'max rel diff':>13}", flush=True)
         rows = []
         for method in methods:
@@ -181,21 +183,24 @@ def main() -> None:
                                                                     **ak_kw), args.repeats, args.budget)
             _, times_files, _ = runs(lambda: lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw),
                                      args.repeats, args.budget)
+            _, times_cert, _ = runs(lambda: lambda: dict(ak.merge(adapters, WEIGHTS, method=method, progress=False,
+                                                                  **ak_kw).metadata), args.repeats, args.budget)
             _, times_peft, mb_peft = runs(peft_call, args.repeats, args.budget)
-            times = {"peft": times_peft, "ak": times_ak, "files": times_files}
+            times = {"peft": times_peft, "ak": times_ak, "files": times_files, "cert": times_cert}
             mem = {"peft": mb_peft, "ak": mb_ak}
             ref = peft_deltas(pm, name)
             diff = max(((merged.layers[p].delta() - d).norm() / d.norm()).item() for p, d in ref.items())
             pm.delete_adapter(name)
             del ref
-            p, a, f = (statistics.median(times[k]) for k in ("peft", "ak", "files"))
-            rows.append((method, p / a, p / f))
+            p, a, f, c = (statistics.median(times[k]) for k in ("peft", "ak", "files", "cert"))
+            rows.append((method, p / a, p / f, p / c))
             diff_text = f"{diff:.1e}" + (" (DARE)" if "dare" in method else "")
             print(f"{method:<20}{_stat(times['peft']):>28}{_stat(times['ak']):>28}{p / a:>8.1f}x{_stat(times['files']):>28}"
-                  f"{p / f:>8.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
+                  f"{p / f:>8.1f}x{p / c:>8.1f}x{mem['peft']:>10.0f}{mem['ak']:>8.0f}{diff_text:>16}", flush=True)
         worst = min(rows, key=lambda r: r[1])
         print(f"smallest speed-up in memory: {worst[0]} {worst[1]:.1f}x; from files: "
-              f"{min(rows, key=lambda r: r[2])[0]} {min(r[2] for r in rows):.1f}x")
+              f"{min(rows, key=lambda r: r[2])[0]} {min(r[2] for r in rows):.1f}x; in memory + certificate: "
+              f"{min(rows, key=lambda r: r[3])[0]} {min(r[3] for r in rows):.1f}x")
 
 
 if __name__ == "__main__":
