@@ -177,3 +177,81 @@ def test_a_warm_start_gives_the_same_certified_svd():
     for kw in ({}, {"guess": (qu, qvh.T), "first_check": 1}, {"guess": (qu[:, :3], qvh[:3].T), "first_check": 0}):
         b, a = dense_svd(d, 8, **kw)
         assert ((b @ a).double() - best).norm() / best.norm() < 1e-4, kw
+
+
+# ------------------------------------------------------------------------------------------ review findings
+
+
+def test_nan_with_ties_keeps_peft_set():
+    """A NaN ranks highest in topk; a threshold rule would keep both tied 2s instead (found in review)."""
+    from peft.utils import merge_utils as mu
+
+    x = torch.tensor([float("nan"), 3.0, 2.0, 2.0, 1.0])
+    ref, got = mu.prune(x.clone(), 0.6, "magnitude"), P.magnitude_prune(x, 0.6)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["in-place", "stacked"])
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "linear"])
+def test_combined_tensors_equal_peft_to_the_sign_of_zero(method, owned):
+    from peft.utils import merge_utils as mu
+
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn((33, 65), generator=g) for _ in range(3)]
+    w = torch.tensor([0.7, -1.3, 0.4])
+    if method == "ties":
+        ref = mu.ties([t.clone() for t in ts], w, density=0.5, majority_sign_method="total")
+    elif method == "magnitude_prune":
+        ref = mu.magnitude_prune([t.clone() for t in ts], w, density=0.5)
+    elif method == "dare_linear":
+        torch.manual_seed(3)
+        ref = mu.dare_linear([t.clone() for t in ts], w, density=0.5)
+        torch.manual_seed(3)
+    else:
+        ref = mu.task_arithmetic([t.clone() for t in ts], w)
+    got = combine_like_peft(ts, w, method, owned)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))  # bit for bit, zeros' signs included
+
+
+def combine_like_peft(ts, w, method, owned):
+    from adaptkit.ops.merging.methods import combine, get_method
+
+    density = None if method == "linear" else 0.5
+    return combine([t.clone() for t in ts], w, get_method(method), density, "total", None, owned=owned)
+
+
+def test_a_guess_the_answer_avoids_does_not_hide_it():
+    """Three LoRAs whose unpruned sum cancels the dominant block: a start spanned by the guess alone stays
+    inside its invariant subspace and passes the residual test with the wrong subspace (found in review)."""
+    from adaptkit.core.adapter import Adapter
+    from adaptkit.core.kinds import LoRA
+    from adaptkit.ops.merging.methods import combine, get_method
+
+    torch.manual_seed(0)
+    m = n = 512
+    r = 32
+    b0, a0 = torch.zeros(m, r), torch.zeros(r, n)
+    b0[:256], a0[:, :256] = torch.randn(256, r), torch.randn(r, 256)
+    b1, a1 = torch.zeros(m, r), torch.zeros(r, n)
+    b1[256:], a1[:, 256:] = torch.randn(256, r) * 3, torch.randn(r, 256)
+    ads = [Adapter(layers={"x": LoRA(down=a, up=b, alpha=float(r), shape=(m, n))})
+           for b, a in ((b0, a0), (b1, a1), (b1, -a1))]
+    got = merge(ads, method="ties_svd", density=1.0, rank=8).layers["x"].delta_matrix()
+    comb = combine([a.layers["x"].delta_matrix().clone() for a in ads], torch.ones(3), get_method("ties_svd"), 1.0,
+                   owned=True)
+    best = torch.linalg.svdvals(comb.double())[8:].norm().item()
+    assert torch.linalg.norm(comb - got).item() <= best * (1 + 1e-4)
+
+
+def test_a_deferred_value_that_raises_stays_pending():
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    md = DeferredMetadata({"a": "1"}, {"b": fail})
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            md["b"]
+    assert "b" in md and md.pending == ("b",) and len(calls) == 2 and list(md) == ["a", "b"]

@@ -5,7 +5,8 @@ An operation may attach a value to its output's metadata that costs more than th
 time). :class:`DeferredMetadata` holds such a value as a function and calls it the first time the key's
 value is read: by a writer saving the adapter, ``{**metadata}``, ``.items()``, ``json.dumps(dict(...))``, a CLI
 summary. Its keys are known from the start, so ``key in metadata`` and ``len`` never compute anything. Until
-then the function keeps what it needs alive (for a merge, the inputs' LoRA factors).
+then the function keeps what it needs alive (for a merge, the inputs' LoRA factors), and it reads them as they
+are then: a caller that modifies an input's tensors in place before reading gets figures of the modified input.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class DeferredMetadata(Mapping[str, str]):
 
     def __getitem__(self, key: str) -> str:
         if key in self._deferred:
-            self._values[key] = self._deferred.pop(key)()
+            self._values[key] = self._deferred[key]()  # a function that raises leaves the key pending
+            del self._deferred[key]
         return self._values[key]
 
     def __iter__(self) -> Iterator[str]:

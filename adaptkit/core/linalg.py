@@ -84,8 +84,8 @@ def gram_energy(u: torch.Tensor, v: torch.Tensor) -> float:
     The Grams are NumPy's symmetric rank-k updates (``syrk``: half a general product's work, 2-3x faster than
     torch's ``U.T @ U`` in one thread at adapter shapes) of float64 views; other dtypes are converted first.
     """
-    a = u.detach().to(torch.float64).numpy()
-    b = v.detach().to(torch.float64).numpy()
+    a = u.detach().to(device="cpu", dtype=torch.float64).numpy()
+    b = v.detach().to(device="cpu", dtype=torch.float64).numpy()
     return float(np.vdot(a.T @ a, b @ b.T))
 
 
@@ -215,8 +215,9 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
         tol: convergence threshold on residual / spectral gap.
         max_iter: most iterations before falling back to the full SVD.
         guess: ``(U0, V0)``, ``(m, j)`` and ``(n, j)`` bases of a nearby matrix's dominant column and row spaces
-            (e.g. the unpruned weighted sum of the merged LoRAs) to start from instead of a random block (padded
-            with random columns up to ``k``); it only changes how many steps the stopping rule needs.
+            (e.g. the unpruned weighted sum of the merged LoRAs): its first ``k - oversample`` columns replace
+            part of the random start block (at least ``oversample`` random columns remain); it only changes
+            how many steps the stopping rule needs.
         first_check: the first step whose Ritz values are tested.
 
     Returns:
@@ -231,7 +232,9 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
     wide = n > m
     d = delta.T if wide else delta  # (long, short)
     gen = torch.Generator().manual_seed(0)
-    start = None if guess is None else (guess[0] if wide else guess[1])[:, :k].to(d.dtype)
+    # a guess fills at most k - oversample columns: the random rest lets the iteration leave the guess's span
+    # when the answer lies outside it (a guess invariant under D would otherwise pass the residual test)
+    start = None if guess is None else (guess[0] if wide else guess[1])[:, :max(k - oversample, 1)].to(d.dtype)
     if start is None or start.shape[1] < k:
         fill = torch.randn(d.shape[1], k - (0 if start is None else start.shape[1]), generator=gen, dtype=d.dtype)
         start = fill if start is None else torch.cat([start, fill * start.norm() / fill.norm()], dim=1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...core.adapter import Adapter
-from ...core.coverage import METADATA_KEY, Certificate, Outcome, certify
+from ...core.coverage import METADATA_KEY, Certificate, CoverageError, Outcome, certify
 from ...core.coverage import combine as combine_certificates
 from ...core.deferred import DeferredMetadata
 from ...core.kinds import Layer, LoRA, layer_dtype
@@ -169,7 +169,11 @@ def merge(adapters: Sequence[Adapter | str | os.PathLike], weights: Sequence[flo
     extras = _merge_extras(loaded)
     info = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
     if all_lora:  # the gate now; the energies (float64 Grams of every input layer) when the metadata is read
-        certify_merge(loaded, layers, extras, requested.name, energies=False).require(drop)
+        try:
+            certify_merge(loaded, layers, extras, requested.name, energies=False).require(drop)
+        except CoverageError:  # the refusal names the share of the energy that would not land: measure it
+            certify_merge(loaded, layers, extras, requested.name).require(drop)
+            raise
         metadata: Mapping[str, str] = DeferredMetadata(info, {METADATA_KEY: partial(
             _coverage_json, loaded, frozenset(layers), frozenset(extras), requested.name, drop)})
     else:

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ...core.params import MAJORITY_SIGN
 from ...errors import ConfigError
 from .catalog import (
     METHODS,
@@ -19,6 +21,7 @@ from .catalog import (
     get_method,
 )
 from .primitives import (
+    NUMPY_DTYPES,
     Draws,
     check_density,
     disjoint_mean_,
@@ -90,7 +93,7 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
             else:
                 check_density(density)
                 magnitude_prune_rows_(rows, density)
-            tensors[:] = list(rows)
+            return combine_rows(rows, w, method.consensus, majority_sign_method)
         else:
             for i, t in enumerate(tensors):
                 t = t if owned else t.clone(memory_format=torch.contiguous_format)
@@ -105,4 +108,36 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     return disjoint_mean_(tensors, w, sign, mask, ws.buffer("count", first.shape, torch.int16))
 
 
-__all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "get_method"]
+def combine_rows(rows: torch.Tensor, weights: list[torch.Tensor], consensus: bool, majority_sign_method: str = "total"
+                 ) -> torch.Tensor:
+    """Elect, weigh and combine stacked task tensors (``rows[i]``, pruned already) with PEFT's own reductions.
+
+    What PEFT's ``ties`` / ``dare_linear`` / ``magnitude_prune`` do after pruning, on the same ``(k, ...)`` layout:
+    ``sum(dim=0)`` of the weighted rows, and for TIES the vote ``sum(dim=0)`` and the disjoint mean, where the kept
+    rows are ``e * (w * relu(x e))`` with the elected sign ``e = +-1`` (exact sign flips of PEFT's ``w * x * mask``,
+    summed by the same reduction). A dozen whole-block operations instead of a dozen per row: the factor-wise
+    methods' tensors are small, and their time is per operation.
+
+    Args:
+        rows: contiguous ``(k, ...)`` tensor the caller owns (overwritten).
+        weights: one 0-d weight per row, in ``rows``' dtype.
+        consensus: TIES sign election and disjoint mean (else the weighted sum).
+        majority_sign_method: ``"total"`` or ``"frequency"``.
+
+    Returns:
+        The combined tensor of ``rows[0]``'s shape (a zero is ``+0.0``, as PEFT's).
+    """
+    w = torch.stack(weights).view(-1, *([1] * (rows.dim() - 1)))
+    if not consensus:
+        return rows.mul_(w).sum(0)
+    votes = rows.sum(0) if MAJORITY_SIGN.check(majority_sign_method) == "total" else rows.sign().sum(0)
+    sign = votes.ge_(0).mul_(2).sub_(1)  # +1 where the votes are >= 0, else -1
+    rows.mul_(sign)  # x e: positive exactly where x agrees with the elected sign
+    count = torch.from_numpy(np.count_nonzero(rows.numpy() > 0, axis=0)) if rows.dtype in NUMPY_DTYPES \
+        else (rows > 0).sum(0)
+    total = rows.relu_().mul_(w).sum(0)
+    return total.mul_(sign).div_(count.clamp_(min=1).to(total.dtype)).add_(0.0)
+
+
+__all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "combine_rows",
+           "get_method"]

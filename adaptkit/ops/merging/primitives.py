@@ -40,7 +40,7 @@ from ...errors import ConfigError
 from .select import prune_top_k_
 
 #: dtypes whose comparisons and masked products run through NumPy views (torch's bool kernels are slower)
-_NUMPY = (torch.float32, torch.float64, torch.float16)
+NUMPY_DTYPES = _NUMPY = (torch.float32, torch.float64, torch.float16)
 
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
 SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN.choices
@@ -391,15 +391,16 @@ def disjoint_mean_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     count.clamp_(min=1)
     if len(tensors) > 1 and tensors[1].dtype == first.dtype and tensors[1].is_contiguous():
         count = tensors[1].copy_(count)  # consumed already: the count as floats (float / int16 is 4x slower)
-    return first.mul_(sign).div_(count)
+    return first.mul_(sign).div_(count).add_(0.0)  # + 0.0: a zero is +0.0, as from PEFT's sum(dim=0)
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]) -> torch.Tensor:
-    """``sum_i weights[i] * tensors[i]``, accumulated in order."""
+    """``sum_i weights[i] * tensors[i]``, accumulated in order; a zero sum is ``+0.0``, as PEFT's ``sum(dim=0)``
+    (which starts from ``+0.0``) and its ``+=`` into zeros give it."""
     total = tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:]):
         total += t * w
-    return total
+    return total.add_(0.0)
 
 
 def weighted_sum_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]) -> torch.Tensor:
@@ -407,10 +408,11 @@ def weighted_sum_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tenso
     total = tensors[0].mul_(weights[0])
     for t, w in zip(tensors[1:], weights[1:]):
         total.add_(t.mul_(w))
-    return total
+    return total.add_(0.0)
 
 
 __all__ = [
+    "NUMPY_DTYPES",
     "SIGN_METHODS",
     "Draws",
     "agrees",

@@ -107,9 +107,11 @@ def keep_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
             if t > 0 and count != k:
                 return _topk_mask(flat, k).view(magnitudes.shape)
             return torch.from_numpy(mags >= mags.dtype.type(t)).view(magnitudes.shape)
-    t = torch.kthvalue(flat, flat.numel() - k + 1).values  # torch's rule elsewhere (NaN ranks highest, as in topk)
+    if bool(torch.isnan(flat).any()):  # topk ranks NaN highest, and no threshold can say so: its own set
+        return _topk_mask(flat, k).view(magnitudes.shape)
+    t = torch.kthvalue(flat, flat.numel() - k + 1).values
     keep = flat >= t
-    if float(t) > 0 and int(keep.sum()) != k or bool(torch.isnan(t)):
+    if float(t) > 0 and int(keep.sum()) != k:
         keep = _topk_mask(flat, k)
     return keep.view(magnitudes.shape)
 
