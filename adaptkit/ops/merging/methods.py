@@ -133,10 +133,22 @@ def combine_rows(rows: torch.Tensor, weights: list[torch.Tensor], consensus: boo
     votes = rows.sum(0) if MAJORITY_SIGN.check(majority_sign_method) == "total" else rows.sign().sum(0)
     sign = votes.ge_(0).mul_(2).sub_(1)  # +1 where the votes are >= 0, else -1
     rows.mul_(sign)  # x e: positive exactly where x agrees with the elected sign
-    count = torch.from_numpy(np.count_nonzero(rows.numpy() > 0, axis=0)) if rows.dtype in NUMPY_DTYPES \
-        else (rows > 0).sum(0)
+    count = _agreeing(rows)
     total = rows.relu_().mul_(w).sum(0)
     return total.mul_(sign).div_(count.clamp_(min=1).to(total.dtype)).add_(0.0)
+
+
+def _agreeing(rows: torch.Tensor) -> torch.Tensor:
+    """How many rows are positive per entry: NumPy's boolean rows added as small integers (a bool ``sum(0)`` is
+    20-30x slower in either library)."""
+    if rows.dtype not in NUMPY_DTYPES:
+        return (rows > 0).sum(0)
+    positive = rows.numpy() > 0
+    small = np.int8 if rows.shape[0] < 128 else np.int32
+    count = positive[0].astype(small)
+    for row in positive[1:]:
+        count += row.view(np.int8)
+    return torch.from_numpy(count)
 
 
 __all__ = ["METHODS", "PEFT_METHODS", "Method", "Operand", "Output", "Sparsify", "combine", "combine_rows",
