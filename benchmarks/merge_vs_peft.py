@@ -14,9 +14,10 @@ different seeds) are made with peft on a llama with TinyLlama-1.1B's shapes (hid
 * **adaptkit + certificate**: in memory, then reading the merged adapter's metadata, which measures the coverage
   certificate's float64 ``‖ΔW‖²`` of every input layer (deferred until read; ``ak.save`` reads it).
 
-Each timing is the median of ``--repeats`` runs or more (fast calls repeat for 2 s, up to 41 runs; min-max spread and the number of runs n printed); a tool
-stops repeating one method after ``--budget`` seconds (peft's SVD methods take about a minute a run, so they
-may get fewer runs). Peak memory: the extra resident memory during one call (peak RSS minus RSS before it,
+Each timing is the median of ``--repeats`` runs or more (fast calls repeat for 2 s, up to 41 runs; min-max spread and the number of runs n printed),
+taken in rounds that run every tool once in turn, so that a slow minute of a shared machine slows both sides;
+the rounds stop once a tool has had ``--budget`` seconds (peft's SVD methods take 35-50 s a run, so they get
+two). Peak memory: the extra resident memory during one call (peak RSS minus RSS before it,
 sampled every 5 ms from a thread, after returning freed memory to the OS); that sampled run is not timed
 unless it took over 10 s (the sampler slows short, Python-heavy calls). The last column is the largest per-layer relative Frobenius difference between peft's merged
 ΔW and adaptkit's (DARE draws differ, so there it is the difference of two random draws, not an error).
@@ -128,19 +129,33 @@ def peft_deltas(pm, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def runs(make, repeats: int, budget: float):
-    """Time ``make()()`` (``make`` does the untimed setup and returns the call): first one run with the memory
-    sampler (counted as a timed run only when it took over 10 s, where the sampler's cost is below 0.1%), then
-    plain runs until ``repeats`` timed runs (at least 2 s of them, up to 41 runs, for calls of milliseconds) or
-    ``budget`` seconds of them. Returns (result, times, MiB)."""
-    result, seconds, mib = measure(make())
-    times = [seconds] if seconds > 10 else []
-    while (len(times) < repeats or (sum(times) < 2.0 and len(times) < 41)) and sum(times) < budget:
-        fn = make()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return result, times, mib
+def runs(makers: dict, repeats: int, budget: float) -> tuple[dict, dict, dict]:
+    """Time ``make()()`` for each tool (``make`` does the untimed setup and returns the call).
+
+    First one run of each with the memory sampler (counted as a timed run only when it took over 10 s, where
+    the sampler's cost is below 0.1%). Then rounds that run every tool once, in turn, so that all of them see
+    the same machine (on a shared machine a 10 ms call varies 2x over minutes; timing one tool's runs, then
+    the other's, turns that into a ratio error): until ``repeats`` rounds (at least 2 s of them, up to 41, for
+    calls of milliseconds), or until a tool has had ``budget`` seconds. Returns (results, times, MiB) by tool.
+    """
+    results, times, mib = {}, {}, {}
+    for key, make in makers.items():
+        results[key], seconds, mib[key] = measure(make())
+        times[key] = [seconds] if seconds > 10 else []
+    rounds = 0
+
+    def more() -> bool:
+        spent = [sum(t) for t in times.values()]
+        return rounds < 41 and (rounds < repeats or min(spent) < 2.0) and max(spent) < budget
+
+    while more():
+        for key, make in makers.items():
+            fn = make()
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+        rounds += 1
+    return results, times, mib
 
 
 def _stat(times: list[float]) -> str:
@@ -179,15 +194,14 @@ def main() -> None:
                 return lambda: pm.add_weighted_adapter(["a0", "a1", "a2"], WEIGHTS, name, combination_type=method,
                                                        **peft_kw)
 
-            merged, times_ak, mb_ak = runs(lambda: lambda: ak.merge(adapters, WEIGHTS, method=method, progress=False,
-                                                                    **ak_kw), args.repeats, args.budget)
-            _, times_files, _ = runs(lambda: lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw),
-                                     args.repeats, args.budget)
-            _, times_cert, _ = runs(lambda: lambda: dict(ak.merge(adapters, WEIGHTS, method=method, progress=False,
-                                                                  **ak_kw).metadata), args.repeats, args.budget)
-            _, times_peft, mb_peft = runs(peft_call, args.repeats, args.budget)
-            times = {"peft": times_peft, "ak": times_ak, "files": times_files, "cert": times_cert}
-            mem = {"peft": mb_peft, "ak": mb_ak}
+            results, times, mem = runs({
+                "ak": lambda: lambda: ak.merge(adapters, WEIGHTS, method=method, progress=False, **ak_kw),
+                "files": lambda: lambda: ak.merge(dirs, WEIGHTS, method=method, progress=False, **ak_kw),
+                "cert": lambda: lambda: dict(ak.merge(adapters, WEIGHTS, method=method, progress=False,
+                                                      **ak_kw).metadata),
+                "peft": peft_call,
+            }, args.repeats, args.budget)
+            merged = results["ak"]
             ref = peft_deltas(pm, name)
             diff = max(((merged.layers[p].delta() - d).norm() / d.norm()).item() for p, d in ref.items())
             pm.delete_adapter(name)
