@@ -12,7 +12,7 @@ from conftest import make_peft_adapter
 import adaptkit as ak
 from adaptkit.cli import main
 from adaptkit.ops.merging import PROVENANCE_KEY, merge
-from adaptkit.ops.merging.driver import _layer_generator
+from adaptkit.ops.merging.layerwise import layer_generator as _layer_generator
 from adaptkit.ops.merging.primitives import outlier_prune, rank_magnitude_prune, uniform
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

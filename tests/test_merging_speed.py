@@ -20,7 +20,9 @@ from adaptkit.core.linalg import dense_svd, gram_energy, lowrank_svd_parts
 from adaptkit.ops.merging import PROVENANCE_KEY, merge
 from adaptkit.ops.merging import primitives as P
 from adaptkit.ops.merging import select as S
-from adaptkit.ops.merging.driver import RNG, _layer_generator, certify_merge
+from adaptkit.ops.merging.driver import certify_merge
+from adaptkit.ops.merging.layerwise import RNG
+from adaptkit.ops.merging.layerwise import layer_generator as _layer_generator
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -6,15 +6,11 @@ These are the element-wise building blocks of TIES, DARE and magnitude pruning, 
 
 How they are fast without changing a number:
 
-* Magnitude pruning finds the ``k``-th largest magnitude ``t`` by a radix histogram of the float bits, or for
-  large tensors by selection inside a bracket taken from a strided sample (no sort and no ``topk`` of the
-  whole tensor), then keeps ``|x| >= t``. Only when several entries
-  of magnitude ``t > 0`` straddle the ``k``-th place does it call ``torch.topk`` on the same magnitudes as PEFT
-  does: PEFT keeps the tied entries that ``torch.topk`` returns, and on CPU that choice comes from libstdc++'s
-  ``std::nth_element`` on (value, index) pairs (ATen's ``topk_impl_loop``), neither the first nor the last
-  in index order, so no cheaper rule reproduces it (an exact vectorised re-enactment of the introselect was
-  5x slower than ``topk`` itself). It passes ``sorted=False``: the same set, without sorting it. Ties at
-  ``t == 0`` need no ``topk``: keeping or dropping a zero changes nothing.
+* Magnitude pruning (:mod:`.select`) finds the ``k``-th largest magnitude ``t`` by selection inside a bracket
+  taken from a random sample, through NumPy views (no sort and no ``topk`` of the whole tensor), then keeps
+  ``|x| >= t`` as ``x * mask``. Only when several entries of magnitude ``t > 0`` straddle the ``k``-th place
+  does it call ``torch.topk`` on the same magnitudes as PEFT does (its choice among ties comes from
+  libstdc++'s ``std::nth_element``; no cheaper rule reproduces it).
 * Random pruning with a torch generator draws ``torch.rand(...) < density``: the very draws (and mask) of PEFT's
   ``torch.bernoulli(torch.full_like(t, density))``, 1.5-2.4x faster. The merge passes each layer a NumPy PCG64
   generator instead (32-bit words compared with ``density * 2^32``, 4-6x faster than ``torch.rand``): PEFT draws
@@ -25,7 +21,8 @@ How they are fast without changing a number:
   ``k`` dense deltas allocates ``k`` deltas and three buffers in all. The sign election and the disjoint
   mean stream over the list instead of stacking it. The functions without ``_`` never modify their inputs.
 * The disjoint mean uses ``w x [x e > 0] = e (w relu(x e))`` with the elected sign ``e = +-1``: the same
-  products and the same order of additions (exact sign flips), in five in-place passes per tensor.
+  products and the same order of additions (exact sign flips); a zero result is ``+0.0``, as PEFT's
+  ``sum(dim=0)`` gives it. Stacked factors take :func:`~.methods.combine_rows` (PEFT's own reductions).
 """
 
 from __future__ import annotations
