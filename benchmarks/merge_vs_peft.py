@@ -135,8 +135,8 @@ def runs(makers: dict, repeats: int, budget: float) -> tuple[dict, dict, dict]:
     First one run of each with the memory sampler (counted as a timed run only when it took over 10 s, where
     the sampler's cost is below 0.1%). Then rounds that run every tool once, in turn, so that all of them see
     the same machine (on a shared machine a 10 ms call varies 2x over minutes; timing one tool's runs, then
-    the other's, turns that into a ratio error): until ``repeats`` rounds (at least 2 s of them, up to 41, for
-    calls of milliseconds), or until a tool has had ``budget`` seconds. Returns (results, times, MiB) by tool.
+    the other's, turns that into a ratio error): at least one round, then until ``repeats`` rounds (at least
+    2 s of them, up to 41, for calls of milliseconds), or until a tool has had ``budget`` seconds. Returns (results, times, MiB) by tool.
     """
     results, times, mib = {}, {}, {}
     for key, make in makers.items():
@@ -146,7 +146,7 @@ def runs(makers: dict, repeats: int, budget: float) -> tuple[dict, dict, dict]:
 
     def more() -> bool:
         spent = [sum(t) for t in times.values()]
-        return rounds < 41 and (rounds < repeats or min(spent) < 2.0) and max(spent) < budget
+        return rounds == 0 or (rounds < 41 and (rounds < repeats or min(spent) < 2.0) and max(spent) < budget)
 
     while more():
         for key, make in makers.items():
