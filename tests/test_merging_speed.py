@@ -113,6 +113,21 @@ def test_numpy_generator_masks_keep_density_reproducibly(monkeypatch):
     assert P._keep_threshold(0.5) == 2**31 and P._keep_threshold(1 - 1e-12) == 2**32 - 1
 
 
+def test_numpy_masks_follow_the_documented_stream():
+    """16 bits per entry, u < T kept, u == T decided by a second word drawn after all first words, v < F."""
+    for density, n in ((0.2, 300_001), (0.37, 65_536 * 3 + 5)):
+        limit = P._keep_threshold(density)
+        high, low = limit >> 16, limit & 0xFFFF
+        bits = np.random.PCG64(7)
+        u = bits.random_raw((n + 3) // 4).astype("<u8").view("<u2")[:n].astype(np.int64)
+        tied = np.flatnonzero(u == high)
+        v = bits.random_raw((tied.size + 3) // 4).astype("<u8").view("<u2")[:tied.size].astype(np.int64)
+        expected = u < high
+        expected[tied] = v < low
+        got = P._random_mask(torch.empty(n), density, np.random.Generator(np.random.PCG64(7))).numpy()
+        assert tied.size > 0 and np.array_equal(got, expected)
+
+
 def test_dare_merges_record_their_streams(loras):
     m1 = merge(loras, [1.0, 0.5, -0.3], method="dare_ties", density=0.3, seed=11)
     m2 = merge(loras, [1.0, 0.5, -0.3], method="dare_ties", density=0.3, seed=11)

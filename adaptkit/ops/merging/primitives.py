@@ -129,8 +129,14 @@ def uniform(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, generator: 
 _CHUNK = 1 << 20
 
 
-def _keep_threshold(density: float) -> np.uint32:
-    return np.uint32(min(round(density * 2.0**32), 2**32 - 1))  # uint32: the comparison stays a uint32 loop
+def _keep_threshold(density: float) -> int:
+    """``L = round(density * 2^32)``, at most ``2^32 - 1``: an entry is kept with probability ``L / 2^32``."""
+    return min(round(density * 2.0**32), 2**32 - 1)
+
+
+def _words16(bits: np.random.BitGenerator, count: int) -> np.ndarray:
+    """The next ``count`` 16-bit words of a stream: each 64-bit output gives four, lowest first."""
+    return bits.random_raw((count + 3) // 4).astype("<u8", copy=False).view("<u2")[:count]
 
 
 def _random_mask(tensor: torch.Tensor, density: float, generator: Draws,
@@ -138,19 +144,27 @@ def _random_mask(tensor: torch.Tensor, density: float, generator: Draws,
     """Bool mask, ``True`` with probability ``density``.
 
     A torch generator (or ``None``) gives the draws of ``torch.bernoulli(full_like(tensor, density))``, PEFT's
-    (``torch.rand(...) < density``, the comparison through NumPy where it can: the same mask, faster). A NumPy
-    generator gives one 32-bit word ``u`` of its stream per entry (the two halves of each 64-bit output, low
-    first) and keeps ``u < round(density * 2^32)``: probability ``density`` to within ``2^-33``, at 1.5 ns per
-    entry instead of ``torch.rand``'s 6-9 ns.
+    (``torch.rand(...) < density``, the comparison through NumPy where it can: the same mask, faster).
+
+    A NumPy generator keeps an entry with probability ``L / 2^32``, ``L = round(density * 2^32)`` (``density``
+    to within ``2^-33``), from 16 bits per entry: with ``L = T * 2^16 + F``, the entry's word ``u`` keeps it
+    when ``u < T`` and drops it when ``u > T``; the one entry in 65,536 with ``u == T`` draws a second word
+    ``v`` (after all the first words) and is kept when ``v < F``. That is 0.8 ns per entry here, against
+    1.6 ns for a 32-bit word per entry and 6-9 ns for ``torch.rand``.
     """
     if isinstance(generator, np.random.Generator):
         n = tensor.numel()
         keep = np.empty(n, dtype=bool)
         bits, limit = generator.bit_generator, _keep_threshold(density)
-        for start in range(0, n, 2 * _CHUNK):  # chunks keep the draws' buffer small (heap, not fresh pages)
-            stop = min(n, start + 2 * _CHUNK)
-            words = bits.random_raw((stop - start + 1) // 2).astype("<u8", copy=False).view("<u4")
-            np.less(words[:stop - start], limit, out=keep[start:stop])
+        high, low = np.uint16(limit >> 16), np.uint16(limit & 0xFFFF)
+        ties = []
+        for start in range(0, n, 4 * _CHUNK):  # chunks keep the draws' buffer small (heap, not fresh pages)
+            words = _words16(bits, min(n, start + 4 * _CHUNK) - start)
+            np.less(words, high, out=keep[start:start + words.size])
+            ties.append(np.flatnonzero(words == high) + start)
+        tied = np.concatenate(ties)
+        if tied.size:
+            keep[tied] = _words16(bits, tied.size) < low
         return torch.from_numpy(keep).view(tensor.shape)
     draws = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype, out=_buffer(tensor, scratch))
     if draws.dtype in _NUMPY:
