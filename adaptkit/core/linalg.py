@@ -194,8 +194,8 @@ def _full_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float = 1e-4,
-              max_iter: int = 30, guess: tuple[torch.Tensor, torch.Tensor] | None = None,
-              first_check: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+              max_iter: int = 30, guess: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD of a dense 2-D matrix, as ``(B, A)`` with ``B @ A`` the best rank-``rank`` approximation.
 
     For a small rank this runs block subspace iteration (``k = 2 rank + oversample`` directions, a fixed
@@ -217,8 +217,8 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
         guess: ``(U0, V0)``, ``(m, j)`` and ``(n, j)`` bases of a nearby matrix's dominant column and row spaces
             (e.g. the unpruned weighted sum of the merged LoRAs): its first ``k - oversample`` columns replace
             part of the random start block (at least ``oversample`` random columns remain); it only changes
-            how many steps the stopping rule needs.
-        first_check: the first step whose Ritz values are tested.
+            how many steps the stopping rule needs, and the Ritz values are tested from the second step on
+            (from the third without a guess).
 
     Returns:
         ``(B, A)`` as in :func:`lowrank_svd`.
@@ -240,6 +240,7 @@ def dense_svd(delta: torch.Tensor, rank: int, oversample: int = 16, tol: float =
         start = fill if start is None else torch.cat([start, fill * start.norm() / fill.norm()], dim=1)
     q = torch.linalg.qr(d @ start, mode="reduced").Q
     y = d.T @ q
+    first_check = 1 if guess is not None else 2
     previous = float("inf")
     previous_ratio = None
     for it in range(budget):

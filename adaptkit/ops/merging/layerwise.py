@@ -214,7 +214,7 @@ def _merge_layer(path: str, items: list[tuple[int, Layer, float]], opts: Options
         deltas = [_own_delta(layer, ws, f"delta{i}") for i, layer in enumerate(layers)]
         combined = combine(deltas, torch.tensor(weights), m, opts.density, opts.majority_sign, gen, owned=True,
                            gamma=opts.gamma, epsilon=opts.epsilon, workspace=ws)
-        up, down = dense_svd(combined, opts.rank, guess=guess, first_check=1 if guess is not None else 2)
+        up, down = dense_svd(combined, opts.rank, guess=guess)
     return _lora_like(path, template, up, down, _bias(layers, weights))
 
 

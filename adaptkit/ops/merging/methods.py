@@ -21,7 +21,6 @@ from .catalog import (
     get_method,
 )
 from .primitives import (
-    NUMPY_DTYPES,
     Draws,
     check_density,
     disjoint_mean_,
@@ -33,6 +32,7 @@ from .primitives import (
     weighted_sum,
     weighted_sum_,
 )
+from .select import NUMPY_DTYPES
 from .workspace import Workspace
 
 #: tensors of at most this many entries are stacked for pruning when they are not the caller's to overwrite
@@ -74,7 +74,6 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
     first = tensors[0]
     ws = workspace or Workspace()
     scratch = ws.buffer("scratch", first.shape, first.dtype)
-    mask = ws.buffer("mask", first.shape, torch.bool)
     if method.sparsify is not None:
         if density is None:
             raise ConfigError(f"method '{method.name}' needs density (the fraction of entries to keep, 0 < density <= 1)")
@@ -105,7 +104,8 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: Method, 
         return weighted_sum_(tensors, w)
     sign = elected_sign(tensors, majority_sign_method, out=scratch, scratch=ws.buffer("votes", first.shape, first.dtype)
                         if majority_sign_method == "frequency" and len(tensors) > 1 else None)
-    return disjoint_mean_(tensors, w, sign, mask, ws.buffer("count", first.shape, torch.int16))
+    return disjoint_mean_(tensors, w, sign, ws.buffer("mask", first.shape, torch.bool),
+                          ws.buffer("count", first.shape, torch.int16))
 
 
 def combine_rows(rows: torch.Tensor, weights: list[torch.Tensor], consensus: bool, majority_sign_method: str = "total"

@@ -34,10 +34,7 @@ import torch
 
 from ...core.params import DENSITY, EPSILON, MAJORITY_SIGN, kept_entries
 from ...errors import ConfigError
-from .select import prune_top_k_
-
-#: dtypes whose comparisons and masked products run through NumPy views (torch's bool kernels are slower)
-NUMPY_DTYPES = _NUMPY = (torch.float32, torch.float64, torch.float16)
+from .select import NUMPY_DTYPES, numpy_ok, prune_top_k_
 
 #: the majority sign rules TIES knows: the sign of the summed values, or the more frequent sign
 SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN.choices
@@ -69,15 +66,13 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return prune_top_k_(tensor.clone(memory_format=torch.contiguous_format), k)
 
 
-def magnitude_prune_(tensor: torch.Tensor, density: float, scratch: torch.Tensor | None = None,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+def magnitude_prune_(tensor: torch.Tensor, density: float, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`magnitude_prune` in place.
 
     Args:
         tensor: a contiguous tensor the caller owns.
         density: fraction of entries to keep.
         scratch: optional buffer of ``tensor``'s shape and dtype for the magnitudes.
-        mask: unused (kept for the signature shared with :func:`random_prune_`).
 
     Returns:
         ``tensor``, pruned.
@@ -167,7 +162,7 @@ def _random_mask(tensor: torch.Tensor, density: float, generator: Draws,
             keep[tied] = _words16(bits, tied.size) < low
         return torch.from_numpy(keep).view(tensor.shape)
     draws = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype, out=_buffer(tensor, scratch))
-    if draws.dtype in _NUMPY:
+    if draws.dtype in NUMPY_DTYPES:
         return torch.from_numpy(np.less(draws.numpy(), draws.numpy().dtype.type(density)))
     return torch.lt(draws, density)
 
@@ -196,13 +191,12 @@ def random_prune(tensor: torch.Tensor, density: float, rescale: bool = True,
 
 
 def random_prune_(tensor: torch.Tensor, density: float, rescale: bool = True,
-                  generator: Draws = None, scratch: torch.Tensor | None = None,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`random_prune` in place on a tensor the caller owns (``scratch``/``mask``: optional buffers)."""
+                  generator: Draws = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`random_prune` in place on a tensor the caller owns (``scratch``: optional buffer for torch's draws)."""
     if density >= 1:
         return tensor
     keep = _random_mask(tensor, density, generator, scratch)
-    if tensor.is_contiguous() and tensor.dtype in _NUMPY and not tensor.requires_grad:
+    if numpy_ok(tensor):
         values = tensor.numpy()
         np.multiply(values, keep.numpy(), out=values)  # x * 1 or x * 0, as PEFT's tensor * mask
     else:
@@ -287,22 +281,22 @@ def check_density(density: float) -> None:
 
 def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = False,
           generator: Draws = None, inplace: bool = False,
-          scratch: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+          scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Prune by ``"magnitude"`` or ``"random"`` (see :func:`magnitude_prune` / :func:`random_prune`).
 
     Args:
         inplace: modify ``tensor`` (which the caller owns) instead of returning a new tensor.
-        scratch, mask: optional float and bool buffers of ``tensor``'s shape, for ``inplace``.
+        scratch: optional float buffer of ``tensor``'s shape, for ``inplace``.
 
     Raises:
         ConfigError: unknown method or a negative density.
     """
     check_density(density)
     if method == "magnitude":
-        return magnitude_prune_(tensor, density, scratch, mask) if inplace else magnitude_prune(tensor, density)
+        return magnitude_prune_(tensor, density, scratch) if inplace else magnitude_prune(tensor, density)
     if method == "random":
         if inplace:
-            return random_prune_(tensor, density, rescale=rescale, generator=generator, scratch=scratch, mask=mask)
+            return random_prune_(tensor, density, rescale=rescale, generator=generator, scratch=scratch)
         return random_prune(tensor, density, rescale=rescale, generator=generator)
     raise ConfigError(f"unknown pruning method '{method}'; use 'magnitude' or 'random'")
 
@@ -388,7 +382,7 @@ def disjoint_mean_(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     first = tensors[0]
     agree = _buffer(first, mask, torch.bool)
     count = _buffer(first, count, torch.int16).zero_()
-    fast = first.dtype in _NUMPY and all(t.is_contiguous() and not t.requires_grad for t in tensors)
+    fast = first.dtype in NUMPY_DTYPES and all(t.is_contiguous() and not t.requires_grad for t in tensors)
     for t, w in zip(tensors, weights):
         t.mul_(sign)  # x e: positive exactly where x agrees with the elected sign
         if fast:
